@@ -1,0 +1,289 @@
+"""The checkpoint store: safetensors weights with their metadata, written atomically, read safely.
+
+A checkpoint is one ``.safetensors`` file. Raw weights are stored under their state-dict names, EMA weights
+under ``ema/<name>``. The header metadata (strings only, as safetensors requires) holds JSON for the model
+name and keyword arguments, epoch, step, metrics at save time and the hash of the run config, so a
+checkpoint alone is enough to rebuild its model.
+
+Modules whose weights are shared (GroupedMLP uses one MLP in several blocks) appear under several names in
+a state dict with one storage. safetensors refuses shared storage, so each tensor is written once and the
+other names are recorded as aliases and restored on loading.
+
+Files from elsewhere are read with safetensors or ``torch.load(weights_only=True)`` only: loading never runs
+code from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from landscape.config import atomic_write
+from landscape.errors import CheckpointError
+
+FORMAT = "landscape-checkpoint/1"
+EMA_PREFIX = "ema/"
+_META_KEYS = ("model", "model_kwargs", "epoch", "step", "metrics", "config_hash", "aliases", "extra")
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint header says, without reading its tensors."""
+
+    path: Path
+    model: str
+    model_kwargs: dict[str, Any]
+    epoch: int | None
+    step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config_hash: str | None = None
+    has_ema: bool = False
+    num_params: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def _unique_tensors(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep the first name of each storage; return the tensors to write and the alias -> canonical map."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"State entry {key!r} is a {type(value).__name__}, not a tensor.")
+        t = value.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        name = prefix + key
+        if t.numel() > 0 and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = t.to("cpu").contiguous().clone() if t.device.type != "cpu" or not t.is_contiguous() else t
+    return tensors, aliases
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    model: str,
+    model_kwargs: dict[str, Any] | None = None,
+    epoch: int | None = None,
+    step: int = 0,
+    metrics: dict[str, Any] | None = None,
+    config_hash: str | None = None,
+    ema_state_dict: dict[str, torch.Tensor] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write weights (and EMA weights) with their metadata to ``path`` atomically.
+
+    A failed write (full disk, interrupted process) leaves any previous file at ``path`` intact.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors, aliases = _unique_tensors(state_dict, "")
+    if ema_state_dict is not None:
+        ema_tensors, ema_aliases = _unique_tensors(ema_state_dict, EMA_PREFIX)
+        tensors.update(ema_tensors)
+        aliases.update(ema_aliases)
+    meta = {
+        "format": FORMAT,
+        "model": json.dumps(model),
+        "model_kwargs": json.dumps(model_kwargs or {}, default=str),
+        "epoch": json.dumps(epoch),
+        "step": json.dumps(int(step)),
+        "metrics": json.dumps(_finite(metrics or {}), default=float),
+        "config_hash": json.dumps(config_hash),
+        "aliases": json.dumps(aliases),
+        "extra": json.dumps(extra or {}, default=str),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, float) and v != v:
+            v = None
+        out[k] = v
+    return out
+
+
+def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint (truncated or corrupt: {_short(e)})."
+        ) from None
+    return meta, keys, shapes
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    return text[:160]
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """The metadata of a landscape checkpoint; a foreign or corrupt file is a :class:`CheckpointError`."""
+    path = Path(path)
+    meta, keys, shapes = _open_header(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a landscape checkpoint (no '{FORMAT}' metadata); "
+            "bring weights from elsewhere in with 'landscape import'."
+        )
+    try:
+        values = {k: json.loads(meta[k]) for k in _META_KEYS if k in meta}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has corrupt metadata in its header.") from None
+    num_params = sum(_numel(shapes[k]) for k in keys if not k.startswith(EMA_PREFIX))
+    return CheckpointInfo(
+        path=path,
+        model=values.get("model") or "",
+        model_kwargs=values.get("model_kwargs") or {},
+        epoch=values.get("epoch"),
+        step=int(values.get("step") or 0),
+        metrics=values.get("metrics") or {},
+        config_hash=values.get("config_hash"),
+        has_ema=any(k.startswith(EMA_PREFIX) for k in keys),
+        num_params=num_params,
+        extra=values.get("extra") or {},
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, weights: str = "raw", device: str | torch.device = "cpu"
+) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
+    """Read a checkpoint: its metadata and the raw (``weights="raw"``) or EMA (``"ema"``) state dict.
+
+    Aliased names (shared modules) are restored, pointing at the same tensor as their canonical name.
+    """
+    from safetensors.torch import load_file
+
+    if weights not in ("raw", "ema"):
+        raise CheckpointError(f"Unknown weights {weights!r}; accepted are raw and ema.")
+    info = read_checkpoint_info(path)
+    if weights == "ema" and not info.has_ema:
+        raise CheckpointError(f"Checkpoint {info.path} holds no EMA weights; use the raw weights.")
+    try:
+        tensors = load_file(str(info.path), device=str(device))
+    except Exception as e:
+        raise CheckpointError(f"{info.path} could not be read (truncated or corrupt: {_short(e)}).") from None
+    aliases = json.loads(read_raw_metadata(info.path).get("aliases", "{}"))
+    for alias, canonical in aliases.items():
+        tensors[alias] = tensors[canonical]
+    if weights == "ema":
+        state = {k[len(EMA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMA_PREFIX)}
+    else:
+        state = {k: v for k, v in tensors.items() if not k.startswith(EMA_PREFIX)}
+    return info, state
+
+
+def read_raw_metadata(path: str | os.PathLike) -> dict[str, str]:
+    meta, _, _ = _open_header(Path(path))
+    return meta
+
+
+def build_model(info: CheckpointInfo, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Rebuild the checkpoint's model (registered name + keyword arguments) and load ``state_dict`` strictly."""
+    from landscape.models import create_model
+
+    model = create_model(info.model, **info.model_kwargs)
+    if state_dict is not None:
+        load_state_dict_strict(model, state_dict, source=str(info.path))
+    return model
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key is one readable error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise CheckpointError(describe_key_mismatch(source, missing, unexpected, mismatched))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def describe_key_mismatch(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """One readable block listing what does not fit, the first sentence saying what happened."""
+
+    def block(title: str, items: list[str]) -> str:
+        if not items:
+            return ""
+        shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+        return f"\n  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
+
+    return (
+        f"The weights in {source} do not fit the model."
+        + block("missing from the file", missing)
+        + block("unexpected in the file", unexpected)
+        + block("shape mismatch", mismatched)
+    )
+
+
+def load_foreign_state(path: str | os.PathLike) -> Any:
+    """Read a weights file from another codebase without ever running code from it.
+
+    ``.safetensors`` goes through safetensors; anything else through ``torch.load(weights_only=True)``, which
+    refuses pickles that would build arbitrary objects. The result may be a state dict or a nested
+    checkpoint dict; mapping its keys is the job of :mod:`landscape.importers`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"File {path} does not exist.")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a weights file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt: {_short(e)}).") from None
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "not an allowed global" in str(e):
+            raise CheckpointError(
+                f"Refused to load {path}: it contains Python objects other than tensors and plain containers, "
+                "and unpickling them could run code; re-save it as a plain state dict or as safetensors."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {_short(e)}).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {_short(e)}).") from None

@@ -1,0 +1,248 @@
+"""The run directory: where a training run and its analyses live.
+
+```
+RUN/
+  config.yaml          everything needed to rebuild model, data and recipe
+  metrics.csv          one row per evaluation
+  checkpoints/         epoch-0001.safetensors, step-00000500.safetensors, ...
+  state/last.pt        optimizer, scheduler, RNG states: for resume only
+  analysis/            hessian.nc, sharpness.nc, surface-*.nc, dynamics.nc
+```
+
+A directory is a run when it has ``config.yaml`` or a ``checkpoints/`` folder; an imported checkpoint
+becomes a run with one checkpoint and no metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from landscape.checkpoints import CheckpointInfo, read_checkpoint_info
+from landscape.config import atomic_write_text, load_yaml, save_yaml
+from landscape.errors import CheckpointError, LandscapeError
+
+CHECKPOINT_SPEC_HELP = "all, last, every:N (every Nth checkpoint and the last), epochs:1,10,50 or steps:100,200"
+
+
+class Run:
+    """Paths and tables of one run directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -- layout ------------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "last.pt"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    def analysis_path(self, name: str) -> Path:
+        """``analysis/<name>.nc``."""
+        return self.analysis_dir / f"{name}.nc"
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    # -- creating and opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str | os.PathLike, *, overwrite: bool = False) -> "Run":
+        """Make a new run directory; an existing non-empty one is refused unless ``overwrite``."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise LandscapeError(f"{root} exists and is not a directory.")
+        if root.exists() and any(root.iterdir()):
+            if not overwrite:
+                raise LandscapeError(
+                    f"Run directory {root} already exists; continue it with --resume or replace it with --overwrite."
+                )
+            shutil.rmtree(root)
+        run = cls(root)
+        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Run":
+        """Open an existing run directory, or refuse with a sentence saying what a run directory is."""
+        root = Path(root)
+        if not root.is_dir():
+            raise CheckpointError(f"Run directory {root} does not exist.")
+        run = cls(root)
+        if not run.config_path.exists() and not run.checkpoints_dir.is_dir():
+            raise CheckpointError(
+                f"{root} is not a run directory (it has neither config.yaml nor checkpoints/); "
+                "make one with 'landscape train' or 'landscape import'."
+            )
+        return run
+
+    # -- config ----------------------------------------------------------------------------------------------
+    def load_config(self) -> dict[str, Any]:
+        if not self.config_path.exists():
+            return {}
+        return load_yaml(self.config_path)
+
+    def save_config(self, config: Any) -> None:
+        save_yaml(config, self.config_path)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def checkpoint_path(self, *, epoch: int | None = None, step: int | None = None) -> Path:
+        """``epoch-0001.safetensors`` for end-of-epoch checkpoints, ``step-00001234.safetensors`` otherwise."""
+        if epoch is not None:
+            return self.checkpoints_dir / f"epoch-{epoch:04d}.safetensors"
+        if step is None:
+            raise ValueError("checkpoint_path needs an epoch or a step")
+        return self.checkpoints_dir / f"step-{step:08d}.safetensors"
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every checkpoint of the run, sorted by step (then epoch, then name)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        infos = [read_checkpoint_info(p) for p in self.checkpoints_dir.glob("*.safetensors")]
+        return sorted(infos, key=lambda i: (i.step, i.epoch if i.epoch is not None else -1, i.path.name))
+
+    def select_checkpoints(self, spec: str = "all") -> list[CheckpointInfo]:
+        """Choose checkpoints by ``spec``: see :data:`CHECKPOINT_SPEC_HELP`."""
+        infos = self.checkpoints()
+        if not infos:
+            raise CheckpointError(f"Run {self.root} has no checkpoints.")
+        return select_checkpoints(infos, spec)
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def read_metrics(self):
+        """metrics.csv as a pandas DataFrame (empty if the run has no history, as for imported checkpoints)."""
+        import pandas as pd
+
+        if not self.metrics_path.exists():
+            return pd.DataFrame()
+        return pd.read_csv(self.metrics_path)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.csv atomically with ``rows`` (columns in first-seen order)."""
+        import csv
+
+        columns: list[str] = []
+        for row in rows:
+            for key in row:
+                if key not in columns:
+                    columns.append(key)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+        atomic_write_text(self.metrics_path, buf.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[CheckpointInfo]:
+    """Filter sorted checkpoints by a spec string (all, last, every:N, epochs:..., steps:...)."""
+    spec = (spec or "all").strip()
+    if spec == "all":
+        return list(infos)
+    if spec == "last":
+        return infos[-1:]
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "every":
+            n = int(arg)
+            if n < 1:
+                raise ValueError
+            chosen = infos[::n]
+            if infos[-1] not in chosen:
+                chosen.append(infos[-1])
+            return chosen
+        if kind in ("epochs", "steps"):
+            wanted = [int(x) for x in re.split(r"[,\s]+", arg) if x]
+            attr = "epoch" if kind == "epochs" else "step"
+            have = {getattr(i, attr): i for i in infos}
+            missing = [w for w in wanted if w not in have]
+            if missing:
+                avail = sorted(k for k in have if k is not None)
+                raise CheckpointError(
+                    f"No checkpoint at {kind[:-1]} {', '.join(map(str, missing))}; available: "
+                    f"{', '.join(map(str, avail[:30]))}{' ...' if len(avail) > 30 else ''}."
+                )
+            return [have[w] for w in sorted(set(wanted))]
+    except ValueError:
+        pass
+    raise CheckpointError(f"Unknown checkpoint selection {spec!r}; accepted are {CHECKPOINT_SPEC_HELP}.")
+
+
+def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any]]]]:
+    """What ``landscape inspect`` shows: titled tables for a checkpoint file or a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a checkpoint file or a run directory.")
+    if path.is_file():
+        info = read_checkpoint_info(path)
+        return [(f"checkpoint {path}", [_checkpoint_row(info)]), *_metrics_table(info.metrics)]
+    run = Run.open(path)
+    infos = run.checkpoints()
+    config = run.load_config()
+    model = (config.get("model") or {}).get("name") or (infos[-1].model if infos else "-")
+    data = (config.get("data") or {}).get("name", "-")
+    header = [{
+        "run": str(path),
+        "model": model,
+        "data": data,
+        "checkpoints": len(infos),
+        "params": infos[-1].num_params if infos else "-",
+        "metrics rows": len(run.read_metrics()),
+        "analyses": ", ".join(sorted(p.stem for p in run.analysis_dir.glob("*.nc"))) or "-",
+    }]
+    tables = [(f"run {path}", header)]
+    if infos:
+        tables.append(("checkpoints", [_checkpoint_row(i) for i in infos]))
+    return tables
+
+
+def _checkpoint_row(info: CheckpointInfo) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "name": info.path.name,
+        "model": info.model,
+        "epoch": info.epoch,
+        "step": info.step,
+        "params": info.num_params,
+        "ema": "yes" if info.has_ema else "no",
+    }
+    for key in ("val_top1", "ema_val_top1", "val_loss"):
+        if key in info.metrics:
+            row[key] = info.metrics[key]
+    return row
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    if not metrics:
+        return []
+    return [("metrics at save time", [{"metric": k, "value": v} for k, v in metrics.items()])]

@@ -1,0 +1,137 @@
+import pickle
+
+import pytest
+import torch
+
+from landscape.checkpoints import (
+    load_checkpoint,
+    load_foreign_state,
+    load_state_dict_strict,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from landscape.errors import CheckpointError
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(3, 4, generator=g), "a.bias": torch.randn(3, generator=g)}
+
+
+def test_checkpoint_round_trips_weights_ema_and_metadata(tmp_path):
+    path = tmp_path / "epoch-0003.safetensors"
+    raw, ema = _state(0), _state(1)
+    save_checkpoint(
+        path, raw, model="vit_x", model_kwargs={"depth": 2, "img_size": 8}, epoch=3, step=120,
+        metrics={"val_top1": 91.5, "val_loss": float("nan")}, config_hash="abc", ema_state_dict=ema,
+    )
+    info = read_checkpoint_info(path)
+    assert (info.model, info.model_kwargs, info.epoch, info.step) == ("vit_x", {"depth": 2, "img_size": 8}, 3, 120)
+    assert info.metrics == {"val_top1": 91.5, "val_loss": None}
+    assert info.config_hash == "abc" and info.has_ema and info.num_params == 15
+    _, got_raw = load_checkpoint(path)
+    _, got_ema = load_checkpoint(path, weights="ema")
+    assert set(got_raw) == set(raw) and all(torch.equal(got_raw[k], raw[k]) for k in raw)
+    assert all(torch.equal(got_ema[k], ema[k]) for k in ema)
+
+
+def test_shared_tensors_are_stored_once_and_restored_as_one_storage(tmp_path):
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleDict({"b0": shared, "b1": shared, "head": torch.nn.Linear(4, 2)})
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model.state_dict(), model="m")
+    info, state = load_checkpoint(path)
+    assert info.num_params == 20 + 10  # the shared Linear counted once
+    assert state["b1.weight"].data_ptr() == state["b0.weight"].data_ptr()
+    assert torch.equal(state["b1.weight"], shared.weight.detach())
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, _state(0), model="m", step=1)
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, _state(1), model="m", step=2)
+    assert read_checkpoint_info(path).step == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_truncated_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "epoch-0001.safetensors"
+    save_checkpoint(path, _state(), model="m")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="epoch-0001.safetensors"):
+        read_checkpoint_info(path)
+
+
+def test_non_checkpoint_files_are_refused(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_checkpoint_info(text)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(_state(), str(foreign))
+    with pytest.raises(CheckpointError, match="landscape import"):
+        read_checkpoint_info(foreign)
+
+
+class _CreatesAFile:
+    """Unpickling this runs ``open(target, "w")``: the classic code-execution payload."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, legacy):
+    target = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(2)}, "extra": _CreatesAFile(str(target))}
+    if legacy:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, path, _use_new_zipfile_serialization=True)
+    assert not target.exists()
+    with pytest.raises(CheckpointError, match="Refused to load"):
+        load_foreign_state(path)
+    assert not target.exists()
+
+
+def test_plain_state_dict_pth_loads_safely(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(_state(), path)
+    state = load_foreign_state(path)
+    assert torch.equal(state["a.weight"], _state()["a.weight"])
+
+
+def test_truncated_pth_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(_state(), path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="weights.pth"):
+        load_foreign_state(path)
+
+
+def test_key_mismatch_lists_missing_unexpected_and_shapes():
+    model = torch.nn.Linear(4, 3)
+    state = {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(model, state, source="f.pth")
+    msg = str(e.value)
+    assert "missing from the file (1)" in msg and "bias" in msg
+    assert "unexpected in the file (1)" in msg and "extra" in msg
+    assert "weight: file (2, 4) vs model (3, 4)" in msg

@@ -1,0 +1,50 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from landscape.checkpoints import save_checkpoint
+from landscape.cli import cli
+
+
+def test_help_lists_commands():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "datasets" in result.output and "inspect" in result.output
+
+
+def test_unknown_command_is_a_usage_error():
+    result = CliRunner().invoke(cli, ["frobnicate"])
+    assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_inspect_non_checkpoint_gives_one_sentence_and_nonzero_exit(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint")
+    proc = subprocess.run([sys.executable, "-m", "landscape", "inspect", str(junk)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "notes.txt" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_inspect_checkpoint_shows_model_and_step(tmp_path):
+    path = tmp_path / "epoch-0002.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(3)}, model="vit_x", epoch=2, step=40, metrics={"val_top1": 88.0})
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "vit_x" in result.output and "40" in result.output and "val_top1" in result.output
+
+
+def test_datasets_lists_digits_as_found():
+    result = CliRunner().invoke(cli, ["datasets"])
+    assert result.exit_code == 0, result.output
+    digits = [line for line in result.output.splitlines() if line.startswith("digits")]
+    assert digits and "yes" in digits[0].lower()
+
+
+@pytest.mark.parametrize("args", [["datasets", "--data-dir"], ["inspect"]])
+def test_missing_arguments_are_usage_errors(args):
+    assert CliRunner().invoke(cli, args).exit_code == 2

@@ -1,0 +1,46 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from landscape.config import apply_overrides, config_hash, from_dict, load_yaml, parse_override, save_yaml, to_dict
+from landscape.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_dataclass_yaml_round_trip(tmp_path):
+    cfg = Outer(name="y", inner=Inner(lr=0.5))
+    save_yaml(cfg, tmp_path / "c.yaml")
+    back = from_dict(Outer, load_yaml(tmp_path / "c.yaml"))
+    assert back.name == "y" and back.inner.lr == 0.5 and list(back.inner.betas) == [0.9, 0.999]
+    assert config_hash(cfg) == config_hash(to_dict(back))
+
+
+def test_unknown_field_is_refused_with_the_accepted_ones():
+    with pytest.raises(ConfigError, match="Unknown config.inner field.*lrr.*accepted fields are betas, lr"):
+        from_dict(Outer, {"inner": {"lrr": 1}})
+
+
+def test_overrides_parse_values_and_nest():
+    assert parse_override("inner.lr=1e-2") == ("inner.lr", 0.01)
+    assert parse_override("name=abc") == ("name", "abc")
+    out = apply_overrides({"inner": {"lr": 1}}, dict([parse_override("inner.lr=2"), parse_override("name=z")]))
+    assert out == {"inner": {"lr": 2}, "name": "z"}
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+def test_malformed_yaml_is_a_config_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(tmp_path / "bad.yaml")
