@@ -1,0 +1,122 @@
+"""Training dynamics from ``metrics.csv``: peak-to-final degradation and the generalisation gap.
+
+For a top-1 curve :math:`a_e` over epochs :math:`e = 1..E` (raw and EMA weights):
+
+- peak :math:`a^* = \\max_e a_e` at epoch :math:`e^* = \\arg\\max_e a_e` (the first epoch reaching it),
+- final :math:`a_E`, and the peak-to-final drop :math:`a^* - a_E` in percentage points (arXiv 2512.01059
+  reports it for the EMA weights),
+- the running drop from the best so far :math:`\\max_{e' \\le e} a_{e'} - a_e`,
+- the generalisation gap :math:`L_{val,e} - L_{train,e}`. The training loss is the running mean over the
+  epoch's augmented (MixUp/CutMix, label-smoothed) batches, so the gap is a trend, not a clean estimate.
+
+Across seeds of one variant, every scalar gets a mean and a standard deviation (ddof=1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from landscape.errors import LandscapeError
+from landscape.runs import Run
+
+WEIGHTS = {"raw": "val_top1", "ema": "ema_val_top1"}
+SCALARS = ("peak_epoch", "peak_top1", "final_top1", "peak_to_final_drop")
+
+
+def epoch_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per epoch: the last evaluation row of each epoch (runs may also evaluate mid-epoch)."""
+    if metrics.empty or "epoch" not in metrics:
+        return pd.DataFrame()
+    rows = metrics.dropna(subset=["epoch"]).copy()
+    rows["epoch"] = rows["epoch"].astype(int)
+    return rows.groupby("epoch", sort=True).tail(1).set_index("epoch").sort_index()
+
+
+def peak_to_final(curve: np.ndarray, epochs: np.ndarray) -> dict[str, float]:
+    """Peak epoch, peak value, final value and peak-to-final drop of one accuracy curve (NaNs ignored)."""
+    valid = ~np.isnan(curve)
+    if not valid.any():
+        return {k: float("nan") for k in SCALARS}
+    values, at = curve[valid], epochs[valid]
+    i = int(np.argmax(values))
+    return {
+        "peak_epoch": float(at[i]),
+        "peak_top1": float(values[i]),
+        "final_top1": float(values[-1]),
+        "peak_to_final_drop": float(values[i] - values[-1]),
+    }
+
+
+def drop_from_best(curve: np.ndarray) -> np.ndarray:
+    """:math:`\\max_{e' \\le e} a_{e'} - a_e`, NaN where the curve is NaN."""
+    best = np.fmax.accumulate(np.where(np.isnan(curve), -np.inf, curve))
+    out = best - curve
+    out[np.isnan(curve)] = np.nan
+    return out
+
+
+def run_dynamics(run: Run) -> xr.Dataset:
+    """The dynamics of one run as an xarray Dataset over ``weights`` (raw, ema) and ``epoch``."""
+    table = epoch_table(run.read_metrics())
+    if table.empty:
+        raise LandscapeError(
+            f"Run {run.root} has no per-epoch metrics (metrics.csv is missing or empty), so it has no dynamics."
+        )
+    epochs = table.index.to_numpy()
+    weights = [w for w, col in WEIGHTS.items() if col in table and table[col].notna().any()]
+    if not weights:
+        raise LandscapeError(f"metrics.csv of {run.root} has no val_top1 column.")
+    curves = np.stack([table[WEIGHTS[w]].to_numpy(dtype=float) for w in weights])
+    scalars = [peak_to_final(c, epochs) for c in curves]
+    data = {
+        "top1": (("weights", "epoch"), curves, {"units": "%", "long_name": "validation top-1"}),
+        "drop_from_best": (("weights", "epoch"), np.stack([drop_from_best(c) for c in curves]),
+                           {"units": "percentage points", "long_name": "running drop from the best top-1"}),
+    }
+    for key in SCALARS:
+        units = "epoch" if key == "peak_epoch" else ("percentage points" if key == "peak_to_final_drop" else "%")
+        data[key] = (("weights",), np.array([s[key] for s in scalars]), {"units": units})
+    for col in ("train_loss", "val_loss"):
+        values = table[col].to_numpy(dtype=float) if col in table else np.full(len(epochs), np.nan)
+        data[col] = (("epoch",), values, {"units": "nats"})
+    data["generalization_gap"] = (("epoch",), data["val_loss"][1] - data["train_loss"][1],
+                                  {"units": "nats", "long_name": "validation loss minus training loss"})
+    config = run.load_config()
+    ds = xr.Dataset(data, coords={"weights": weights, "epoch": epochs})
+    ds.attrs.update(
+        run=str(run.root), variant=variant_name(config, run), seed=int(config.get("seed", -1)),
+        definition="peak_to_final_drop = max_e top1_e - top1_E (percentage points); first epoch attaining the max",
+    )
+    return ds
+
+
+def variant_name(config: dict, run: Run) -> str:
+    """The variant a run belongs to: its model name plus variant arguments, without the seed."""
+    model = config.get("model") or {}
+    name = model.get("name") or run.name
+    kwargs = model.get("kwargs") or {}
+    knobs = [f"{k}={kwargs[k]}" for k in ("group_size", "width_ratio", "mlp_init", "init") if k in kwargs]
+    return name + (f"[{','.join(knobs)}]" if knobs else "")
+
+
+def across_seeds(datasets: Iterable[xr.Dataset]) -> xr.Dataset:
+    """Mean and standard deviation (ddof=1) of the peak-to-final scalars per variant and weights."""
+    rows = []
+    for ds in datasets:
+        for w in ds["weights"].values:
+            rows.append({"variant": ds.attrs["variant"], "weights": str(w), "seed": ds.attrs.get("seed"),
+                         **{k: float(ds[k].sel(weights=w)) for k in SCALARS}})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return xr.Dataset()
+    grouped = df.groupby(["variant", "weights"])[list(SCALARS)]
+    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()[SCALARS[0]]
+    out = xr.Dataset({f"{k}_mean": mean[k].to_xarray() for k in SCALARS})
+    for k in SCALARS:
+        out[f"{k}_std"] = std[k].to_xarray()
+    out["n_seeds"] = count.to_xarray()
+    return out

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from landscape.analyses.dynamics import across_seeds, drop_from_best, peak_to_final, run_dynamics
+from landscape.errors import LandscapeError
+from landscape.runs import Run
+
+
+def _run(tmp_path, name, top1, ema_top1, seed=0, model="vit_x", kwargs=None):
+    run = Run.create(tmp_path / name)
+    run.save_config({"model": {"name": model, "kwargs": kwargs or {}}, "data": {"name": "digits"}, "seed": seed})
+    rows = []
+    for e, (a, b) in enumerate(zip(top1, ema_top1), start=1):
+        rows.append({"epoch": e, "step": 10 * e - 5, "val_top1": a - 5})  # a mid-epoch row, superseded
+        rows.append({"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "val_loss": 1.5 / e + 0.1 * e,
+                     "val_top1": a, "ema_val_top1": b})
+    run.write_metrics(rows)
+    return run
+
+
+def test_peak_to_final_on_a_known_curve():
+    out = peak_to_final(np.array([10.0, 50.0, 80.0, 80.0, 75.0]), np.arange(1, 6))
+    assert out == {"peak_epoch": 3.0, "peak_top1": 80.0, "final_top1": 75.0, "peak_to_final_drop": 5.0}
+    np.testing.assert_array_equal(drop_from_best(np.array([1.0, 3.0, 2.0, np.nan, 4.0])), [0, 0, 1, np.nan, 0])
+
+
+def test_run_dynamics_uses_the_last_row_of_each_epoch(tmp_path):
+    ds = run_dynamics(_run(tmp_path, "a", [60, 90, 85, 84], [55, 70, 88, 87.5]))
+    assert list(ds["weights"].values) == ["raw", "ema"]
+    assert ds["peak_to_final_drop"].sel(weights="raw").item() == 6.0
+    assert ds["peak_epoch"].sel(weights="ema").item() == 3.0
+    assert ds["peak_to_final_drop"].sel(weights="ema").item() == pytest.approx(0.5)
+    np.testing.assert_allclose(ds["generalization_gap"], [1.5 / e + 0.1 * e - 1.0 / e for e in range(1, 5)])
+    np.testing.assert_allclose(ds["drop_from_best"].sel(weights="raw"), [0, 0, 5, 6])
+
+
+def test_across_seeds_gives_mean_and_std_per_variant(tmp_path):
+    a = run_dynamics(_run(tmp_path, "a", [50, 90, 80], [50, 90, 80], seed=0))
+    b = run_dynamics(_run(tmp_path, "b", [50, 90, 86], [50, 90, 86], seed=1))
+    c = run_dynamics(_run(tmp_path, "c", [50, 60, 60], [50, 60, 60], model="vit_y", kwargs={"group_size": 2}))
+    out = across_seeds([a, b, c])
+    drop = out["peak_to_final_drop_mean"].sel(variant="vit_x", weights="raw").item()
+    assert drop == pytest.approx(7.0)
+    assert out["peak_to_final_drop_std"].sel(variant="vit_x", weights="raw").item() == pytest.approx(np.std([10, 4], ddof=1))
+    assert out["n_seeds"].sel(variant="vit_y[group_size=2]", weights="ema").item() == 1
+
+
+def test_run_without_history_is_a_clear_error(tmp_path):
+    run = Run.create(tmp_path / "imported")
+    with pytest.raises(LandscapeError, match="no per-epoch metrics"):
+        run_dynamics(run)
