@@ -1,0 +1,170 @@
+"""The model zoo: every variant is registered with timm, so ``timm.create_model(NAME, **kwargs)`` builds it.
+
+=================================  ===========================================================================
+names                              what
+=================================  ===========================================================================
+``vit_base_patch16_224``           timm's ViT-B/16 (86,567,656 parameters at 1000 classes)
+``vit_{pico,nano,micro,tiny}``     small-image ViTs, patch 4 at 32x32, depth 12 (:mod:`landscape.models.vit`)
+``_patch4_32``
+``<vit>_grouped_mlp``              MLP shared by groups of adjacent blocks; knobs ``group_size`` (2),
+                                   ``init_scale`` (1/sqrt(group_size)) (:mod:`.grouped_mlp`)
+``<vit>_shallow_mlp``              MLP width x ``width_ratio`` (0.5); ``mlp_init`` "sliced" | "random"
+                                   (:mod:`.shallow_mlp`)
+``mlit_{s,xs,xxs}``                mixture-of-experts ViT for 36x36 inputs (:mod:`.mlit`)
+``mae_mlit_{s,xs,xxs}``            masked-autoencoder pre-training of an mLiT (:mod:`.mae`)
+=================================  ===========================================================================
+
+``<vit>`` is ``vit_base_patch16_224`` or one of the small-image ViTs. Every name accepts ``num_classes``,
+``img_size``, ``in_chans`` and ``drop_path_rate``; any timm model name works too. The same name and keyword
+arguments always build the same architecture, which is how checkpoints (name + kwargs) are rebuilt.
+
+Second derivatives: attention runs through ``torch.nn.functional.scaled_dot_product_attention``, whose fused
+kernels have no double backward; run Hessian-vector products under
+``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from landscape.errors import ConfigError
+from landscape.models import grouped_mlp, mae, mlit, shallow_mlp, vit  # noqa: F401  (registers the names)
+from landscape.models.grouped_mlp import share_mlps, unique_mlps
+from landscape.models.mae import MaskedAutoencoder, encoder_state_dict
+from landscape.models.mlit import MLiT, MixtureOfSwiGLUExperts, moe_aux_loss
+from landscape.models.shallow_mlp import narrow_mlps
+
+__all__ = [
+    "create_model",
+    "list_variants",
+    "model_table",
+    "count_parameters",
+    "count_macs",
+    "share_mlps",
+    "narrow_mlps",
+    "unique_mlps",
+    "moe_aux_loss",
+    "encoder_state_dict",
+    "MLiT",
+    "MixtureOfSwiGLUExperts",
+    "MaskedAutoencoder",
+]
+
+_MODULES = (vit, grouped_mlp, shallow_mlp, mlit, mae)
+
+
+def list_variants() -> list[str]:
+    """The model names that landscape registers with timm, in table order."""
+    names: list[str] = []
+    for module in _MODULES:
+        names.extend(n for n in module.default_cfgs)
+    return names
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build the registered model ``name`` (a landscape variant or any timm model) with ``kwargs``."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"Unknown model {name!r}; the landscape models are {', '.join(list_variants())}, "
+            "and any timm model name (timm.list_models()) works too."
+        )
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        bad = str(e).split("unexpected keyword argument")[-1].strip()
+        raise ConfigError(f"Model {name} does not accept the keyword argument {bad}.") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters, each storage counted once (an MLP shared by several blocks counts once)."""
+    seen: set = set()
+    total = 0
+    for p in model.parameters():  # already unique by identity
+        key = id(p) if p.device.type == "meta" else (p.untyped_storage().data_ptr(), p.storage_offset(), p.shape)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+_ATTENTION_OPS = ("bmm", "baddbmm", "scaled_dot_product", "flash_attention", "efficient_attention")
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates of one forward on one input of ``input_size`` (C, H, W), by ``FlopCounterMode``.
+
+    Returns ``{"total": ..., "attention": ...}``; MACs = FLOPs / 2. ``attention`` are the products of
+    attention scores and values (batched matrix products and fused attention kernels), which have no weights;
+    ``total - attention`` is what the convolutions and linear layers cost. The model runs in eval mode,
+    without gradients, on its own device (``meta`` works for models without data-dependent shapes).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    first = next(model.parameters())
+    x = torch.zeros((1, *input_size), device=first.device, dtype=first.dtype)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts().get("Global", {})
+    attention = sum(v for op, v in counts.items() if any(a in str(op) for a in _ATTENTION_OPS))
+    return {"total": counter.get_total_flops() // 2, "attention": attention // 2}
+
+
+def _build_and_count(name: str) -> tuple[nn.Module, dict[str, int]]:
+    """The model and its MACs, on the meta device (no memory, no init cost) where it runs there, else on the CPU."""
+    with torch.device("meta"):
+        model = create_model(name)
+    input_size = tuple(model.pretrained_cfg["input_size"])
+    try:
+        return model, count_macs(model, input_size)
+    except NotImplementedError:  # data-dependent shapes (mixture-of-experts routing) need real values
+        pass
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one image through a small model: more threads only contend for the cores
+    try:
+        model = create_model(name)
+        return model, count_macs(model, input_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def model_table(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per model: name, parameters, GMACs of one image at the default input size, unique MLPs, description.
+
+    ``GMACs`` counts every multiply-accumulate seen by ``torch.utils.flop_counter``, attention products
+    included; ``GMACs w/o attn`` only those of convolutions and linear layers (the convention under which
+    ViT-B/16 is usually quoted at ~16.9 GMACs). Default names: timm's ``vit_base_patch16_224`` and every
+    landscape variant.
+    """
+    import timm
+
+    names = names or ["vit_base_patch16_224", *list_variants()]
+    rows = []
+    for name in names:
+        model, macs = _build_and_count(name)
+        input_size = tuple(model.pretrained_cfg["input_size"])
+        doc = (timm.models.model_entrypoint(name).__doc__ or "").strip().splitlines()
+        rows.append(
+            {
+                "name": name,
+                "params": count_parameters(model),
+                "input": "x".join(str(s) for s in input_size),
+                "GMACs": round(macs["total"] / 1e9, 4),
+                "GMACs w/o attn": round((macs["total"] - macs["attention"]) / 1e9, 4),
+                "unique MLPs": unique_mlps(model.encoder if isinstance(model, MaskedAutoencoder) else model),
+                "description": doc[0].strip() if doc else "",
+            }
+        )
+    return rows
