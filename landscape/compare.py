@@ -1,0 +1,289 @@
+"""Several runs side by side at their final checkpoint: ``landscape compare``.
+
+One row per run, one column per measure (NaN where the run has no such result; the command line shows '-'):
+
+=========================  =================================================================================
+column                     source
+=========================  =================================================================================
+``run``, ``model``         the run directory as given; the model name with its variant knobs (config.yaml)
+``params``                 parameters of the final checkpoint, each shared tensor counted once
+``epoch``, ``step``        the final checkpoint
+``top1``, ``ema_top1``     saved with the final checkpoint, else its row of ``metrics.csv``
+``top_eigenvalue``         largest Hessian eigenvalue :math:`\\lambda_1` at the final checkpoint (hessian.nc:
+                           ``eigenvalue_largest`` at ``k = 1``)
+``trace``                  Hessian trace :math:`\\operatorname{tr} H` (hessian.nc: ``trace``, Hutch++)
+``sharpness[rho=r]``       worst-case sharpness :math:`\\max_{\\|\\delta / c\\|_p \\le \\rho} L(w + \\delta) - L(w)`
+                           at each radius (sharpness.nc: ``worst_case``, with the norm :math:`p` and scale
+                           :math:`c` (SAM or adaptive) of that file's settings)
+``peak_to_final_drop``     :math:`\\max_e a_e - a_E` of the raw (and ``ema_`` EMA) top-1 curve (dynamics.nc, or
+                           computed from ``metrics.csv`` when the run has a history)
+=========================  =================================================================================
+
+An analysis result is an xarray Dataset with one entry per analysed checkpoint along ``checkpoint`` and a
+``step`` coordinate; the entry of the final checkpoint is used, else the latest analysed one, whose step is then
+reported in ``<analysis>_step``. Each result is read by one small function (:func:`hessian_measures`,
+:func:`sharpness_measures`, :func:`dynamics_measures`) that looks for the variable names listed next to it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from landscape.checkpoints import CheckpointInfo
+from landscape.config import atomic_write, atomic_write_text
+from landscape.errors import LandscapeError
+from landscape.runs import Run
+
+# Variable names each result may use for a measure, most specific first.
+TOP_EIGENVALUE_VARS = ("eigenvalue_largest", "top_eigenvalues", "top_eigenvalue")
+TRACE_VARS = ("trace",)
+SHARPNESS_VARS = ("worst_case", "sharpness")
+DROP_VAR = "peak_to_final_drop"
+ACCURACY_COLUMNS = {"top1": "val_top1", "ema_top1": "ema_val_top1"}
+# Shown for every comparison, '-' where no run has them; sharpness columns appear with the radii found.
+ALWAYS_SHOWN = ("run", "model", "params", "epoch", "step", "top1", "ema_top1", "top_eigenvalue", "trace",
+                DROP_VAR)
+
+
+def compare_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per run with the measures of its final checkpoint; see the module docstring for the columns."""
+    rows = [run_summary(p) for p in paths]
+    if not rows:
+        raise LandscapeError("Give at least one run directory to compare.")
+    columns = list(ALWAYS_SHOWN)
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    columns.sort(key=_column_group)  # stable: identity, accuracy, Hessian, sharpness, dynamics
+    return pd.DataFrame(rows, columns=columns).astype({c: float for c in ALWAYS_SHOWN[5:]})
+
+
+def _column_group(column: str) -> int:
+    if column in ALWAYS_SHOWN[:5]:
+        return 0
+    if column in ACCURACY_COLUMNS:
+        return 1
+    if column in ("top_eigenvalue", "trace", "hessian_step"):
+        return 2
+    if column.startswith("sharpness"):
+        return 3
+    return 4
+
+
+def run_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The row of one run: identity, size, accuracy and every analysis found for its final checkpoint."""
+    from landscape.analyses.dynamics import variant_name
+
+    run = Run.open(path)
+    infos = run.checkpoints()
+    if not infos:
+        raise LandscapeError(f"Run {path} has no checkpoints to compare.")
+    final = infos[-1]
+    config = run.load_config()
+    if not (config.get("model") or {}).get("name"):
+        config = {**config, "model": {"name": final.model, "kwargs": final.model_kwargs}}
+    metrics = run.read_metrics()
+    row: dict[str, Any] = {
+        "run": str(path),
+        "model": variant_name(config, run),
+        "params": final.num_params,
+        "epoch": final.epoch,
+        "step": final.step,
+    }
+    row.update(accuracy(metrics, final))
+    row.update(_at_final("hessian", run, final.step, hessian_measures))
+    row.update(_at_final("sharpness", run, final.step, sharpness_measures))
+    row.update(dynamics_measures(run, metrics))
+    return row
+
+
+# -- accuracy ---------------------------------------------------------------------------------------------------
+def accuracy(metrics: pd.DataFrame, final: CheckpointInfo) -> dict[str, float]:
+    """Top-1 (raw and EMA) of the final checkpoint: the metrics saved with it, else its row of ``metrics.csv``.
+
+    The ``metrics.csv`` row is the last one at the checkpoint's step, else the last row of the file.
+    """
+    source: Any = final.metrics
+    if not any(_is_number(final.metrics.get(key)) for key in ACCURACY_COLUMNS.values()) and not metrics.empty:
+        at_step = metrics[metrics["step"] == final.step] if "step" in metrics else metrics.iloc[:0]
+        source = (at_step if len(at_step) else metrics).iloc[-1].to_dict()
+    return {column: float(source[key]) if _is_number(source.get(key)) else math.nan
+            for column, key in ACCURACY_COLUMNS.items()}
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not NaN (numpy scalars included, booleans excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+# -- analysis results -------------------------------------------------------------------------------------------
+def read_result(run: Run, name: str):
+    """``RUN/analysis/<name>.nc`` as an in-memory xarray Dataset, or ``None`` when the run has none."""
+    from landscape.analyses.results import read_results
+
+    return read_results(run.analysis_path(name))
+
+
+def final_entry(ds, step: int) -> tuple[Any, int | None]:
+    """The entry of ``ds`` at checkpoint ``step`` (else the latest analysed one) and the step it is at.
+
+    Results without a ``checkpoint`` dimension are returned whole. A ``weights`` dimension is reduced to the
+    raw weights when present, else its first entry.
+    """
+    used = None
+    if "checkpoint" in ds.dims and ds.sizes["checkpoint"] > 0:
+        steps = np.asarray(ds["step"].values) if "step" in ds.coords else None
+        if steps is not None and (steps == step).any():
+            index = int(np.flatnonzero(steps == step)[-1])
+        else:
+            index = int(np.argmax(steps)) if steps is not None else ds.sizes["checkpoint"] - 1
+        ds = ds.isel(checkpoint=index)
+        used = int(steps[index]) if steps is not None else None
+    if "weights" in ds.dims:
+        names = [str(w) for w in ds["weights"].values]
+        ds = ds.isel(weights=names.index("raw") if "raw" in names else 0)
+    return ds, used
+
+
+def _at_final(name: str, run: Run, step: int, measures) -> dict[str, Any]:
+    ds = read_result(run, name)
+    if ds is None:
+        return {}
+    entry, used = final_entry(ds, step)
+    out = measures(entry)
+    if out and used is not None and used != step:
+        out[f"{name}_step"] = used
+    return out
+
+
+def _first_var(ds, names: tuple[str, ...]):
+    return next((ds[n] for n in names if n in ds.data_vars), None)
+
+
+def hessian_measures(entry) -> dict[str, float]:
+    """``top_eigenvalue`` (the largest of the eigenvalues stored) and ``trace`` of one checkpoint's entry."""
+    out = {}
+    eig = _first_var(entry, TOP_EIGENVALUE_VARS)
+    if eig is not None:
+        values = np.asarray(eig.values, dtype=float)
+        out["top_eigenvalue"] = float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
+    trace = _first_var(entry, TRACE_VARS)
+    if trace is not None:
+        out["trace"] = _scalar(trace)
+    return out
+
+
+def sharpness_measures(entry) -> dict[str, float]:
+    """``sharpness[rho=r, ...]``: one column per radius and per value of any other dimension of the result."""
+    da = _first_var(entry, SHARPNESS_VARS)
+    if da is None:
+        return {}
+    return _flatten(da, "sharpness")
+
+
+def _flatten(da, name: str) -> dict[str, float]:
+    """A small DataArray as ``{"name[dim=value, ...]": float}``; 0-d gives ``{name: float}``."""
+    if da.ndim == 0:
+        return {name: _scalar(da)}
+    dims = sorted(da.dims, key=lambda d: (d == "rho", d))  # rho last: reads as "sharpness[norm=2, rho=0.05]"
+    da = da.transpose(*dims)
+    out = {}
+    for index in np.ndindex(*da.shape):
+        labels = [f"{d}={_label(da[d].values[i]) if d in da.coords else i}" for d, i in zip(dims, index)]
+        out[f"{name}[{', '.join(labels)}]"] = float(da.values[index])
+    return out
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+def _scalar(da) -> float:
+    values = np.asarray(da.values, dtype=float).ravel()
+    return float(values[0]) if values.size == 1 else math.nan
+
+
+def dynamics_measures(run: Run, metrics: pd.DataFrame) -> dict[str, float]:
+    """Peak-to-final drop of the raw and EMA top-1 curves: from dynamics.nc, else from the run's history."""
+    ds = read_result(run, "dynamics")
+    if ds is None and not metrics.empty:
+        from landscape.analyses.dynamics import run_dynamics
+
+        try:
+            ds = run_dynamics(run)
+        except LandscapeError:  # a history without per-epoch top-1 has no drop
+            ds = None
+    if ds is None or DROP_VAR not in ds.data_vars:
+        return {}
+    drop = ds[DROP_VAR]
+    if "weights" not in drop.dims:
+        return {DROP_VAR: _scalar(drop)}
+    out = {}
+    for weights in drop["weights"].values:
+        prefix = "" if str(weights) == "raw" else f"{weights}_"
+        out[prefix + DROP_VAR] = float(drop.sel(weights=weights))
+    return out
+
+
+# -- output -----------------------------------------------------------------------------------------------------
+def write_compare_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """The table as CSV (empty cells where a measure is missing), written atomically."""
+    atomic_write_text(Path(path), table.to_csv(index=False, float_format="%.10g"))
+
+
+def measure_columns(table: pd.DataFrame) -> list[str]:
+    """The numeric measures worth drawing: everything numeric except epoch, step and analysis steps."""
+    skip = {"epoch", "step"}
+    return [c for c in table.columns
+            if c not in skip and not c.endswith("_step") and pd.api.types.is_numeric_dtype(table[c])
+            and table[c].notna().any()]
+
+
+def compare_figure(table: pd.DataFrame):
+    """One panel per measure, one horizontal bar per run (missing values marked '-'); a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    columns = measure_columns(table)
+    if not columns:
+        raise LandscapeError("The runs have no numeric measures to draw.")
+    ncols = min(3, len(columns))
+    nrows = math.ceil(len(columns) / ncols)
+    labels = [str(r) for r in table["run"]]
+    height = max(1.6, 0.35 * len(labels) + 0.9)
+    fig = Figure(figsize=(4.2 * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    positions = np.arange(len(labels))
+    for i, (ax, column) in enumerate(zip(axes.flat, columns)):
+        values = table[column].to_numpy(dtype=float)
+        present = ~np.isnan(values)
+        ax.barh(positions[present], values[present], color="C0")
+        for y in positions[~present]:
+            ax.text(0, y, " -", va="center", ha="left", color="0.4")
+        ax.set_yticks(positions, labels if i % ncols == 0 else [""] * len(labels))
+        ax.invert_yaxis()
+        ax.set_title(column, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.set_visible(False)
+    return fig
+
+
+def save_compare_figure(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Draw :func:`compare_figure` to ``path`` (format from its extension), written atomically."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    fig = compare_figure(table)
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise LandscapeError(f"Cannot draw a figure as .{fmt}; accepted extensions are {', '.join(sorted(supported))}.")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
