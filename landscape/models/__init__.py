@@ -65,8 +65,17 @@ def list_variants() -> list[str]:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name`` (a landscape variant or any timm model) with ``kwargs``."""
+    """Build the registered model ``name`` (a landscape variant or any timm model) with ``kwargs``.
+
+    ``norm_eps=E`` builds every LayerNorm with epsilon ``E`` (Hugging Face ViTs use 1e-12, timm 1e-6); it is
+    a plain number so that it round-trips through a checkpoint's metadata, unlike a ``norm_layer`` class.
+    """
     import timm
+
+    if "norm_eps" in kwargs:
+        from functools import partial
+
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=float(kwargs.pop("norm_eps")))
 
     if not timm.is_model(name):
         raise ConfigError(
