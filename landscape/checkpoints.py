@@ -53,11 +53,17 @@ class CheckpointInfo:
         return self.path.stem
 
 
-def _unique_tensors(state: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Keep the first name of each storage; return the tensors to write and the alias -> canonical map."""
+def _unique_tensors(
+    state: dict[str, torch.Tensor], prefix: str, seen: dict | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep the first name of each storage; return the tensors to write and the alias -> canonical map.
+
+    ``seen`` carries the storages already written across calls, so raw and EMA state dicts that share
+    tensors are also written once.
+    """
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    seen = {} if seen is None else seen
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"State entry {key!r} is a {type(value).__name__}, not a tensor.")
@@ -92,9 +98,10 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors, aliases = _unique_tensors(state_dict, "")
+    seen: dict = {}
+    tensors, aliases = _unique_tensors(state_dict, "", seen)
     if ema_state_dict is not None:
-        ema_tensors, ema_aliases = _unique_tensors(ema_state_dict, EMA_PREFIX)
+        ema_tensors, ema_aliases = _unique_tensors(ema_state_dict, EMA_PREFIX, seen)
         tensors.update(ema_tensors)
         aliases.update(ema_aliases)
     meta = {
@@ -117,8 +124,8 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     for k, v in metrics.items():
         if isinstance(v, torch.Tensor):
             v = v.item()
-        if isinstance(v, float) and v != v:
-            v = None
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            v = None  # strict JSON has no NaN/Infinity
         out[k] = v
     return out
 
@@ -128,6 +135,10 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
 
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.suffix in (".pt", ".pth", ".bin", ".tar", ".ckpt"):
+        raise CheckpointError(
+            f"{path} is a PyTorch file, not a landscape checkpoint; bring it in with 'landscape import {path} --out runs/NAME'."
+        )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file.")
     try:
@@ -169,7 +180,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         step=int(values.get("step") or 0),
         metrics=values.get("metrics") or {},
         config_hash=values.get("config_hash"),
-        has_ema=any(k.startswith(EMA_PREFIX) for k in keys),
+        has_ema=any(k.startswith(EMA_PREFIX) for k in [*keys, *(values.get("aliases") or {})]),
         num_params=num_params,
         extra=values.get("extra") or {},
     )

@@ -71,11 +71,20 @@ class Run:
     # -- creating and opening ------------------------------------------------------------------------------
     @classmethod
     def create(cls, root: str | os.PathLike, *, overwrite: bool = False) -> "Run":
-        """Make a new run directory; an existing non-empty one is refused unless ``overwrite``."""
+        """Make a new run directory.
+
+        An existing run is refused unless ``overwrite``; a folder holding anything that is not a run is always
+        refused (``--overwrite`` never deletes files that a run did not write). A folder left by a run that
+        failed before its first checkpoint or config counts as empty.
+        """
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise LandscapeError(f"{root} exists and is not a directory.")
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and not _is_empty_run(root):
+            if not _looks_like_run(root):
+                raise LandscapeError(
+                    f"{root} already holds files that are not a landscape run; choose another --out folder."
+                )
             if not overwrite:
                 raise LandscapeError(
                     f"Run directory {root} already exists; continue it with --resume or replace it with --overwrite."
@@ -155,6 +164,21 @@ class Run:
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k)) for k in columns})
         atomic_write_text(self.metrics_path, buf.getvalue())
+
+
+_RUN_ENTRIES = {"config.yaml", "metrics.csv", "checkpoints", "state", "analysis", "figures", "report.md", "report.html"}
+
+
+def _looks_like_run(root: Path) -> bool:
+    """Everything in ``root`` is something a run writes (hidden temporary files included)."""
+    return all(p.name in _RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
+
+
+def _is_empty_run(root: Path) -> bool:
+    """No config and no checkpoint: nothing a retry could lose."""
+    if not _looks_like_run(root):
+        return not any(root.iterdir())
+    return not (root / "config.yaml").exists() and not any((root / "checkpoints").glob("*.safetensors"))
 
 
 def _csv_value(value: Any) -> Any:

@@ -135,3 +135,28 @@ def test_key_mismatch_lists_missing_unexpected_and_shapes():
     assert "missing from the file (1)" in msg and "bias" in msg
     assert "unexpected in the file (1)" in msg and "extra" in msg
     assert "weight: file (2, 4) vs model (3, 4)" in msg
+
+
+def test_raw_and_ema_sharing_storage_are_saved_once(tmp_path):
+    state = _state(0)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, state, model="m", ema_state_dict=state)
+    _, ema = load_checkpoint(path, weights="ema")
+    assert all(torch.equal(ema[k], state[k]) for k in state)
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, _state(), model="m")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_pytorch_file_points_to_import(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(_state(), path)
+    with pytest.raises(CheckpointError, match="landscape import"):
+        read_checkpoint_info(path)

@@ -67,3 +67,18 @@ def test_describe_run_and_checkpoint(tmp_path):
     assert header[0]["checkpoints"] == 5 and header[0]["data"] == "digits"
     (title, rows), = describe_path(run.checkpoint_path(epoch=2))[:1]
     assert rows[0]["epoch"] == 2 and rows[0]["step"] == 20 and rows[0]["params"] == 2
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(LandscapeError, match="not a landscape run"):
+            Run.create(folder, overwrite=overwrite)
+    assert (folder / "a.jpg").read_text() == "precious"
+
+
+def test_a_run_that_failed_before_saving_anything_can_be_retried(tmp_path):
+    Run.create(tmp_path / "r")  # leaves checkpoints/ only, as a run failing on missing data does
+    Run.create(tmp_path / "r")
