@@ -17,8 +17,12 @@ Registered datasets (:func:`dataset_names`):
   ``<root>/imagefolder/``, ``<root>/imagenet/`` or ``<root>/`` that has both; read file by file.
 
 ``<root>`` is the ``data_dir`` argument (the CLI's ``--data-dir``) or else the environment variable
-``LANDSCAPE_DATA_DIR``. Nothing is downloaded unless ``download=True`` (``--download``). The "val" split of
-MNIST, Fashion-MNIST and CIFAR is their official test set.
+``LANDSCAPE_DATA_DIR``. Nothing is downloaded unless asked: :func:`download_dataset` (the command line
+``landscape datasets --download NAME``) or ``download=True`` fetch the official files and check their md5.
+The "val" split of MNIST, Fashion-MNIST and CIFAR is their official test set.
+
+CIFAR batches are Python pickles; they are read by an unpickler that builds no Python or numpy object beyond
+plain containers, strings and numbers, and accepts only the official layout (see :class:`_ArrayUnpickler`).
 
 Small datasets live in memory as ``uint8`` arrays of shape ``(N, H, W, C)`` with ``int64`` labels ``(N,)``
 (:func:`load_arrays`). Per-example transforms take PIL images (mode ``"L"`` for one channel, ``"RGB"`` for
@@ -243,6 +247,11 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def download_command(name: str) -> str:
+    """The command line that fetches the official files of ``name`` (it calls :func:`download_dataset`)."""
+    return f"landscape datasets --download {name}"
+
+
 def _missing(info: DatasetInfo, root: Path | None) -> DataError:
     """The one-sentence error for a dataset whose files are not where they are looked for."""
     if info.name == "imagefolder":
@@ -256,7 +265,7 @@ def _missing(info: DatasetInfo, root: Path | None) -> DataError:
     else:
         where = " or ".join(str(root / f) if f != "." else str(root) for f in info.folders)
     if info.name in _DOWNLOADS:
-        origin = f"from the official source {info.source}; pass --download to fetch them"
+        origin = f"from the official source {info.source}; run '{download_command(info.name)}' to fetch them"
     else:
         origin = f"from {info.source}"
     return DataError(f"Dataset {info.name!r} needs {needs} in {where}, {origin}.")
@@ -344,6 +353,13 @@ def _arrays(name: str, split: str, root: Path | None, download: bool, options: d
         if folder is None and download:
             folder = download_dataset(name, root)
         if folder is None:
+            partial = _partial_idx_folder(info, root)
+            if partial is not None:
+                raise DataError(
+                    f"Dataset {name!r} is incomplete in {partial[0]}: {', '.join(partial[1])} "
+                    f"{'is' if len(partial[1]) == 1 else 'are'} missing; run '{download_command(name)}' to fetch "
+                    f"the official files from {info.source}."
+                )
             raise _missing(info, root)
         stems = _IDX_STEMS[split]
         paths = tuple(_idx_path(folder, s) for s in stems)
@@ -459,6 +475,19 @@ def _find_idx_folder(info: DatasetInfo, root: Path | None) -> Path | None:
     return None
 
 
+def _partial_idx_folder(info: DatasetInfo, root: Path | None) -> tuple[Path, list[str]] | None:
+    """The first searched folder holding some but not all four IDX files, with the names of the missing ones."""
+    if root is None:
+        return None
+    stems = _IDX_STEMS["train"] + _IDX_STEMS["val"]
+    for sub in info.folders:
+        folder = root / sub
+        missing = [f"{s}.gz" for s in stems if not _idx_path(folder, s).is_file()]
+        if 0 < len(missing) < len(stems):
+            return folder, missing
+    return None
+
+
 def _open_idx(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
@@ -547,13 +576,6 @@ class RefusedPickle(pickle.UnpicklingError):
     """A pickle referred to something other than plain numpy arrays."""
 
 
-def _plain_dtype(*args):
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise RefusedPickle("an object dtype")
-    return dtype
-
-
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1"); nothing else is allowed.
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
@@ -561,22 +583,109 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-_NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
+def _plain_int(value: Any) -> bool:
+    return type(value) is int
+
+
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` in a pickle: the first argument of ``_reconstruct``, never called."""
+
+    def __call__(self, *args, **kwargs):
+        raise RefusedPickle("a call of numpy.ndarray")
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _DtypeRecord:
+    """What a pickle says about a ``numpy.dtype``: its type string and the state tuple of its BUILD, nothing built.
+
+    numpy pickles a dtype as ``dtype(spec, align, copy)`` followed by the state
+    ``(version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])``.
+    """
+
+    __slots__ = ("spec", "state")
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False):
+        if not isinstance(spec, str):
+            raise RefusedPickle(f"a numpy.dtype described by a {type(spec).__name__}")
+        self.spec, self.state = spec, None
+
+    def __setstate__(self, state: Any) -> None:
+        if self.state is not None:
+            raise RefusedPickle("a second state for one numpy.dtype")
+        if not isinstance(state, tuple) or not all(v is None or type(v) in (int, str) for v in state):
+            raise RefusedPickle("a numpy.dtype state other than plain numbers and strings")
+        self.state = state
+
+    @property
+    def is_uint8(self) -> bool:
+        """Whether this is the plain ``|u1`` of the official files: no subarray, fields or flags."""
+        s = self.state
+        return (
+            self.spec == "u1" and s is not None and len(s) in (8, 9) and s[0] in (3, 4) and s[1] in ("|", "=", "<", ">")
+            and s[2:5] == (None, None, None) and s[7] == 0
+        )
+
+    def __str__(self) -> str:
+        byteorder = self.state[1] if self.state and len(self.state) > 1 and isinstance(self.state[1], str) else ""
+        return byteorder + self.spec + ("" if self.is_uint8 or self.state is None else " with fields or flags")
+
+
+class _ArrayRecord:
+    """What a pickle says about a numpy array: shape, dtype record, order and raw bytes; no array is built.
+
+    numpy pickles an array as ``_reconstruct(ndarray, (0,), b"b")`` followed by the state
+    ``(1, shape, dtype, is_fortran, raw bytes)``.
+    """
+
+    __slots__ = ("shape", "dtype", "fortran", "raw")
+
+    def __init__(self):
+        self.shape = self.dtype = self.fortran = self.raw = None
+
+    def __setstate__(self, state: Any) -> None:
+        if self.raw is not None:
+            raise RefusedPickle("a second state for one numpy array")
+        if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+            raise RefusedPickle("a numpy array state of an unknown layout")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(shape, tuple) or not all(_plain_int(n) and n >= 0 for n in shape):
+            raise RefusedPickle("a numpy array with a shape other than non-negative integers")
+        if not isinstance(dtype, _DtypeRecord):
+            raise RefusedPickle("a numpy array without a numpy.dtype")
+        if isinstance(raw, str):  # a Python 2 str, decoded as latin-1 by the unpickler
+            try:
+                raw = raw.encode("latin1")
+            except UnicodeEncodeError:
+                raise RefusedPickle("a numpy array whose data is text") from None
+        if not isinstance(raw, (bytes, bytearray)):
+            raise RefusedPickle("a numpy array whose data are Python objects, not raw bytes")
+        self.shape, self.dtype, self.fortran, self.raw = shape, dtype, bool(fortran), bytes(raw)
+
+
+def _reconstruct(cls: Any, shape: Any = None, typecode: Any = None) -> _ArrayRecord:
+    if cls is not _NDARRAY:
+        raise RefusedPickle("numpy's _reconstruct of something other than numpy.ndarray")
+    return _ArrayRecord()
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers and numpy arrays, and refuses every other global.
+    """Reads the pickled dicts, lists, strings and numbers of a CIFAR batch, and builds no numpy object at all.
 
-    ``find_class`` is the only door through which a pickle reaches callable code, so allowing exactly numpy's
-    array reconstruction, ``ndarray``, ``dtype`` (without object fields) and latin-1 ``bytes`` means a crafted
-    file can build data but never run anything.
+    ``find_class`` is the only door through which a pickle reaches callable code. The numpy names a CIFAR
+    batch uses (``_reconstruct``, ``ndarray``, ``dtype``, and ``_codecs.encode`` for latin-1 bytes) lead to
+    inert records (:class:`_ArrayRecord`, :class:`_DtypeRecord`) that only keep shapes, type strings and
+    bytes; every other global is refused. The caller then accepts exactly the official layout and builds the
+    array itself with ``np.frombuffer``, so no pickle can forge a numpy object (for instance an object array
+    whose "pointers" are bytes of the file).
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-        ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): _plain_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _DtypeRecord,
         ("_codecs", "encode"): _latin1_bytes,
     }
 
@@ -602,16 +711,24 @@ def _unpickle_batch(f, where: str, num_classes: int, label_key: str) -> tuple[np
         batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data = batch.get("data") if isinstance(batch, dict) else None
     labels = batch.get(label_key) if isinstance(batch, dict) else None
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    if not isinstance(data, _ArrayRecord) or data.raw is None:
         raise DataError(f"{where} is not a CIFAR batch: it needs a 'data' array of uint8 with 3072 columns.")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        labels = np.zeros(0, dtype=np.int64) - 1
-    if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise DataError(f"{where} needs {len(data)} '{label_key}' in 0..{num_classes - 1}.")
+    if not data.dtype.is_uint8 or len(data.shape) != 2 or data.shape[1] != 3072 or data.fortran:
+        order = " in Fortran order" if data.fortran else ""
+        raise DataError(
+            f"{where} is not a CIFAR batch: its 'data' is a {'x'.join(map(str, data.shape))} array of "
+            f"{data.dtype}{order}, where a CIFAR batch has N x 3072 values of |u1 (uint8) in C order."
+        )
+    n = data.shape[0]
+    if len(data.raw) != n * 3072:
+        raise DataError(f"{where} holds {len(data.raw)} bytes for a 'data' array of {n} x 3072 bytes.")
+    if not isinstance(labels, list) or len(labels) != n or not all(
+        _plain_int(v) and 0 <= v < num_classes for v in labels
+    ):
+        raise DataError(f"{where} needs a list of {n} integer '{label_key}' in 0..{num_classes - 1}.")
+    data = np.frombuffer(data.raw, dtype=np.uint8).reshape(n, 3072)
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return images, labels
+    return images, np.array(labels, dtype=np.int64)
 
 
 def _load_cifar(name: str, location: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -863,9 +980,8 @@ def dataset_status(data_dir: str | os.PathLike | None = None) -> list[dict[str, 
     root = data_root(data_dir)
     rows = []
     for info in _REGISTRY.values():
-        looked = None if root is None else root / info.folders[0] if info.folders else None
         row = dict(name=info.name, found="no", train=None, val=None, classes=info.num_classes,
-                   shape="x".join(map(str, info.shape)), location=f"not in {looked}" if looked else None,
+                   shape="x".join(map(str, info.shape)), location=None if root is None else f"not found under {root}",
                    source=info.source)
         if info.name == "digits":
             row.update(found="yes", train=info.train_size, val=info.val_size, location="embedded (scikit-learn)")
@@ -888,7 +1004,8 @@ def dataset_status(data_dir: str | os.PathLike | None = None) -> list[dict[str, 
 def _idx_status(info: DatasetInfo, root: Path) -> dict[str, Any]:
     folder = _find_idx_folder(info, root)
     if folder is None:
-        return {}
+        partial = _partial_idx_folder(info, root)
+        return {} if partial is None else {"location": f"{partial[0]} lacks {', '.join(partial[1])}"}
     sizes = {}
     try:
         for split, (images, labels) in _IDX_STEMS.items():

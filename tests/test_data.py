@@ -280,6 +280,105 @@ def test_cifar_object_arrays_and_garbage_are_refused(tmp_path):
         D.load_arrays("cifar10", data_dir=tmp_path)
 
 
+# Pickle opcodes, for writing CIFAR batches byte by byte: the Python 2 form of the official files, and forgeries.
+def op_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def op_str(text: str) -> bytes:  # a Python 2 str (read back as latin-1 text)
+    raw = text.encode("latin1")
+    return b"T" + struct.pack("<I", len(raw)) + raw
+
+
+def op_bytes(raw: bytes) -> bytes:
+    return b"B" + struct.pack("<I", len(raw)) + raw
+
+
+def op_int(value: int) -> bytes:
+    return b"J" + struct.pack("<i", value)
+
+
+def op_dtype(spec: str, state: bytes) -> bytes:
+    return op_global("numpy", "dtype") + b"(" + op_str(spec) + b"\x89\x88tR(" + state + b"tb"
+
+
+PLAIN_U1_STATE = op_int(3) + op_str("|") + b"NNN" + op_int(-1) + op_int(-1) + op_int(0)
+
+
+def op_array(shape: tuple[int, ...], dtype: bytes, raw: bytes) -> bytes:
+    """numpy's pickle of an array: _reconstruct(ndarray, (0,), "b"), then BUILD (1, shape, dtype, False, raw)."""
+    empty = op_global("numpy.core.multiarray", "_reconstruct") + b"(" + op_global("numpy", "ndarray")
+    empty += b"(" + op_int(0) + b"t" + op_str("b") + b"tR"
+    return empty + b"(" + op_int(1) + b"(" + b"".join(op_int(n) for n in shape) + b"t" + dtype + b"\x89" + raw + b"tb"
+
+
+def python2_cifar_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as Python 2's cPickle (protocol 2) wrote the official files: str keys, the raw data as a str."""
+    raw = op_str(data.tobytes().decode("latin1"))
+    body = op_str("data") + op_array(data.shape, op_dtype("u1", PLAIN_U1_STATE), raw)
+    body += op_str("labels") + b"(l" + b"".join(op_int(v) + b"a" for v in labels)
+    body += op_str("batch_label") + op_str("training batch 1 of 5")
+    return b"\x80\x02}(" + body + b"u."
+
+
+def test_cifar_batch_in_the_python2_pickle_form_of_the_official_files_loads(tmp_path):
+    rng = np.random.RandomState(0)
+    data = rng.randint(0, 256, (3, 3072)).astype(np.uint8)
+    blob = python2_cifar_batch(data, [0, 9, 4])
+    assert pickle.loads(blob, encoding="latin1")["labels"] == [0, 9, 4]  # a valid pickle of that batch
+    write_members(tmp_path, "cifar-10-batches-py", "", {f"data_batch_{i}": blob for i in range(1, 6)}
+                  | {"test_batch": blob}, as_tar=False)
+    x, y = D.load_arrays("cifar10", "val", data_dir=tmp_path)
+    np.testing.assert_array_equal(y, [0, 9, 4])
+    np.testing.assert_array_equal(x, data.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+LOAD_IN_A_CHILD = """
+import sys
+from landscape import data as D
+from landscape.errors import DataError
+for root in sys.argv[1:]:
+    try:
+        D.load_arrays("cifar10", data_dir=root)
+        print("loaded")
+    except DataError as e:
+        print("DataError:", e)
+"""
+
+
+def test_cifar_pickles_forging_numpy_objects_are_refused_without_building_them(tmp_path):
+    import subprocess
+    import sys
+
+    n = 2
+    forgeries = {
+        # ndarray((n,), "O", buffer) called by REDUCE: an object array whose "pointers" are bytes of the file.
+        "ndarray_call": b"\x80\x02}(" + op_str("data")
+        + op_global("numpy", "ndarray") + b"(" + op_int(n) + op_int(3072) + b"\x86" + op_str("u1")
+        + op_bytes(bytes(n * 3072)) + b"tR" + op_str("labels") + op_global("numpy", "ndarray") + b"("
+        + op_int(n) + b"\x85" + op_str("O") + op_bytes(b"\x41" * 8 * n) + b"tRu.",
+        # A plain dtype("V8") whose BUILD state sets the flags of a dtype holding Python objects.
+        "dtype_flags": b"\x80\x02}(" + op_str("data") + op_array(
+            (n, 3072), op_dtype("V8", op_int(3) + op_str("|") + b"NNN" + op_int(8) + op_int(1) + op_int(0x3F)),
+            op_bytes(b"\x41" * 8 * n * 3072),
+        ) + op_str("labels") + b"(l" + op_int(0) + b"a" + op_int(1) + b"au.",
+        "dtype_alone": b"\x80\x02" + op_dtype("V8", op_int(3) + op_str("|") + b"NNN" + op_int(8) + op_int(1)
+                                            + op_int(0x3F)) + b".",
+    }
+    for name, blob in forgeries.items():
+        write_members(tmp_path / name, "cifar-10-batches-py", "", {f"data_batch_{i}": blob for i in range(1, 6)}
+                      | {"test_batch": blob}, as_tar=False)
+    # In a child process: if a forgery were built, the crash would end the child, not the test session.
+    child = subprocess.run([sys.executable, "-c", LOAD_IN_A_CHILD, *(str(tmp_path / k) for k in forgeries)],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    lines = child.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("DataError:") for line in lines), lines
+    assert "refers to a call of numpy.ndarray, which a CIFAR batch never contains" in lines[0]
+    assert "its 'data' is a 2x3072 array of |V8 with fields or flags" in lines[1]
+    assert "is not a CIFAR batch" in lines[2]
+
+
 def test_truncated_cifar_archive_is_one_error_naming_it(tmp_path):
     write_tiny_cifar(tmp_path, "cifar100", as_tar=True)
     path = tmp_path / "cifar-100-python.tar.gz"
@@ -338,9 +437,28 @@ def test_missing_files_are_one_sentence_naming_files_and_source(tmp_path, monkey
     message = str(e.value)
     assert all(text in message for text in expected) and str(tmp_path) in message
     assert message.endswith(".") and "\n" not in message
+    if name in D._DOWNLOADS:  # the command that fetches them, which calls download_dataset(name, data_dir)
+        assert f"run 'landscape datasets --download {name}'" in message
     monkeypatch.delenv(D.ENV_VAR, raising=False)
     with pytest.raises(DataError, match=f"--data-dir or {D.ENV_VAR}"):
         D.build_dataset(name)
+
+
+def test_some_idx_files_missing_is_one_error_naming_them_and_the_folder(tmp_path):
+    write_tiny_mnist(tmp_path / "fashion-mnist")
+    (tmp_path / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "fashion-mnist" / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError) as e:
+        D.load_arrays("fashion-mnist", data_dir=tmp_path)
+    assert str(e.value) == (
+        f"Dataset 'fashion-mnist' is incomplete in {tmp_path / 'fashion-mnist'}: train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz are missing; run 'landscape datasets --download fashion-mnist' to fetch the "
+        "official files from github.com/zalandoresearch/fashion-mnist (data/fashion/)."
+    )
+    status = {r["name"]: r for r in D.dataset_status(tmp_path)}["fashion-mnist"]
+    assert status["found"] == "no" and status["location"] == (
+        f"{tmp_path / 'fashion-mnist'} lacks train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz"
+    )
 
 
 def test_nothing_is_downloaded_without_download(tmp_path, monkeypatch):
@@ -445,4 +563,6 @@ def test_dataset_status_lists_every_dataset_with_digits_found(monkeypatch, tmp_p
     assert (status["digits"]["found"], status["digits"]["train"], status["digits"]["val"]) == ("yes", 1437, 360)
     assert status["mnist"]["found"] == "no" and status["cifar10"]["source"] == "www.cs.toronto.edu/~kriz/cifar.html"
     status = {r["name"]: r for r in D.dataset_status(tmp_path)}
-    assert status["mnist"]["found"] == "no" and str(tmp_path) in status["mnist"]["location"]
+    # <root> itself is searched too (CIFAR, image folders), so the row names the root, not one sub-folder.
+    assert status["mnist"]["found"] == "no" and status["mnist"]["location"] == f"not found under {tmp_path}"
+    assert status["cifar10"]["location"] == f"not found under {tmp_path}"

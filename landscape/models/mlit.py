@@ -29,7 +29,10 @@ meta device. A Switch-Transformer load-balancing loss,
            P_e = \\tfrac{1}{T}\\textstyle\\sum_t \\mathrm{softmax}(r(x_t))_e,
 
 (1 when balanced) is stored by every layer after each forward; :func:`moe_aux_loss` returns
-``aux_loss_weight * sum over layers`` for the trainer to add to the task loss.
+``aux_loss_weight * sum over layers`` for the trainer to add to the task loss. Forwards inside ``torch.func``
+transforms (``grad``, ``jvp``, ``vmap``) are not recorded, since their tensors are only valid inside the
+transform; copies and pickles of the model (``copy.deepcopy``, timm's ``ModelEmaV3``) leave the last forward's
+statistics behind, since they belong to that forward's autograd graph.
 
 **Depth-wise scaling and grouped-query attention.** The hidden size shrinks linearly from ``hidden_first`` in
 the first layer to ``hidden_last`` in the last, rounded to integers,
@@ -74,8 +77,9 @@ class MixtureOfSwiGLUExperts(nn.Module):
 
     Parameters: ``router`` (d -> E), ``fc1_g_weight`` (E, h, d) and ``fc1_g_bias`` (E, h), the experts' own
     gate projections; ``fc1_x`` (d -> h) and ``fc2`` (h -> d), shared. Input and output: (..., d). After each
-    forward, ``aux_loss`` holds the load-balancing loss of that forward (a 0-dim tensor) and
-    ``tokens_per_expert`` the number of tokens routed to each expert, shape (E,).
+    forward outside ``torch.func`` transforms, ``aux_loss`` holds the load-balancing loss of that forward (a
+    0-dim tensor, attached to its graph) and ``tokens_per_expert`` the number of tokens routed to each expert,
+    shape (E,); both are ``None`` before the first such forward and in copies of the module.
     """
 
     def __init__(
@@ -137,15 +141,29 @@ class MixtureOfSwiGLUExperts(nn.Module):
             gate = gate.index_add(0, token_index, activation * weights[token_index, slot, None])
         hidden = self.drop1(gate * self.fc1_x(tokens))
         out = self.drop2(self.fc2(hidden))
-        self.tokens_per_expert = torch.tensor(counts)
-        self.aux_loss = self._load_balancing_loss(logits, chosen)
+        if not _inside_function_transform(logits):
+            self.tokens_per_expert = torch.tensor(counts)
+            self.aux_loss = self._load_balancing_loss(logits, chosen)
         return out.reshape(shape)
+
+    def __getstate__(self) -> dict:
+        # The last forward's loss is a non-leaf tensor of that forward's graph, which deepcopy and pickle refuse;
+        # a copy starts without forward statistics, as a freshly built module does.
+        state = super().__getstate__()
+        state["aux_loss"] = state["tokens_per_expert"] = None
+        return state
 
     def _load_balancing_loss(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         assigned = F.one_hot(chosen, self.num_experts).sum(dim=1).to(logits.dtype)  # (T, E), 0/1 entries
         fraction = assigned.mean(dim=0) / self.top_k
         probability = logits.softmax(dim=-1).mean(dim=0)
         return self.num_experts * (fraction * probability).sum()
+
+
+def _inside_function_transform(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.func`` wrapper (grad, jvp, vmap), only valid inside its transform."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped(tensor)) if is_wrapped is not None else False
 
 
 class MLiTBlock(Block):
@@ -290,7 +308,8 @@ class MLiT(VisionTransformer):
 def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     """The load-balancing term to add to the task loss after a forward: ``sum_layers aux_loss_weight * L_aux``.
 
-    Zero (a 0-dim tensor) for models without mixture-of-experts layers or before the first forward.
+    Of the last forward outside ``torch.func`` transforms, attached to its graph. Zero (a 0-dim tensor) for
+    models without mixture-of-experts layers, before the first forward and in a fresh copy of the model.
     """
     total = None
     for module in model.modules():

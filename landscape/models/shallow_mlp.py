@@ -39,8 +39,9 @@ MLP_INITS = ("sliced", "random")
 def narrow_mlps(model: nn.Module, width_ratio: float, init: str = "sliced") -> nn.Module:
     """Replace every block's MLP by one of hidden width ``round(width_ratio * H)``, in place; returns ``model``.
 
-    Works on timm ``Mlp`` and ``SwiGLU`` MLPs (input layers ``fc1`` or ``fc1_g``/``fc1_x``, output ``fc2``).
-    MLPs shared between blocks (GroupedMLP) stay shared. ``0 < width_ratio <= 1``.
+    Works on timm ``Mlp`` and ``SwiGLU`` MLPs (input layers ``fc1`` or ``fc1_g``/``fc1_x``, output ``fc2``,
+    optional ``norm``); an MLP with any other parameter (a mixture of experts' router and expert weights) is a
+    :class:`ConfigError`. MLPs shared between blocks (GroupedMLP) stay shared. ``0 < width_ratio <= 1``.
     """
     if init not in MLP_INITS:
         raise ConfigError(f"Unknown MLP init {init!r}; accepted are {', '.join(MLP_INITS)}.")
@@ -55,7 +56,8 @@ def narrow_mlps(model: nn.Module, width_ratio: float, init: str = "sliced") -> n
             new = _narrow(old, width_ratio)
             if init == "random":
                 with torch.no_grad():
-                    named_apply(init_fn, new, name=f"blocks.{i}.mlp")
+                    # include_root: the MLP's own init_weights runs too (SwiGLU's gate), as in the full model's init.
+                    named_apply(init_fn, new, name=f"blocks.{i}.mlp", include_root=True)
                     if getattr(model, "fix_init", False):
                         new.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
             narrowed[id(old)] = new
@@ -68,6 +70,14 @@ def _narrow(mlp: nn.Module, width_ratio: float) -> nn.Module:
     packed = type(mlp).__name__ == "GluMlp"  # gate and value halves packed in one fc1
     if packed or not inputs or not isinstance(getattr(mlp, "fc2", None), nn.Linear):
         raise ConfigError(f"narrow_mlps supports timm Mlp and SwiGLU MLPs, not {type(mlp).__name__}.")
+    norm = getattr(mlp, "norm", None)
+    narrowed = {f"{layer}.{p}" for layer in (*inputs, "fc2", "norm") for p in ("weight", "bias")}
+    others = [name for name, _ in mlp.named_parameters() if name not in narrowed]
+    if others:
+        raise ConfigError(
+            f"narrow_mlps narrows only the layers fc1 (or fc1_g and fc1_x), fc2 and norm of an MLP, but "
+            f"{type(mlp).__name__} also has the parameters {', '.join(others)}, so it cannot be narrowed."
+        )
     width = max(1, int(round(mlp.fc2.in_features * width_ratio)))
     # Copy the module without copying its wide layers (they are replaced right after).
     layers = [getattr(mlp, name) for name in inputs] + [mlp.fc2]
@@ -75,7 +85,6 @@ def _narrow(mlp: nn.Module, width_ratio: float) -> nn.Module:
     for name in inputs:
         setattr(new, name, _keep_rows(getattr(mlp, name), width))
     new.fc2 = _keep_columns(mlp.fc2, width)
-    norm = getattr(mlp, "norm", None)
     if norm is not None and not isinstance(norm, nn.Identity):
         new.norm = _narrow_norm(norm, width)
     return new
