@@ -64,10 +64,17 @@ def _fmt(value) -> str:
 # -- data ---------------------------------------------------------------------------------------------------
 @cli.command()
 @DATA_DIR_OPTION
-def datasets(data_dir: Path | None) -> None:
+@click.option("--download", "download", metavar="NAME", default=None,
+              help="Fetch the official files of dataset NAME (mnist, fashion-mnist, cifar10, cifar100) into the data "
+                   "folder, checking their published checksums.")
+def datasets(data_dir: Path | None, download: str | None) -> None:
     """List the datasets, whether their files are found, and their sizes."""
-    from landscape.data import dataset_status
+    from landscape.data import dataset_status, download_dataset
 
+    if download is not None:
+        if data_dir is None:
+            raise LandscapeError("--download needs a data folder: give --data-dir DIR or set LANDSCAPE_DATA_DIR.")
+        click.echo(f"downloaded {download} into {download_dataset(download, data_dir)}")
     print_table(dataset_status(data_dir))
 
 
@@ -89,9 +96,11 @@ def inspect(path: Path) -> None:
 @click.argument("names", nargs=-1)
 def models(names: tuple[str, ...]) -> None:
     """List the models (or only NAMES): parameters, GMACs at the default input size, unique MLPs."""
-    from landscape.models import model_table
+    from landscape.models import MACS_CONVENTION, model_table
 
     print_table(model_table(list(names) or None))
+    click.echo("")
+    click.echo(MACS_CONVENTION)
 
 
 # == end models ==
@@ -104,9 +113,12 @@ def _key_values(pairs: tuple[str, ...]) -> dict:
     return dict(parse_override(p) for p in pairs)
 
 
+_RECIPES = sorted(p.stem for p in (Path(__file__).parent / "trainers" / "recipes").glob("*.yaml"))
+
+
 @cli.command(context_settings={"show_default": True})
-@click.option("--recipe", default=None, help="Named recipe or a YAML file (default: digits for digits/synthetic data, "
-              "else small-images); see the list below.")
+@click.option("--recipe", default=None, help=f"{', '.join(_RECIPES)}, or a YAML file (default: digits for digits "
+              "or synthetic data, else small-images).")
 @click.option("--model", default=None, help="Registered or timm model name (default: the recipe's model).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Keyword argument of the model (repeatable), e.g. --model-arg depth=6.")
@@ -177,8 +189,10 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
                           data_dir=data_dir, progress=progress, on_row=print_row)
     if main_process:
         final = result.final
-        scores = ", ".join(f"{k} {_fmt(final[k])}" for k in ("val_top1", "ema_val_top1") if final.get(k) is not None)
-        click.echo(f"Run written to {result.run.root} ({len(result.checkpoints)} checkpoints; final {scores}).")
+        keys = ("val_top1", "ema_val_top1") if final.get("val_top1") is not None else ("val_loss",)
+        scores = ", ".join(f"{k} {_fmt(final[k])}" for k in keys if final.get(k) is not None) or "no evaluation"
+        n = len(result.checkpoints)
+        click.echo(f"Run written to {result.run.root} ({n} checkpoint{'s' if n != 1 else ''}; final {scores}).")
 
 # == end training ==
 
@@ -190,11 +204,177 @@ def analyze() -> None:
 
 
 # -- analyze hessian --
+@analyze.command("hessian")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--checkpoints", default="all", show_default=True,
+              help="Which checkpoints: all, last, every:N, epochs:1,10,50 or steps:100,200.")
+@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+              help="Raw or EMA weights of each checkpoint.")
+@click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Number of extreme eigenvalues (0: none).")
+@click.option("--which", type=click.Choice(["largest", "smallest", "both"]), default="largest", show_default=True,
+              help="Largest, most negative, or both ends of the spectrum.")
+@click.option("--trace", is_flag=True, help="Estimate the trace (Hutch++, with a standard error).")
+@click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
+@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Examples of the training set in the fixed evaluation set.")
+@click.option("--params", "params", default=None, metavar="PATTERN",
+              help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the probes.")
+@click.option("--force", is_flag=True, help="Recompute checkpoints already in RUN/analysis/hessian.nc.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--save-eigenvectors", is_flag=True,
+              help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors.")
+@click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
+              help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
+                   "is split over the processes].")
+@DATA_DIR_OPTION
+def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, trace: bool, density: bool,
+                    samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
+                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None) -> None:
+    """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
+    \b
+    On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze hessian RUN [--shard checkpoints]
+    """
+    from landscape.analyses.hessian import HessianSettings, hessian_summary, run_hessian_analysis
+    from landscape.runs import Run
+
+    settings = HessianSettings(top_k=top_k, which=which, trace=trace, density=density, samples=samples,
+                               params=params, weights=weights, dtype=dtype, seed=seed)
+    run_dir = Run.open(run)
+    ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
+                              device=device, save_eigenvectors_to_disk=save_eigenvectors,
+                              progress=sys.stderr.isatty(), shard=shard)
+    if ds is None:  # not the first of several processes: it prints
+        return
+    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
+    print_table([row for row in hessian_summary(ds) if row["checkpoint"] in selected])
+    click.echo(f"Results in {run_dir.analysis_path('hessian')}")
 # -- end analyze hessian --
 
 # -- analyze sharpness / surface --
+def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.01,0.05,0.1.") from None
+    if not values:
+        raise click.BadParameter("give at least one radius, e.g. 0.05.")
+    return values
 
+
+@analyze.command("sharpness")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--checkpoints", default="all", show_default=True,
+              help="Which checkpoints: all, last, every:N, epochs:1,10,50 or steps:100,200.")
+@click.option("--rho", "rhos", default="0.01,0.05,0.1", show_default=True, callback=_float_list,
+              help="Radii, comma-separated; all measured in one call.")
+@click.option("--p", "p", type=click.Choice(["2", "inf"]), default="2", show_default=True,
+              help="Norm of the neighbourhood ||delta / c||_p <= rho.")
+@click.option("--adaptive", is_flag=True, help="Adaptive sharpness: c = |w| + eta instead of c = 1 (SAM).")
+@click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="eta of the adaptive scale (0 keeps it invariant to neuron-wise rescaling).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Projected gradient ascent steps of the worst case (1: the SAM step alone).")
+@click.option("--m", "m", type=click.IntRange(min=1), default=None,
+              help="Also m-sharpness: the worst case per batch of m examples, averaged.")
+@click.option("--draws", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Antithetic Gaussian pairs of the average-case sharpness (0: skip it).")
+@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Examples of the training set in the fixed evaluation set.")
+@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+              help="Raw or EMA weights of each checkpoint.")
+@click.option("--params", "params", default=None, metavar="PATTERN",
+              help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the draws.")
+@click.option("--force", is_flag=True, help="Recompute checkpoints already in RUN/analysis/sharpness.nc.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Examples per forward pass (memory only).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
+              help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
+                   "is split over the processes].")
+@DATA_DIR_OPTION
+def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float,
+                      steps: int, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
+                      force: bool, dtype: str, batch_size: int, device: str, shard: str | None,
+                      data_dir: Path | None) -> None:
+    """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness at each checkpoint.
+
+    \b
+    On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze sharpness RUN [--shard checkpoints]
+    """
+    from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis, sharpness_summary
+    from landscape.runs import Run
+
+    settings = SharpnessSettings(rhos=rhos, p=p, adaptive=adaptive, eta=eta, steps=steps, m=m, draws=draws,
+                                 samples=samples, weights=weights, params=params, dtype=dtype, seed=seed,
+                                 batch_size=batch_size)
+    run_dir = Run.open(run)
+    ds = run_sharpness_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
+                                device=device, progress=sys.stderr.isatty(), shard=shard)
+    if ds is None:  # not the first of several processes: it prints
+        return
+    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
+    print_table([row for row in sharpness_summary(ds) if row["checkpoint"] in selected])
+    click.echo(f"Results in {run_dir.analysis_path('sharpness')}")
+
+
+@analyze.command("surface")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--directions", default="random", show_default=True,
+              help="random, interpolate:RUN2[@EPOCH], plane:RUN2,RUN3, pca or eigen.")
+@click.option("--dims", type=click.Choice(["1", "2"]), default=None,
+              help="1D or 2D slice [default: 1 for interpolate, else 2].")
+@click.option("--range", "value_range", default=None, metavar="START:STOP",
+              help="Grid range in direction units [default: -1:1; 0:1 for interpolate; -0.5:1.5 for plane].")
+@click.option("--points", type=click.IntRange(min=2), default=51, show_default=True, help="Grid points per axis.")
+@click.option("--checkpoints", default="last", show_default=True,
+              help="Centres of the slices: all, last, every:N, epochs:1,10,50 or steps:100,200.")
+@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Examples of the training set in the fixed evaluation set.")
+@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+              help="Raw or EMA weights of each checkpoint.")
+@click.option("--one-dim", type=click.Choice(["zero", "filter"]), default="zero", show_default=True,
+              help="Random directions on biases and norms: zero (Li et al.) or normalised as a whole.")
+@click.option("--qkv", type=click.Choice(["head", "row"]), default="head", show_default=True,
+              help="Filter of the fused qkv weight: one head's q/k/v block, or one row.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the evaluation set and the random directions.")
+@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Examples per forward pass (memory only).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--shard", type=click.Choice(["checkpoints", "grid"]), default=None,
+              help="Under torchrun: each process takes whole checkpoints, or a block of each checkpoint's grid points "
+                   "[default: each checkpoint's evaluation set is split over the processes].")
+@DATA_DIR_OPTION
+def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int,
+                    checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, seed: int, force: bool,
+                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None) -> None:
+    """Loss and accuracy on a 1D or 2D grid around each checkpoint: RUN/analysis/surface-<directions>-<dims>d.nc.
+
+    \b
+    On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze surface RUN [--shard grid|checkpoints]
+    """
+    from landscape.analyses.surface import SurfaceSettings, run_surface_analysis, surface_path, surface_summary
+    from landscape.runs import Run
+
+    settings = SurfaceSettings(directions=directions, dims=int(dims) if dims else None, range=value_range,
+                               points=points, one_dim=one_dim, qkv=qkv, samples=samples, weights=weights,
+                               dtype=dtype, seed=seed, batch_size=batch_size)
+    run_dir = Run.open(run)
+    ds = run_surface_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
+                              device=device, progress=sys.stderr.isatty(), shard=shard)
+    if ds is None:  # not the first of several processes: it prints
+        return
+    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
+    print_table([row for row in surface_summary(ds) if row["checkpoint"] in selected])
+    click.echo(f"Results in {surface_path(run_dir, settings.validate(), settings.dims)}")
 # -- end analyze sharpness / surface --
 
 # -- analyze dynamics --
@@ -288,6 +468,93 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
 
 
 # == paper: `landscape figures`, `landscape report`, `landscape demo` ===========================================
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the figures.")
+@click.option("--only", multiple=True, metavar="NAME", help="Draw only this figure (repeatable); default: all.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "pdf", "svg"]),
+              help="File format (repeatable); default: png and pdf.")
+def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: tuple[str, ...]) -> None:
+    """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF."""
+    from landscape.figures import FORMATS, write_figures
+    from landscape.study import load_results
+
+    written = write_figures(load_results(runs), out, formats=formats or FORMATS, names=only or None)
+    for name, paths in written.items():
+        click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", default=Path("report.md"), show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Markdown file to write.")
+@click.option("--html", "with_html", is_flag=True, help="Also write the report as HTML next to it.")
+@click.option("--figures", "figures_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Draw the figures into this folder and link them (default: OUT's folder/figures).")
+@click.option("--no-figures", is_flag=True, help="Write the report without drawing or linking figures.")
+def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path | None, no_figures: bool) -> None:
+    """The hypotheses H1-H4 on RUNS, each with its evidence and a verdict by the rule stated in the report."""
+    from landscape.report import write_report
+    from landscape.study import load_results
+
+    results = load_results(runs)
+    written = {}
+    if not no_figures:
+        from landscape.figures import write_figures
+
+        written = write_figures(results, figures_dir or out.parent / "figures")
+    paths, hypotheses = write_report(results, out, figures=written, html=with_html)
+    for h in hypotheses:
+        click.echo(f"{h.key} {h.verdict:<13} {h.title}")
+    for path in paths:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--data", default="digits", show_default=True, type=click.Choice(["digits", "fashion-mnist"]),
+              help="digits: embedded 8x8 digits (minutes on a laptop CPU); fashion-mnist: the real 28x28 files.")
+@click.option("--out", default=Path("runs/demo"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Study folder: runs/, figures/ and report.md go here.")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1), help="Seeds per variant.")
+@click.option("--epochs", default=None, type=click.IntRange(1),
+              help="Training epochs (default: 12 digits, 8 fashion-mnist).")
+@click.option("--jobs", default=None, type=click.IntRange(1),
+              help="Runs trained and analysed at once, one CPU thread each (default: CPU cores, at most 4).")
+@click.option("--figures-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the PNG figures here (e.g. figures/ of the repository).")
+@click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
+@DATA_DIR_OPTION
+def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
+         force: bool, data_dir: Path | None) -> None:
+    """The whole study on a small scale: train, analyse every checkpoint, draw the figures, write the report.
+
+    Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
+    each. Re-running it skips everything already done.
+    """
+    import time
+
+    from landscape.study import default_jobs, demo_study, run_study
+
+    spec = demo_study(data, seeds=seeds, epochs=epochs)
+    start = time.perf_counter()
+    total = len(spec.run_names())
+    done: set[str] = set()
+
+    def show(event) -> None:
+        if event.stage == "done" and event.run:
+            done.add(event.run)
+        where = f"[{len(done)}/{total}] {event.run}" if event.run else "study"
+        took = f" ({event.seconds:.1f} s)" if event.seconds else ""
+        click.echo(f"{time.perf_counter() - start:6.0f}s  {where:<26} {event.stage:<9} {event.message}{took}", err=True)
+
+    click.echo(f"landscape demo: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {data} into {out}",
+               err=True)
+    outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
+                        figures_out=figures_out, force=force)
+    click.echo(f"report:  {outcome.report}")
+    click.echo(f"figures: {outcome.out / 'figures'}" + (f" and {figures_out}" if figures_out else ""))
+    click.echo(f"done in {outcome.wall_time:.0f} s")
+
 
 # == end paper ==
 

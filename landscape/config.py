@@ -145,6 +145,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any]) -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``.
 
@@ -158,6 +164,7 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any]) -
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600 files; runs are meant to be shared
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -172,3 +179,200 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any]) -
             os.close(dir_fd)
     except OSError:
         pass
+
+
+# == training configuration (the sections of a run's config.yaml) ============================================
+@dataclasses.dataclass
+class ModelConfig:
+    """The network: a registered (or any timm) model name and the keyword arguments it is built with."""
+
+    name: str = "vit_tiny_patch16_224"
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    drop_path: float = 0.0  # stochastic depth rate, passed as ``drop_path_rate`` when positive
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The dataset, its image size (``None`` = native) and the loader."""
+
+    name: str = "digits"
+    img_size: int | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # generator settings of ``synthetic``
+    num_workers: int = 0  # only the image-by-image path (RandAugment, RandomResizedCrop, imagefolder) uses workers
+    train_size: int | None = None  # train on a fixed seeded subset of N images (None = all)
+    val_size: int | None = None  # evaluate on a fixed seeded subset of N validation images (None = all)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """The optimizer (timm ``create_optimizer_v2``) and the update rule around it."""
+
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    betas: list[float] | None = None
+    eps: float | None = None
+    lr_base_batch: int | None = None  # when set, lr is scaled by batch_size / lr_base_batch; None = no scaling
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping
+    accum_steps: int = 1  # micro-batches per update (batch_size is the global batch of one update)
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """The learning-rate schedule (timm ``create_scheduler_v2``), stepped after every update."""
+
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Data augmentation and label regularisation."""
+
+    crop: str = "none"  # none | pad (shift by up to crop_padding px) | rrc (RandomResizedCrop, image by image)
+    crop_padding: int = 4
+    crop_scale: list[float] | None = None  # area range of rrc (None = the dataset's default)
+    interpolation: str | None = None  # resize interpolation of rrc (None = the dataset's default)
+    hflip: float | None = None  # flip probability (None = 0.5 where mirroring keeps the class, else 0)
+    auto_augment: str | None = None  # a timm policy such as rand-m9-mstd0.5-inc1 (image by image)
+    re_prob: float = 0.0  # random erasing probability
+    re_mode: str = "pixel"
+    repeated_aug: int = 1  # repeated augmentation: each image appears this many times per epoch (DeiT)
+    mixup: float = 0.0  # MixUp alpha (0 = off)
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (timm ``ModelEmaV3``), evaluated next to the raw weights."""
+
+    decay: float | None = None  # None or 0 = no EMA
+    warmup: bool = False
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When weights are written and which are kept.
+
+    ``every``: ``epoch``, ``epochs:N``, ``steps:N`` or ``log:N`` (N log-spaced steps, dense early), joined with
+    ``+`` for a union (``epoch+log:30``). ``keep``: ``all`` or ``last:K``. ``initial`` also writes the
+    weights before the first update (step 0).
+    """
+
+    every: str = "epoch"
+    keep: str = "all"
+    initial: bool = False
+
+
+@dataclasses.dataclass
+class MaeConfig:
+    """Masked-autoencoder pre-training (``task: mae``): passed to the MAE model as keyword arguments."""
+
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``landscape train`` needs; saved resolved as the run's ``config.yaml``."""
+
+    recipe: str | None = None
+    task: str = "classify"  # classify | mae
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128  # global images per update, over all processes and accumulation steps
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = False
+    compile: bool = False
+    init: str | None = None  # a run directory (or checkpoint file) whose weights start this run
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
+
+
+def coerce_types(config: T, *, where: str = "config") -> T:
+    """Check every field of a (nested) dataclass against its annotation, converting where it is lossless.
+
+    Values from the command line arrive as YAML scalars (``1e-3`` is a string in YAML), so numbers written as
+    strings become numbers, integers become floats where a float is expected and integral floats become ints;
+    anything else that does not fit is a :class:`ConfigError` naming the field and the expected type.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, f.name)
+        name = f"{where}.{f.name}" if where != "config" else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not dataclasses.is_dataclass(value):
+                raise ConfigError(f"{name} is a section of fields, not a single value ({value!r}).")
+            setattr(config, f.name, coerce_types(value, where=name))
+        else:
+            setattr(config, f.name, _coerce(value, hints[f.name], name))
+    return config
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    origin = typing.get_origin(hint) or hint
+    if hint is Any:
+        return value
+    if origin is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} must be a number, not {value!r}.")
+    if origin is int:
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be a whole number, not {value!r}.")
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, not {value!r}.")
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a text value, not {value!r}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list such as [0.9, 0.999], not {value!r}.")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, name) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of names to values, not {value!r}.")
+        return dict(value)
+    return value

@@ -14,6 +14,7 @@ Across seeds of one variant, every scalar gets a mean and a standard deviation (
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -120,3 +121,14 @@ def across_seeds(datasets: Iterable[xr.Dataset]) -> xr.Dataset:
         out[f"{k}_std"] = std[k].to_xarray()
     out["n_seeds"] = count.to_xarray()
     return out
+
+
+def write_dynamics(run: Run) -> tuple[xr.Dataset, Path]:
+    """Compute :func:`run_dynamics` and write it to ``RUN/analysis/dynamics.nc`` atomically (always recomputed:
+    it costs one read of ``metrics.csv``). Returns the Dataset and the path written."""
+    from landscape.config import atomic_write
+
+    ds = run_dynamics(run)
+    path = run.analysis_path("dynamics")
+    atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+    return ds, path

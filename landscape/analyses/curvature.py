@@ -1,0 +1,576 @@
+"""Loss closures over a fixed evaluation set, and the Hessian as a linear operator.
+
+Every curvature measurement in :mod:`landscape.analyses` starts here. A :class:`LossFunction` binds a model to
+a fixed evaluation set :math:`\\{(x_i, y_i)\\}_{i=1}^N` and a subset :math:`\\theta` of its parameters, and
+computes the mean loss
+
+.. math::  L(\\theta) = \\frac{1}{N} \\sum_b n_b \\, \\bar\\ell_b(\\theta),
+
+where :math:`\\bar\\ell_b` is the mean loss of batch :math:`b` of size :math:`n_b` (the last, short batch counts
+with its true weight), its gradient :math:`\\nabla L` and Hessian-vector products :math:`H v = \\nabla^2 L \\, v`
+with :math:`H \\in \\mathbb{R}^{P \\times P}`, :math:`P` the number of selected parameters.
+
+- Evaluation mode, no augmentation, a fixed order. The model is never changed: parameters are swapped in
+  functionally (:func:`torch.func.functional_call`), the train/eval flags are restored afterwards.
+- Hessian-vector products are forward-over-reverse, :math:`H v = \\partial_\\epsilon \\nabla L(\\theta +
+  \\epsilon v)|_{\\epsilon=0}` (:func:`torch.func.jvp` of :func:`torch.func.grad`); several vectors share one
+  primal pass through :func:`torch.func.vmap`. The double-backward product :math:`\\nabla (\\nabla L^\\top v)` is
+  kept as an independent cross-check.
+- Fused attention kernels have neither a double-backward nor a forward-mode rule; every method here runs under
+  the math kernel of :func:`torch.nn.functional.scaled_dot_product_attention`, switched on inside.
+- Parameters with ``requires_grad=False`` and parameters the loss does not reach on the evaluation set are
+  skipped. A parameter shared by several modules (the same tensor under several names) is one parameter,
+  named by its first name in ``model.named_parameters()``.
+- On several processes (``data_parallel``, see :mod:`landscape.analyses.distributed`) each holds a contiguous slice
+  of the evaluation set, weights its batches by :math:`n_b / N` with the whole set's :math:`N`, and sums every
+  loss, count, gradient and product over the processes: each sees the whole set's :math:`L`, :math:`\\nabla L`
+  and :math:`H v`, up to the order of summation.
+
+Vectors come in two forms: a dict ``{name: tensor}`` shaped like the parameters, or a flat tensor of shape
+``(P,)`` in the order of :attr:`LossFunction.names` (:meth:`LossFunction.flatten` / :meth:`~LossFunction.unflatten`).
+Several vectors are the columns of a ``(P, k)`` matrix, as in :class:`scipy.sparse.linalg.LinearOperator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from landscape.errors import ConfigError, LandscapeError
+
+Tensor = torch.Tensor
+LossCriterion = Callable[[Tensor, Tensor], Tensor]
+
+
+# -- parameters ------------------------------------------------------------------------------------------------
+def parameters_by_pattern(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``model`` whose name matches ``pattern``, each once, in model order.
+
+    ``pattern`` is a comma-separated list of alternatives, each one of
+
+    - a glob over the dotted parameter names: ``"*attn*"``, ``"blocks.3.*"``, ``"*mlp.fc?.weight"``;
+    - a module prefix without wildcards: ``"blocks.3"`` selects every parameter under ``blocks.3.``;
+    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``.
+
+    ``None``, ``""`` and ``"*"`` select every parameter. A parameter shared by several modules is selected when
+    any of its names matches and is returned once, under its first name (the one ``state_dict`` loading and
+    :func:`torch.func.functional_call` accept). Parameters with ``requires_grad=False`` are left out.
+    """
+    matchers = _name_matchers(pattern)
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    selected: dict[str, nn.Parameter] = {}
+    for key, names in names_of.items():
+        p = params[key]
+        if p.requires_grad and any(m(n) for n in names for m in matchers):
+            selected[names[0]] = p
+    if not selected:
+        raise ConfigError(
+            f"No trainable parameter of the model matches {pattern!r}; give a glob such as '*attn*' or "
+            "'blocks.3.*', a module prefix such as 'blocks.3', or a regular expression after 're:'."
+        )
+    return selected
+
+
+def _name_matchers(pattern: str | None) -> list[Callable[[str], bool]]:
+    if pattern is None or pattern.strip() in ("", "*"):
+        return [lambda name: True]
+    matchers: list[Callable[[str], bool]] = []
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        if part.startswith("re:"):
+            try:
+                regex = re.compile(part[3:])
+            except re.error as e:
+                raise ConfigError(f"Parameter pattern {part!r} is not a valid regular expression ({e}).") from None
+            matchers.append(lambda name, r=regex: r.search(name) is not None)
+        elif any(c in part for c in "*?["):
+            matchers.append(lambda name, g=part: fnmatch.fnmatchcase(name, g))
+        else:
+            matchers.append(lambda name, prefix=part: name == prefix or name.startswith(prefix + "."))
+    return matchers
+
+
+def flatten_tensors(tensors: Mapping[str, Tensor]) -> Tensor:
+    """Concatenate a dict of tensors, in its order, into one ``(P,)`` vector."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten_vector(vector: Tensor, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> dict[str, Tensor]:
+    """Split a ``(P,)`` vector into views shaped like ``shapes`` (the inverse of :func:`flatten_tensors`)."""
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    if vector.ndim != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"expected a vector of {sum(sizes)} entries, got shape {tuple(vector.shape)}")
+    return {n: chunk.view(s) for (n, s), chunk in zip(shapes.items(), torch.split(vector, sizes))}
+
+
+# -- the evaluation set ------------------------------------------------------------------------------------------
+@dataclass
+class EvaluationSet:
+    """A fixed, ordered evaluation set: inputs ``x`` ``(N, ...)``, integer targets ``y`` ``(N,)``, split in batches.
+
+    The batches are ``x[0:B], x[B:2B], ...``; the last may be shorter and is weighted by its size.
+    """
+
+    x: Tensor
+    y: Tensor
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise LandscapeError(f"The evaluation set has {len(self.x)} inputs but {len(self.y)} targets.")
+        if len(self.x) == 0:
+            raise LandscapeError("The evaluation set is empty; give at least one example.")
+        if self.batch_size is None or self.batch_size <= 0:
+            self.batch_size = len(self.x)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, *, math_attention: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and the math attention kernel) for the duration; every module's train flag is restored after.
+
+    Derivatives of any order need the math kernel; plain loss evaluation (``math_attention=False``) keeps the
+    fused kernels, which are faster and give the same values up to rounding.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+            yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """The default criterion: mean cross-entropy of class logits ``(n, C)`` against integer targets ``(n,)``."""
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+# -- the loss closure ---------------------------------------------------------------------------------------------
+class LossFunction:
+    """The mean loss of ``model`` on a fixed evaluation set, as a function of a subset of its parameters.
+
+    Args:
+        model: any module; it is only read. Its dtype and device are used for every computation.
+        x, y: the evaluation set, ``(N, ...)`` inputs and ``(N,)`` targets (moved batch by batch to the model).
+        batch_size: examples per forward pass (``None``: all at once). Results do not depend on it beyond
+            floating-point rounding.
+        params: which parameters :math:`\\theta` are variables: a pattern for :func:`parameters_by_pattern`,
+            a list of names, or ``None`` for all trainable ones. The others stay fixed at their current values.
+        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch.
+        vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
+            once; memory grows with it (each vector carries its own activation tangents).
+        skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
+            gradient pass when the closure is made).
+        data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
+            (:class:`landscape.analyses.distributed.DataParallel`): batches are weighted by
+            :math:`n_b / N` with the whole set's :math:`N`, and every loss, accuracy count, gradient and
+            Hessian-vector product is summed over the processes, so each process sees the whole set's operator.
+
+    Attributes:
+        names: the selected parameter names, in vector order; shapes: their shapes; num_parameters: :math:`P`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_size: int | None = 256,
+        params: str | list[str] | None = None,
+        criterion: LossCriterion = cross_entropy,
+        vectors_per_pass: int = 16,
+        skip_unused: bool = True,
+        data_parallel: Any = None,
+    ):
+        self.model = model
+        self.data = EvaluationSet(x, y, batch_size)
+        self.data_parallel = data_parallel
+        self.num_examples = data_parallel.num_examples if data_parallel is not None else len(self.data)
+        self.criterion = criterion
+        self.vectors_per_pass = max(1, int(vectors_per_pass))
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise LandscapeError("The model has no parameters, so it has no Hessian.")
+        self.device = first.device
+        self.dtype = first.dtype
+        if isinstance(params, (list, tuple)):
+            selected = _parameters_by_name(model, list(params))
+            self.pattern: str | None = ",".join(params)
+        else:
+            selected = parameters_by_pattern(model, params)
+            self.pattern = params
+        canonical = dict(model.named_parameters())  # first names only: what functional_call expects
+        buffers = dict(model.named_buffers())
+        self._fixed = {n: p.detach() for n, p in canonical.items() if n not in selected}
+        self._fixed.update({n: b.detach() for n, b in buffers.items()})
+        if skip_unused:
+            reached = self._reached_parameters({n: p.detach() for n, p in selected.items()})
+            unused = [n for n in selected if n not in reached]
+            for n in unused:
+                self._fixed[n] = selected.pop(n).detach()
+            if not selected:
+                raise LandscapeError(
+                    f"None of the parameters matching {self.pattern!r} influences the loss on the evaluation set."
+                )
+            self.skipped = unused
+        else:
+            self.skipped = []
+        self.names = list(selected)
+        self.shapes = {n: selected[n].shape for n in self.names}
+        self.num_parameters = int(sum(selected[n].numel() for n in self.names))
+        self._params = {n: selected[n].detach() for n in self.names}
+
+    # -- vectors ---------------------------------------------------------------------------------------------
+    def parameters(self) -> dict[str, Tensor]:
+        """The current values :math:`\\theta` of the selected parameters (detached views, never to be edited)."""
+        return dict(self._params)
+
+    def parameter_vector(self) -> Tensor:
+        """:math:`\\theta` as one ``(P,)`` vector (a copy)."""
+        return self.flatten(self._params)
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """``{name: (*shape)}`` -> ``(P,)``, or ``{name: (k, *shape)}`` -> ``(P, k)`` (one column per vector)."""
+        first = tensors[self.names[0]]
+        batched = first.dim() == len(self.shapes[self.names[0]]) + 1
+        if batched:
+            k = first.shape[0]
+            return torch.cat([tensors[n].reshape(k, -1) for n in self.names], dim=1).T
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """``(P,)`` -> ``{name: (*shape)}``, or ``(P, k)`` -> ``{name: (k, *shape)}`` (the inverse of :meth:`flatten`)."""
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        if vector.shape[0] != self.num_parameters or vector.dim() not in (1, 2):
+            raise ValueError(f"expected ({self.num_parameters},) or ({self.num_parameters}, k), got {tuple(vector.shape)}")
+        if vector.dim() == 1:
+            return {n: c.view(s) for (n, s), c in zip(self.shapes.items(), torch.split(vector, sizes))}
+        rows = vector.T
+        return {n: c.reshape(rows.shape[0], *s) for (n, s), c in zip(self.shapes.items(), torch.split(rows, sizes, 1))}
+
+    def _split_params(self, params: Mapping[str, Tensor] | Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(variables, fixed)``: the selected parameters' values and every other tensor, ``params`` applied."""
+        if params is None:
+            return self._params, self._fixed
+        if isinstance(params, Tensor):
+            return self.unflatten(params.to(self.device, self.dtype)), self._fixed
+        unknown = [n for n in params if n not in self._params and n not in self._fixed]
+        if unknown:
+            raise KeyError(f"not parameters of the model: {', '.join(unknown[:5])}")
+        variables = {n: params.get(n, t) for n, t in self._params.items()}
+        fixed = {n: params.get(n, t) for n, t in self._fixed.items()}
+        return variables, fixed
+
+    def _batch(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        x = xb.to(self.device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        return x, yb.to(self.device, non_blocking=True)
+
+    def _batch_loss(self, variables: dict[str, Tensor], x: Tensor, y: Tensor, fixed: dict[str, Tensor] | None = None) -> Tensor:
+        tensors = {**(self._fixed if fixed is None else fixed), **variables}
+        # tie_weights=False: with the default, a module reachable under two names (GroupedMLP) keeps the passed
+        # tensors after the call (pytorch issue 164759); the shared module is swapped once either way.
+        return self.criterion(torch.func.functional_call(self.model, tensors, (x,), tie_weights=False), y)
+
+    def _weights(self) -> Iterator[tuple[float, Tensor, Tensor]]:
+        n = self.num_examples
+        for xb, yb in self.data.batches():
+            x, y = self._batch(xb, yb)
+            yield len(xb) / n, x, y
+
+    def _reached_parameters(self, variables: dict[str, Tensor]) -> set[str]:
+        leaves = {n: t.clone().requires_grad_(True) for n, t in variables.items()}
+        reached: set[str] = set()
+        with evaluation_mode(self.model), torch.enable_grad():
+            for _, x, y in self._weights():
+                loss = self._batch_loss(leaves, x, y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                reached.update(n for n, g in zip(leaves, grads) if g is not None)
+                if len(reached) == len(leaves):
+                    break
+        if self.data_parallel is not None:  # reached on any process's slice is reached on the whole set
+            mask = self._sum(torch.tensor([float(n in reached) for n in leaves], device=self.device))
+            reached = {n for n, hit in zip(leaves, mask.tolist()) if hit > 0}
+        return reached
+
+    def _sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes of a data-parallel evaluation set (unchanged for one process)."""
+        return tensor if self.data_parallel is None else self.data_parallel.all_reduce(tensor)
+
+    def _sum_scalars(self, *values: float) -> list[float]:
+        if self.data_parallel is None:
+            return list(values)
+        return self._sum(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    # -- values and gradients ---------------------------------------------------------------------------------
+    def loss(self, params: Mapping[str, Tensor] | Tensor | None = None) -> float:
+        """:math:`L(\\theta)` at the current parameters, or at ``params`` (a dict of some names, or a ``(P,)`` vector)."""
+        return self.evaluate(params)[0]
+
+    def evaluate(self, params: Mapping[str, Tensor] | Tensor | nn.Module | None = None) -> tuple[float, float]:
+        """``(mean loss, top-1 accuracy in %)`` over the evaluation set.
+
+        ``params`` is ``None`` (the model as given), a dict of parameter values (any subset of the model's
+        names, the rest kept), a ``(P,)`` vector of the selected parameters, or another module of the same
+        architecture evaluated with its own weights.
+        """
+        if isinstance(params, nn.Module):
+            total, correct = _evaluate_module(params, self.data, self.criterion, self.num_examples)
+            total, correct = self._sum_scalars(total, correct)
+            return total, 100.0 * correct / self.num_examples
+        variables, fixed = self._split_params(params)
+        full = {**fixed, **variables}
+        total, correct = 0.0, 0.0
+        with evaluation_mode(self.model, math_attention=False), torch.no_grad():
+            for w, x, y in self._weights():
+                outputs = torch.func.functional_call(self.model, full, (x,), tie_weights=False)
+                total += w * float(self.criterion(outputs, y))
+                correct += _num_correct(outputs, y)
+        total, correct = self._sum_scalars(total, correct)
+        return total, 100.0 * correct / self.num_examples
+
+    def loss_and_gradient(self, params: Mapping[str, Tensor] | Tensor | None = None) -> tuple[float, Tensor]:
+        """:math:`(L(\\theta), \\nabla L(\\theta))`, the gradient as a ``(P,)`` vector."""
+        variables, fixed = self._split_params(params)
+        grad_and_value = torch.func.grad_and_value(self._batch_loss)
+        total, gradient = 0.0, None
+        with evaluation_mode(self.model):
+            for w, x, y in self._weights():
+                g, value = grad_and_value(variables, x, y, fixed)
+                total += w * float(value)
+                gradient = _add_scaled(gradient, g, w)
+        return self._sum_scalars(total)[0], self._sum(self.flatten(gradient))
+
+    def gradient(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
+        """:math:`\\nabla L(\\theta)` as a ``(P,)`` vector."""
+        return self.loss_and_gradient(params)[1]
+
+    # -- Hessian-vector products -------------------------------------------------------------------------------
+    def hessian_vector_product(self, v: Tensor | Mapping[str, Tensor], *, vectors_per_pass: int | None = None
+                               ) -> Tensor | dict[str, Tensor]:
+        """:math:`H v` by forward-over-reverse differentiation, returned in the form ``v`` was given.
+
+        ``v`` may be ``(P,)``, ``(P, k)`` (``k`` vectors as columns, pushed through :func:`torch.func.vmap`
+        ``vectors_per_pass`` at a time, default :attr:`vectors_per_pass`) or a dict shaped like the parameters.
+        """
+        if isinstance(v, Mapping):
+            return self.unflatten(self.hessian_vector_product(self.flatten(v), vectors_per_pass=vectors_per_pass))
+        v = v.to(self.device, self.dtype)
+        if v.dim() == 1:
+            return self._hvp_columns(v[:, None])[:, 0]
+        step = vectors_per_pass or self.vectors_per_pass
+        return torch.cat([self._hvp_columns(v[:, i:i + step]) for i in range(0, v.shape[1], step)], dim=1)
+
+    def _hvp_columns(self, vectors: Tensor) -> Tensor:
+        """``(P, k)`` -> ``(P, k)``: one pass per batch, the primal computation shared by the ``k`` tangents."""
+        k = vectors.shape[1]
+        tangents = self.unflatten(vectors)  # {name: (k, *shape)}
+        result = None
+        with evaluation_mode(self.model):
+            for w, x, y in self._weights():
+                gradient = torch.func.grad(self._batch_loss)
+
+                def hvp(t: dict[str, Tensor]) -> dict[str, Tensor]:
+                    return torch.func.jvp(lambda p: gradient(p, x, y), (self._params,), (t,))[1]
+
+                if k == 1:
+                    hv = {n: t[None] for n, t in hvp({n: t[0] for n, t in tangents.items()}).items()}
+                else:
+                    hv = torch.func.vmap(hvp)(tangents)
+                result = _add_scaled(result, hv, w)
+        return self._sum(self.flatten(result))
+
+    def hessian_vector_product_double_backward(self, v: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """:math:`H v = \\nabla_\\theta (\\nabla_\\theta L^\\top v)` by reverse-over-reverse (double backward).
+
+        Slower than :meth:`hessian_vector_product` and kept as an independent cross-check. ``v`` is ``(P,)``,
+        ``(P, k)`` or a dict, and the result has the same form.
+        """
+        if isinstance(v, Mapping):
+            return self.unflatten(self.hessian_vector_product_double_backward(self.flatten(v)))
+        v = v.to(self.device, self.dtype)
+        if v.dim() == 2:
+            return torch.stack([self.hessian_vector_product_double_backward(v[:, i]) for i in range(v.shape[1])], 1)
+        tangent = self.unflatten(v)
+        result = None
+        with evaluation_mode(self.model), torch.enable_grad():
+            for w, x, y in self._weights():
+                leaves = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
+                loss = self._batch_loss(leaves, x, y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                dot = sum((g * tangent[n]).sum() for n, g in zip(leaves, grads))
+                hv = torch.autograd.grad(dot, list(leaves.values()))
+                result = _add_scaled(result, {n: h.detach() for n, h in zip(leaves, hv)}, w)
+        return self._sum(self.flatten(result))
+
+    def dense_hessian(self) -> Tensor:
+        """The full ``(P, P)`` Hessian from ``P`` Hessian-vector products with unit vectors (small models only)."""
+        eye = torch.eye(self.num_parameters, device=self.device, dtype=self.dtype)
+        return self.hessian_vector_product(eye, vectors_per_pass=max(self.vectors_per_pass, 128))
+
+    def hessian_operator(self) -> "HessianOperator":
+        return HessianOperator(self)
+
+
+def _parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in every]
+    if missing:
+        raise ConfigError(f"The model has no parameter named {', '.join(missing[:5])}.")
+    out: dict[str, nn.Parameter] = {}
+    for n in names:
+        p = every[n]
+        if p.requires_grad:
+            out.setdefault(canonical[id(p)], p)
+    return out
+
+
+def _add_scaled(total: dict[str, Tensor] | None, value: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    if total is None:
+        return {n: weight * t for n, t in value.items()}
+    return {n: total[n] + weight * t for n, t in value.items()}
+
+
+def _num_correct(outputs: Tensor, targets: Tensor) -> float:
+    if outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+        return float("nan")
+    return float((outputs.argmax(dim=1) == targets).sum())
+
+
+def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCriterion, num_examples: int
+                     ) -> tuple[float, float]:
+    """``(sum over batches of n_b / num_examples * mean loss, number correct)`` of ``model`` on ``data``."""
+    first = next(iter(model.parameters()))
+    total, correct = 0.0, 0.0
+    with evaluation_mode(model, math_attention=False), torch.no_grad():
+        for xb, yb in data.batches():
+            x = xb.to(first.device)
+            x = x.to(first.dtype) if x.is_floating_point() else x
+            y = yb.to(first.device)
+            outputs = model(x)
+            total += len(xb) / num_examples * float(criterion(outputs, y))
+            correct += _num_correct(outputs, y)
+    return total, correct
+
+
+# -- the Hessian as a linear operator ----------------------------------------------------------------------------
+class HessianOperator(LinearOperator):
+    """:math:`H = \\nabla^2 L(\\theta)` of a :class:`LossFunction`, as a symmetric ``(P, P)`` linear operator.
+
+    The scipy interface (``op @ x``, ``op.matvec``, ``op.matmat``, :func:`scipy.sparse.linalg.eigsh`) takes and
+    returns numpy arrays in the model's dtype (float32 or float64); :meth:`torch_matmat` and
+    :meth:`torch_matvec` stay on the model's device, for estimators written in torch. Each product is
+    counted in :attr:`num_matvecs` (one per column); ``callback(k)`` is called after each ``k``-column product,
+    e.g. to drive a progress bar.
+    """
+
+    def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None):
+        self.loss = loss
+        self.callback = callback
+        self.num_matvecs = 0
+        np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(loss.dtype)
+        if np_dtype is None:
+            raise LandscapeError(f"Hessians are computed in float32 or float64, not {loss.dtype}.")
+        super().__init__(dtype=np.dtype(np_dtype), shape=(loss.num_parameters, loss.num_parameters))
+
+    @property
+    def device(self) -> torch.device:
+        return self.loss.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.loss.dtype
+
+    def torch_matmat(self, vectors: Tensor) -> Tensor:
+        """``(P, k)`` -> ``(P, k)``: :math:`H V` on the model's device, in its dtype."""
+        out = self.loss.hessian_vector_product(vectors.to(self.device, self.torch_dtype))
+        self._count(vectors.shape[1])
+        return out
+
+    def torch_matvec(self, vector: Tensor) -> Tensor:
+        """``(P,)`` -> ``(P,)``: :math:`H v`."""
+        return self.torch_matmat(vector.reshape(-1, 1))[:, 0]
+
+    def _count(self, k: int) -> None:
+        self.num_matvecs += k
+        if self.callback is not None:
+            self.callback(k)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        vectors = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype))
+        return self.torch_matmat(vectors).cpu().numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
+        return self._matmat(X)
+
+    def _adjoint(self) -> "HessianOperator":
+        return self
+
+
+# -- evaluation data of a run -------------------------------------------------------------------------------------
+def analysis_data_for_run(
+    run: Any,
+    samples: int,
+    *,
+    seed: int = 0,
+    split: str = "train",
+    dataset: str | None = None,
+    data_dir: Any = None,
+    img_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The fixed evaluation set of a run: ``samples`` examples of its dataset, seeded, in a fixed order.
+
+    The dataset name and image size come from the run's ``config.yaml`` (``data.name``, ``data.img_size``)
+    unless ``dataset`` / ``img_size`` are given. Returns ``x`` float32 ``(N, C, H, W)`` normalised with the
+    evaluation transform and ``y`` int64 ``(N,)`` (:func:`landscape.data.analysis_subset`).
+    """
+    from landscape.data import analysis_subset
+    from landscape.runs import Run
+
+    run = run if isinstance(run, Run) else Run.open(run)
+    data = run.load_config().get("data") or {}
+    name = dataset or data.get("name")
+    if not name:
+        raise LandscapeError(
+            f"Run {run.root} does not say which dataset it was trained on (no data.name in config.yaml); "
+            "name the dataset explicitly."
+        )
+    if img_size is None and not dataset:
+        img_size = data.get("img_size")
+    return analysis_subset(name, samples, seed=seed, split=split, data_dir=data_dir, img_size=img_size)

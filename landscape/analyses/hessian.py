@@ -1,0 +1,923 @@
+"""Spectral estimators of a symmetric linear operator: extreme eigenvalues, trace and spectral density.
+
+The estimators know nothing of neural networks. Each takes an operator :math:`A \\in \\mathbb{R}^{n \\times n}`
+(symmetric) and a seed, and only multiplies :math:`A` by blocks of vectors:
+
+- :func:`top_eigenvalues`: the :math:`k` largest (and/or smallest) eigenpairs by thick-restart Lanczos with full
+  reorthogonalisation (Wu & Simon 2000), stopped on the Ritz residual :math:`\\|A y - \\theta y\\| \\le
+  \\text{tol}\\,|\\theta|`, which bounds the eigenvalue error: some eigenvalue lies within
+  :math:`\\text{tol}\\,|\\theta|` of :math:`\\theta` (and typically within :math:`\\|r\\|^2/\\text{gap}`).
+- :func:`hutchinson_trace` and :func:`hutch_plus_plus_trace`: :math:`\\operatorname{tr} A` with a standard error
+  (Hutchinson 1989; Meyer, Musco, Musco & Woodruff 2021).
+- :func:`spectral_density`: the eigenvalue density :math:`\\phi(t) = \\frac1n \\sum_i \\delta(t - \\lambda_i)`
+  by stochastic Lanczos quadrature, Gaussian-broadened (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
+
+An operator is any of: a :class:`~landscape.analyses.curvature.HessianOperator` (products stay in torch on its
+device), a dense torch tensor or numpy array, or any :class:`scipy.sparse.linalg.LinearOperator`. Every result
+reports how many matrix-vector products (``matvecs``) it cost.
+
+Memory. The Lanczos basis is an ``(m, n)`` tensor, by default in the operator's dtype on its device:
+``m`` is at most ``basis_size`` for :func:`top_eigenvalues` (about :math:`\\max(2w+8, 20)` for :math:`w` wanted
+eigenvalues; thick restarts keep it bounded whatever the number of iterations) and ``num_steps`` for each probe
+of :func:`spectral_density`. For ViT-B/16 (86M parameters) a 20-vector float32 basis is 6.9 GB. When that does not
+fit next to the model, pass ``basis_device="cpu"`` (each step then moves one vector to the host and back, the
+orthogonalisation runs on the CPU), or for the density ``reorthogonalize=False``: three vectors only, but the
+Lanczos vectors lose orthogonality, converged outliers reappear as "ghost" copies in the node list; the
+quadrature weights split between the copies, so moments and the broadened density stay usable while the node
+list no longer reads as distinct eigenvalues. Hutch++ holds four ``(n, s)`` blocks for a sketch of ``s`` vectors.
+
+PyHessian 0.1 computes the same three quantities with power iteration, Hutchinson's estimator and SLQ; its
+density calls ``torch.eig``, which PyTorch 2 removed, so only its eigenvalues and trace can be compared.
+
+The second half of this module applies the estimators to the loss Hessian of a model at every checkpoint of a
+run (:func:`hessian_analysis`, :func:`run_hessian_analysis`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from landscape.errors import ConfigError, LandscapeError
+
+Tensor = torch.Tensor
+WHICH = ("largest", "smallest", "both")
+
+
+# -- operators --------------------------------------------------------------------------------------------------
+@dataclass
+class TorchOperator:
+    """A symmetric ``(n, n)`` operator as torch sees it: ``matmat`` maps ``(n, k)`` to ``(n, k)`` on ``device``."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    matmat: Callable[[Tensor], Tensor]
+
+
+def as_torch_operator(op: Any) -> TorchOperator:
+    """Wrap a HessianOperator, a dense tensor/array or a scipy LinearOperator as a :class:`TorchOperator`."""
+    if isinstance(op, TorchOperator):
+        return op
+    if hasattr(op, "torch_matmat"):
+        return TorchOperator(tuple(op.shape), op.torch_dtype, torch.device(op.device), op.torch_matmat)
+    if isinstance(op, np.ndarray):
+        op = torch.from_numpy(op)
+    if isinstance(op, Tensor):
+        if op.dim() != 2 or op.shape[0] != op.shape[1]:
+            raise ValueError(f"a dense operator must be a square matrix, got shape {tuple(op.shape)}")
+        matrix = op if op.is_floating_point() else op.double()
+        return TorchOperator(tuple(matrix.shape), matrix.dtype, matrix.device, lambda v: matrix @ v.to(matrix.dtype))
+    if hasattr(op, "matmat") and hasattr(op, "shape"):
+        dtype = torch.float32 if np.dtype(op.dtype) == np.float32 else torch.float64
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+
+        def matmat(v: Tensor) -> Tensor:
+            out = op.matmat(v.detach().cpu().numpy().astype(np_dtype, copy=False))
+            return torch.from_numpy(np.asarray(out, dtype=np_dtype))
+
+        return TorchOperator(tuple(op.shape), dtype, torch.device("cpu"), matmat)
+    raise TypeError(f"cannot use a {type(op).__name__} as a linear operator")
+
+
+def random_probes(n: int, k: int, generator: torch.Generator, *, distribution: str = "rademacher",
+                  dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(n, k)`` probe vectors with :math:`E[z z^\\top] = I`: Rademacher (:math:`\\pm 1`) or standard Gaussian.
+
+    Drawn on the CPU from ``generator``, so a seed gives the same probes on every device.
+    """
+    if distribution == "rademacher":
+        return (torch.randint(0, 2, (n, k), generator=generator, dtype=torch.int8) * 2 - 1).to(dtype)
+    if distribution == "gaussian":
+        return torch.randn(n, k, generator=generator, dtype=torch.float64).to(dtype)
+    raise ConfigError(f"Unknown probe distribution {distribution!r}; accepted are rademacher and gaussian.")
+
+
+# -- extreme eigenvalues ------------------------------------------------------------------------------------------
+@dataclass
+class EigenResult:
+    """Extreme eigenpairs of a symmetric operator.
+
+    ``eigenvalues`` ``(w,)`` in decreasing order; ``eigenvectors`` ``(w, n)`` (unit norm, row ``i`` for
+    eigenvalue ``i``) or ``None``; ``residual_norms`` :math:`\\|A y_i - \\theta_i y_i\\|` ``(w,)``.
+    For ``which="both"`` the first ``k`` are the largest and the last ``k`` the smallest.
+    """
+
+    eigenvalues: np.ndarray
+    residual_norms: np.ndarray
+    matvecs: int
+    converged: bool
+    which: str
+    eigenvectors: Tensor | None = None
+
+    @property
+    def largest(self) -> np.ndarray:
+        """The largest eigenvalues, largest first."""
+        k = len(self.eigenvalues) // 2 if self.which == "both" else len(self.eigenvalues)
+        return self.eigenvalues[:k] if self.which != "smallest" else np.array([])
+
+    @property
+    def smallest(self) -> np.ndarray:
+        """The smallest eigenvalues, most negative first."""
+        k = len(self.eigenvalues) // 2 if self.which == "both" else len(self.eigenvalues)
+        return self.eigenvalues[::-1][:k] if self.which != "largest" else np.array([])
+
+
+def top_eigenvalues(
+    op: Any,
+    k: int = 5,
+    *,
+    which: str = "largest",
+    tol: float = 1e-3,
+    seed: int = 0,
+    block_size: int = 1,
+    max_matvecs: int | None = None,
+    basis_size: int | None = None,
+    return_eigenvectors: bool = False,
+    basis_device: str | torch.device | None = None,
+    basis_dtype: torch.dtype | None = None,
+) -> EigenResult:
+    """The ``k`` largest (``which="largest"``), smallest (``"smallest"``) or both (``"both"``, ``2k`` in all)
+    eigenvalues of a symmetric operator, by thick-restart (block) Lanczos with full reorthogonalisation.
+
+    Starting from ``block_size`` seeded Gaussian vectors, the Krylov basis :math:`V_m` (rows of an ``(m, n)``
+    tensor) grows by blocks :math:`W = A V_{\text{last}}`, orthogonalised twice against all of :math:`V_m`
+    (classical Gram-Schmidt, twice is enough) and orthonormalised (:math:`W = QR`). The projections fill
+    :math:`T_m = V_m^\top A V_m`; its eigenpairs :math:`(\theta_i, s_i)` give Ritz pairs :math:`(\theta_i, y_i =
+    V_m^\top s_i)` with residual :math:`\|A y_i - \theta_i y_i\| = \|R\, s_{i,\text{last}}\|`
+    (:math:`\beta_m |s_{m,i}|` for single vectors). The iteration stops when every wanted residual is below
+    ``tol`` :math:`\cdot |\theta_i|` (so each reported value is within a relative ``tol`` of an eigenvalue). When
+    the basis is full it restarts from the Ritz vectors nearest the wanted end (about half the basis) plus
+    the residual block.
+
+    ``block_size`` > 1 multiplies several vectors at once (a batched Hessian-vector product shares one primal
+    pass): more products in all than single-vector Lanczos, each cheaper, and robust to clustered eigenvalues.
+
+    Limitation (shared with every Krylov method): of an eigenvalue whose multiplicity exceeds the block size,
+    one copy per block is found per restart cycle; exactly repeated eigenvalues may be reported too few times.
+    """
+    if which not in WHICH:
+        raise ConfigError(f"Unknown eigenvalue selection {which!r}; accepted are {', '.join(WHICH)}.")
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    wanted = 2 * k if which == "both" else k
+    if k < 1 or wanted > n:
+        raise ConfigError(f"Cannot find {wanted} eigenvalues of a {n} x {n} operator; ask for between 1 and {n}.")
+    b = max(1, min(int(block_size), n))
+    m_max = min(n, basis_size or max(2 * wanted + 8, 20, wanted + 4 * b))
+    if m_max < n and m_max < wanted + b + 2:
+        raise ConfigError(f"The Lanczos basis ({m_max} vectors) must exceed the {wanted} eigenvalues wanted by "
+                          f"at least the block size ({b}) plus 2.")
+    max_matvecs = max_matvecs or max(50 * m_max, 1000)
+    bdtype = basis_dtype or A.dtype
+    bdevice = torch.device(basis_device) if basis_device is not None else A.device
+
+    generator = torch.Generator().manual_seed(int(seed))
+    V = torch.zeros(m_max, n, dtype=bdtype, device=bdevice)
+    T = torch.zeros(m_max, m_max, dtype=torch.float64)
+    start = torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=torch.float64)).Q
+    V[:b] = start.T.to(bdevice, bdtype)
+    size, applied, matvecs = b, 0, 0  # basis vectors; those whose products are in T; products computed
+    while True:
+        block = V[applied:size]
+        W = A.matmat(block.T.to(A.device, A.dtype)).T.to(bdevice, bdtype)  # (b', n)
+        matvecs += size - applied
+        coefficients = _orthogonalize_rows(W, V[:size]).double().cpu()  # (size, b')
+        T[:size, applied:size] = coefficients
+        T[applied:size, :size] = coefficients.T
+        applied = size
+        theta, S = torch.linalg.eigh(T[:size, :size])
+        Q, R = torch.linalg.qr(W.T)  # residual block W = (Q R)^T
+        residuals = torch.linalg.norm(R.double().cpu() @ S[size - len(W):], dim=0)
+        idx = _wanted(theta, k, which)
+        anorm = float(theta.abs().max())
+        scale = torch.clamp(theta[idx].abs(), min=1e-12 * max(anorm, 1e-300))
+        done = bool((residuals[idx] <= tol * scale).all()) and size >= min(n, wanted)
+        if done or size == n or matvecs >= max_matvecs:
+            break
+        if size + min(b, n - size) > m_max:  # thick restart: keep the Ritz vectors nearest the wanted end
+            keep = _kept(theta, wanted, which, m_max, b)
+            Y = S[:, keep].T.to(bdevice, bdtype) @ V[:size]
+            V.zero_()
+            T.zero_()
+            V[: len(keep)] = Y
+            T[range(len(keep)), range(len(keep))] = theta[keep]
+            size = applied = len(keep)
+        new = Q.T[: min(b, n - size)].to(bdevice, bdtype)
+        deficient = R.diagonal().abs()[: len(new)] <= 1e-12 * max(anorm, 1e-300)
+        for row in torch.nonzero(deficient).flatten().tolist():  # invariant subspace: continue in a fresh direction
+            fresh = torch.randn(1, n, generator=generator, dtype=torch.float64).to(bdevice, bdtype)
+            _orthogonalize_rows(fresh, torch.cat([V[:size], new[:row]]))
+            new[row] = fresh[0] / fresh.norm()
+        V[size:size + len(new)] = new
+        size += len(new)
+
+    vectors = None
+    if return_eigenvectors:
+        vectors = S[:, idx].T.to(bdevice, bdtype) @ V[:size]
+    return EigenResult(
+        eigenvalues=theta[idx].numpy(),
+        residual_norms=residuals[idx].numpy(),
+        matvecs=matvecs,
+        converged=done,
+        which=which,
+        eigenvectors=vectors,
+    )
+
+
+def _orthogonalize_rows(W: Tensor, basis: Tensor) -> Tensor:
+    """Remove from the rows of ``W`` (in place) their components along the orthonormal rows of ``basis``;
+    return the coefficients ``(len(basis), len(W))``."""
+    h = basis @ W.T
+    W -= h.T @ basis
+    h2 = basis @ W.T
+    W -= h2.T @ basis
+    return h + h2
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from ``w`` (in place) its components along the orthonormal rows of ``basis``; return them."""
+    h = basis @ w
+    w -= basis.T @ h
+    h2 = basis @ w
+    w -= basis.T @ h2
+    return h + h2
+
+
+def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the wanted Ritz values (``theta`` ascending), in decreasing order of value."""
+    m = len(theta)
+    top = torch.arange(m - 1, max(m - 1 - k, -1), -1)
+    bottom = torch.arange(min(k, m) - 1, -1, -1)
+    if which == "largest":
+        return top
+    if which == "smallest":
+        return bottom
+    return torch.cat([top, bottom[(bottom < m - k)]]) if m >= 2 * k else torch.arange(m - 1, -1, -1)
+
+
+def _kept(theta: Tensor, wanted: int, which: str, m_max: int, block: int) -> Tensor:
+    """Ritz vectors kept at a restart: the wanted ones and about as many again nearest them, leaving room for
+    at least two more blocks."""
+    m = len(theta)
+    p = max(wanted, min(m_max - 2 * block, max(wanted + 1, (wanted + m_max) // 2)))
+    if which == "largest":
+        return torch.arange(m - p, m)
+    if which == "smallest":
+        return torch.arange(0, p)
+    low = p // 2
+    return torch.cat([torch.arange(0, low), torch.arange(m - (p - low), m)])
+
+
+# -- trace --------------------------------------------------------------------------------------------------------
+@dataclass
+class TraceEstimate:
+    """An unbiased trace estimate with its standard error (the standard deviation of the sample mean).
+
+    ``samples`` are the terms :math:`z^\\top A z` averaged by the estimator (for Hutch++: of the deflated
+    operator :math:`(I - QQ^\\top) A (I - QQ^\\top)`); ``low_rank_part`` is :math:`\\operatorname{tr}(Q^\\top A Q)`
+    for Hutch++ and 0 for Hutchinson.
+    """
+
+    estimate: float
+    standard_error: float
+    matvecs: int
+    samples: np.ndarray
+    low_rank_part: float = 0.0
+    method: str = "hutchinson"
+
+
+def hutchinson_trace(
+    op: Any,
+    num_matvecs: int = 100,
+    *,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    block_size: int = 16,
+    target_standard_error: float | None = None,
+) -> TraceEstimate:
+    """Hutchinson's estimator :math:`\\operatorname{tr} A \\approx \\frac1m \\sum_{i=1}^m z_i^\\top A z_i`.
+
+    With Rademacher probes the variance of one term is :math:`2 (\\|A\\|_F^2 - \\sum_i A_{ii}^2)`. The standard
+    error is the sample standard deviation of the terms over :math:`\\sqrt m`. Probes are multiplied
+    ``block_size`` at a time; with ``target_standard_error`` the estimator stops after the first block at which
+    the standard error is below it (at least 10 samples), else after ``num_matvecs`` products.
+    """
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    samples: list[float] = []
+    while len(samples) < num_matvecs:
+        b = min(block_size, num_matvecs - len(samples))
+        Z = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype).to(A.device)
+        samples.extend((Z * A.matmat(Z)).sum(0).double().cpu().tolist())
+        if target_standard_error is not None and len(samples) >= 10:
+            if _standard_error(samples) <= target_standard_error:
+                break
+    values = np.asarray(samples)
+    return TraceEstimate(float(values.mean()), _standard_error(samples), len(samples), values, 0.0, "hutchinson")
+
+
+def hutch_plus_plus_trace(
+    op: Any,
+    num_matvecs: int = 99,
+    *,
+    seed: int = 0,
+    sketch_size: int | None = None,
+    distribution: str = "rademacher",
+    block_size: int = 16,
+    target_standard_error: float | None = None,
+) -> TraceEstimate:
+    """Hutch++: the trace of a low-rank sketch exactly, Hutchinson's estimator on the rest.
+
+    With :math:`s` = ``sketch_size`` (default ``num_matvecs // 3``): :math:`Q = \\operatorname{orth}(A S)` for
+    an ``(n, s)`` probe block :math:`S`, then
+
+    .. math::  \\operatorname{tr} A \\approx \\operatorname{tr}(Q^\\top A Q)
+               + \\frac1m \\sum_{i=1}^m g_i^\\top (I - QQ^\\top) A (I - QQ^\\top) g_i,
+
+    with :math:`m` = ``num_matvecs`` :math:`- 2s` fresh probes. For a spectrum dominated by a few large
+    eigenvalues (a loss Hessian) the deflated operator's Frobenius norm, hence the variance, is much smaller
+    than Hutchinson's; for a flat spectrum Hutchinson's three times as many samples win. The standard error
+    is that of the second term given :math:`Q` (0 when the sketch spans the whole space and the trace is
+    exact). ``target_standard_error`` stops the second phase early as in :func:`hutchinson_trace`; give
+    ``sketch_size`` with it, since the default sketch is a third of the whole budget.
+    """
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    s = sketch_size if sketch_size is not None else num_matvecs // 3
+    s = max(1, min(s, n, (num_matvecs - 2) // 2))
+    if num_matvecs < 2 * s + 2:
+        raise ConfigError(f"Hutch++ needs at least 4 matrix-vector products, not {num_matvecs}.")
+    generator = torch.Generator().manual_seed(int(seed))
+    S = random_probes(n, s, generator, distribution=distribution, dtype=A.dtype).to(A.device)
+    Q = torch.linalg.qr(_blocks(A, S, block_size)).Q
+    low_rank = float(torch.sum(Q * _blocks(A, Q, block_size)).double())
+    if s == n:  # the sketch spans everything: the trace is exact
+        return TraceEstimate(low_rank, 0.0, 2 * s, np.zeros(0), low_rank, "hutch++")
+    samples: list[float] = []
+    budget = num_matvecs - 2 * s
+    while len(samples) < budget:
+        b = min(block_size, budget - len(samples))
+        G = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype).to(A.device)
+        G = G - Q @ (Q.T @ G)
+        samples.extend((G * A.matmat(G)).sum(0).double().cpu().tolist())
+        if target_standard_error is not None and len(samples) >= 10:
+            if _standard_error(samples) <= target_standard_error:
+                break
+    values = np.asarray(samples)
+    estimate = low_rank + float(values.mean())
+    return TraceEstimate(estimate, _standard_error(samples), 2 * s + len(samples), values, low_rank, "hutch++")
+
+
+def _blocks(A: TorchOperator, X: Tensor, block_size: int) -> Tensor:
+    return torch.cat([A.matmat(X[:, i:i + block_size]) for i in range(0, X.shape[1], block_size)], dim=1)
+
+
+def _standard_error(samples: list[float]) -> float:
+    if len(samples) < 2:
+        return float("nan")
+    return float(np.std(samples, ddof=1) / math.sqrt(len(samples)))
+
+
+# -- spectral density ---------------------------------------------------------------------------------------------
+def lanczos_tridiagonal(
+    op: Any,
+    start: Tensor,
+    num_steps: int,
+    *,
+    reorthogonalize: bool = True,
+    basis_device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``num_steps`` Lanczos steps from ``start``: the diagonal :math:`\\alpha` ``(m,)`` and off-diagonal
+    :math:`\\beta` ``(m-1,)`` of :math:`T_m = V_m^\\top A V_m`, :math:`v_1 = z/\\|z\\|`.
+
+    Stops early (``m < num_steps``) when the Krylov space is exhausted (:math:`\\beta` vanishes). With
+    ``reorthogonalize`` every new vector is orthogonalised against the whole ``(m, n)`` basis; without, only
+    the three-term recurrence is kept (memory :math:`O(n)`, see the module notes on ghost eigenvalues).
+    """
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    num_steps = min(num_steps, n)
+    bdevice = torch.device(basis_device) if basis_device is not None else A.device
+    v = start.to(bdevice, A.dtype).reshape(-1)
+    v = v / v.norm()
+    basis = torch.zeros(num_steps, n, dtype=A.dtype, device=bdevice) if reorthogonalize else None
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous, beta = None, 0.0
+    for j in range(num_steps):
+        if basis is not None:
+            basis[j] = v
+        w = A.matmat(v.to(A.device)[:, None])[:, 0].to(bdevice)
+        alpha = float(torch.dot(w, v))
+        alphas.append(alpha)
+        w = w - alpha * v - (beta * previous if previous is not None else 0.0)
+        if basis is not None:
+            _orthogonalize(w, basis[: j + 1])
+        beta = float(w.norm())
+        if j == num_steps - 1 or beta <= 1e-10 * max(abs(a) for a in alphas) * math.sqrt(n) or beta == 0.0:
+            break
+        betas.append(beta)
+        previous, v = v, w / beta
+    return np.asarray(alphas), np.asarray(betas[: len(alphas) - 1])
+
+
+def gauss_quadrature(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of the Gauss quadrature of a Lanczos run: the eigenvalues :math:`\\theta_j` of
+    :math:`T_m` and the squared first components :math:`\\tau_j = (e_1^\\top s_j)^2` of its eigenvectors.
+
+    For the start vector :math:`v`, :math:`\\sum_j \\tau_j \\theta_j^p = v^\\top A^p v / v^\\top v` exactly for
+    :math:`p \\le 2m - 1`; the weights sum to 1.
+    """
+    T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+    nodes, vectors = np.linalg.eigh(T)
+    return nodes, vectors[0] ** 2
+
+
+@dataclass
+class SpectralDensity:
+    """A broadened spectral density and the quadrature it was made from.
+
+    ``grid`` ``(G,)`` eigenvalues and ``density`` ``(G,)`` values of :math:`\\hat\\phi` (integrating to 1 over the
+    grid); ``nodes``/``weights`` ``(probes, steps)`` (NaN-padded when a run stopped early); ``sigma`` the
+    Gaussian width in the grid's coordinate (:math:`t` for ``scale="linear"``, :math:`\\operatorname{asinh}(t /
+    \\lambda_0)` for ``"symlog"``, :math:`\\lambda_0` = ``linthresh``).
+    """
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    sigma: float
+    scale: str
+    linthresh: float
+    matvecs: int
+
+    def moment(self, p: int) -> float:
+        """:math:`\\frac1n \\operatorname{tr} A^p` estimated from the quadrature (before broadening)."""
+        valid = ~np.isnan(self.nodes)
+        per_probe = np.where(valid, np.nan_to_num(self.weights) * np.nan_to_num(self.nodes) ** p, 0.0).sum(1)
+        return float(per_probe.mean())
+
+
+def spectral_density(
+    op: Any,
+    num_probes: int = 4,
+    num_steps: int = 80,
+    *,
+    seed: int = 0,
+    grid: np.ndarray | None = None,
+    grid_size: int = 1000,
+    sigma: float | None = None,
+    scale: str = "linear",
+    linthresh: float | None = None,
+    distribution: str = "rademacher",
+    reorthogonalize: bool = True,
+    basis_device: str | torch.device | None = None,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature: :math:`\\hat\\phi(t) = \\frac{1}{n_v} \\sum_{l=1}^{n_v} \\sum_{j=1}^{m}
+    \\tau_j^{(l)} \\, g_\\sigma(t - \\theta_j^{(l)})`, one Lanczos run of ``num_steps`` per probe.
+
+    Each probe's Gauss quadrature approximates :math:`z^\\top f(A) z / z^\\top z`, whose expectation is
+    :math:`\\frac1n \\operatorname{tr} f(A)`. Broadening (:func:`broadened_density`) is Gaussian in the grid
+    coordinate: ``scale="linear"`` is the usual picture; ``scale="symlog"`` broadens in
+    :math:`u = \\operatorname{asinh}(t/\\lambda_0)`, a width proportional to :math:`|t|` beyond
+    :math:`\\lambda_0` (default :math:`10^{-3} \\max|\\theta|`), so the bulk near zero and the outliers are both
+    resolved and the density reads well on log axes. The default grid spans the nodes plus 6 widths in that
+    coordinate; ``sigma`` defaults to 1% of the nodes' span in it.
+    """
+    if scale not in ("linear", "symlog"):
+        raise ConfigError(f"Unknown density scale {scale!r}; accepted are linear and symlog.")
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    steps = min(num_steps, n)
+    nodes = np.full((num_probes, steps), np.nan)
+    weights = np.full((num_probes, steps), np.nan)
+    matvecs = 0
+    for probe in range(num_probes):
+        z = random_probes(n, 1, generator, distribution=distribution, dtype=torch.float64)[:, 0]
+        alpha, beta = lanczos_tridiagonal(A, z, steps, reorthogonalize=reorthogonalize, basis_device=basis_device)
+        matvecs += len(alpha)
+        theta, tau = gauss_quadrature(alpha, beta)
+        nodes[probe, : len(theta)] = theta
+        weights[probe, : len(tau)] = tau
+    finite = nodes[~np.isnan(nodes)]
+    if linthresh is None:
+        linthresh = 1e-3 * float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    if grid is None:
+        u = _to_coordinate(finite, scale, linthresh)
+        span = float(u.max() - u.min())
+        if sigma is None:
+            sigma = 0.01 * span if span > 0 else 1e-3 * max(1.0, float(np.abs(u).max()))
+        u_grid = np.linspace(u.min() - 6 * sigma, u.max() + 6 * sigma, grid_size)
+        grid = _from_coordinate(u_grid, scale, linthresh)
+    elif sigma is None:
+        u = _to_coordinate(np.asarray(grid, dtype=float), scale, linthresh)
+        sigma = 0.01 * float(u.max() - u.min())
+    grid = np.asarray(grid, dtype=float)
+    density = broadened_density(nodes, weights, grid, sigma, scale=scale, linthresh=linthresh)
+    return SpectralDensity(grid, density, nodes, weights, float(sigma), scale, float(linthresh), matvecs)
+
+
+def broadened_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray, sigma: float, *,
+                      scale: str = "linear", linthresh: float = 1.0) -> np.ndarray:
+    """:math:`\\hat\\phi` on ``grid`` from quadrature ``nodes``/``weights`` ``(probes, steps)`` (NaN entries ignored).
+
+    In the coordinate :math:`u(t)` (:math:`t`, or :math:`\\operatorname{asinh}(t/\\lambda_0)`) each node is a
+    Gaussian of width ``sigma``; the density in :math:`t` carries the Jacobian :math:`u'(t)`, so it integrates
+    to (the probes' mean of) the weights' sum, 1, over any grid that covers the nodes with a few widths to spare.
+    Use it to put several checkpoints on one common grid.
+    """
+    nodes = np.atleast_2d(np.asarray(nodes, dtype=float))
+    weights = np.atleast_2d(np.asarray(weights, dtype=float))
+    valid = ~(np.isnan(nodes) | np.isnan(weights))
+    theta = _to_coordinate(nodes[valid], scale, linthresh)
+    tau = weights[valid] / nodes.shape[0]
+    u = _to_coordinate(np.asarray(grid, dtype=float), scale, linthresh)
+    out = np.zeros_like(u)
+    for start in range(0, len(theta), 256):  # bounded (grid x nodes) temporaries
+        diff = (u[:, None] - theta[None, start:start + 256]) / sigma
+        out += (np.exp(-0.5 * diff**2) * tau[None, start:start + 256]).sum(1)
+    out /= sigma * math.sqrt(2 * math.pi)
+    if scale == "symlog":
+        out /= np.sqrt(np.asarray(grid, dtype=float) ** 2 + linthresh**2)
+    return out
+
+
+def _to_coordinate(t: np.ndarray, scale: str, linthresh: float) -> np.ndarray:
+    return np.arcsinh(t / linthresh) if scale == "symlog" else np.asarray(t, dtype=float)
+
+
+def _from_coordinate(u: np.ndarray, scale: str, linthresh: float) -> np.ndarray:
+    return linthresh * np.sinh(u) if scale == "symlog" else u
+
+
+# == the Hessian analysis of a run ================================================================================
+@dataclass
+class HessianSettings:
+    """What ``landscape analyze hessian`` measures at each checkpoint, and on which data.
+
+    The loss is the mean cross-entropy over ``samples`` examples of the run's dataset (``dataset``/``split``;
+    chosen with ``seed``), in ``dtype``. The Hessian is taken with respect to the parameters matching
+    ``params`` (:func:`~landscape.analyses.curvature.parameters_by_pattern`; all when ``None``).
+
+    - eigenvalues: ``top_k`` of each end asked for by ``which`` (largest, smallest, both) to relative
+      residual ``tol`` (:func:`top_eigenvalues`); ``top_k=0`` skips them;
+    - trace (``trace``): Hutch++ with ``trace_matvecs`` products;
+    - density (``density``): SLQ with ``density_probes`` runs of ``density_steps`` steps, on ``density_grid_size``
+      points, ``density_scale`` linear or symlog.
+
+    ``batch_size`` and ``vectors_per_pass`` trade memory for speed only.
+    """
+
+    top_k: int = 5
+    which: str = "largest"
+    tol: float = 1e-3
+    trace: bool = False
+    trace_matvecs: int = 99
+    density: bool = False
+    density_probes: int = 4
+    density_steps: int = 80
+    density_grid_size: int = 1000
+    density_scale: str = "linear"
+    samples: int = 512
+    split: str = "train"
+    dataset: str | None = None
+    params: str | None = None
+    weights: str = "raw"
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 256
+    vectors_per_pass: int = 16
+
+    RUNTIME_ONLY = ("batch_size", "vectors_per_pass")
+
+    def validate(self) -> None:
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be 0 or more, not {self.top_k}.")
+        if self.top_k == 0 and not self.trace and not self.density:
+            raise ConfigError("Nothing to compute: ask for eigenvalues (--top-k 1 or more), --trace or --density.")
+        if self.which not in WHICH:
+            raise ConfigError(f"Unknown eigenvalue selection {self.which!r}; accepted are {', '.join(WHICH)}.")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
+        if self.weights not in ("raw", "ema"):
+            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
+        if self.density_scale not in ("linear", "symlog"):
+            raise ConfigError(f"Unknown density scale {self.density_scale!r}; accepted are linear and symlog.")
+
+    def determining(self) -> dict[str, Any]:
+        """The settings that determine the numbers (stored in the results and compared on a re-run)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+
+
+def hessian_analysis(
+    model: torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    settings: HessianSettings | None = None,
+    *,
+    callback: Callable[[int], Any] | None = None,
+    return_eigenvectors: bool = False,
+    world: Any = None,
+):
+    """The Hessian measurements of ``settings`` for one model on the evaluation set ``(x, y)``.
+
+    With ``world`` (a :class:`~landscape.trainers.distributed.Distributed` of several processes, each calling this
+    with the same model, data and settings) the evaluation set is split across the processes and every product is
+    summed over them (:mod:`landscape.analyses.distributed`); every process returns the same results.
+
+    Returns an :class:`xarray.Dataset` without a checkpoint dimension (variables below), and, with
+    ``return_eigenvectors``, a dict ``{"largest"|"smallest": (k, P) tensor}`` plus the parameter shapes:
+    ``(dataset, eigenvectors, shapes)``.
+
+    Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters``;
+    ``eigenvalue_largest`` / ``eigenvalue_smallest`` ``(k)`` (k = 1 is the extreme one) with
+    ``..._residual``, ``eigenvalue_matvecs``, ``eigenvalue_converged``; ``trace``, ``trace_standard_error``,
+    ``trace_matvecs``; ``density`` and its abscissae ``density_eigenvalue`` ``(grid)``, the quadrature
+    ``density_nodes``/``density_weights`` ``(probe, lanczos_step)``, ``density_sigma``, ``density_matvecs``;
+    ``seconds``.
+    """
+    import xarray as xr
+
+    from landscape.analyses.curvature import HessianOperator, LossFunction
+    from landscape.analyses.distributed import split_evaluation_set
+
+    settings = settings or HessianSettings()
+    settings.validate()
+    started = time.perf_counter()
+    x, y, data_parallel = split_evaluation_set(x, y, world)
+    loss_fn = LossFunction(model, x, y, batch_size=settings.batch_size, params=settings.params,
+                           vectors_per_pass=settings.vectors_per_pass, data_parallel=data_parallel)
+    op = HessianOperator(loss_fn, callback=callback)
+    loss, top1 = loss_fn.evaluate()
+    gradient = loss_fn.gradient()
+    data: dict[str, Any] = {
+        "loss": ((), loss, {"long_name": "mean loss on the evaluation set", "units": "nats"}),
+        "top1": ((), top1, {"long_name": "top-1 accuracy on the evaluation set", "units": "%"}),
+        "gradient_norm": ((), float(gradient.norm()), {"long_name": "Euclidean norm of the loss gradient"}),
+        "num_parameters": ((), loss_fn.num_parameters, {"long_name": "parameters the Hessian is taken over"}),
+    }
+    coords: dict[str, Any] = {}
+    vectors: dict[str, Tensor] = {}
+    if settings.top_k > 0:
+        result = top_eigenvalues(op, settings.top_k, which=settings.which, tol=settings.tol, seed=settings.seed,
+                                 return_eigenvectors=return_eigenvectors)
+        coords["k"] = np.arange(1, settings.top_k + 1)
+        k = settings.top_k
+        if settings.which in ("largest", "both"):
+            data["eigenvalue_largest"] = (("k",), result.eigenvalues[:k],
+                                          {"long_name": "largest Hessian eigenvalues, largest first"})
+            data["eigenvalue_largest_residual"] = (("k",), result.residual_norms[:k],
+                                                   {"long_name": "Ritz residual norm of each largest eigenvalue"})
+            if return_eigenvectors:
+                vectors["largest"] = result.eigenvectors[:k]
+        if settings.which in ("smallest", "both"):
+            data["eigenvalue_smallest"] = (("k",), result.eigenvalues[::-1][:k].copy(),
+                                           {"long_name": "smallest Hessian eigenvalues, most negative first"})
+            data["eigenvalue_smallest_residual"] = (("k",), result.residual_norms[::-1][:k].copy(),
+                                                    {"long_name": "Ritz residual norm of each smallest eigenvalue"})
+            if return_eigenvectors:
+                vectors["smallest"] = result.eigenvectors.flip(0)[:k]
+        data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
+        data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every residual met tol"})
+    if settings.trace:
+        trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
+                                      block_size=settings.vectors_per_pass)
+        data["trace"] = ((), trace.estimate, {"long_name": "Hessian trace (Hutch++)"})
+        data["trace_standard_error"] = ((), trace.standard_error, {"long_name": "standard error of the trace"})
+        data["trace_matvecs"] = ((), trace.matvecs, {"long_name": "Hessian-vector products for the trace"})
+    if settings.density:
+        density = spectral_density(op, settings.density_probes, settings.density_steps, seed=settings.seed,
+                                   grid_size=settings.density_grid_size, scale=settings.density_scale)
+        coords["probe"] = np.arange(settings.density_probes)
+        coords["lanczos_step"] = np.arange(density.nodes.shape[1])
+        coords["grid"] = np.arange(len(density.grid))
+        data["density"] = (("grid",), density.density, {"long_name": "spectral density (SLQ, Gaussian broadening)"})
+        data["density_eigenvalue"] = (("grid",), density.grid, {"long_name": "eigenvalue at each grid point"})
+        data["density_nodes"] = (("probe", "lanczos_step"), density.nodes, {"long_name": "Gauss quadrature nodes"})
+        data["density_weights"] = (("probe", "lanczos_step"), density.weights,
+                                   {"long_name": "Gauss quadrature weights (each probe's sum to 1)"})
+        data["density_sigma"] = ((), density.sigma, {"long_name": "Gaussian width in the grid coordinate"})
+        data["density_linthresh"] = ((), density.linthresh, {"long_name": "linear threshold of the symlog scale"})
+        data["density_matvecs"] = ((), density.matvecs, {"long_name": "Hessian-vector products for the density"})
+    data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
+    ds = xr.Dataset(data, coords=coords)
+    if return_eigenvectors:
+        return ds, vectors, dict(loss_fn.shapes)
+    return ds
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    want = str(device or "auto").lower()
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
+    try:
+        return torch.device(want)
+    except RuntimeError:
+        raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda and cuda:K.") from None
+
+
+def eigenvectors_path(run: Any, checkpoint_name: str) -> Path:
+    """``RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors``."""
+    return Path(run.analysis_dir) / "hessian-eigenvectors" / f"{checkpoint_name}.safetensors"
+
+
+def save_eigenvectors(path: str | Path, vectors: dict[str, Tensor], eigenvalues: dict[str, np.ndarray],
+                      shapes: dict[str, tuple[int, ...]], *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write Hessian eigenvectors for later use as directions, atomically.
+
+    Layout of the safetensors file: one tensor per end, ``"largest"`` and/or ``"smallest"``, of shape
+    ``(k, P)`` in the analysis dtype, row ``i`` the unit eigenvector of the ``i``-th eigenvalue from that end.
+    Header metadata (JSON strings): ``eigenvalues`` ``{"largest": [...], "smallest": [...]}``, ``parameters``
+    ``[[name, shape], ...]`` giving the order and shapes in which the ``P`` entries split into parameter
+    tensors (the names are the model's state-dict names), plus ``metadata`` (checkpoint, step, settings).
+    """
+    from safetensors.torch import save_file
+
+    from landscape.config import atomic_write
+
+    tensors = {end: v.detach().to("cpu").contiguous() for end, v in vectors.items()}
+    meta = {
+        "format": "landscape-hessian-eigenvectors/1",
+        "eigenvalues": json.dumps({end: [float(e) for e in values] for end, values in eigenvalues.items()}),
+        "parameters": json.dumps([[n, list(s)] for n, s in shapes.items()]),
+    }
+    meta.update({k: json.dumps(v, default=str) for k, v in (metadata or {}).items()})
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+@dataclass
+class HessianEigenvectors:
+    """Eigenvectors read back by :func:`load_eigenvectors`: ``vectors[end]`` ``(k, P)``, ``eigenvalues[end]`` ``(k,)``."""
+
+    vectors: dict[str, Tensor]
+    eigenvalues: dict[str, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def direction(self, index: int = 0, end: str = "largest") -> dict[str, Tensor]:
+        """Eigenvector ``index`` (0: the extreme one) of ``end`` as ``{parameter name: tensor}``."""
+        from landscape.analyses.curvature import unflatten_vector
+
+        if end not in self.vectors:
+            raise LandscapeError(f"No {end} eigenvectors were saved; saved are {', '.join(self.vectors)}.")
+        return {n: t.clone() for n, t in unflatten_vector(self.vectors[end][index], self.shapes).items()}
+
+
+def load_eigenvectors(path: str | Path) -> HessianEigenvectors:
+    """Read a file written by :func:`save_eigenvectors` (safetensors: no code is executed)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise LandscapeError(
+            f"{path} does not exist; compute it with 'landscape analyze hessian RUN --save-eigenvectors'."
+        )
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        vectors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != "landscape-hessian-eigenvectors/1":
+        raise LandscapeError(f"{path} is not a Hessian eigenvector file.")
+    eigenvalues = {k: np.asarray(v) for k, v in json.loads(meta["eigenvalues"]).items()}
+    shapes = {n: tuple(s) for n, s in json.loads(meta["parameters"])}
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "eigenvalues", "parameters")}
+    return HessianEigenvectors(vectors, eigenvalues, shapes, extra)
+
+
+def run_hessian_analysis(
+    run: Any,
+    settings: HessianSettings | None = None,
+    *,
+    checkpoints: str = "all",
+    force: bool = False,
+    data_dir: Any = None,
+    device: str | torch.device | None = None,
+    save_eigenvectors_to_disk: bool = False,
+    progress: bool = False,
+    shard: str | None = None,
+):
+    """Measure the Hessian at the selected checkpoints of ``run``; results in ``RUN/analysis/hessian.nc``.
+
+    Checkpoints already in the file (with the same settings) are skipped unless ``force``; each finished
+    checkpoint is written at once, so an interruption loses at most the one in progress. With
+    ``save_eigenvectors_to_disk`` the eigenvectors go to :func:`eigenvectors_path` (see
+    :func:`save_eigenvectors` for the layout). Returns the whole Dataset of the file.
+
+    Under ``torchrun`` (:mod:`landscape.analyses.distributed`) the processes split the evaluation set of each
+    checkpoint, or with ``shard="checkpoints"`` take whole checkpoints each (each writing the eigenvectors of its
+    own); only the first process writes the results file, and the others return ``None``.
+    """
+    from landscape.analyses import distributed
+    from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.results import AnalysisResults
+    from landscape.checkpoints import build_model, load_checkpoint
+    from landscape.runs import Run
+
+    run = run if isinstance(run, Run) else Run.open(run)
+    settings = settings or HessianSettings()
+    settings.validate()
+    if save_eigenvectors_to_disk and settings.top_k == 0:
+        raise ConfigError("Saving eigenvectors needs eigenvalues: give --top-k 1 or more.")
+    shard = distributed.check_shard(shard, ("checkpoints",), "hessian")
+    world, torch_device = distributed.join(device)
+    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+    infos = run.select_checkpoints(checkpoints)
+    results = None
+
+    def done(info) -> bool:
+        if not results.is_finished(info.name):
+            return False
+        return not save_eigenvectors_to_disk or eigenvectors_path(run, info.name).exists()
+
+    def plan() -> list[str]:  # the first process alone reads (and later writes) the results file
+        nonlocal results
+        results = AnalysisResults(run.analysis_path("hessian"), "hessian", settings.determining(), settings.seed,
+                                  force=force)
+        results.attrs.update(distributed.processes_attrs(world, shard))
+        return [info.name for info in infos if not done(info)]
+
+    names = set(distributed.on_main(plan, world))
+    todo = [info for info in infos if info.name in names]
+    if not todo:
+        return results.dataset if results is not None else None
+    x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
+                                 dataset=settings.dataset, data_dir=data_dir)
+
+    def compute(info):
+        _, state = load_checkpoint(info.path, weights=settings.weights)
+        model = build_model(info, state).to(device=torch_device, dtype=dtype)
+        bar = _progress_bar(info.name, progress and world.is_main)
+        try:
+            out = hessian_analysis(model, x, y, settings, callback=bar.update if bar else None,
+                                   return_eigenvectors=save_eigenvectors_to_disk, world=None if shard else world)
+        finally:
+            if bar:
+                bar.close()
+        if not save_eigenvectors_to_disk:
+            return out
+        ds, vectors, shapes = out
+        if shard or world.is_main:
+            eigenvalues = {end: ds[f"eigenvalue_{end}"].values for end in vectors}
+            save_eigenvectors(eigenvectors_path(run, info.name), vectors, eigenvalues, shapes, metadata={
+                "checkpoint": info.name, "epoch": info.epoch, "step": info.step, "settings": settings.determining(),
+            })
+        return ds
+
+    def write(info, ds) -> None:
+        results.append(ds, name=info.name, epoch=info.epoch, step=info.step)
+
+    distributed.for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints")
+    return results.dataset if results is not None else None
+
+
+def _progress_bar(name: str, enabled: bool):
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"{name}", unit=" HVP", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+def hessian_summary(ds) -> list[dict[str, Any]]:
+    """One row per checkpoint of a hessian Dataset: the headline numbers, for a table."""
+    rows = []
+    for i, name in enumerate(ds["checkpoint"].values):
+        entry = ds.isel(checkpoint=i)
+        epoch = float(entry["epoch"])
+        row: dict[str, Any] = {"checkpoint": str(name), "epoch": None if math.isnan(epoch) else int(epoch),
+                               "step": int(entry["step"])}
+        row["loss"] = float(entry["loss"])
+        if "eigenvalue_largest" in ds:
+            row["lambda_max"] = float(entry["eigenvalue_largest"].isel(k=0))
+            if ds.sizes.get("k", 0) > 1:
+                row[f"lambda_{ds.sizes['k']}"] = float(entry["eigenvalue_largest"].isel(k=-1))
+        if "eigenvalue_smallest" in ds:
+            row["lambda_min"] = float(entry["eigenvalue_smallest"].isel(k=0))
+        if "trace" in ds:
+            row["trace"] = float(entry["trace"])
+            row["trace_se"] = float(entry["trace_standard_error"])
+        matvecs = sum(int(entry[v]) for v in ("eigenvalue_matvecs", "trace_matvecs", "density_matvecs") if v in ds)
+        row["HVPs"] = matvecs
+        row["seconds"] = float(entry["seconds"])
+        if "eigenvalue_converged" in ds and not int(entry["eigenvalue_converged"]):
+            row["note"] = "eigenvalues not converged"
+        rows.append(row)
+    return rows

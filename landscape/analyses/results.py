@@ -1,0 +1,238 @@
+"""Analysis results on disk: one xarray Dataset per analysis and run, grown one checkpoint at a time.
+
+``RUN/analysis/<name>.nc`` (netCDF4 written with h5netcdf; ``xarray.open_dataset(path)`` opens it) holds every
+analysed checkpoint along the ``checkpoint`` dimension, whose coordinate is the checkpoint's name
+(``epoch-0010``), with the coordinates ``epoch`` (float; NaN for a checkpoint saved between epochs) and
+``step`` (int) on the same dimension, sorted by step. Its attributes record
+
+- ``analysis``: the analysis name; ``settings``: the settings that determine the numbers, as JSON;
+  ``seed``: the seed;
+- ``library_versions``: JSON of the versions of landscape, torch, timm, numpy, scipy and xarray;
+  ``created`` / ``updated``: UTC times; ``host``: the machine's name.
+
+Every attribute is a string or a number (dicts are JSON-encoded), as netCDF requires.
+
+Resuming. :class:`AnalysisResults` writes the whole file again after each finished checkpoint (temporary file,
+fsync, rename), so a crash loses at most the checkpoint in progress and never leaves a half-written file.
+Checkpoints already in the file are skipped on a re-run. A file made with other settings is refused (the
+numbers would not be comparable) unless ``force``, which recomputes: it drops every entry made with other
+settings, and recomputes the selected checkpoints even when settings agree.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import xarray as xr
+
+from landscape.config import atomic_write
+from landscape.errors import LandscapeError
+
+ENGINE = "h5netcdf"
+CHECKPOINT_DIM = "checkpoint"
+
+
+# -- attributes ---------------------------------------------------------------------------------------------------
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that shape the numbers."""
+    import importlib.metadata as md
+
+    import scipy
+    import torch
+
+    import landscape
+
+    versions = {
+        "landscape": landscape.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "xarray": xr.__version__,
+    }
+    for name in ("timm", "h5netcdf"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def settings_json(settings: Mapping[str, Any]) -> str:
+    """Settings as canonical JSON (sorted keys), the form stored and compared."""
+    return json.dumps(dict(settings), sort_keys=True, default=_json_value)
+
+
+def netcdf_attrs(attrs: Mapping[str, Any]) -> dict[str, str | int | float]:
+    """Make attributes netCDF-safe: strings and numbers as they are, booleans as 0/1, ``None`` as ``""``,
+    anything else (dicts, lists) as JSON."""
+    out: dict[str, str | int | float] = {}
+    for key, value in attrs.items():
+        if isinstance(value, bool) or isinstance(value, np.bool_):
+            out[key] = int(value)
+        elif isinstance(value, (int, np.integer)):
+            out[key] = int(value)
+        elif isinstance(value, (float, np.floating)):
+            out[key] = float(value)
+        elif isinstance(value, str):
+            out[key] = value
+        elif value is None:
+            out[key] = ""
+        else:
+            out[key] = json.dumps(value, sort_keys=True, default=_json_value)
+    return out
+
+
+def analysis_attrs(name: str, settings: Mapping[str, Any], seed: int) -> dict[str, str | int | float]:
+    """The attributes of an analysis file: name, settings (JSON), seed, library versions, time and host."""
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return netcdf_attrs({
+        "analysis": name,
+        "settings": settings_json(settings),
+        "seed": int(seed),
+        "library_versions": library_versions(),
+        "created": now,
+        "updated": now,
+        "host": socket.gethostname(),
+    })
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def read_results(path: str | os.PathLike) -> xr.Dataset | None:
+    """The Dataset stored at ``path``, loaded into memory (the file is closed again), or ``None`` if absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with xr.open_dataset(path, engine=ENGINE) as ds:
+            return ds.load()
+    except Exception as e:  # h5py/h5netcdf raise several types for a damaged file
+        raise LandscapeError(
+            f"{path} is not a readable analysis file ({type(e).__name__}); delete it or recompute with --force."
+        ) from None
+
+
+def finished_checkpoints(path: str | os.PathLike) -> list[str]:
+    """Names of the checkpoints already in the file at ``path`` (empty when there is none)."""
+    ds = read_results(path)
+    if ds is None or CHECKPOINT_DIM not in ds.dims:
+        return []
+    return [str(c) for c in ds[CHECKPOINT_DIM].values]
+
+
+def checkpoint_entry(ds: xr.Dataset, *, name: str, epoch: int | None, step: int) -> xr.Dataset:
+    """Give a one-checkpoint Dataset the ``checkpoint`` dimension and its ``epoch``/``step`` coordinates."""
+    ds = ds.expand_dims({CHECKPOINT_DIM: [name]})
+    return ds.assign_coords(
+        epoch=(CHECKPOINT_DIM, np.array([np.nan if epoch is None else float(epoch)])),
+        step=(CHECKPOINT_DIM, np.array([int(step)], dtype=np.int64)),
+    )
+
+
+def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
+    """Concatenate per-checkpoint Datasets along ``checkpoint`` (later entries replace earlier ones of the same
+    name), sorted by step; dimensions of different lengths are padded with NaN."""
+    if not datasets:
+        raise ValueError("nothing to combine")
+    seen: dict[str, xr.Dataset] = {}
+    for ds in datasets:
+        for name in ds[CHECKPOINT_DIM].values:
+            seen[str(name)] = ds.sel({CHECKPOINT_DIM: [name]})
+    combined = xr.concat(list(seen.values()), dim=CHECKPOINT_DIM, join="outer", data_vars="all",
+                         coords="different", compat="equals", combine_attrs="override")
+    order = np.argsort(combined["step"].values, kind="stable")
+    return combined.isel({CHECKPOINT_DIM: order})
+
+
+def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
+    """Write ``ds`` to ``path`` atomically (netCDF4 via h5netcdf)."""
+    ds = ds.copy()
+    ds.attrs = netcdf_attrs(ds.attrs)
+    for var in ds.variables.values():
+        var.attrs = netcdf_attrs(var.attrs)
+    atomic_write(Path(path), lambda tmp: ds.to_netcdf(tmp, engine=ENGINE))
+
+
+# -- the resumable file -------------------------------------------------------------------------------------------
+class AnalysisResults:
+    """The results file of one analysis of one run, appended one finished checkpoint at a time.
+
+    ``settings`` are the values that determine the numbers (not which checkpoints are selected, nor the
+    device). Opening refuses an existing file made with other settings, naming the differences, unless
+    ``force``; see the module notes for what ``force`` recomputes.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str, settings: Mapping[str, Any], seed: int, *,
+                 force: bool = False):
+        self.path = Path(path)
+        self.name = name
+        self.settings = dict(settings)
+        self.seed = int(seed)
+        self.force = force
+        self.attrs = analysis_attrs(name, self.settings, self.seed)
+        self.dataset: xr.Dataset | None = read_results(self.path)
+        if self.dataset is not None and not self._same_settings(self.dataset.attrs):
+            if not force:
+                raise LandscapeError(
+                    f"{self.path} was computed with other settings ({self._differences(self.dataset.attrs)}); "
+                    "rerun with the same settings to continue it, or add --force to recompute it with the new ones."
+                )
+            self.dataset = None
+        if self.dataset is not None:
+            self.attrs["created"] = self.dataset.attrs.get("created", self.attrs["created"])
+        self._recomputed: set[str] = set()
+
+    def _same_settings(self, attrs: Mapping[str, Any]) -> bool:
+        return attrs.get("settings") == settings_json(self.settings) and int(attrs.get("seed", -1)) == self.seed
+
+    def _differences(self, attrs: Mapping[str, Any]) -> str:
+        try:
+            stored = json.loads(attrs.get("settings", "{}"))
+        except json.JSONDecodeError:
+            stored = {}
+        stored["seed"] = int(attrs["seed"]) if "seed" in attrs else None
+        current = json.loads(settings_json(self.settings))
+        current["seed"] = self.seed
+        keys = sorted(set(stored) | set(current))
+        diffs = [f"{k} {stored.get(k)!r} there vs {current.get(k)!r} now" for k in keys if stored.get(k) != current.get(k)]
+        return "; ".join(diffs[:6]) or "unreadable settings"
+
+    @property
+    def finished(self) -> list[str]:
+        """Checkpoints in the file that this run keeps (with ``force``, those recomputed in this session)."""
+        if self.dataset is None:
+            return []
+        names = [str(c) for c in self.dataset[CHECKPOINT_DIM].values]
+        return [n for n in names if not self.force or n in self._recomputed]
+
+    def is_finished(self, checkpoint_name: str) -> bool:
+        return checkpoint_name in self.finished
+
+    def append(self, entry: xr.Dataset, *, name: str, epoch: int | None, step: int) -> xr.Dataset:
+        """Add one checkpoint's results (a Dataset without the ``checkpoint`` dimension) and write the file."""
+        new = checkpoint_entry(entry, name=name, epoch=epoch, step=step)
+        combined = new if self.dataset is None else combine_checkpoints([self.dataset, new])
+        self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        combined.attrs = dict(self.attrs)
+        write_results(combined, self.path)
+        self.dataset = combined
+        self._recomputed.add(name)
+        return combined
+

@@ -1,0 +1,657 @@
+"""The figure gallery: one function per figure kind, each taking a study's results and returning a Figure.
+
+Every function takes the list of :class:`~landscape.study.RunResults` of a study and a style map from
+:func:`variant_styles` (one colour, line style and marker per variant, the same in every figure), and returns a
+:class:`matplotlib.figure.Figure`, or ``None`` when the runs have none of the results it draws. Figures are
+sized for a paper column (3.3 in wide, fonts of 7 pt and more) unless they hold one panel per variant, which
+take the page width (6.9 in). :func:`write_figures` draws them all and saves each as PNG and PDF.
+
+Figures never use ``pyplot``: they are plain ``Figure`` objects rendered by the Agg (PNG) and PDF backends, so
+drawing them needs no display and leaves no global state behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import matplotlib
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+
+from landscape.errors import LandscapeError
+from landscape.study import RunResults, VariantInfo
+
+COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
+PAGE_WIDTH = 6.9  # inches: both columns
+FORMATS = ("png", "pdf")
+
+STYLE = {
+    "font.size": 7.5,
+    "axes.titlesize": 7.5,
+    "axes.labelsize": 7.5,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "legend.frameon": False,
+    "lines.linewidth": 1.1,
+    "lines.markersize": 4,
+    "axes.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.linewidth": 0.4,
+    "grid.alpha": 0.35,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "savefig.dpi": 200,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text for the journal's tools
+}
+
+# Okabe & Ito's palette, distinguishable under the common colour-vision deficiencies.
+_BLACK, _ORANGE, _SKY, _GREEN, _YELLOW, _BLUE, _VERMILLION, _PURPLE = (
+    "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+_GROUP_COLORS = ("#E69F00", "#B07800", "#7A5200", "#4D3300")  # GroupedMLP: darker for larger groups
+_OTHER_COLORS = (_GREEN, _VERMILLION, "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF")
+_FAMILY_ORDER = {"baseline": 0, "grouped": 1, "shallow": 2, "mlit": 3, "other": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantStyle:
+    """How one variant is drawn everywhere: colour, line style, marker, legend label and legend position."""
+
+    color: str
+    linestyle: str
+    marker: str
+    label: str
+    order: int
+
+
+def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
+    """``{variant key: VariantStyle}`` for every variant among ``results``.
+
+    The colour follows the variant's family, so a variant keeps its colour whatever else is in the study: the
+    baseline black, GroupedMLP orange (darker for larger groups), ShallowMLP blue (sliced init dark blue and solid,
+    random init sky blue and dashed), mLiT purple, anything else from the remaining colours in name order.
+    """
+    variants: dict[str, tuple[VariantInfo, str]] = {}
+    for r in results:
+        variants.setdefault(r.variant.key, (r.variant, r.label or r.variant.label))
+    group_sizes = sorted({v.group_size for v, _ in variants.values() if v.family == "grouped"})
+    ordered = sorted(variants.values(), key=lambda p: (_FAMILY_ORDER[p[0].family], p[0].group_size or 0,
+                                                       p[0].mlp_init != "sliced", p[0].width_ratio or 0, p[0].key))
+    styles, others = {}, 0
+    for order, (info, label) in enumerate(ordered):
+        linestyle, marker = "-", "o"
+        if info.family == "baseline":
+            color, marker = _BLACK, "s"
+        elif info.family == "grouped":
+            color, marker = _GROUP_COLORS[min(group_sizes.index(info.group_size), len(_GROUP_COLORS) - 1)], "^"
+        elif info.family == "shallow":
+            sliced = info.mlp_init == "sliced"
+            color, marker, linestyle = (_BLUE, "v", "-") if sliced else (_SKY, "D", "--")
+        elif info.family == "mlit":
+            color, marker, linestyle = _PURPLE, "P", "-."
+        else:
+            color, marker, linestyle = _OTHER_COLORS[others % len(_OTHER_COLORS)], "X", ":"
+            others += 1
+        styles[info.key] = VariantStyle(color=color, linestyle=linestyle, marker=marker, label=label, order=order)
+    return styles
+
+
+def _by_variant(results: Sequence[RunResults],
+                styles: dict[str, VariantStyle]) -> list[tuple[VariantStyle, list[RunResults]]]:
+    groups: dict[str, list[RunResults]] = {}
+    for r in results:
+        groups.setdefault(r.variant.key, []).append(r)
+    return sorted(((styles[k], sorted(v, key=lambda r: r.seed)) for k, v in groups.items()), key=lambda p: p[0].order)
+
+
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _legend_handles(styles: Iterable[VariantStyle], *, markers: bool = True, lines: bool = True):
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color=s.color, linestyle=s.linestyle if lines else "none",
+                   marker=s.marker if markers else None, markersize=3.5, label=s.label)
+            for s in sorted(styles, key=lambda s: s.order)]
+
+
+def _figure_legend(fig: Figure, styles: Iterable[VariantStyle], *, ncol: int | None = None, **kwargs) -> None:
+    handles = _legend_handles(styles, **kwargs)
+    fig.legend(handles=handles, loc="outside upper center", ncol=ncol or min(len(handles), 3), handlelength=2.2,
+               columnspacing=1.0)
+
+
+def _weights_label(weights: str) -> str:
+    return {"raw": "raw weights", "ema": "EMA weights"}.get(weights, f"{weights} weights")
+
+
+# == dynamics ====================================================================================================
+def accuracy_curves(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Validation top-1 (%) against epoch, one line per run, one panel per weights (raw, EMA); each run's peak
+    is marked with an open circle of its colour, so the distance from it down to the curve's end is the
+    peak-to-final drop."""
+    runs = [r for r in results if r.dynamics is not None]
+    if not runs:
+        return None
+    weights = [w for w in ("raw", "ema") if any(w in r.dynamics["weights"].values for r in runs)]
+    fig = _figure(COLUMN_WIDTH, 1.55 * len(weights) + 0.75)
+    axes = fig.subplots(len(weights), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, w in zip(axes, weights):
+        for style, group in _by_variant(runs, styles):
+            for r in group:
+                if w not in r.dynamics["weights"].values:
+                    continue
+                curve = r.dynamics["top1"].sel(weights=w)
+                epochs = r.dynamics["epoch"].values
+                ax.plot(epochs, curve.values, color=style.color, linestyle=style.linestyle, alpha=0.85, lw=0.9)
+                peak_epoch = float(r.dynamics["peak_epoch"].sel(weights=w))
+                if math.isfinite(peak_epoch):
+                    ax.plot([peak_epoch], [float(r.dynamics["peak_top1"].sel(weights=w))], linestyle="none",
+                            marker="o", markersize=4, markerfacecolor="white", markeredgecolor=style.color,
+                            markeredgewidth=0.9, zorder=3)
+        ax.set_ylabel("validation top-1 (%)")
+        ax.set_title(_weights_label(w), loc="left")
+    axes[-1].set_xlabel("epoch")
+    _add_peak_note(axes[0])
+    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    return fig
+
+
+def _add_peak_note(ax) -> None:
+    from matplotlib.lines import Line2D
+
+    marker = Line2D([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="0.3",
+                    markersize=4, label="peak of each run")
+    ax.legend(handles=[marker], loc="lower right")
+
+
+def peak_to_final_drop(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Peak-to-final drop of top-1 (percentage points) per variant: one dot per seed, the mean as a bar
+    with the seed standard deviation; raw weights filled, EMA weights open."""
+    runs = [r for r in results if r.dynamics is not None]
+    if not runs:
+        return None
+    groups = _by_variant(runs, styles)
+    weights = [w for w in ("raw", "ema") if any(w in r.dynamics["weights"].values for r in runs)]
+    fig = _figure(COLUMN_WIDTH, 2.5)
+    ax = fig.subplots()
+    offsets = np.linspace(-0.17, 0.17, len(weights)) if len(weights) > 1 else [0.0]
+    for i, (style, group) in enumerate(groups):
+        for w, dx in zip(weights, offsets):
+            values = np.array([float(r.dynamics["peak_to_final_drop"].sel(weights=w)) for r in group
+                               if w in r.dynamics["weights"].values])
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                continue
+            filled = w == "raw"
+            jitter = np.linspace(-0.05, 0.05, values.size) if values.size > 1 else np.zeros(1)
+            ax.plot(i + dx + jitter, values, linestyle="none", marker=style.marker, markersize=3.5,
+                    color=style.color, markerfacecolor=style.color if filled else "white", markeredgewidth=0.8,
+                    alpha=0.9)
+            mean = values.mean()
+            std = values.std(ddof=1) if values.size > 1 else 0.0
+            ax.errorbar(i + dx, mean, yerr=std, fmt="_", markersize=10, color=style.color, capsize=2,
+                        elinewidth=0.8, markeredgewidth=1.2)
+    ax.set_xticks(range(len(groups)), [s.label for s, _ in groups], rotation=25, ha="right")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_xlabel("variant")
+    ax.set_ylabel("peak-to-final drop of top-1\n(percentage points)")
+    ax.axhline(0, color="0.5", lw=0.5, zorder=0)
+    ax.grid(axis="x", visible=False)
+    _weights_legend(fig, weights)
+    return fig
+
+
+def _weights_legend(fig: Figure, weights: Sequence[str]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="none", marker="o", color="0.3",
+                      markerfacecolor="0.3" if w == "raw" else "white", label=_weights_label(w)) for w in weights]
+    handles.append(Line2D([], [], linestyle="none", marker="_", markersize=10, color="0.3",
+                          label="mean ± sd over seeds"))
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), handletextpad=0.3,
+               columnspacing=0.9)
+
+
+def generalization_gap(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Validation loss minus training loss (nats) against epoch, one line per run."""
+    runs = [r for r in results if r.dynamics is not None and np.isfinite(r.dynamics["generalization_gap"].values).any()]
+    if not runs:
+        return None
+    fig = _figure(COLUMN_WIDTH, 2.4)
+    ax = fig.subplots()
+    for style, group in _by_variant(runs, styles):
+        for r in group:
+            ax.plot(r.dynamics["epoch"].values, r.dynamics["generalization_gap"].values, color=style.color,
+                    linestyle=style.linestyle, lw=0.9, alpha=0.85)
+    ax.axhline(0, color="0.5", lw=0.5, zorder=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("generalisation gap (nats)\nvalidation − training loss")
+    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    return fig
+
+
+
+def drop_from_best(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The running drop from the best top-1 so far (percentage points) against epoch, one line per run; its value
+    at the last epoch is the peak-to-final drop."""
+    runs = [r for r in results if r.dynamics is not None and "drop_from_best" in r.dynamics]
+    if not runs:
+        return None
+    weights = [w for w in ("raw", "ema") if any(w in r.dynamics["weights"].values for r in runs)]
+    fig = _figure(COLUMN_WIDTH, 1.3 * len(weights) + 0.75)
+    axes = fig.subplots(len(weights), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    for ax, w in zip(axes, weights):
+        for style, group in _by_variant(runs, styles):
+            for r in group:
+                if w in r.dynamics["weights"].values:
+                    ax.plot(r.dynamics["epoch"].values, r.dynamics["drop_from_best"].sel(weights=w).values,
+                            color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+        ax.set_ylabel("drop from best\ntop-1 (points)")
+        ax.set_title(_weights_label(w), loc="left")
+    axes[-1].set_xlabel("epoch")
+    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    return fig
+
+
+# == curvature ===================================================================================================
+def _mean_band(ax, x: np.ndarray, curves: list[np.ndarray], style: VariantStyle, *, label: str | None = None) -> None:
+    """The mean over seeds as a line with markers, the band from the lowest to the highest seed."""
+    stack = np.vstack(curves)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(stack, axis=0)
+    ax.plot(x, mean, color=style.color, linestyle=style.linestyle, marker=style.marker, markersize=2.8, label=label)
+    if len(curves) > 1:
+        ax.fill_between(x, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=style.color, alpha=0.15, lw=0)
+
+
+def _per_epoch(ds, variable: str, transform: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    epochs = ds["epoch"].values.astype(float)
+    values = ds[variable]
+    if "k" in values.dims:
+        values = values.isel(k=0)
+    values = values.values.astype(float)
+    if transform is not None:
+        values = transform(ds, values)
+    keep = np.isfinite(epochs)
+    return epochs[keep], values[keep]
+
+
+def _aligned(group: list[RunResults], variable: str, transform=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The curves of ``variable`` of the runs of one variant on the union of their epochs (NaN where missing)."""
+    pairs = [_per_epoch(r.hessian, variable, transform) for r in group]
+    epochs = np.unique(np.concatenate([e for e, _ in pairs]))
+    curves = []
+    for e, v in pairs:
+        curve = np.full(len(epochs), np.nan)
+        curve[np.searchsorted(epochs, e)] = v
+        curves.append(curve)
+    return epochs, curves
+
+
+def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Top Hessian eigenvalue, trace and trace per parameter against epoch: the mean over seeds with the band from
+    the lowest to the highest seed, log scale."""
+    runs = [r for r in results if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0)]
+    if not runs:
+        return None
+    panels = [(v, label, fn) for v, label, fn in (
+        ("eigenvalue_largest", "top eigenvalue λ₁\n(nats)", None),
+        ("trace", "trace tr H\n(nats)", None),
+        ("trace", "tr H / P\n(nats per parameter)", lambda ds, v: v / ds["num_parameters"].values.astype(float)),
+    ) if all(v in r.hessian for r in runs) and (fn is None or all("num_parameters" in r.hessian for r in runs))]
+    if not panels:
+        return None
+    fig = _figure(COLUMN_WIDTH, 1.25 * len(panels) + 0.8)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    groups = _by_variant(runs, styles)
+    for ax, (variable, label, transform) in zip(axes, panels):
+        for style, group in groups:
+            epochs, curves = _aligned(group, variable, transform)
+            _mean_band(ax, epochs, curves, style)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+    axes[-1].set_xlabel("epoch")
+    _figure_legend(fig, [s for s, _ in groups])
+    return fig
+
+
+def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The Hessian eigenvalue density at each run's final checkpoint (stochastic Lanczos quadrature with Gaussian
+    broadening), one line per run, on log-scaled density and a symmetric-log eigenvalue axis."""
+    from landscape.compare import final_entry
+
+    sources = {id(r): ds for r in results for ds in (r.hessian, r.hessian_density)
+               if ds is not None and "density" in ds and ds.sizes.get("checkpoint", 0)}
+    runs = [r for r in results if id(r) in sources]
+    if not runs:
+        return None
+    fig = _figure(COLUMN_WIDTH, 2.5)
+    ax = fig.subplots()
+    peak, linthresh = 0.0, []
+    for style, group in _by_variant(runs, styles):
+        for r in group:
+            entry, _ = final_entry(sources[id(r)], r.final_step if r.final_step is not None else -1)
+            grid, density = entry["density_eigenvalue"].values, entry["density"].values
+            keep = np.isfinite(grid) & np.isfinite(density)
+            ax.plot(grid[keep], density[keep], color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+            peak = max(peak, float(np.nanmax(density)))
+            if "density_linthresh" in entry:
+                linthresh.append(float(entry["density_linthresh"]))
+    floor = peak * 1e-7
+    ax.set_yscale("log")
+    ax.set_ylim(floor, peak * 3)
+    threshold = float(np.median(linthresh)) if linthresh else 1.0
+    ax.set_xscale("symlog", linthresh=threshold)
+    visible = np.concatenate([np.asarray(line.get_xdata())[np.asarray(line.get_ydata()) > floor]
+                              for line in ax.get_lines()])
+    low, high = float(visible.min()), float(visible.max())
+    ax.set_xlim(low - 0.1 * abs(low), high + 0.1 * abs(high))
+    _symlog_ticks(ax, threshold, max(abs(low), abs(high)))
+    ax.set_xlabel("Hessian eigenvalue λ (nats, symmetric log scale)")
+    ax.set_ylabel("spectral density (per nat)")
+    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    return fig
+
+
+def _symlog_ticks(ax, linthresh: float, largest: float) -> None:
+    """Ticks at 0 and at every other power of ten between the linear threshold and the largest value, both signs
+    (the default locator crowds the labels around zero)."""
+    top = math.ceil(math.log10(max(largest, linthresh * 10)))
+    bottom = math.ceil(math.log10(linthresh))
+    powers = list(range(top, bottom - 1, -2))
+    ticks = sorted([0.0] + [10.0**k for k in powers] + [-(10.0**k) for k in powers])
+    labels = ["0" if t == 0 else ("−" if t < 0 else "") + f"$10^{{{round(math.log10(abs(t)))}}}$" for t in ticks]
+    ax.set_xticks(ticks, labels)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+# == sharpness ===================================================================================================
+def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Worst-case and average-case sharpness against the radius ρ at the final checkpoint, plain and adaptive:
+    mean over seeds ± standard deviation, log-log.
+
+    Worst case: the largest rise of the loss over the ball ‖δ‖₂ ≤ ρ (plain) or ‖δ/|w|‖₂ ≤ ρ (adaptive). Average:
+    the mean rise for δ ~ N(0, ρ²I) (plain) or N(0, ρ² diag(w²)) (adaptive), whose norm is about ρ√P, so it is
+    not smaller than the worst case at the same ρ."""
+    from landscape.compare import final_entry
+
+    kinds = [(attr, title) for attr, title in (("sharpness", "plain: ‖δ‖₂ ≤ ρ"),
+                                               ("adaptive_sharpness", "adaptive: ‖δ / |w|‖₂ ≤ ρ"))
+             if any(getattr(r, attr) is not None for r in results)]
+    if not kinds:
+        return None
+    measures = [("worst_case", "worst-case rise (nats)\nmax over the ball of ρ"),
+                ("average_case", "average rise (nats)\nδ ~ Gaussian of scale ρ")]
+    fig = _figure(COLUMN_WIDTH, 1.45 * len(measures) + 0.9)
+    axes = fig.subplots(len(measures), len(kinds), squeeze=False, sharex="col", sharey="row")
+    used = []
+    for j, (attr, title) in enumerate(kinds):
+        runs = [r for r in results if getattr(r, attr) is not None and getattr(r, attr).sizes.get("checkpoint", 0)]
+        for style, group in _by_variant(runs, styles):
+            entries = [final_entry(getattr(r, attr), r.final_step if r.final_step is not None else -1)[0]
+                       for r in group]
+            used.append(style)
+            for i, (variable, _) in enumerate(measures):
+                if not all(variable in e for e in entries):
+                    continue
+                rho = entries[0]["rho"].values
+                stack = np.vstack([e[variable].values for e in entries])
+                mean = stack.mean(axis=0)
+                sd = stack.std(axis=0, ddof=1) if len(entries) > 1 else np.zeros_like(mean)
+                axes[i, j].errorbar(rho, mean, yerr=sd, color=style.color, linestyle=style.linestyle,
+                                    marker=style.marker, markersize=2.8, capsize=1.5, elinewidth=0.6)
+        axes[0, j].set_title(title)
+        axes[-1, j].set_xlabel("radius ρ" + (" (units of |w|)" if attr == "adaptive_sharpness" else " (weight units)"))
+        rhos = sorted({float(v) for r in runs for v in getattr(r, attr)["rho"].values})
+        for i in range(len(measures)):
+            axes[i, j].set_xscale("log")
+            axes[i, j].set_yscale("log")
+        if rhos:
+            axes[-1, j].set_xticks(rhos, [f"{v:g}" for v in rhos])
+            axes[-1, j].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for i, (_, label) in enumerate(measures):
+        axes[i, 0].set_ylabel(label)
+    unique = {s.label: s for s in used}
+    _figure_legend(fig, unique.values(), ncol=3)
+    return fig
+
+
+# == surfaces ====================================================================================================
+def _final_surface(r: RunResults, name: str):
+    from landscape.compare import final_entry
+
+    ds = r.surfaces.get(name)
+    if ds is None or not ds.sizes.get("checkpoint", 0):
+        return None
+    return final_entry(ds, r.final_step if r.final_step is not None else -1)[0]
+
+
+def surface_1d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The loss along one filter-normalised random direction through each run's final weights, one line per run.
+    One direction unit moves every filter by its own norm (Li et al. 2018)."""
+    runs = [(r, e) for r in results if (e := _final_surface(r, "surface-random-1d")) is not None]
+    if not runs:
+        return None
+    fig = _figure(COLUMN_WIDTH, 2.5)
+    ax = fig.subplots()
+    groups = _by_variant([r for r, _ in runs], styles)
+    entries = {id(r): e for r, e in runs}
+    for style, group in groups:
+        for r in group:
+            e = entries[id(r)]
+            ax.plot(e["a"].values, e["loss"].values, color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("position along a filter-normalised random direction\n(direction units; 0 = final weights)")
+    ax.set_ylabel("training-subset loss (nats)")
+    _figure_legend(fig, [s for s, _ in groups], markers=False)
+    return fig
+
+
+def _planes(results: Sequence[RunResults], styles) -> list[tuple[VariantStyle, Any]]:
+    """The 2D surface of the first seed of each variant that has one."""
+    out = []
+    for style, group in _by_variant(results, styles):
+        for r in group:
+            e = _final_surface(r, "surface-random-2d")
+            if e is not None:
+                out.append((style, e))
+                break
+    return out
+
+
+def _panel_grid(count: int, width: float, *, panel_height: float, projection: str | None = None):
+    ncols = min(count, 3)
+    nrows = math.ceil(count / ncols)
+    if projection is None:
+        fig = _figure(width, panel_height * nrows + 0.5)
+        return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(count)]
+    # The constrained layout does not know the extent of 3D axes labels: place the panels by hand.
+    fig = Figure(figsize=(width, panel_height * nrows + 0.2))
+    fig.subplots_adjust(left=0.0, right=0.94, bottom=0.02, top=0.94, wspace=0.12, hspace=0.12)
+    return fig, [fig.add_subplot(nrows, ncols, i + 1, projection=projection) for i in range(count)]
+
+
+def _log_levels(planes) -> np.ndarray:
+    low = min(float(np.nanmin(e["loss"].values)) for _, e in planes)
+    high = max(float(np.nanmax(e["loss"].values)) for _, e in planes)
+    return np.geomspace(max(low, 1e-4), max(high, low * 1.01, 1e-3), 12)
+
+
+def surface_2d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Contours of the loss on a plane of two filter-normalised random directions through the final weights
+    (first seed of each variant), with the same logarithmic levels in every panel."""
+    from matplotlib.colors import LogNorm
+
+    planes = _planes(results, styles)
+    if not planes:
+        return None
+    fig, axes = _panel_grid(len(planes), PAGE_WIDTH, panel_height=2.0)
+    levels = _log_levels(planes)
+    norm = LogNorm(levels[0], levels[-1])
+    filled = None
+    for ax, (style, e) in zip(axes, planes):
+        a, b, loss = e["a"].values, e["b"].values, e["loss"].values
+        filled = ax.contourf(a, b, np.clip(loss.T, levels[0], levels[-1]), levels=levels, norm=norm, cmap="viridis")
+        ax.contour(a, b, loss.T, levels=levels, colors="white", linewidths=0.3, alpha=0.6)
+        ax.plot([0], [0], marker="x", color="white", markersize=4)
+        ax.set_title(style.label, color=style.color if style.color != "#000000" else "black")
+        ax.set_aspect("equal")
+        ax.grid(False)
+        ax.set_xlabel("direction 1 (units)")
+        ax.set_ylabel("direction 2 (units)")
+    if filled is not None:
+        bar = fig.colorbar(filled, ax=axes, shrink=0.9, pad=0.02, ticks=levels[::2])
+        bar.ax.set_yticklabels([f"{v:.2g}" for v in levels[::2]])
+        bar.ax.minorticks_off()
+        bar.set_label("training-subset loss (nats, log scale)")
+    return fig
+
+
+def surface_3d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The planes of :func:`surface_2d` as surfaces: height is log₁₀ of the loss in nats, the same axes in every
+    panel; directions in filter-normalised units."""
+    planes = _planes(results, styles)
+    if not planes:
+        return None
+    fig, axes = _panel_grid(len(planes), PAGE_WIDTH, panel_height=2.2, projection="3d")
+    levels = _log_levels(planes)
+    low, high = np.log10(levels[0]), np.log10(levels[-1])
+    for ax, (style, e) in zip(axes, planes):
+        a, b = np.meshgrid(e["a"].values, e["b"].values, indexing="ij")
+        z = np.log10(np.clip(e["loss"].values, levels[0], levels[-1]))
+        ax.plot_surface(a, b, z, cmap="viridis", vmin=low, vmax=high, linewidth=0, antialiased=True, alpha=0.95)
+        ax.set_zlim(low, high)
+        ax.set_title(style.label, color=style.color if style.color != "#000000" else "black")
+        ax.set_xlabel("direction 1", labelpad=-6)
+        ax.set_ylabel("direction 2", labelpad=-6)
+        ax.set_zlabel("log₁₀ loss (nats)", labelpad=-4)
+        ax.tick_params(labelsize=7, pad=-3)
+        for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+            axis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
+        ax.view_init(elev=28, azim=-55)
+        ax.set_box_aspect(None, zoom=0.78)
+    return fig
+
+
+# == flatness against the dynamics ===============================================================================
+def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantStyle], response: str,
+                      ylabel: str) -> Figure | None:
+    from landscape.report import FLAG_REPARAMETERISATION, FLAG_SIZE, rank_correlation
+    from landscape.study import final_measures
+
+    table, measures = final_measures(results)
+    measures = [m for m in measures if table[m.name].notna().any()]
+    if not measures or table[response].isna().all():
+        return None
+    ncols = min(3, len(measures))
+    nrows = math.ceil(len(measures) / ncols)
+    fig = _figure(PAGE_WIDTH, 1.75 * nrows + 0.55)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    for ax, m in zip(axes.flat, measures):
+        for _, row in table.iterrows():
+            style = styles[row["variant"]]
+            ax.plot(row[m.name], row[response], linestyle="none", marker=style.marker, color=style.color,
+                    markersize=3.5, alpha=0.9)
+        c = rank_correlation(m.name, table[m.name], table[response],
+                             predicted="positive" if m.smaller_is_flatter else "negative")
+        flags = (FLAG_REPARAMETERISATION if m.reparameterisation else "") + (FLAG_SIZE if m.size_dependent else "")
+        ax.set_title(f"{m.label}{flags}", fontsize=7)
+        ax.set_xlabel(f"({m.units}{'; larger is flatter' if not m.smaller_is_flatter else ''})", fontsize=7)
+        interval = f"\n95% [{c.low:+.2f}, {c.high:+.2f}]" if math.isfinite(c.low) else ""
+        text = f"r_s = {c.rho:+.2f}{interval}\nn = {c.n}" if math.isfinite(c.rho) else f"n = {c.n}"
+        _text_box(ax, text)
+        values = table[m.name].to_numpy(float)
+        if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) / np.nanmin(values) > 20:
+            ax.set_xscale("log")
+    for row_axes in axes:
+        row_axes[0].set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(measures):]:
+        ax.set_visible(False)
+    _figure_legend(fig, [s for s in styles.values()], lines=False, ncol=5)
+    fig.text(0.5, 0.0, f"{FLAG_REPARAMETERISATION} changes under reparameterisation;  {FLAG_SIZE} grows with the "
+             "parameter count (not comparable between model sizes).\nr_s: Spearman rank correlation over the runs, "
+             "with its 95% bootstrap interval.", ha="center", va="bottom", fontsize=7)
+    fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
+    return fig
+
+
+def _text_box(ax, text: str) -> None:
+    """A few lines of text where they cover the fewest points (a legend without handles, placed 'best')."""
+    from matplotlib.lines import Line2D
+
+    legend = ax.legend([Line2D([], [], linestyle="none")], [text], loc="best", handlelength=0, handletextpad=0,
+                       frameon=True, framealpha=0.8, edgecolor="none", borderpad=0.3)
+    legend.get_frame().set_linewidth(0)
+
+
+def flatness_vs_drop(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Each flatness measure at the final checkpoint against the peak-to-final drop of top-1, one point per run,
+    with Spearman's r_s and its 95% bootstrap interval. † changes under reparameterisation, ‡ grows with the
+    parameter count."""
+    return _flatness_scatter(results, styles, "drop", "peak-to-final drop of\nraw top-1 (points)")
+
+
+def flatness_vs_gap(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Each flatness measure at the final checkpoint against the final generalisation gap, one point per run."""
+    return _flatness_scatter(results, styles, "gap", "generalisation gap\n(nats)")
+
+# == the gallery =================================================================================================
+FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Figure | None]] = {
+    "accuracy_curves": accuracy_curves,
+    "peak_to_final_drop": peak_to_final_drop,
+    "drop_from_best": drop_from_best,
+    "generalization_gap": generalization_gap,
+    "hessian_vs_epoch": hessian_vs_epoch,
+    "spectral_density": spectral_density,
+    "sharpness_vs_rho": sharpness_vs_rho,
+    "surface_1d": surface_1d,
+    "surface_2d": surface_2d,
+    "surface_3d": surface_3d,
+    "flatness_vs_drop": flatness_vs_drop,
+    "flatness_vs_gap": flatness_vs_gap,
+}
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Save ``fig`` to ``path`` (format from the extension), atomically."""
+    from landscape.config import atomic_write
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    with matplotlib.rc_context(STYLE):
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt))
+    return path
+
+
+def write_figures(results: Sequence[RunResults], out_dir: str | os.PathLike, *,
+                  formats: Sequence[str] = FORMATS, names: Sequence[str] | None = None) -> dict[str, list[Path]]:
+    """Draw every figure of :data:`FIGURES` (or only ``names``) that the results support into ``out_dir``.
+
+    Returns ``{figure name: [paths written]}``; a figure whose results are missing is left out.
+    """
+    unknown = sorted(set(names or ()) - set(FIGURES))
+    if unknown:
+        raise LandscapeError(f"Unknown figure {unknown[0]!r}; accepted are {', '.join(FIGURES)}.")
+    out_dir = Path(out_dir)
+    styles = variant_styles(results)
+    written: dict[str, list[Path]] = {}
+    for name in names or FIGURES:
+        with matplotlib.rc_context(STYLE):
+            fig = FIGURES[name](results, styles)
+        if fig is None:
+            continue
+        written[name] = [save_figure(fig, out_dir / f"{name}.{fmt}") for fmt in formats]
+    return written

@@ -1,0 +1,742 @@
+"""The flat-minima report: four hypotheses, each with its evidence and a verdict by a rule stated in the report.
+
+H1  The reduced-capacity variants (GroupedMLP, ShallowMLP) end in flatter minima than the baseline they are
+    derived from (judged on each flatness measure; the verdict follows the majority of comparable measures).
+H2  Flatter minima go with a smaller peak-to-final drop of top-1.
+H3  ShallowMLP with the sliced initialisation ends in a flatter minimum than with the random initialisation.
+H4  GroupedMLP: the larger the groups, the flatter the minimum (group size 1 is the baseline).
+
+Statistics
+----------
+Every flatness measure is taken at a run's final checkpoint; smaller is flatter. For a variant with seeds
+:math:`i = 1..n`, values :math:`x_i` and estimator standard errors :math:`s_i` (Hutchinson's trace, Monte Carlo
+sharpness; zero for deterministic estimates), the variant's value is the mean :math:`\\bar x` with the standard
+error
+
+.. math::  \\mathrm{se}(\\bar x)^2 = \\frac{\\operatorname{sd}(x)^2}{n} + \\frac{1}{n^2} \\sum_i s_i^2,
+
+(conservative: the seed spread already contains some estimator noise). A comparison of variant :math:`a` with
+variant :math:`b` on one measure looks at :math:`d = \\bar x_a - \\bar x_b` and
+:math:`\\mathrm{se}_d = \\sqrt{\\mathrm{se}_a^2 + \\mathrm{se}_b^2}`: *as predicted* when :math:`d` exceeds
+:math:`z\\,\\mathrm{se}_d` (:math:`z = 2`) in the predicted direction, *opposite* when it does so in the other
+direction, *within noise* otherwise, and *no call* when a variant has fewer than two seeds (its seed spread is
+unknown). A measure that grows with the parameter count (:attr:`~landscape.study.Measure.size_dependent`) does
+not vote between models of different sizes.
+
+A comparison is *supported* when more than half of its voting measures come out as predicted, *contradicted*
+when more than half come out opposite, and *inconclusive* otherwise. A hypothesis made of several comparisons
+is supported (contradicted) when all of them are, and inconclusive otherwise.
+
+H2 is tested across runs: Spearman's rank correlation :math:`r_s` between each measure and the peak-to-final
+drop, one point per run, with a 95% percentile bootstrap interval over runs (2000 resamples, seeded). A measure
+votes *as predicted* when the interval lies above zero, *opposite* when it lies below, *within noise* otherwise;
+the majority rule above gives the verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+Z = 2.0
+BOOTSTRAP_RESAMPLES = 2000
+VERDICTS = ("supported", "contradicted", "inconclusive")
+OUTCOMES = ("as predicted", "opposite", "within noise", "no call")
+
+
+# == statistics ==================================================================================================
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A variant's value of one measure: mean over ``n`` seeds, its standard error (see the module docstring) and
+    the seed standard deviation (``nan`` for one seed)."""
+
+    mean: float
+    se: float
+    n: int
+    sd: float
+
+    def __str__(self) -> str:
+        return format_estimate(self.mean, self.se)
+
+
+def combine_seeds(values: Sequence[float], ses: Sequence[float] | None = None) -> Estimate:
+    """Mean over seeds and :math:`\\mathrm{se}^2 = \\operatorname{sd}^2/n + \\sum_i s_i^2 / n^2`, NaNs dropped.
+
+    With one seed the standard error is the estimator's alone and ``sd`` is NaN.
+    """
+    x = np.asarray(values, dtype=float)
+    s = np.zeros_like(x) if ses is None else np.nan_to_num(np.asarray(ses, dtype=float), nan=0.0)
+    keep = np.isfinite(x)
+    x, s = x[keep], s[keep]
+    n = int(x.size)
+    if n == 0:
+        return Estimate(math.nan, math.nan, 0, math.nan)
+    sd = float(x.std(ddof=1)) if n > 1 else math.nan
+    seed_part = sd**2 / n if n > 1 else 0.0
+    return Estimate(float(x.mean()), float(math.sqrt(seed_part + float((s**2).sum()) / n**2)), n, sd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Variant ``a`` against ``b`` on one measure: the difference ``a - b``, its standard error and the outcome."""
+
+    measure: str
+    a: Estimate
+    b: Estimate
+    difference: float
+    se: float
+    outcome: str
+    votes: bool  # False when the measure is not comparable between a and b (it is shown, but does not vote)
+
+
+def compare_estimates(measure: str, a: Estimate, b: Estimate, *, predicted: str = "lower", z: float = Z,
+                      votes: bool = True) -> Comparison:
+    """Outcome of ``a`` vs ``b`` when ``a`` is predicted ``lower`` (or ``higher``) than ``b``; see the module
+    docstring."""
+    if predicted not in ("lower", "higher"):
+        raise ValueError(f"predicted must be 'lower' or 'higher', not {predicted!r}")
+    d = a.mean - b.mean
+    se = math.sqrt(a.se**2 + b.se**2) if math.isfinite(a.se) and math.isfinite(b.se) else math.nan
+    if a.n < 2 or b.n < 2 or not math.isfinite(d) or not math.isfinite(se):
+        outcome = "no call"
+    else:
+        sign = -1.0 if predicted == "lower" else 1.0
+        if sign * d > z * se:
+            outcome = "as predicted"
+        elif -sign * d > z * se:
+            outcome = "opposite"
+        else:
+            outcome = "within noise"
+    return Comparison(measure, a, b, d, se, outcome, votes)
+
+
+def majority_verdict(outcomes: Iterable[str]) -> str:
+    """``supported`` if more than half of the outcomes are 'as predicted', ``contradicted`` if more than half are
+    'opposite', else ``inconclusive`` (also when there are none)."""
+    outcomes = list(outcomes)
+    if not outcomes:
+        return "inconclusive"
+    if sum(o == "as predicted" for o in outcomes) * 2 > len(outcomes):
+        return "supported"
+    if sum(o == "opposite" for o in outcomes) * 2 > len(outcomes):
+        return "contradicted"
+    return "inconclusive"
+
+
+def combined_verdict(verdicts: Sequence[str]) -> str:
+    """All comparisons supported -> supported; all contradicted -> contradicted; anything else inconclusive."""
+    if verdicts and all(v == "supported" for v in verdicts):
+        return "supported"
+    if verdicts and all(v == "contradicted" for v in verdicts):
+        return "contradicted"
+    return "inconclusive"
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    from scipy.stats import rankdata
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size < 2:
+        return math.nan
+    rx, ry = rankdata(x), rankdata(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Correlation:
+    """Spearman's :math:`r_s` of a measure with a response over ``n`` runs, its 95% bootstrap interval, the outcome."""
+
+    measure: str
+    rho: float
+    low: float
+    high: float
+    n: int
+    outcome: str
+    votes: bool = True
+
+
+def rank_correlation(measure: str, x: Sequence[float], y: Sequence[float], *, predicted: str = "positive",
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, votes: bool = True) -> Correlation:
+    """:math:`r_s(x, y)` over the pairs where both are finite, with a percentile bootstrap interval over pairs.
+
+    Resamples in which either side is constant are skipped. Fewer than 4 pairs give 'no call'.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = int(x.size)
+    rho = spearman(x, y)
+    if n < 4 or not math.isfinite(rho):
+        return Correlation(measure, rho, math.nan, math.nan, n, "no call", votes)
+    draws = _bootstrap_spearman(x, y, resamples, seed)
+    if len(draws) < resamples // 2:
+        return Correlation(measure, rho, math.nan, math.nan, n, "no call", votes)
+    low, high = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+    sign = 1.0 if predicted == "positive" else -1.0
+    lo, hi = sorted((sign * low, sign * high))
+    outcome = "as predicted" if lo > 0 else ("opposite" if hi < 0 else "within noise")
+    return Correlation(measure, rho, low, high, n, outcome, votes)
+
+
+def _bootstrap_spearman(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Spearman's r_s of ``resamples`` bootstrap resamples of the pairs (rows with a constant side dropped)."""
+    from scipy.stats import rankdata
+
+    index = np.random.default_rng(seed).integers(0, x.size, (resamples, x.size))
+    rx, ry = rankdata(x[index], axis=1), rankdata(y[index], axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    norm = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
+    keep = norm > 0
+    return (rx * ry).sum(axis=1)[keep] / norm[keep]
+
+
+def format_estimate(mean: float, se: float) -> str:
+    """``1.234 ± 0.056``: the mean to the precision its standard error supports (two significant digits of it)."""
+    if not math.isfinite(mean):
+        return "–"
+    if not math.isfinite(se) or se <= 0:
+        return f"{mean:.4g}"
+    digits = max(0, 1 - int(math.floor(math.log10(se))))
+    if abs(mean) >= 1e5 or (abs(mean) < 1e-3 and mean != 0):
+        return f"{mean:.3g} ± {se:.2g}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if digits < 8 else f"{mean:.3g} ± {se:.2g}"
+
+
+# == the hypotheses ==============================================================================================
+@dataclasses.dataclass
+class Hypothesis:
+    """One hypothesis: its statement, the evidence (comparisons or correlations) and the verdict with its reason."""
+
+    key: str
+    title: str
+    statement: str
+    verdict: str
+    reason: str
+    comparisons: list[tuple[str, list[Comparison], str]] = dataclasses.field(default_factory=list)
+    correlations: list[Correlation] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _variant_rows(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {k: g for k, g in table.groupby("variant", sort=False)}
+
+
+def _estimate(rows: pd.DataFrame, measure: str) -> Estimate:
+    se_col = f"{measure}_se"
+    return combine_seeds(rows[measure].to_numpy(float), rows[se_col].to_numpy(float) if se_col in rows else None)
+
+
+def compare_variant_rows(a: pd.DataFrame, b: pd.DataFrame, measures: Sequence) -> tuple[list[Comparison], str]:
+    """Every measure of variant rows ``a`` (predicted flatter) against ``b``, and the majority verdict over the
+    measures that vote.
+
+    ``measures`` are :class:`~landscape.study.Measure` objects: flatter is lower, or higher for a measure with
+    ``smaller_is_flatter`` false; a size-dependent measure votes only when both variants have the same
+    parameter count.
+    """
+    same_size = _same_size(a, b)
+    comparisons = []
+    for m in measures:
+        if m.name not in a or m.name not in b:
+            continue
+        predicted = "lower" if getattr(m, "smaller_is_flatter", True) else "higher"
+        c = compare_estimates(m.name, _estimate(a, m.name), _estimate(b, m.name), predicted=predicted,
+                              votes=same_size or not m.size_dependent)
+        if c.a.n and c.b.n:
+            comparisons.append(c)
+    verdict = majority_verdict(c.outcome for c in comparisons if c.votes)
+    return comparisons, verdict
+
+
+def _same_size(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    pa, pb = set(a["params"].dropna()), set(b["params"].dropna())
+    return bool(pa) and pa == pb and len(pa) == 1
+
+
+def _label(rows: pd.DataFrame) -> str:
+    return str(rows["label"].iloc[0])
+
+
+def hypothesis_h1(table: pd.DataFrame, measures: Sequence) -> Hypothesis:
+    """H1: every GroupedMLP and ShallowMLP variant against the baseline of the same base architecture."""
+    variants = _variant_rows(table)
+    comparisons = []
+    for key, rows in variants.items():
+        if rows["family"].iloc[0] not in ("grouped", "shallow"):
+            continue
+        base = _baseline_of(variants, rows)
+        if base is None:
+            continue
+        evidence, verdict = compare_variant_rows(rows, base, measures)
+        comparisons.append((f"{_label(rows)} vs {_label(base)}", evidence, verdict))
+    statement = ("The reduced-capacity variants (GroupedMLP, ShallowMLP) end in flatter minima than the baseline "
+                 "they are derived from. Every flatness measure is shown; the verdict follows the majority of the "
+                 "measures comparable between the two sizes.")
+    return _combine("H1", "Reduced capacity gives flatter minima", statement, comparisons,
+                    missing="the study has no GroupedMLP or ShallowMLP run with a baseline of the same base "
+                            "architecture")
+
+
+def hypothesis_h3(table: pd.DataFrame, measures: Sequence) -> Hypothesis:
+    """H3: ShallowMLP sliced init against random init at the same base and width."""
+    variants = _variant_rows(table)
+    shallow = {k: r for k, r in variants.items() if r["family"].iloc[0] == "shallow"}
+    comparisons = []
+    for key, rows in shallow.items():
+        if rows["mlp_init"].iloc[0] != "sliced":
+            continue
+        for other in shallow.values():
+            if (other["mlp_init"].iloc[0] == "random" and other["base"].iloc[0] == rows["base"].iloc[0]
+                    and other["width_ratio"].iloc[0] == rows["width_ratio"].iloc[0]):
+                evidence, verdict = compare_variant_rows(rows, other, measures)
+                comparisons.append((f"{_label(rows)} vs {_label(other)}", evidence, verdict))
+    statement = ("ShallowMLP initialised by slicing the full-width initialisation ends in a flatter minimum than "
+                 "ShallowMLP initialised at random at the narrow width.")
+    return _combine("H3", "Sliced initialisation gives flatter minima than random", statement, comparisons,
+                    missing="the study lacks a ShallowMLP sliced / random pair of the same base and width")
+
+
+def hypothesis_h4(table: pd.DataFrame, measures: Sequence) -> Hypothesis:
+    """H4: consecutive group sizes (the baseline is group size 1) of each base; larger predicted flatter."""
+    variants = _variant_rows(table)
+    comparisons = []
+    bases = sorted({r["base"].iloc[0] for r in variants.values() if r["family"].iloc[0] == "grouped"})
+    for base in bases:
+        sizes = {}
+        for rows in variants.values():
+            if rows["base"].iloc[0] == base and rows["family"].iloc[0] in ("grouped", "baseline"):
+                sizes[int(rows["group_size"].iloc[0])] = rows
+        ordered = sorted(sizes)
+        for small, large in zip(ordered, ordered[1:]):
+            evidence, verdict = compare_variant_rows(sizes[large], sizes[small], measures)
+            comparisons.append((f"{_label(sizes[large])} vs {_label(sizes[small])}", evidence, verdict))
+    statement = ("GroupedMLP: the larger the groups of blocks sharing one MLP, the flatter the minimum "
+                 "(group size 1 is the baseline).")
+    hypothesis = _combine("H4", "Larger MLP groups give flatter minima", statement, comparisons,
+                          missing="the study has fewer than two group sizes (baseline included) of one base")
+    if len(comparisons) == 1:
+        hypothesis.notes.append("With two group sizes only, H4 is the GroupedMLP comparison of H1; a sweep over "
+                                "three or more group sizes tests the trend.")
+    return hypothesis
+
+
+def _baseline_of(variants: dict[str, pd.DataFrame], rows: pd.DataFrame) -> pd.DataFrame | None:
+    base = rows["base"].iloc[0]
+    for other in variants.values():
+        if other["family"].iloc[0] == "baseline" and other["base"].iloc[0] == base:
+            return other
+    return None
+
+
+def _combine(key: str, title: str, statement: str, comparisons, *, missing: str) -> Hypothesis:
+    if not comparisons:
+        return Hypothesis(key, title, statement, "inconclusive", f"Not tested: {missing}.")
+    verdicts = [v for _, _, v in comparisons]
+    verdict = combined_verdict(verdicts)
+    parts = "; ".join(f"{name}: {v} ({vote_summary(evidence)})" for name, evidence, v in comparisons)
+    if len(comparisons) == 1:
+        reason = f"{parts}."
+    else:
+        rule = {"supported": "all comparisons are supported", "contradicted": "all comparisons are contradicted",
+                "inconclusive": "the comparisons are neither all supported nor all contradicted"}[verdict]
+        reason = f"{rule.capitalize()}: {parts}."
+    return Hypothesis(key, title, statement, verdict, reason, comparisons=comparisons)
+
+
+def vote_summary(evidence: Sequence[Comparison | Correlation]) -> str:
+    """``2 of 3 voting measures as predicted, 1 opposite`` (or ``no voting measure``)."""
+    voting = [c for c in evidence if c.votes]
+    if not voting:
+        return "no voting measure"
+    counts = {o: sum(c.outcome == o for c in voting) for o in OUTCOMES}
+    text = f"{counts['as predicted']} of {len(voting)} voting measures as predicted, {counts['opposite']} opposite"
+    return text + (f", {counts['no call']} no call" if counts["no call"] else "")
+
+
+def hypothesis_h2(table: pd.DataFrame, measures: Sequence, *, response: str = "drop") -> Hypothesis:
+    """H2: rank correlation across runs of each measure with the peak-to-final drop (predicted positive)."""
+    same_size = table["params"].nunique(dropna=True) <= 1
+    correlations = []
+    if response in table:
+        for m in measures:
+            if m.name in table:
+                predicted = "positive" if getattr(m, "smaller_is_flatter", True) else "negative"
+                correlations.append(rank_correlation(m.name, table[m.name], table[response], predicted=predicted,
+                                                     votes=same_size or not m.size_dependent))
+    statement = ("Flatter minima go with a smaller peak-to-final drop: across runs, every flatness measure "
+                 "correlates with the drop in the direction sharper -> larger drop.")
+    voting = [c for c in correlations if c.votes]
+    verdict = majority_verdict(c.outcome for c in voting)
+    if not correlations:
+        reason = "Not tested: the runs have no flatness measure together with a peak-to-final drop."
+    else:
+        counts = {o: sum(c.outcome == o for c in voting) for o in OUTCOMES}
+        reason = (f"Of {len(voting)} voting measures, {counts['as predicted']} go with the drop as predicted "
+                  f"(95% interval excluding 0), {counts['opposite']} the other way, "
+                  f"{counts['within noise'] + counts['no call']} neither; "
+                  f"n = {max((c.n for c in correlations), default=0)} runs.")
+    return Hypothesis("H2", "Flatter minima, smaller peak-to-final drop", statement, verdict, reason,
+                      correlations=correlations)
+
+
+def evaluate_hypotheses(table: pd.DataFrame, measures: Sequence) -> list[Hypothesis]:
+    """H1..H4 on a table with one row per run (see :func:`landscape.study.final_measures`)."""
+    return [hypothesis_h1(table, measures), hypothesis_h2(table, measures), hypothesis_h3(table, measures),
+            hypothesis_h4(table, measures)]
+
+
+# == the document ================================================================================================
+@dataclasses.dataclass
+class Block:
+    """One element of the report: ``kind`` is heading (``level``), paragraph, table (``header``, ``rows``), image
+    (``text`` = caption, ``target`` = path) or list (``rows`` = items)."""
+
+    kind: str
+    text: str = ""
+    level: int = 2
+    header: list[str] = dataclasses.field(default_factory=list)
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+    target: str = ""
+
+
+def heading(text: str, level: int = 2) -> Block:
+    return Block("heading", text, level=level)
+
+
+def paragraph(text: str) -> Block:
+    return Block("paragraph", text)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Block:
+    return Block("table", header=[str(h) for h in header], rows=[[str(c) for c in r] for r in rows])
+
+
+def image(caption: str, target: str) -> Block:
+    return Block("image", caption, target=target)
+
+
+def bullets(items: Iterable[str]) -> Block:
+    return Block("list", rows=[[str(i)] for i in items])
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    """The report as GitHub-flavoured Markdown."""
+    out: list[str] = []
+    for b in blocks:
+        if b.kind == "heading":
+            out.append("#" * b.level + " " + b.text)
+        elif b.kind == "paragraph":
+            out.append(b.text)
+        elif b.kind == "table":
+            cells = [[c.replace("|", "\\|") for c in row] for row in [b.header, *b.rows]]
+            out.append("| " + " | ".join(cells[0]) + " |")
+            out.append("|" + "|".join("---" for _ in b.header) + "|")
+            out.extend("| " + " | ".join(row) + " |" for row in cells[1:])
+        elif b.kind == "image":
+            out.append(f"![{b.text}]({b.target})")
+        elif b.kind == "list":
+            out.extend(f"- {row[0]}" for row in b.rows)
+        out.append("")
+    return "\n".join(out)
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then turn the Markdown we write inline (**bold**, `code`, [text](link)) into HTML."""
+    import re
+
+    text = html.escape(text, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+
+
+def render_html(blocks: Sequence[Block], title: str = "landscape report") -> str:
+    """The report as one self-contained HTML page (figures linked, not embedded)."""
+    body: list[str] = []
+    for b in blocks:
+        if b.kind == "heading":
+            body.append(f"<h{b.level}>{_inline_html(b.text)}</h{b.level}>")
+        elif b.kind == "paragraph":
+            body.append(f"<p>{_inline_html(b.text)}</p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{_inline_html(h)}</th>" for h in b.header)
+            rows = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image":
+            body.append(f'<figure><img src="{html.escape(b.target)}" alt="{html.escape(b.text)}">'
+                        f"<figcaption>{_inline_html(b.text)}</figcaption></figure>")
+        elif b.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline_html(r[0])}</li>" for r in b.rows) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 7px}"
+             "th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}figcaption{font-size:90%;color:#444}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+# == the report of a study =======================================================================================
+FLAG_REPARAMETERISATION = "†"
+FLAG_SIZE = "‡"
+FIGURE_CAPTIONS = {
+    "accuracy_curves": "Validation top-1 against epoch, one line per run; open circles mark each run's peak.",
+    "peak_to_final_drop": "Peak-to-final drop of top-1 per variant: one marker per seed, mean ± standard deviation.",
+    "drop_from_best": "Running drop from the best top-1 so far, one line per run; its last value is the "
+                      "peak-to-final drop.",
+    "generalization_gap": "Validation minus training loss against epoch, one line per run.",
+    "hessian_vs_epoch": "Top Hessian eigenvalue, trace and trace per parameter against epoch (mean over seeds, "
+                        "band from the lowest to the highest seed).",
+    "spectral_density": "Hessian spectral density at the final checkpoint, one line per run (log scale).",
+    "sharpness_vs_rho": "Worst-case and average sharpness against the radius rho at the final checkpoint, plain "
+                        "and adaptive (mean ± sd over seeds).",
+    "surface_1d": "Loss along a filter-normalised random direction through the final weights, one line per run.",
+    "surface_2d": "Loss on a plane of two filter-normalised random directions through the final weights, first "
+                  "seed of each variant.",
+    "surface_3d": "The same planes as surfaces (log loss).",
+    "flatness_vs_drop": "Each flatness measure against the peak-to-final drop, one point per run, with Spearman's "
+                        "r_s.",
+    "flatness_vs_gap": "Each flatness measure against the final generalisation gap, one point per run.",
+}
+HYPOTHESIS_FIGURES = {
+    "H1": ("hessian_vs_epoch", "spectral_density", "sharpness_vs_rho", "surface_1d", "surface_2d"),
+    "H2": ("flatness_vs_drop", "flatness_vs_gap", "peak_to_final_drop", "accuracy_curves"),
+    "H3": ("sharpness_vs_rho", "surface_1d", "hessian_vs_epoch"),
+    "H4": ("hessian_vs_epoch", "sharpness_vs_rho", "peak_to_final_drop"),
+}
+
+
+def _flags(measure) -> str:
+    reparameterisation = FLAG_REPARAMETERISATION if measure.reparameterisation else ""
+    return reparameterisation + (FLAG_SIZE if measure.size_dependent else "")
+
+
+def _flag_legend() -> str:
+    return (f"{FLAG_REPARAMETERISATION} changes under reparameterisations that leave the network function unchanged; "
+            f"{FLAG_SIZE} grows with the parameter count or the weight norm, so it is not comparable between models "
+            "of different sizes (shown, but it does not vote there).")
+
+
+def _variants_table(table: pd.DataFrame) -> Block:
+    rows = []
+    for _, g in table.groupby("variant", sort=False):
+        def est(col: str) -> str:
+            e = combine_seeds(g[col].to_numpy(float)) if col in g else Estimate(math.nan, math.nan, 0, math.nan)
+            return format_estimate(e.mean, e.sd) if e.n > 1 else format_estimate(e.mean, math.nan)
+        params = g["params"].dropna()
+        rows.append([g["label"].iloc[0], f"`{g['variant'].iloc[0]}`", len(g),
+                     f"{int(params.iloc[0]):,}" if len(params) else "–",
+                     est("top1_raw"), est("top1_ema"), est("drop_raw"), est("drop_ema"), est("gap")])
+    return table_block(["variant", "model", "seeds", "parameters", "final top-1 (%)", "final EMA top-1 (%)",
+                        "drop (points)", "EMA drop (points)", "final gap (nats)"], rows)
+
+
+table_block = table  # the Block constructor, under a name that the report's DataFrames do not shadow
+
+
+def _measures_block(measures: Sequence) -> Block:
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
+    return table_block(["measure", "units", "changes under reparameterisation", "grows with parameter count",
+                        "note"],
+                       [[f"{m.label} (`{m.name}`)", m.units, yes(m.reparameterisation), yes(m.size_dependent), m.note]
+                        for m in measures])
+
+
+def _comparison_block(comparisons: list[Comparison], measures: dict, a_label: str, b_label: str) -> Block:
+    rows = []
+    for c in comparisons:
+        m = measures[c.measure]
+        rows.append([f"{m.label}{_flags(m)}", str(c.a), str(c.b), format_estimate(c.difference, c.se),
+                     c.outcome if c.votes else f"{c.outcome} (no vote)"])
+    n_a, n_b = (comparisons[0].a.n, comparisons[0].b.n) if comparisons else (0, 0)
+    return table_block(["measure", f"{a_label} (n={n_a})", f"{b_label} (n={n_b})", "difference ± se", "outcome"], rows)
+
+
+def _correlation_block(correlations: list[Correlation], measures: dict, response: str) -> Block:
+    rows = []
+    for c in correlations:
+        m = measures[c.measure]
+        interval = f"[{c.low:+.2f}, {c.high:+.2f}]" if math.isfinite(c.low) else "–"
+        rho = f"{c.rho:+.2f}" if math.isfinite(c.rho) else "–"
+        rows.append([f"{m.label}{_flags(m)}", rho, interval, c.n, c.outcome if c.votes else f"{c.outcome} (no vote)"])
+    return table_block(["measure", f"Spearman r_s with {response}", "95% bootstrap interval", "runs", "outcome"], rows)
+
+
+def decision_rules_text() -> list[Block]:
+    return [
+        paragraph("Every flatness measure is taken at a run's final checkpoint; smaller is flatter. A variant's value "
+                  "is the mean over its seeds with the standard error se² = sd²/n + Σ sᵢ²/n², where sd is the "
+                  "standard deviation over the n seeds and sᵢ the estimator's own standard error of seed i "
+                  "(Hutchinson trace, Monte Carlo sharpness; 0 for deterministic estimates). This is conservative: "
+                  "the seed spread already holds part of the estimator noise."),
+        bullets([
+            f"**Comparison of two variants on one measure**: with d the difference of the means and se_d = "
+            f"√(se_a² + se_b²), *as predicted* when |d| > {Z:g}·se_d in the predicted direction, *opposite* when "
+            f"|d| > {Z:g}·se_d the other way, *within noise* otherwise; *no call* when a variant has fewer than two "
+            "seeds (its seed spread is unknown).",
+            f"**Votes**: measures marked {FLAG_SIZE} do not vote between models of different parameter counts.",
+            "**Comparison verdict**: *supported* when more than half of the voting measures come out as predicted, "
+            "*contradicted* when more than half come out opposite, *inconclusive* otherwise.",
+            "**Hypothesis verdict** (H1, H3, H4): supported when every comparison is supported, contradicted when "
+            "every comparison is contradicted, inconclusive otherwise (and when there is no comparison to make).",
+            "**H2** (across runs): Spearman's rank correlation r_s of each measure with the peak-to-final drop, one "
+            f"point per run, with a 95% percentile bootstrap interval over runs ({BOOTSTRAP_RESAMPLES} resamples, "
+            "seed 0). *As predicted* when the interval lies above 0, *opposite* when it lies below 0, *within noise* "
+            "otherwise (*no call* with fewer than 4 runs); the majority rule above gives the verdict.",
+            "With two seeds per variant the standard error itself is uncertain; treat a verdict from two seeds as a "
+            "pointer for a larger study, not as a finding.",
+        ]),
+    ]
+
+
+def build_report(results, *, figures: dict[str, list[Path]] | None = None, report_path: str | os.PathLike | None = None,
+                 weights: str = "raw") -> tuple[list[Block], list[Hypothesis]]:
+    """The report of a study's runs as :class:`Block` s, and the hypotheses with their verdicts.
+
+    ``figures`` (from :func:`landscape.figures.write_figures`) are linked relative to ``report_path``.
+    """
+    from landscape import __version__
+    from landscape.study import final_measures
+
+    data, measures = final_measures(results, weights=weights)
+    by_name = {m.name: m for m in measures}
+    hypotheses = evaluate_hypotheses(data, measures)
+    figures = figures or {}
+    base = Path(report_path).parent if report_path is not None else Path(".")
+
+    def link(name: str) -> str | None:
+        paths = [p for p in figures.get(name, []) if Path(p).suffix == ".png"] or figures.get(name, [])
+        return os.path.relpath(paths[0], base) if paths else None
+
+    datasets = sorted({str((r.run.load_config().get("data") or {}).get("name", "?")) for r in results})
+    blocks = [
+        heading("Flat minima and peak-to-final degradation", 1),
+        paragraph(f"{len(results)} runs of {data['variant'].nunique()} variants on {', '.join(datasets)}; flatness "
+                  f"measured on the {weights} weights of each run's final checkpoint. Written by landscape "
+                  f"{__version__} from the runs' `analysis/` results; every number below can be recomputed with "
+                  "`landscape report RUN...`."),
+        heading("Verdicts"),
+        table_block(["hypothesis", "verdict", "why"], [[f"**{h.key}** {h.title}", f"**{h.verdict}**", h.reason]
+                                                     for h in hypotheses]),
+        heading("Runs"),
+        paragraph("Mean ± standard deviation over seeds. The peak-to-final drop is the best validation top-1 of a run "
+                  "minus its final one, in percentage points; the generalisation gap is validation minus training "
+                  "loss at the last epoch."),
+        _variants_table(data),
+        heading("Flatness measures"),
+    ]
+    if measures:
+        blocks += [_measures_block(measures), paragraph(_flag_legend()),
+                   paragraph("Per variant at the final checkpoint: mean ± standard error (as defined in the decision "
+                             "rules below)."), _flatness_table(data, measures)]
+    else:
+        blocks.append(paragraph("The runs have no Hessian, sharpness or surface results yet; run `landscape analyze "
+                                "hessian|sharpness|surface RUN...` first. Every hypothesis below is therefore "
+                                "inconclusive."))
+    blocks += [heading("Setup"), *_setup_blocks(results)]
+    blocks += [heading("Decision rules"), *decision_rules_text()]
+    for h in hypotheses:
+        blocks += [heading(f"{h.key}: {h.title}"), paragraph(f"*{h.statement}*"),
+                   paragraph(f"Verdict: **{h.verdict}**. {h.reason}")]
+        for name, evidence, verdict in h.comparisons:
+            a_label, _, b_label = name.partition(" vs ")
+            blocks.append(paragraph(f"{name}: **{verdict}** ({vote_summary(evidence)})."))
+            if evidence:
+                blocks.append(_comparison_block(evidence, by_name, a_label, b_label))
+        if h.correlations:
+            blocks.append(_correlation_block(h.correlations, by_name, "the peak-to-final drop"))
+            gap = [rank_correlation(c.measure, data[c.measure], data["gap"],
+                                    predicted="positive" if by_name[c.measure].smaller_is_flatter else "negative")
+                   for c in h.correlations if "gap" in data]
+            if gap:
+                blocks += [paragraph("For reference (not part of the verdict), the same measures against the final "
+                                     "generalisation gap, with the same rule:"),
+                           _correlation_block(gap, by_name, "the gap")]
+        for note in h.notes:
+            blocks.append(paragraph(note))
+        links = [(n, link(n)) for n in HYPOTHESIS_FIGURES.get(h.key, ())]
+        links = [f"[{n.replace('_', ' ')}]({target})" for n, target in links if target]
+        if links:
+            blocks.append(paragraph("Figures: " + ", ".join(links) + "."))
+    if figures:
+        blocks.append(heading("Figures"))
+        for name in figures:
+            target = link(name)
+            if target:
+                blocks.append(image(FIGURE_CAPTIONS.get(name, name.replace("_", " ")), target))
+    return blocks, hypotheses
+
+
+_SETTING_KEYS = {
+    "hessian": ("samples", "split", "weights", "top_k", "tol", "trace_matvecs", "seed"),
+    "hessian-density": ("samples", "density_probes", "density_steps", "density_scale", "seed"),
+    "sharpness": ("samples", "rhos", "p", "adaptive", "steps", "draws", "seed"),
+    "sharpness-adaptive": ("samples", "rhos", "p", "adaptive", "steps", "draws", "seed"),
+}
+
+
+def _setup_blocks(results) -> list[Block]:
+    """How the runs were trained and measured, from the first run's config.yaml and its results' settings."""
+    import json
+
+    first = results[0]
+    config = first.run.load_config()
+    optim, schedule = config.get("optim") or {}, config.get("schedule") or {}
+    training = (f"Training (from `{first.path}/config.yaml`; every run has its own): {config.get('epochs', '?')} "
+                f"epochs of batch {config.get('batch_size', '?')}, {optim.get('opt', '?')} at learning rate "
+                f"{optim.get('lr', '?')} with weight decay {optim.get('weight_decay', '?')}, "
+                f"{schedule.get('sched', '?')} schedule, EMA decay {(config.get('ema') or {}).get('decay')}.")
+    rows = []
+    sources = [("hessian", first.hessian), ("hessian-density", first.hessian_density),
+               ("sharpness", first.sharpness), ("sharpness-adaptive", first.adaptive_sharpness),
+               *[(name, ds) for name, ds in first.surfaces.items()]]
+    for name, ds in sources:
+        if ds is None:
+            continue
+        try:
+            settings = json.loads(ds.attrs.get("settings", "{}"))
+        except json.JSONDecodeError:
+            settings = {}
+        keys = _SETTING_KEYS.get(name, ("directions", "dims", "range", "points", "samples", "seed"))
+        where = ", ".join(str(c) for c in ds["checkpoint"].values) if ds.sizes.get("checkpoint", 0) <= 2 else (
+            f"{ds.sizes['checkpoint']} checkpoints")
+        rows.append([f"`analysis/{name}.nc`", where,
+                     ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)])
+    blocks = [paragraph(training)]
+    if rows:
+        blocks += [paragraph("Analyses (settings stored in each result file; shown for the first run):"),
+                   table_block(["result", "checkpoints", "settings"], rows)]
+    return blocks
+
+
+def _flatness_table(data: pd.DataFrame, measures: Sequence) -> Block:
+    rows = []
+    for _, g in data.groupby("variant", sort=False):
+        rows.append([g["label"].iloc[0]] + [str(_estimate(g, m.name)) for m in measures])
+    return table_block(["variant"] + [f"{m.label}{_flags(m)}" for m in measures], rows)
+
+
+def write_report(results, out: str | os.PathLike, *, figures: dict[str, list[Path]] | None = None,
+                 html: bool = False, weights: str = "raw") -> tuple[list[Path], list[Hypothesis]]:
+    """Write the report of ``results`` to ``out`` (Markdown) and, with ``html``, next to it as ``.html``."""
+    from landscape.config import atomic_write_text
+
+    out = Path(out)
+    blocks, hypotheses = build_report(results, figures=figures, report_path=out, weights=weights)
+    atomic_write_text(out, render_markdown(blocks))
+    paths = [out]
+    if html:
+        page = out.with_suffix(".html")
+        atomic_write_text(page, render_html(blocks, title="Flat minima and peak-to-final degradation"))
+        paths.append(page)
+    return paths, hypotheses

@@ -1,0 +1,108 @@
+"""Data-parallel training on torch.distributed, set up from the environment that ``torchrun`` provides.
+
+``torchrun --nproc-per-node N -m landscape train ...`` starts N processes with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and the rendezvous address in their environment; :func:`setup` joins them into one process
+group (NCCL on GPUs, gloo on CPUs). Without those variables everything here is a no-op for one process.
+
+Each global batch is cut the same way whatever the number of processes (see
+:mod:`landscape.trainers.batches`), and DistributedDataParallel averages the gradients, so N processes take
+the same optimizer steps as one process up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from landscape.errors import LandscapeError
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    started_here: bool = False  # this module created the process group and tears it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
+    """Join the process group described by the environment and choose this process's device.
+
+    ``device`` is ``auto`` (or None: CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:K``; under
+    torchrun each process takes GPU ``LOCAL_RANK``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = (device or "auto").lower()
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
+    if want not in ("cpu", "cuda") and not want.startswith("cuda:") and want != "mps":
+        raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda, cuda:K and mps.")
+    if want == "cuda":
+        want = f"cuda:{local_rank if world_size > 1 else torch.cuda.current_device()}"
+    torch_device = torch.device(want)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    info = Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+        info.started_here = True
+    return info, torch_device
+
+
+def teardown(info: Distributed) -> None:
+    if info.started_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], info: Distributed, device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all processes."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_error(error: LandscapeError | None, info: Distributed) -> None:
+    """Raise on every process if the main process hit a user error (so that no process waits forever)."""
+    message = str(error) if error is not None else None
+    if info.enabled:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message:
+        raise LandscapeError(message)
+
+
+def gather(obj: Any, info: Distributed) -> list[Any]:
+    """Every process's ``obj``, in rank order (on every process)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: Distributed) -> None:
+    if info.enabled:
+        dist.barrier()

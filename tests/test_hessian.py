@@ -1,0 +1,383 @@
+"""Eigenvalues, trace and density estimators against exact float64 answers; PyHessian; the analyze command."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from landscape.analyses import hessian as hessian_module
+from landscape.analyses.curvature import HessianOperator, LossFunction
+from landscape.analyses.hessian import (
+    HessianSettings,
+    broadened_density,
+    gauss_quadrature,
+    hutch_plus_plus_trace,
+    hutchinson_trace,
+    lanczos_tridiagonal,
+    load_eigenvectors,
+    run_hessian_analysis,
+    spectral_density,
+    top_eigenvalues,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=3,
+                             embed_dim=8, depth=1, num_heads=2, mlp_ratio=2).double()
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 3)).double()
+
+
+def data(n: int = 10):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.fixture(scope="module", params=["vit", "mlp"])
+def hessian(request):
+    """(model, x, y, LossFunction, dense Hessian as numpy, its eigenvalues ascending)."""
+    model = tiny_vit() if request.param == "vit" else tiny_mlp()
+    x, y = data()
+    loss = LossFunction(model, x, y, batch_size=None)
+    H = loss.dense_hessian().numpy()
+    return model, x, y, loss, H, np.linalg.eigvalsh(H)
+
+
+def known_spectrum(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A symmetric matrix with a few outliers over a bulk, like a loss Hessian, and its eigenvalues."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([[40.0, 25.0, 17.0, 11.0, 9.0], 0.3 * rng.standard_normal(n - 8), [-2.0, -1.5, -1.2]])
+    return (Q * values) @ Q.T, np.sort(values)
+
+
+# -- eigenvalues -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_lanczos_matches_dense_eigh_on_tiny_models(hessian, which):
+    _, _, _, loss, H, exact = hessian
+    k = 4
+    result = top_eigenvalues(HessianOperator(loss), k, which=which, tol=1e-10, seed=1, return_eigenvectors=True)
+    assert result.converged
+    if which in ("largest", "both"):
+        assert np.allclose(result.largest, exact[::-1][:k], rtol=1e-6, atol=0)
+    if which in ("smallest", "both"):
+        assert np.allclose(result.smallest, exact[:k], rtol=1e-6, atol=0)
+    Y = result.eigenvectors.numpy()
+    residual = H @ Y.T - Y.T * result.eigenvalues
+    assert np.linalg.norm(residual, axis=0).max() <= 1e-6 * np.abs(exact).max()
+    assert np.allclose(Y @ Y.T, np.eye(len(Y)), atol=1e-8)
+
+
+def test_thick_restarts_keep_the_answer_exact():
+    A, exact = known_spectrum()
+    small = top_eigenvalues(A, 5, which="both", tol=1e-10, basis_size=14, seed=3)
+    assert small.converged and small.matvecs > 14  # it had to restart
+    assert np.allclose(small.largest, exact[::-1][:5], rtol=1e-8)
+    assert np.allclose(small.smallest, exact[:5], rtol=1e-8)
+
+
+def test_eigenvalue_error_is_within_the_requested_relative_tolerance():
+    A, exact = known_spectrum(seed=1)
+    for tol in (1e-2, 1e-3):
+        result = top_eigenvalues(A, 5, tol=tol, seed=0)
+        assert np.all(np.abs(result.eigenvalues - exact[::-1][:5]) <= tol * np.abs(exact[::-1][:5]))
+        assert np.all(result.residual_norms <= tol * np.abs(result.eigenvalues))
+
+
+def test_same_seed_same_eigenvalues_and_every_operator_form_agrees():
+    A, _ = known_spectrum(seed=2)
+    import scipy.sparse.linalg
+
+    a = top_eigenvalues(A, 3, tol=1e-6, seed=5)
+    b = top_eigenvalues(torch.from_numpy(A), 3, tol=1e-6, seed=5)
+    c = top_eigenvalues(scipy.sparse.linalg.aslinearoperator(A), 3, tol=1e-6, seed=5)
+    assert np.array_equal(a.eigenvalues, b.eigenvalues) and np.allclose(a.eigenvalues, c.eigenvalues, rtol=1e-12)
+    assert a.matvecs == b.matvecs == c.matvecs
+
+
+# -- trace ---------------------------------------------------------------------------------------------------------
+def test_trace_estimators_are_unbiased_with_calibrated_standard_errors(hessian):
+    model, _, _, _, H, exact = hessian
+    trace = float(np.trace(H))
+    A = torch.from_numpy(H)  # the estimators only see an operator; the dense one makes 300 repetitions cheap
+    runs = {"hutchinson": [], "hutch++": []}
+    reported = {"hutchinson": [], "hutch++": []}
+    for seed in range(200):
+        for name, estimator in (("hutchinson", hutchinson_trace), ("hutch++", hutch_plus_plus_trace)):
+            est = estimator(A, 30, seed=seed)
+            assert est.matvecs == 30
+            runs[name].append(est.estimate)
+            reported[name].append(est.standard_error)
+    for name, values in runs.items():
+        values = np.asarray(values)
+        standard_error_of_mean = values.std(ddof=1) / math.sqrt(len(values))
+        assert abs(values.mean() - trace) <= 3 * standard_error_of_mean, name
+        # the reported standard error describes the spread across seeds (loosely: it is itself estimated)
+        assert 0.6 < np.sqrt(np.mean(np.square(reported[name]))) / values.std(ddof=1) < 1.6, name
+    if isinstance(model, timm.models.VisionTransformer):
+        # a few dominant eigenvalues (27.8, 16.9, 10.4 over a bulk): the sketch removes most of the variance.
+        # (The MLP's flat spectrum is the case where Hutchinson's three times as many samples win.)
+        assert np.var(runs["hutch++"]) < 0.5 * np.var(runs["hutchinson"])
+
+
+def test_trace_on_the_hessian_operator_equals_the_dense_computation_with_the_same_seed(hessian):
+    _, _, _, loss, H, _ = hessian
+    op = HessianOperator(loss)
+    for estimator in (hutchinson_trace, hutch_plus_plus_trace):
+        a = estimator(op, 12, seed=4, block_size=5)
+        b = estimator(torch.from_numpy(H), 12, seed=4, block_size=5)
+        assert a.estimate == pytest.approx(b.estimate, rel=1e-9, abs=1e-9)
+    assert op.num_matvecs == 24
+
+
+def test_target_standard_error_stops_the_trace_early():
+    A, _ = known_spectrum()
+    full = hutchinson_trace(A, 400, seed=0)
+    target = 2 * full.standard_error
+    early = hutchinson_trace(A, 400, seed=0, target_standard_error=target, block_size=8)
+    assert early.matvecs < 400 and early.standard_error <= target
+    plus = hutch_plus_plus_trace(A, 400, seed=0, target_standard_error=target, block_size=8, sketch_size=8)
+    assert plus.matvecs < early.matvecs  # deflating the outliers reaches the same error with fewer products
+    exact = hutch_plus_plus_trace(A, 400, seed=0)  # a sketch as large as the matrix
+    assert exact.estimate == pytest.approx(np.trace(A), rel=1e-12) and exact.standard_error == 0.0
+
+
+# -- density -------------------------------------------------------------------------------------------------------
+def test_gauss_quadrature_integrates_polynomials_up_to_degree_2m_minus_1_exactly():
+    A, _ = known_spectrum(n=60)
+    z = torch.randn(60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = 6
+    alpha, beta = lanczos_tridiagonal(torch.from_numpy(A), z, m)
+    nodes, weights = gauss_quadrature(alpha, beta)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+    v = z.numpy() / np.linalg.norm(z.numpy())
+    for p in range(2 * m):
+        exact = v @ np.linalg.matrix_power(A, p) @ v
+        assert np.sum(weights * nodes**p) == pytest.approx(exact, rel=1e-8, abs=1e-10 * 40.0**p)
+
+
+def test_full_lanczos_quadrature_nodes_are_the_eigenvalues():
+    A, exact = known_spectrum(n=40)
+    z = torch.randn(40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    nodes, weights = gauss_quadrature(*lanczos_tridiagonal(torch.from_numpy(A), z, 40))
+    assert np.allclose(np.sort(nodes), exact, atol=1e-8)
+    _, Q = np.linalg.eigh(A)
+    v = z.numpy() / np.linalg.norm(z.numpy())
+    assert np.allclose(np.sort(weights), np.sort((Q.T @ v) ** 2), atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", ["linear", "symlog"])
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_density_integrates_to_one(hessian, scale, reorthogonalize):
+    _, _, _, _, H, _ = hessian
+    density = spectral_density(torch.from_numpy(H), 3, 25, seed=0, scale=scale, reorthogonalize=reorthogonalize)
+    assert np.all(density.density >= 0)
+    assert np.trapezoid(density.density, density.grid) == pytest.approx(1.0, abs=2e-3)
+    assert np.all(np.nansum(density.weights, axis=1) == pytest.approx(1.0, abs=1e-10))
+
+
+def test_density_moments_match_the_exact_spectrum(hessian):
+    _, _, _, loss, H, exact = hessian
+    n = len(exact)
+    density = spectral_density(torch.from_numpy(H), 60, 20, seed=1)
+    for p in (1, 2):
+        per_probe = np.nansum(density.weights * density.nodes**p, axis=1)
+        se = per_probe.std(ddof=1) / math.sqrt(len(per_probe))
+        assert abs(density.moment(p) - np.mean(exact**p)) <= 3 * se, p
+    # broadening keeps the mean and adds sigma^2 to the variance
+    mean = np.trapezoid(density.grid * density.density, density.grid)
+    variance = np.trapezoid((density.grid - mean) ** 2 * density.density, density.grid)
+    assert mean == pytest.approx(density.moment(1), rel=1e-4, abs=1e-6)
+    assert variance == pytest.approx(density.moment(2) - density.moment(1) ** 2 + density.sigma**2, rel=1e-3)
+    # on the Hessian operator itself, same seed, same quadrature
+    small = spectral_density(HessianOperator(loss), 2, 10, seed=1)
+    dense = spectral_density(torch.from_numpy(H), 2, 10, seed=1)
+    assert np.allclose(small.nodes, dense.nodes, rtol=1e-8, atol=1e-9 * np.abs(exact).max())
+    assert small.matvecs == 20
+
+
+def test_broadened_density_on_a_common_grid_integrates_to_one():
+    nodes = np.array([[-1.0, 0.5, 3.0, np.nan]])
+    weights = np.array([[0.2, 0.5, 0.3, np.nan]])
+    grid = np.linspace(-3, 5, 4001)
+    density = broadened_density(nodes, weights, grid, 0.1)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-6)
+    assert np.trapezoid(grid * density, grid) == pytest.approx(0.2 * -1 + 0.5 * 0.5 + 0.3 * 3, abs=1e-6)
+
+
+# -- PyHessian -----------------------------------------------------------------------------------------------------
+def test_agrees_with_pyhessian_on_top_eigenvalue_and_trace():
+    from pyhessian import hessian as PyHessian
+
+    model, (x, y) = tiny_vit(), data()
+    loss = LossFunction(model, x, y, batch_size=None)
+    ours = top_eigenvalues(HessianOperator(loss), 1, which="both", tol=1e-10)
+    dominant = max(ours.eigenvalues, key=abs)  # power iteration finds the eigenvalue largest in magnitude
+    theirs_model = copy.deepcopy(model)  # PyHessian leaves gradients in the model it is given
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # its random vectors follow the default dtype
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # its double backward needs the math attention kernel too
+            engine = PyHessian(theirs_model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            torch.manual_seed(0)
+            eigenvalues, _ = engine.eigenvalues(maxIter=500, tol=1e-9, top_n=1)
+            torch.manual_seed(0)
+            samples = np.asarray(engine.trace(maxIter=200, tol=0.0))
+    finally:
+        torch.set_default_dtype(default)
+    assert eigenvalues[0] == pytest.approx(dominant, rel=1e-4)
+    exact = float(np.trace(loss.dense_hessian().numpy()))
+    theirs = samples.mean(), samples.std(ddof=1) / math.sqrt(len(samples))
+    est = hutch_plus_plus_trace(HessianOperator(loss), 60, seed=0)
+    assert abs(theirs[0] - exact) <= 3 * theirs[1]
+    assert abs(theirs[0] - est.estimate) <= 3 * math.hypot(theirs[1], est.standard_error)
+
+
+# -- the analysis of a run -----------------------------------------------------------------------------------------
+KWARGS = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2)
+
+
+def make_run(root, epochs=(1, 2, 3)):
+    from landscape.checkpoints import save_checkpoint
+    from landscape.config import save_yaml
+    from landscape.models import create_model
+    from landscape.runs import Run
+
+    run = Run.create(root)
+    save_yaml({"model": {"name": "vit_tiny_patch16_224", "kwargs": KWARGS}, "data": {"name": "digits", "img_size": 8},
+               "seed": 0}, run.config_path)
+    for epoch in epochs:
+        torch.manual_seed(epoch)
+        model = create_model("vit_tiny_patch16_224", **KWARGS)
+        save_checkpoint(run.checkpoint_path(epoch=epoch), model.state_dict(), model="vit_tiny_patch16_224",
+                        model_kwargs=KWARGS, epoch=epoch, step=5 * epoch)
+    return run
+
+
+def test_cli_analyses_a_run_made_by_hand_and_saves_eigenvectors(tmp_path):
+    from landscape.cli import cli
+
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "24", "--top-k", "3",
+                                      "--checkpoints", "last", "--save-eigenvectors"])
+    assert result.exit_code == 0, result.output
+    assert "epoch-0002" in result.output and "epoch-0001" not in result.output and "lambda_max" in result.output
+    with xr.open_dataset(run.analysis_path("hessian")) as ds:
+        largest = ds["eigenvalue_largest"].isel(checkpoint=0).values
+        num_parameters = int(ds["num_parameters"][0])
+    saved = load_eigenvectors(run.analysis_dir / "hessian-eigenvectors" / "epoch-0002.safetensors")
+    assert saved.vectors["largest"].shape == (3, num_parameters)
+    assert np.allclose(saved.eigenvalues["largest"], largest)
+    direction = saved.direction(0)
+    assert direction["head.weight"].shape == (10, 8)
+    assert sum(float((t.double() ** 2).sum()) for t in direction.values()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_hessian_dataset_has_the_documented_dimensions_and_attrs(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    settings = HessianSettings(top_k=3, which="both", trace=True, trace_matvecs=12, density=True, density_probes=2,
+                               density_steps=12, density_grid_size=300, samples=24)
+    run_hessian_analysis(run, settings)
+    with xr.open_dataset(run.analysis_path("hessian")) as ds:  # the default engine opens it
+        assert dict(ds.sizes) == {"checkpoint": 2, "k": 3, "probe": 2, "lanczos_step": 12, "grid": 300}
+        assert list(ds["step"].values) == [5, 10] and list(ds["epoch"].values) == [1.0, 2.0]
+        assert ds["eigenvalue_largest"].dims == ("checkpoint", "k")
+        assert ds["density_nodes"].dims == ("checkpoint", "probe", "lanczos_step")
+        assert np.all(np.diff(ds["eigenvalue_largest"].values, axis=1) <= 0)
+        assert np.all(np.diff(ds["eigenvalue_smallest"].values, axis=1) >= 0)
+        assert np.all(ds["eigenvalue_smallest"].values[:, 0] <= ds["eigenvalue_largest"].values[:, 0])
+        assert np.all(ds["trace_matvecs"].values == 12) and np.all(ds["trace_standard_error"].values > 0)
+        assert ds.attrs["analysis"] == "hessian" and int(ds.attrs["seed"]) == 0
+        assert '"samples": 24' in ds.attrs["settings"] and '"torch"' in ds.attrs["library_versions"]
+        for checkpoint in range(2):
+            integral = np.trapezoid(ds["density"][checkpoint].values, ds["density_eigenvalue"][checkpoint].values)
+            assert integral == pytest.approx(1.0, abs=2e-3)
+
+
+def test_rerun_skips_finished_checkpoints_and_force_recomputes(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    settings = HessianSettings(top_k=2, samples=16)
+    calls = []
+    real = hessian_module.hessian_analysis
+
+    def counting(model, *args, **kwargs):
+        calls.append(1)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(hessian_module, "hessian_analysis", counting)
+    run_hessian_analysis(run, settings, checkpoints="epochs:1,2")
+    assert len(calls) == 2
+    ds = run_hessian_analysis(run, settings)  # only epoch 3 is new
+    assert len(calls) == 3 and list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    run_hessian_analysis(run, settings, checkpoints="last", force=True)
+    assert len(calls) == 4
+    with pytest.raises(hessian_module.LandscapeError, match="other settings.*samples 16 there vs 32 now"):
+        run_hessian_analysis(run, HessianSettings(top_k=2, samples=32))
+    ds = run_hessian_analysis(run, HessianSettings(top_k=2, samples=32), checkpoints="last", force=True)
+    assert list(ds["checkpoint"].values) == ["epoch-0003"]  # entries made with other settings are dropped
+
+
+def test_a_crash_mid_checkpoint_keeps_the_finished_ones(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    settings = HessianSettings(top_k=1, samples=16)
+    real = hessian_module.hessian_analysis
+    calls = []
+
+    def crash_on_second(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(hessian_module, "hessian_analysis", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_hessian_analysis(run, settings)
+    with xr.open_dataset(run.analysis_path("hessian")) as ds:
+        assert list(ds["checkpoint"].values) == ["epoch-0001"]
+    assert not list(run.analysis_dir.glob(".*tmp"))  # no temporary file left behind
+    ds = run_hessian_analysis(run, settings)
+    assert list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002", "epoch-0003"] and len(calls) == 4
+
+
+def test_params_pattern_restricts_the_hessian_and_is_recorded(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1,))
+    full = run_hessian_analysis(run, HessianSettings(top_k=1, samples=16))
+    part = run_hessian_analysis(run, HessianSettings(top_k=1, samples=16, params="*mlp*"), force=True)
+    assert int(part["num_parameters"][0]) == 2 * 8 * 16 + 16 + 8
+    assert int(part["num_parameters"][0]) < int(full["num_parameters"][0])
+    # a principal submatrix's largest eigenvalue cannot exceed the full one's
+    assert float(part["eigenvalue_largest"][0, 0]) <= float(full["eigenvalue_largest"][0, 0]) * (1 + 1e-3)
+    assert '"params": "*mlp*"' in part.attrs["settings"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "0"], "Nothing to compute"),
+    (["--checkpoints", "epochs:9"], "No checkpoint at epoch 9"),
+    (["--params", "nothing.*"], "No trainable parameter"),
+])
+def test_cli_bad_input_is_one_sentence_and_exit_1(tmp_path, args, message):
+    from landscape.cli import cli
+
+    run = make_run(tmp_path / "run", epochs=(1,))
+    result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "8", *args])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,251 @@
+import copy
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+import xarray as xr
+
+from landscape.analyses.curvature import LossFunction
+from landscape.analyses.sharpness import (
+    SharpnessSettings,
+    average_case_sharpness,
+    first_order_sharpness,
+    m_sharpness,
+    sharpness_analysis,
+    sharpness_scale,
+    worst_case_sharpness,
+)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine threads oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _quadratic(n=8, seed=0, eigenvalues=None):
+    """L(w) = 1/2 (w - w*)^T A (w - w*) with a known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = torch.tensor(eigenvalues if eigenvalues is not None else np.geomspace(3.0, 0.1, n), dtype=torch.float64)
+    a = q @ torch.diag(lam) @ q.T
+    w_star = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def loss(w):
+        return 0.5 * (w - w_star) @ a @ (w - w_star)
+
+    def loss_and_grad(w):
+        return loss(w), a @ (w - w_star)
+
+    return a, w_star, loss, loss_and_grad
+
+
+def _trust_region_maximum(g, a, rho):
+    """max_{||u|| <= rho} g^T u + 1/2 u^T A u for PSD A: u = (mu I - A)^{-1} g on the sphere, mu > lambda_max."""
+    lam, v = np.linalg.eigh(a)
+    gt = v.T @ g
+    radius = lambda mu: np.linalg.norm(gt / (mu - lam)) - rho  # noqa: E731
+    mu = scipy.optimize.brentq(radius, lam[-1] + 1e-12, lam[-1] + 1e8, xtol=1e-14, rtol=1e-15)
+    u = v @ (gt / (mu - lam))
+    return g @ u + 0.5 * u @ a @ u
+
+
+def test_worst_case_l2_at_a_minimum_is_half_rho_squared_lambda_max():
+    a, w_star, _, loss_and_grad = _quadratic()
+    result = worst_case_sharpness(loss_and_grad, w_star, 0.1, p="2", steps=60)
+    assert result.sharpness == pytest.approx(0.1**2 * 3.0 / 2, rel=1e-10)
+    assert torch.linalg.vector_norm(result.delta) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_worst_case_l2_away_from_the_minimum_solves_the_trust_region_problem():
+    a, w_star, _, loss_and_grad = _quadratic(seed=1)
+    w = w_star + 0.3 * torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    g = (a @ (w - w_star)).numpy()
+    for rho in (0.05, 0.5):
+        exact = _trust_region_maximum(g, a.numpy(), rho)
+        result = worst_case_sharpness(loss_and_grad, w, rho, p="2", steps=60)
+        assert result.sharpness == pytest.approx(exact, rel=1e-10)
+        assert result.sharpness > result.sam_sharpness  # more steps than SAM's single one find a higher loss
+
+
+def test_first_step_is_the_sam_perturbation():
+    a, w_star, loss, loss_and_grad = _quadratic(seed=2)
+    w = w_star + torch.ones(8, dtype=F64)
+    g = a @ (w - w_star)
+    for rho in (0.01, 0.2):
+        sam = float(loss(w + rho * g / g.norm()) - loss(w))
+        assert worst_case_sharpness(loss_and_grad, w, rho, steps=1).sam_sharpness == pytest.approx(sam, rel=1e-12)
+
+
+def test_adaptive_linf_on_a_separable_quadratic_is_the_corner_value():
+    # L = sum_i g_i x_i + a_i x_i^2 / 2 with x = delta: each coordinate is maximised at x_i = rho c_i sign(g_i).
+    n = 6
+    gen = torch.Generator().manual_seed(3)
+    diag, w = torch.rand(n, generator=gen, dtype=F64) + 0.5, torch.randn(n, generator=gen, dtype=F64)
+    b = torch.randn(n, generator=gen, dtype=F64)
+
+    def loss_and_grad(v):
+        return b @ v + 0.5 * (diag * v) @ v, b + diag * v
+
+    c = sharpness_scale(w, adaptive=True, eta=0.1)
+    g = b + diag * w
+    exact = float((0.2 * c * g.abs() + 0.5 * diag * (0.2 * c) ** 2).sum())
+    result = worst_case_sharpness(loss_and_grad, w, 0.2, p="inf", scale=c, steps=10)
+    assert result.sharpness == pytest.approx(exact, rel=1e-12)
+
+
+def test_linf_ascent_stays_in_the_box_and_never_beats_the_best_vertex():
+    # A convex quadratic attains its maximum over a box at a vertex: enumerate all 2^6 of them. Sign ascent is a
+    # local method, so its value lies between the first (SAM) vertex and the global best vertex.
+    a, w_star, loss, loss_and_grad = _quadratic(n=6, seed=4, eigenvalues=[2.0, 1.0, 0.8, 0.5, 0.3, 0.1])
+    w = w_star + 0.05 * torch.ones(6, dtype=F64)
+    rho = 0.3
+    vertices = [rho * torch.tensor(s, dtype=F64) for s in itertools.product((-1.0, 1.0), repeat=6)]
+    best = max(float(loss(w + v) - loss(w)) for v in vertices)
+    result = worst_case_sharpness(loss_and_grad, w, rho, p="inf", steps=30)
+    assert float(result.delta.abs().max()) <= rho
+    assert result.sam_sharpness <= result.sharpness <= best
+    assert result.sharpness == pytest.approx(float(loss(w + result.delta) - loss(w)), rel=1e-12)
+
+
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_for_a_linear_loss_worst_case_equals_the_first_order_estimate(p):
+    gen = torch.Generator().manual_seed(6)
+    b, w = torch.randn(10, generator=gen, dtype=F64), torch.randn(10, generator=gen, dtype=F64)
+    c = sharpness_scale(w, adaptive=True, eta=0.01)
+    first = first_order_sharpness(b, 0.1, p=p, scale=c)
+    expected = 0.1 * float((c * b).norm() if p == "2" else (c * b).abs().sum())
+    assert first == pytest.approx(expected, rel=1e-14)
+    result = worst_case_sharpness(lambda v: (b @ v, b.clone()), w, 0.1, p=p, scale=c, steps=5)
+    assert result.sharpness == pytest.approx(expected, rel=1e-12)
+
+
+def test_average_case_matches_half_rho_squared_trace_of_c_a_c():
+    a, w_star, loss, _ = _quadratic(seed=7)
+    w = w_star + 0.5 * torch.ones(8, dtype=F64)  # away from the minimum: antithetic pairs cancel the gradient term
+    c = sharpness_scale(w, adaptive=True, eta=0.1)
+    rho, samples = 0.3, 4000
+    exact = 0.5 * rho**2 * float((torch.diag(a) * c**2).sum())
+    mean, stderr = average_case_sharpness(loss, w, rho, scale=c, draws=samples, seed=0)
+    assert abs(mean - exact) < 4 * stderr
+    # each pair mean is z^T M z / 2 with M = rho^2 C A C, whose variance is tr(M^2) / 2
+    m = rho**2 * torch.diag(c) @ a @ torch.diag(c)
+    assert stderr == pytest.approx(math.sqrt(0.5 * float(torch.trace(m @ m)) / samples), rel=0.1)
+    assert average_case_sharpness(loss, w, rho, scale=c, draws=5, seed=1) == average_case_sharpness(
+        loss, w, rho, scale=c, draws=5, seed=1)
+
+
+def test_m_sharpness_averages_the_per_batch_maxima():
+    batches = [_quadratic(seed=s, eigenvalues=[top, 0.4 * top, 0.3, 0.25, 0.2, 0.15, 0.12, 0.1])
+               for s, top in ((8, 1.0), (9, 4.0))]
+    shared_w = torch.zeros(8, dtype=F64)
+    closures = []
+    for a, w_star, loss, _ in batches:
+        # every batch has its minimum at the shared point, so each maximum is rho^2 lambda_max / 2
+        closures.append((lambda v, a=a: (0.5 * v @ a @ v, a @ v), None))
+    mean, stderr = m_sharpness(closures, shared_w, 0.1, steps=60)
+    assert mean == pytest.approx(0.5 * 0.01 * (1.0 + 4.0) / 2, rel=1e-9)
+    assert stderr == pytest.approx(0.5 * 0.01 * 1.5, rel=1e-9)
+
+
+# -- on networks ----------------------------------------------------------------------------------------------------
+def _relu_mlp_and_data(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)).double()
+    x = torch.randn(64, 5, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    return model, x, y
+
+
+def _rescaled(model, a):
+    """Layer 1 (weight and bias) times a > 0, layer 2's weight times 1/a: the same function (ReLU is 1-homogeneous)."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(a)
+        other[0].bias.mul_(a)
+        other[2].weight.div_(a)
+    return other
+
+
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_adaptive_sharpness_is_invariant_to_relu_rescaling_while_plain_sharpness_is_not(p):
+    # Dinh et al. 2017: w -> T w with T = diag(a, .., 1/a, ..) keeps L; with c = |w| the ball {c u : ||u||_p <= rho}
+    # maps onto itself under T, and L(Tw + Tc u) = L(w + c u) makes the whole ascent identical in u.
+    model, x, y = _relu_mlp_and_data()
+    other = _rescaled(model, 8.0)
+    common = dict(rhos=(0.05, 0.3), p=p, steps=4, m=32, draws=3, batch_size=24)
+    adaptive = SharpnessSettings(adaptive=True, eta=0.0, **common)
+    a, b = sharpness_analysis(model, x, y, adaptive), sharpness_analysis(other, x, y, adaptive)
+    assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-12)
+    for name in ("worst_case", "sam", "first_order", "average_case", "m_sharpness"):
+        np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-8, err_msg=name)
+    plain = SharpnessSettings(adaptive=False, **common)
+    a, b = sharpness_analysis(model, x, y, plain), sharpness_analysis(other, x, y, plain)
+    for name in ("worst_case", "first_order", "average_case"):
+        assert np.all(np.abs(b[name].values / a[name].values - 1) > 0.1), name
+
+
+def test_sharpness_analysis_agrees_with_its_definitions_on_a_network():
+    model, x, y = _relu_mlp_and_data(seed=1)
+    settings = SharpnessSettings(rhos=(0.1,), steps=3, m=64, draws=0, batch_size=16)
+    ds = sharpness_analysis(model, x, y, settings)
+    closure = LossFunction(model, x, y)
+    loss, grad = closure.loss_and_gradient()
+    assert float(ds["loss"]) == pytest.approx(loss, rel=1e-12)
+    assert float(ds["first_order"].sel(rho=0.1)) == pytest.approx(0.1 * float(grad.norm()), rel=1e-10)
+    sam = closure.loss(closure.parameter_vector() + 0.1 * grad / grad.norm()) - loss
+    assert float(ds["sam"].sel(rho=0.1)) == pytest.approx(sam, rel=1e-9)
+    # one batch of m = all examples: m-sharpness is the worst case on the whole set
+    assert float(ds["m_sharpness"].sel(rho=0.1)) == pytest.approx(float(ds["worst_case"].sel(rho=0.1)), rel=1e-10)
+    assert "average_case" not in ds and int(ds["m_batches"]) == 1
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sharpness_analysis(model, x, y, settings)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())  # the model is never modified
+
+
+def test_cli_sharpness_writes_a_resumable_file(tmp_path):
+    from click.testing import CliRunner
+
+    from landscape.checkpoints import save_checkpoint
+    from landscape.cli import cli
+    from landscape.models import create_model
+    from landscape.runs import Run
+
+    kwargs = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=1, num_heads=2)
+    run = Run.create(tmp_path / "run")
+    run.save_config({"model": {"name": "vit_tiny_patch16_224", "kwargs": kwargs}, "data": {"name": "digits"},
+                     "seed": 0})
+    model = create_model("vit_tiny_patch16_224", **kwargs)
+    for epoch in (1, 2):
+        save_checkpoint(run.checkpoint_path(epoch=epoch), model.state_dict(), model="vit_tiny_patch16_224",
+                        model_kwargs=kwargs, epoch=epoch, step=epoch)
+    args = ["analyze", "sharpness", str(run.root), "--rho", "0.01,0.1", "--steps", "2", "--samples", "32",
+            "--draws", "2", "--m", "16", "--adaptive"]
+    result = CliRunner().invoke(cli, args + ["--checkpoints", "last"])
+    assert result.exit_code == 0, result.output
+    ds = xr.open_dataset(run.analysis_path("sharpness"), engine="h5netcdf")
+    assert ds["worst_case"].dims == ("checkpoint", "rho") and list(ds["rho"].values) == [0.01, 0.1]
+    settings = json.loads(ds.attrs["settings"])
+    assert settings["adaptive"] and settings["m"] == 16 and settings["p"] == "2"
+    assert "torch" in ds.attrs["library_versions"]
+    seconds = float(ds["seconds"].sel(checkpoint="epoch-0002"))
+    ds.close()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    with xr.open_dataset(run.analysis_path("sharpness"), engine="h5netcdf") as ds:
+        assert list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002"]
+        assert float(ds["seconds"].sel(checkpoint="epoch-0002")) == seconds  # finished checkpoints are skipped
+    result = CliRunner().invoke(cli, args[:-1] + ["--p", "inf"])
+    assert result.exit_code == 1 and "other settings" in result.output
+    result = CliRunner().invoke(cli, ["analyze", "sharpness", str(run.root), "--rho", "-0.1"])
+    assert result.exit_code == 1 and "--rho must be positive" in result.output

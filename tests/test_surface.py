@@ -1,0 +1,270 @@
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from landscape.analyses.curvature import LossFunction, analysis_data_for_run
+from landscape.analyses.surface import (
+    SurfaceSettings,
+    barrier,
+    combine,
+    filter_normalize,
+    grid_axes,
+    load_directions,
+    qkv_head_counts,
+    random_directions,
+    run_surface_analysis,
+    surface_analysis,
+    trajectory_pca,
+)
+from landscape.checkpoints import build_model, load_checkpoint, save_checkpoint
+from landscape.cli import cli
+from landscape.errors import LandscapeError
+from landscape.models import create_model
+from landscape.runs import Run
+
+MODEL = "vit_tiny_patch16_224"
+KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depth=2, num_heads=2)
+SAMPLES = 48
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine threads oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _make_run(root, seed, epochs=4):
+    """A run on the embedded digits data whose checkpoints drift randomly away from a seeded init."""
+    run = Run.create(root)
+    run.save_config({"model": {"name": MODEL, "kwargs": KWARGS}, "data": {"name": "digits", "img_size": 8},
+                     "seed": seed})
+    torch.manual_seed(seed)
+    model = create_model(MODEL, **KWARGS)
+    for epoch in range(1, epochs + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        save_checkpoint(run.checkpoint_path(epoch=epoch), model.state_dict(), model=MODEL, model_kwargs=KWARGS,
+                        epoch=epoch, step=10 * epoch)
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("surface")
+    return {name: _make_run(root / name, seed) for name, seed in (("a", 0), ("b", 1), ("c", 2))}
+
+
+def _checkpoint_evaluation(run, info, x, y):
+    """Loss and top-1 of a checkpoint loaded into its own model: the reference every slice must reproduce."""
+    _, state = load_checkpoint(info.path)
+    return LossFunction(build_model(info, state), x, y, skip_unused=False).evaluate()
+
+
+# -- directions ---------------------------------------------------------------------------------------------------
+def test_filter_normalisation_gives_each_filter_the_norm_of_its_weights():
+    model = create_model(MODEL, **KWARGS)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    raw = random_directions(weights, 1, seed=3)[0]
+    heads = qkv_head_counts(model)
+    assert heads == {"blocks.0.attn.qkv.weight": 2, "blocks.1.attn.qkv.weight": 2}
+    d = filter_normalize(raw, weights, qkv_heads=heads)
+
+    def row_norms(t, rows):
+        return torch.linalg.vector_norm(t.reshape(rows, -1), dim=1)
+
+    for name in ("blocks.0.mlp.fc1.weight", "head.weight", "patch_embed.proj.weight", "blocks.1.attn.proj.weight"):
+        rows = weights[name].shape[0]
+        torch.testing.assert_close(row_norms(d[name], rows), row_norms(weights[name], rows), rtol=1e-5, atol=0)
+    qkv = "blocks.0.attn.qkv.weight"  # (3 * heads * head_dim, D): six blocks of 8 rows, one per q/k/v and head
+    torch.testing.assert_close(row_norms(d[qkv], 6), row_norms(weights[qkv], 6), rtol=1e-5, atol=0)
+    assert not torch.allclose(row_norms(d[qkv], 48), row_norms(weights[qkv], 48), rtol=1e-2)
+    by_row = filter_normalize(raw, weights, qkv_heads=heads, qkv="row")
+    torch.testing.assert_close(row_norms(by_row[qkv], 48), row_norms(weights[qkv], 48), rtol=1e-5, atol=0)
+    for name, tokens in (("pos_embed", 17), ("cls_token", 1)):  # one filter per token
+        torch.testing.assert_close(row_norms(d[name], tokens), row_norms(weights[name], tokens), rtol=1e-5, atol=0)
+    for name in ("blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "head.bias"):
+        assert torch.count_nonzero(d[name]) == 0  # Li et al.: 1-D parameters stay put
+    whole = filter_normalize(raw, weights, qkv_heads=heads, one_dim="filter")
+    norm = "blocks.0.norm1.weight"
+    assert float(whole[norm].norm()) == pytest.approx(float(weights[norm].norm()), rel=1e-5)
+    assert torch.allclose(whole[norm] / whole[norm].norm(), raw[norm] / raw[norm].norm(), atol=1e-6)
+
+
+def test_random_directions_are_reproducible_from_the_seed():
+    weights = {"w": torch.zeros(3, 4), "b": torch.zeros(3)}
+    first, second = random_directions(weights, 2, seed=5), random_directions(weights, 2, seed=5)
+    assert all(torch.equal(first[k][n], second[k][n]) for k in range(2) for n in weights)
+    assert not torch.equal(first[0]["w"], first[1]["w"])
+    assert not torch.equal(random_directions(weights, 1, seed=6)[0]["w"], first[0]["w"])
+
+
+def test_trajectory_pca_matches_a_dense_svd(tmp_path):
+    model = create_model(MODEL, **KWARGS)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    drift = {n: torch.randn(t.shape, generator=gen) for n, t in base.items()}
+    paths = []
+    for i in range(6):
+        state = {n: t + 0.3 * i * drift[n] + 0.05 * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+        paths.append(save_checkpoint(tmp_path / f"c{i}.safetensors", state, model=MODEL, model_kwargs=KWARGS, step=i))
+    shapes = {n: tuple(t.shape) for n, t in base.items()}
+    # a tiny slice budget forces the streaming path through many row chunks of every parameter
+    pca = trajectory_pca(paths, shapes, count=2, max_elements=64, dtype=torch.float64)
+
+    dense = np.stack([np.concatenate([load_checkpoint(p)[1][n].double().reshape(-1).numpy() for n in shapes])
+                      for p in paths])
+    differences = dense[:-1] - dense[-1]
+    _, s, vt = np.linalg.svd(differences - differences.mean(0), full_matrices=False)
+    np.testing.assert_allclose(pca.explained_variance, s[:2] ** 2 / (s ** 2).sum(), rtol=1e-9)
+    for k in range(2):
+        v = np.concatenate([pca.directions[k][n].reshape(-1).numpy() for n in shapes]) / pca.scales[k]
+        assert abs(v @ vt[k]) == pytest.approx(1.0, rel=1e-9)  # the same unit direction, up to sign
+        np.testing.assert_allclose(pca.coordinates[:, k] * pca.scales[k], (dense - dense[-1]) @ v, atol=1e-9)
+    assert np.abs(pca.coordinates).max() == pytest.approx(1.0)
+    with pytest.raises(LandscapeError, match="at least 4 checkpoints"):
+        trajectory_pca(paths[:3], shapes, count=2)
+
+
+# -- grids ----------------------------------------------------------------------------------------------------------
+def test_grid_axes_hold_the_checkpoint_coordinates_exactly():
+    axis = grid_axes((-0.5, 1.5), 51, anchors=(0.0, 1.0))  # step 0.04: 0.5 / 0.04 is not an integer
+    assert 0.0 in axis and 1.0 in axis and len(axis) == 53 and np.all(np.diff(axis) > 0)
+    axis = grid_axes((-1.0, 1.0), 51)
+    assert len(axis) == 51 and axis[25] == 0.0
+
+
+def test_barrier_of_a_known_curve():
+    axis = np.array([-0.5, 0.0, 0.25, 0.5, 1.0, 1.5])
+    values = np.array([9.0, 1.0, 2.0, 4.0, 3.0, 9.0])  # outside [0, 1] does not count
+    assert barrier(values, axis) == 2.0
+    assert np.isnan(barrier(values[:3], axis[:3]))
+
+
+def test_combine_is_exact_at_basis_points_and_fresh_everywhere():
+    gen = torch.Generator().manual_seed(0)
+    w0, w1 = {"w": torch.randn(5, generator=gen)}, {"w": torch.randn(5, generator=gen)}
+    assert torch.equal(combine([w0, w1], [0.0, 1.0])["w"], w1["w"])
+    assert torch.equal(combine([w0, w1], [1.0, 0.0])["w"], w0["w"])
+    mid = combine([w0, w1], [0.5, 0.5])["w"]
+    torch.testing.assert_close(mid, 0.5 * (w0["w"] + w1["w"]))
+    before = w0["w"].clone()
+    combine([w0, w1], [1.0, 0.3])
+    assert torch.equal(w0["w"], before)  # the bases are never modified
+
+
+def test_grid_points_equal_the_model_loaded_with_w0_plus_a_d1_plus_b_d2():
+    torch.manual_seed(0)
+    model = create_model(MODEL, **KWARGS).double()
+    x, y = torch.randn(20, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (20,))
+    closure = LossFunction(model, x, y, batch_size=8, skip_unused=False)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    d1, d2 = (filter_normalize(d, w0, qkv_heads=qkv_head_counts(model)) for d in random_directions(w0, 2, seed=1))
+    axes = [np.array([-1.0, 0.0, 0.5]), np.array([0.0, 2.0])]
+    ds = surface_analysis(closure, w0, [d1, d2], "random", axes)
+    assert ds["loss"].dims == ("a", "b") and ds["loss"].shape == (3, 2)
+    probe = create_model(MODEL, **KWARGS).double()
+    for a in axes[0]:
+        for b in axes[1]:
+            probe.load_state_dict({n: w0[n] + a * d1[n] + b * d2[n] for n in w0})
+            loss, top1 = LossFunction(probe, x, y, batch_size=8, skip_unused=False).evaluate()
+            assert float(ds["loss"].sel(a=a, b=b)) == pytest.approx(loss, rel=1e-12, abs=1e-12)
+            assert float(ds["top1"].sel(a=a, b=b)) == top1
+    assert float(ds["loss"].sel(a=0.0, b=0.0)) == closure.evaluate()[0]  # the centre, bit for bit
+    backwards = surface_analysis(closure, w0, [d1, d2], "random", [axes[0][::-1], axes[1][::-1]])
+    np.testing.assert_array_equal(backwards["loss"].values[::-1, ::-1], ds["loss"].values)  # no drift
+
+
+# -- runs -----------------------------------------------------------------------------------------------------------
+def test_interpolation_endpoints_reproduce_each_checkpoints_own_evaluation_exactly(runs):
+    a, b = runs["a"], runs["b"]
+    settings = SurfaceSettings(directions=f"interpolate:{b.root}@3", points=5, samples=SAMPLES)
+    ds = run_surface_analysis(a, settings, checkpoints="epochs:2,4")
+    assert ds["loss"].dims == ("checkpoint", "a") and list(ds["a"].values) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    x, y = analysis_data_for_run(a, SAMPLES)
+    end = _checkpoint_evaluation(b, b.select_checkpoints("epochs:3")[0], x, y)
+    for info in a.select_checkpoints("epochs:2,4"):
+        start = _checkpoint_evaluation(a, info, x, y)
+        entry = ds.sel(checkpoint=info.name)
+        assert float(entry["loss"].sel(a=0.0)) == start[0] and float(entry["top1"].sel(a=0.0)) == start[1]
+        assert float(entry["loss"].sel(a=1.0)) == end[0] and float(entry["top1"].sel(a=1.0)) == end[1]
+        curve = entry["loss"].values
+        assert float(entry["loss_barrier"]) == pytest.approx(curve.max() - 0.5 * (curve[0] + curve[-1]))
+    assert (a.analysis_dir / "surface-interpolate-b@3-1d.nc").exists()
+
+
+def test_plane_passes_through_the_three_checkpoints_exactly(runs):
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    settings = SurfaceSettings(directions=f"plane:{b.root},{c.root}", points=3, samples=SAMPLES)
+    ds = run_surface_analysis(a, settings, checkpoints="last").isel(checkpoint=0)
+    assert list(ds["a"].values) == [-0.5, 0.0, 0.5, 1.0, 1.5]  # 0 and 1 inserted into the 3-point grid
+    x, y = analysis_data_for_run(a, SAMPLES)
+    for run, at in ((a, dict(a=0.0, b=0.0)), (b, dict(a=1.0, b=0.0)), (c, dict(a=0.0, b=1.0))):
+        assert float(ds["loss"].sel(at)) == _checkpoint_evaluation(run, run.checkpoints()[-1], x, y)[0]
+    assert -1.0 <= float(ds["axis_cosine"]) <= 1.0
+
+
+def test_random_directions_are_saved_once_and_reused_by_later_checkpoints(runs):
+    a = runs["a"]
+    settings = SurfaceSettings(directions="random", dims=1, points=3, samples=SAMPLES, seed=7)
+    run_surface_analysis(a, settings, checkpoints="last")
+    path = a.analysis_dir / "directions" / "random-seed7.safetensors"
+    saved, meta = load_directions(path)
+    assert meta["seed"] == 7 and len(saved) == 2
+    model = create_model(MODEL, **KWARGS)
+    expected = random_directions({n: p for n, p in model.named_parameters()}, 2, seed=7)
+    assert all(torch.equal(saved[k][n], expected[k][n]) for k in range(2) for n in expected[0])
+    stamp = path.stat().st_mtime_ns
+    first = run_surface_analysis(a, settings, checkpoints="last")["seconds"].values.copy()
+    ds = run_surface_analysis(a, settings, checkpoints="all")  # resumes: only the three new checkpoints run
+    assert path.stat().st_mtime_ns == stamp
+    assert ds.sizes["checkpoint"] == 4 and float(ds["seconds"].isel(checkpoint=-1)) == first[0]
+    x, y = analysis_data_for_run(a, SAMPLES, seed=7)  # the seed chooses the evaluation set too
+    for info in a.checkpoints():  # every slice is centred on its own checkpoint
+        assert float(ds["loss"].sel(checkpoint=info.name, a=0.0)) == _checkpoint_evaluation(a, info, x, y)[0]
+
+
+def test_pca_directions_record_the_projected_trajectory(runs):
+    a = runs["a"]
+    ds = run_surface_analysis(a, SurfaceSettings(directions="pca", points=3, samples=SAMPLES), checkpoints="last")
+    assert ds["trajectory_coordinates"].dims == ("checkpoint", "trajectory", "axis")
+    coords = ds["trajectory_coordinates"].isel(checkpoint=0).values
+    np.testing.assert_array_equal(coords[-1], [0.0, 0.0])  # the centre is the last checkpoint
+    assert np.abs(coords).max() == pytest.approx(1.0)
+    assert 0.0 < float(ds["explained_variance"].sum()) <= 1.0 + 1e-9
+
+
+def test_eigen_directions_are_the_saved_unit_hessian_eigenvectors(runs):
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+
+    c = runs["c"]
+    hessian = run_hessian_analysis(c, HessianSettings(top_k=2, samples=SAMPLES, tol=1e-4), checkpoints="last",
+                                   save_eigenvectors_to_disk=True)
+    ds = run_surface_analysis(c, SurfaceSettings(directions="eigen", dims=2, points=3, samples=SAMPLES),
+                              checkpoints="last").isel(checkpoint=0)
+    np.testing.assert_allclose(ds["direction_norm"].values, [1.0, 1.0], rtol=1e-5)
+    np.testing.assert_array_equal(ds["eigenvalue"].values, hessian["eigenvalue_largest"].isel(checkpoint=-1).values)
+    x, y = analysis_data_for_run(c, SAMPLES)
+    assert float(ds["loss"].sel(a=0.0, b=0.0)) == _checkpoint_evaluation(c, c.checkpoints()[-1], x, y)[0]
+
+
+def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs):
+    a, b = runs["a"], runs["b"]
+    runner = CliRunner()
+    result = runner.invoke(cli, ["analyze", "surface", str(a.root), "--directions", "random", "--dims", "2",
+                                 "--points", "2", "--samples", "16", "--range", "-0.5:0.5"])
+    assert result.exit_code == 0, result.output
+    assert (a.analysis_dir / "surface-random-2d.nc").exists() and "loss at checkpoint" in result.output
+    for args, message in (
+        (["--directions", f"interpolate:{b.root}", "--dims", "2"], "interpolate are a line"),
+        (["--directions", "sideways"], "Unknown directions"),
+        (["--range", "1:-1"], "START < STOP"),
+        (["--directions", "eigen"], "No Hessian eigenvectors"),
+        (["--directions", f"interpolate:{b.root}@99"], "No checkpoint at epoch 99"),
+    ):
+        result = runner.invoke(cli, ["analyze", "surface", str(a.root), "--samples", "16", *args])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
