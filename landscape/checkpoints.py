@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,11 +289,16 @@ def load_foreign_state(path: str | os.PathLike) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "not an allowed global" in str(e):
+        # torch's weights-only unpickler names the global it refused ("Unsupported global: GLOBAL ...");
+        # any other unpickling failure is a damaged or non-PyTorch file.
+        if "global" in str(e).lower():
             raise CheckpointError(
                 f"Refused to load {path}: it contains Python objects other than tensors and plain containers, "
                 "and unpickling them could run code; re-save it as a plain state dict or as safetensors."
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {_short(e)}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"Refused to load {path}: it is not a plain PyTorch weights file (its pickle uses instructions that the "
+            "safe loader does not run); if it holds weights, re-save it as a plain state dict or as safetensors."
+        ) from None
+    except Exception as e:  # the weights-only unpickler fails on garbage with arbitrary errors (IndexError, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch file (truncated or corrupt: {_short(e)}).") from None

@@ -160,3 +160,11 @@ def test_pytorch_file_points_to_import(tmp_path):
     torch.save(_state(), path)
     with pytest.raises(CheckpointError, match="landscape import"):
         read_checkpoint_info(path)
+
+
+@pytest.mark.parametrize("content", [b"garbage", b"root:x:0:0:root:/root:/bin/bash\n", b""])
+def test_files_that_are_not_pytorch_are_a_clear_error(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="junk.pth.*(not a readable PyTorch|not a plain PyTorch)"):
+        load_foreign_state(path)
