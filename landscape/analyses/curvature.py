@@ -185,7 +185,8 @@ class LossFunction:
             a list of names, or ``None`` for all trainable ones. The others stay fixed at their current values.
         criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch.
         vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
-            once; memory grows with it (each vector carries its own activation tangents).
+            once; memory grows with it (each vector carries its own activation tangents). On a CPU, 8 was
+            the fastest per vector for a 0.2M-parameter ViT on 256 images (32 was twice as slow).
         skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
             gradient pass when the closure is made).
         data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
@@ -206,7 +207,7 @@ class LossFunction:
         batch_size: int | None = 256,
         params: str | list[str] | None = None,
         criterion: LossCriterion = cross_entropy,
-        vectors_per_pass: int = 16,
+        vectors_per_pass: int = 8,
         skip_unused: bool = True,
         data_parallel: Any = None,
     ):
