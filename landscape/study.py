@@ -607,12 +607,12 @@ def run_named_analysis(run: Run, name: str, kind: str, analysis: Callable, setti
     import torch
 
     from landscape.analyses.curvature import analysis_data_for_run
-    from landscape.analyses.hessian import _resolve_device
+    from landscape.analyses.hessian import resolve_device
     from landscape.analyses.results import AnalysisResults
     from landscape.checkpoints import build_model, load_checkpoint
 
     settings.validate()
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     results = AnalysisResults(run.analysis_path(name), kind, settings.determining(), settings.seed, force=force)
     todo = [info for info in run.select_checkpoints(checkpoints) if not results.is_finished(info.name)]
     if todo:

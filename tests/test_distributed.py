@@ -54,15 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread, as in the torchrun workers, so that the same sums are formed in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(root: Path, *, broken: int | None = None) -> Run:
     """A run on the embedded digits with two checkpoints drifting from a seeded init; checkpoint ``broken`` (an
     epoch) lacks a parameter, so that loading it fails."""

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tiny_models import data, tiny_mlp, tiny_vit
+
 from landscape.analyses import hessian as hessian_module
 from landscape.analyses.curvature import HessianOperator, LossFunction
 from landscape.analyses.hessian import (
@@ -26,30 +28,6 @@ from landscape.analyses.hessian import (
     spectral_density,
     top_eigenvalues,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=3,
-                             embed_dim=8, depth=1, num_heads=2, mlp_ratio=2).double()
-
-
-def tiny_mlp() -> nn.Module:
-    torch.manual_seed(1)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 3)).double()
-
-
-def data(n: int = 10):
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
 @pytest.fixture(scope="module", params=["vit", "mlp"])

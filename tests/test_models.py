@@ -46,15 +46,6 @@ TINY_VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared machine makes them slow; restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def meta_model(name: str, **kwargs):
     with torch.device("meta"):
         return create_model(name, **kwargs)

@@ -23,15 +23,6 @@ from landscape.analyses.sharpness import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine threads oversubscribe the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _quadratic(n=8, seed=0, eigenvalues=None):
     """L(w) = 1/2 (w - w*)^T A (w - w*) with a known spectrum."""
     g = torch.Generator().manual_seed(seed)

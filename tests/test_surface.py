@@ -28,15 +28,6 @@ KWARGS = dict(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=16
 SAMPLES = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine threads oversubscribe the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _make_run(root, seed, epochs=4):
     """A run on the embedded digits data whose checkpoints drift randomly away from a seeded init."""
     run = Run.create(root)

@@ -740,7 +740,7 @@ def hessian_analysis(
     return ds
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     want = str(device or "auto").lower()
     if want == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
