@@ -214,6 +214,8 @@ def analyze() -> None:
               help="Number of extreme eigenvalues (0: none).")
 @click.option("--which", type=click.Choice(["largest", "smallest", "both"]), default="largest", show_default=True,
               help="Largest, most negative, or both ends of the spectrum.")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True, max=1), default=1e-3, show_default=True,
+              help="Relative accuracy of each eigenvalue (its error bound over its size).")
 @click.option("--trace", is_flag=True, help="Estimate the trace (Hutch++, with a standard error).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
 @click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
@@ -224,15 +226,20 @@ def analyze() -> None:
 @click.option("--force", is_flag=True, help="Recompute checkpoints already in RUN/analysis/hessian.nc.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Examples per forward pass; at least --samples keeps the gradient graph (faster, more memory).")
+@click.option("--product", type=click.Choice(["auto", "forward-over-reverse", "kept-graph"]), default="auto",
+              show_default=True, help="How Hessian-vector products are computed; auto keeps the graph of one batch.")
 @click.option("--save-eigenvectors", is_flag=True,
               help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors.")
 @click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
               help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
                    "is split over the processes].")
 @DATA_DIR_OPTION
-def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, trace: bool, density: bool,
-                    samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
-                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None) -> None:
+def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
+                    density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
+                    batch_size: int, product: str, save_eigenvectors: bool, shard: str | None,
+                    data_dir: Path | None) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
@@ -241,8 +248,9 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     from landscape.analyses.hessian import HessianSettings, hessian_summary, run_hessian_analysis
     from landscape.runs import Run
 
-    settings = HessianSettings(top_k=top_k, which=which, trace=trace, density=density, samples=samples,
-                               params=params, weights=weights, dtype=dtype, seed=seed)
+    settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, density=density, samples=samples,
+                               params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
+                               product=product)
     run_dir = Run.open(run)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, save_eigenvectors_to_disk=save_eigenvectors,

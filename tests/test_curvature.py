@@ -135,6 +135,34 @@ def test_hessian_operator_works_with_scipy(problem):
     assert top[0] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)
 
 
+def test_kept_graph_products_equal_the_dense_hessian_over_several_batches(problem):
+    _, _, _, loss, H = problem
+    op = HessianOperator(loss, product="kept-graph")
+    V = torch.randn(loss.num_parameters, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    first = op.torch_matmat(V)
+    assert torch.linalg.norm(first - H @ V) <= 1e-10 * torch.linalg.norm(H @ V)
+    assert torch.equal(op.torch_matmat(V), first)  # the kept graph gives the same numbers every time
+    value, gradient = op.loss_and_gradient()
+    expected_value, expected_gradient = loss.loss_and_gradient()
+    assert value == pytest.approx(expected_value, rel=1e-12)
+    assert torch.allclose(gradient, expected_gradient, rtol=1e-10, atol=1e-13)
+    op.release()
+    assert torch.allclose(op.torch_matmat(V[:, :1]), first[:, :1], rtol=1e-12, atol=1e-14)  # rebuilt on demand
+    assert op.num_matvecs == 7
+
+
+def test_auto_keeps_the_graph_only_for_a_single_batch(problem):
+    model, x, y, loss, H = problem
+    assert HessianOperator(loss).product == "forward-over-reverse"  # three batches
+    whole = LossFunction(model, x, y, batch_size=None)
+    op = HessianOperator(whole)
+    assert op.product == "kept-graph"
+    v = torch.randn(whole.num_parameters, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    assert torch.linalg.norm(op.torch_matvec(v) - H @ v) <= 1e-10 * torch.linalg.norm(H @ v)
+    with pytest.raises(ConfigError, match="Unknown Hessian-vector product"):
+        HessianOperator(whole, product="finite-differences")
+
+
 def test_subset_hessian_is_the_principal_block_of_the_full_one():
     model, (x, y) = tiny_vit(), data()
     full = LossFunction(model, x, y, batch_size=None)

@@ -78,7 +78,26 @@ def test_eigenvalue_error_is_within_the_requested_relative_tolerance():
     for tol in (1e-2, 1e-3):
         result = top_eigenvalues(A, 5, tol=tol, seed=0)
         assert np.all(np.abs(result.eigenvalues - exact[::-1][:5]) <= tol * np.abs(exact[::-1][:5]))
-        assert np.all(result.residual_norms <= tol * np.abs(result.eigenvalues))
+        assert np.all(result.error_bounds <= tol * np.abs(result.eigenvalues))
+        assert np.all(result.error_bounds <= result.residual_norms)
+
+
+def close_pair_spectrum(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Outliers whose fifth and sixth differ by 1% (as on the benchmark ViT), over a bulk of width 2."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    values = np.concatenate([[90.0, 24.0, 15.0, 11.7, 10.7, 10.6, 9.7, 9.4], rng.uniform(-1.0, 1.0, n - 8)])
+    return (Q * values) @ Q.T, np.sort(values)[::-1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_error_bounds_hold_and_a_close_pair_is_resolved(seed):
+    A, exact = close_pair_spectrum(seed=seed)
+    result = top_eigenvalues(A, 5, tol=1e-3, seed=seed)
+    error = np.abs(result.eigenvalues - exact[:5])
+    assert result.converged
+    assert np.all(error <= 1e-3 * exact[:5])  # 10.7 reported, not 10.6
+    assert np.all(error <= result.error_bounds * (1 + 1e-9) + 1e-12)  # each bound is a true bound
 
 
 def test_same_seed_same_eigenvalues_and_every_operator_form_agrees():
@@ -268,6 +287,21 @@ def test_cli_analyses_a_run_made_by_hand_and_saves_eigenvectors(tmp_path):
     direction = saved.direction(0)
     assert direction["head.weight"].shape == (10, 8)
     assert sum(float((t.double() ** 2).sum()) for t in direction.values()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_both_product_paths_give_the_same_analysis():
+    from landscape.analyses.hessian import hessian_analysis
+
+    model, (x, y) = tiny_vit(), data()
+    results = {}
+    for product in ("kept-graph", "forward-over-reverse"):
+        settings = HessianSettings(top_k=3, tol=1e-8, trace=True, trace_matvecs=12, product=product, batch_size=4)
+        results[product] = hessian_analysis(model, x, y, settings)
+    kept, recomputed = results["kept-graph"], results["forward-over-reverse"]
+    for name in ("eigenvalue_largest", "trace", "gradient_norm", "loss"):
+        assert np.allclose(kept[name].values, recomputed[name].values, rtol=1e-9, atol=0), name
+    bound, residual = kept["eigenvalue_largest_error_bound"].values, kept["eigenvalue_largest_residual"].values
+    assert np.all(bound <= residual) and np.all(bound <= 1e-8 * kept["eigenvalue_largest"].values)
 
 
 def test_hessian_dataset_has_the_documented_dimensions_and_attrs(tmp_path):

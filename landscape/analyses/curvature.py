@@ -16,6 +16,11 @@ with :math:`H \\in \\mathbb{R}^{P \\times P}`, :math:`P` the number of selected 
   \\epsilon v)|_{\\epsilon=0}` (:func:`torch.func.jvp` of :func:`torch.func.grad`); several vectors share one
   primal pass through :func:`torch.func.vmap`. The double-backward product :math:`\\nabla (\\nabla L^\\top v)` is
   kept as an independent cross-check.
+- For a long sequence of products (Lanczos, Hutch++) :class:`KeptGraphProducts` runs the forward and backward
+  pass once, keeps the graph of the gradient, and differentiates it again for each vector: every product then
+  skips the primal work. :class:`HessianOperator` picks it (``product="auto"``) when the evaluation set is one
+  batch, whose graph the batch size has already sized; over several batches, holding every batch's graph at
+  once could exceed the memory that the batch size was chosen to fit, so products recompute batch by batch.
 - Fused attention kernels have neither a double-backward nor a forward-mode rule; every method here runs under
   the math kernel of :func:`torch.nn.functional.scaled_dot_product_attention`, switched on inside.
 - Parameters with ``requires_grad=False`` and parameters the loss does not reach on the evaluation set are
@@ -438,8 +443,8 @@ class LossFunction:
         eye = torch.eye(self.num_parameters, device=self.device, dtype=self.dtype)
         return self.hessian_vector_product(eye, vectors_per_pass=max(self.vectors_per_pass, 128))
 
-    def hessian_operator(self) -> "HessianOperator":
-        return HessianOperator(self)
+    def hessian_operator(self, product: str = "auto") -> "HessianOperator":
+        return HessianOperator(self, product=product)
 
 
 def _parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
@@ -485,6 +490,72 @@ def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCrite
 
 
 # -- the Hessian as a linear operator ----------------------------------------------------------------------------
+class KeptGraphProducts:
+    """Hessian-vector products through a kept gradient graph: :math:`H v = \\nabla_\\theta (g^\\top v)` with
+    :math:`g = \\nabla L` computed once, with ``create_graph=True``, and reused for every ``v``.
+
+    The first product (or :meth:`build`) runs one forward and backward pass per batch and holds each batch's
+    graph; every product after it is one backward pass through those graphs (reverse-over-reverse), skipping
+    the forward and backward pass that :meth:`LossFunction.hessian_vector_product` recomputes. The loss and
+    gradient of that pass are kept too (:attr:`loss_value`, :attr:`gradient`). Memory: the graph of every batch
+    at once, about twice the activations of a training step on the same examples. Products are exact for the
+    parameters at build time; :meth:`release` frees the graphs (so does leaving a ``with`` block).
+    """
+
+    def __init__(self, loss: LossFunction):
+        self.loss_function = loss
+        self._graphs: list[tuple[float, tuple[Tensor, ...]]] | None = None
+        self._leaves: list[Tensor] = []
+        self.loss_value: float | None = None
+        self.gradient: Tensor | None = None
+
+    def build(self) -> "KeptGraphProducts":
+        if self._graphs is not None:
+            return self
+        lf = self.loss_function
+        leaves = {n: t.clone().requires_grad_(True) for n, t in lf._params.items()}
+        graphs, total, gradient = [], 0.0, None
+        with evaluation_mode(lf.model), torch.enable_grad():
+            for w, x, y in lf._weights():
+                value = lf._batch_loss(leaves, x, y)
+                grads = torch.autograd.grad(value, list(leaves.values()), create_graph=True)
+                graphs.append((w, grads))
+                total += w * float(value.detach())
+                gradient = _add_scaled(gradient, {n: g.detach() for n, g in zip(leaves, grads)}, w)
+        self._graphs, self._leaves = graphs, list(leaves.values())
+        self.loss_value = lf._sum_scalars(total)[0]
+        self.gradient = lf._sum(lf.flatten(gradient))
+        return self
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``(P, k)`` -> ``(P, k)``, one backward pass per column and batch."""
+        self.build()
+        lf = self.loss_function
+        columns = []
+        with evaluation_mode(lf.model):
+            for i in range(vectors.shape[1]):
+                tangent = list(lf.unflatten(vectors[:, i].to(lf.device, lf.dtype)).values())
+                total = None
+                for w, grads in self._graphs:
+                    hv = torch.autograd.grad(grads, self._leaves, grad_outputs=tangent, retain_graph=True)
+                    flat = torch.cat([h.reshape(-1) for h in hv])
+                    total = w * flat if total is None else total.add_(flat, alpha=w)
+                columns.append(total)
+        return lf._sum(torch.stack(columns, dim=1))
+
+    def release(self) -> None:
+        self._graphs, self._leaves = None, []
+
+    def __enter__(self) -> "KeptGraphProducts":
+        return self.build()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+PRODUCTS = ("auto", "forward-over-reverse", "kept-graph")
+
+
 class HessianOperator(LinearOperator):
     """:math:`H = \\nabla^2 L(\\theta)` of a :class:`LossFunction`, as a symmetric ``(P, P)`` linear operator.
 
@@ -493,12 +564,27 @@ class HessianOperator(LinearOperator):
     :meth:`torch_matvec` stay on the model's device, for estimators written in torch. Each product is
     counted in :attr:`num_matvecs` (one per column); ``callback(k)`` is called after each ``k``-column product,
     e.g. to drive a progress bar.
+
+    ``product`` chooses how products are computed: ``"forward-over-reverse"`` recomputes the forward and
+    backward pass for every product (batch by batch, ``vectors_per_pass`` vectors at a time: the least memory);
+    ``"kept-graph"`` keeps the gradient graph of the whole evaluation set (:class:`KeptGraphProducts`: 1.5 to 2
+    times faster per product, built on the first product and freed by :meth:`release`); ``"auto"`` keeps the
+    graph when the evaluation set is one batch. Both are exact; they differ by floating-point rounding.
     """
 
-    def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None):
+    def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None, product: str = "auto"):
+        if product not in PRODUCTS:
+            raise ConfigError(f"Unknown Hessian-vector product {product!r}; accepted are {', '.join(PRODUCTS)}.")
         self.loss = loss
         self.callback = callback
         self.num_matvecs = 0
+        if product == "auto":  # every process must choose alike: they meet in the same collectives
+            several = float(loss.data.num_batches > 1)
+            if loss.data_parallel is not None:
+                several = float(loss._sum(torch.tensor([several], device=loss.device)))
+            product = "forward-over-reverse" if several else "kept-graph"
+        self.product = product
+        self.kept = KeptGraphProducts(loss) if product == "kept-graph" else None
         np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(loss.dtype)
         if np_dtype is None:
             raise LandscapeError(f"Hessians are computed in float32 or float64, not {loss.dtype}.")
@@ -514,9 +600,22 @@ class HessianOperator(LinearOperator):
 
     def torch_matmat(self, vectors: Tensor) -> Tensor:
         """``(P, k)`` -> ``(P, k)``: :math:`H V` on the model's device, in its dtype."""
-        out = self.loss.hessian_vector_product(vectors.to(self.device, self.torch_dtype))
+        vectors = vectors.to(self.device, self.torch_dtype)
+        out = self.kept.matmat(vectors) if self.kept is not None else self.loss.hessian_vector_product(vectors)
         self._count(vectors.shape[1])
         return out
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """:math:`(L, \\nabla L)` at the operator's parameters; free once a kept graph is built."""
+        if self.kept is not None:
+            self.kept.build()
+            return self.kept.loss_value, self.kept.gradient
+        return self.loss.loss_and_gradient()
+
+    def release(self) -> None:
+        """Free a kept graph (the next product builds it again)."""
+        if self.kept is not None:
+            self.kept.release()
 
     def torch_matvec(self, vector: Tensor) -> Tensor:
         """``(P,)`` -> ``(P,)``: :math:`H v`."""
