@@ -217,6 +217,8 @@ def analyze() -> None:
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True, max=1), default=1e-3, show_default=True,
               help="Relative accuracy of each eigenvalue (its error bound over its size).")
 @click.option("--trace", is_flag=True, help="Estimate the trace (Hutch++, with a standard error).")
+@click.option("--trace-method", type=click.Choice(["lanczos", "hutch++"]), default="lanczos", show_default=True,
+              help="lanczos: Hutchinson deflated by the eigenvalues' Krylov basis (Hutch++ with --top-k 0).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
 @click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
               help="Examples of the training set in the fixed evaluation set.")
@@ -237,7 +239,7 @@ def analyze() -> None:
                    "is split over the processes].")
 @DATA_DIR_OPTION
 def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
-                    density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
+                    trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
                     batch_size: int, product: str, save_eigenvectors: bool, shard: str | None,
                     data_dir: Path | None) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
@@ -248,7 +250,8 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     from landscape.analyses.hessian import HessianSettings, hessian_summary, run_hessian_analysis
     from landscape.runs import Run
 
-    settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, density=density, samples=samples,
+    settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
+                               density=density, samples=samples,
                                params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
                                product=product)
     run_dir = Run.open(run)

@@ -19,6 +19,7 @@ from landscape.analyses.curvature import HessianOperator, LossFunction
 from landscape.analyses.hessian import (
     HessianSettings,
     broadened_density,
+    deflated_trace,
     gauss_quadrature,
     hutch_plus_plus_trace,
     hutchinson_trace,
@@ -134,6 +135,45 @@ def test_trace_estimators_are_unbiased_with_calibrated_standard_errors(hessian):
         # a few dominant eigenvalues (27.8, 16.9, 10.4 over a bulk): the sketch removes most of the variance.
         # (The MLP's flat spectrum is the case where Hutchinson's three times as many samples win.)
         assert np.var(runs["hutch++"]) < 0.5 * np.var(runs["hutchinson"])
+
+
+def test_trace_deflated_by_a_lanczos_basis_is_unbiased_and_beats_hutchinson(hessian):
+    model, _, _, _, H, _ = hessian
+    A = torch.from_numpy(H)
+    lanczos = top_eigenvalues(A, 3, tol=1e-3, seed=0, return_basis=True)
+    Q = lanczos.basis
+    assert torch.allclose(Q @ Q.T, torch.eye(len(Q), dtype=Q.dtype), atol=1e-10)
+    assert lanczos.basis_trace == pytest.approx(float(torch.trace(Q @ A @ Q.T)), rel=1e-10)
+    computed = deflated_trace(A, Q, 10, seed=3)  # without basis_trace: len(Q) more products
+    given = deflated_trace(A, Q, 10, seed=3, basis_trace=lanczos.basis_trace)
+    assert computed.matvecs == 10 + len(Q) and given.matvecs == 10
+    assert computed.estimate == pytest.approx(given.estimate, rel=1e-10)
+    trace = float(np.trace(H))
+    runs = {"deflated": [], "hutchinson": []}
+    for seed in range(200):
+        runs["deflated"].append(deflated_trace(A, Q, 20, seed=seed, basis_trace=lanczos.basis_trace).estimate)
+        runs["hutchinson"].append(hutchinson_trace(A, 20, seed=seed).estimate)
+    values = np.asarray(runs["deflated"])
+    assert abs(values.mean() - trace) <= 3 * values.std(ddof=1) / math.sqrt(len(values))
+    assert np.var(values) < np.var(runs["hutchinson"])  # the same products, without the top eigenvalues' share
+    whole = torch.linalg.qr(torch.randn(len(H), len(H), dtype=torch.float64)).Q.T  # spans everything: exact
+    exact = deflated_trace(A, whole, 10)
+    assert exact.matvecs == len(H) and exact.standard_error == 0.0 and exact.estimate == pytest.approx(trace, rel=1e-9)
+
+
+def test_the_analysis_trace_reuses_the_eigenvalue_basis():
+    from landscape.analyses.hessian import hessian_analysis
+
+    model, (x, y) = tiny_vit(), data()
+    exact = float(torch.trace(LossFunction(model, x, y, batch_size=None).dense_hessian()))
+    methods = {}
+    for top_k, method in ((3, "lanczos"), (3, "hutch++"), (0, "lanczos")):
+        ds = hessian_analysis(model, x, y, HessianSettings(top_k=top_k, trace=True, trace_matvecs=30,
+                                                           trace_method=method))
+        methods[(top_k, method)] = ds["trace"].attrs["method"]
+        assert int(ds["trace_matvecs"]) == 30
+        assert abs(float(ds["trace"]) - exact) <= 4 * float(ds["trace_standard_error"])
+    assert methods == {(3, "lanczos"): "deflated", (3, "hutch++"): "hutch++", (0, "lanczos"): "hutch++"}
 
 
 def test_trace_on_the_hessian_operator_equals_the_dense_computation_with_the_same_seed(hessian):

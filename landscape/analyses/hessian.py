@@ -7,8 +7,9 @@ The estimators know nothing of neural networks. Each takes an operator :math:`A 
   reorthogonalisation (Wu & Simon 2000), stopped when each eigenvalue's error bound (from the Ritz residual
   :math:`r = \\|A y - \\theta y\\|` and the gap to the other Ritz values, :math:`\\min(r, r^2/\\text{gap})`) is
   below :math:`\\text{tol}\\,|\\theta|`.
-- :func:`hutchinson_trace` and :func:`hutch_plus_plus_trace`: :math:`\\operatorname{tr} A` with a standard error
-  (Hutchinson 1989; Meyer, Musco, Musco & Woodruff 2021).
+- :func:`hutchinson_trace`, :func:`hutch_plus_plus_trace` and :func:`deflated_trace` (Hutch++ with a Lanczos
+  basis instead of a sketch): :math:`\\operatorname{tr} A` with a standard error (Hutchinson 1989; Meyer, Musco,
+  Musco & Woodruff 2021; Chen & Hallman 2023 for using the Krylov basis).
 - :func:`spectral_density`: the eigenvalue density :math:`\\phi(t) = \\frac1n \\sum_i \\delta(t - \\lambda_i)`
   by stochastic Lanczos quadrature, Gaussian-broadened (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
 
@@ -112,7 +113,9 @@ class EigenResult:
     """Extreme eigenpairs of a symmetric operator.
 
     ``eigenvalues`` ``(w,)`` in decreasing order; ``eigenvectors`` ``(w, n)`` (unit norm, row ``i`` for
-    eigenvalue ``i``) or ``None``; ``residual_norms`` :math:`\\|A y_i - \\theta_i y_i\\|` ``(w,)``.
+    eigenvalue ``i``) or ``None``; ``residual_norms`` :math:`\\|A y_i - \\theta_i y_i\\|` ``(w,)``;
+    ``error_bounds`` ``(w,)``; with ``return_basis``, the final Krylov ``basis`` ``(m, n)`` (orthonormal rows)
+    and ``basis_trace`` :math:`= \\operatorname{tr}(V^\\top A V)`, for :func:`deflated_trace`.
     For ``which="both"`` the first ``k`` are the largest and the last ``k`` the smallest.
     """
 
@@ -123,6 +126,8 @@ class EigenResult:
     which: str
     eigenvectors: Tensor | None = None
     error_bounds: np.ndarray | None = None
+    basis: Tensor | None = None
+    basis_trace: float | None = None
 
     @property
     def largest(self) -> np.ndarray:
@@ -149,6 +154,7 @@ def top_eigenvalues(
     max_matvecs: int | None = None,
     basis_size: int | None = None,
     return_eigenvectors: bool = False,
+    return_basis: bool = False,
     basis_device: str | torch.device | None = None,
     basis_dtype: torch.dtype | None = None,
 ) -> EigenResult:
@@ -255,6 +261,8 @@ def top_eigenvalues(
         converged=done,
         which=which,
         eigenvectors=vectors,
+        basis=V[:size] if return_basis else None,  # every row's product is in T: T[:size, :size] = V^T A V
+        basis_trace=float(T[:size, :size].trace()) if return_basis else None,
     )
 
 
@@ -349,18 +357,50 @@ def hutchinson_trace(
     the standard error is below it (at least 10 samples), else after ``num_matvecs`` products.
     """
     A = as_torch_operator(op)
-    n = A.shape[0]
     generator = torch.Generator().manual_seed(int(seed))
-    samples: list[float] = []
-    while len(samples) < num_matvecs:
-        b = min(block_size, num_matvecs - len(samples))
-        Z = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype).to(A.device)
-        samples.extend((Z * A.matmat(Z)).sum(0).double().cpu().tolist())
-        if target_standard_error is not None and len(samples) >= 10:
-            if _standard_error(samples) <= target_standard_error:
-                break
+    samples = _quadratic_samples(A, num_matvecs, generator, distribution, block_size, target_standard_error)
     values = np.asarray(samples)
     return TraceEstimate(float(values.mean()), _standard_error(samples), len(samples), values, 0.0, "hutchinson")
+
+
+def deflated_trace(
+    op: Any,
+    basis: Tensor,
+    num_matvecs: int = 99,
+    *,
+    basis_trace: float | None = None,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    block_size: int = 16,
+    target_standard_error: float | None = None,
+) -> TraceEstimate:
+    """Hutch++ with a basis already at hand: :math:`\\operatorname{tr}(Q^\\top A Q)` plus Hutchinson's estimator
+    on :math:`(I - QQ^\\top) A (I - QQ^\\top)`, for orthonormal rows ``basis`` ``(s, n)`` (:math:`Q^\\top`).
+
+    The Krylov basis of a :func:`top_eigenvalues` run (``return_basis=True``) spans the dominant eigenvectors,
+    and its :math:`\\operatorname{tr}(Q^\\top A Q) = \\operatorname{tr} T` is known without a product
+    (``basis_trace``; computed with :math:`s` products when not given): a trace measured after the eigenvalues
+    then spends every product on the deflated rest, whose variance lacks the top eigenvalues' share of
+    :math:`\\|A\\|_F^2`. The estimate is unbiased given the basis (its probes are drawn independently), with the
+    standard error of the second term. ``matvecs`` counts the products made here.
+    """
+    A = as_torch_operator(op)
+    n = A.shape[0]
+    made = 0
+    if basis_trace is None:
+        basis_trace = 0.0
+        for i in range(0, len(basis), block_size):
+            rows = basis[i:i + block_size].to(A.device, A.dtype)
+            basis_trace += float(torch.sum(rows.T * A.matmat(rows.T)).double())
+            made += len(rows)
+    if len(basis) >= n:
+        return TraceEstimate(basis_trace, 0.0, made, np.zeros(0), basis_trace, "deflated")
+    generator = torch.Generator().manual_seed(int(seed))
+    samples = _quadratic_samples(A, num_matvecs, generator, distribution, block_size, target_standard_error,
+                                 deflate=basis)
+    values = np.asarray(samples)
+    return TraceEstimate(basis_trace + float(values.mean()), _standard_error(samples), made + len(samples), values,
+                         basis_trace, "deflated")
 
 
 def hutch_plus_plus_trace(
@@ -405,19 +445,31 @@ def hutch_plus_plus_trace(
                    for i in range(0, s, block_size))
     if s == n:  # the sketch spans everything: the trace is exact
         return TraceEstimate(low_rank, 0.0, 2 * s, np.zeros(0), low_rank, "hutch++")
-    samples: list[float] = []
-    budget = num_matvecs - 2 * s
-    while len(samples) < budget:
-        b = min(block_size, budget - len(samples))
-        G = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype).to(A.device)
-        G = G - Q @ (Q.T @ G)
-        samples.extend((G * A.matmat(G)).sum(0).double().cpu().tolist())
-        if target_standard_error is not None and len(samples) >= 10:
-            if _standard_error(samples) <= target_standard_error:
-                break
+    samples = _quadratic_samples(A, num_matvecs - 2 * s, generator, distribution, block_size, target_standard_error,
+                                 deflate=Q.T)
     values = np.asarray(samples)
     estimate = low_rank + float(values.mean())
     return TraceEstimate(estimate, _standard_error(samples), 2 * s + len(samples), values, low_rank, "hutch++")
+
+
+def _quadratic_samples(A: TorchOperator, budget: int, generator: torch.Generator, distribution: str, block_size: int,
+                       target_standard_error: float | None, deflate: Tensor | None = None) -> list[float]:
+    """Terms :math:`z^\\top A z` for probes drawn ``block_size`` at a time (projected off the orthonormal rows of
+    ``deflate`` when given), until ``budget`` products or, after at least 10, a standard error at most
+    ``target_standard_error``."""
+    samples: list[float] = []
+    while len(samples) < budget:
+        b = min(block_size, budget - len(samples))
+        Z = random_probes(A.shape[0], b, generator, distribution=distribution, dtype=A.dtype)
+        if deflate is not None:
+            Z = Z.to(deflate.device, deflate.dtype)
+            Z = Z - deflate.T @ (deflate @ Z)
+        Z = Z.to(A.device, A.dtype)
+        samples.extend((Z * A.matmat(Z)).sum(0).double().cpu().tolist())
+        if target_standard_error is not None and len(samples) >= 10:
+            if _standard_error(samples) <= target_standard_error:
+                break
+    return samples
 
 
 def _blocks(A: TorchOperator, X: Tensor, block_size: int) -> Tensor:
@@ -615,7 +667,9 @@ class HessianSettings:
 
     - eigenvalues: ``top_k`` of each end asked for by ``which`` (largest, smallest, both) each to a
       relative accuracy ``tol`` (:func:`top_eigenvalues`); ``top_k=0`` skips them;
-    - trace (``trace``): Hutch++ with ``trace_matvecs`` products;
+    - trace (``trace``): ``trace_matvecs`` products; ``trace_method="lanczos"`` spends them all on Hutchinson's
+      estimator deflated by the Krylov basis that the eigenvalues left (:func:`deflated_trace`; Hutch++ when
+      ``top_k=0``), ``"hutch++"`` always runs Hutch++ (a third of them on its sketch);
     - density (``density``): SLQ with ``density_probes`` runs of ``density_steps`` steps, on ``density_grid_size``
       points, ``density_scale`` linear or symlog.
 
@@ -629,6 +683,7 @@ class HessianSettings:
     tol: float = 1e-3
     trace: bool = False
     trace_matvecs: int = 99
+    trace_method: str = "lanczos"
     density: bool = False
     density_probes: int = 4
     density_steps: int = 80
@@ -661,6 +716,9 @@ class HessianSettings:
         if self.samples < 1:
             raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
         from landscape.analyses.curvature import PRODUCTS
+
+        if self.trace_method not in ("lanczos", "hutch++"):
+            raise ConfigError(f"Unknown trace method {self.trace_method!r}; accepted are lanczos and hutch++.")
 
         if self.product not in PRODUCTS:
             raise ConfigError(f"Unknown Hessian-vector product {self.product!r}; accepted are {', '.join(PRODUCTS)}.")
@@ -723,9 +781,11 @@ def hessian_analysis(
     }
     coords: dict[str, Any] = {}
     vectors: dict[str, Tensor] = {}
+    result = None
     if settings.top_k > 0:
+        deflate = settings.trace and settings.trace_method == "lanczos"
         result = top_eigenvalues(op, settings.top_k, which=settings.which, tol=settings.tol, seed=settings.seed,
-                                 return_eigenvectors=return_eigenvectors)
+                                 return_eigenvectors=return_eigenvectors, return_basis=deflate)
         coords["k"] = np.arange(1, settings.top_k + 1)
         k = settings.top_k
         if settings.which in ("largest", "both"):
@@ -749,9 +809,17 @@ def hessian_analysis(
         data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
         data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol"})
     if settings.trace:
-        trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
-                                      block_size=settings.vectors_per_pass)
-        data["trace"] = ((), trace.estimate, {"long_name": "Hessian trace (Hutch++)"})
+        if result is not None and result.basis is not None:  # the Krylov basis of the eigenvalues, for free
+            trace = deflated_trace(op, result.basis, settings.trace_matvecs, basis_trace=result.basis_trace,
+                                   seed=settings.seed + 1,  # probes from another stream than the start vector
+                                   block_size=settings.vectors_per_pass)
+            method = f"Hutchinson deflated by the {len(result.basis)}-vector Lanczos basis of the eigenvalues"
+            result.basis = None
+        else:
+            trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
+                                          block_size=settings.vectors_per_pass)
+            method = "Hutch++"
+        data["trace"] = ((), trace.estimate, {"long_name": f"Hessian trace ({method})", "method": trace.method})
         data["trace_standard_error"] = ((), trace.standard_error, {"long_name": "standard error of the trace"})
         data["trace_matvecs"] = ((), trace.matvecs, {"long_name": "Hessian-vector products for the trace"})
     if settings.density:
