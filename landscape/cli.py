@@ -230,8 +230,9 @@ def analyze() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Examples per forward pass; at least --samples keeps the gradient graph (faster, more memory).")
-@click.option("--product", type=click.Choice(["auto", "forward-over-reverse", "kept-graph"]), default="auto",
-              show_default=True, help="How Hessian-vector products are computed; auto keeps the graph of one batch.")
+@click.option("--product", type=click.Choice(["auto", "kept-graph", "double-backward", "forward-over-reverse"]),
+              default="auto", show_default=True,
+              help="How Hessian-vector products are computed; auto keeps the graph when the samples are one batch.")
 @click.option("--save-eigenvectors", is_flag=True,
               help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors.")
 @click.option("--shard", type=click.Choice(["checkpoints"]), default=None,

@@ -246,8 +246,8 @@ class AnalysisSettings:
     All analyses use the same fixed subset of ``samples`` training examples (seed ``seed``) and the raw weights.
 
     - Hessian at the checkpoints of ``checkpoints`` (:data:`landscape.runs.CHECKPOINT_SPEC_HELP`): the ``top_k``
-      largest eigenvalues to relative residual ``tol`` and the trace by Hutch++ with ``trace_matvecs`` products
-      (``hessian.nc``); at the final checkpoint the spectral density by SLQ with ``density_probes`` x
+      largest eigenvalues each to a relative accuracy ``tol`` and the trace with ``trace_matvecs`` more products,
+      deflated by the eigenvalues' Lanczos basis (``hessian.nc``); at the final checkpoint the spectral density by SLQ with ``density_probes`` x
       ``density_steps`` products (``hessian-density.nc``);
     - sharpness at the final checkpoint, at the radii ``rhos`` (plain, c = 1) and ``adaptive_rhos`` (adaptive,
       c = |w|), with ``sharpness_steps`` ascent steps and ``sharpness_draws`` antithetic pairs for the average;

@@ -151,9 +151,20 @@ def test_kept_graph_products_equal_the_dense_hessian_over_several_batches(proble
     assert op.num_matvecs == 7
 
 
+def test_every_product_path_equals_the_dense_hessian_on_a_block(problem):
+    _, _, _, loss, H = problem
+    V = torch.randn(loss.num_parameters, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    for product in ("kept-graph", "double-backward", "forward-over-reverse"):
+        op = HessianOperator(loss, product=product)
+        assert op.product == product
+        HV = op.torch_matmat(V)
+        assert torch.linalg.norm(HV - H @ V) <= 1e-10 * torch.linalg.norm(H @ V), product
+        assert torch.allclose(op.torch_matvec(V[:, 1]), HV[:, 1], rtol=1e-10, atol=1e-13), product
+
+
 def test_auto_keeps_the_graph_only_for_a_single_batch(problem):
     model, x, y, loss, H = problem
-    assert HessianOperator(loss).product == "forward-over-reverse"  # three batches
+    assert HessianOperator(loss).product == "double-backward"  # three batches, on a CPU
     whole = LossFunction(model, x, y, batch_size=None)
     op = HessianOperator(whole)
     assert op.product == "kept-graph"

@@ -20,7 +20,8 @@ with :math:`H \\in \\mathbb{R}^{P \\times P}`, :math:`P` the number of selected 
   pass once, keeps the graph of the gradient, and differentiates it again for each vector: every product then
   skips the primal work. :class:`HessianOperator` picks it (``product="auto"``) when the evaluation set is one
   batch, whose graph the batch size has already sized; over several batches, holding every batch's graph at
-  once could exceed the memory that the batch size was chosen to fit, so products recompute batch by batch.
+  once could exceed the memory that the batch size was chosen to fit, so products recompute batch by batch
+  (double backward on a CPU, forward-over-reverse on a GPU: see :class:`HessianOperator`).
 - Fused attention kernels have neither a double-backward nor a forward-mode rule; every method here runs under
   the math kernel of :func:`torch.nn.functional.scaled_dot_product_attention`, switched on inside.
 - Parameters with ``requires_grad=False`` and parameters the loss does not reach on the evaluation set are
@@ -416,27 +417,33 @@ class LossFunction:
         return self._sum(self.flatten(result))
 
     def hessian_vector_product_double_backward(self, v: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """:math:`H v = \\nabla_\\theta (\\nabla_\\theta L^\\top v)` by reverse-over-reverse (double backward).
+        """:math:`H v = \\nabla_\\theta (g^\\top v)`, :math:`g = \\nabla_\\theta L`, by reverse-over-reverse (double
+        backward), an independent cross-check of :meth:`hessian_vector_product`.
 
-        Slower than :meth:`hessian_vector_product` and kept as an independent cross-check. ``v`` is ``(P,)``,
-        ``(P, k)`` or a dict, and the result has the same form.
+        Per batch, one forward and backward pass with ``create_graph=True``, then one backward pass through that
+        graph for each vector: the columns of a ``(P, k)`` block share the first pass (one batch's graph in memory
+        at a time). ``v`` is ``(P,)``, ``(P, k)`` or a dict, and the result has the same form.
         """
         if isinstance(v, Mapping):
             return self.unflatten(self.hessian_vector_product_double_backward(self.flatten(v)))
         v = v.to(self.device, self.dtype)
-        if v.dim() == 2:
-            return torch.stack([self.hessian_vector_product_double_backward(v[:, i]) for i in range(v.shape[1])], 1)
-        tangent = self.unflatten(v)
-        result = None
+        if v.dim() == 1:
+            return self.hessian_vector_product_double_backward(v[:, None])[:, 0]
+        tangents = [list(self.unflatten(v[:, i]).values()) for i in range(v.shape[1])]
+        result = torch.zeros_like(v)
         with evaluation_mode(self.model), torch.enable_grad():
             for w, x, y in self._weights():
-                leaves = {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
-                loss = self._batch_loss(leaves, x, y)
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-                dot = sum((g * tangent[n]).sum() for n, g in zip(leaves, grads))
-                hv = torch.autograd.grad(dot, list(leaves.values()))
-                result = _add_scaled(result, {n: h.detach() for n, h in zip(leaves, hv)}, w)
-        return self._sum(self.flatten(result))
+                leaves = list(self._leaves().values())
+                grads = torch.autograd.grad(self._batch_loss(dict(zip(self.names, leaves)), x, y), leaves,
+                                            create_graph=True)
+                for i, tangent in enumerate(tangents):
+                    hv = torch.autograd.grad(grads, leaves, grad_outputs=tangent, retain_graph=i + 1 < len(tangents))
+                    result[:, i].add_(torch.cat([h.reshape(-1) for h in hv]), alpha=w)
+        return self._sum(result)
+
+    def _leaves(self) -> dict[str, Tensor]:
+        """Fresh copies of the selected parameters that require grad, to build a differentiable graph on."""
+        return {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
 
     def dense_hessian(self) -> Tensor:
         """The full ``(P, P)`` Hessian from ``P`` Hessian-vector products with unit vectors (small models only)."""
@@ -513,7 +520,7 @@ class KeptGraphProducts:
         if self._graphs is not None:
             return self
         lf = self.loss_function
-        leaves = {n: t.clone().requires_grad_(True) for n, t in lf._params.items()}
+        leaves = lf._leaves()
         graphs, total, gradient = [], 0.0, None
         with evaluation_mode(lf.model), torch.enable_grad():
             for w, x, y in lf._weights():
@@ -553,7 +560,7 @@ class KeptGraphProducts:
         self.release()
 
 
-PRODUCTS = ("auto", "forward-over-reverse", "kept-graph")
+PRODUCTS = ("auto", "forward-over-reverse", "double-backward", "kept-graph")
 
 
 class HessianOperator(LinearOperator):
@@ -565,11 +572,19 @@ class HessianOperator(LinearOperator):
     counted in :attr:`num_matvecs` (one per column); ``callback(k)`` is called after each ``k``-column product,
     e.g. to drive a progress bar.
 
-    ``product`` chooses how products are computed: ``"forward-over-reverse"`` recomputes the forward and
-    backward pass for every product (batch by batch, ``vectors_per_pass`` vectors at a time: the least memory);
-    ``"kept-graph"`` keeps the gradient graph of the whole evaluation set (:class:`KeptGraphProducts`: 1.5 to 2
-    times faster per product, built on the first product and freed by :meth:`release`); ``"auto"`` keeps the
-    graph when the evaluation set is one batch. Both are exact; they differ by floating-point rounding.
+    ``product`` chooses how products are computed, all exact (they differ by floating-point rounding):
+
+    - ``"kept-graph"``: the gradient graph of the whole evaluation set is built once and kept across products
+      (:class:`KeptGraphProducts`; freed by :meth:`release`). Fastest: a product is one backward pass.
+    - ``"double-backward"``: per call and batch, one forward and backward pass with ``create_graph`` and one more
+      backward pass per vector (:meth:`LossFunction.hessian_vector_product_double_backward`); one batch's graph
+      in memory at a time.
+    - ``"forward-over-reverse"``: per call and batch, :func:`torch.func.jvp` of :func:`torch.func.grad`,
+      ``vectors_per_pass`` vectors at a time under :func:`torch.func.vmap`.
+    - ``"auto"``: ``"kept-graph"`` when the evaluation set is one batch; otherwise ``"double-backward"`` on a CPU
+      and ``"forward-over-reverse"`` on a GPU. On a CPU vmap's batched tangents cost more memory traffic than
+      the shared primal pass saves (1.8M-parameter ViT: 3.5 gradients per vector in blocks of 8, against 2.4
+      through a kept graph, ``benchmarks/hessian.md``); on a GPU batching fills the device.
     """
 
     def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None, product: str = "auto"):
@@ -582,7 +597,10 @@ class HessianOperator(LinearOperator):
             several = float(loss.data.num_batches > 1)
             if loss.data_parallel is not None:
                 several = float(loss._sum(torch.tensor([several], device=loss.device)))
-            product = "forward-over-reverse" if several else "kept-graph"
+            if not several:
+                product = "kept-graph"
+            else:
+                product = "forward-over-reverse" if loss.device.type == "cuda" else "double-backward"
         self.product = product
         self.kept = KeptGraphProducts(loss) if product == "kept-graph" else None
         np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(loss.dtype)
@@ -601,7 +619,12 @@ class HessianOperator(LinearOperator):
     def torch_matmat(self, vectors: Tensor) -> Tensor:
         """``(P, k)`` -> ``(P, k)``: :math:`H V` on the model's device, in its dtype."""
         vectors = vectors.to(self.device, self.torch_dtype)
-        out = self.kept.matmat(vectors) if self.kept is not None else self.loss.hessian_vector_product(vectors)
+        if self.kept is not None:
+            out = self.kept.matmat(vectors)
+        elif self.product == "double-backward":
+            out = self.loss.hessian_vector_product_double_backward(vectors)
+        else:
+            out = self.loss.hessian_vector_product(vectors)
         self._count(vectors.shape[1])
         return out
 

@@ -950,7 +950,6 @@ def run_hessian_analysis(
     """
     from landscape.analyses import distributed
     from landscape.analyses.curvature import analysis_data_for_run
-    from landscape.analyses.results import AnalysisResults
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run
 
@@ -962,23 +961,10 @@ def run_hessian_analysis(
     shard = distributed.check_shard(shard, ("checkpoints",), "hessian")
     world, torch_device = distributed.join(device)
     dtype = torch.float64 if settings.dtype == "float64" else torch.float32
-    infos = run.select_checkpoints(checkpoints)
-    results = None
-
-    def done(info) -> bool:
-        if not results.is_finished(info.name):
-            return False
-        return not save_eigenvectors_to_disk or eigenvectors_path(run, info.name).exists()
-
-    def plan() -> list[str]:  # the first process alone reads (and later writes) the results file
-        nonlocal results
-        results = AnalysisResults(run.analysis_path("hessian"), "hessian", settings.determining(), settings.seed,
-                                  force=force)
-        results.attrs.update(distributed.processes_attrs(world, shard))
-        return [info.name for info in infos if not done(info)]
-
-    names = set(distributed.on_main(plan, world))
-    todo = [info for info in infos if info.name in names]
+    results, todo = distributed.plan_checkpoints(
+        run.analysis_path("hessian"), "hessian", settings.determining(), settings.seed,
+        run.select_checkpoints(checkpoints), world, shard, force=force,
+        complete=(lambda info: eigenvectors_path(run, info.name).exists()) if save_eigenvectors_to_disk else None)
     if not todo:
         return results.dataset if results is not None else None
     x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
@@ -1004,11 +990,7 @@ def run_hessian_analysis(
             })
         return ds
 
-    def write(info, ds) -> None:
-        results.append(ds, name=info.name, epoch=info.epoch, step=info.step)
-
-    distributed.for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints")
-    return results.dataset if results is not None else None
+    return distributed.measure_checkpoints(results, todo, compute, world, shard)
 
 
 def _progress_bar(name: str, enabled: bool):

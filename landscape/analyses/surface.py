@@ -776,7 +776,6 @@ def run_surface_analysis(
     """
     from landscape.analyses import distributed
     from landscape.analyses.curvature import LossFunction, analysis_data_for_run
-    from landscape.analyses.results import AnalysisResults
     from landscape.analyses.sharpness import progress_bar
     from landscape.checkpoints import build_model
     from landscape.runs import Run
@@ -794,17 +793,8 @@ def run_surface_analysis(
     determining["targets"] = [str(t.path.resolve()) for t in targets]
     if spec.kind == "pca":
         determining["trajectory"] = [i.name for i in run.checkpoints()]
-    results = None
-
-    def plan() -> list[str]:  # the first process alone reads (and later writes) the results file
-        nonlocal results
-        results = AnalysisResults(surface_path(run, spec, settings.dims), "surface", determining, settings.seed,
-                                  force=force)
-        results.attrs.update(distributed.processes_attrs(world, shard))
-        return [info.name for info in infos if not results.is_finished(info.name)]
-
-    names = set(distributed.on_main(plan, world))
-    todo = [info for info in infos if info.name in names]
+    results, todo = distributed.plan_checkpoints(surface_path(run, spec, settings.dims), "surface", determining,
+                                                 settings.seed, infos, world, shard, force=force)
     if not todo:
         return results.dataset if results is not None else None
 
@@ -861,11 +851,7 @@ def run_surface_analysis(
             ds = ds.assign_coords(trajectory=("trajectory", pca.checkpoints))
         return ds
 
-    def write(info, ds) -> None:
-        results.append(ds, name=info.name, epoch=info.epoch, step=info.step)
-
-    distributed.for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints")
-    return results.dataset if results is not None else None
+    return distributed.measure_checkpoints(results, todo, compute, world, shard)
 
 
 def _eigen_directions(run: Any, checkpoint: str, shapes: dict[str, tuple[int, ...]], count: int,
