@@ -583,8 +583,8 @@ class HessianOperator(LinearOperator):
       ``vectors_per_pass`` vectors at a time under :func:`torch.func.vmap`.
     - ``"auto"``: ``"kept-graph"`` when the evaluation set is one batch; otherwise ``"double-backward"`` on a CPU
       and ``"forward-over-reverse"`` on a GPU. On a CPU vmap's batched tangents cost more memory traffic than
-      the shared primal pass saves (1.8M-parameter ViT: 3.5 gradients per vector in blocks of 8, against 2.4 with one graph
-      per call, ``benchmarks/hessian.md``); on a GPU batching fills the device.
+      the shared primal pass saves (1.8M-parameter ViT: 3.5 gradients per vector in blocks of 8, against 2.4
+      with one graph per call, ``benchmarks/hessian.md``); on a GPU batching fills the device.
     """
 
     def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None, product: str = "auto"):
