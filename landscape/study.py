@@ -618,7 +618,7 @@ def run_named_analysis(run: Run, name: str, kind: str, analysis: Callable, setti
     if todo:
         x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
                                      dataset=settings.dataset, data_dir=data_dir)
-        dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+        dtype = settings.torch_dtype
         for info in todo:
             _, state = load_checkpoint(info.path, weights=settings.weights)
             model = build_model(info, state).to(device=torch_device, dtype=dtype)

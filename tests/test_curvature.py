@@ -87,9 +87,11 @@ def test_dict_vectors_round_trip_and_hvp(problem):
 def test_loss_is_batch_size_independent_with_a_short_last_batch(problem):
     model, x, y, loss, _ = problem
     whole = LossFunction(model, x, y, batch_size=None)
+    was_training = model.training
     with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         model.eval()
         expected = float(nn.functional.cross_entropy(model(x), y))
+    model.train(was_training)  # the model is shared by the module's tests
     assert loss.loss() == pytest.approx(expected, rel=1e-12)
     assert whole.loss() == pytest.approx(expected, rel=1e-12)
     l1, g1 = loss.loss_and_gradient()
@@ -99,9 +101,12 @@ def test_loss_is_batch_size_independent_with_a_short_last_batch(problem):
 
 def test_gradient_matches_autograd(problem):
     model, x, y, loss, _ = problem
+    was_training = model.training
     model.eval()
     with sdpa_kernel(SDPBackend.MATH):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), [dict(model.named_parameters())[n] for n in loss.names])
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y),
+                                    [dict(model.named_parameters())[n] for n in loss.names])
+    model.train(was_training)
     assert torch.allclose(loss.gradient(), torch.cat([g.reshape(-1) for g in grads]), rtol=1e-10, atol=1e-13)
 
 
@@ -113,8 +118,12 @@ def test_evaluate_reports_loss_and_top1_at_other_parameters(problem):
     assert l_shift != pytest.approx(loss.loss(), rel=1e-9)
     assert 0.0 <= acc <= 100.0
     assert torch.equal(loss.parameter_vector(), theta)  # evaluating elsewhere changes nothing
-    other = MODELS["vit" if isinstance(model, timm.models.VisionTransformer) else "mlp"]()
-    assert loss.evaluate(other) == pytest.approx(loss.evaluate(), rel=1e-12)
+    other = MODELS["vit" if isinstance(model, timm.models.VisionTransformer) else "mlp"]()  # same seed: theta
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name in loss.names:
+                p.add_(0.01)
+    assert loss.evaluate(other) == pytest.approx((l_shift, acc), rel=1e-12)  # its own weights, not the closure's
 
 
 def test_dense_hessian_is_symmetric_and_matches(problem):

@@ -101,6 +101,16 @@ def test_error_bounds_hold_and_a_close_pair_is_resolved(seed):
     assert np.all(error <= result.error_bounds * (1 + 1e-9) + 1e-12)  # each bound is a true bound
 
 
+def test_without_guard_values_the_close_pair_is_missed():
+    """Why ``guard`` exists: stopping on the wanted values alone mistakes 10.6 for 10.7 from most start vectors."""
+    missed = 0
+    for seed in range(6):
+        A, exact = close_pair_spectrum(seed=seed)
+        result = top_eigenvalues(A, 5, tol=1e-3, seed=seed, guard=0)
+        missed += not np.all(np.abs(result.eigenvalues - exact[:5]) <= 1e-3 * exact[:5])
+    assert missed >= 4
+
+
 def test_same_seed_same_eigenvalues_and_every_operator_form_agrees():
     A, _ = known_spectrum(seed=2)
     import scipy.sparse.linalg
@@ -116,7 +126,7 @@ def test_same_seed_same_eigenvalues_and_every_operator_form_agrees():
 def test_trace_estimators_are_unbiased_with_calibrated_standard_errors(hessian):
     model, _, _, _, H, exact = hessian
     trace = float(np.trace(H))
-    A = torch.from_numpy(H)  # the estimators only see an operator; the dense one makes 300 repetitions cheap
+    A = torch.from_numpy(H)  # the estimators only see an operator; the dense one makes 200 repetitions cheap
     runs = {"hutchinson": [], "hutch++": []}
     reported = {"hutchinson": [], "hutch++": []}
     for seed in range(200):
@@ -130,7 +140,7 @@ def test_trace_estimators_are_unbiased_with_calibrated_standard_errors(hessian):
         standard_error_of_mean = values.std(ddof=1) / math.sqrt(len(values))
         assert abs(values.mean() - trace) <= 3 * standard_error_of_mean, name
         # the reported standard error describes the spread across seeds (loosely: it is itself estimated)
-        assert 0.6 < np.sqrt(np.mean(np.square(reported[name]))) / values.std(ddof=1) < 1.6, name
+        assert 0.8 < np.sqrt(np.mean(np.square(reported[name]))) / values.std(ddof=1) < 1.25, name
     if isinstance(model, timm.models.VisionTransformer):
         # a few dominant eigenvalues (27.8, 16.9, 10.4 over a bulk): the sketch removes most of the variance.
         # (The MLP's flat spectrum is the case where Hutchinson's three times as many samples win.)
@@ -184,6 +194,15 @@ def test_trace_on_the_hessian_operator_equals_the_dense_computation_with_the_sam
         b = estimator(torch.from_numpy(H), 12, seed=4, block_size=5)
         assert a.estimate == pytest.approx(b.estimate, rel=1e-9, abs=1e-9)
     assert op.num_matvecs == 24
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_trace_estimates_do_not_depend_on_the_block_size(distribution):
+    A, _ = known_spectrum(n=101)
+    for estimator in (hutchinson_trace, hutch_plus_plus_trace):
+        a = estimator(A, 30, seed=2, block_size=4, distribution=distribution)
+        b = estimator(A, 30, seed=2, block_size=16, distribution=distribution)
+        assert a.estimate == pytest.approx(b.estimate, rel=1e-12), estimator.__name__
 
 
 def test_target_standard_error_stops_the_trace_early():

@@ -191,8 +191,7 @@ class LossFunction:
             a list of names, or ``None`` for all trainable ones. The others stay fixed at their current values.
         criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch.
         vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
-            once; memory grows with it (each vector carries its own activation tangents). On a CPU, 8 was
-            the fastest per vector for a 0.2M-parameter ViT on 256 images (32 was twice as slow).
+            once; memory grows with it (each vector carries its own activation tangents).
         skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
             gradient pass when the closure is made).
         data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
@@ -431,9 +430,9 @@ class LossFunction:
             return self.hessian_vector_product_double_backward(v[:, None])[:, 0]
         tangents = [list(self.unflatten(v[:, i]).values()) for i in range(v.shape[1])]
         result = torch.zeros_like(v)
+        leaves = list(self._leaves().values())  # each batch builds its own graph on the same leaves
         with evaluation_mode(self.model), torch.enable_grad():
             for w, x, y in self._weights():
-                leaves = list(self._leaves().values())
                 grads = torch.autograd.grad(self._batch_loss(dict(zip(self.names, leaves)), x, y), leaves,
                                             create_graph=True)
                 for i, tangent in enumerate(tangents):
@@ -505,7 +504,7 @@ class KeptGraphProducts:
     graph; every product after it is one backward pass through those graphs (reverse-over-reverse), skipping
     the forward and backward pass that :meth:`LossFunction.hessian_vector_product` recomputes. The loss and
     gradient of that pass are kept too (:attr:`loss_value`, :attr:`gradient`). Memory: the graph of every batch
-    at once, about twice the activations of a training step on the same examples. Products are exact for the
+    at once: its activations and the backward pass's intermediates. Products are exact for the
     parameters at build time; :meth:`release` frees the graphs (so does leaving a ``with`` block).
     """
 

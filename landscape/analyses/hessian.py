@@ -45,13 +45,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from landscape.analyses.results import EvaluationSettings
 from landscape.errors import ConfigError, LandscapeError
 
 Tensor = torch.Tensor
@@ -98,13 +99,17 @@ def random_probes(n: int, k: int, generator: torch.Generator, *, distribution: s
                   dtype: torch.dtype = torch.float64) -> Tensor:
     """``(n, k)`` probe vectors with :math:`E[z z^\\top] = I`: Rademacher (:math:`\\pm 1`) or standard Gaussian.
 
-    Drawn on the CPU from ``generator``, so a seed gives the same probes on every device.
+    Drawn on the CPU from ``generator``, one probe after another, so a seed gives the same probes on every
+    device and however they are grouped: ``k`` probes drawn at once equal the same ``k`` drawn in smaller blocks
+    (estimators that multiply probes in blocks then do not depend on the block size).
     """
     if distribution == "rademacher":
-        return (torch.randint(0, 2, (n, k), generator=generator, dtype=torch.int8) * 2 - 1).to(dtype)
-    if distribution == "gaussian":
-        return torch.randn(n, k, generator=generator, dtype=torch.float64).to(dtype)
-    raise ConfigError(f"Unknown probe distribution {distribution!r}; accepted are rademacher and gaussian.")
+        draw = lambda: torch.randint(0, 2, (n,), generator=generator, dtype=torch.int8) * 2 - 1  # noqa: E731
+    elif distribution == "gaussian":
+        draw = lambda: torch.randn(n, generator=generator, dtype=torch.float64)  # noqa: E731
+    else:
+        raise ConfigError(f"Unknown probe distribution {distribution!r}; accepted are rademacher and gaussian.")
+    return torch.stack([draw() for _ in range(k)], dim=1).to(dtype)
 
 
 # -- extreme eigenvalues ------------------------------------------------------------------------------------------
@@ -174,15 +179,15 @@ def top_eigenvalues(
     :math:`\\delta_i = \\min_{j \\ne i} (|\\theta_i - \\theta_j| - r_j)`. The iteration stops when every tracked value's
     bound :math:`\\min(r_i, r_i^2/\\delta_i)` is below ``tol`` :math:`\\cdot |\\theta_i|` (``error_bounds`` in the
     result). Since eigenvalues converge twice as fast as eigenvectors, this stops well before the residuals
-    themselves reach ``tol`` (0.2M-parameter ViT, top 5 to 1e-3 from 8 seeds: 35 products on average instead
-    of 40, largest error 1.3e-5). When the basis is full it restarts from the Ritz vectors nearest the wanted
+    themselves reach ``tol`` (``benchmarks/hessian.md``, top 5 to 1e-3 from 5 start vectors: 20 to 21 products
+    on the 1.8M-parameter ViT, 31 to 41 on the 0.2M one, largest error 5e-5). When the basis is full it restarts from the Ritz vectors nearest the wanted
     end (about half the basis) plus the residual block.
 
     A Ritz value can converge to the *next* eigenvalue while the Krylov space has not yet found one (a start
     vector nearly orthogonal to its eigenvector): its residual is small and nothing signals the gap. So
     ``guard`` further Ritz values past the wanted ones must converge too, which gives a missed eigenvalue more
-    iterations to appear (on a 0.2M-parameter ViT, stopping on the five wanted values alone returned
-    :math:`\\lambda_6` for :math:`\\lambda_5` from one seed in three; ``guard=2`` returned the right ones).
+    iterations to appear (on the tests' spectrum with 10.7 next to 10.6, stopping on the five wanted values
+    alone returns :math:`\\lambda_6` for :math:`\\lambda_5` from most of 6 seeds; ``guard=2`` from none).
 
     ``block_size`` > 1 multiplies several vectors at once (a batched Hessian-vector product shares one primal
     pass): more products in all than single-vector Lanczos, each cheaper, and robust to clustered eigenvalues.
@@ -658,7 +663,7 @@ def _from_coordinate(u: np.ndarray, scale: str, linthresh: float) -> np.ndarray:
 
 # == the Hessian analysis of a run ================================================================================
 @dataclass
-class HessianSettings:
+class HessianSettings(EvaluationSettings):
     """What ``landscape analyze hessian`` measures at each checkpoint, and on which data.
 
     The loss is the mean cross-entropy over ``samples`` examples of the run's dataset (``dataset``/``split``;
@@ -689,14 +694,7 @@ class HessianSettings:
     density_steps: int = 80
     density_grid_size: int = 1000
     density_scale: str = "linear"
-    samples: int = 512
-    split: str = "train"
-    dataset: str | None = None
     params: str | None = None
-    weights: str = "raw"
-    dtype: str = "float32"
-    seed: int = 0
-    batch_size: int = 256
     vectors_per_pass: int = 8
     product: str = "auto"
 
@@ -709,27 +707,15 @@ class HessianSettings:
             raise ConfigError("Nothing to compute: ask for eigenvalues (--top-k 1 or more), --trace or --density.")
         if self.which not in WHICH:
             raise ConfigError(f"Unknown eigenvalue selection {self.which!r}; accepted are {', '.join(WHICH)}.")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
+        self.check_evaluation()
         from landscape.analyses.curvature import PRODUCTS
 
         if self.trace_method not in ("lanczos", "hutch++"):
             raise ConfigError(f"Unknown trace method {self.trace_method!r}; accepted are lanczos and hutch++.")
-
         if self.product not in PRODUCTS:
             raise ConfigError(f"Unknown Hessian-vector product {self.product!r}; accepted are {', '.join(PRODUCTS)}.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}.")
         if self.density_scale not in ("linear", "symlog"):
             raise ConfigError(f"Unknown density scale {self.density_scale!r}; accepted are linear and symlog.")
-
-    def determining(self) -> dict[str, Any]:
-        """The settings that determine the numbers (stored in the results and compared on a re-run)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
 
 
 def hessian_analysis(
@@ -960,7 +946,7 @@ def run_hessian_analysis(
         raise ConfigError("Saving eigenvectors needs eigenvalues: give --top-k 1 or more.")
     shard = distributed.check_shard(shard, ("checkpoints",), "hessian")
     world, torch_device = distributed.join(device)
-    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+    dtype = settings.torch_dtype
     results, todo = distributed.plan_checkpoints(
         run.analysis_path("hessian"), "hessian", settings.determining(), settings.seed,
         run.select_checkpoints(checkpoints), world, shard, force=force,
@@ -983,11 +969,17 @@ def run_hessian_analysis(
         if not save_eigenvectors_to_disk:
             return out
         ds, vectors, shapes = out
+        error = None
         if shard or world.is_main:
             eigenvalues = {end: ds[f"eigenvalue_{end}"].values for end in vectors}
-            save_eigenvectors(eigenvectors_path(run, info.name), vectors, eigenvalues, shapes, metadata={
-                "checkpoint": info.name, "epoch": info.epoch, "step": info.step, "settings": settings.determining(),
-            })
+            try:
+                save_eigenvectors(eigenvectors_path(run, info.name), vectors, eigenvalues, shapes, metadata={
+                    "checkpoint": info.name, "epoch": info.epoch, "step": info.step,
+                    "settings": settings.determining(),
+                })
+            except Exception as e:  # data-parallel: the others must hear of it, not wait in the next collective
+                error = e
+        distributed.raise_if_failed(error, None if shard else world)
         return ds
 
     return distributed.measure_checkpoints(results, todo, compute, world, shard)

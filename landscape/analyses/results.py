@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import os
 import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +33,7 @@ import numpy as np
 import xarray as xr
 
 from landscape.config import atomic_write
-from landscape.errors import LandscapeError
+from landscape.errors import ConfigError, LandscapeError
 
 ENGINE = "h5netcdf"
 CHECKPOINT_DIM = "checkpoint"
@@ -168,6 +169,45 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
     for var in ds.variables.values():
         var.attrs = netcdf_attrs(var.attrs)
     atomic_write(Path(path), lambda tmp: ds.to_netcdf(tmp, engine=ENGINE))
+
+
+# -- settings shared by every analysis ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class EvaluationSettings:
+    """The fields every analysis's settings share: the fixed evaluation set (``samples`` examples of ``dataset``'s
+    ``split``, chosen with ``seed``), the checkpoint ``weights`` (raw or ema) and the ``dtype``; ``batch_size``
+    and the names in ``RUNTIME_ONLY`` trade memory for speed only and are left out of :meth:`determining`."""
+
+    samples: int = 512
+    split: str = "train"
+    dataset: str | None = None
+    weights: str = "raw"
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 256
+
+    RUNTIME_ONLY = ("batch_size",)
+
+    def check_evaluation(self) -> None:
+        """One-sentence errors for the shared fields."""
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
+        if self.weights not in ("raw", "ema"):
+            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be a positive integer, not {self.batch_size}.")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def determining(self) -> dict[str, Any]:
+        """The settings that determine the numbers (stored in the results and compared on a re-run)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
 
 
 # -- the resumable file -------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from landscape.analyses.results import EvaluationSettings
+
 LossFn = Callable[[torch.Tensor], "float | torch.Tensor"]
 """Flat parameters ``(n,)`` -> the loss (a float or a 0-d tensor)."""
 LossAndGradFn = Callable[[torch.Tensor], "tuple[float | torch.Tensor, torch.Tensor]"]
@@ -253,7 +255,7 @@ def m_sharpness(
 
 # -- on a model -----------------------------------------------------------------------------------------------------
 @dataclass
-class SharpnessSettings:
+class SharpnessSettings(EvaluationSettings):
     """What ``landscape analyze sharpness`` measures at each checkpoint, and on which data.
 
     The loss is the mean cross-entropy over ``samples`` examples of the run's dataset (``dataset``/``split``, chosen
@@ -276,16 +278,7 @@ class SharpnessSettings:
     steps: int = 20
     m: int | None = None
     draws: int = 10
-    samples: int = 512
-    split: str = "train"
-    dataset: str | None = None
     params: str | None = None
-    weights: str = "raw"
-    dtype: str = "float32"
-    seed: int = 0
-    batch_size: int = 256
-
-    RUNTIME_ONLY = ("batch_size",)
 
     def validate(self) -> None:
         from landscape.errors import ConfigError
@@ -302,22 +295,9 @@ class SharpnessSettings:
             raise ConfigError(f"--draws must be 0 or more, not {self.draws}.")
         if self.eta < 0 or not math.isfinite(self.eta):
             raise ConfigError(f"--eta must be a finite non-negative number, not {self.eta}.")
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
+        self.check_evaluation()
         if self.m is not None and self.m > self.samples:
             raise ConfigError(f"--m {self.m} is larger than the evaluation set (--samples {self.samples}).")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be a positive integer, not {self.batch_size}.")
-
-    def determining(self) -> dict[str, object]:
-        """The settings that determine the numbers (stored in the results and compared on a re-run)."""
-        from dataclasses import asdict
-
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
 
     def work(self, num_examples: int) -> int:
         """Loss evaluations one checkpoint takes (the unit of the progress bar), after the first gradient."""
@@ -464,7 +444,7 @@ def run_sharpness_analysis(
     settings.validate()
     shard = distributed.check_shard(shard, ("checkpoints",), "sharpness")
     world, torch_device = distributed.join(device)
-    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+    dtype = settings.torch_dtype
     results, todo = distributed.plan_checkpoints(run.analysis_path("sharpness"), "sharpness", settings.determining(),
                                                  settings.seed, run.select_checkpoints(checkpoints), world, shard,
                                                  force=force)

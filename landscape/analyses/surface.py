@@ -82,6 +82,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.analyses.results import EvaluationSettings
 from landscape.errors import LandscapeError
 
 TOKEN_PARAMETERS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
@@ -621,7 +622,7 @@ def surface_analysis(
 
 # -- a run --------------------------------------------------------------------------------------------------------
 @dataclass
-class SurfaceSettings:
+class SurfaceSettings(EvaluationSettings):
     """What ``landscape analyze surface`` evaluates at each checkpoint, and on which data.
 
     ``directions`` (see the module docstring) and ``dims`` (1 or 2; interpolation is a line, a plane is 2-D);
@@ -637,15 +638,6 @@ class SurfaceSettings:
     points: int = 51
     one_dim: str = "zero"
     qkv: str = "head"
-    samples: int = 512
-    split: str = "train"
-    dataset: str | None = None
-    weights: str = "raw"
-    dtype: str = "float32"
-    seed: int = 0
-    batch_size: int = 256
-
-    RUNTIME_ONLY = ("batch_size",)
 
     def validate(self) -> DirectionSpec:
         """Check the settings, fill in ``dims`` and ``range`` defaults, and return the parsed directions."""
@@ -666,20 +658,8 @@ class SurfaceSettings:
             raise ConfigError(f"Unknown policy {self.one_dim!r} for 1-D parameters; accepted are zero and filter.")
         if self.qkv not in QKV_POLICIES:
             raise ConfigError(f"Unknown qkv normalisation {self.qkv!r}; accepted are head and row.")
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be a positive integer, not {self.batch_size}.")
+        self.check_evaluation()
         return spec
-
-    def determining(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
 
     def axes(self) -> list[np.ndarray]:
         """The grid coordinates of each dimension (checkpoint coordinates included, see :func:`grid_axes`)."""
@@ -785,7 +765,7 @@ def run_surface_analysis(
     spec = settings.validate()
     shard = distributed.check_shard(shard, distributed.SHARD_MODES, "surface")
     world, torch_device = distributed.join(device)
-    dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+    dtype = settings.torch_dtype
     infos = run.select_checkpoints(checkpoints)
     targets = [ref.resolve() for ref in spec.targets]
     determining = settings.determining()
