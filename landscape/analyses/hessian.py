@@ -959,12 +959,12 @@ def run_hessian_analysis(
     def compute(info):
         _, state = load_checkpoint(info.path, weights=settings.weights)
         model = build_model(info, state).to(device=torch_device, dtype=dtype)
-        bar = _progress_bar(info.name, progress and world.is_main)
+        bar = _progress_bar(info.name, settings, progress and world.is_main)
         try:
-            out = hessian_analysis(model, x, y, settings, callback=bar.update if bar else None,
+            out = hessian_analysis(model, x, y, settings, callback=bar.update if bar is not None else None,
                                    return_eigenvectors=save_eigenvectors_to_disk, world=None if shard else world)
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
         if not save_eigenvectors_to_disk:
             return out
@@ -985,14 +985,42 @@ def run_hessian_analysis(
     return distributed.measure_checkpoints(results, todo, compute, world, shard)
 
 
-def _progress_bar(name: str, enabled: bool):
-    if not enabled:
-        return None
-    import sys
+def expected_products(settings: HessianSettings) -> int:
+    """The Hessian-vector products one checkpoint is expected to take: the trace's and the density's are fixed
+    budgets; the eigenvalues' depend on the spectrum, and ``4 k + 12`` is what the error-bound stopping rule
+    typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64)."""
+    total = 4 * settings.top_k + 12 if settings.top_k else 0
+    if settings.which == "both":
+        total *= 2
+    if settings.trace:
+        total += settings.trace_matvecs
+    if settings.density:
+        total += settings.density_probes * settings.density_steps
+    return max(total, 1)
 
-    from tqdm.auto import tqdm
 
-    return tqdm(desc=f"{name}", unit=" HVP", file=sys.stderr, leave=True, dynamic_ncols=True)
+class _ProductBar:
+    """A tqdm bar counting Hessian-vector products against an expected total (time left shown), raising the
+    total when the eigensolver needs more products than expected."""
+
+    def __init__(self, name: str, total: int):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=name, total=total, unit=" HVP", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar.n + n > self.bar.total:
+            self.bar.total = self.bar.n + n
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_bar(name: str, settings: HessianSettings, enabled: bool) -> _ProductBar | None:
+    return _ProductBar(name, expected_products(settings)) if enabled else None
 
 
 def hessian_summary(ds) -> list[dict[str, Any]]:

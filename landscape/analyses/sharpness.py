@@ -458,10 +458,10 @@ def run_sharpness_analysis(
         model = build_model(info, state).to(device=torch_device, dtype=dtype)
         bar = progress_bar(info.name, settings.work(len(x)), " loss", progress and world.is_main)
         try:
-            return sharpness_analysis(model, x, y, settings, callback=bar.update if bar else None,
+            return sharpness_analysis(model, x, y, settings, callback=bar.update if bar is not None else None,
                                       world=None if shard else world)
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
 
     return distributed.measure_checkpoints(results, todo, compute, world, shard)

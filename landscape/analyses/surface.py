@@ -821,9 +821,9 @@ def run_surface_analysis(
         bar = progress_bar(info.name, total, " point", progress and world.is_main)
         try:
             ds = surface_analysis(closure, center, directions, spec.kind, axes, extra=extra,
-                                  callback=bar.update if bar else None, world=world if shard == "grid" else None)
+                                  callback=bar.update if bar is not None else None, world=world if shard == "grid" else None)
         finally:
-            if bar:
+            if bar is not None:
                 bar.close()
         for name, value in extras.items():
             ds[name] = value
