@@ -225,7 +225,7 @@ def analyze() -> None:
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the probes.")
-@click.option("--force", is_flag=True, help="Recompute checkpoints already in RUN/analysis/hessian.nc.")
+@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file of these settings (RUN/analysis/hessian*.nc).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
@@ -249,6 +249,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze hessian RUN [--shard checkpoints]
     """
     from landscape.analyses.hessian import HessianSettings, hessian_summary, run_hessian_analysis
+    from landscape.analyses.results import results_path
     from landscape.runs import Run
 
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
@@ -263,7 +264,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in hessian_summary(ds) if row["checkpoint"] in selected])
-    click.echo(f"Results in {run_dir.analysis_path('hessian')}")
+    click.echo(f"Results in {results_path(run_dir, 'hessian', settings.determining())}")
 # -- end analyze hessian --
 
 # -- analyze sharpness / surface --
@@ -301,7 +302,7 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the draws.")
-@click.option("--force", is_flag=True, help="Recompute checkpoints already in RUN/analysis/sharpness.nc.")
+@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file of these settings (RUN/analysis/sharpness*.nc).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Examples per forward pass (memory only).")
@@ -319,6 +320,7 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
     \b
     On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze sharpness RUN [--shard checkpoints]
     """
+    from landscape.analyses.results import results_path
     from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis, sharpness_summary
     from landscape.runs import Run
 
@@ -332,7 +334,7 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in sharpness_summary(ds) if row["checkpoint"] in selected])
-    click.echo(f"Results in {run_dir.analysis_path('sharpness')}")
+    click.echo(f"Results in {results_path(run_dir, 'sharpness', settings.determining())}")
 
 
 @analyze.command("surface")
@@ -386,7 +388,7 @@ def analyze_surface(run: Path, directions: str, dims: str | None, value_range: s
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in surface_summary(ds) if row["checkpoint"] in selected])
-    click.echo(f"Results in {surface_path(run_dir, settings.validate(), settings.dims)}")
+    click.echo(f"Results in {surface_path(run_dir, settings.validate(), settings.dims, settings.weights)}")
 # -- end analyze sharpness / surface --
 
 # -- analyze dynamics --

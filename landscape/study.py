@@ -566,7 +566,7 @@ def analyze_run(run: Run, settings: AnalysisSettings, *, data_dir=None, emit: Em
 
 
 def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
-    from landscape.analyses.hessian import HessianSettings, hessian_analysis, run_hessian_analysis
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
 
     common = dict(samples=settings.samples, seed=settings.seed)
     curvature = HessianSettings(top_k=settings.top_k, tol=settings.tol, trace=True,
@@ -576,54 +576,25 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
                               density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
                               **common)
-    run_named_analysis(run, "hessian-density", "hessian", hessian_analysis, density, data_dir=data_dir, force=force,
-                       device=settings.device)
+    run_hessian_analysis(run, density, checkpoints="last", data_dir=data_dir, force=force, device=settings.device)
     last = ds.isel(checkpoint=-1)
     return (f"{ds.sizes['checkpoint']} checkpoints; final top eigenvalue {float(last['eigenvalue_largest'][0]):.3g}, "
             f"trace {float(last['trace']):.3g}")
 
 
 def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
-    from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis, sharpness_analysis
+    from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis
 
     plain = SharpnessSettings(rhos=settings.rhos, steps=settings.sharpness_steps, draws=settings.sharpness_draws,
                               samples=settings.samples, seed=settings.seed)
     ds = run_sharpness_analysis(run, plain, checkpoints="last", data_dir=data_dir, force=force,
                                 device=settings.device)
     adaptive = dataclasses.replace(plain, rhos=settings.adaptive_rhos, adaptive=True)
-    ads = run_named_analysis(run, "sharpness-adaptive", "sharpness", sharpness_analysis, adaptive, data_dir=data_dir,
-                             force=force, device=settings.device)
+    ads = run_sharpness_analysis(run, adaptive, checkpoints="last", data_dir=data_dir, force=force,
+                                 device=settings.device)
     last, alast = ds.isel(checkpoint=-1), ads.isel(checkpoint=-1)
     return (f"worst case at rho={settings.rhos[-1]:g}: {float(last['worst_case'][-1]):.3g} nats, adaptive at "
             f"rho={settings.adaptive_rhos[-1]:g}: {float(alast['worst_case'][-1]):.3g} nats")
-
-
-def run_named_analysis(run: Run, name: str, kind: str, analysis: Callable, settings, *, checkpoints: str = "last",
-                       data_dir=None, force: bool = False, device: str | None = None):
-    """``analysis(model, x, y, settings)`` (:func:`~landscape.analyses.hessian.hessian_analysis`,
-    :func:`~landscape.analyses.sharpness.sharpness_analysis`) at the selected checkpoints, resumable, into
-    ``RUN/analysis/<name>.nc``: a second result of the same kind next to the standard one, such as
-    ``sharpness-adaptive.nc`` beside ``sharpness.nc`` or the final checkpoint's ``hessian-density.nc``."""
-    import torch
-
-    from landscape.analyses.curvature import analysis_data_for_run
-    from landscape.analyses.hessian import resolve_device
-    from landscape.analyses.results import AnalysisResults
-    from landscape.checkpoints import build_model, load_checkpoint
-
-    settings.validate()
-    torch_device = resolve_device(device)
-    results = AnalysisResults(run.analysis_path(name), kind, settings.determining(), settings.seed, force=force)
-    todo = [info for info in run.select_checkpoints(checkpoints) if not results.is_finished(info.name)]
-    if todo:
-        x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
-                                     dataset=settings.dataset, data_dir=data_dir)
-        dtype = settings.torch_dtype
-        for info in todo:
-            _, state = load_checkpoint(info.path, weights=settings.weights)
-            model = build_model(info, state).to(device=torch_device, dtype=dtype)
-            results.append(analysis(model, x, y, settings), name=info.name, epoch=info.epoch, step=info.step)
-    return results.dataset
 
 
 def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:

@@ -124,11 +124,13 @@ def across_seeds(datasets: Iterable[xr.Dataset]) -> xr.Dataset:
 
 
 def write_dynamics(run: Run) -> tuple[xr.Dataset, Path]:
-    """Compute :func:`run_dynamics` and write it to ``RUN/analysis/dynamics.nc`` atomically (always recomputed:
-    it costs one read of ``metrics.csv``). Returns the Dataset and the path written."""
-    from landscape.config import atomic_write
+    """Compute :func:`run_dynamics` and write it to ``RUN/analysis/dynamics.nc`` through the results writer (atomic,
+    with the attributes of every analysis: ``analysis``, ``settings``, library versions, time, host); always
+    recomputed, since it costs one read of ``metrics.csv``. Returns the Dataset and the path written."""
+    from landscape.analyses.results import analysis_attrs, results_path, write_results
 
     ds = run_dynamics(run)
-    path = run.analysis_path("dynamics")
-    atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+    ds.attrs = {**analysis_attrs("dynamics", {}, int(ds.attrs["seed"])), **ds.attrs}
+    path = results_path(run, "dynamics", {})
+    write_results(ds, path)
     return ds, path

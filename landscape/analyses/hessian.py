@@ -923,7 +923,9 @@ def run_hessian_analysis(
     progress: bool = False,
     shard: str | None = None,
 ):
-    """Measure the Hessian at the selected checkpoints of ``run``; results in ``RUN/analysis/hessian.nc``.
+    """Measure the Hessian at the selected checkpoints of ``run``; results in ``RUN/analysis/hessian.nc``
+    (``hessian-ema.nc``, ``hessian-density.nc``, ... for other weights and kinds: :func:`~landscape.analyses.
+    results.results_name`).
 
     Checkpoints already in the file (with the same settings) are skipped unless ``force``; each finished
     checkpoint is written at once, so an interruption loses at most the one in progress. With
@@ -936,6 +938,7 @@ def run_hessian_analysis(
     """
     from landscape.analyses import distributed
     from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.results import results_path
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run
 
@@ -948,7 +951,7 @@ def run_hessian_analysis(
     world, torch_device = distributed.join(device)
     dtype = settings.torch_dtype
     results, todo = distributed.plan_checkpoints(
-        run.analysis_path("hessian"), "hessian", settings.determining(), settings.seed,
+        results_path(run, "hessian", settings.determining()), "hessian", settings.determining(), settings.seed,
         run.select_checkpoints(checkpoints), world, shard, force=force,
         complete=(lambda info: eigenvectors_path(run, info.name).exists()) if save_eigenvectors_to_disk else None)
     if not todo:

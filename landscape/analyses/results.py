@@ -115,6 +115,42 @@ def analysis_attrs(name: str, settings: Mapping[str, Any], seed: int) -> dict[st
     })
 
 
+# -- where a result lives ----------------------------------------------------------------------------------------
+def results_name(kind: str, settings: Mapping[str, Any]) -> str:
+    """The results file name (without ``.nc``) of analysis ``kind`` with ``settings``.
+
+    Settings that make a different measurement of the same kind get a file of their own, so that they live side
+    by side in one run instead of replacing each other: ``-density`` (a Hessian with only the spectral density),
+    ``-adaptive`` (adaptive sharpness), ``-ema`` (the EMA weights), ``-params-<slug>`` (a ``--params`` pattern).
+    The default settings keep the plain name (``hessian``, ``sharpness``, ``surface-random-2d``). ``kind`` may
+    carry its own distinctions already (``surface-random-2d``). The name only keeps results apart; what a file
+    holds is read from its attributes (:func:`landscape.summary.gather_results`).
+    """
+    name = kind
+    if kind == "hessian" and settings.get("density") and not settings.get("top_k") and not settings.get("trace"):
+        name += "-density"
+    if settings.get("adaptive"):
+        name += "-adaptive"
+    if settings.get("weights", "raw") != "raw":
+        name += f"-{settings['weights']}"
+    if settings.get("params"):
+        name += f"-params-{_slug(str(settings['params']))}"
+    return name
+
+
+def _slug(text: str) -> str:
+    """``text`` reduced to lower-case letters, digits and single dashes (at most 40 characters)."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].strip("-")
+    return slug or "pattern"
+
+
+def results_path(run: Any, kind: str, settings: Mapping[str, Any]) -> Path:
+    """``RUN/analysis/<results_name(kind, settings)>.nc``."""
+    return Path(run.analysis_path(results_name(kind, settings)))
+
+
 # -- reading ------------------------------------------------------------------------------------------------------
 def read_results(path: str | os.PathLike) -> xr.Dataset | None:
     """The Dataset stored at ``path``, loaded into memory (the file is closed again), or ``None`` if absent."""

@@ -424,7 +424,9 @@ def run_sharpness_analysis(
     progress: bool = False,
     shard: str | None = None,
 ):
-    """Measure sharpness at the selected checkpoints of ``run``; results in ``RUN/analysis/sharpness.nc``.
+    """Measure sharpness at the selected checkpoints of ``run``; results in ``RUN/analysis/sharpness.nc``
+    (``sharpness-adaptive.nc``, ``sharpness-ema.nc``, ... for other settings: :func:`~landscape.analyses.results.
+    results_name`).
 
     Checkpoints already in the file (with the same settings) are skipped unless ``force``; each finished
     checkpoint is written at once, so an interruption loses at most the one in progress. Returns the whole
@@ -436,6 +438,7 @@ def run_sharpness_analysis(
     """
     from landscape.analyses import distributed
     from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.results import results_path
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run
 
@@ -445,7 +448,8 @@ def run_sharpness_analysis(
     shard = distributed.check_shard(shard, ("checkpoints",), "sharpness")
     world, torch_device = distributed.join(device)
     dtype = settings.torch_dtype
-    results, todo = distributed.plan_checkpoints(run.analysis_path("sharpness"), "sharpness", settings.determining(),
+    path = results_path(run, "sharpness", settings.determining())
+    results, todo = distributed.plan_checkpoints(path, "sharpness", settings.determining(),
                                                  settings.seed, run.select_checkpoints(checkpoints), world, shard,
                                                  force=force)
     if not todo:

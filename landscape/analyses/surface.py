@@ -667,9 +667,12 @@ class SurfaceSettings(EvaluationSettings):
         return [grid_axes(self.range, self.points, anchors) for _ in range(self.dims)]
 
 
-def surface_path(run: Any, spec: DirectionSpec, dims: int) -> Path:
-    """``RUN/analysis/surface-<directions>-<dims>d.nc``, e.g. ``surface-random-2d.nc``."""
-    return run.analysis_path(f"surface-{spec.slug()}-{dims}d")
+def surface_path(run: Any, spec: DirectionSpec, dims: int, weights: str = "raw") -> Path:
+    """``RUN/analysis/surface-<directions>-<dims>d.nc``, e.g. ``surface-random-2d.nc`` (``-ema`` appended for the
+    EMA weights)."""
+    from landscape.analyses.results import results_path
+
+    return results_path(run, f"surface-{spec.slug()}-{dims}d", {"weights": weights})
 
 
 def directions_dir(run: Any) -> Path:
@@ -773,7 +776,8 @@ def run_surface_analysis(
     determining["targets"] = [str(t.path.resolve()) for t in targets]
     if spec.kind == "pca":
         determining["trajectory"] = [i.name for i in run.checkpoints()]
-    results, todo = distributed.plan_checkpoints(surface_path(run, spec, settings.dims), "surface", determining,
+    path = surface_path(run, spec, settings.dims, settings.weights)
+    results, todo = distributed.plan_checkpoints(path, "surface", determining,
                                                  settings.seed, infos, world, shard, force=force)
     if not todo:
         return results.dataset if results is not None else None
