@@ -53,7 +53,10 @@ from torch import nn
 from landscape.errors import ConfigError, LandscapeError
 
 Tensor = torch.Tensor
-LossCriterion = Callable[[Tensor, Tensor], Tensor]
+LossCriterion = Callable[[Any, Tensor], Tensor]
+Inputs = "Tensor | Mapping[str, Tensor]"
+"""A model's inputs: one tensor ``(N, ...)``, or a dict of tensors sharing the first dimension ``N`` (passed as
+keyword arguments, e.g. a Hugging Face model's ``pixel_values=``)."""
 
 
 # -- parameters ------------------------------------------------------------------------------------------------
@@ -123,35 +126,92 @@ def unflatten_vector(vector: Tensor, shapes: Mapping[str, torch.Size | tuple[int
 
 
 # -- the evaluation set ------------------------------------------------------------------------------------------
+def num_inputs(x: Inputs) -> int:
+    """The number of examples ``N`` in ``x``: its first dimension, shared by every tensor of a dict."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise LandscapeError("The inputs are an empty dict; give at least one tensor (e.g. pixel_values).")
+        sizes = {name: len(t) for name, t in x.items()}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{n} {k}" for n, k in sizes.items())
+            raise LandscapeError(f"The input tensors have different numbers of examples ({listed}).")
+        return next(iter(sizes.values()))
+    return len(x)
+
+
+def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of ``x`` (every tensor of a dict alike)."""
+    if isinstance(x, Mapping):
+        return {name: t[start:stop] for name, t in x.items()}
+    return x[start:stop]
+
+
+def inputs_to(x: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """``x`` on ``device``, floating-point tensors in ``dtype`` (integer ones, e.g. token ids, keep theirs)."""
+    if isinstance(x, Mapping):
+        return {name: inputs_to(t, device, dtype) for name, t in x.items()}
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def model_outputs(outputs: Any) -> Tensor:
+    """The prediction tensor of a forward pass: the tensor itself, the ``logits`` of an output object or dict
+    (Hugging Face models), or the first element of a tuple."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    raise LandscapeError(
+        f"The model returned a {type(outputs).__name__}, not a tensor nor an object with .logits; wrap it so that "
+        "it returns the tensor the loss takes.")
+
+
+def forward(model: nn.Module, x: Inputs, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+    """``model(x)`` (``model(**x)`` for a dict), with ``tensors`` swapped in for its parameters and buffers."""
+    args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)
+    if tensors is None:
+        return model_outputs(model(*args, **(kwargs or {})))
+    # tie_weights=False: with the default, a module reachable under two names (GroupedMLP) keeps the passed
+    # tensors after the call (pytorch issue 164759); the shared module is swapped once either way.
+    return model_outputs(torch.func.functional_call(model, dict(tensors), args, kwargs, tie_weights=False))
+
+
 @dataclass
 class EvaluationSet:
-    """A fixed, ordered evaluation set: inputs ``x`` ``(N, ...)``, integer targets ``y`` ``(N,)``, split in batches.
+    """A fixed, ordered evaluation set: inputs ``x`` ``(N, ...)`` (or a dict of such tensors), targets ``y``
+    ``(N, ...)``, split in batches.
 
     The batches are ``x[0:B], x[B:2B], ...``; the last may be shorter and is weighted by its size.
     """
 
-    x: Tensor
+    x: Inputs
     y: Tensor
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if len(self.x) != len(self.y):
-            raise LandscapeError(f"The evaluation set has {len(self.x)} inputs but {len(self.y)} targets.")
-        if len(self.x) == 0:
+        n = num_inputs(self.x)
+        if n != len(self.y):
+            raise LandscapeError(f"The evaluation set has {n} inputs but {len(self.y)} targets.")
+        if n == 0:
             raise LandscapeError("The evaluation set is empty; give at least one example.")
         if self.batch_size is None or self.batch_size <= 0:
-            self.batch_size = len(self.x)
+            self.batch_size = n
 
     def __len__(self) -> int:
-        return len(self.x)
+        return num_inputs(self.x)
 
     @property
     def num_batches(self) -> int:
         return -(-len(self) // self.batch_size)
 
-    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(self) -> Iterator[tuple[Inputs, Tensor]]:
         for start in range(0, len(self), self.batch_size):
-            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            yield slice_inputs(self.x, start, start + self.batch_size), self.y[start:start + self.batch_size]
 
 
 @contextlib.contextmanager
@@ -184,12 +244,14 @@ class LossFunction:
 
     Args:
         model: any module; it is only read. Its dtype and device are used for every computation.
-        x, y: the evaluation set, ``(N, ...)`` inputs and ``(N,)`` targets (moved batch by batch to the model).
+        x, y: the evaluation set, ``(N, ...)`` inputs (or a dict of them, passed as keyword arguments) and
+            ``(N, ...)`` targets, moved batch by batch to the model; floating-point ones take its dtype.
         batch_size: examples per forward pass (``None``: all at once). Results do not depend on it beyond
             floating-point rounding.
         params: which parameters :math:`\\theta` are variables: a pattern for :func:`parameters_by_pattern`,
             a list of names, or ``None`` for all trainable ones. The others stay fixed at their current values.
-        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch.
+        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch; ``outputs`` is the
+            model's output tensor, or the ``logits`` of an output object (:func:`model_outputs`).
         vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
             once; memory grows with it (each vector carries its own activation tangents).
         skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
@@ -295,23 +357,19 @@ class LossFunction:
         fixed = {n: params.get(n, t) for n, t in self._fixed.items()}
         return variables, fixed
 
-    def _batch(self, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
-        x = xb.to(self.device, non_blocking=True)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        return x, yb.to(self.device, non_blocking=True)
+    def _batch(self, xb: Inputs, yb: Tensor) -> tuple[Inputs, Tensor]:
+        y = yb.to(self.device, non_blocking=True)
+        return inputs_to(xb, self.device, self.dtype), (y.to(self.dtype) if y.is_floating_point() else y)
 
     def _batch_loss(self, variables: dict[str, Tensor], x: Tensor, y: Tensor, fixed: dict[str, Tensor] | None = None) -> Tensor:
         tensors = {**(self._fixed if fixed is None else fixed), **variables}
-        # tie_weights=False: with the default, a module reachable under two names (GroupedMLP) keeps the passed
-        # tensors after the call (pytorch issue 164759); the shared module is swapped once either way.
-        return self.criterion(torch.func.functional_call(self.model, tensors, (x,), tie_weights=False), y)
+        return self.criterion(forward(self.model, x, tensors), y)
 
     def _weights(self) -> Iterator[tuple[float, Tensor, Tensor]]:
         n = self.num_examples
         for xb, yb in self.data.batches():
             x, y = self._batch(xb, yb)
-            yield len(xb) / n, x, y
+            yield len(yb) / n, x, y
 
     def _reached_parameters(self, variables: dict[str, Tensor]) -> set[str]:
         leaves = {n: t.clone().requires_grad_(True) for n, t in variables.items()}
@@ -358,7 +416,7 @@ class LossFunction:
         total, correct = 0.0, 0.0
         with evaluation_mode(self.model, math_attention=False), torch.no_grad():
             for w, x, y in self._weights():
-                outputs = torch.func.functional_call(self.model, full, (x,), tie_weights=False)
+                outputs = forward(self.model, x, full)
                 total += w * float(self.criterion(outputs, y))
                 correct += _num_correct(outputs, y)
         total, correct = self._sum_scalars(total, correct)
@@ -486,11 +544,11 @@ def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCrite
     total, correct = 0.0, 0.0
     with evaluation_mode(model, math_attention=False), torch.no_grad():
         for xb, yb in data.batches():
-            x = xb.to(first.device)
-            x = x.to(first.dtype) if x.is_floating_point() else x
+            x = inputs_to(xb, first.device, first.dtype)
             y = yb.to(first.device)
-            outputs = model(x)
-            total += len(xb) / num_examples * float(criterion(outputs, y))
+            y = y.to(first.dtype) if y.is_floating_point() else y
+            outputs = forward(model, x)
+            total += len(yb) / num_examples * float(criterion(outputs, y))
             correct += _num_correct(outputs, y)
     return total, correct
 
