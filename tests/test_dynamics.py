@@ -37,15 +37,25 @@ def test_run_dynamics_uses_the_last_row_of_each_epoch(tmp_path):
 def test_across_seeds_gives_mean_and_std_per_variant(tmp_path):
     a = run_dynamics(_run(tmp_path, "a", [50, 90, 80], [50, 90, 80], seed=0))
     b = run_dynamics(_run(tmp_path, "b", [50, 90, 86], [50, 90, 86], seed=1))
-    c = run_dynamics(_run(tmp_path, "c", [50, 60, 60], [50, 60, 60], model="vit_y", kwargs={"group_size": 2}))
+    c = run_dynamics(_run(tmp_path, "c", [50, 60, 60], [50, 60, 60], model="vit_y_grouped_mlp", kwargs={"group_size": 2}))
     out = across_seeds([a, b, c])
     drop = out["peak_to_final_drop_mean"].sel(variant="vit_x", weights="raw").item()
     assert drop == pytest.approx(7.0)
     assert out["peak_to_final_drop_std"].sel(variant="vit_x", weights="raw").item() == pytest.approx(np.std([10, 4], ddof=1))
-    assert out["n_seeds"].sel(variant="vit_y[group_size=2]", weights="ema").item() == 1
+    assert out["n_seeds"].sel(variant="vit_y_grouped_mlp[group_size=2]", weights="ema").item() == 1
 
 
 def test_run_without_history_is_a_clear_error(tmp_path):
     run = Run.create(tmp_path / "imported")
     with pytest.raises(LandscapeError, match="no per-epoch metrics"):
         run_dynamics(run)
+
+
+def test_grouped_runs_that_differ_only_in_init_scale_are_two_variants_across_seeds(tmp_path):
+    kwargs = {"group_size": 2, "embed_dim": 32}
+    a = run_dynamics(_run(tmp_path, "a", [50, 90, 80], [50, 90, 80], model="vit_y_grouped_mlp", kwargs=kwargs))
+    b = run_dynamics(_run(tmp_path, "b", [50, 90, 86], [50, 90, 86], seed=1, model="vit_y_grouped_mlp",
+                          kwargs={**kwargs, "init_scale": 0.25}))
+    out = across_seeds([a, b])
+    assert a.attrs["variant"] != b.attrs["variant"]
+    assert out["n_seeds"].sel(weights="raw").values.tolist() == [1, 1]

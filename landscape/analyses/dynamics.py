@@ -9,7 +9,7 @@ For a top-1 curve :math:`a_e` over epochs :math:`e = 1..E` (raw and EMA weights)
 - the generalisation gap :math:`L_{val,e} - L_{train,e}`. The training loss is the running mean over the
   epoch's augmented (MixUp/CutMix, label-smoothed) batches, so the gap is a trend, not a clean estimate.
 
-Across seeds of one variant, every scalar gets a mean and a standard deviation (ddof=1).
+Across seeds of one variant (:func:`landscape.models.variants.describe_variant`), every scalar gets a mean and a standard deviation (ddof=1).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pandas as pd
 import xarray as xr
 
 from landscape.errors import LandscapeError
+from landscape.models.variants import describe_variant
 from landscape.runs import Run
 
 WEIGHTS = {"raw": "val_top1", "ema": "ema_val_top1"}
@@ -89,19 +90,10 @@ def run_dynamics(run: Run) -> xr.Dataset:
     config = run.load_config()
     ds = xr.Dataset(data, coords={"weights": weights, "epoch": epochs})
     ds.attrs.update(
-        run=str(run.root), variant=variant_name(config, run), seed=int(config.get("seed", -1)),
+        run=str(run.root), variant=describe_variant(config, run.name).key, seed=int(config.get("seed", -1)),
         definition="peak_to_final_drop = max_e top1_e - top1_E (percentage points); first epoch attaining the max",
     )
     return ds
-
-
-def variant_name(config: dict, run: Run) -> str:
-    """The variant a run belongs to: its model name plus variant arguments, without the seed."""
-    model = config.get("model") or {}
-    name = model.get("name") or run.name
-    kwargs = model.get("kwargs") or {}
-    knobs = [f"{k}={kwargs[k]}" for k in ("group_size", "width_ratio", "mlp_init", "init") if k in kwargs]
-    return name + (f"[{','.join(knobs)}]" if knobs else "")
 
 
 def across_seeds(datasets: Iterable[xr.Dataset]) -> xr.Dataset:

@@ -25,7 +25,18 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from landscape.errors import ConfigError
+from landscape.models.variants import Family
 from landscape.models.vit import VIT_ARGS, create_vit, imagenet_cfg, small_image_cfg
+
+
+def _label(kwargs: dict) -> str:
+    scale = kwargs.get("init_scale")
+    return f"GroupedMLP g={int(kwargs.get('group_size', 2))}" + ("" if scale is None else f" s={float(scale):g}")
+
+
+# <vit>_grouped_mlp names; group size and initial scale make a variant (landscape.models.variants).
+FAMILY = Family("grouped", matches=lambda name: name.endswith("_grouped_mlp"), label=_label,
+                knobs=("group_size", "init_scale"), suffix="_grouped_mlp")
 
 
 def share_mlps(model: nn.Module, group_size: int, init_scale: float | None = None) -> nn.Module:

@@ -31,9 +31,20 @@ from timm.models._manipulate import named_apply
 
 from landscape.errors import ConfigError
 from landscape.models.grouped_mlp import _blocks
+from landscape.models.variants import Family
 from landscape.models.vit import VIT_ARGS, create_vit, imagenet_cfg, small_image_cfg
 
 MLP_INITS = ("sliced", "random")
+
+
+def _label(kwargs: dict) -> str:
+    ratio = float(kwargs.get("width_ratio", 0.5))
+    return f"ShallowMLP {kwargs.get('mlp_init', 'sliced')}" + ("" if ratio == 0.5 else f" r={ratio:g}")
+
+
+# <vit>_shallow_mlp names; width ratio and MLP initialisation make a variant (landscape.models.variants).
+FAMILY = Family("shallow", matches=lambda name: name.endswith("_shallow_mlp"), label=_label,
+                knobs=("width_ratio", "mlp_init"), suffix="_shallow_mlp")
 
 
 def narrow_mlps(model: nn.Module, width_ratio: float, init: str = "sliced") -> nn.Module:

@@ -25,7 +25,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from landscape.errors import ConfigError
+from landscape.models.variants import Family
 
+# Every ViT name (timm's and ours) not claimed by a more specific family is a baseline (landscape.models.variants).
+FAMILY = Family("baseline", matches=lambda name: "vit" in name and not name.startswith("mae"),
+                label=lambda kwargs: "ViT baseline")
 # Architecture arguments of every ViT that the MLP variants are built over, by registered name.
 VIT_ARGS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
