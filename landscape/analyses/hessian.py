@@ -727,8 +727,12 @@ def hessian_analysis(
     callback: Callable[[int], Any] | None = None,
     return_eigenvectors: bool = False,
     world: Any = None,
+    criterion: Callable[[Any, Tensor], Tensor] | None = None,
 ):
     """The Hessian measurements of ``settings`` for one model on the evaluation set ``(x, y)``.
+
+    ``criterion(outputs, targets)`` is the mean loss of a batch (cross-entropy when ``None``); ``x`` may be a dict
+    of input tensors (:class:`~landscape.analyses.curvature.LossFunction`).
 
     With ``world`` (a :class:`~landscape.trainers.distributed.Distributed` of several processes, each calling this
     with the same model, data and settings) the evaluation set is split across the processes and every product is
@@ -755,7 +759,8 @@ def hessian_analysis(
     started = time.perf_counter()
     x, y, data_parallel = split_evaluation_set(x, y, world)
     loss_fn = LossFunction(model, x, y, batch_size=settings.batch_size, params=settings.params,
-                           vectors_per_pass=settings.vectors_per_pass, data_parallel=data_parallel)
+                           vectors_per_pass=settings.vectors_per_pass, data_parallel=data_parallel,
+                           **({"criterion": criterion} if criterion is not None else {}))
     op = HessianOperator(loss_fn, callback=callback, product=settings.product)
     loss, top1 = loss_fn.evaluate()
     gradient = op.loss_and_gradient()[1]  # with a kept graph, the pass that builds it

@@ -314,8 +314,12 @@ def sharpness_analysis(
     *,
     callback: Callable[[int], object] | None = None,
     world=None,
+    criterion: Callable | None = None,
 ):
     """All sharpness measures of ``settings`` for ``model`` on the evaluation set ``(x, y)``.
+
+    ``criterion(outputs, targets)`` is the mean loss of a batch (cross-entropy when ``None``); ``x`` may be a dict
+    of input tensors (:class:`~landscape.analyses.curvature.LossFunction`).
 
     With ``world`` (a :class:`~landscape.trainers.distributed.Distributed` of several processes, each calling this
     with the same model, data and settings) the evaluation set is split across the processes with every loss and
@@ -333,7 +337,7 @@ def sharpness_analysis(
     import numpy as np
     import xarray as xr
 
-    from landscape.analyses.curvature import LossFunction
+    from landscape.analyses.curvature import LossFunction, num_inputs, slice_inputs
     from landscape.analyses.distributed import map_sharded, split_evaluation_set
 
     settings = settings or SharpnessSettings()
@@ -341,8 +345,9 @@ def sharpness_analysis(
     started = time.perf_counter()
     tick = callback or (lambda k: None)
     x_slice, y_slice, data_parallel = split_evaluation_set(x, y, world)
+    loss_kind = {"criterion": criterion} if criterion is not None else {}
     closure = LossFunction(model, x_slice, y_slice, batch_size=settings.batch_size, params=settings.params,
-                           data_parallel=data_parallel)
+                           data_parallel=data_parallel, **loss_kind)
     map_batches = (lambda f, batches: map_sharded(f, batches, world)) if data_parallel is not None else None
     w = closure.parameter_vector()
     scale = sharpness_scale(w, adaptive=settings.adaptive, eta=settings.eta)
@@ -351,9 +356,10 @@ def sharpness_analysis(
     top1 = closure.evaluate()[1]
     parts = []
     if settings.m:
-        for start in range(0, len(x) - settings.m + 1, settings.m):
-            parts.append(LossFunction(model, x[start:start + settings.m], y[start:start + settings.m],
-                                      batch_size=settings.batch_size, params=closure.names, skip_unused=False))
+        for start in range(0, num_inputs(x) - settings.m + 1, settings.m):
+            parts.append(LossFunction(model, slice_inputs(x, start, start + settings.m), y[start:start + settings.m],
+                                      batch_size=settings.batch_size, params=closure.names, skip_unused=False,
+                                      **loss_kind))
 
     values: dict[str, list[float]] = {}
 

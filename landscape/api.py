@@ -1,0 +1,387 @@
+"""The notebook API: measure any ``nn.Module`` on any data, in one call each.
+
+::
+
+    import landscape as ls
+
+    ds = ls.hessian(model, loader, top_k=3, trace=True)      # a DataLoader, an (x, y) pair or batches
+    ds = ls.sharpness(model, (x, y), rho=[0.01, 0.05], m=16)
+    ds = ls.surface(model, loader, dims=2, points=21)         # a 1D or 2D slice in one call
+    run = ls.load_run("runs/NAME")                            # a run directory and its results
+    fig = ls.figure("hessian_vs_epoch", [run, other_run])     # runs, or Datasets in memory
+
+Each measurement returns the Dataset that ``landscape analyze`` writes for one checkpoint (the same variables,
+coordinates and attrs: the analysis name, its settings as JSON, the seed and the library versions), computed by
+the same functions. What the command line reads from a run (the model, the evaluation set) is given here
+directly:
+
+- ``data``: a :class:`torch.utils.data.DataLoader` or any iterable of batches, or one ``(inputs, targets)`` pair.
+  A batch is ``(inputs, targets)`` or a dict whose ``labels`` (or ``label``, ``targets``, ``target``, ``y``)
+  entry holds the targets and whose other entries are the inputs. The batches are read once, in their order,
+  and concatenated: the evaluation set is fixed (a shuffling loader gives one fixed draw). ``samples`` keeps the
+  first examples only.
+- inputs are a tensor or a dict of tensors passed as keyword arguments (``model(pixel_values=...)``); a model
+  output with ``.logits`` (Hugging Face) is reduced to its logits.
+- ``loss``: any ``loss(outputs, targets) -> mean over the batch`` (cross-entropy by default; e.g.
+  :func:`torch.nn.functional.mse_loss` for regression).
+- a bfloat16 or float16 model is measured in float32 (a copy; the model is not changed) with a warning and the
+  attr ``precision_note``: second-order quantities in 8 mantissa bits are mostly rounding noise.
+
+Settings that cannot apply are refused in one sentence (:class:`~landscape.errors.LandscapeError`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import dataclasses
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from landscape.errors import ConfigError, LandscapeError
+
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of ``data`` (see the module docstring), the batches concatenated in their order;
+    ``samples`` keeps the first ``samples`` examples."""
+    from landscape.analyses.curvature import num_inputs, slice_inputs
+
+    if samples is not None and samples < 1:
+        raise ConfigError(f"samples must be a positive number of examples, not {samples}.")
+    if _is_pair(data):
+        x, y = data
+    else:
+        if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+            raise LandscapeError(
+                f"data is a {type(data).__name__}; give a DataLoader, an iterable of (inputs, targets) batches or "
+                "one (inputs, targets) pair.")
+        inputs, targets, count = [], [], 0
+        for i, batch in enumerate(data):
+            xb, yb = _split_batch(batch, i)
+            inputs.append(xb)
+            targets.append(yb)
+            count += len(yb)
+            if samples is not None and count >= samples:
+                break
+        if not inputs:
+            raise LandscapeError("data holds no batches; give at least one example.")
+        x, y = _concatenate(inputs), torch.cat([torch.as_tensor(t) for t in targets])
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    n = num_inputs(x)
+    if n != len(y):
+        raise LandscapeError(f"data has {n} inputs but {len(y)} targets; give one target per example.")
+    if samples is not None and samples < n:
+        x, y = slice_inputs(x, 0, samples), y[:samples]
+    return x, y
+
+
+def _is_pair(data: Any) -> bool:
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and isinstance(data[0], (torch.Tensor, Mapping)) and isinstance(data[1], torch.Tensor))
+
+
+def _split_batch(batch: Any, index: int) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        key = next((k for k in TARGET_KEYS if k in batch), None)
+        if key is None:
+            raise LandscapeError(
+                f"Batch {index} is a dict without targets; name them one of {', '.join(TARGET_KEYS)}.")
+        return {k: v for k, v in batch.items() if k != key}, batch[key]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise LandscapeError(
+        f"Batch {index} is a {type(batch).__name__}; each batch must be an (inputs, targets) pair or a dict with "
+        "'labels'.")
+
+
+def _concatenate(parts: list[Any]) -> Any:
+    if isinstance(parts[0], Mapping):
+        keys = list(parts[0])
+        if any(list(p) != keys for p in parts):
+            raise LandscapeError("The batches' input dicts have different keys; give every batch the same inputs.")
+        return {k: torch.cat([p[k] for p in parts]) for k in keys}
+    return torch.cat(parts)
+
+
+# -- the model ------------------------------------------------------------------------------------------------------
+def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str | None]:
+    """The module to measure, its dtype name (float32/float64) and, for a low-precision model, the note why a
+    float32 copy is measured instead."""
+    if not isinstance(model, nn.Module):
+        raise LandscapeError(f"model is a {type(model).__name__}, not a torch.nn.Module.")
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise LandscapeError("The model has no parameters, so there is nothing to measure.")
+    note = None
+    target = None if device is None else torch.device(device)
+    dtype = first.dtype
+    if dtype in LOW_PRECISION:
+        note = (f"The model's parameters are {str(dtype).replace('torch.', '')}; it was measured in float32 (a copy), "
+                "since second derivatives in 8 or 11 mantissa bits are mostly rounding error.")
+        warnings.warn(note, stacklevel=3)
+        model = copy.deepcopy(model).to(dtype=torch.float32)
+        dtype = torch.float32
+    elif dtype not in (torch.float32, torch.float64):
+        raise LandscapeError(f"The model's parameters are {dtype}; give a floating-point model.")
+    if target is not None and target != first.device:
+        model = copy.deepcopy(model) if note is None else model
+        model = model.to(target)
+    return model, ("float64" if dtype == torch.float64 else "float32"), note
+
+
+def _settings(cls: type, options: dict[str, Any], *, samples: int, dtype: str, what: str):
+    names = {f.name for f in dataclasses.fields(cls)} - {"samples", "dtype", "split", "dataset", "weights"}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ConfigError(f"{what} has no setting {unknown[0]!r}; accepted are {', '.join(sorted(names))}.")
+    return cls(**options, samples=samples, dtype=dtype)
+
+
+def _finish(ds, name: str, settings: Any, determining: dict[str, Any], loss: Callable | None,
+            note: str | None):
+    from landscape.analyses.results import analysis_attrs, netcdf_attrs
+
+    attrs = analysis_attrs(name, determining, settings.seed)
+    attrs.update(netcdf_attrs({"loss_function": _loss_name(loss)}))
+    if note is not None:
+        attrs["precision_note"] = note
+    ds.attrs = attrs
+    return ds
+
+
+def _loss_name(loss: Callable | None) -> str:
+    if loss is None:
+        return "cross_entropy"
+    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", None) or type(loss).__name__
+
+
+def _trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+# -- the measurements ------------------------------------------------------------------------------------------------
+def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, samples: int | None = None,
+            device: Any = None, **settings: Any):
+    """Top eigenvalues, trace and spectral density of the loss Hessian of ``model`` on ``data``.
+
+    ``settings`` are the fields of :class:`~landscape.analyses.hessian.HessianSettings`: ``top_k`` (5),
+    ``which`` (largest, smallest, both), ``tol``, ``trace``, ``trace_method``, ``trace_matvecs``, ``density``,
+    ``density_probes``, ``density_steps``, ``params`` (a parameter pattern), ``seed``, ``batch_size`` (256),
+    ``product``, ``vectors_per_pass``. Returns the Dataset of
+    :func:`~landscape.analyses.hessian.hessian_analysis`, with the attrs of ``RUN/analysis/hessian.nc``.
+    """
+    from landscape.analyses.hessian import HessianSettings, hessian_analysis
+
+    x, y = evaluation_data(data, samples)
+    measured, dtype, note = _measured_model(model, device)
+    config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
+    config.validate()
+    if config.top_k and config.params is None:
+        count = _trainable_count(measured)
+        if config.top_k * (2 if config.which == "both" else 1) > count:
+            raise ConfigError(f"top_k={config.top_k} asks for more eigenvalues than the model's {count} "
+                              "trainable parameters have.")
+    ds = hessian_analysis(measured, x, y, config, criterion=loss)
+    return _finish(ds, "hessian", config, config.determining(), loss, note)
+
+
+def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
+              samples: int | None = None, device: Any = None, **settings: Any):
+    """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness of ``model`` on ``data``.
+
+    ``rho`` is one radius or several; the other ``settings`` are the fields of
+    :class:`~landscape.analyses.sharpness.SharpnessSettings`: ``p`` ("2" or "inf"), ``adaptive``, ``eta``,
+    ``steps``, ``m`` (batch size of m-sharpness, at most the number of examples), ``draws``, ``params``,
+    ``seed``, ``batch_size``. Returns the Dataset of :func:`~landscape.analyses.sharpness.sharpness_analysis`.
+    """
+    from landscape.analyses.sharpness import SharpnessSettings, sharpness_analysis
+
+    if rho is not None:
+        if "rhos" in settings:
+            raise ConfigError("Give the radii once, as rho=, not also as rhos=.")
+        settings["rhos"] = (rho,) if isinstance(rho, (int, float)) else tuple(rho)
+    x, y = evaluation_data(data, samples)
+    m = settings.get("m")
+    if m is not None and m > len(y):
+        raise ConfigError(f"m={m} is larger than the {len(y)} examples given, so m-sharpness has no batch of m; "
+                          f"give m at most {len(y)} or more data.")
+    measured, dtype, note = _measured_model(model, device)
+    config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
+    config.validate()
+    ds = sharpness_analysis(measured, x, y, config, criterion=loss)
+    return _finish(ds, "sharpness", config, config.determining(), loss, note)
+
+
+def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: int | None = None,
+            range: tuple[float, float] | None = None, points: int = 51, loss: Callable | None = None,
+            samples: int | None = None, device: Any = None, **settings: Any):
+    """Loss and top-1 accuracy on a 1D or 2D slice through the weights of ``model``.
+
+    ``directions``:
+
+    - ``"random"``: seeded Gaussian directions, filter-normalised against the model's weights (as
+      ``landscape analyze surface --directions random``; ``one_dim``, ``qkv`` and ``seed`` as there);
+    - another model (or its state dict) of the same architecture: the line :math:`(1 - a) w_0 + a w_1`;
+    - two of them: the plane :math:`(1 - a - b) w_0 + a w_1 + b w_2`;
+    - a list of one or two dicts ``{parameter name: tensor}``: the slice :math:`w_0 + a d_1 + b d_2` along
+      them as given (e.g. Hessian eigenvectors).
+
+    ``dims`` (1 or 2; by default 2 for random, the number of directions otherwise), ``range`` ``(start, stop)``
+    and ``points`` per axis define the grid. Returns the Dataset of
+    :func:`~landscape.analyses.surface.surface_analysis`.
+    """
+    from landscape.analyses.curvature import LossFunction
+    from landscape.analyses.surface import (DEFAULT_RANGES, SurfaceSettings, filter_normalize, grid_axes,
+                                            qkv_head_counts, random_directions, surface_analysis)
+
+    x, y = evaluation_data(data, samples)
+    measured, dtype, note = _measured_model(model, device)
+    kind, given = _direction_kind(directions)
+    if dims is None:
+        dims = 2 if kind == "random" else len(given)
+    if kind != "random" and dims != len(given):
+        raise ConfigError(f"{len(given)} direction(s) were given for a {dims}D slice; give one per dimension.")
+    config = _settings(SurfaceSettings, {**settings, "dims": dims, "range": range, "points": points}, samples=len(y),
+                       dtype=dtype, what="surface()")
+    config.directions = "random"  # checks every other field; the kind is recorded below
+    if kind != "random" and range is None:
+        config.range = DEFAULT_RANGES[kind]
+    config.validate()
+    config.directions = kind
+    first = next(iter(measured.parameters()))
+    center = {n: p.detach().clone(memory_format=torch.contiguous_format) for n, p in measured.named_parameters()}
+    extra = {n: b.detach().clone() for n, b in measured.named_buffers()}
+    if kind == "random":
+        heads = qkv_head_counts(measured)
+        raw = random_directions(center, 2, seed=config.seed)
+        chosen = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=config.one_dim, qkv=config.qkv)
+                  for k in builtins.range(dims)]
+    else:
+        chosen = [_parameter_dict(d, center, first, what) for d, what in given]
+    anchors = (0.0, 1.0) if kind in ("interpolate", "plane") else (0.0,)
+    axes = [grid_axes(config.range, config.points, anchors) for _ in builtins.range(dims)]
+    closure = LossFunction(measured, x, y, batch_size=config.batch_size, skip_unused=False,
+                           **({"criterion": loss} if loss is not None else {}))
+    ds = surface_analysis(closure, center, chosen, kind, axes, extra=extra)
+    return _finish(ds, "surface", config, config.determining(), loss, note)
+
+
+def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:
+    if isinstance(directions, str):
+        if directions != "random":
+            raise ConfigError(
+                f"directions={directions!r} is not computed from a model alone; give 'random', one or two models "
+                "(a line or a plane), or a list of parameter dicts (for pca or eigen directions of a run, use "
+                "'landscape analyze surface RUN').")
+        return "random", []
+    items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
+    if not 1 <= len(items) <= 2:
+        raise ConfigError(f"{len(items)} directions were given; a slice takes one or two.")
+    if all(isinstance(d, nn.Module) for d in items):
+        return ("interpolate" if len(items) == 1 else "plane"), [(d, "model") for d in items]
+    if all(isinstance(d, Mapping) for d in items):
+        if len(items) == 1 and not isinstance(directions, (list, tuple)):
+            return "interpolate", [(items[0], "state dict")]
+        return "given", [(d, "direction") for d in items]
+    raise ConfigError("directions must be 'random', models, or dicts of parameter tensors, not a mixture.")
+
+
+def _parameter_dict(source: Any, center: dict[str, torch.Tensor], like: torch.Tensor, what: str
+                    ) -> dict[str, torch.Tensor]:
+    tensors = dict(source.state_dict()) if isinstance(source, nn.Module) else dict(source)
+    missing = [n for n in center if n not in tensors]
+    if missing:
+        raise LandscapeError(f"The {what} given as a direction has no tensor {missing[0]!r}; give one of the same "
+                             "architecture.")
+    wrong = [n for n in center if tuple(tensors[n].shape) != tuple(center[n].shape)]
+    if wrong:
+        raise LandscapeError(f"The {what} given as a direction has {wrong[0]!r} of shape "
+                             f"{tuple(tensors[wrong[0]].shape)}, not {tuple(center[wrong[0]].shape)}.")
+    return {n: tensors[n].detach().to(device=like.device, dtype=like.dtype).clone() for n in center}
+
+
+# -- runs and figures -------------------------------------------------------------------------------------------------
+def load_run(path: Any, *, weights: str = "raw"):
+    """A run directory with its results read into memory: a :class:`~landscape.summary.RunResults`
+    (``.hessian``, ``.sharpness``, ``.surfaces``, ``.dynamics``, ... as Datasets, ``.results`` every file;
+    ``.run`` for checkpoints and metrics)."""
+    from landscape.summary import load_run as load
+
+    return load(path, weights=weights)
+
+
+def results(*datasets: Any, label: str = "model", seed: int = 0):
+    """One run's results from Datasets in memory (e.g. returned by :func:`hessian`), for :func:`figure`.
+
+    Each Dataset is placed by its attrs (``analysis`` and ``settings``), as a results file of a run is; one
+    without a ``checkpoint`` dimension counts as one checkpoint at step 0. Runs with the same ``label`` are seeds
+    of one variant.
+    """
+    from pathlib import Path
+
+    from landscape.analyses.results import checkpoint_entry
+    from landscape.models.variants import Variant
+    from landscape.runs import Run
+    from landscape.summary import Result, RunResults, classify, read_settings
+
+    found, dynamics = [], None
+    for i, ds in enumerate(datasets):
+        kind = classify(ds) if hasattr(ds, "attrs") else None
+        if kind is None:
+            raise LandscapeError(f"Dataset {i + 1} has no 'analysis' attr (hessian, sharpness, surface, dynamics), "
+                                 "so no figure knows what it holds.")
+        if kind == "dynamics":
+            dynamics = ds
+            continue
+        if "checkpoint" not in ds.dims:
+            ds = checkpoint_entry(ds, name="model", epoch=None, step=0)
+        found.append(Result(path=Path(label) / f"{kind}-{i}.nc", kind=kind, settings=read_settings(ds), dataset=ds))
+    variant = Variant(key=label, name=label, family="other", base=label, label=label)
+    return RunResults(path=Path(label), run=Run(Path(label)), variant=variant, label=label, seed=seed,
+                      num_params=None, results=found, dynamics=dynamics, final_step=0)
+
+
+FIGURE_HELP = "a RunResults (load_run, results), a run directory, a Dataset, or a list of them"
+
+
+def figure(name: str, runs: Any):
+    """Draw figure ``name`` of the gallery (:data:`landscape.figures.FIGURES`) for ``runs``: a matplotlib Figure.
+
+    ``runs`` is one or a list of: :class:`~landscape.summary.RunResults` (from :func:`load_run` or :func:`results`),
+    run directories, or Datasets (each its own run). Returns ``None`` when the runs have none of the results the
+    figure draws.
+    """
+    import matplotlib
+
+    from landscape.figures import FIGURES, STYLE, variant_styles
+    from landscape.models.variants import unique_labels
+    from landscape.summary import RunResults
+
+    if name not in FIGURES:
+        raise LandscapeError(f"Unknown figure {name!r}; accepted are {', '.join(FIGURES)}.")
+    items = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    loaded = []
+    for item in items:
+        if isinstance(item, RunResults):
+            loaded.append(item)
+        elif hasattr(item, "data_vars"):
+            loaded.append(results(item, label=f"model {len(loaded) + 1}"))
+        elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+            loaded.append(load_run(item))
+        else:
+            raise LandscapeError(f"Cannot draw a {type(item).__name__}; give {FIGURE_HELP}.")
+    if not loaded:
+        raise LandscapeError(f"Nothing to draw; give {FIGURE_HELP}.")
+    labels = unique_labels(r.variant for r in loaded)
+    for r in loaded:
+        r.label = r.label or labels[r.variant.key]
+    with matplotlib.rc_context(STYLE):
+        return FIGURES[name](loaded, variant_styles(loaded))
