@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from landscape.analyses.dynamics import across_seeds, drop_from_best, peak_to_final, run_dynamics
+from landscape.analyses.dynamics import across_seeds, drop_from_best, peak_to_final, run_dynamics, validation_size
 from landscape.errors import LandscapeError
 from landscape.runs import Run
 
@@ -32,6 +32,14 @@ def test_run_dynamics_uses_the_last_row_of_each_epoch(tmp_path):
     assert ds["peak_to_final_drop"].sel(weights="ema").item() == pytest.approx(0.5)
     np.testing.assert_allclose(ds["generalization_gap"], [1.5 / e + 0.1 * e - 1.0 / e for e in range(1, 5)])
     np.testing.assert_allclose(ds["drop_from_best"].sel(weights="raw"), [0, 0, 5, 6])
+
+
+def test_dynamics_record_how_many_validation_images_each_top1_is_measured_on(tmp_path):
+    ds = run_dynamics(_run(tmp_path, "a", [60, 90, 85, 84], [55, 70, 88, 87.5]))
+    assert ds.attrs["val_size"] == 360  # the digits validation split
+    assert validation_size({"data": {"name": "fashion-mnist", "val_size": 2000}}) == 2000
+    assert validation_size({"data": {"name": "fashion-mnist", "val_size": 50000}}) == 10000  # capped by the split
+    assert validation_size({"data": {"name": "imagefolder"}}) is None
 
 
 def test_across_seeds_gives_mean_and_std_per_variant(tmp_path):

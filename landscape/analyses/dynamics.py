@@ -9,6 +9,10 @@ For a top-1 curve :math:`a_e` over epochs :math:`e = 1..E` (raw and EMA weights)
 - the generalisation gap :math:`L_{val,e} - L_{train,e}`. The training loss is the running mean over the
   epoch's augmented (MixUp/CutMix, label-smoothed) batches, so the gap is a trend, not a clean estimate.
 
+The attribute ``val_size`` is the number of validation images each top-1 is measured on (absent where the run's
+config cannot tell: an image folder evaluated in full); it sets the binomial noise floor of the drop
+(:func:`landscape.statistics.drop_noise_floor`).
+
 Across seeds of one variant (:func:`landscape.models.variants.describe_variant`), every scalar gets a mean and a standard deviation (ddof=1).
 """
 
@@ -93,7 +97,25 @@ def run_dynamics(run: Run) -> xr.Dataset:
         run=str(run.root), variant=describe_variant(config, run.name).key, seed=int(config.get("seed", -1)),
         definition="peak_to_final_drop = max_e top1_e - top1_E (percentage points); first epoch attaining the max",
     )
+    size = validation_size(config)
+    if size is not None:
+        ds.attrs["val_size"] = size
     return ds
+
+
+def validation_size(config: dict) -> int | None:
+    """How many validation images a run's top-1 is measured on: ``data.val_size`` of its config when set, capped
+    by the size of the dataset's validation split where the registry knows it; ``None`` where neither is known.
+    Reads no data files."""
+    from landscape.data import get_dataset_info
+
+    data = config.get("data") or {}
+    try:
+        full = get_dataset_info(data.get("name", "digits"), **(data.get("options") or {})).val_size
+    except (LandscapeError, TypeError, ValueError):
+        full = None
+    sizes = [int(s) for s in (data.get("val_size"), full) if s]
+    return min(sizes) if sizes else None
 
 
 def across_seeds(datasets: Iterable[xr.Dataset]) -> xr.Dataset:
