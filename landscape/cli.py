@@ -23,6 +23,17 @@ DATA_DIR_OPTION = click.option(
 )
 
 
+def EVALUATION_DATA_OPTIONS(f):
+    """--data, --img-size and --classes of an analysis: passed on as the settings' dataset, img_size, classes."""
+    f = click.option("--classes", type=click.IntRange(min=1), default=None,
+                     help="Classes of --data synthetic [default: the model's].")(f)
+    f = click.option("--img-size", type=click.IntRange(min=1), default=None,
+                     help="Image side the data is resized to [default: the run's; synthetic: the model's].")(f)
+    return click.option("--data", "dataset", default=None, metavar="NAME",
+                        help="Dataset to evaluate on [default: the run's]; synthetic needs no files and takes the "
+                             "model's shape.")(f)
+
+
 class LandscapeGroup(click.Group):
     """A click group that turns user errors into one sentence and a non-zero exit, with no traceback."""
 
@@ -239,10 +250,11 @@ def analyze() -> None:
               help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
                    "is split over the processes].")
 @DATA_DIR_OPTION
+@EVALUATION_DATA_OPTIONS
 def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
                     trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
                     batch_size: int, product: str, save_eigenvectors: bool, shard: str | None,
-                    data_dir: Path | None) -> None:
+                    data_dir: Path | None, **evaluation_data) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
@@ -255,7 +267,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
                                density=density, samples=samples,
                                params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
-                               product=product)
+                               product=product, **evaluation_data)
     run_dir = Run.open(run)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, save_eigenvectors_to_disk=save_eigenvectors,
@@ -311,10 +323,11 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
               help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
                    "is split over the processes].")
 @DATA_DIR_OPTION
+@EVALUATION_DATA_OPTIONS
 def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float,
                       steps: int, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
                       force: bool, dtype: str, batch_size: int, device: str, shard: str | None,
-                      data_dir: Path | None) -> None:
+                      data_dir: Path | None, **evaluation_data) -> None:
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness at each checkpoint.
 
     \b
@@ -326,7 +339,7 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
 
     settings = SharpnessSettings(rhos=rhos, p=p, adaptive=adaptive, eta=eta, steps=steps, m=m, draws=draws,
                                  samples=samples, weights=weights, params=params, dtype=dtype, seed=seed,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
     ds = run_sharpness_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                                 device=device, progress=sys.stderr.isatty(), shard=shard)
@@ -367,9 +380,10 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
               help="Under torchrun: each process takes whole checkpoints, or a block of each checkpoint's grid points "
                    "[default: each checkpoint's evaluation set is split over the processes].")
 @DATA_DIR_OPTION
+@EVALUATION_DATA_OPTIONS
 def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int,
                     checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, seed: int, force: bool,
-                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None) -> None:
+                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None, **evaluation_data) -> None:
     """Loss and accuracy on a 1D or 2D grid around each checkpoint: RUN/analysis/surface-<directions>-<dims>d.nc.
 
     \b
@@ -380,7 +394,7 @@ def analyze_surface(run: Path, directions: str, dims: str | None, value_range: s
 
     settings = SurfaceSettings(directions=directions, dims=int(dims) if dims else None, range=value_range,
                                points=points, one_dim=one_dim, qkv=qkv, samples=samples, weights=weights,
-                               dtype=dtype, seed=seed, batch_size=batch_size)
+                               dtype=dtype, seed=seed, batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
     ds = run_surface_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, progress=sys.stderr.isatty(), shard=shard)
@@ -435,24 +449,45 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Model keyword argument overriding the recovered one, e.g. num_heads=12 (repeatable).")
 @click.option("--data", default=None, metavar="NAME",
-              help="Dataset the analyses of this run use (default: guessed from classes, channels, image size).")
+              help="Dataset the analyses of this run use (default: guessed from classes, channels, image size); "
+                   "synthetic needs no files and takes the model's shape.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None,
+              help="Image side the data is resized to (default: the model's).")
+@click.option("--classes", type=click.IntRange(min=1), default=None,
+              help="Classes of --data synthetic (default: the model's).")
+@click.option("--check-logits", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Verify the imported model's logits: FILE holds {'input': (N,C,H,W), 'logits': (N,classes)} "
+                   "tensors of the source model, written with torch.save or safetensors.")
+@DATA_DIR_OPTION
 def import_command(source: Path, out: Path, format_: str | None, model: str | None, model_args: tuple[str, ...],
-                   data: str | None) -> None:
+                   data: str | None, img_size: int | None, classes: int | None, check_logits: Path | None,
+                   data_dir: Path | None) -> None:
     """Bring a checkpoint from timm, DeiT, Hugging Face or torchvision in as a run with one checkpoint.
 
     SOURCE is a weights file (.pth, .pt, .bin, .safetensors, timm train.py checkpoints included) or a
-    Hugging Face model directory (config.json + model.safetensors or pytorch_model.bin).
+    model directory (Hugging Face: config.json + model.safetensors or pytorch_model.bin; timm Hub export).
+    Architecture facts the file states (timm train.py args, config.json) are read; the ones the tensors leave
+    open (head count, pooling) are guessed and named in a note, with the --model-arg that overrides them.
     """
     from landscape.config import parse_override
     from landscape.importers import import_checkpoint
 
     result = import_checkpoint(source, out, format=format_, model=model,
-                               model_args=dict(parse_override(a) for a in model_args), data=data)
+                               model_args=dict(parse_override(a) for a in model_args), data=data,
+                               img_size=img_size, classes=classes, check_logits=check_logits, data_dir=data_dir)
     print_table([{
         "run": str(result.run.root), "format": result.format, "model": result.model,
         "params": result.num_params, "ema": "yes" if result.has_ema else "no", "data": result.data,
     }])
+    if result.builder and result.builder != result.model:
+        click.echo(f"built as: {result.builder}")
     click.echo("kwargs: " + ", ".join(f"{k}={v}" for k, v in result.model_kwargs.items()))
+    guessed = [k for k, f in result.facts.items() if f.get("how") == "guessed"]
+    read = [f"{k} ({f['from']})" for k, f in result.facts.items() if f.get("how") == "read"]
+    if read:
+        click.echo("read: " + ", ".join(read))
+    if guessed:
+        click.echo("guessed: " + ", ".join(guessed) + " (see the notes)")
     for note in result.notes:
         click.echo(f"note: {note}")
 
@@ -491,7 +526,7 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
 def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: tuple[str, ...]) -> None:
     """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF."""
     from landscape.figures import FORMATS, write_figures
-    from landscape.study import load_results
+    from landscape.summary import load_results
 
     written = write_figures(load_results(runs), out, formats=formats or FORMATS, names=only or None)
     for name, paths in written.items():
@@ -509,7 +544,7 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
 def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path | None, no_figures: bool) -> None:
     """The hypotheses H1-H4 on RUNS, each with its evidence and a verdict by the rule stated in the report."""
     from landscape.report import write_report
-    from landscape.study import load_results
+    from landscape.summary import load_results
 
     results = load_results(runs)
     written = {}
@@ -545,11 +580,54 @@ def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None,
     Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
     each. Re-running it skips everything already done.
     """
+    from landscape.study import demo_study
+
+    _run_study(demo_study(data, seeds=seeds, epochs=epochs), out, jobs=jobs, figures_out=figures_out, force=force,
+               data_dir=data_dir, what="landscape demo")
+
+
+@cli.command("study")
+@click.argument("study_file", metavar="STUDY.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Study folder: runs/, figures/, report.md, study.yaml and timings.csv go here "
+                   "[default: runs/<study name>].")
+@click.option("--jobs", default=None, type=click.IntRange(1),
+              help="Runs trained and analysed at once, one CPU thread each (default: CPU cores, at most 4).")
+@click.option("--figures-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the PNG figures here.")
+@click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
+@click.option("--check", is_flag=True, help="Check the study file and print its runs, then exit.")
+@DATA_DIR_OPTION
+def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Path | None, force: bool, check: bool,
+          data_dir: Path | None) -> None:
+    """Run the study declared in STUDY.yaml: variants x seeds -> train -> analyses -> figures -> report.
+
+    \b
+    The file names the dataset, recipe and overrides, the seeds, the variants (model and kwargs) and the analyses
+    (which measures at which checkpoints); landscape/studies/demo-digits.yaml is the demo's. Bad studies (an unknown
+    model, a variant without its baseline, a group size that does not divide the depth) are refused before anything
+    trains. Re-running continues where an interrupted study stopped.
+    """
+    from landscape.study import check_study, load_study
+
+    spec = load_study(study_file)
+    if check:
+        check_study(spec)
+        print_table([{"run": name, "model": v.model, "seed": s} for v, s, name in spec.run_names()])
+        click.echo(f"{study_file}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data}: fine.")
+        return
+    _run_study(spec, out or Path("runs") / spec.name, jobs=jobs, figures_out=figures_out, force=force,
+               data_dir=data_dir, what=f"landscape study {study_file}")
+
+
+def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, force: bool, data_dir: Path | None,
+               what: str) -> None:
+    """Run a study with one progress line per finished stage (elapsed time, runs done of all)."""
+    import shlex
     import time
 
-    from landscape.study import default_jobs, demo_study, run_study
+    from landscape.study import default_jobs, run_study
 
-    spec = demo_study(data, seeds=seeds, epochs=epochs)
     start = time.perf_counter()
     total = len(spec.run_names())
     done: set[str] = set()
@@ -559,12 +637,16 @@ def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None,
             done.add(event.run)
         where = f"[{len(done)}/{total}] {event.run}" if event.run else "study"
         took = f" ({event.seconds:.1f} s)" if event.seconds else ""
-        click.echo(f"{time.perf_counter() - start:6.0f}s  {where:<26} {event.stage:<9} {event.message}{took}", err=True)
+        elapsed = time.perf_counter() - start
+        left = ""
+        if event.run and done and len(done) < total:
+            left = f"  ~{elapsed / len(done) * (total - len(done)) / 60:.0f} min left"
+        click.echo(f"{elapsed:6.0f}s  {where:<26} {event.stage:<9} {event.message}{took}{left}", err=True)
 
-    click.echo(f"landscape demo: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {data} into {out}",
-               err=True)
+    click.echo(f"{what}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data} into {out}", err=True)
+    command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
-                        figures_out=figures_out, force=force)
+                        figures_out=figures_out, force=force, command=command)
     click.echo(f"report:  {outcome.report}")
     click.echo(f"figures: {outcome.out / 'figures'}" + (f" and {figures_out}" if figures_out else ""))
     click.echo(f"done in {outcome.wall_time:.0f} s")

@@ -203,6 +203,57 @@ def get_dataset_info(name: str, **options: Any) -> DatasetInfo:
     return info
 
 
+def check_data_fits(
+    name: str,
+    *,
+    model_in_chans: int | None,
+    model_img_size: int | None,
+    model_classes: int | None,
+    img_size: int | None = None,
+    options: dict[str, Any] | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> None:
+    """Refuse, in one sentence naming what would fit, data whose images or classes the model cannot take.
+
+    The images reach the model with ``img_size`` (default: the dataset's native size) and the dataset's
+    channels; the labels must be the model's classes (an image folder's classes are its class folders, counted
+    when they are found). A ``None`` model fact is not checked.
+    """
+    options = dict(options or {})
+    info = get_dataset_info(name, **_transform_options(name, img_size, options))
+    size = img_size or info.img_size
+    classes = info.num_classes
+    if classes is None and name == "imagefolder":
+        folder = _find_imagefolder(data_root(data_dir))
+        classes = len(_class_folders(folder / "train")) if folder is not None else None
+    wrong_chans = model_in_chans is not None and info.in_chans != model_in_chans
+    wrong_size = model_img_size is not None and size != model_img_size
+    wrong_classes = model_classes is not None and classes is not None and classes != model_classes
+    if not (wrong_chans or wrong_size or wrong_classes):
+        return
+
+    def shape(chans, side, k) -> str:
+        parts = [f"{chans}-channel" if chans is not None else "", f"{side}x{side}" if side else ""]
+        return " ".join(p for p in parts if p) + " images" + (f" of {k} classes" if k is not None else "")
+
+    fixes = []
+    if wrong_size:
+        fixes.append(f"--img-size {model_img_size} (resizes the images)")
+    if wrong_chans or wrong_classes:
+        fitting = [n for n, i in _REGISTRY.items() if n not in ("synthetic", "imagefolder")
+                   and (model_in_chans is None or i.in_chans == model_in_chans)
+                   and (model_classes is None or i.num_classes == model_classes)]
+        if model_in_chans in (None, 3):
+            fitting.append(f"imagefolder with {model_classes} class folders" if model_classes else "imagefolder")
+        synthetic = "--data synthetic (takes the model's shape)" if name != "synthetic" else \
+            "--data synthetic without --classes"
+        fixes.append(f"{' or '.join(f'--data {f}' for f in fitting)} or {synthetic}" if fitting else synthetic)
+    raise DataError(
+        f"The model takes {shape(model_in_chans, model_img_size, model_classes)}, but {name} gives "
+        f"{shape(info.in_chans, size, classes)}; to fit, use {' and '.join(fixes)}."
+    )
+
+
 def _lookup(name: str) -> DatasetInfo:
     try:
         return _REGISTRY[name]

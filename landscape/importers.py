@@ -115,7 +115,7 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
     if format is None:
         format = detect_format(raw, container=extra.get("container"), path=path)
     if config_file is not None:
-        hints.update(config_hints(_load_json(config_file), format))
+        config_hints(_load_json(config_file), format, hints)
     filter_fn = FILTERS[format]
     return ForeignCheckpoint(
         path, format, restore_shared_mlps(filter_fn(raw)),
@@ -134,12 +134,17 @@ def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDi
     """Split a training checkpoint into ``(raw, ema, extra, hints)``; a bare state dict is returned as raw.
 
     timm ``train.py``: ``state_dict``, ``state_dict_ema``, ``epoch``, ``metric``, ``arch``, ``args``.
-    DeiT and torchvision references: ``model``, ``model_ema``, ``epoch``, ``args``.
+    DeiT and torchvision references: ``model``, ``model_ema``, ``epoch``, ``args``; torchvision's EMA is an
+    ``AveragedModel`` state dict (``n_averaged`` plus the averaged model's keys under ``module.``).
+    ``args`` (an ``argparse.Namespace``) gives the architecture facts it records: ``model`` (a timm name),
+    ``model_kwargs`` (timm's ``--model-kwargs``), ``gp`` (timm's global pool), ``img_size`` / ``input_size``.
+    A reference input and output (``reference_input`` / ``reference_logits``) are kept for
+    :func:`verify_logits`.
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict.")
     extra: dict[str, Any] = {}
-    hints: dict[str, Any] = {}
+    hints: dict[str, Any] = {"sources": {}}
     raw: Any = obj
     ema: Any = None
     for raw_key, ema_key in (("state_dict", "state_dict_ema"), ("model", "model_ema"), ("model_state_dict", None)):
@@ -155,10 +160,59 @@ def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDi
         args = obj.get("args")
         arch = obj.get("arch") or getattr(args, "model", None)
         if isinstance(arch, str):
-            hints["arch"] = arch
+            _hint(hints, "arch", arch, "the checkpoint's arch" if obj.get("arch") else "args.model")
+        if isinstance(args, argparse.Namespace):
+            _args_hints(vars(args), hints)
+        reference = {k: obj.get(k) for k in ("reference_input", "reference_logits")}
+        if all(isinstance(v, torch.Tensor) for v in reference.values()):
+            extra["reference"] = (reference["reference_input"], reference["reference_logits"])
+    if isinstance(ema, dict) and isinstance(ema.get("n_averaged"), torch.Tensor):
+        extra["source_ema_n_averaged"] = int(ema["n_averaged"].reshape(-1)[0])  # torchvision's AveragedModel
+        ema = {k: v for k, v in ema.items() if k != "n_averaged"}
     if isinstance(ema, dict) and not ema:
         ema = None
     return _tensors_only(raw, path), (_tensors_only(ema, path) if isinstance(ema, dict) else None), extra, hints
+
+
+# Architecture facts a file may state that the tensors leave open; only these reach the model's arguments.
+STATED_FACTS = ("num_heads", "global_pool", "img_size", "layer_norm_eps")
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
+
+
+def _hint(hints: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Record a stated fact and where it was read; a value of the wrong kind is ignored."""
+    if key == "num_heads" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    if key == "img_size":
+        if isinstance(value, (list, tuple)):
+            sizes = set(value[-2:]) if len(value) >= 2 else set(value)
+            value = next(iter(sizes)) if len(sizes) == 1 else None
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return
+    if key == "global_pool" and value not in GLOBAL_POOLS:
+        return
+    if key == "layer_norm_eps" and not (isinstance(value, (int, float)) and value > 0):
+        return
+    if key == "arch" and not isinstance(value, str):
+        return
+    hints[key] = value
+    hints.setdefault("sources", {})[key] = where
+
+
+def _args_hints(args: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Facts from a training script's ``args``: timm ``train.py`` and DeiT ``main.py``."""
+    model_kwargs = args.get("model_kwargs")
+    if isinstance(model_kwargs, dict):
+        for key in ("num_heads", "global_pool", "img_size"):
+            if key in model_kwargs:
+                _hint(hints, key, model_kwargs[key], f"args.model_kwargs[{key!r}]")
+    if "global_pool" not in hints and args.get("gp") is not None:
+        _hint(hints, "global_pool", args["gp"], "args.gp")
+    if "img_size" not in hints:
+        for key in ("img_size", "input_size"):
+            if args.get(key) is not None:
+                _hint(hints, "img_size", args[key], f"args.{key}")
+                break
 
 
 def _tensors_only(state: dict, path: Path) -> StateDict:
@@ -187,11 +241,14 @@ def detect_format(state: StateDict, *, container: str | None = None, path: Path 
     timm-named weights inside a ``{"model": ...}`` container are DeiT's.
     """
     keys = list(state)
+    what = describe_non_vit(state)
+    if what is not None:
+        raise CheckpointError(f"{path or 'The file'} is {what}; {VIT_ONLY}")
     if any(k.startswith(("patch_embed.", "blocks.")) for k in keys):
         return "deit" if container == "model" else "timm"
     if any(k.startswith(("conv_proj.", "encoder.layers.encoder_layer_")) for k in keys):
         return "torchvision"
-    if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
+    if any(k.startswith(("vit.embeddings.", "deit.embeddings.", "embeddings.patch_embeddings.")) for k in keys):
         return "hf"
     shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
     raise CheckpointError(
@@ -234,6 +291,9 @@ _HF_RENAMES = [
     (r"layers\.(\d+)\.attention\.(q|k|v)_proj\.", r"blocks.\1.attn.\2."),
     (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"blocks.\1.mlp.\2."),
     (r"layernorm\.", "norm."),
+    (r"embeddings\.distillation_token", "dist_token"),
+    (r"cls_classifier\.", "head."),
+    (r"distillation_classifier\.", "head_dist."),
     (r"classifier\.", "head."),
 ]
 # Unused by the classifier's logits: the masked-image-modelling token and ViTModel's pooler.
@@ -243,13 +303,26 @@ _HF_UNUSED = (r"embeddings\.mask_token", r"pooler\.")
 def filter_hf_vit(state_dict: StateDict) -> StateDict:
     """Hugging Face ``ViTForImageClassification`` (or ``ViTModel``) weights to timm names.
 
+    ``DeiTForImageClassificationWithTeacher`` maps to timm's distilled DeiT: its logits are the mean of the
+    class-token head (``cls_classifier`` -> ``head``) and the distillation-token head
+    (``distillation_classifier`` -> ``head_dist``), as timm's in eval mode.
+
     The separate query, key and value projections are stacked into timm's ``qkv`` as ``[W_q; W_k; W_v]``
     (shape ``(3D, D)``), the order in which timm splits ``qkv`` into heads. The mask token and pooler are
     dropped: the classifier reads the normalised class token only.
     """
+    state = _strip_prefixes(dict(state_dict))
+    if any(k.endswith("embeddings.distillation_token") for k in state) and not any(
+            k.startswith("distillation_classifier.") for k in state):
+        raise CheckpointError(
+            "This is a Hugging Face DeiTForImageClassification: its classifier reads the class token alone while a "
+            "distillation token takes part in attention, a model timm does not build (its distilled DeiT averages "
+            "a class-token and a distillation-token head); save the model as DeiTForImageClassificationWithTeacher "
+            "(both heads), whose logits landscape rebuilds exactly."
+        )
     out: StateDict = {}
-    for key, value in _strip_prefixes(dict(state_dict)).items():
-        name = key[4:] if key.startswith("vit.") else key
+    for key, value in state.items():
+        name = key.split(".", 1)[1] if key.startswith(("vit.", "deit.")) else key
         if any(re.fullmatch(p + ".*", name) for p in _HF_UNUSED):
             continue
         out[_rename(name, _HF_RENAMES)] = value
@@ -389,35 +462,71 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def config_hints(config: dict, format: str) -> dict[str, Any]:
-    """Architecture facts from a model directory's ``config.json``.
+def config_hints(config: dict, format: str, hints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture facts from a model directory's ``config.json``, added to ``hints`` (with where each was read).
 
-    Hugging Face ``ViTConfig`` (format ``hf``): heads, image size, LayerNorm epsilon; a non-ViT or non-GELU
-    config is refused. timm's Hub export (other formats): the ``architecture`` name.
+    Hugging Face ``ViTConfig`` / ``DeiTConfig`` (format ``hf``): heads, image size, LayerNorm epsilon; another
+    model type or a non-GELU activation is refused. timm's Hub export (other formats): the ``architecture``
+    name, ``model_args`` (``num_heads``, ``global_pool``, ``img_size``) and ``pretrained_cfg.input_size``.
     """
+    hints = hints if hints is not None else {}
     if format != "hf":
-        arch = config.get("architecture")
-        return {"arch": arch} if isinstance(arch, str) else {}
+        _hint(hints, "arch", config.get("architecture"), "config.json architecture")
+        model_args = config.get("model_args")
+        if isinstance(model_args, dict):
+            for key in ("num_heads", "global_pool", "img_size"):
+                if key in model_args:
+                    _hint(hints, key, model_args[key], f"config.json model_args.{key}")
+        pretrained = config.get("pretrained_cfg")
+        if "img_size" not in hints and isinstance(pretrained, dict):
+            _hint(hints, "img_size", pretrained.get("input_size"), "config.json pretrained_cfg.input_size")
+        return hints
     model_type = config.get("model_type", "vit")
-    if model_type != "vit":
-        raise CheckpointError(
-            f"config.json describes a {model_type!r} model; the Hugging Face format accepted here is 'vit' "
-            "(ViTForImageClassification)."
-        )
+    if model_type not in ("vit", "deit"):
+        raise CheckpointError(f"config.json describes {_describe_hf_type(model_type)}; {VIT_ONLY}")
     act = config.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(
             f"config.json uses the activation {act!r}; only the exact GELU ('gelu') of timm's ViT is accepted."
         )
-    hints: dict[str, Any] = {}
     for hf_key, key in (("num_attention_heads", "num_heads"), ("image_size", "img_size"),
                         ("layer_norm_eps", "layer_norm_eps")):
         if config.get(hf_key) is not None:
-            hints[key] = config[hf_key]
-    size = hints.get("img_size")
-    if isinstance(size, (list, tuple)):
-        hints["img_size"] = size[0] if len(set(size)) == 1 else None
+            _hint(hints, key, config[hf_key], f"config.json {hf_key}")
+    hints["hf_model_type"] = model_type
     return hints
+
+
+VIT_ONLY = ("landscape imports plain ViTs (timm VisionTransformer and DeiT, Hugging Face ViT and DeiT, torchvision "
+            "vit_*), and builds any other timm model only from its own registered name with --model NAME.")
+_HF_TYPES = {"swin": "a Swin Transformer", "swinv2": "a Swin Transformer V2", "beit": "a BEiT",
+             "convnext": "a ConvNeXt", "resnet": "a ResNet", "dinov2": "a DINOv2 ViT (layer scale, SwiGLU options)",
+             "vit_mae": "a ViT-MAE pre-training model", "levit": "a LeViT", "mobilevit": "a MobileViT",
+             "deit": "a DeiT", "vit_hybrid": "a hybrid CNN-ViT", "dpt": "a DPT", "clip": "a CLIP model"}
+
+
+def _describe_hf_type(model_type: Any) -> str:
+    what = _HF_TYPES.get(str(model_type))
+    return f"{what} model (model_type {model_type!r})" if what else f"a {model_type!r} model, not a ViT"
+
+
+def describe_non_vit(state: StateDict) -> str | None:
+    """What a state dict is when its key names show a known model that is not a plain ViT, else ``None``."""
+    keys = list(state)
+    has = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
+    if has(r"relative_position_bias_table") and has(r"(^|\.)layers\.\d+\.blocks\.\d+\."):
+        return "a Swin Transformer checkpoint"
+    if has(r"(^|\.)layers\.\d+\.blocks\.\d+\.") and has(r"downsample"):
+        return "a hierarchical (Swin-like) transformer checkpoint"
+    if has(r"relative_position_bias_table") or has(r"rel_pos_bias"):
+        return "a BEiT-style ViT with relative position biases"
+    if has(r"(^|\.)stages\.\d+\.") and has(r"(^|\.)stem\."):
+        return "a convolutional network with stages (ConvNeXt, RegNet or similar)"
+    if has(r"(^|\.)layer[1-4]\.\d+\.conv\d") or has(r"^conv1\.weight$"):
+        return "a ResNet-style convolutional network"
+    if has(r"(^|\.)decoder_blocks?\.") or has(r"(^|\.)decoder_embed\."):
+        return "a masked-autoencoder (MAE) pre-training checkpoint with its decoder"
+    return None
 
 
 # == 3. architecture recovery =================================================================================
@@ -447,6 +556,7 @@ class Architecture:
     group_size: int = 1
     norm_eps: float | None = None
     notes: list[str] = field(default_factory=list)
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def mlp_ratio(self) -> float:
@@ -467,7 +577,12 @@ _UNSUPPORTED = {
 def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) -> Architecture:
     """Infer a timm ``VisionTransformer``'s arguments from its (timm-named) weights; see the module docstring."""
     hints = dict(hints or {})
+    sources = dict(hints.get("sources") or {})
     notes: list[str] = []
+    facts: dict[str, dict[str, Any]] = {}
+    what = describe_non_vit(state)
+    if what is not None:
+        raise CheckpointError(f"This is {what}; {VIT_ONLY}")
     for prefix, what in _UNSUPPORTED.items():
         if any(k.startswith(prefix) for k in state):
             raise CheckpointError(f"The weights use {what}, which cannot be rebuilt from weights alone; "
@@ -490,11 +605,24 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
     prefix_tokens = int(class_token) + reg_tokens + int(distilled)
 
     img_size, no_embed_class = _image_size(state, ph, prefix_tokens, hints.get("img_size"), notes)
+    if "img_size" in sources and img_size == hints.get("img_size"):
+        facts["img_size"] = _read(img_size, sources["img_size"])
+    else:
+        facts["img_size"] = {"value": img_size, "how": "read", "from": "the position embedding's length"}
     head = state.get("head.weight")
     fc_norm = "fc_norm.weight" in state
     num_heads, rule = _num_heads(embed_dim, hints)
     if rule:
-        notes.append(f"num_heads={num_heads} {rule}; pass --model-arg num_heads=N if the source used another")
+        notes.append(f"num_heads={num_heads} {rule} (the weights cannot tell); pass --model-arg num_heads=N "
+                     "if the source used another")
+        facts["num_heads"] = _guessed(num_heads, rule)
+    else:
+        where = sources.get("num_heads") or (f"the named architecture {hints.get('arch')}" if "arch" in hints else
+                                             "--model-arg")
+        facts["num_heads"] = _read(num_heads, where)
+    global_pool = _global_pool(class_token, fc_norm, hints, sources, facts, notes)
+    if hints.get("layer_norm_eps") is not None:
+        facts["norm_eps"] = _read(float(hints["layer_norm_eps"]), sources.get("layer_norm_eps", "--model-arg"))
     arch = Architecture(
         depth=depth,
         embed_dim=embed_dim,
@@ -513,13 +641,51 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
         pre_norm="norm_pre.weight" in state,
         final_norm="norm.weight" in state or fc_norm,
         fc_norm=fc_norm,
-        global_pool="avg" if (fc_norm or not class_token) else "token",
+        global_pool=global_pool,
         distilled=distilled,
         group_size=mlp_group_size(state, depth),
         norm_eps=float(hints["layer_norm_eps"]) if hints.get("layer_norm_eps") is not None else None,
         notes=notes,
+        facts=facts,
     )
     return arch
+
+
+def _read(value: Any, where: str) -> dict[str, Any]:
+    return {"value": value, "how": "read", "from": where}
+
+
+def _guessed(value: Any, rule: str) -> dict[str, Any]:
+    return {"value": value, "how": "guessed", "rule": rule}
+
+
+def _global_pool(class_token: bool, fc_norm: bool, hints: dict[str, Any], sources: dict[str, str],
+                 facts: dict[str, dict[str, Any]], notes: list[str]) -> str:
+    """The pooling of the classifier: stated by the source, else guessed from the tensors where they allow two.
+
+    The tensors decide it only without a class token (average pooling). With a class token and no ``fc_norm``,
+    token pooling and average pooling without ``fc_norm`` have the same weights; with ``fc_norm``, average, max
+    and avg+max pooling do. The common choice is taken and said.
+    """
+    stated = hints.get("global_pool")
+    if stated is not None:
+        if stated == "token" and not class_token:
+            raise CheckpointError("The source states class-token pooling (global_pool='token'), but the weights "
+                                  "have no class token; pass --model-arg global_pool=avg.")
+        facts["global_pool"] = _read(stated, sources.get("global_pool", "--model-arg"))
+        return stated
+    if not class_token:
+        facts["global_pool"] = _read("avg", "the weights (no class token)")
+        return "avg"
+    pool = "avg" if fc_norm else "token"
+    rule = ("fc_norm present: average pooling is the usual choice over max and avgmax" if fc_norm else
+            "class token and no fc_norm: token pooling is the usual choice, but average pooling without fc_norm "
+            "has the same weights")
+    other = "max" if fc_norm else "avg"
+    notes.append(f"global_pool={pool!r} guessed ({rule}); pass --model-arg global_pool={other} if the source "
+                 "pooled otherwise, or --check-logits FILE to verify")
+    facts["global_pool"] = _guessed(pool, rule)
+    return pool
 
 
 def _depth(state: StateDict) -> int:
@@ -654,6 +820,8 @@ class ModelSpec:
     name: str
     kwargs: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    label: str | None = None  # what the model is, when the registered name alone would not say it
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _registered_models() -> Callable[[str], bool]:
@@ -719,7 +887,7 @@ def vit_kwargs(arch: Architecture) -> dict[str, Any]:
             "reg_tokens": (arch.reg_tokens, 0),
             "no_embed_class": (arch.no_embed_class, False),
             "global_pool": (arch.global_pool, "token"),
-            "fc_norm": (arch.fc_norm if arch.fc_norm else None, None),
+            "fc_norm": (arch.fc_norm, arch.global_pool in ("avg", "max", "avgmax")),  # timm's default follows the pool
             "final_norm": (arch.final_norm, True),
             "pre_norm": (arch.pre_norm, False),
         }
@@ -803,19 +971,76 @@ def resolve_model(
     """
     model_args = dict(model_args or {})
     hints = dict(foreign.hints)
-    for key in ("num_heads", "img_size"):
+    hints["sources"] = dict(hints.get("sources") or {})
+    for key in ("num_heads", "img_size", "global_pool"):
         if key in model_args:
             hints[key] = model_args[key]
+            hints["sources"][key] = "--model-arg"
     if model is None:
-        spec = model_spec(recover_architecture(foreign.state_dict, hints), hints)
+        arch = recover_architecture(foreign.state_dict, hints)
+        spec = model_spec(arch, hints)
         spec.kwargs.update(model_args)
+        spec.facts = dict(arch.facts)
+        for key, value in model_args.items():
+            spec.facts[key] = _read(value, "--model-arg")
+        spec.label = model_label(spec)
         return spec
     try:
         arch = recover_architecture(foreign.state_dict, hints)
     except CheckpointError:
-        return ModelSpec(model, model_args)
+        return ModelSpec(model, model_args, facts={k: _read(v, "--model-arg") for k, v in model_args.items()})
     kwargs = {"img_size": arch.img_size, "in_chans": arch.in_chans, "num_classes": arch.num_classes, **model_args}
-    return ModelSpec(model, kwargs, [n for n in arch.notes if not n.startswith("num_heads")])
+    facts = {"img_size": arch.facts["img_size"], **{k: _read(v, "--model-arg") for k, v in model_args.items()}}
+    return ModelSpec(model, kwargs, [n for n in arch.notes if n.startswith("the source states image size")],
+                     facts=facts)
+
+
+# Arguments that say which architecture a ViT is (the data-facing ones, classes and input, are not its identity).
+_LABEL_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size")
+
+
+def model_label(spec: ModelSpec) -> str | None:
+    """What the imported model is, when its registered name would say something else; ``None`` when it fits.
+
+    The registered name fits when the model built from it at its defaults (classes and input channels aside)
+    has the same tensors, heads and pooling as the imported one. Otherwise the label is the recovered
+    architecture, e.g. ``vit(embed_dim=192,depth=12,num_heads=3,patch_size=16,img_size=224)``, with the
+    family's suffix (``deit_distilled(...)``, ``vit(...)_grouped_mlp``) and any other argument that differs
+    from timm's default (``mlp_ratio``, ``global_pool``, ``reg_tokens``, ...).
+    """
+    if _same_as_registered(spec):
+        return None
+    kwargs = spec.kwargs
+    family = "deit_distilled" if spec.name.startswith("deit_") and "distilled" in spec.name else "vit"
+    shown = [f"{k}={kwargs[k]}" for k in _LABEL_ARGS if k in kwargs]
+    skip = set(_LABEL_ARGS) | {"num_classes", "in_chans", "group_size", "width_ratio", "mlp_ratio", "init_values"}
+    if "_shallow_mlp" not in spec.name and kwargs.get("mlp_ratio", TIMM_MLP_RATIO) != TIMM_MLP_RATIO:
+        shown.append(f"mlp_ratio={kwargs['mlp_ratio']:g}")
+    shown += [f"{k}={v}" for k, v in kwargs.items() if k not in skip]
+    suffix = next((x for x in ("_grouped_mlp", "_shallow_mlp") if spec.name.endswith(x)), "")
+    return f"{family}({','.join(shown)}){suffix}"
+
+
+def _same_as_registered(spec: ModelSpec) -> bool:
+    """Whether ``spec.name`` at its defaults is the model ``spec`` builds (tensors, heads, pooling, epsilon)."""
+    data_facing = {k: spec.kwargs[k] for k in ("num_classes", "in_chans") if k in spec.kwargs}
+
+    def signature(kwargs: dict[str, Any]) -> tuple | None:
+        try:
+            with torch.device("meta"):
+                model = create_model(spec.name, **kwargs)
+        except Exception:  # noqa: BLE001  (a name that cannot be built on its own cannot name the model)
+            return None
+        blocks = getattr(model, "blocks", None)
+        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None else None
+        eps = next((m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)), None)
+        shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+        return shapes, heads, getattr(model, "global_pool", None), eps
+
+    if "norm_eps" in spec.kwargs and spec.kwargs["norm_eps"] != TIMM_NORM_EPS:
+        return False
+    built = signature({k: v for k, v in spec.kwargs.items() if k != "norm_eps"})
+    return built is not None and built == signature(data_facing)
 
 
 def build_for_import(spec: ModelSpec) -> torch.nn.Module:
@@ -880,6 +1105,8 @@ class ImportResult:
     has_ema: bool
     data: str
     notes: list[str]
+    builder: str | None = None
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def guess_dataset(num_classes: int, in_chans: int, img_size: int | None) -> str:
@@ -891,6 +1118,95 @@ def guess_dataset(num_classes: int, in_chans: int, img_size: int | None) -> str:
     if in_chans == 3 and num_classes == 100:
         return "cifar100"
     return "imagefolder"
+
+
+def import_data_config(spec: ModelSpec, data: str | None, img_size: int | None, classes: int | None,
+                       data_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The ``data`` section of an imported run and its notes; refuses data that does not fit the model.
+
+    ``synthetic`` data takes the model's channels, image size and classes unless ``img_size`` / ``classes``
+    say otherwise.
+    """
+    from landscape.data import check_data_fits
+
+    kwargs = spec.kwargs
+    model_size, in_chans, num_classes = kwargs.get("img_size"), kwargs.get("in_chans", 3), kwargs.get("num_classes")
+    notes: list[str] = []
+    name = data or guess_dataset(num_classes or 0, in_chans, model_size)
+    if data is None:
+        notes.append(f"dataset {name!r} guessed from classes, channels and image size; set it with --data "
+                     "(--data synthetic analyses the model with no dataset on disk)")
+    if classes is not None and name != "synthetic":
+        raise LandscapeError(f"--classes sets the classes of synthetic data only; {name} has its own classes.")
+    options: dict[str, Any] = {}
+    if name == "synthetic":
+        options = {"in_chans": in_chans, "num_classes": classes or num_classes or 10}
+    size = img_size or model_size
+    check_data_fits(name, img_size=size, options=options, model_in_chans=in_chans, model_img_size=model_size,
+                    model_classes=num_classes, data_dir=data_dir)
+    config: dict[str, Any] = {"name": name, "img_size": size}
+    if options:
+        config["options"] = options
+    return config, notes
+
+
+# -- verifying logits -----------------------------------------------------------------------------------------
+CHECK_INPUT_KEYS = ("input", "inputs", "x", "pixel_values")
+CHECK_OUTPUT_KEYS = ("logits", "output", "outputs", "y")
+
+
+def read_logits_pair(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input batch and the source model's logits on it, from ``path``.
+
+    The file is written with ``torch.save({"input": x, "logits": y}, path)`` or safetensors'
+    ``save_file({"input": x, "logits": y}, path)``: ``x`` float ``(N, C, H, W)`` as the source model takes it
+    (already normalised), ``y`` ``(N, num_classes)``. ``inputs`` / ``x`` / ``pixel_values`` and ``output`` /
+    ``outputs`` / ``y`` are accepted as names too.
+    """
+    path = Path(path)
+    obj = read_weights_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}; --check-logits takes a dict with 'input' and "
+                              "'logits' tensors (torch.save or safetensors).")
+    x = next((obj[k] for k in CHECK_INPUT_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
+    y = next((obj[k] for k in CHECK_OUTPUT_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
+    if x is None or y is None:
+        raise CheckpointError(f"{path} has no {'input' if x is None else 'logits'} tensor; --check-logits takes a "
+                              "dict with 'input' (N, C, H, W) and 'logits' (N, classes) tensors.")
+    return x, y
+
+
+LOGITS_RTOL = 1e-4
+
+
+def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor, *, source: str,
+                  facts: dict[str, dict[str, Any]] | None = None) -> float:
+    """The largest absolute difference between ``model(x)`` and ``expected``; refused above the tolerance.
+
+    The tolerance is :data:`LOGITS_RTOL` times the largest expected logit (at least 1): float32 models from two
+    codebases agree to about 1e-6 of that, a wrong head count or pooling differs by whole units.
+    """
+    if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0]:
+        raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N, "
+                              f"not {tuple(x.shape)} and {tuple(expected.shape)}.")
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.float())
+    except RuntimeError as e:
+        raise CheckpointError(f"The imported model cannot take the input in {source} ({_first_line(e)}).") from None
+    out = getattr(out, "logits", out)
+    if tuple(out.shape) != tuple(expected.shape):
+        raise CheckpointError(f"The imported model gives logits of shape {tuple(out.shape)}, but {source} holds "
+                              f"{tuple(expected.shape)}.")
+    diff = float((out.double() - expected.double()).abs().max())
+    tol = LOGITS_RTOL * max(1.0, float(expected.double().abs().max()))
+    if not diff <= tol:
+        guessed = [f"{k}={f['value']!r}" for k, f in (facts or {}).items() if f.get("how") == "guessed"]
+        hint = (f"the guessed {', '.join(guessed)} may be wrong: override with --model-arg KEY=VALUE" if guessed
+                else "check the --model-arg values and the format")
+        raise CheckpointError(f"The imported model's logits differ from those in {source} by up to {diff:.3g} "
+                              f"(tolerance {tol:.3g}), so it is not the source's model; {hint}.")
+    return diff
 
 
 def _check_dataset(name: str) -> None:
@@ -926,33 +1242,50 @@ def import_checkpoint(
     model: str | None = None,
     model_args: dict[str, Any] | None = None,
     data: str | None = None,
+    img_size: int | None = None,
+    classes: int | None = None,
+    check_logits: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
 ) -> ImportResult:
     """Turn a foreign checkpoint into a run directory ``out`` with one checkpoint (step 0) and its config.
 
-    Everything is checked (read, filter, recover, build, strict load of raw and EMA weights) before anything
-    is written; the run is then written into a temporary sibling directory renamed onto ``out`` at the end.
-    ``out`` must not exist or be an empty directory.
+    Everything is checked (read, filter, recover, build, strict load of raw and EMA weights, the logits against
+    ``check_logits`` or a reference output the file holds, the data against the model's input and classes)
+    before anything is written; the run is then written into a temporary sibling directory renamed onto ``out``
+    at the end. ``out`` must not exist or be an empty directory.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LandscapeError(f"{out} already exists; choose a new --out directory for the imported run.")
+    if data is not None:
+        _check_dataset(data)
 
     foreign = read_foreign_checkpoint(source, format)
     spec = resolve_model(foreign, model, model_args)
     label = str(foreign.path)
     raw_model = load_into_model(spec, foreign.state_dict, source=label)
+    notes = list(spec.notes)
+    checks = []
+    if "reference" in foreign.extra:
+        x, expected = foreign.extra.pop("reference")
+        diff = verify_logits(raw_model, x, expected, source=f"{label} (its reference_logits)", facts=spec.facts)
+        checks.append({"against": "reference_logits in the file", "inputs": int(x.shape[0]), "max_abs_diff": diff})
+    if check_logits is not None:
+        x, expected = read_logits_pair(check_logits)
+        diff = verify_logits(raw_model, x, expected, source=str(check_logits), facts=spec.facts)
+        checks.append({"against": str(Path(check_logits).resolve()), "inputs": int(x.shape[0]), "max_abs_diff": diff})
+    for check in checks:
+        notes.append(f"logits verified against {check['against']}: largest difference {check['max_abs_diff']:.2g} "
+                     f"over {check['inputs']} inputs")
     ema_state = None
     if foreign.ema_state_dict is not None:
         ema_state = load_into_model(spec, foreign.ema_state_dict, source=f"{label} (EMA weights)").state_dict()
     state = raw_model.state_dict()
     num_params = sum(p.numel() for p in raw_model.parameters())
 
-    img_size = spec.kwargs.get("img_size")
-    data_name = data or guess_dataset(spec.kwargs.get("num_classes", 0), spec.kwargs.get("in_chans", 3), img_size)
-    _check_dataset(data_name)
-    notes = list(spec.notes)
-    if data is None:
-        notes.append(f"dataset {data_name!r} guessed from classes, channels and image size; set it with --data")
+    data_config, data_notes = import_data_config(spec, data, img_size, classes, data_dir)
+    data_name = data_config["name"]
+    notes += data_notes
 
     weights_file = foreign.weights_file or foreign.path
     source_info = {
@@ -960,13 +1293,19 @@ def import_checkpoint(
         "format": foreign.format,
         "sha256": file_sha256(weights_file) if weights_file.is_file() else None,
         "weights": ["raw", "ema"] if ema_state is not None else ["raw"],
+        "architecture": spec.facts,
         **{k: v for k, v in foreign.extra.items() if k != "container"},
     }
+    if checks:
+        source_info["logits_checks"] = checks
     if weights_file != foreign.path:
         source_info["weights_file"] = str(weights_file.resolve())
+    model_config: dict[str, Any] = {"name": spec.label or spec.name, "kwargs": spec.kwargs}
+    if spec.label:
+        model_config["builder"] = spec.name
     config = {
-        "model": {"name": spec.name, "kwargs": spec.kwargs},
-        "data": {"name": data_name, "img_size": img_size},
+        "model": model_config,
+        "data": data_config,
         "seed": 0,
         "source": source_info,
     }
@@ -980,7 +1319,8 @@ def import_checkpoint(
         checkpoint = run.checkpoint_path(epoch=0)
         save_checkpoint(
             checkpoint, state, model=spec.name, model_kwargs=spec.kwargs, epoch=0, step=0, metrics={},
-            config_hash=config_hash(config), ema_state_dict=ema_state, extra={"source": source_info},
+            config_hash=config_hash(config), ema_state_dict=ema_state,
+            extra={"source": source_info, **({"model_label": spec.label} if spec.label else {})},
         )
         if out.exists():
             out.rmdir()
@@ -990,7 +1330,7 @@ def import_checkpoint(
         raise
     run = Run(out)
     return ImportResult(
-        run=run, checkpoint=out / checkpoint.relative_to(tmp), format=foreign.format, model=spec.name,
+        run=run, checkpoint=out / checkpoint.relative_to(tmp), format=foreign.format, model=spec.label or spec.name,
         model_kwargs=spec.kwargs, num_params=num_params, has_ema=ema_state is not None, data=data_name,
-        notes=notes,
+        notes=notes, builder=spec.name, facts=spec.facts,
     )

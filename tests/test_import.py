@@ -85,7 +85,10 @@ def test_timm_train_checkpoint_imports_raw_and_ema_weights_and_heads_from_its_ar
     path = tmp_path / "last.pth.tar"
     torch.save(checkpoint, path)
     result = import_checkpoint(path, tmp_path / "run")
-    assert result.has_ema and result.model_kwargs["num_heads"] == 3 and result.model == "vit_tiny_patch16_224"
+    assert result.has_ema and result.model_kwargs["num_heads"] == 3 and result.builder == "vit_tiny_patch16_224"
+    # width 24, depth 2 is not ViT-Ti: the run is named by its architecture, not by the architecture it was built from
+    assert result.model == "vit(embed_dim=24,depth=2,num_heads=3,patch_size=8,img_size=32)"
+    assert result.facts["num_heads"] == {"value": 3, "how": "read", "from": "the named architecture vit_tiny_patch16_224"}
     assert_same_logits(source, tmp_path / "run", x)
     assert_same_logits(ema, tmp_path / "run", x, weights="ema")
     source_info = Run.open(tmp_path / "run").load_config()["source"]
@@ -203,10 +206,9 @@ def test_torchvision_pre_logits_layer_is_refused():
 def tiny_hf(**overrides):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
-        patch_size=8, num_channels=3, num_labels=10, **overrides,
-    )
+    args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                patch_size=8, num_channels=3, num_labels=10)
+    config = transformers.ViTConfig(**{**args, **overrides})
     return transformers.ViTForImageClassification(config).eval()
 
 
@@ -335,11 +337,187 @@ def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
     result = CliRunner().invoke(cli, ["import", str(tmp_path / "vit.pth"), "--out", str(out),
                                       "--model-arg", "num_heads=2", "--data", "cifar10"])
     assert result.exit_code == 0, result.output
-    assert "vit_base_patch16_224" in result.output and "num_heads=2" in result.output
+    assert "vit(embed_dim=32,depth=2,num_heads=2,patch_size=8,img_size=32)" in result.output
+    assert "built as: vit_base_patch16_224" in result.output and "num_heads=2" in result.output
     config = Run.open(out).load_config()
     assert config["data"] == {"name": "cifar10", "img_size": 32}
     assert config["model"]["kwargs"]["num_heads"] == 2 and len(config["source"]["sha256"]) == 64
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["imported"]  # no temporary directory left
     assert_same_logits(source, out, x)
     inspected = CliRunner().invoke(cli, ["inspect", str(out)])
-    assert inspected.exit_code == 0 and "vit_base_patch16_224" in inspected.output
+    assert inspected.exit_code == 0 and "vit(embed_dim=32" in inspected.output
+
+
+# -- architecture facts the files state, guesses they leave open --------------------------------------------
+def test_timm_train_args_model_kwargs_and_gp_build_the_stated_heads_and_pooling(tmp_path, x):
+    # width 64 has the convention of 2 heads and a class token suggests token pooling: both are wrong here.
+    source = tiny_timm(embed_dim=64, num_heads=4, global_pool="avg", fc_norm=False)
+    args = argparse.Namespace(model="vit_tiny_patch16_224", model_kwargs={"num_heads": 4}, gp="avg", img_size=32)
+    torch.save({"state_dict": source.state_dict(), "epoch": 9, "args": args}, tmp_path / "last.pth.tar")
+    result = import_checkpoint(tmp_path / "last.pth.tar", tmp_path / "run")
+    assert result.model_kwargs["num_heads"] == 4 and result.model_kwargs["global_pool"] == "avg"
+    assert result.facts["num_heads"] == {"value": 4, "how": "read", "from": "args.model_kwargs['num_heads']"}
+    assert result.facts["global_pool"] == {"value": "avg", "how": "read", "from": "args.gp"}
+    assert_same_logits(source, tmp_path / "run", x)
+    recorded = Run.open(tmp_path / "run").load_config()["source"]["architecture"]
+    assert recorded["num_heads"]["how"] == "read" and recorded["global_pool"]["from"] == "args.gp"
+
+
+def test_timm_hub_export_folder_reads_architecture_and_model_args(tmp_path, x):
+    from safetensors.torch import save_file
+
+    source = tiny_timm(embed_dim=64, num_heads=8, global_pool="avg", fc_norm=False)
+    (tmp_path / "hub").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "hub" / "model.safetensors"))
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch16_224", "num_classes": 10,
+        "model_args": {"num_heads": 8, "global_pool": "avg", "img_size": 32},
+        "pretrained_cfg": {"input_size": [3, 32, 32]},
+    }))
+    result = import_checkpoint(tmp_path / "hub", tmp_path / "run")
+    assert result.model_kwargs["num_heads"] == 8 and result.facts["global_pool"]["from"] == "config.json model_args.global_pool"
+    assert_same_logits(source, tmp_path / "run", x)
+
+
+def test_average_pooling_without_fc_norm_is_a_stated_guess_that_check_logits_catches(tmp_path, x):
+    source = tiny_timm(global_pool="avg", fc_norm=False)
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    torch.save({"input": x, "logits": logits(source, x)}, tmp_path / "pair.pt")
+    guessed = import_checkpoint(tmp_path / "vit.pth", tmp_path / "guess", model_args={"num_heads": 2})
+    assert guessed.facts["global_pool"]["how"] == "guessed" and guessed.model_kwargs.get("global_pool", "token") == "token"
+    assert any("global_pool='token' guessed" in n and "--model-arg global_pool=avg" in n for n in guessed.notes)
+    with pytest.raises(CheckpointError, match=r"logits differ .* guessed global_pool='token'"):
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "checked", model_args={"num_heads": 2},
+                          check_logits=tmp_path / "pair.pt")
+    assert not (tmp_path / "checked").exists()
+    result = CliRunner().invoke(cli, ["import", str(tmp_path / "vit.pth"), "--out", str(tmp_path / "run"),
+                                      "--model-arg", "num_heads=2", "--model-arg", "global_pool=avg",
+                                      "--check-logits", str(tmp_path / "pair.pt")])
+    assert result.exit_code == 0, result.output
+    assert "logits verified" in result.output
+    assert_same_logits(source, tmp_path / "run", x)
+
+
+def test_reference_logits_stored_in_the_checkpoint_are_verified(tmp_path, x):
+    source = tiny_timm()
+    wrong = {"model": source.state_dict(), "reference_input": x, "reference_logits": logits(source, x) + 1.0}
+    torch.save(wrong, tmp_path / "deit.pth")
+    with pytest.raises(CheckpointError, match="reference_logits"):
+        import_checkpoint(tmp_path / "deit.pth", tmp_path / "run", model_args={"num_heads": 2})
+    torch.save({**wrong, "reference_logits": logits(source, x)}, tmp_path / "deit.pth")
+    result = import_checkpoint(tmp_path / "deit.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert result.run.load_config()["source"]["logits_checks"][0]["max_abs_diff"] < 1e-4
+
+
+# -- torchvision AveragedModel EMA ---------------------------------------------------------------------------
+def test_torchvision_averaged_model_ema_imports_as_ema_weights(tmp_path, x):
+    from torch.optim.swa_utils import AveragedModel
+
+    source = tiny_torchvision()
+    ema = AveragedModel(source)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(0.01)
+    ema.n_averaged += 7
+    torch.save({"model": source.state_dict(), "model_ema": ema.state_dict(), "epoch": 2,
+                "args": argparse.Namespace(model="vit_b_16")}, tmp_path / "checkpoint.pth")
+    assert "n_averaged" in ema.state_dict() and any(k.startswith("module.") for k in ema.state_dict())
+    result = import_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert result.has_ema and result.run.load_config()["source"]["source_ema_n_averaged"] == 7
+    assert_same_logits(source, tmp_path / "run", x)
+    assert_same_logits(ema.module, tmp_path / "run", x, weights="ema")
+
+
+# -- Hugging Face with non-default heads; DeiT ----------------------------------------------------------------
+def test_hf_vit_with_eight_heads_imports_with_equal_logits(tmp_path, x):
+    source = tiny_hf(layer_norm_eps=1e-6, num_attention_heads=8)
+    source.save_pretrained(tmp_path / "hf")
+    result = import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    assert result.facts["num_heads"] == {"value": 8, "how": "read", "from": "config.json num_attention_heads"}
+    assert_same_logits(source, tmp_path / "run", x)
+
+
+def tiny_hf_deit(cls_name: str):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=8, intermediate_size=64,
+                                     image_size=32, patch_size=8, num_labels=10, layer_norm_eps=1e-6)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def test_hf_deit_with_teacher_head_imports_as_a_distilled_deit_named_by_its_size(tmp_path, x):
+    source = tiny_hf_deit("DeiTForImageClassificationWithTeacher")
+    source.save_pretrained(tmp_path / "hf")
+    result = import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    assert result.model_kwargs["num_heads"] == 8 and result.model_kwargs["mlp_ratio"] == 2.0
+    assert result.model.startswith("deit_distilled(embed_dim=32,depth=2,num_heads=8")  # not DeiT-B
+    assert Run.open(tmp_path / "run").load_config()["model"]["builder"] == "deit_base_distilled_patch16_224"
+    assert_same_logits(source, tmp_path / "run", x)
+
+
+def test_hf_deit_without_teacher_head_is_refused_without_pointing_to_a_format_flag(tmp_path):
+    source = tiny_hf_deit("DeiTForImageClassification")
+    source.save_pretrained(tmp_path / "hf")
+    result = CliRunner().invoke(cli, ["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "DeiTForImageClassification" in result.output and "WithTeacher" in result.output
+    assert "--format" not in result.output and not (tmp_path / "run").exists()
+
+
+# -- refusals that name the file ------------------------------------------------------------------------------
+def test_timm_swin_is_refused_as_a_swin_transformer(tmp_path):
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=4, window_size=4, embed_dim=16,
+                             depths=(1, 1), num_heads=(1, 2), num_classes=10)
+    torch.save(swin.state_dict(), tmp_path / "swin.pth")
+    with pytest.raises(CheckpointError, match="Swin Transformer checkpoint; landscape imports plain ViTs"):
+        import_checkpoint(tmp_path / "swin.pth", tmp_path / "run")
+
+
+# -- names ----------------------------------------------------------------------------------------------------
+def test_tiny_distilled_deit_is_not_named_deit_base(tmp_path):
+    source = tiny_timm("deit_tiny_distilled_patch16_224")
+    torch.save({"model": source.state_dict()}, tmp_path / "deit.pth")
+    result = import_checkpoint(tmp_path / "deit.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert result.model == "deit_distilled(embed_dim=32,depth=2,num_heads=2,patch_size=8,img_size=32)"
+    assert result.run.load_config()["model"]["name"] == result.model
+
+
+def test_a_model_that_is_the_registered_one_keeps_its_registered_name(tmp_path):
+    source = timm.create_model("vit_pico_patch4_32", num_classes=10) if timm.is_model("vit_pico_patch4_32") else None
+    if source is None:
+        pytest.skip("vit_pico_patch4_32 is not registered")
+    torch.save(source.state_dict(), tmp_path / "pico.pth")
+    result = import_checkpoint(tmp_path / "pico.pth", tmp_path / "run", data="synthetic")
+    assert result.model == "vit_pico_patch4_32" and result.builder == "vit_pico_patch4_32"
+
+
+# -- data that does not fit the model -------------------------------------------------------------------------
+def test_import_refuses_data_whose_channels_do_not_fit_in_one_sentence(tmp_path):
+    torch.save(tiny_timm(in_chans=1).state_dict(), tmp_path / "vit1ch.pth")
+    result = CliRunner().invoke(cli, ["import", str(tmp_path / "vit1ch.pth"), "--out", str(tmp_path / "run"),
+                                      "--model-arg", "num_heads=2", "--data", "cifar10"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "takes 1-channel 32x32 images of 10 classes, but cifar10 gives 3-channel" in result.output
+    assert "--data mnist" in result.output and "--data synthetic" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_imported_1000_class_model_is_analysed_on_synthetic_data_and_says_so(tmp_path):
+    import xarray as xr
+
+    torch.save(tiny_timm(num_classes=1000, img_size=48).state_dict(), tmp_path / "vit.pth")
+    out = tmp_path / "run"
+    result = import_checkpoint(tmp_path / "vit.pth", out, model_args={"num_heads": 2})
+    assert result.data == "imagefolder"
+    refused = CliRunner().invoke(cli, ["analyze", "hessian", str(out), "--data", "cifar10", "--samples", "4"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "--img-size 48" in refused.output and "1000 classes" in refused.output
+    ran = CliRunner().invoke(cli, ["analyze", "hessian", str(out), "--data", "synthetic", "--samples", "4",
+                                   "--top-k", "1", "--tol", "0.1"])
+    assert ran.exit_code == 0, ran.output
+    (path,) = (out / "analysis").glob("hessian*.nc")
+    with xr.open_dataset(path, engine="h5netcdf") as ds:
+        assert ds.attrs["data"] == "synthetic" and "not the data the model was trained on" in ds.attrs["data_note"]
+        assert json.loads(ds.attrs["data_options"]) == {"in_chans": 3, "num_classes": 1000}
+        assert ds.attrs["data_img_size"] == 48

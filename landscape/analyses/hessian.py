@@ -942,7 +942,7 @@ def run_hessian_analysis(
     own); only the first process writes the results file, and the others return ``None``.
     """
     from landscape.analyses import distributed
-    from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.curvature import evaluation_data
     from landscape.analyses.results import results_path
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run
@@ -961,8 +961,7 @@ def run_hessian_analysis(
         complete=(lambda info: eigenvectors_path(run, info.name).exists()) if save_eigenvectors_to_disk else None)
     if not todo:
         return results.dataset if results is not None else None
-    x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
-                                 dataset=settings.dataset, data_dir=data_dir)
+    x, y = evaluation_data(run, settings, data_dir, results)
 
     def compute(info):
         _, state = load_checkpoint(info.path, weights=settings.weights)

@@ -217,6 +217,8 @@ class EvaluationSettings:
     samples: int = 512
     split: str = "train"
     dataset: str | None = None
+    img_size: int | None = None
+    classes: int | None = None
     weights: str = "raw"
     dtype: str = "float32"
     seed: int = 0
@@ -234,6 +236,11 @@ class EvaluationSettings:
             raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, not {self.batch_size}.")
+        for name, value in (("--img-size", self.img_size), ("--classes", self.classes)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {value}.")
+        if self.classes is not None and self.dataset not in (None, "synthetic"):
+            raise ConfigError(f"--classes sets the classes of synthetic data only; {self.dataset} has its own.")
 
     @property
     def torch_dtype(self):
@@ -242,8 +249,12 @@ class EvaluationSettings:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
     def determining(self) -> dict[str, Any]:
-        """The settings that determine the numbers (stored in the results and compared on a re-run)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+        """The settings that determine the numbers (stored in the results and compared on a re-run).
+
+        ``img_size`` and ``classes`` are left out while unset, so files written before they existed still match.
+        """
+        return {k: v for k, v in asdict(self).items()
+                if k not in self.RUNTIME_ONLY and not (k in ("img_size", "classes") and v is None)}
 
 
 # -- the resumable file -------------------------------------------------------------------------------------------

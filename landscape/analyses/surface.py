@@ -758,7 +758,7 @@ def run_surface_analysis(
     points; only the first process writes the results file (and saved directions), and the others return ``None``.
     """
     from landscape.analyses import distributed
-    from landscape.analyses.curvature import LossFunction, analysis_data_for_run
+    from landscape.analyses.curvature import LossFunction, evaluation_data
     from landscape.analyses.sharpness import progress_bar
     from landscape.checkpoints import build_model
     from landscape.runs import Run
@@ -785,8 +785,7 @@ def run_surface_analysis(
     model = build_model(todo[0]).to(device=torch_device, dtype=dtype)  # weights come from each checkpoint
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     buffers = [n for n, _ in model.named_buffers()]
-    x, y = analysis_data_for_run(run, settings.samples, seed=settings.seed, split=settings.split,
-                                 dataset=settings.dataset, data_dir=data_dir)
+    x, y = evaluation_data(run, settings, data_dir, results)
     x, y, data_parallel = distributed.split_evaluation_set(x, y, None if shard else world)
     closure = LossFunction(model, x, y, batch_size=settings.batch_size, skip_unused=False,
                            data_parallel=data_parallel)
