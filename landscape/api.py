@@ -271,7 +271,10 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     closure = LossFunction(measured, x, y, batch_size=config.batch_size, skip_unused=False,
                            **({"criterion": loss} if loss is not None else {}))
     ds = surface_analysis(closure, center, chosen, kind, axes, extra=extra)
-    return _finish(ds, "surface", config, config.determining(), loss, note)
+    determining = config.determining()
+    determining["targets"] = [f"in-memory {what} {i + 1}" for i, (_, what) in enumerate(given)
+                              if kind in ("interpolate", "plane")]
+    return _finish(ds, "surface", config, determining, loss, note)
 
 
 def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:

@@ -1,0 +1,213 @@
+"""The notebook API (``import landscape as ls``): same numbers as the command line, any data form, any loss."""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import landscape as ls
+from landscape.errors import LandscapeError
+
+KWARGS = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2)
+SAMPLES = 24
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run with one checkpoint of a tiny ViT on the embedded digits."""
+    from landscape.checkpoints import save_checkpoint
+    from landscape.config import save_yaml
+    from landscape.models import create_model
+    from landscape.runs import Run
+
+    run = Run.create(tmp_path_factory.mktemp("api") / "run")
+    save_yaml({"model": {"name": "vit_tiny_patch16_224", "kwargs": KWARGS}, "data": {"name": "digits", "img_size": 8},
+               "seed": 0}, run.config_path)
+    torch.manual_seed(3)
+    model = create_model("vit_tiny_patch16_224", **KWARGS)
+    save_checkpoint(run.checkpoint_path(epoch=1), model.state_dict(), model="vit_tiny_patch16_224",
+                    model_kwargs=KWARGS, epoch=1, step=5)
+    return run
+
+
+def checkpoint_model_and_data(run):
+    from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.checkpoints import build_model, load_checkpoint
+
+    info = run.checkpoints()[-1]
+    _, state = load_checkpoint(info.path, weights="raw")
+    x, y = analysis_data_for_run(run, SAMPLES, seed=0)
+    return build_model(info, state), x, y
+
+
+def cli_result(run, analysis, *args, name=None):
+    from landscape.cli import cli
+    from landscape.summary import load_run
+
+    result = CliRunner().invoke(cli, ["analyze", analysis, str(run.root), "--samples", str(SAMPLES), *args])
+    assert result.exit_code == 0, result.output
+    kind = analysis
+    found = [r for r in load_run(run.root).results if r.kind == kind and (name is None or name in r.path.name)]
+    assert len(found) == 1, [r.path.name for r in load_run(run.root).results]
+    return found[0].dataset.isel(checkpoint=-1)
+
+
+def assert_same_numbers(api: xr.Dataset, cli: xr.Dataset) -> None:
+    cli = cli.drop_vars([c for c in ("checkpoint", "epoch", "step") if c in cli.coords])
+    api, cli = api.drop_vars("seconds"), cli.drop_vars("seconds")
+    assert sorted(api.data_vars) == sorted(cli.data_vars)
+    for name in api.data_vars:
+        np.testing.assert_allclose(api[name].values, cli[name].values, rtol=1e-6, atol=1e-9, err_msg=name)
+    assert api.attrs["settings"] == cli.attrs["settings"]
+    assert api.attrs["analysis"] == cli.attrs["analysis"]
+
+
+def test_hessian_equals_the_cli_on_the_same_checkpoint_and_data(run):
+    cli = cli_result(run, "hessian", "--top-k", "3", "--trace")
+    model, x, y = checkpoint_model_and_data(run)
+    api = ls.hessian(model, (x, y), top_k=3, trace=True)
+    assert_same_numbers(api, cli)
+
+
+def test_sharpness_from_a_dataloader_equals_the_cli(run):
+    cli = cli_result(run, "sharpness", "--rho", "0.05,0.1", "--steps", "3", "--draws", "2", "--m", "8")
+    model, x, y = checkpoint_model_and_data(run)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7)  # batches of another size, concatenated in order
+    api = ls.sharpness(model, loader, rho=[0.05, 0.1], steps=3, draws=2, m=8)
+    assert_same_numbers(api, cli)
+    assert int(api["m_batches"]) == 3
+
+
+def test_one_surface_call_equals_the_cli_random_slice(run):
+    cli = cli_result(run, "surface", "--dims", "1", "--points", "5")
+    model, x, y = checkpoint_model_and_data(run)
+    api = ls.surface(model, (x, y), dims=1, points=5)
+    assert_same_numbers(api, cli)
+
+
+def test_m_larger_than_the_examples_is_refused_in_one_sentence():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(LandscapeError, match=r"m=100 is larger than the 10 examples") as error:
+        ls.sharpness(model, (x, y), m=100)
+    assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
+
+
+def test_unknown_setting_and_bad_data_are_refused_in_one_sentence():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(LandscapeError, match="has no setting 'topk'"):
+        ls.hessian(model, (x, y), topk=3)
+    with pytest.raises(LandscapeError, match="10 inputs but 9 targets"):
+        ls.hessian(model, (x, y[:9]))
+    with pytest.raises(LandscapeError, match="give a DataLoader"):
+        ls.hessian(model, x)
+
+
+class DictModel(nn.Module):
+    """Takes ``pixel_values=`` and returns an object with ``.logits``, as a Hugging Face classifier does."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pixel_values):
+        class Output:
+            pass
+
+        out = Output()
+        out.logits = self.inner(pixel_values)
+        return out
+
+
+def tiny_regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 2, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def dense_eigenvalues(model, x, y, loss):
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    shapes = {n: p.shape for n, p in params.items()}
+
+    def f(vector):
+        tensors, start = {}, 0
+        for n, s in shapes.items():
+            tensors[n] = vector[start:start + s.numel()].view(s)
+            start += s.numel()
+        return loss(torch.func.functional_call(model, tensors, (x,)), y)
+
+    return np.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat).numpy())
+
+
+def test_mse_loss_eigenvalues_match_the_dense_float64_hessian():
+    model, x, y = tiny_regression()
+    exact = dense_eigenvalues(model, x, y, torch.nn.functional.mse_loss)
+    ds = ls.hessian(model, (x, y), loss=torch.nn.functional.mse_loss, top_k=2, which="both", tol=1e-8)
+    np.testing.assert_allclose(ds["eigenvalue_largest"].values, exact[::-1][:2], rtol=1e-6)
+    np.testing.assert_allclose(ds["eigenvalue_smallest"].values, exact[:2], rtol=1e-6, atol=1e-10)
+    assert ds.attrs["loss_function"] == "mse_loss"
+
+
+def test_dict_inputs_and_logits_objects_give_the_numbers_of_the_plain_model():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.GELU(), nn.Linear(5, 3)).double()
+    x = torch.randn(9, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,))
+    plain = ls.hessian(inner, (x, y), top_k=2, tol=1e-8)
+    batches = [{"pixel_values": x[i:i + 4], "labels": y[i:i + 4]} for i in range(0, 9, 4)]
+    wrapped = ls.hessian(DictModel(inner), batches, top_k=2, tol=1e-8)
+    np.testing.assert_allclose(wrapped["eigenvalue_largest"].values, plain["eigenvalue_largest"].values, rtol=1e-9)
+    sharp = ls.sharpness(DictModel(inner), batches, rho=0.1, m=3, steps=2, draws=0)
+    assert int(sharp["m_batches"]) == 3 and np.isfinite(sharp["m_sharpness"].values).all()
+
+
+def test_bfloat16_model_is_measured_in_float32_with_a_warning_and_an_attr():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    low = model.to(torch.bfloat16)
+    reference = ls.hessian(_float_copy(low), (x, y), top_k=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ls.hessian(low, (x, y), top_k=1)
+    assert any("measured in float32" in str(w.message) for w in caught)
+    assert "bfloat16" in ds.attrs["precision_note"]
+    assert next(low.parameters()).dtype == torch.bfloat16  # the caller's model is not changed
+    assert float(ds["eigenvalue_largest"][0]) == float(reference["eigenvalue_largest"][0])
+
+
+def _float_copy(model):
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def test_figures_draw_datasets_in_memory():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(12, 1, 4, 4), torch.randint(0, 3, (12,))
+    hessian = ls.hessian(model, (x, y), top_k=2)
+    sharp = ls.sharpness(model, (x, y), rho=[0.01, 0.1], steps=2, draws=2)
+    surface = ls.surface(model, (x, y), dims=1, points=5)
+    run = ls.results(hessian, sharp, surface, label="mlp")
+    for name in ("sharpness_vs_rho", "surface_1d", "hessian_vs_epoch"):
+        fig = ls.figure(name, run)
+        assert fig is not None and fig.axes, name
+    with pytest.raises(LandscapeError, match="Unknown figure"):
+        ls.figure("nope", run)
+
+
+def test_import_landscape_loads_neither_torch_nor_matplotlib():
+    code = "import sys, landscape; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
