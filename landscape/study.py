@@ -7,10 +7,8 @@ at the final one (:class:`AnalysisSettings`), writes the dynamics, then the figu
 report to ``OUT/report.md``. Every stage skips what is already done, so an interrupted study continues where it
 stopped when run again. :func:`demo_study` is the study of ``landscape demo``.
 
-Reading a study back, shared by the figures and the report: :func:`describe_variant` says what variant a run is
-(family, knobs, a readable label, the baseline it is compared with), :func:`load_results` gathers the runs'
-analysis results and :func:`final_measures` makes one row per run of the flatness measures at the final
-checkpoint, described by :data:`MEASURES`.
+This module only orchestrates and nothing imports it: reading runs back is :mod:`landscape.summary`, what variant a
+run is :mod:`landscape.models.variants`.
 """
 
 from __future__ import annotations
@@ -21,212 +19,10 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 from landscape.errors import ConfigError, LandscapeError
 from landscape.runs import Run
-
-# == what a run is ===============================================================================================
-FAMILIES = ("baseline", "grouped", "shallow", "mlit", "other")
-# Keyword arguments that make a variant of a base architecture rather than another architecture.
-VARIANT_KNOBS = ("group_size", "init_scale", "width_ratio", "mlp_init", "init")
-# Keyword arguments that do not change the architecture being compared (training-only settings).
-_NOT_ARCHITECTURE = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate")
-_SUFFIXES = {"_grouped_mlp": "grouped", "_shallow_mlp": "shallow"}
-
-
-@dataclasses.dataclass(frozen=True)
-class VariantInfo:
-    """What variant a run is.
-
-    ``key`` is :func:`landscape.analyses.dynamics.variant_name` (model name plus variant knobs), the identity
-    shared by every seed of the variant. ``base`` names the architecture the variant is derived from, with the
-    architecture arguments, so that a GroupedMLP or ShallowMLP run is compared with the baseline of the same base
-    and size. ``label`` is what the figures and the report print.
-    """
-
-    key: str
-    family: str
-    base: str
-    label: str
-    group_size: int | None = None
-    width_ratio: float | None = None
-    mlp_init: str | None = None
-
-
-def describe_variant(config: dict[str, Any], run: Run | None = None) -> VariantInfo:
-    """The :class:`VariantInfo` of a run from its ``config.yaml`` (``model.name`` and ``model.kwargs``)."""
-    from landscape.analyses.dynamics import variant_name
-
-    model = config.get("model") or {}
-    name = str(model.get("name") or (run.name if run is not None else "model"))
-    kwargs = dict(model.get("kwargs") or {})
-    key = variant_name({"model": {"name": name, "kwargs": kwargs}}, run if run is not None else Run("."))
-    family, base_name = "other", name
-    for suffix, fam in _SUFFIXES.items():
-        if name.endswith(suffix):
-            family, base_name = fam, name[: -len(suffix)]
-    if family == "other":
-        if name.startswith("mlit"):
-            family = "mlit"
-        elif "vit" in name and not name.startswith("mae"):
-            family = "baseline"
-    arch = {k: v for k, v in sorted(kwargs.items()) if k not in VARIANT_KNOBS and k not in _NOT_ARCHITECTURE}
-    base = base_name + (f"({','.join(f'{k}={v}' for k, v in arch.items())})" if arch else "")
-    group_size = width_ratio = mlp_init = None
-    if family == "grouped":
-        group_size = int(kwargs.get("group_size", 2))
-        label = f"GroupedMLP g={group_size}"
-    elif family == "shallow":
-        width_ratio = float(kwargs.get("width_ratio", 0.5))
-        mlp_init = str(kwargs.get("mlp_init", "sliced"))
-        label = f"ShallowMLP {mlp_init}" + ("" if width_ratio == 0.5 else f" r={width_ratio:g}")
-    elif family == "baseline":
-        group_size = 1
-        label = "ViT baseline"
-    elif family == "mlit":
-        label = "mLiT"
-    else:
-        label = key
-    return VariantInfo(key=key, family=family, base=base, label=label, group_size=group_size,
-                       width_ratio=width_ratio, mlp_init=mlp_init)
-
-
-def unique_labels(infos: Iterable[VariantInfo]) -> dict[str, str]:
-    """``{variant key: label}``, with the base architecture appended where two variants would share a label."""
-    infos = {i.key: i for i in infos}
-    by_label: dict[str, set[str]] = {}
-    for info in infos.values():
-        by_label.setdefault(info.label, set()).add(info.key)
-    out = {}
-    for key, info in infos.items():
-        clash = len(by_label[info.label]) > 1
-        out[key] = f"{info.label} ({info.base})" if clash and info.family != "other" else info.label
-    return out
-
-
-# == reading a study back ========================================================================================
-@dataclasses.dataclass
-class RunResults:
-    """One run and its analysis results (``None`` / empty where an analysis was not run).
-
-    ``hessian_density`` is ``analysis/hessian-density.nc`` (a spectral density kept apart from ``hessian.nc``),
-    ``sharpness`` is ``analysis/sharpness.nc`` (plain, c = 1), ``adaptive_sharpness`` ``sharpness-adaptive.nc``
-    (c = |w|); ``surfaces`` maps the name of each ``analysis/surface-*.nc`` file (without ``.nc``) to its Dataset;
-    ``final_step`` is the step of the run's last checkpoint.
-    """
-
-    path: Path
-    run: Run
-    variant: VariantInfo
-    label: str
-    seed: int
-    num_params: int | None
-    dynamics: Any = None
-    hessian: Any = None
-    hessian_density: Any = None
-    sharpness: Any = None
-    adaptive_sharpness: Any = None
-    surfaces: dict[str, Any] = dataclasses.field(default_factory=dict)
-    final_step: int | None = None
-
-
-def load_results(paths: Iterable[str | os.PathLike]) -> list[RunResults]:
-    """Open every run directory and read its ``analysis/*.nc`` results (dynamics from ``metrics.csv`` when the
-    run has a history but no ``dynamics.nc``). Runs are returned in the order given."""
-    from landscape.analyses.dynamics import run_dynamics
-    from landscape.compare import read_result
-
-    results = []
-    seen: set[Path] = set()
-    for path in paths:
-        path = Path(path)
-        run = Run.open(path)
-        if run.root.resolve() in seen:
-            continue
-        seen.add(run.root.resolve())
-        config = run.load_config()
-        infos = run.checkpoints()
-        if not (config.get("model") or {}).get("name") and infos:
-            config = {**config, "model": {"name": infos[-1].model, "kwargs": infos[-1].model_kwargs}}
-        dynamics = read_result(run, "dynamics")
-        if dynamics is None and run.metrics_path.exists():
-            try:
-                dynamics = run_dynamics(run)
-            except LandscapeError:
-                dynamics = None
-        surfaces = {}
-        for file in sorted(run.analysis_dir.glob("surface-*.nc")):
-            ds = read_result(run, file.stem)
-            if ds is not None:
-                surfaces[file.stem] = ds
-        results.append(RunResults(
-            path=path, run=run, variant=describe_variant(config, run), label="", seed=int(config.get("seed", 0) or 0),
-            num_params=infos[-1].num_params if infos else None, dynamics=dynamics,
-            hessian=read_result(run, "hessian"), hessian_density=read_result(run, "hessian-density"),
-            sharpness=read_result(run, "sharpness"),
-            adaptive_sharpness=read_result(run, "sharpness-adaptive"), surfaces=surfaces,
-            final_step=infos[-1].step if infos else None,
-        ))
-    if not results:
-        raise LandscapeError("Give at least one run directory.")
-    labels = unique_labels(r.variant for r in results)
-    for r in results:
-        r.label = labels[r.variant.key]
-    return results
-
-
-# == the flatness measures ======================================================================================
-@dataclasses.dataclass(frozen=True)
-class Measure:
-    """A flatness measure of a final checkpoint, with what it can and cannot be compared on.
-
-    Smaller is flatter unless ``smaller_is_flatter`` is false (a width).
-
-    ``reparameterisation``: the value changes under rescalings of the weights that leave the network function
-    unchanged (Dinh et al. 2017), so a difference may reflect the weights' scale rather than the function.
-    ``size_dependent``: the value grows with the number of parameters or the weight norm, so it is not comparable
-    between models of different parameter counts.
-    """
-
-    name: str
-    label: str
-    units: str
-    reparameterisation: bool
-    size_dependent: bool
-    note: str = ""
-    smaller_is_flatter: bool = True
-
-    def at(self, rho: float | None) -> "Measure":
-        """This measure with its radius filled into the label."""
-        return dataclasses.replace(self, label=self.label.format(rho=f"{rho:g}")) if rho is not None else self
-
-
-REFERENCE_RHO = 0.05  # the radius of plain sharpness that votes (others are drawn in the figures)
-REFERENCE_ADAPTIVE_RHO = 0.5
-SURFACE_WIDTH_RISE = 0.1  # nats: the surface width is where the loss stays within this of its centre value
-
-MEASURES: dict[str, Measure] = {m.name: m for m in (
-    Measure("top_eigenvalue", "top Hessian eigenvalue λ₁", "nats", True, False,
-            "a rescaling of the weights that keeps the function can make λ₁ as large as wanted (Dinh et al. 2017)"),
-    Measure("trace", "Hessian trace tr H", "nats", True, True,
-            "a sum over all P eigenvalues: grows with the parameter count"),
-    Measure("trace_per_parameter", "mean eigenvalue tr H / P", "nats", True, False,
-            "the trace divided by the parameter count P"),
-    Measure("worst_case_sharpness", "worst-case sharpness (SAM), ρ = {rho}", "nats", True, True,
-            "max of L(w + δ) − L(w) over ‖δ‖₂ ≤ ρ: a fixed radius is a smaller step for larger ‖w‖"),
-    Measure("average_case_sharpness", "average-case sharpness, ρ = {rho}", "nats", True, True,
-            "E L(w + δ) − L(w), δ ~ N(0, ρ²I): about ρ²/2 tr H, so it grows with the parameter count"),
-    Measure("adaptive_sharpness", "adaptive worst-case sharpness, ρ = {rho}", "nats", False, False,
-            "the ball scaled by |w| (Kwon et al. 2021): invariant to rescaling single weights"),
-    Measure("adaptive_average_sharpness", "adaptive average-case sharpness, ρ = {rho}", "nats", False, True,
-            "about ρ²/2 Σ wᵢ² Hᵢᵢ: a sum over parameters"),
-    Measure("surface_width", f"1D surface width at +{SURFACE_WIDTH_RISE:g} nats", "direction units", True, False,
-            f"length of the interval around the weights, along a filter-normalised random direction, where the "
-            f"loss rises by less than {SURFACE_WIDTH_RISE:g} nats; larger is flatter", smaller_is_flatter=False),
-)}
 
 
 # == defining and running a study ================================================================================
@@ -253,6 +49,9 @@ class AnalysisSettings:
       c = |w|), with ``sharpness_steps`` ascent steps and ``sharpness_draws`` antithetic pairs for the average;
     - loss surfaces at the final checkpoint along filter-normalised random directions: ``surface_points`` on a
       line and ``surface_points_2d`` squared on a plane, over ``[-surface_range, surface_range]``.
+
+    "At the final one" above means at the checkpoints named by ``at`` (``final``, ``peak`` or both; see
+    :meth:`at_checkpoints`).
     """
 
     samples: int = 64
@@ -269,8 +68,28 @@ class AnalysisSettings:
     surface_points: int = 21
     surface_points_2d: int = 13
     surface_range: float = 1.0
+    at: tuple[str, ...] = ("final",)
     seed: int = 0
     device: str | None = None  # None: the GPU when there is one, else the CPU
+
+    def at_checkpoints(self, run: Run) -> str:
+        """The checkpoint spec of the density, sharpness and surfaces: ``at`` holds ``final`` (the last checkpoint)
+        and/or ``peak`` (the checkpoint of the epoch at which the raw validation top-1 peaked, from
+        ``metrics.csv``)."""
+        infos = run.checkpoints()
+        if not infos:
+            return "last"
+        epochs = set()
+        if "final" in self.at:
+            epochs.add(infos[-1].epoch)
+        if "peak" in self.at:
+            peak = peak_epoch(run)
+            if peak is not None and any(i.epoch == peak for i in infos):
+                epochs.add(peak)
+        epochs.discard(None)
+        if not epochs:
+            return "last"
+        return "epochs:" + ",".join(str(int(e)) for e in sorted(epochs))
 
 
 @dataclasses.dataclass
@@ -283,51 +102,202 @@ class StudySpec:
     recipe: str | None = "digits"
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     analysis: AnalysisSettings = dataclasses.field(default_factory=AnalysisSettings)
+    name: str = "study"
+    description: str = ""
 
     def run_names(self) -> list[tuple[StudyVariant, int, str]]:
         return [(v, s, f"{v.name}-s{s}") for v in self.variants for s in self.seeds]
 
 
-# The small ViT every demo variant derives from; average pooling instead of a class token learns 8x8 digits in a
-# few epochs (a class token needs several times more).
-_DEMO_VIT = dict(embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0, class_token=False, global_pool="avg")
-_DEMO_MLIT = dict(embed_dim=32, depth=3, num_heads=4, num_kv_heads=2, hidden_first=64, hidden_last=32,
-                  class_token=False, global_pool="avg")
-_DEMO_DATA = {
-    "digits": dict(patch_size=2, epochs=12, batch_size=32, lr=3e-3, overrides={}),
-    "fashion-mnist": dict(patch_size=4, epochs=8, batch_size=64, lr=2e-3,
-                          overrides={"data.train_size": 12000, "data.val_size": 2000}),
-}
+STUDIES_DIR = Path(__file__).parent / "studies"
+_STUDY_KEYS = ("name", "description", "data", "recipe", "seeds", "overrides", "variants", "analysis", "templates")
+_VARIANT_KEYS = ("name", "model", "kwargs")
 
 
 def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = None) -> StudySpec:
-    """The study of ``landscape demo``: baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random
-    init) and an mLiT, ``seeds`` seeds each, on ``digits`` (8x8, patch 2) or ``fashion-mnist`` (28x28, patch 4, a
-    fixed 12,000-image training subset)."""
-    if data not in _DEMO_DATA:
-        raise ConfigError(f"The demo runs on {' or '.join(_DEMO_DATA)}, not {data!r}.")
+    """The study of ``landscape demo``: the study file ``landscape/studies/demo-<data>.yaml`` (baseline ViT,
+    GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT on ``digits`` (8x8, patch 2) or
+    ``fashion-mnist`` (28x28, patch 4, a fixed 12,000-image training subset)) with ``seeds`` seeds and, when given,
+    ``epochs`` epochs."""
+    names = sorted(p.stem[len("demo-"):] for p in STUDIES_DIR.glob("demo-*.yaml"))
+    if data not in names:
+        raise ConfigError(f"The demo runs on {' or '.join(names)}, not {data!r}.")
     if seeds < 1:
         raise ConfigError(f"The demo needs at least one seed, got {seeds}.")
-    d = _DEMO_DATA[data]
-    vit = dict(_DEMO_VIT, patch_size=d["patch_size"])
-    base = "vit_pico_patch4_32"
-    variants = [
-        StudyVariant("baseline", base, dict(vit)),
-        StudyVariant("grouped-g2", f"{base}_grouped_mlp", dict(vit, group_size=2)),
-        StudyVariant("shallow-sliced", f"{base}_shallow_mlp", dict(vit, width_ratio=0.5, mlp_init="sliced")),
-        StudyVariant("shallow-random", f"{base}_shallow_mlp", dict(vit, width_ratio=0.5, mlp_init="random")),
-        StudyVariant("mlit", "mlit_xxs", dict(_DEMO_MLIT, patch_size=d["patch_size"])),
-    ]
-    overrides = {
-        "epochs": int(epochs or d["epochs"]), "batch_size": d["batch_size"], "amp": "off",
-        "optim.opt": "adamw", "optim.lr": d["lr"], "optim.weight_decay": 0.05,
-        "schedule.sched": "cosine", "schedule.warmup_epochs": 1, "schedule.warmup_lr": 1e-4,
-        "schedule.min_lr": d["lr"] / 10,
-        "augment.crop": "none", "augment.hflip": 0.0, "augment.label_smoothing": 0.0, "augment.mixup": 0.0,
-        "augment.cutmix": 0.0, "ema.decay": 0.98, "checkpoint.every": "epoch", "checkpoint.keep": "all",
-        "model.drop_path": 0.0, **d["overrides"],
+    spec = load_study(STUDIES_DIR / f"demo-{data}.yaml")
+    spec.seeds = list(range(seeds))
+    if epochs is not None:
+        spec.overrides["epochs"] = int(epochs)
+    return spec
+
+
+# == study files =================================================================================================
+def load_study(path: str | os.PathLike) -> StudySpec:
+    """Read a study file (YAML): see :func:`study_from_dict` for its keys. Any problem is one sentence."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"Study file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the study's YAML file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Study file {path} cannot be read ({e.__class__.__name__}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"Study file {path} is not valid YAML{at}.") from None
+    return study_from_dict(raw, source=str(path))
+
+
+def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
+    """A :class:`StudySpec` from the mapping of a study file.
+
+    Keys: ``name``; ``description``; ``data`` (a dataset name); ``recipe`` (a recipe name or YAML file);
+    ``seeds`` (a list of seeds, or a count ``n`` meaning ``0..n-1``); ``overrides`` (config fields of
+    ``landscape train --set``, e.g. ``epochs``, ``optim.lr``, ``data.train_size``); ``variants`` (a list of
+    ``{name, model, kwargs}``; ``name`` names the run folders ``<name>-s<seed>``); ``analysis`` (fields of
+    :class:`AnalysisSettings`); ``templates`` (ignored: a place for YAML anchors that variants reuse with
+    ``<<: *anchor``). Unknown keys are refused, so a typo cannot silently fall back to a default.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping with the keys {', '.join(_STUDY_KEYS)}.")
+    unknown = sorted(set(raw) - set(_STUDY_KEYS))
+    if unknown:
+        raise ConfigError(f"{source} has unknown keys {', '.join(map(str, unknown))}; accepted are "
+                          f"{', '.join(_STUDY_KEYS)}.")
+    for key in ("data", "variants"):
+        if key not in raw:
+            raise ConfigError(f"{source} needs the key {key!r}.")
+    variants = raw["variants"]
+    if not isinstance(variants, list) or not variants:
+        raise ConfigError(f"{source}: 'variants' must be a non-empty list of {{name, model, kwargs}}.")
+    parsed: list[StudyVariant] = []
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or "name" not in v or "model" not in v:
+            raise ConfigError(f"{source}: variant {i + 1} must be a mapping with 'name' and 'model'.")
+        extra = sorted(set(v) - set(_VARIANT_KEYS))
+        if extra:
+            raise ConfigError(f"{source}: variant {v['name']!r} has unknown keys {', '.join(map(str, extra))}; "
+                              f"accepted are {', '.join(_VARIANT_KEYS)}.")
+        name, kwargs = str(v["name"]), v.get("kwargs") or {}
+        if not name or any(c in name for c in "/\\") or name.startswith(".") or name != name.strip():
+            raise ConfigError(f"{source}: variant name {name!r} cannot name a folder; use letters, digits and -.")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"{source}: the kwargs of variant {name!r} must be a mapping.")
+        parsed.append(StudyVariant(name, str(v["model"]), dict(kwargs)))
+    names = [v.name for v in parsed]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{source}: variant names must be unique; {', '.join(twice)} appears more than once.")
+    seeds = raw.get("seeds", 1)
+    if isinstance(seeds, bool) or not (isinstance(seeds, int) or (isinstance(seeds, list) and seeds)):
+        raise ConfigError(f"{source}: 'seeds' must be a count or a non-empty list of integers, not {seeds!r}.")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigError(f"{source}: 'seeds' must be at least 1, not {seeds}.")
+        seeds = list(range(seeds))
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{source}: 'seeds' must be distinct non-negative integers, not {seeds!r}.")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: 'overrides' must be a mapping of config fields to values.")
+    return StudySpec(variants=parsed, seeds=list(seeds), data=str(raw["data"]), recipe=raw.get("recipe"),
+                     overrides=dict(overrides), analysis=_analysis_settings(raw.get("analysis") or {}, source),
+                     name=str(raw.get("name") or Path(source).stem), description=str(raw.get("description") or ""))
+
+
+def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: 'analysis' must be a mapping of analysis settings.")
+    fields = {f.name: f for f in dataclasses.fields(AnalysisSettings)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown analysis settings {', '.join(map(str, unknown))}; accepted are "
+                          f"{', '.join(fields)}.")
+    values = {}
+    for key, value in raw.items():
+        default = getattr(AnalysisSettings, key, None) if key != "at" else ("final",)
+        if isinstance(default, tuple) or key == "at":
+            value = [value] if isinstance(value, (str, int, float)) else value
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: analysis setting {key!r} must be a list, not {value!r}.")
+            value = tuple(value)
+        values[key] = value
+    settings = AnalysisSettings(**values)
+    bad = sorted(set(settings.at) - {"final", "peak"})
+    if bad or not settings.at:
+        raise ConfigError(f"{source}: analysis 'at' accepts final and peak, not {', '.join(map(str, bad)) or '[]'}.")
+    for key in ("samples", "top_k", "trace_matvecs", "density_probes", "density_steps", "sharpness_steps",
+                "sharpness_draws", "surface_points", "surface_points_2d"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_k" else 1):
+            raise ConfigError(f"{source}: analysis setting {key!r} must be a positive integer, not {value!r}.")
+    for key in ("rhos", "adaptive_rhos"):
+        values_ = getattr(settings, key)
+        if not values_ or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in values_):
+            raise ConfigError(f"{source}: analysis setting {key!r} must be a list of positive radii.")
+    return settings
+
+
+def check_study(spec: StudySpec) -> None:
+    """Refuse a study that would fail or mean nothing, before anything trains: every run's config must resolve
+    (recipe, dataset, overrides), every variant's model must build with its kwargs on the dataset's image shape
+    (an unknown model, a group size that does not divide the depth), and every GroupedMLP or ShallowMLP variant
+    needs the baseline it is compared with (same base architecture) in the study."""
+    from landscape.data import get_dataset_info
+    from landscape.models import create_model
+    from landscape.models.variants import describe_variant
+    from landscape.trainers.loop import resolve_model_kwargs
+
+    configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
+    info = get_dataset_info(configs[0].data.name)
+    described = {}
+    for variant, config in zip(spec.variants, configs):
+        kwargs = resolve_model_kwargs(config, info)
+        try:
+            create_model(variant.model, **kwargs)
+        except LandscapeError as e:
+            raise ConfigError(f"Variant {variant.name!r}: {e}") from None
+        except Exception as e:  # timm's own refusals of a kwarg
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise ConfigError(f"Variant {variant.name!r}: model {variant.model} cannot be built with "
+                              f"{variant.kwargs} ({reason}).") from None
+        described[variant.name] = describe_variant({"model": {"name": variant.model, "kwargs": variant.kwargs}})
+    baselines = {d.base for d in described.values() if d.family == "baseline"}
+    for name, d in described.items():
+        if d.family in ("grouped", "shallow") and d.base not in baselines:
+            raise ConfigError(f"Variant {name!r} ({d.label}) has no baseline in the study: add a variant with model "
+                              f"{d.base.split('(')[0]} and the same architecture arguments.")
+
+
+def resolved_study(spec: StudySpec) -> dict[str, Any]:
+    """The study with every default filled in, as written to ``OUT/study.yaml``."""
+    analysis = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(spec.analysis).items()}
+    return {
+        "name": spec.name, "description": spec.description, "data": spec.data, "recipe": spec.recipe,
+        "seeds": list(spec.seeds), "overrides": dict(spec.overrides),
+        "variants": [{"name": v.name, "model": v.model, "kwargs": dict(v.kwargs)} for v in spec.variants],
+        "analysis": analysis,
     }
-    return StudySpec(variants=variants, seeds=list(range(seeds)), data=data, recipe="digits", overrides=overrides)
+
+
+def peak_epoch(run: Run) -> int | None:
+    """The epoch at which the run's raw validation top-1 peaked (the first one reaching it), from ``metrics.csv``."""
+    from landscape.analyses.dynamics import WEIGHTS, epoch_table, peak_to_final
+
+    try:
+        table = epoch_table(run.read_metrics())
+    except Exception:  # a damaged metrics.csv: no peak to analyse
+        return None
+    if table.empty or WEIGHTS["raw"] not in table:
+        return None
+    found = peak_to_final(table[WEIGHTS["raw"]].to_numpy(dtype=float), table.index.to_numpy())
+    return None if math.isnan(found["peak_epoch"]) else int(found["peak_epoch"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +399,7 @@ def default_jobs() -> int:
 
 def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads: int = 1, data_dir=None,
               on_event: Emit | None = None, figures_out: str | os.PathLike | None = None, force: bool = False,
-              formats: Sequence[str] = ("png", "pdf")) -> StudyOutcome:
+              formats: Sequence[str] = ("png", "pdf"), command: str | None = None) -> StudyOutcome:
     """Train and analyse every run of ``spec`` into ``OUT/runs/``, then write ``OUT/figures/`` and ``OUT/report.md``.
 
     ``jobs`` runs go at once, each in its own process with ``threads`` CPU threads (tiny models gain nothing from
@@ -437,15 +407,24 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     training and finished analyses are skipped, so an interrupted study continues when run again; ``force``
     recomputes every analysis (training is never repeated). ``on_event`` receives a :class:`StudyEvent` after
     every stage. Figures are written in ``formats``; the PNGs are also copied to ``figures_out`` when given.
+
+    The study is checked before anything trains (:func:`check_study`). Beside the runs go ``OUT/study.yaml`` (the
+    resolved study, every default filled in), ``OUT/timings.csv`` (each stage's seconds: summed over the runs for
+    training and the analyses, wall time for the whole) and ``OUT/environment.yaml`` (the machine, the library
+    versions, ``jobs`` and ``threads``, and ``command`` when given).
     """
     from landscape.figures import write_figures
     from landscape.report import write_report
+    from landscape.summary import load_results
 
     emit = on_event or (lambda e: None)
     start = time.perf_counter()
     out = Path(out)
     runs_dir = out / "runs"
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
+    check_study(spec)
+    _write_yaml(out / "study.yaml", resolved_study(spec))
+    _write_yaml(out / "environment.yaml", _environment(jobs, threads, command))
     tasks = [(config, run_dir, spec.analysis, data_dir, threads, force) for config, run_dir in configs]
     timings: dict[str, float] = {}
 
@@ -458,6 +437,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
             _study_task(task, record)
     else:
         _run_parallel(tasks, jobs, record)
+    runs_wall = time.perf_counter() - start
 
     run_dirs = [run_dir for _, run_dir in configs]
     t0 = time.perf_counter()
@@ -476,8 +456,46 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     (report_path, *_), hypotheses = write_report(results, out / "report.md", figures=figures, html=True)
     verdicts = ", ".join(f"{h.key} {h.verdict}" for h in hypotheses)
     record(StudyEvent("report", "", f"{report_path} ({verdicts})", time.perf_counter() - t0))
+    wall = time.perf_counter() - start
+    _write_timings(out / "timings.csv", timings, runs_wall, wall, len(run_dirs), jobs)
     return StudyOutcome(out=out, runs=run_dirs, figures=figures, report=report_path, timings=timings,
-                        wall_time=time.perf_counter() - start)
+                        wall_time=wall)
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> None:
+    import yaml
+
+    from landscape.config import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _environment(jobs: int, threads: int, command: str | None) -> dict[str, Any]:
+    import platform
+
+    from landscape.analyses.results import library_versions
+
+    return {
+        "command": command, "jobs": jobs, "threads_per_job": threads, "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "libraries": {k: str(v) for k, v in library_versions().items()},
+    }
+
+
+def _write_timings(path: Path, timings: dict[str, float], runs_wall: float, wall: float, runs: int, jobs: int) -> None:
+    """``timings.csv``: one row per stage (``seconds``: summed over the runs for the per-run stages, which overlap
+    when ``jobs > 1``; wall time for the others)."""
+    from landscape.config import atomic_write_text
+
+    per_run = [stage for stage in ("train", "hessian", "sharpness", "surface", "dynamics") if stage in timings]
+    lines = ["stage,seconds,kind"]
+    lines += [f"{stage},{timings[stage]:.1f},summed over {runs} runs" for stage in per_run]
+    lines.append(f"runs (train and analyses),{runs_wall:.1f},wall with {jobs} jobs")
+    lines += [f"{stage},{timings[stage]:.1f},wall" for stage in ("figures", "report") if stage in timings]
+    lines.append(f"total,{wall:.1f},wall")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _study_task(task, emit: Emit) -> None:
@@ -576,7 +594,8 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
                               density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
                               **common)
-    run_hessian_analysis(run, density, checkpoints="last", data_dir=data_dir, force=force, device=settings.device)
+    run_hessian_analysis(run, density, checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force,
+                         device=settings.device)
     last = ds.isel(checkpoint=-1)
     return (f"{ds.sizes['checkpoint']} checkpoints; final top eigenvalue {float(last['eigenvalue_largest'][0]):.3g}, "
             f"trace {float(last['trace']):.3g}")
@@ -587,10 +606,10 @@ def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = Fal
 
     plain = SharpnessSettings(rhos=settings.rhos, steps=settings.sharpness_steps, draws=settings.sharpness_draws,
                               samples=settings.samples, seed=settings.seed)
-    ds = run_sharpness_analysis(run, plain, checkpoints="last", data_dir=data_dir, force=force,
-                                device=settings.device)
+    at = settings.at_checkpoints(run)
+    ds = run_sharpness_analysis(run, plain, checkpoints=at, data_dir=data_dir, force=force, device=settings.device)
     adaptive = dataclasses.replace(plain, rhos=settings.adaptive_rhos, adaptive=True)
-    ads = run_sharpness_analysis(run, adaptive, checkpoints="last", data_dir=data_dir, force=force,
+    ads = run_sharpness_analysis(run, adaptive, checkpoints=at, data_dir=data_dir, force=force,
                                  device=settings.device)
     last, alast = ds.isel(checkpoint=-1), ads.isel(checkpoint=-1)
     return (f"worst case at rho={settings.rhos[-1]:g}: {float(last['worst_case'][-1]):.3g} nats, adaptive at "
@@ -604,7 +623,8 @@ def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     for dims, points in ((1, settings.surface_points), (2, settings.surface_points_2d)):
         surface = SurfaceSettings(directions="random", dims=dims, range=span, points=points,
                                   samples=settings.samples, seed=settings.seed)
-        run_surface_analysis(run, surface, checkpoints="last", data_dir=data_dir, force=force, device=settings.device)
+        run_surface_analysis(run, surface, checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force,
+                             device=settings.device)
     return f"1D line of {settings.surface_points} points, 2D plane of {settings.surface_points_2d}² points"
 
 
@@ -613,100 +633,3 @@ _ANALYSES: dict[str, Callable[..., str]] = {
     "sharpness": _sharpness,
     "surface": _surface,
 }
-
-
-# == one row per run =============================================================================================
-def final_measures(results: Sequence[RunResults], *, weights: str = "raw") -> tuple[Any, list[Measure]]:
-    """A table with one row per run and the flatness measures found at its final checkpoint, and those measures.
-
-    Columns: ``run``, ``variant`` (key), ``label``, ``family``, ``base``, ``seed``, ``params``, ``group_size``,
-    ``width_ratio``, ``mlp_init``, ``top1_raw``/``top1_ema`` (final top-1, %), ``drop_raw``/``drop_ema``
-    (peak-to-final drop, percentage points) and ``drop`` (that of ``weights``), ``gap`` (final validation minus
-    training loss, nats); then per measure ``<name>`` and ``<name>_se`` (the estimator's standard error, 0 where it
-    is deterministic).
-    """
-    import pandas as pd
-
-    rows, found = [], {}
-    for r in results:
-        row: dict[str, Any] = {
-            "run": str(r.path), "variant": r.variant.key, "label": r.label or r.variant.label,
-            "family": r.variant.family, "base": r.variant.base, "seed": r.seed, "params": r.num_params,
-            "group_size": r.variant.group_size, "width_ratio": r.variant.width_ratio, "mlp_init": r.variant.mlp_init,
-        }
-        row.update(_dynamics_columns(r.dynamics, weights))
-        for measure, value, se in _analysis_measures(r):
-            found.setdefault(measure.name, measure)
-            row[measure.name], row[f"{measure.name}_se"] = value, se
-        rows.append(row)
-    rows.sort(key=lambda row: (FAMILIES.index(row["family"]), row["group_size"] or 0, row["mlp_init"] != "sliced",
-                               row["width_ratio"] or 0, row["variant"], row["seed"]))
-    return pd.DataFrame(rows), list(found.values())
-
-
-def _dynamics_columns(ds, weights: str) -> dict[str, float]:
-    out = {"top1_raw": math.nan, "top1_ema": math.nan, "drop_raw": math.nan, "drop_ema": math.nan, "gap": math.nan}
-    if ds is not None:
-        for w in (str(w) for w in ds["weights"].values):
-            out[f"top1_{w}"] = float(ds["final_top1"].sel(weights=w))
-            out[f"drop_{w}"] = float(ds["peak_to_final_drop"].sel(weights=w))
-        gap = ds["generalization_gap"].values
-        finite = gap[np.isfinite(gap)]
-        out["gap"] = float(finite[-1]) if finite.size else math.nan
-    out["drop"] = out.get(f"drop_{weights}", math.nan)
-    return out
-
-
-def _analysis_measures(r: RunResults) -> list[tuple[Measure, float, float]]:
-    """The flatness measures of a run's final checkpoint as ``(measure, value, standard error)``."""
-    from landscape.compare import final_entry
-
-    out: list[tuple[Measure, float, float]] = []
-    step = r.final_step if r.final_step is not None else -1
-    if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0):
-        h, _ = final_entry(r.hessian, step)
-        if "eigenvalue_largest" in h:
-            out.append((MEASURES["top_eigenvalue"], float(h["eigenvalue_largest"].isel(k=0)), 0.0))
-        if "trace" in h:
-            trace, se = float(h["trace"]), float(h.get("trace_standard_error", 0.0))
-            out.append((MEASURES["trace"], trace, se))
-            p = float(h["num_parameters"]) if "num_parameters" in h else float(r.num_params or "nan")
-            out.append((MEASURES["trace_per_parameter"], trace / p, se / p))
-    kinds = ((r.sharpness, "worst_case_sharpness", "average_case_sharpness", REFERENCE_RHO),
-             (r.adaptive_sharpness, "adaptive_sharpness", "adaptive_average_sharpness", REFERENCE_ADAPTIVE_RHO))
-    for ds, worst, average, reference in kinds:
-        if ds is None or not ds.sizes.get("checkpoint", 0):
-            continue
-        entry, _ = final_entry(ds, step)
-        rhos = entry["rho"].values
-        rho = float(rhos[np.argmin(np.abs(np.log(rhos / reference)))])
-        at = entry.sel(rho=rho)
-        if "worst_case" in at:
-            out.append((MEASURES[worst].at(rho), float(at["worst_case"]), 0.0))
-        if "average_case" in at:
-            se = float(at["average_case_standard_error"]) if "average_case_standard_error" in at else 0.0
-            out.append((MEASURES[average].at(rho), float(at["average_case"]), se))
-    line = r.surfaces.get("surface-random-1d")
-    if line is not None and line.sizes.get("checkpoint", 0):
-        entry, _ = final_entry(line, step)
-        out.append((MEASURES["surface_width"], surface_width(entry["a"].values, entry["loss"].values), 0.0))
-    return out
-
-
-def surface_width(a: np.ndarray, loss: np.ndarray, rise: float = SURFACE_WIDTH_RISE) -> float:
-    """Length of the interval around ``a = 0`` on which ``loss - loss(0) < rise`` (linear interpolation between grid
-    points; where the loss stays below on one side, the interval runs to the end of the grid on that side)."""
-    a, loss = np.asarray(a, dtype=float), np.asarray(loss, dtype=float)
-    centre = int(np.argmin(np.abs(a)))
-    excess = loss - loss[centre] - rise
-
-    def edge(indices) -> float:
-        previous = centre
-        for i in indices:
-            if excess[i] >= 0:
-                t = -excess[previous] / (excess[i] - excess[previous])
-                return float(a[previous] + t * (a[i] - a[previous]))
-            previous = i
-        return float(a[previous])
-
-    return edge(range(centre + 1, len(a))) - edge(range(centre - 1, -1, -1))

@@ -1,6 +1,5 @@
-"""A study from variants to report: what a run is, the surface width, and a tiny end-to-end study that resumes."""
+"""A study from variants to report: the demo's definition and a tiny end-to-end study that resumes."""
 
-import numpy as np
 import pytest
 
 from landscape.errors import ConfigError
@@ -9,39 +8,10 @@ from landscape.study import (
     StudySpec,
     StudyVariant,
     demo_study,
-    describe_variant,
     run_study,
-    surface_width,
 )
 
 TINY = dict(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=4, class_token=False, global_pool="avg")
-
-
-def test_variants_are_recognised_from_the_model_name_and_knobs():
-    base = describe_variant({"model": {"name": "vit_pico_patch4_32", "kwargs": dict(TINY)}})
-    grouped = describe_variant({"model": {"name": "vit_pico_patch4_32_grouped_mlp",
-                                          "kwargs": dict(TINY, group_size=3)}})
-    random = describe_variant({"model": {"name": "vit_pico_patch4_32_shallow_mlp",
-                                         "kwargs": dict(TINY, mlp_init="random")}})
-    mlit = describe_variant({"model": {"name": "mlit_xxs", "kwargs": {}}})
-    assert (base.family, base.group_size, base.label) == ("baseline", 1, "ViT baseline")
-    assert (grouped.family, grouped.group_size, grouped.label) == ("grouped", 3, "GroupedMLP g=3")
-    assert (random.family, random.mlp_init, random.width_ratio) == ("shallow", "random", 0.5)
-    assert mlit.family == "mlit"
-    # a variant is compared with the baseline of the same architecture only
-    assert base.base == grouped.base == random.base
-    other_size = describe_variant({"model": {"name": "vit_pico_patch4_32", "kwargs": dict(TINY, embed_dim=32)}})
-    assert other_size.base != base.base
-
-
-def test_surface_width_of_a_parabola_is_exact():
-    a = np.linspace(-1, 1, 41)
-    # loss = 4 a^2 rises by 0.1 at |a| = sqrt(0.025); the grid is linear between points, so compare to the chord
-    width = surface_width(a, 4 * a**2, rise=0.1)
-    assert width == pytest.approx(2 * np.sqrt(0.025), abs=0.01)
-    assert surface_width(a, 1e-3 * a**2, rise=0.1) == 2.0  # never rises enough: the whole grid
-    asymmetric = np.where(a > 0, 10 * a, 0.0)  # rises only to the right, at a = 0.01
-    assert surface_width(a, asymmetric, rise=0.1) == pytest.approx(1.01)
 
 
 def test_demo_refuses_unknown_data_and_zero_seeds():
@@ -98,3 +68,124 @@ def test_a_run_directory_with_other_settings_is_refused(tmp_path):
     run.save_config({"model": {"name": "vit_pico_patch4_32", "kwargs": {"embed_dim": 64}}, "seed": 0, "epochs": 9})
     with pytest.raises(LandscapeError, match="other settings"):
         run_study(_tiny_spec(), tmp_path, jobs=1)
+
+
+# -- study files ------------------------------------------------------------------------------------------------
+_TINY_YAML = """
+name: tiny
+data: digits
+recipe: digits
+seeds: 2
+templates:
+  vit: &vit {embed_dim: 16, depth: 2, num_heads: 2, mlp_ratio: 2.0, patch_size: 4, class_token: false,
+             global_pool: avg}
+variants:
+  - {name: baseline, model: vit_pico_patch4_32, kwargs: *vit}
+  - {name: grouped-g2, model: vit_pico_patch4_32_grouped_mlp, kwargs: {<<: *vit, group_size: 2}}
+overrides: {epochs: 2, optim.lr: 3.0e-3}
+analysis: {samples: 16, at: [peak, final], rhos: [0.05]}
+"""
+
+
+def _write(tmp_path, text, name="study.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declares(tmp_path):
+    from landscape.study import check_study, load_study
+
+    spec = load_study(_write(tmp_path, _TINY_YAML))
+    assert spec.name == "tiny" and spec.seeds == [0, 1] and spec.data == "digits"
+    assert [v.name for v in spec.variants] == ["baseline", "grouped-g2"]
+    assert spec.variants[1].kwargs == dict(TINY, group_size=2)  # the YAML merge key fills the template in
+    assert spec.overrides == {"epochs": 2, "optim.lr": 3e-3}
+    assert spec.analysis.at == ("peak", "final") and spec.analysis.rhos == (0.05,) and spec.analysis.samples == 16
+    check_study(spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    (("vit_pico_patch4_32,", "vit_nosuch_model,"), "nosuch"),
+    (("group_size: 2", "group_size: 3"), "does not divide the depth"),
+    (("  - {name: baseline, model: vit_pico_patch4_32, kwargs: *vit}\n", ""), "no baseline"),
+    (("seeds: 2", "seeds: 0"), "at least 1"),
+    (("seeds: 2", "seeds: [1, 1]"), "distinct"),
+    (("name: tiny", "nmae: tiny"), "unknown keys nmae"),
+    (("analysis: {samples: 16,", "analysis: {sampels: 16,"), "unknown analysis settings sampels"),
+    (("at: [peak, final]", "at: [best]"), "final and peak"),
+    (("rhos: [0.05]", "rhos: [-1]"), "positive radii"),
+    (("name: grouped-g2", "name: baseline"), "unique"),
+    (("name: grouped-g2", "name: ../escape"), "cannot name a folder"),
+])
+def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
+    from landscape.study import check_study, load_study
+
+    text = _TINY_YAML.replace(*change)
+    assert text != _TINY_YAML
+    with pytest.raises(ConfigError, match=message) as caught:
+        check_study(load_study(_write(tmp_path, text)))
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_study_files_that_are_not_studies_are_refused(tmp_path):
+    from landscape.study import load_study
+
+    for text, message in (("[1, 2]", "must be a mapping"), ("name: x\n  bad: [", "not valid YAML"),
+                          ("name: x", "needs the key 'data'")):
+        with pytest.raises(ConfigError, match=message):
+            load_study(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="folder"):
+        load_study(tmp_path)
+
+
+def test_the_demo_is_the_shipped_study_file_and_every_shipped_study_checks():
+    from landscape.study import STUDIES_DIR, check_study, load_study
+
+    files = sorted(STUDIES_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"demo-digits", "demo-fashion-mnist"}
+    for f in files:
+        spec = load_study(f)
+        assert spec.variants and spec.seeds
+    check_study(load_study(STUDIES_DIR / "demo-digits.yaml"))
+    spec = demo_study("digits", seeds=3, epochs=5)
+    assert spec.seeds == [0, 1, 2] and spec.overrides["epochs"] == 5
+    assert load_study(STUDIES_DIR / "demo-digits.yaml").overrides["epochs"] == 12  # the file itself is not changed
+
+
+def test_the_peak_checkpoint_is_the_epoch_of_the_best_validation_top1(tmp_path):
+    from landscape.runs import Run
+    from landscape.study import peak_epoch
+
+    run = Run.create(tmp_path / "run")
+    run.write_metrics([{"epoch": e, "step": 10 * e, "val_top1": top1} for e, top1 in
+                       zip(range(1, 6), (50.0, 70.0, 80.0, 80.0, 75.0))])
+    assert peak_epoch(run) == 3  # the first epoch reaching the maximum
+    (tmp_path / "run" / "metrics.csv").write_bytes(b"\x00\xff garbage")
+    assert peak_epoch(run) is None
+
+
+@pytest.mark.slow
+def test_landscape_study_runs_a_study_file_end_to_end_and_writes_its_record(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    text = _TINY_YAML.replace("seeds: 2", "seeds: 1").replace(
+        "analysis: {samples: 16,", "analysis: {samples: 16, trace_matvecs: 2, density_steps: 3, sharpness_steps: 1, "
+        "sharpness_draws: 1, surface_points: 3, surface_points_2d: 3, adaptive_rhos: [0.5],")
+    result = CliRunner().invoke(cli, ["study", str(_write(tmp_path, text)), "--out", str(tmp_path / "out"),
+                                      "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    resolved = yaml.safe_load((out / "study.yaml").read_text())
+    assert resolved["seeds"] == [0] and resolved["analysis"]["at"] == ["peak", "final"]
+    assert (out / "report.md").is_file() and (out / "environment.yaml").is_file()
+    import pandas as pd
+
+    timings = pd.read_csv(out / "timings.csv")
+    assert {"train", "hessian", "total"} <= set(timings["stage"]) and (timings["seconds"] >= 0).all()
