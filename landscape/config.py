@@ -300,6 +300,10 @@ class TrainConfig:
     ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
+    # Set by `landscape train --resume RUN --extend-to N`: the epochs the run had before its latest extension and
+    # when (UTC) it was extended. A record, not a setting: the run hash leaves both out.
+    extended_from: int | None = None
+    extended_at: str | None = None
 
 
 def coerce_types(config: T, *, where: str = "config") -> T:

@@ -1,0 +1,117 @@
+"""Extending a run: `landscape train --resume RUN --extend-to N` trains on to N epochs with the schedule of the new
+total, records the extension, and refuses what it cannot honour in one sentence."""
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from landscape.cli import cli
+from landscape.errors import ConfigError
+from landscape.runs import Run
+from landscape.trainers import build_config, train
+
+# Two updates per epoch (64 images, batches of 32) and a one-block model: a run of a few epochs takes seconds.
+TINY = ["epochs=2", "data.train_size=64", "data.val_size=32", "model.kwargs.depth=1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished two-epoch run, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(build_config("digits", overrides=TINY), out, progress=False)
+    return out
+
+
+def copy_of(run, tmp_path, name="run"):
+    return shutil.copytree(run, tmp_path / name)
+
+
+def scheduled_lr(config: dict, epochs: int, updates_per_epoch: int, after_updates: int) -> float:
+    """The learning rate timm's scheduler sets for the update after ``after_updates`` updates, for a schedule of
+    ``epochs`` epochs: an independent construction of what the loop must follow."""
+    from timm.scheduler import create_scheduler_v2
+
+    optim, sched = config["optim"], config["schedule"]
+    scale = config["batch_size"] / optim["lr_base_batch"] if optim.get("lr_base_batch") else 1.0
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim["lr"] * scale)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=sched["sched"], num_epochs=epochs,
+                                       warmup_epochs=sched["warmup_epochs"], warmup_lr=sched["warmup_lr"],
+                                       min_lr=sched["min_lr"], step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    scheduler.step_update(after_updates)
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_extend_trains_to_the_new_total_with_a_checkpoint_and_a_metrics_row_per_epoch(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    result = train(None, run_dir, resume=True, extend_to=4, progress=False)
+    run = Run(run_dir)
+    assert [info.epoch for info in run.checkpoints()] == [1, 2, 3, 4]
+    metrics = run.read_metrics()
+    assert metrics["epoch"].tolist() == [1, 2, 3, 4]
+    assert metrics["schedule_epochs"].tolist() == [2, 2, 4, 4]
+    assert [row["epoch"] for row in result.rows] == [1, 2, 3, 4]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (config["epochs"], config["extended_from"]) == (4, 2)
+    assert config["extended_at"]  # when, as an ISO timestamp
+    # the first two epochs are the finished run's, untouched
+    before = Run(finished_run).read_metrics()
+    assert metrics.loc[:1, ["step", "train_loss", "val_loss", "lr"]].equals(before[["step", "train_loss", "val_loss", "lr"]])
+
+
+def test_first_new_epoch_follows_the_schedule_recomputed_for_the_new_total(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    rows = train(None, run_dir, resume=True, extend_to=4, progress=False).rows
+    config = Run(run_dir).load_config()
+    updates_per_epoch = rows[0]["step"]
+    first_new = rows[2]
+    assert first_new["epoch"] == 3
+    # a row's lr is the rate of its last update, set after the update before it
+    expected = scheduled_lr(config, 4, updates_per_epoch, first_new["step"] - 1)
+    assert first_new["lr"] == pytest.approx(expected, rel=1e-12)
+    assert first_new["lr"] != pytest.approx(scheduled_lr(config, 2, updates_per_epoch, first_new["step"] - 1))
+    assert rows[3]["lr"] == pytest.approx(scheduled_lr(config, 4, updates_per_epoch, rows[3]["step"] - 1), rel=1e-12)
+
+
+def test_extension_killed_before_its_first_save_resumes_on_the_new_schedule(finished_run, tmp_path):
+    reference = train(None, copy_of(finished_run, tmp_path, "reference"), resume=True, extend_to=4,
+                      progress=False).rows
+    run_dir = copy_of(finished_run, tmp_path)
+
+    def stop(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # after config.yaml says 4 epochs, before any state of the new schedule
+        train(None, run_dir, resume=True, extend_to=4, progress=False, on_update=stop)
+    assert Run(run_dir).load_config()["epochs"] == 4
+    rows = train(None, run_dir, resume=True, progress=False).rows
+    timing = ("wall_time", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in reference]
+
+
+def test_extend_to_no_more_than_the_run_has_is_refused(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    with pytest.raises(ConfigError, match="--extend-to 2 must be more than the 2 epochs"):
+        train(None, run_dir, resume=True, extend_to=2, progress=False)
+    assert Run(run_dir).load_config()["epochs"] == 2
+    assert Run(run_dir).load_config().get("extended_from") is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--extend-to", "4"], "--extend-to raises the epochs of an existing run; give it with --resume RUN."),
+    (["--epochs", "4"], "drop --epochs (for more epochs give --extend-to N)."),
+    (["--extend-to", "4", "--lr", "0.1"], "drop --lr."),
+    (["--extend-to", "1"], "--extend-to 1 must be more than the 2 epochs"),
+])
+def test_extend_refusals_are_one_sentence_and_change_nothing(finished_run, tmp_path, args, message):
+    run_dir = copy_of(finished_run, tmp_path)
+    resume = [] if args == ["--extend-to", "4"] else ["--resume", str(run_dir)]
+    before = (run_dir / "config.yaml").read_text()
+    result = CliRunner().invoke(cli, ["train", *resume, *args, "--no-progress"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert (run_dir / "config.yaml").read_text() == before
