@@ -13,16 +13,18 @@ column                     source
                            ``eigenvalue_largest`` at ``k = 1``)
 ``trace``                  Hessian trace :math:`\\operatorname{tr} H` (hessian.nc: ``trace``, Hutch++)
 ``sharpness[rho=r]``       worst-case sharpness :math:`\\max_{\\|\\delta / c\\|_p \\le \\rho} L(w + \\delta) - L(w)`
-                           at each radius (sharpness.nc: ``worst_case``, with the norm :math:`p` and scale
-                           :math:`c` (SAM or adaptive) of that file's settings)
+                           at each radius, plain (SAM, :math:`c = 1`; ``adaptive_sharpness[rho=r]``: adaptive,
+                           :math:`c = |w|`), told apart by each result's settings (``worst_case``)
 ``peak_to_final_drop``     :math:`\\max_e a_e - a_E` of the raw (and ``ema_`` EMA) top-1 curve (dynamics.nc, or
                            computed from ``metrics.csv`` when the run has a history)
 =========================  =================================================================================
 
-An analysis result is an xarray Dataset with one entry per analysed checkpoint along ``checkpoint`` and a
-``step`` coordinate; the entry of the final checkpoint is used, else the latest analysed one, whose step is then
-reported in ``<analysis>_step``. Each result is read by one small function (:func:`hessian_measures`,
-:func:`sharpness_measures`, :func:`dynamics_measures`) that looks for the variable names listed next to it.
+The results are those :mod:`landscape.summary` picks for the report and the figures (the raw weights, the whole
+model, chosen by each file's settings); an analysis result is an xarray Dataset with one entry per analysed
+checkpoint along ``checkpoint`` and a ``step`` coordinate; the entry of the final checkpoint is used, else the
+latest analysed one, whose step is then reported in ``<analysis>_step``. Each result is read by one small
+function (:func:`hessian_measures`, :func:`sharpness_measures`, :func:`dynamics_measures`) that looks for the
+variable names listed next to it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import pandas as pd
 from landscape.checkpoints import CheckpointInfo
 from landscape.config import atomic_write, atomic_write_text
 from landscape.errors import LandscapeError
-from landscape.runs import Run
 
 # Variable names each result may use for a measure, most specific first.
 TOP_EIGENVALUE_VARS = ("eigenvalue_largest", "top_eigenvalues", "top_eigenvalue")
@@ -71,35 +72,33 @@ def _column_group(column: str) -> int:
         return 1
     if column in ("top_eigenvalue", "trace", "hessian_step"):
         return 2
-    if column.startswith("sharpness"):
+    if column.startswith(("sharpness", "adaptive_sharpness")):
         return 3
     return 4
 
 
 def run_summary(path: str | os.PathLike) -> dict[str, Any]:
     """The row of one run: identity, size, accuracy and every analysis found for its final checkpoint."""
-    from landscape.analyses.dynamics import variant_name
+    from landscape.summary import load_run
 
-    run = Run.open(path)
-    infos = run.checkpoints()
+    summary = load_run(path)
+    infos = summary.run.checkpoints()
     if not infos:
         raise LandscapeError(f"Run {path} has no checkpoints to compare.")
     final = infos[-1]
-    config = run.load_config()
-    if not (config.get("model") or {}).get("name"):
-        config = {**config, "model": {"name": final.model, "kwargs": final.model_kwargs}}
-    metrics = run.read_metrics()
     row: dict[str, Any] = {
         "run": str(path),
-        "model": variant_name(config, run),
+        "model": summary.variant.name,
         "params": final.num_params,
         "epoch": final.epoch,
         "step": final.step,
     }
-    row.update(accuracy(metrics, final))
-    row.update(_at_final("hessian", run, final.step, hessian_measures))
-    row.update(_at_final("sharpness", run, final.step, sharpness_measures))
-    row.update(dynamics_measures(run, metrics))
+    row.update(accuracy(summary.run.read_metrics(), final))
+    row.update(_at_final("hessian", summary.hessian, final.step, hessian_measures))
+    row.update(_at_final("sharpness", summary.sharpness, final.step, sharpness_measures))
+    row.update(_at_final("adaptive_sharpness", summary.adaptive_sharpness, final.step,
+                         lambda entry: sharpness_measures(entry, "adaptive_sharpness")))
+    row.update(dynamics_measures(summary.dynamics))
     return row
 
 
@@ -123,36 +122,9 @@ def _is_number(value: Any) -> bool:
 
 
 # -- analysis results -------------------------------------------------------------------------------------------
-def read_result(run: Run, name: str):
-    """``RUN/analysis/<name>.nc`` as an in-memory xarray Dataset, or ``None`` when the run has none."""
-    from landscape.analyses.results import read_results
+def _at_final(name: str, ds, step: int, measures) -> dict[str, Any]:
+    from landscape.summary import final_entry
 
-    return read_results(run.analysis_path(name))
-
-
-def final_entry(ds, step: int) -> tuple[Any, int | None]:
-    """The entry of ``ds`` at checkpoint ``step`` (else the latest analysed one) and the step it is at.
-
-    Results without a ``checkpoint`` dimension are returned whole. A ``weights`` dimension is reduced to the
-    raw weights when present, else its first entry.
-    """
-    used = None
-    if "checkpoint" in ds.dims and ds.sizes["checkpoint"] > 0:
-        steps = np.asarray(ds["step"].values) if "step" in ds.coords else None
-        if steps is not None and (steps == step).any():
-            index = int(np.flatnonzero(steps == step)[-1])
-        else:
-            index = int(np.argmax(steps)) if steps is not None else ds.sizes["checkpoint"] - 1
-        ds = ds.isel(checkpoint=index)
-        used = int(steps[index]) if steps is not None else None
-    if "weights" in ds.dims:
-        names = [str(w) for w in ds["weights"].values]
-        ds = ds.isel(weights=names.index("raw") if "raw" in names else 0)
-    return ds, used
-
-
-def _at_final(name: str, run: Run, step: int, measures) -> dict[str, Any]:
-    ds = read_result(run, name)
     if ds is None:
         return {}
     entry, used = final_entry(ds, step)
@@ -179,12 +151,12 @@ def hessian_measures(entry) -> dict[str, float]:
     return out
 
 
-def sharpness_measures(entry) -> dict[str, float]:
-    """``sharpness[rho=r, ...]``: one column per radius and per value of any other dimension of the result."""
+def sharpness_measures(entry, name: str = "sharpness") -> dict[str, float]:
+    """``<name>[rho=r, ...]``: one column per radius and per value of any other dimension of the result."""
     da = _first_var(entry, SHARPNESS_VARS)
     if da is None:
         return {}
-    return _flatten(da, "sharpness")
+    return _flatten(da, name)
 
 
 def _flatten(da, name: str) -> dict[str, float]:
@@ -213,16 +185,9 @@ def _scalar(da) -> float:
     return float(values[0]) if values.size == 1 else math.nan
 
 
-def dynamics_measures(run: Run, metrics: pd.DataFrame) -> dict[str, float]:
-    """Peak-to-final drop of the raw and EMA top-1 curves: from dynamics.nc, else from the run's history."""
-    ds = read_result(run, "dynamics")
-    if ds is None and not metrics.empty:
-        from landscape.analyses.dynamics import run_dynamics
-
-        try:
-            ds = run_dynamics(run)
-        except LandscapeError:  # a history without per-epoch top-1 has no drop
-            ds = None
+def dynamics_measures(ds) -> dict[str, float]:
+    """Peak-to-final drop of the raw and EMA top-1 curves of a run's dynamics (dynamics.nc, else computed from the
+    run's history by :func:`landscape.summary.load_run`)."""
     if ds is None or DROP_VAR not in ds.data_vars:
         return {}
     drop = ds[DROP_VAR]

@@ -1,6 +1,6 @@
 """The figure gallery: one function per figure kind, each taking a study's results and returning a Figure.
 
-Every function takes the list of :class:`~landscape.study.RunResults` of a study and a style map from
+Every function takes the list of :class:`~landscape.summary.RunResults` of a study and a style map from
 :func:`variant_styles` (one colour, line style and marker per variant, the same in every figure), and returns a
 :class:`matplotlib.figure.Figure`, or ``None`` when the runs have none of the results it draws. Figures are
 sized for a paper column (3.3 in wide, fonts of 7 pt and more) unless they hold one panel per variant, which
@@ -24,7 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from landscape.errors import LandscapeError
-from landscape.study import RunResults, VariantInfo
+from landscape.models.variants import Variant
+from landscape.summary import RunResults
 
 COLUMN_WIDTH = 3.3  # inches: one column of a two-column paper
 PAGE_WIDTH = 6.9  # inches: both columns
@@ -79,7 +80,7 @@ def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
     baseline black, GroupedMLP orange (darker for larger groups), ShallowMLP blue (sliced init dark blue and solid,
     random init sky blue and dashed), mLiT purple, anything else from the remaining colours in name order.
     """
-    variants: dict[str, tuple[VariantInfo, str]] = {}
+    variants: dict[str, tuple[Variant, str]] = {}
     for r in results:
         variants.setdefault(r.variant.key, (r.variant, r.label or r.variant.label))
     group_sizes = sorted({v.group_size for v, _ in variants.values() if v.family == "grouped"})
@@ -328,7 +329,7 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
 def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
     """The Hessian eigenvalue density at each run's final checkpoint (stochastic Lanczos quadrature with Gaussian
     broadening), one line per run, on log-scaled density and a symmetric-log eigenvalue axis."""
-    from landscape.compare import final_entry
+    from landscape.summary import final_entry
 
     sources = {id(r): ds for r in results for ds in (r.hessian, r.hessian_density)
                if ds is not None and "density" in ds and ds.sizes.get("checkpoint", 0)}
@@ -383,7 +384,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
     Worst case: the largest rise of the loss over the ball ‖δ‖₂ ≤ ρ (plain) or ‖δ/|w|‖₂ ≤ ρ (adaptive). Average:
     the mean rise for δ ~ N(0, ρ²I) (plain) or N(0, ρ² diag(w²)) (adaptive), whose norm is about ρ√P, so it is
     not smaller than the worst case at the same ρ."""
-    from landscape.compare import final_entry
+    from landscape.summary import final_entry
 
     kinds = [(attr, title) for attr, title in (("sharpness", "plain: ‖δ‖₂ ≤ ρ"),
                                                ("adaptive_sharpness", "adaptive: ‖δ / |w|‖₂ ≤ ρ"))
@@ -428,7 +429,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
 
 # == surfaces ====================================================================================================
 def _final_surface(r: RunResults, name: str):
-    from landscape.compare import final_entry
+    from landscape.summary import final_entry
 
     ds = r.surfaces.get(name)
     if ds is None or not ds.sizes.get("checkpoint", 0):
@@ -550,7 +551,7 @@ def surface_3d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
 def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantStyle], response: str,
                       ylabel: str) -> Figure | None:
     from landscape.report import FLAG_REPARAMETERISATION, FLAG_SIZE, rank_correlation
-    from landscape.study import final_measures
+    from landscape.summary import final_measures
 
     table, measures = final_measures(results)
     measures = [m for m in measures if table[m.name].notna().any()]

@@ -20,7 +20,7 @@ variant :math:`b` on one measure looks at :math:`d = \\bar x_a - \\bar x_b` and
 :math:`\\mathrm{se}_d = \\sqrt{\\mathrm{se}_a^2 + \\mathrm{se}_b^2}`: *as predicted* when :math:`d` exceeds
 :math:`z\\,\\mathrm{se}_d` (:math:`z = 2`) in the predicted direction, *opposite* when it does so in the other
 direction, *within noise* otherwise, and *no call* when a variant has fewer than two seeds (its seed spread is
-unknown). A measure that grows with the parameter count (:attr:`~landscape.study.Measure.size_dependent`) does
+unknown). A measure that grows with the parameter count (:attr:`~landscape.summary.Measure.size_dependent`) does
 not vote between models of different sizes.
 
 A comparison is *supported* when more than half of its voting measures come out as predicted, *contradicted*
@@ -242,7 +242,7 @@ def compare_variant_rows(a: pd.DataFrame, b: pd.DataFrame, measures: Sequence) -
     """Every measure of variant rows ``a`` (predicted flatter) against ``b``, and the majority verdict over the
     measures that vote.
 
-    ``measures`` are :class:`~landscape.study.Measure` objects: flatter is lower, or higher for a measure with
+    ``measures`` are :class:`~landscape.summary.Measure` objects: flatter is lower, or higher for a measure with
     ``smaller_is_flatter`` false; a size-dependent measure votes only when both variants have the same
     parameter count.
     """
@@ -392,7 +392,7 @@ def hypothesis_h2(table: pd.DataFrame, measures: Sequence, *, response: str = "d
 
 
 def evaluate_hypotheses(table: pd.DataFrame, measures: Sequence) -> list[Hypothesis]:
-    """H1..H4 on a table with one row per run (see :func:`landscape.study.final_measures`)."""
+    """H1..H4 on a table with one row per run (see :func:`landscape.summary.final_measures`)."""
     return [hypothesis_h1(table, measures), hypothesis_h2(table, measures), hypothesis_h3(table, measures),
             hypothesis_h4(table, measures)]
 
@@ -606,7 +606,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
     ``figures`` (from :func:`landscape.figures.write_figures`) are linked relative to ``report_path``.
     """
     from landscape import __version__
-    from landscape.study import final_measures
+    from landscape.summary import final_measures
 
     data, measures = final_measures(results, weights=weights)
     by_name = {m.name: m for m in measures}
@@ -678,17 +678,15 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
 
 
 _SETTING_KEYS = {
-    "hessian": ("samples", "split", "weights", "top_k", "tol", "trace_matvecs", "seed"),
-    "hessian-density": ("samples", "density_probes", "density_steps", "density_scale", "seed"),
-    "sharpness": ("samples", "rhos", "p", "adaptive", "steps", "draws", "seed"),
-    "sharpness-adaptive": ("samples", "rhos", "p", "adaptive", "steps", "draws", "seed"),
+    "hessian": ("samples", "split", "weights", "params", "top_k", "tol", "trace_matvecs", "seed"),
+    "hessian-density": ("samples", "weights", "params", "density_probes", "density_steps", "density_scale", "seed"),
+    "sharpness": ("samples", "weights", "params", "rhos", "p", "adaptive", "eta", "steps", "draws", "seed"),
+    "surface": ("directions", "dims", "range", "points", "samples", "weights", "seed"),
 }
 
 
 def _setup_blocks(results) -> list[Block]:
     """How the runs were trained and measured, from the first run's config.yaml and its results' settings."""
-    import json
-
     first = results[0]
     config = first.run.load_config()
     optim, schedule = config.get("optim") or {}, config.get("schedule") or {}
@@ -697,21 +695,16 @@ def _setup_blocks(results) -> list[Block]:
                 f"{optim.get('lr', '?')} with weight decay {optim.get('weight_decay', '?')}, "
                 f"{schedule.get('sched', '?')} schedule, EMA decay {(config.get('ema') or {}).get('decay')}.")
     rows = []
-    sources = [("hessian", first.hessian), ("hessian-density", first.hessian_density),
-               ("sharpness", first.sharpness), ("sharpness-adaptive", first.adaptive_sharpness),
-               *[(name, ds) for name, ds in first.surfaces.items()]]
-    for name, ds in sources:
-        if ds is None:
+    for result in first.results:  # what each file holds, from its attributes
+        if result.kind == "dynamics" or not result.checkpoints():
             continue
-        try:
-            settings = json.loads(ds.attrs.get("settings", "{}"))
-        except json.JSONDecodeError:
-            settings = {}
-        keys = _SETTING_KEYS.get(name, ("directions", "dims", "range", "points", "samples", "seed"))
+        ds, settings = result.dataset, result.settings
+        density_only = result.kind == "hessian" and not (settings.get("top_k") or settings.get("trace"))
+        keys = _SETTING_KEYS.get("hessian-density" if density_only else result.kind, ("samples", "weights", "seed"))
         where = ", ".join(str(c) for c in ds["checkpoint"].values) if ds.sizes.get("checkpoint", 0) <= 2 else (
             f"{ds.sizes['checkpoint']} checkpoints")
-        rows.append([f"`analysis/{name}.nc`", where,
-                     ", ".join(f"{k}={settings[k]}" for k in keys if k in settings)])
+        rows.append([f"`analysis/{result.path.name}`: {result.describe()}", where,
+                     ", ".join(f"{k}={settings[k]}" for k in keys if settings.get(k) is not None)])
     blocks = [paragraph(training)]
     if rows:
         blocks += [paragraph("Analyses (settings stored in each result file; shown for the first run):"),

@@ -1,0 +1,392 @@
+"""The summary of a set of runs: their results gathered, and the flatness measures at each final checkpoint.
+
+:func:`load_results` opens run directories and gathers every ``RUN/analysis/*.nc`` as a :class:`Result`, whose
+meaning (analysis kind, weights, ``--params`` pattern, adaptive or plain, density only, ...) is read from the
+file's attributes (``analysis`` and ``settings``), never from its name. :class:`RunResults` then names the result
+each reader wants: the Hessian of the whole model, its spectral density, plain and adaptive sharpness and the
+loss surfaces of the chosen weights. :func:`final_measures` makes one row per run of the measures at the final
+checkpoint, described by :data:`MEASURES`; figures, report and compare all read these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from landscape.errors import LandscapeError
+from landscape.models.variants import FAMILY_ORDER, Variant, describe_variant, unique_labels
+from landscape.runs import Run
+
+
+# == one results file ============================================================================================
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One results file of a run: its analysis ``kind`` and ``settings`` as its attributes record them."""
+
+    path: Path
+    kind: str
+    settings: dict[str, Any]
+    dataset: Any
+
+    @property
+    def weights(self) -> str:
+        return str(self.settings.get("weights") or "raw")
+
+    @property
+    def params(self) -> str | None:
+        return self.settings.get("params") or None
+
+    @property
+    def name(self) -> str:
+        """A name for the result made from its attributes (:func:`landscape.analyses.results.results_name`)."""
+        from landscape.analyses.results import results_name
+
+        kind = self.kind
+        if kind == "surface":
+            targets = "".join(f"-{Path(str(t)).parent.parent.name}" for t in self.settings.get("targets") or ())
+            kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
+        return results_name(kind, self.settings)
+
+    def checkpoints(self) -> int:
+        return int(self.dataset.sizes.get("checkpoint", 0))
+
+    def describe(self) -> str:
+        """What the file holds, in words, from its attributes (``adaptive sharpness, EMA weights``)."""
+        s = self.settings
+        if self.kind == "hessian":
+            parts = [name for name, on in (("eigenvalues", s.get("top_k")), ("trace", s.get("trace")),
+                                           ("spectral density", s.get("density"))) if on]
+            text = "Hessian " + ", ".join(parts) if parts else "Hessian"
+        elif self.kind == "sharpness":
+            text = "adaptive sharpness (c = |w|)" if s.get("adaptive") else "sharpness (SAM, c = 1)"
+        elif self.kind == "surface":
+            text = f"loss surface along {s.get('directions', '?')} directions, {s.get('dims', '?')}D"
+        else:
+            text = self.kind
+        if self.weights != "raw":
+            text += f", {self.weights.upper()} weights"
+        if self.params:
+            text += f", parameters {self.params}"
+        return text
+
+
+def read_settings(ds) -> dict[str, Any]:
+    """The settings stored in a results Dataset's attributes (empty when absent or unreadable)."""
+    try:
+        settings = json.loads(ds.attrs.get("settings") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def classify(ds) -> str | None:
+    """The analysis a results Dataset holds, from its ``analysis`` attribute (a ``dynamics.nc`` written before it
+    had one is recognised by its variables); ``None`` for a file that is no analysis result."""
+    kind = ds.attrs.get("analysis")
+    if kind:
+        return str(kind)
+    if "peak_to_final_drop" in ds.data_vars:
+        return "dynamics"
+    return None
+
+
+def gather_results(run: Run) -> list[Result]:
+    """Every results file of ``run`` (``RUN/analysis/*.nc``, in name order), classified by its attributes."""
+    from landscape.analyses.results import read_results
+
+    out = []
+    for path in sorted(Path(run.analysis_dir).glob("*.nc")):
+        ds = read_results(path)
+        kind = classify(ds) if ds is not None else None
+        if kind is not None:
+            out.append(Result(path=path, kind=kind, settings=read_settings(ds), dataset=ds))
+    return out
+
+
+def final_entry(ds, step: int) -> tuple[Any, int | None]:
+    """The entry of ``ds`` at checkpoint ``step`` (else the latest analysed one) and the step it is at.
+
+    Results without a ``checkpoint`` dimension are returned whole. A ``weights`` dimension is reduced to the
+    raw weights when present, else its first entry.
+    """
+    used = None
+    if "checkpoint" in ds.dims and ds.sizes["checkpoint"] > 0:
+        steps = np.asarray(ds["step"].values) if "step" in ds.coords else None
+        if steps is not None and (steps == step).any():
+            index = int(np.flatnonzero(steps == step)[-1])
+        else:
+            index = int(np.argmax(steps)) if steps is not None else ds.sizes["checkpoint"] - 1
+        ds = ds.isel(checkpoint=index)
+        used = int(steps[index]) if steps is not None else None
+    if "weights" in ds.dims:
+        names = [str(w) for w in ds["weights"].values]
+        ds = ds.isel(weights=names.index("raw") if "raw" in names else 0)
+    return ds, used
+
+
+# == one run and its results =====================================================================================
+def _density_only(s: dict[str, Any]) -> bool:
+    return bool(s.get("density")) and not (s.get("top_k") or s.get("trace"))
+
+
+@dataclasses.dataclass
+class RunResults:
+    """One run and every result it holds (``results``), with the ones the readers use picked by their settings
+    for the weights ``weights`` (``None`` / empty where the run has none):
+
+    ``hessian`` the eigenvalues and trace of the whole model, ``hessian_density`` its spectral density (a
+    density-only result first), ``sharpness`` plain (c = 1) and ``adaptive_sharpness`` adaptive (c = |w|)
+    sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
+    (``surface-random-1d``, ...), ``dynamics`` the training dynamics. Where several results qualify, the one that
+    holds the final checkpoint and the most checkpoints wins. ``final_step`` is the step of the run's last
+    checkpoint.
+    """
+
+    path: Path
+    run: Run
+    variant: Variant
+    label: str
+    seed: int
+    num_params: int | None
+    results: list[Result] = dataclasses.field(default_factory=list)
+    dynamics: Any = None
+    final_step: int | None = None
+    weights: str = "raw"
+
+    def find(self, kind: str, test: Callable[[dict[str, Any]], bool] = lambda s: True, *,
+             prefer: Callable[[dict[str, Any]], bool] = lambda s: False) -> Result | None:
+        """The best result of ``kind`` for the whole model and :attr:`weights` whose settings pass ``test``."""
+        found = [r for r in self.results if r.kind == kind and r.weights == self.weights and r.params is None
+                 and test(r.settings)]
+        if not found:
+            return None
+
+        def rank(r: Result) -> tuple:
+            steps = r.dataset["step"].values if "step" in r.dataset.coords else ()
+            return (not prefer(r.settings), self.final_step not in set(int(s) for s in steps), -r.checkpoints(),
+                    r.path.name)
+
+        return min(found, key=rank)
+
+    def _dataset(self, *args, **kwargs):
+        result = self.find(*args, **kwargs)
+        return result.dataset if result is not None else None
+
+    @property
+    def hessian(self):
+        return self._dataset("hessian", lambda s: not _density_only(s))
+
+    @property
+    def hessian_density(self):
+        return self._dataset("hessian", lambda s: bool(s.get("density")),
+                             prefer=_density_only)
+
+    @property
+    def sharpness(self):
+        return self._dataset("sharpness", lambda s: not s.get("adaptive"))
+
+    @property
+    def adaptive_sharpness(self):
+        return self._dataset("sharpness", lambda s: bool(s.get("adaptive")))
+
+    @property
+    def surfaces(self) -> dict[str, Any]:
+        return {r.name: r.dataset for r in self.results if r.kind == "surface"}
+
+
+def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
+    """One run directory and its results (dynamics from ``metrics.csv`` when the run has a history but no
+    ``dynamics.nc``)."""
+    from landscape.analyses.dynamics import run_dynamics
+
+    path = Path(path)
+    run = Run.open(path)
+    config = run.load_config()
+    infos = run.checkpoints()
+    if not (config.get("model") or {}).get("name") and infos:
+        config = {**config, "model": {"name": infos[-1].model, "kwargs": infos[-1].model_kwargs}}
+    results = gather_results(run)
+    dynamics = next((r.dataset for r in results if r.kind == "dynamics"), None)
+    if dynamics is None and run.metrics_path.exists():
+        try:
+            dynamics = run_dynamics(run)
+        except LandscapeError:
+            dynamics = None
+    variant = describe_variant(config, run.name)
+    return RunResults(path=path, run=run, variant=variant, label=variant.label,
+                      seed=int(config.get("seed", 0) or 0), num_params=infos[-1].num_params if infos else None,
+                      results=results, dynamics=dynamics, final_step=infos[-1].step if infos else None,
+                      weights=weights)
+
+
+def load_results(paths: Iterable[str | os.PathLike], *, weights: str = "raw") -> list[RunResults]:
+    """Open every run directory and gather its results (:func:`load_run`); runs in the order given, each once,
+    labelled so that no two variants share a label."""
+    results = []
+    seen: set[Path] = set()
+    for path in paths:
+        run = load_run(path, weights=weights)
+        if run.run.root.resolve() in seen:
+            continue
+        seen.add(run.run.root.resolve())
+        results.append(run)
+    if not results:
+        raise LandscapeError("Give at least one run directory.")
+    labels = unique_labels(r.variant for r in results)
+    for r in results:
+        r.label = labels[r.variant.key]
+    return results
+
+
+# == the flatness measures ======================================================================================
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """A flatness measure of a final checkpoint, with what it can and cannot be compared on.
+
+    Smaller is flatter unless ``smaller_is_flatter`` is false (a width).
+
+    ``reparameterisation``: the value changes under rescalings of the weights that leave the network function
+    unchanged (Dinh et al. 2017), so a difference may reflect the weights' scale rather than the function.
+    ``size_dependent``: the value grows with the number of parameters or the weight norm, so it is not comparable
+    between models of different parameter counts.
+    """
+
+    name: str
+    label: str
+    units: str
+    reparameterisation: bool
+    size_dependent: bool
+    note: str = ""
+    smaller_is_flatter: bool = True
+
+    def at(self, rho: float | None) -> "Measure":
+        """This measure with its radius filled into the label."""
+        return dataclasses.replace(self, label=self.label.format(rho=f"{rho:g}")) if rho is not None else self
+
+
+REFERENCE_RHO = 0.05  # the radius of plain sharpness that votes (others are drawn in the figures)
+REFERENCE_ADAPTIVE_RHO = 0.5
+SURFACE_WIDTH_RISE = 0.1  # nats: the surface width is where the loss stays within this of its centre value
+
+MEASURES: dict[str, Measure] = {m.name: m for m in (
+    Measure("top_eigenvalue", "top Hessian eigenvalue λ₁", "nats", True, False,
+            "a rescaling of the weights that keeps the function can make λ₁ as large as wanted (Dinh et al. 2017)"),
+    Measure("trace", "Hessian trace tr H", "nats", True, True,
+            "a sum over all P eigenvalues: grows with the parameter count"),
+    Measure("trace_per_parameter", "mean eigenvalue tr H / P", "nats", True, False,
+            "the trace divided by the parameter count P"),
+    Measure("worst_case_sharpness", "worst-case sharpness (SAM), ρ = {rho}", "nats", True, True,
+            "max of L(w + δ) − L(w) over ‖δ‖₂ ≤ ρ: a fixed radius is a smaller step for larger ‖w‖"),
+    Measure("average_case_sharpness", "average-case sharpness, ρ = {rho}", "nats", True, True,
+            "E L(w + δ) − L(w), δ ~ N(0, ρ²I): about ρ²/2 tr H, so it grows with the parameter count"),
+    Measure("adaptive_sharpness", "adaptive worst-case sharpness, ρ = {rho}", "nats", False, False,
+            "the ball scaled by |w| (Kwon et al. 2021): invariant to rescaling single weights"),
+    Measure("adaptive_average_sharpness", "adaptive average-case sharpness, ρ = {rho}", "nats", False, True,
+            "about ρ²/2 Σ wᵢ² Hᵢᵢ: a sum over parameters"),
+    Measure("surface_width", f"1D surface width at +{SURFACE_WIDTH_RISE:g} nats", "direction units", True, False,
+            f"length of the interval around the weights, along a filter-normalised random direction, where the "
+            f"loss rises by less than {SURFACE_WIDTH_RISE:g} nats; larger is flatter", smaller_is_flatter=False),
+)}
+
+
+# == one row per run =============================================================================================
+def final_measures(results: Sequence[RunResults], *, weights: str = "raw") -> tuple[Any, list[Measure]]:
+    """A table with one row per run and the flatness measures found at its final checkpoint, and those measures.
+
+    Columns: ``run``, ``variant`` (key), ``label``, ``family``, ``base``, ``seed``, ``params``, ``group_size``,
+    ``width_ratio``, ``mlp_init``, ``top1_raw``/``top1_ema`` (final top-1, %), ``drop_raw``/``drop_ema``
+    (peak-to-final drop, percentage points) and ``drop`` (that of ``weights``), ``gap`` (final validation minus
+    training loss, nats); then per measure ``<name>`` and ``<name>_se`` (the estimator's standard error, 0 where it
+    is deterministic).
+    """
+    import pandas as pd
+
+    rows, found = [], {}
+    for r in results:
+        row: dict[str, Any] = {
+            "run": str(r.path), "variant": r.variant.key, "label": r.label or r.variant.label,
+            "family": r.variant.family, "base": r.variant.base, "seed": r.seed, "params": r.num_params,
+            "group_size": r.variant.group_size, "width_ratio": r.variant.width_ratio, "mlp_init": r.variant.mlp_init,
+        }
+        row.update(_dynamics_columns(r.dynamics, weights))
+        for measure, value, se in _analysis_measures(r):
+            found.setdefault(measure.name, measure)
+            row[measure.name], row[f"{measure.name}_se"] = value, se
+        rows.append(row)
+    rows.sort(key=lambda row: (FAMILY_ORDER.index(row["family"]), row["group_size"] or 0, row["mlp_init"] != "sliced",
+                               row["width_ratio"] or 0, row["variant"], row["seed"]))
+    return pd.DataFrame(rows), list(found.values())
+
+
+def _dynamics_columns(ds, weights: str) -> dict[str, float]:
+    out = {"top1_raw": math.nan, "top1_ema": math.nan, "drop_raw": math.nan, "drop_ema": math.nan, "gap": math.nan}
+    if ds is not None:
+        for w in (str(w) for w in ds["weights"].values):
+            out[f"top1_{w}"] = float(ds["final_top1"].sel(weights=w))
+            out[f"drop_{w}"] = float(ds["peak_to_final_drop"].sel(weights=w))
+        gap = ds["generalization_gap"].values
+        finite = gap[np.isfinite(gap)]
+        out["gap"] = float(finite[-1]) if finite.size else math.nan
+    out["drop"] = out.get(f"drop_{weights}", math.nan)
+    return out
+
+
+def _analysis_measures(r: RunResults) -> list[tuple[Measure, float, float]]:
+    """The flatness measures of a run's final checkpoint as ``(measure, value, standard error)``."""
+    out: list[tuple[Measure, float, float]] = []
+    step = r.final_step if r.final_step is not None else -1
+    if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0):
+        h, _ = final_entry(r.hessian, step)
+        if "eigenvalue_largest" in h:
+            out.append((MEASURES["top_eigenvalue"], float(h["eigenvalue_largest"].isel(k=0)), 0.0))
+        if "trace" in h:
+            trace, se = float(h["trace"]), float(h.get("trace_standard_error", 0.0))
+            out.append((MEASURES["trace"], trace, se))
+            p = float(h["num_parameters"]) if "num_parameters" in h else float(r.num_params or "nan")
+            out.append((MEASURES["trace_per_parameter"], trace / p, se / p))
+    kinds = ((r.sharpness, "worst_case_sharpness", "average_case_sharpness", REFERENCE_RHO),
+             (r.adaptive_sharpness, "adaptive_sharpness", "adaptive_average_sharpness", REFERENCE_ADAPTIVE_RHO))
+    for ds, worst, average, reference in kinds:
+        if ds is None or not ds.sizes.get("checkpoint", 0):
+            continue
+        entry, _ = final_entry(ds, step)
+        rhos = entry["rho"].values
+        rho = float(rhos[np.argmin(np.abs(np.log(rhos / reference)))])
+        at = entry.sel(rho=rho)
+        ball = "" if str(read_settings(ds).get("p", "2")) == "2" else f", ℓ{read_settings(ds)['p']} ball"
+        if "worst_case" in at:
+            measure = MEASURES[worst].at(rho)
+            out.append((dataclasses.replace(measure, label=measure.label + ball), float(at["worst_case"]), 0.0))
+        if "average_case" in at:
+            se = float(at["average_case_standard_error"]) if "average_case_standard_error" in at else 0.0
+            out.append((MEASURES[average].at(rho), float(at["average_case"]), se))
+    line = r.surfaces.get("surface-random-1d")
+    if line is not None and line.sizes.get("checkpoint", 0):
+        entry, _ = final_entry(line, step)
+        out.append((MEASURES["surface_width"], surface_width(entry["a"].values, entry["loss"].values), 0.0))
+    return out
+
+
+def surface_width(a: np.ndarray, loss: np.ndarray, rise: float = SURFACE_WIDTH_RISE) -> float:
+    """Length of the interval around ``a = 0`` on which ``loss - loss(0) < rise`` (linear interpolation between grid
+    points; where the loss stays below on one side, the interval runs to the end of the grid on that side)."""
+    a, loss = np.asarray(a, dtype=float), np.asarray(loss, dtype=float)
+    centre = int(np.argmin(np.abs(a)))
+    excess = loss - loss[centre] - rise
+
+    def edge(indices) -> float:
+        previous = centre
+        for i in indices:
+            if excess[i] >= 0:
+                t = -excess[previous] / (excess[i] - excess[previous])
+                return float(a[previous] + t * (a[i] - a[previous]))
+            previous = i
+        return float(a[previous])
+
+    return edge(range(centre + 1, len(a))) - edge(range(centre - 1, -1, -1))
