@@ -147,19 +147,24 @@ _RECIPES = sorted(p.stem for p in (Path(__file__).parent / "trainers" / "recipes
               help="Start from the last checkpoint of this run (or this checkpoint file): fine-tuning.")
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Continue this run from its last saved state, with its saved config.")
+@click.option("--extend-to", type=click.IntRange(min=1), default=None, metavar="EPOCHS",
+              help="With --resume: train the run (finished or not) up to this many epochs in all. The learning-rate "
+                   "schedule is recomputed for the new total from the start and followed from where the run is, so "
+                   "only the remaining epochs see the new rates; config.yaml records extended_from and extended_at.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:K (under torchrun: each process's GPU).")
 @DATA_DIR_OPTION
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch (on a terminal).")
 def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr, seed, overrides, init, resume,
-          overwrite, device, data_dir, dry_run, progress) -> None:
+          extend_to, overwrite, device, data_dir, dry_run, progress) -> None:
     """Train a model with dense checkpoints into a run directory.
 
     \b
     landscape train --data digits                                   (seconds on a CPU)
     landscape train --model vit_pico_patch4_32 --data fashion-mnist --recipe small-images --set epochs=30
     landscape train --resume runs/NAME                              (after a crash or a kill)
+    landscape train --resume runs/NAME --extend-to 200              (more epochs for a finished run)
     torchrun --nproc-per-node 4 -m landscape train --recipe paper-a-imagenet --data-dir /data
     """
     import os
@@ -177,9 +182,13 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
                  ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--set", overrides),
                  ("--init", init), ("--overwrite", overwrite)] if value]
         if given:
-            raise LandscapeError(f"--resume continues a run with the config saved in it; drop {', '.join(given)}.")
+            more = " (for more epochs give --extend-to N)" if epochs or any(
+                o.split("=")[0].strip() == "epochs" for o in overrides) else ""
+            raise LandscapeError(f"--resume continues a run with the config saved in it; drop {', '.join(given)}{more}.")
         config, out = None, resume
     else:
+        if extend_to is not None:
+            raise LandscapeError("--extend-to raises the epochs of an existing run; give it with --resume RUN.")
         if recipe is None:
             recipe = "digits" if data in (None, "digits", "synthetic") else "small-images"
         options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "img_size": img_size}
@@ -197,7 +206,7 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
         click.echo("  ".join(f"{k} {_fmt(row[k])}" for k in shown if row.get(k) is not None), err=True)
 
     result = run_training(config, out, resume=resume is not None, overwrite=overwrite, device=device,
-                          data_dir=data_dir, progress=progress, on_row=print_row)
+                          data_dir=data_dir, progress=progress, on_row=print_row, extend_to=extend_to)
     if main_process:
         final = result.final
         keys = ("val_top1", "ema_val_top1") if final.get("val_top1") is not None else ("val_loss",)

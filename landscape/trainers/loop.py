@@ -16,13 +16,17 @@ ends with the same weights, bit for bit, as a run that was never interrupted.
 ``val_loss``/``val_top1``/``val_top5`` and ``ema_val_*`` (cross-entropy and accuracy in percent on the
 validation set, raw and EMA weights), ``lr`` (of the row's last update), ``grad_norm`` (mean global gradient
 norm before clipping), ``wall_time`` (seconds since the run started, resumed runs included), ``images_per_s``
-(training throughput of the row), and ``moe_aux_loss`` for mixture-of-experts models.
+(training throughput of the row), ``schedule_epochs`` (the total epochs the row's learning-rate schedule was
+computed for: it changes where ``landscape train --resume RUN --extend-to N`` extended the run), and
+``moe_aux_loss`` for mixture-of-experts models.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import datetime
 import math
 import os
 import random
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from landscape.checkpoints import load_checkpoint, save_checkpoint
-from landscape.config import TrainConfig, coerce_types, config_hash, from_dict
+from landscape.config import TrainConfig, coerce_types, config_hash, from_dict, to_dict
 from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
 from landscape.runs import Run
@@ -76,23 +80,30 @@ def train(
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_update: Callable[[int], None] | None = None,
+    extend_to: int | None = None,
 ) -> TrainResult:
     """Train ``config`` into the run directory ``out`` and return its metrics.
 
     ``resume=True`` continues the run in ``out`` from its ``state/last.pt`` with the config saved there
     (``config`` must then be None); a new run refuses an existing directory unless ``overwrite``.
+    ``extend_to`` (with ``resume``) raises the run's total to that many epochs, finished or not: the learning-rate
+    schedule is recomputed for the new total from step 0 and followed from the saved step on, so only the
+    remaining epochs see the new rates (past epochs are not re-run). ``config.yaml`` records ``extended_from``
+    (the previous total) and ``extended_at``; every metrics row records in ``schedule_epochs`` the total its
+    schedule was computed for.
     ``on_row(row)`` is called with every metrics row, ``on_update(step)`` after every update (both on the main
     process). Under ``torchrun`` every process calls this and only the first one writes.
     """
     dist, device = distributed.setup(device)
     try:
         return _train(config, Path(out), dist, device, resume=resume, overwrite=overwrite, data_dir=data_dir,
-                      progress=progress, on_row=on_row, on_update=on_update)
+                      progress=progress, on_row=on_row, on_update=on_update, extend_to=extend_to)
     finally:
         distributed.teardown(dist)
 
 
-def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, on_row, on_update) -> TrainResult:
+def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, on_row, on_update,
+           extend_to: int | None = None) -> TrainResult:
     t_start = time.perf_counter()
     # -- the run directory: a new one, or the one being resumed (whose saved config wins) ------------------------
     run = Run(out)
@@ -114,7 +125,9 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
 
     # -- model -----------------------------------------------------------------------------------------------
     config.model.kwargs = resolve_model_kwargs(config, info)
-    chash = config_hash(config)
+    if extend_to is not None:
+        config = _extend(run, config, extend_to, state, dist)
+    chash = run_hash(config)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = _create_model(config.model.name, config.model.kwargs)
     mae = _check_task(config, model)
@@ -176,17 +189,22 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     # -- where to start: the beginning, or the position saved in state/last.pt ----------------------------------
     step, epoch, start_update, rows, elapsed = 0, 1, 0, [], 0.0
     if state is not None:
-        if state["config_hash"] != chash:
+        # A state saved before the run's latest extension: the schedule is the new total's, not the saved one.
+        rescheduled = config.extended_from is not None and state["config_hash"] == run_hash(
+            dataclasses.replace(config, epochs=config.extended_from))
+        if state["config_hash"] != chash and not rescheduled:
             raise CheckpointError(f"{run.config_path} was changed after {run.state_path} was saved; "
                                   "a resumed run must keep its config (start a new run instead).")
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
+        if scheduler is not None and not rescheduled:
             scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, start_update = state["step"], state["epoch"], state["next_update"]
+        if scheduler is not None and rescheduled:
+            scheduler.step_update(step)  # the rate of the next update under the schedule of the new total
         rows, elapsed = list(state["rows"]), float(state["elapsed"])
         rng = state["rng"]
         restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
@@ -237,6 +255,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             "lr": last_lr,
             "grad_norm": norm_sum / n if n else None,
             "wall_time": elapsed + (time.perf_counter() - t_resumed),
+            "schedule_epochs": config.epochs,
             "images_per_s": images_in_row / train_time_in_row if train_time_in_row > 0 else None,
         }
         if has_moe:
@@ -507,6 +526,44 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
     if run.root.is_dir() and any(run.root.iterdir()) and not overwrite:
         raise LandscapeError(
             f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
+
+
+def run_hash(config: TrainConfig) -> str:
+    """The hash that ties checkpoints and the training state to a run's settings (the extension record left out,
+    so that a run's hash changes with its new total only)."""
+    settings = to_dict(config)
+    for key in ("extended_from", "extended_at"):
+        settings.pop(key, None)
+    return config_hash(settings)
+
+
+def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist) -> TrainConfig:
+    """``config`` with its total raised to ``epochs`` and the extension recorded, saved as the run's config.
+
+    The saved state must belong to ``config`` or, when an earlier extension stopped before its first save, to the
+    config before that extension (whose total then stays the one recorded in ``extended_from``)."""
+    if epochs <= config.epochs:
+        raise ConfigError(f"--extend-to {epochs} must be more than the {config.epochs} epochs {run.root} is set to "
+                          f"train, e.g. --extend-to {2 * config.epochs}.")
+    previous = config.epochs
+    if state is not None and state["config_hash"] != run_hash(config):
+        if config.extended_from is None or state["config_hash"] != run_hash(
+                dataclasses.replace(config, epochs=config.extended_from)):
+            raise CheckpointError(f"{run.config_path} was changed after {run.state_path} was saved; "
+                                  "a resumed run must keep its config (start a new run instead).")
+        previous = config.extended_from
+    extended = dataclasses.replace(config, epochs=epochs, extended_from=previous,
+                                   extended_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    error = None
+    if dist.is_main:
+        try:
+            run.save_config(extended)
+        except LandscapeError as e:
+            error = e
+        except OSError as e:
+            error = CheckpointError(f"Writing {run.config_path} failed ({e.strerror or e}); the run is unchanged.")
+    distributed.broadcast_error(error, dist)
+    return extended
 
 
 def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
