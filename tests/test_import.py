@@ -503,6 +503,7 @@ def test_import_refuses_data_whose_channels_do_not_fit_in_one_sentence(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a Hessian of a 1000-class model: over 10 s on a loaded CPU
 def test_imported_1000_class_model_is_analysed_on_synthetic_data_and_says_so(tmp_path):
     import xarray as xr
 
