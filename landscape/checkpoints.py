@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from landscape.config import atomic_write
+from landscape.io import atomic_write
 from landscape.errors import CheckpointError
 
 FORMAT = "landscape-checkpoint/1"
@@ -225,11 +226,57 @@ def read_raw_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
+# The keyword arguments a checkpoint's header may pass to ``timm.create_model``: the shape and regularisation of
+# the architecture (timm's VisionTransformer, the mLiT, the variants' knobs, the MAE decoder). Anything else
+# (``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``, ``checkpoint_path``, layer classes) would let a
+# file make timm fetch a URL, open a path or run a named constructor, so it is refused.
+ARCHITECTURE_ARGS = frozenset({
+    "img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim", "depth", "num_heads",
+    "mlp_ratio", "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values",
+    "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm",
+    "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate",
+    "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "norm_eps",
+    "num_kv_heads", "hidden_first", "hidden_last", "hidden_sizes", "num_experts", "experts_per_stage", "top_k",
+    "aux_loss_weight", "group_size", "init_scale", "width_ratio", "mlp_init",
+    "mask_ratio", "decoder_dim", "decoder_depth", "decoder_num_heads", "norm_pix_loss",
+})
+_PLAIN_WORD = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def architecture_kwargs(kwargs: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """``kwargs`` read from a file, checked to be architecture arguments with plain values (numbers, booleans,
+    lists of numbers, short words: no paths, no URLs); anything else is a :class:`CheckpointError`."""
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, (bool, int, float)):
+            return True
+        if isinstance(value, str):
+            return bool(_PLAIN_WORD.match(value))
+        if isinstance(value, (list, tuple)):
+            return all(v is None or isinstance(v, (bool, int, float)) for v in value)
+        return False
+
+    refused = sorted(k for k in kwargs if k not in ARCHITECTURE_ARGS)
+    if refused:
+        raise CheckpointError(
+            f"{source} asks for the model setting(s) {', '.join(map(repr, refused))}, which are not architecture "
+            "arguments; settings read from a file may only shape the network (for instance depth, embed_dim, "
+            "num_heads, img_size), never name weights, paths or URLs to load."
+        )
+    odd = sorted(k for k, v in kwargs.items() if not plain(v))
+    if odd:
+        raise CheckpointError(
+            f"{source} gives the model setting(s) {', '.join(f'{k}={kwargs[k]!r}' for k in odd)}, which are not "
+            "plain numbers or words; settings read from a file may not hold paths, URLs or nested values."
+        )
+    return dict(kwargs)
+
+
 def build_model(info: CheckpointInfo, state_dict: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """Rebuild the checkpoint's model (registered name + keyword arguments) and load ``state_dict`` strictly."""
+    """Rebuild the checkpoint's model (registered name + keyword arguments, checked by
+    :func:`architecture_kwargs`) and load ``state_dict`` strictly."""
     from landscape.models import create_model
 
-    model = create_model(info.model, **info.model_kwargs)
+    model = create_model(info.model, **architecture_kwargs(info.model_kwargs, source=f"The header of {info.path}"))
     if state_dict is not None:
         load_state_dict_strict(model, state_dict, source=str(info.path))
     return model

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from landscape.errors import ConfigError
+from landscape.io import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 T = TypeVar("T")
 
@@ -134,51 +134,6 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
                 raise ConfigError(f"Override {key!r} goes through {part!r}, which is not a section.")
         node[parts[-1]] = value
     return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any]) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``.
-
-    The temporary file lives in the same directory (so the rename is atomic on POSIX) and is removed if
-    ``write`` fails, leaving any previous ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600 files; runs are meant to be shared
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # == training configuration (the sections of a run's config.yaml) ============================================
@@ -300,6 +255,9 @@ class TrainConfig:
     ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mae: MaeConfig = dataclasses.field(default_factory=MaeConfig)
+    # Adam's second moment (and the optimizer's lr, betas, eps) beside every checkpoint, for the preconditioned
+    # sharpness of `landscape analyze hessian RUN --preconditioned` (landscape/analyses/stability.py).
+    save_preconditioner: bool = False
     # Set by `landscape train --resume RUN --extend-to N`: the epochs the run had before its latest extension and
     # when (UTC) it was extended. A record, not a setting: the run hash leaves both out.
     extended_from: int | None = None

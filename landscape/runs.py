@@ -25,6 +25,7 @@ from typing import Any
 from landscape.checkpoints import CheckpointInfo, read_checkpoint_info
 from landscape.config import atomic_write_text, load_yaml, save_yaml
 from landscape.errors import CheckpointError, LandscapeError
+from landscape.io import WriteError, describe_os_error, make_dirs
 
 CHECKPOINT_SPEC_HELP = "all, last, every:N (every Nth checkpoint and the last), epochs:1,10,50 or steps:100,200"
 
@@ -74,24 +75,26 @@ class Run:
         """Make a new run directory.
 
         An existing run is refused unless ``overwrite``; a folder holding anything that is not a run is always
-        refused (``--overwrite`` never deletes files that a run did not write). A folder left by a run that
-        failed before its first checkpoint or config counts as empty.
+        refused. ``overwrite`` removes only what a run writes (config, metrics, checkpoints, state, analyses,
+        figures, reports and their temporary files): dot-files and anything else stay. A folder left by a run
+        that failed before its first checkpoint and state holds nothing of value and is reused.
+        The caller holds the run's lock (:class:`landscape.io.RunLock`), so no other process is writing it.
         """
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise LandscapeError(f"{root} exists and is not a directory.")
-        if root.exists() and not _is_empty_run(root):
+        if root.exists():
             if not _looks_like_run(root):
                 raise LandscapeError(
                     f"{root} already holds files that are not a landscape run; choose another --out folder."
                 )
-            if not overwrite:
+            if not _is_empty_run(root) and not overwrite:
                 raise LandscapeError(
                     f"Run directory {root} already exists; continue it with --resume or replace it with --overwrite."
                 )
-            shutil.rmtree(root)
+            _remove_run_files(root)
         run = cls(root)
-        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run.checkpoints_dir)
         return run
 
     @classmethod
@@ -147,7 +150,22 @@ class Run:
 
         if not self.metrics_path.exists():
             return pd.DataFrame()
-        return pd.read_csv(self.metrics_path)
+        damaged = f"{self.metrics_path} is damaged"
+        advice = "restore it, or delete it and resume the run to write it again"
+        try:
+            table = pd.read_csv(self.metrics_path)
+        except pd.errors.EmptyDataError:
+            raise CheckpointError(f"{damaged} (it is empty); {advice}.") from None
+        except (UnicodeDecodeError, pd.errors.ParserError, ValueError) as e:
+            raise CheckpointError(f"{damaged} (not a CSV table: {type(e).__name__}); {advice}.") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.metrics_path} cannot be read ({e.strerror or e}).") from None
+        for column in ("epoch", "step"):
+            if column == "epoch" and column not in table:
+                raise CheckpointError(f"{damaged} (it has no {column} column); {advice}.")
+            if column in table and len(table) and not pd.api.types.is_numeric_dtype(table[column]):
+                raise CheckpointError(f"{damaged} (its {column} column holds values that are not numbers); {advice}.")
+        return table
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.csv atomically with ``rows`` (columns in first-seen order)."""
@@ -170,15 +188,31 @@ _RUN_ENTRIES = {"config.yaml", "metrics.csv", "checkpoints", "state", "analysis"
 
 
 def _looks_like_run(root: Path) -> bool:
-    """Everything in ``root`` is something a run writes (hidden temporary files included)."""
+    """Everything in ``root`` is something a run writes, or a dot-file (its lock, its temporary files, a user's
+    own ``.git`` or notes, which are never deleted)."""
     return all(p.name in _RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
 
 
 def _is_empty_run(root: Path) -> bool:
-    """No config and no checkpoint: nothing a retry could lose."""
+    """No checkpoint, no training state and no analysis result: nothing a retry could lose (a run that failed
+    before its first checkpoint, or was killed while writing its config)."""
     if not _looks_like_run(root):
-        return not any(root.iterdir())
-    return not (root / "config.yaml").exists() and not any((root / "checkpoints").glob("*.safetensors"))
+        return False
+    return (not any((root / "checkpoints").glob("*.safetensors")) and not (root / "state" / "last.pt").exists()
+            and not any((root / "analysis").glob("*.nc")))
+
+
+def _remove_run_files(root: Path) -> None:
+    """Delete what a run writes in ``root`` (and the temporary files of its writes); nothing else."""
+    try:
+        for entry in root.iterdir():
+            if entry.name in _RUN_ENTRIES:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink()
+    except OSError as e:
+        raise WriteError(f"Could not clear the run directory {root} ({describe_os_error(e)}).", path=root,
+                         error=e) from None
 
 
 def _csv_value(value: Any) -> Any:

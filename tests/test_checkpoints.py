@@ -11,6 +11,7 @@ from landscape.checkpoints import (
     save_checkpoint,
 )
 from landscape.errors import CheckpointError
+from landscape.io import WriteError
 
 
 def _state(seed=0):
@@ -58,10 +59,24 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=r"Could not write .*last.safetensors \(No space left on device"):
         save_checkpoint(path, _state(1), model="m", step=2)
     assert read_checkpoint_info(path).step == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+def test_a_full_disk_wrapped_by_safetensors_is_one_sentence_naming_the_cause(tmp_path, monkeypatch):
+    """safetensors reports the operating system's error inside its own ``SafetensorError`` text."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(WriteError, match=r"new.safetensors \(No space left on device; free some space") as e:
+        save_checkpoint(tmp_path / "new.safetensors", _state(1), model="m", step=2)
+    assert e.value.errno == 28 and list(tmp_path.iterdir()) == []
 
 
 def test_truncated_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
@@ -168,3 +183,43 @@ def test_files_that_are_not_pytorch_are_a_clear_error(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match="junk.pth.*(not a readable PyTorch|not a plain PyTorch)"):
         load_foreign_state(path)
+
+
+TINY_KWARGS = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2)
+
+
+@pytest.mark.parametrize("extra", [
+    {"pretrained": True, "pretrained_cfg_overlay": {"url": "https://example.com/w.pth"}},
+    {"checkpoint_path": "/etc/passwd"},
+    {"pretrained_cfg": {"file": "/tmp/w.safetensors"}},
+    {"global_pool": "https://example.com/x"},
+])
+def test_header_settings_that_load_or_fetch_never_reach_timm(tmp_path, monkeypatch, extra):
+    import timm
+
+    from landscape.checkpoints import build_model
+
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_KWARGS)
+    path = tmp_path / "forged.safetensors"
+    save_checkpoint(path, model.state_dict(), model="vit_tiny_patch16_224", model_kwargs={**TINY_KWARGS, **extra},
+                    epoch=1, step=1)
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(k))
+    info, state = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="(not architecture arguments|not plain numbers or words)"):
+        build_model(info, state)
+    assert calls == [], "timm was called with settings read from the file"
+
+
+def test_header_with_architecture_settings_only_builds_the_model(tmp_path):
+    import timm
+
+    from landscape.checkpoints import build_model
+
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_KWARGS, qkv_bias=False, global_pool="avg")
+    path = tmp_path / "ok.safetensors"
+    save_checkpoint(path, model.state_dict(), model="vit_tiny_patch16_224",
+                    model_kwargs={**TINY_KWARGS, "qkv_bias": False, "global_pool": "avg"}, epoch=1, step=1)
+    info, state = load_checkpoint(path)
+    rebuilt = build_model(info, state)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))

@@ -1,6 +1,7 @@
 """The resumable per-checkpoint results files shared by every analysis."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,18 +91,18 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     results.append(entry(1.0), name="epoch-0001", epoch=1, step=10)
     before = path.read_bytes()
 
-    def crash(self, target, **kwargs):
-        with open(target, "wb") as f:
-            f.write(b"half a file")
+    def crash(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:100])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(xr.Dataset, "to_netcdf", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(KeyboardInterrupt):
         results.append(entry(2.0), name="epoch-0002", epoch=2, step=20)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert finished_checkpoints(path) == ["epoch-0001"]
-    assert [p.name for p in tmp_path.iterdir()] == ["hessian.nc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "hessian.nc"]
 
 
 def test_entries_of_different_lengths_are_padded_with_nan():
@@ -131,3 +132,40 @@ def test_a_damaged_file_is_one_clear_error(tmp_path):
     with pytest.raises(LandscapeError, match="not a readable analysis file"):
         AnalysisResults(path, "hessian", SETTINGS, seed=0)
     assert read_results(tmp_path / "absent.nc") is None and finished_checkpoints(tmp_path / "absent.nc") == []
+
+
+def test_two_processes_appending_to_one_file_keep_every_checkpoint(tmp_path):
+    """Each append reads the file again under the lock: an entry written by another process since this one opened
+    the file is merged, not overwritten."""
+    path = tmp_path / "analysis" / "hessian.nc"
+    first = AnalysisResults(path, "hessian", SETTINGS, seed=0)
+    second = AnalysisResults(path, "hessian", SETTINGS, seed=0)  # opened before the first one wrote anything
+    first.append(entry(1.0), name="epoch-0001", epoch=1, step=10)
+    first.append(entry(2.0), name="epoch-0002", epoch=2, step=20)
+    second.append(entry(3.0), name="epoch-0003", epoch=3, step=30)
+    assert finished_checkpoints(path) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    with xr.open_dataset(path) as ds:
+        assert ds["loss"].values.tolist() == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_the_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from landscape.io import WriteError
+
+    path = tmp_path / "analysis" / "hessian.nc"
+    results = AnalysisResults(path, "hessian", SETTINGS, seed=0)
+    results.append(entry(1.0), name="epoch-0001", epoch=1, step=10)
+    before = path.read_bytes()
+
+    def full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(WriteError, match=r"Could not write .*hessian.nc \(No space left on device; free some space"):
+        results.append(entry(2.0), name="epoch-0002", epoch=2, step=20)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [".lock", "hessian.nc"]

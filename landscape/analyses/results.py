@@ -14,6 +14,9 @@ Every attribute is a string or a number (dicts are JSON-encoded), as netCDF requ
 
 Resuming. :class:`AnalysisResults` writes the whole file again after each finished checkpoint (temporary file,
 fsync, rename), so a crash loses at most the checkpoint in progress and never leaves a half-written file.
+Several analyses of one run may compute at once: each append takes the lock of the ``analysis/`` folder, reads
+the file again and merges its entry into what is there, so no process's checkpoints are lost; while an analysis
+holds its file open, no ``landscape train`` may write the run (:mod:`landscape.io`).
 Checkpoints already in the file are skipped on a re-run. A file made with other settings is refused (the
 numbers would not be comparable) unless ``force``, which recomputes: it drops every entry made with other
 settings, and recomputes the selected checkpoints even when settings agree.
@@ -32,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 import xarray as xr
 
-from landscape.config import atomic_write
+from landscape.io import RunLock, atomic_write_bytes, exclusive_file_lock, remove_stale_temporaries
 from landscape.errors import ConfigError, LandscapeError
 
 ENGINE = "h5netcdf"
@@ -121,6 +124,7 @@ def results_name(kind: str, settings: Mapping[str, Any]) -> str:
 
     Settings that make a different measurement of the same kind get a file of their own, so that they live side
     by side in one run instead of replacing each other: ``-density`` (a Hessian with only the spectral density),
+    ``-ggn``/``-fisher``/``-empirical-fisher`` (another curvature matrix), ``-per-batch-N`` (with per-batch eigenvalues),
     ``-adaptive`` (adaptive sharpness), ``-ema`` (the EMA weights), ``-params-<slug>`` (a ``--params`` pattern).
     The default settings keep the plain name (``hessian``, ``sharpness``, ``surface-random-2d``). ``kind`` may
     carry its own distinctions already (``surface-random-2d``). The name only keeps results apart; what a file
@@ -129,6 +133,10 @@ def results_name(kind: str, settings: Mapping[str, Any]) -> str:
     name = kind
     if kind == "hessian" and settings.get("density") and not settings.get("top_k") and not settings.get("trace"):
         name += "-density"
+    if settings.get("matrix", "hessian") != "hessian":
+        name += f"-{settings['matrix']}"
+    if settings.get("per_batch"):
+        name += f"-per-batch-{int(settings['per_batch'])}"
     if settings.get("adaptive"):
         name += "-adaptive"
     if settings.get("weights", "raw") != "raw":
@@ -190,6 +198,8 @@ def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
         raise ValueError("nothing to combine")
     seen: dict[str, xr.Dataset] = {}
     for ds in datasets:
+        # Names as Python strings: a coordinate read from a file is fixed-width ('<U10') and would cut longer ones.
+        ds = ds.assign_coords({CHECKPOINT_DIM: np.array([str(n) for n in ds[CHECKPOINT_DIM].values], dtype=object)})
         for name in ds[CHECKPOINT_DIM].values:
             seen[str(name)] = ds.sel({CHECKPOINT_DIM: [name]})
     combined = xr.concat(list(seen.values()), dim=CHECKPOINT_DIM, join="outer", data_vars="all",
@@ -198,13 +208,22 @@ def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
     return combined.isel({CHECKPOINT_DIM: order})
 
 
-def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
-    """Write ``ds`` to ``path`` atomically (netCDF4 via h5netcdf)."""
+def netcdf_bytes(ds: xr.Dataset) -> bytes:
+    """``ds`` as the bytes of a netCDF4 file (h5netcdf), its attributes made netCDF-safe.
+
+    The file is built in memory and written by Python afterwards: h5py, when the disk fills under it, prints pages
+    of errors and can crash the process, while a plain write fails with one ``OSError``."""
     ds = ds.copy()
     ds.attrs = netcdf_attrs(ds.attrs)
     for var in ds.variables.values():
         var.attrs = netcdf_attrs(var.attrs)
-    atomic_write(Path(path), lambda tmp: ds.to_netcdf(tmp, engine=ENGINE))
+    return bytes(ds.to_netcdf(engine=ENGINE))
+
+
+def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
+    """Write ``ds`` to ``path`` atomically (netCDF4 via h5netcdf); a full disk or a read-only folder is one
+    :class:`~landscape.io.WriteError` sentence and leaves the previous file as it was."""
+    atomic_write_bytes(Path(path), netcdf_bytes(ds))
 
 
 # -- settings shared by every analysis ----------------------------------------------------------------------------
@@ -285,6 +304,9 @@ class AnalysisResults:
         if self.dataset is not None:
             self.attrs["created"] = self.dataset.attrs.get("created", self.attrs["created"])
         self._recomputed: set[str] = set()
+        # A file in a run's analysis/ folder: no training may write the run meanwhile (other analyses may).
+        self._run_lock = RunLock(self.path.parent.parent, shared=True) if self.path.parent.name == "analysis" else None
+        remove_stale_temporaries(self.path.parent)
 
     def _same_settings(self, attrs: Mapping[str, Any]) -> bool:
         return attrs.get("settings") == settings_json(self.settings) and int(attrs.get("seed", -1)) == self.seed
@@ -315,10 +337,21 @@ class AnalysisResults:
     def append(self, entry: xr.Dataset, *, name: str, epoch: int | None, step: int) -> xr.Dataset:
         """Add one checkpoint's results (a Dataset without the ``checkpoint`` dimension) and write the file."""
         new = checkpoint_entry(entry, name=name, epoch=epoch, step=step)
-        combined = new if self.dataset is None else combine_checkpoints([self.dataset, new])
-        self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        combined.attrs = dict(self.attrs)
-        write_results(combined, self.path)
+        with exclusive_file_lock(self.path.parent):
+            # Another analysis of the same run may have appended since this one read the file: merge, don't replace.
+            base = self.dataset
+            on_disk = read_results(self.path)
+            if on_disk is not None and self._same_settings(on_disk.attrs):
+                base = on_disk if base is None else combine_checkpoints([base, on_disk])
+            elif on_disk is not None and not self.force:
+                raise LandscapeError(
+                    f"{self.path} was rewritten with other settings by another process while this analysis ran "
+                    f"({self._differences(on_disk.attrs)}); nothing of it was changed, rerun to continue it."
+                )
+            combined = new if base is None else combine_checkpoints([base, new])
+            self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            combined.attrs = dict(self.attrs)
+            write_results(combined, self.path)
         self.dataset = combined
         self._recomputed.add(name)
         return combined

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from landscape.config import atomic_write
+from landscape.io import atomic_write, open_capturing
 from landscape.errors import CheckpointError
 
 FORMAT = "landscape-train-state/1"
@@ -49,8 +49,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the training state atomically (a failed write leaves the previous file intact)."""
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    """Write the training state atomically (a failed write leaves the previous file intact).
+
+    torch's zip writer reports a full disk as ``unexpected pos``; writing through :func:`open_capturing` keeps
+    the operating system's error, so the failure names its cause."""
+
+    def write(tmp: Path) -> None:
+        with open_capturing(tmp) as f:
+            torch.save({"format": FORMAT, **state}, f)
+
+    atomic_write(path, write, kept="the previous state is intact")
 
 
 def load_state(path: Path) -> dict[str, Any]:

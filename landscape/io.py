@@ -1,0 +1,339 @@
+"""Writing files safely: atomic writes whose failures are one sentence, and the run-directory lock.
+
+Atomic writes. :func:`atomic_write` calls a writer on a temporary file in the target's folder
+(``.NAME.PID.RANDOM.tmp``), fsyncs it and renames it onto the target, so readers see the old file or the new one,
+never a partial one. When the writer fails for a reason of the machine (a full disk, a read-only folder, a quota,
+a missing permission), the temporary file is removed, the old file is left as it was, and a :class:`WriteError`
+(a :class:`~landscape.errors.LandscapeError`) names the path and the cause. The libraries that write for us wrap
+the operating system's error in their own: safetensors in ``SafetensorError("... (os error 28)")``, torch's
+zip writer in ``RuntimeError("... unexpected pos ...")``, h5py in ``OSError`` with ``errno = 28`` in its text;
+:func:`os_error_of` recovers the original, and :func:`open_capturing` hands a writer a file object that keeps
+the error its ``write`` raised.
+
+The lock. One writer at a time per run directory: ``landscape train`` holds an exclusive ``flock`` on
+``RUN/.lock`` while it works; an analysis holds a shared one (several analyses of one run may compute at once)
+and appends its results under an exclusive lock on ``RUN/analysis/.lock``, re-reading the file inside it. A
+process that cannot take the run's lock gets one sentence naming the holder's pid. The operating system releases
+a ``flock`` when its process ends, however it ends, so a killed process never leaves a run locked.
+
+Temporary files carry their writer's pid, so :func:`remove_stale_temporaries` removes those of dead processes
+only and never the file a live writer is filling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import fcntl
+import os
+import re
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Iterator
+
+from landscape.errors import LandscapeError
+
+LOCK_NAME = ".lock"
+
+
+class WriteError(LandscapeError):
+    """A file could not be written for a reason of the machine; ``path``, ``errno`` and ``strerror`` say which
+    file and why. Nothing that was saved before is changed."""
+
+    def __init__(self, message: str, *, path: Path, error: OSError):
+        super().__init__(message)
+        self.path = path
+        self.errno = error.errno
+        self.strerror = error.strerror or str(error)
+
+
+# -- what went wrong ----------------------------------------------------------------------------------------------
+_ERRNO_IN_TEXT = (re.compile(r"os error (\d+)"), re.compile(r"errno\s*=\s*(\d+)"), re.compile(r"\[Errno (\d+)\]"))
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The operating system's error behind ``error``: itself if it is an ``OSError``, one in its chain of causes,
+    or one rebuilt from an errno in its text (safetensors, h5py); ``None`` when it is not an I/O failure."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        for pattern in _ERRNO_IN_TEXT:
+            match = pattern.search(str(current))
+            if match:
+                code = int(match.group(1))
+                return OSError(code, os.strerror(code))
+        current = current.__cause__ or current.__context__
+    if isinstance(error, OSError):
+        return error
+    return None
+
+
+def describe_os_error(error: OSError) -> str:
+    """The cause in words, with advice for the failures a user can act on."""
+    text = (error.strerror or str(error)).rstrip(".")
+    advice = {
+        _errno.ENOSPC: "free some space or write elsewhere",
+        _errno.EDQUOT: "free some space or write elsewhere",
+        _errno.EFBIG: "free some space or write elsewhere",
+        _errno.EROFS: "the file system is mounted read-only; write elsewhere",
+        _errno.EACCES: "write to a folder you may write to",
+        _errno.EPERM: "write to a folder you may write to",
+    }.get(error.errno)
+    return f"{text}; {advice}" if advice else text
+
+
+def write_error(path: str | os.PathLike, error: OSError, *, kept: str | None = None) -> WriteError:
+    """The one-sentence :class:`WriteError` for a failed write of ``path``."""
+    path = Path(path)
+    kept = kept or ("the previous version is kept" if path.exists() else "nothing already saved was changed")
+    return WriteError(f"Could not write {path} ({describe_os_error(error)}); {kept}.", path=path, error=error)
+
+
+class _CapturingFile:
+    """A binary file for writers that wrap the errors of ``write`` in their own (torch's zip writer):
+    ``error`` keeps the ``OSError`` so the caller can report it."""
+
+    def __init__(self, f: typing.BinaryIO):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, *args) -> int:
+        return self._f.seek(*args)
+
+    def seekable(self) -> bool:
+        return self._f.seekable()
+
+
+@contextlib.contextmanager
+def open_capturing(path: str | os.PathLike) -> Iterator[_CapturingFile]:
+    """Open ``path`` for binary writing; an exception raised inside becomes the ``OSError`` that ``write``
+    raised, when there was one (so that ``torch.save(obj, f)`` on a full disk reports ENOSPC, not a zip error)."""
+    with open(path, "wb") as raw:
+        f = _CapturingFile(raw)
+        try:
+            yield f
+        except Exception as e:
+            if f.error is not None and f.error is not e:
+                raise f.error from None
+            raise
+
+
+# -- atomic writes ------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temporary_name(path: Path) -> str:
+    """The prefix of ``path``'s temporary files: ``.NAME.PID.`` (the pid tells a live writer from a dead one)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *, kept: str | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync the result and rename it onto ``path``.
+
+    The temporary file lives in the same directory (so the rename is atomic on POSIX) and is removed if anything
+    fails, leaving any previous ``path`` untouched. A failure of the machine (full disk, read-only folder, quota,
+    permissions; also as wrapped by safetensors, torch or h5py) is raised as one :class:`WriteError` sentence;
+    ``kept`` replaces its last clause (what is still safe). Other exceptions (programming errors) pass unchanged.
+    """
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_name(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600 files; runs are meant to be shared
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        cause = os_error_of(e) if isinstance(e, Exception) and not isinstance(e, LandscapeError) else None
+        if cause is not None:
+            raise write_error(path, cause, kept=kept) from None
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, kept: str | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), kept=kept)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, kept: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), kept=kept)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a failure of the machine is one :class:`WriteError` sentence."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LandscapeError(f"{path} exists and is not a directory.") from None
+    except OSError as e:
+        raise WriteError(f"Could not create the folder {path} ({describe_os_error(e)}).", path=path, error=e) from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_TEMP_PID = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """Remove the temporary files (``.*.tmp``) in ``folder`` left by processes that are no longer running (an
+    interrupted write); those of a live process are kept. Returns the files removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for tmp in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+        match = _TEMP_PID.match(tmp.name)
+        if match and (int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1)))):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+# -- the run-directory lock ---------------------------------------------------------------------------------------
+class RunBusy(LandscapeError):
+    """Another landscape process holds the lock of a run directory."""
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        pid = int(lock_path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "another landscape process"
+    return f"another landscape process (pid {pid})"
+
+
+def _acquire(lock_path: Path, mode: int, *, wait: bool, busy: typing.Callable[[], str]) -> int:
+    """Open ``lock_path`` and ``flock`` it; retried when the file was replaced between the open and the lock."""
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno in (_errno.EROFS, _errno.EACCES, _errno.EPERM) and mode == fcntl.LOCK_SH:
+                return -1  # a folder nobody can write: there is no writer to keep out, and reading is safe
+            raise WriteError(f"Could not lock {lock_path.parent} ({describe_os_error(e)}).", path=lock_path,
+                             error=e) from None
+        try:
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusy(busy()) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _write_pid(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+class RunLock:
+    """The lock of one run directory, held until :meth:`release` (or the end of the process).
+
+    ``shared=False`` (training): one holder, and no analysis at the same time. ``shared=True`` (analyses): any
+    number of analyses at once, and no training. ``create`` makes the folder first (a new run).
+    """
+
+    def __init__(self, root: str | os.PathLike, *, shared: bool = False, create: bool = False):
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self.created = create and not self.root.exists()  # made here: the caller may remove it when left unused
+        if create:
+            if self.root.exists() and not self.root.is_dir():
+                raise LandscapeError(f"{self.root} exists and is not a directory.")
+            make_dirs(self.root)
+        what = "analysing" if shared else "training into"
+
+        def busy() -> str:
+            return (f"{self.root} is in use by {_holder(self.path)}; wait for it to finish or stop it before "
+                    f"{what} this run{'' if shared else ', or choose another --out folder'}.")
+
+        self._fd = _acquire(self.path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait=False, busy=busy)
+        if self._fd >= 0:
+            _write_pid(self._fd)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Wait for and hold an exclusive lock on ``folder/.lock`` (short critical sections: appending results)."""
+    folder = make_dirs(folder)
+    fd = _acquire(folder / LOCK_NAME, fcntl.LOCK_EX, wait=True, busy=lambda: "")
+    try:
+        _write_pid(fd)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
