@@ -12,7 +12,7 @@ from landscape.report import (
     majority_verdict,
     rank_correlation,
 )
-from landscape.study import Measure
+from landscape.summary import Measure
 
 SHAPE = Measure("curv", "curvature", "nats", reparameterisation=True, size_dependent=False)
 SIZE = Measure("tr", "trace", "nats", reparameterisation=True, size_dependent=True)

@@ -1,0 +1,91 @@
+"""The summary of runs: results classified by their attributes, never by their file names; several settings of one
+analysis side by side; the measures at the final checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_tiny_run
+
+from landscape.cli import cli
+from landscape.summary import load_results, load_run, surface_width
+
+TINY = dict(img_size=8, in_chans=1, num_classes=10, patch_size=4, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0,
+            class_token=False, global_pool="avg")
+
+
+def _cli(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_adaptive_sharpness_from_the_cli_is_reported_as_adaptive(tmp_path):
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY, 0)
+    _cli("analyze", "sharpness", run.root, "--adaptive", "--rho", "0.5", "--steps", "1", "--draws", "1",
+         "--samples", "16", "--checkpoints", "last", "--device", "cpu")
+    loaded = load_run(run.root)
+    assert loaded.sharpness is None and loaded.adaptive_sharpness is not None
+    _cli("report", run.root, "--out", tmp_path / "report.md", "--no-figures")
+    text = (tmp_path / "report.md").read_text()
+    assert "adaptive worst-case sharpness, ρ = 0.5" in text
+    assert "worst-case sharpness (SAM)" not in text
+    assert "`analysis/sharpness-adaptive.nc`: adaptive sharpness" in text  # the setup table, from the attrs
+
+
+def test_plain_and_adaptive_sharpness_live_side_by_side_and_force_replaces_only_its_own(tmp_path):
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY, 0)
+    common = ("--steps", "1", "--draws", "0", "--samples", "16", "--checkpoints", "last", "--device", "cpu")
+    _cli("analyze", "sharpness", run.root, "--rho", "0.05", *common)
+    _cli("analyze", "sharpness", run.root, "--adaptive", "--rho", "0.5", *common)
+    _cli("analyze", "sharpness", run.root, "--adaptive", "--rho", "0.5,1", *common, "--force")
+    loaded = load_run(run.root)
+    assert loaded.sharpness["rho"].values.tolist() == [0.05]
+    assert loaded.adaptive_sharpness["rho"].values.tolist() == [0.5, 1.0]
+
+
+def test_raw_then_ema_hessians_are_both_kept(tmp_path):
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY, 0)
+    common = ("--top-k", "1", "--tol", "0.01", "--samples", "16", "--checkpoints", "last", "--device", "cpu")
+    _cli("analyze", "hessian", run.root, *common)
+    _cli("analyze", "hessian", run.root, *common, "--weights", "ema")
+    results = [r for r in load_run(run.root).results if r.kind == "hessian"]
+    assert sorted(r.weights for r in results) == ["ema", "raw"]
+    raw, ema = (load_run(run.root, weights=w).hessian for w in ("raw", "ema"))
+    assert json.loads(raw.attrs["settings"])["weights"] == "raw"
+    assert json.loads(ema.attrs["settings"])["weights"] == "ema"
+    assert float(raw["eigenvalue_largest"][0, 0]) != float(ema["eigenvalue_largest"][0, 0])
+
+
+def test_results_of_a_params_pattern_are_kept_apart_from_the_whole_model(tmp_path):
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY, 0)
+    common = ("--top-k", "1", "--tol", "0.01", "--samples", "16", "--checkpoints", "last", "--device", "cpu")
+    _cli("analyze", "hessian", run.root, *common)
+    _cli("analyze", "hessian", run.root, *common, "--params", "head.*")
+    loaded = load_run(run.root)
+    patterns = sorted(str(r.params) for r in loaded.results if r.kind == "hessian")
+    assert patterns == ["None", "head.*"]
+    assert json.loads(loaded.hessian.attrs["settings"])["params"] is None
+
+
+def test_compare_and_the_summary_read_the_same_final_measures(analysed_study):
+    from landscape.compare import compare_runs
+    from landscape.summary import final_measures
+
+    table, _ = final_measures(load_results(analysed_study[:2]))
+    rows = compare_runs(analysed_study[:2])
+    for (_, a), (_, b) in zip(table.iterrows(), rows.iterrows()):
+        assert a["top_eigenvalue"] == b["top_eigenvalue"] and a["trace"] == b["trace"]
+        assert a["worst_case_sharpness"] == b["sharpness[rho=0.05]"]
+        assert a["adaptive_sharpness"] == b["adaptive_sharpness[rho=0.5]"]
+
+
+def test_surface_width_of_a_parabola_is_exact():
+    a = np.linspace(-1, 1, 41)
+    # loss = 4 a^2 rises by 0.1 at |a| = sqrt(0.025); the grid is linear between points, so compare to the chord
+    width = surface_width(a, 4 * a**2, rise=0.1)
+    assert width == pytest.approx(2 * np.sqrt(0.025), abs=0.01)
+    assert surface_width(a, 1e-3 * a**2, rise=0.1) == 2.0  # never rises enough: the whole grid
+    asymmetric = np.where(a > 0, 10 * a, 0.0)  # rises only to the right, at a = 0.01
+    assert surface_width(a, asymmetric, rise=0.1) == pytest.approx(1.01)
