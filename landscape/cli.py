@@ -581,9 +581,12 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
 @click.option("--figures-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the PNG figures here (e.g. figures/ of the repository).")
 @click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
+@click.option("--smoke", is_flag=True,
+              help="The least that runs every stage (1 epoch unless --epochs, 128 training images, a few products "
+                   "per analysis): a check that the demo works, in well under a minute with --seeds 1; not a result.")
 @DATA_DIR_OPTION
 def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
-         force: bool, data_dir: Path | None) -> None:
+         force: bool, smoke: bool, data_dir: Path | None) -> None:
     """The whole study on a small scale: train, analyse every checkpoint, draw the figures, write the report.
 
     Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
@@ -591,7 +594,7 @@ def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None,
     """
     from landscape.study import demo_study
 
-    _run_study(demo_study(data, seeds=seeds, epochs=epochs), out, jobs=jobs, figures_out=figures_out, force=force,
+    _run_study(demo_study(data, seeds=seeds, epochs=epochs, smoke=smoke), out, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what="landscape demo")
 
 
@@ -655,7 +658,7 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
     click.echo(f"{what}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data} into {out}", err=True)
     command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
-                        figures_out=figures_out, force=force, command=command)
+                        figures_out=figures_out, force=force, command=command, progress=sys.stderr.isatty())
     click.echo(f"report:  {outcome.report}")
     click.echo(f"figures: {outcome.out / 'figures'}" + (f" and {figures_out}" if figures_out else ""))
     click.echo(f"done in {outcome.wall_time:.0f} s")

@@ -114,11 +114,12 @@ _STUDY_KEYS = ("name", "description", "data", "recipe", "seeds", "overrides", "v
 _VARIANT_KEYS = ("name", "model", "kwargs")
 
 
-def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = None) -> StudySpec:
+def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = None, smoke: bool = False) -> StudySpec:
     """The study of ``landscape demo``: the study file ``landscape/studies/demo-<data>.yaml`` (baseline ViT,
     GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT on ``digits`` (8x8, patch 2) or
     ``fashion-mnist`` (28x28, patch 4, a fixed 12,000-image training subset)) with ``seeds`` seeds and, when given,
-    ``epochs`` epochs."""
+    ``epochs`` epochs. ``smoke`` shrinks everything to the least that runs every stage (one epoch unless
+    ``epochs``, 128 training images, a few products per analysis): a check that the demo works, not a result."""
     names = sorted(p.stem[len("demo-"):] for p in STUDIES_DIR.glob("demo-*.yaml"))
     if data not in names:
         raise ConfigError(f"The demo runs on {' or '.join(names)}, not {data!r}.")
@@ -128,6 +129,11 @@ def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = Non
     spec.seeds = list(range(seeds))
     if epochs is not None:
         spec.overrides["epochs"] = int(epochs)
+    if smoke:
+        spec.overrides.update({"epochs": int(epochs or 1), "data.train_size": 128, "data.val_size": 64})
+        spec.analysis = dataclasses.replace(
+            spec.analysis, samples=16, top_k=1, trace_matvecs=2, density_probes=1, density_steps=4, rhos=(0.05,),
+            adaptive_rhos=(0.5,), sharpness_steps=1, sharpness_draws=1, surface_points=5, surface_points_2d=3)
     return spec
 
 
@@ -399,7 +405,8 @@ def default_jobs() -> int:
 
 def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads: int = 1, data_dir=None,
               on_event: Emit | None = None, figures_out: str | os.PathLike | None = None, force: bool = False,
-              formats: Sequence[str] = ("png", "pdf"), command: str | None = None) -> StudyOutcome:
+              formats: Sequence[str] = ("png", "pdf"), command: str | None = None,
+              progress: bool = False) -> StudyOutcome:
     """Train and analyse every run of ``spec`` into ``OUT/runs/``, then write ``OUT/figures/`` and ``OUT/report.md``.
 
     ``jobs`` runs go at once, each in its own process with ``threads`` CPU threads (tiny models gain nothing from
@@ -407,6 +414,8 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     training and finished analyses are skipped, so an interrupted study continues when run again; ``force``
     recomputes every analysis (training is never repeated). ``on_event`` receives a :class:`StudyEvent` after
     every stage. Figures are written in ``formats``; the PNGs are also copied to ``figures_out`` when given.
+    ``progress`` draws a bar on stderr over every stage of every run (training, each analysis, dynamics) and the
+    figures and the report, with the time left at the average pace so far; ``on_event`` output goes above it.
 
     The study is checked before anything trains (:func:`check_study`). Beside the runs go ``OUT/study.yaml`` (the
     resolved study, every default filled in), ``OUT/timings.csv`` (each stage's seconds: summed over the runs for
@@ -428,9 +437,17 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     tasks = [(config, run_dir, spec.analysis, data_dir, threads, force) for config, run_dir in configs]
     timings: dict[str, float] = {}
 
+    bar = _stage_bar(len(configs) * (len(_ANALYSES) + 2) + 2) if progress else None
+
     def record(event: StudyEvent) -> None:
         timings[event.stage] = timings.get(event.stage, 0.0) + event.seconds
-        emit(event)
+        if bar is None:
+            emit(event)
+            return
+        with bar.external_write_mode(file=bar.fp):
+            emit(event)
+        if event.stage != "done":
+            bar.update(1)
 
     if jobs <= 1:
         for task in tasks:
@@ -456,6 +473,8 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     (report_path, *_), hypotheses = write_report(results, out / "report.md", figures=figures, html=True)
     verdicts = ", ".join(f"{h.key} {h.verdict}" for h in hypotheses)
     record(StudyEvent("report", "", f"{report_path} ({verdicts})", time.perf_counter() - t0))
+    if bar is not None:
+        bar.close()
     wall = time.perf_counter() - start
     _write_timings(out / "timings.csv", timings, runs_wall, wall, len(run_dirs), jobs)
     return StudyOutcome(out=out, runs=run_dirs, figures=figures, report=report_path, timings=timings,
@@ -496,6 +515,16 @@ def _write_timings(path: Path, timings: dict[str, float], runs_wall: float, wall
     lines += [f"{stage},{timings[stage]:.1f},wall" for stage in ("figures", "report") if stage in timings]
     lines.append(f"total,{wall:.1f},wall")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _stage_bar(total: int):
+    """A tqdm bar over a study's stages (train, each analysis and dynamics per run; figures; report)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="study", unit=" stage", file=sys.stderr, smoothing=0, dynamic_ncols=True,
+                leave=False)
 
 
 def _study_task(task, emit: Emit) -> None:
