@@ -11,12 +11,15 @@ import xarray as xr
 
 from landscape.analyses.curvature import LossFunction
 from landscape.analyses.sharpness import (
+    DEFAULT_STEPS,
     SharpnessSettings,
+    apgd_checkpoints,
     average_case_sharpness,
     first_order_sharpness,
     m_sharpness,
     sharpness_analysis,
     sharpness_scale,
+    trust_region_maximizer,
     worst_case_sharpness,
 )
 
@@ -146,6 +149,139 @@ def test_m_sharpness_averages_the_per_batch_maxima():
     mean, stderr = m_sharpness(closures, shared_w, 0.1, steps=60)
     assert mean == pytest.approx(0.5 * 0.01 * (1.0 + 4.0) / 2, rel=1e-9)
     assert stderr == pytest.approx(0.5 * 0.01 * 1.5, rel=1e-9)
+
+
+# -- the search against the exact trust-region maximum -----------------------------------------------------------
+def _indefinite_quadratic(n, condition, seed):
+    """g, H with eigenvalue magnitudes log-uniform in [1, condition] (both ends present) and random signs."""
+    r = np.random.default_rng(seed)
+    magnitudes = np.exp(r.uniform(0, math.log(condition), n))
+    magnitudes[:2] = 1.0, condition
+    q, _ = np.linalg.qr(r.standard_normal((n, n)))
+    h = q @ np.diag(magnitudes * r.choice([-1.0, 1.0], n)) @ q.T
+    g = r.standard_normal(n) * 10 ** r.uniform(-3, 2)
+    return g, h, 10 ** r.uniform(-2, 0.5)
+
+
+def _quadratic_value(g, h, u):
+    return float(g @ u + 0.5 * u @ h @ u)
+
+
+def _search_quadratic(g, h, rho, **kwargs):
+    gt, ht = torch.tensor(g), torch.tensor(h)
+    return worst_case_sharpness(lambda u: (gt @ u + 0.5 * u @ ht @ u, gt + ht @ u), torch.zeros(len(g), dtype=F64),
+                                rho, **kwargs)
+
+
+def test_trust_region_maximizer_beats_every_point_of_a_fine_polar_grid_in_2d():
+    for seed in range(6):
+        r = np.random.default_rng(seed)
+        h = np.diag(r.uniform(-3, 3, 2)) if seed % 2 else r.standard_normal((2, 2)) * 2
+        h = 0.5 * (h + h.T)
+        g = r.standard_normal(2) * (0.0 if seed == 4 else 1.0)
+        rho = 0.7
+        u = trust_region_maximizer(g, h, rho)
+        radius, angle = np.meshgrid(np.linspace(0, rho, 400), np.linspace(0, 2 * np.pi, 1441))
+        points = np.stack([radius * np.cos(angle), radius * np.sin(angle)], -1).reshape(-1, 2)
+        grid_best = np.max(points @ g + 0.5 * np.einsum("ni,ij,nj->n", points, h, points))
+        assert np.linalg.norm(u) <= rho * (1 + 1e-12)
+        assert grid_best - 1e-12 <= _quadratic_value(g, h, u) <= grid_best + 1e-4 * (1 + abs(grid_best))
+
+
+def test_trust_region_maximizer_in_the_hard_case_fills_the_radius_with_the_top_eigenvector():
+    # g has no component on the top eigenvector e1 and (mu I - H)^{-1} g at mu = lambda_max is inside the ball.
+    h, g, rho = np.diag([3.0, 1.0, -2.0]), np.array([0.0, 1.0, 0.5]), 1.0
+    u = trust_region_maximizer(g, h, rho)
+    rest = np.array([0.0, 1.0 / 2.0, 0.5 / 5.0])
+    expected = _quadratic_value(g, h, rest + np.array([math.sqrt(1 - rest @ rest), 0, 0]))
+    assert _quadratic_value(g, h, u) == pytest.approx(expected, rel=1e-12)
+    assert np.linalg.norm(u) == pytest.approx(rho, rel=1e-12)
+
+
+def test_trust_region_maximizer_stays_inside_for_a_concave_quadratic_with_an_inner_maximum():
+    h, g = -np.diag([4.0, 1.0]), np.array([0.4, 0.2])
+    np.testing.assert_allclose(trust_region_maximizer(g, h, 1.0), [0.1, 0.2], rtol=1e-14)
+
+
+@pytest.mark.parametrize("n", [10, 50, 200])
+@pytest.mark.parametrize("condition", [1e2, 1e3, 1e4])
+def test_default_steps_reach_99_percent_of_the_exact_maximum_on_indefinite_quadratics(n, condition):
+    for seed in range(2):
+        g, h, rho = _indefinite_quadratic(n, condition, seed=1000 * n + int(math.log10(condition)) * 10 + seed)
+        exact = _quadratic_value(g, h, trust_region_maximizer(g, h, rho))
+        result = _search_quadratic(g, h, rho, seed=seed)
+        assert result.iterations == DEFAULT_STEPS
+        assert 0.99 * exact <= result.sharpness <= exact * (1 + 1e-9)
+        assert _quadratic_value(g, h, result.delta.numpy()) == pytest.approx(result.sharpness, rel=1e-9)
+        assert float(result.delta.norm()) <= rho * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("rho, at_least", [(0.1, 6.05e-3), (1.0, 0.510)])
+def test_strong_negative_curvature_next_to_the_gradient_does_not_trap_the_search(rho, at_least):
+    # L(d) = g.d + d^T diag(-100, 1) d / 2: projected ascent with a constant step of length rho 2-cycles along e1
+    # (9.1e-5 at rho = 0.1); the maximum lies almost along e2.
+    g, h = np.array([0.1, 0.01]), np.diag([-100.0, 1.0])
+    exact = _quadratic_value(g, h, trust_region_maximizer(g, h, rho))
+    assert exact >= at_least
+    for p_steps in (DEFAULT_STEPS, 4):
+        result = _search_quadratic(g, h, rho, steps=p_steps)
+        assert result.sharpness >= 0.99 * exact
+
+
+def test_adaptive_l2_search_reaches_the_maximum_over_the_ellipsoid():
+    # In u = delta / c the ellipsoid ||delta / c||_2 <= rho is a ball and the loss g.(c u) + (c u)^T H (c u) / 2 a
+    # quadratic with gradient c g and Hessian C H C: its exact maximum is the trust-region one of (c g, C H C).
+    g, h, rho = _indefinite_quadratic(30, 1e3, seed=11)
+    w = np.random.default_rng(3).standard_normal(30)
+    c = np.abs(w) + 0.05
+    exact = _quadratic_value(c * g, c[:, None] * h * c[None, :], trust_region_maximizer(c * g, c[:, None] * h * c[None, :], rho))
+    gt, ht, wt = torch.tensor(g), torch.tensor(h), torch.tensor(w)
+
+    def loss_and_grad(v):
+        d = v - wt
+        return gt @ d + 0.5 * d @ ht @ d, gt + ht @ d
+
+    result = worst_case_sharpness(loss_and_grad, wt, rho, scale=torch.tensor(c))
+    assert 0.99 * exact <= result.sharpness <= exact * (1 + 1e-9)
+    assert float((result.delta / torch.tensor(c)).norm()) <= rho * (1 + 1e-12)
+
+
+def test_linf_search_reaches_99_percent_of_the_best_vertex_of_a_convex_quadratic():
+    a, w_star, loss, loss_and_grad = _quadratic(n=10, seed=12, eigenvalues=np.geomspace(5.0, 0.05, 10))
+    w = w_star + 0.02 * torch.randn(10, generator=torch.Generator().manual_seed(1), dtype=F64)
+    rho = 0.3
+    vertices = torch.tensor(list(itertools.product((-rho, rho), repeat=10)), dtype=F64)
+    d = vertices + (w - w_star)
+    best = float((0.5 * torch.einsum("ni,ij,nj->n", d, a, d)).max() - loss(w))
+    result = worst_case_sharpness(loss_and_grad, w, rho, p="inf")
+    assert 0.99 * best <= result.sharpness <= best * (1 + 1e-12)
+
+
+def test_results_record_iterations_restarts_and_whether_the_loss_was_still_rising():
+    g, h, rho = _indefinite_quadratic(20, 1e2, seed=5)
+    converged = _search_quadratic(g, h, rho, restarts=2, random_start=True, seed=1)
+    assert converged.restarts == 2 and converged.iterations == 3 * DEFAULT_STEPS + 1  # + the Krylov maximiser
+    assert not converged.still_rising
+    assert len(converged.rises) == converged.iterations
+    # a concave bowl whose top lies inside the box: sign steps halve toward it, and 10 steps are not enough
+    top = torch.tensor([0.013, -0.021, 0.007], dtype=F64)
+    rising = worst_case_sharpness(lambda u: (-0.5 * ((u - top) ** 2).sum(), -(u - top)), torch.zeros(3, dtype=F64),
+                                  0.1, p="inf", steps=10)
+    assert rising.still_rising and rising.iterations == 10
+    again = worst_case_sharpness(lambda u: (-0.5 * ((u - top) ** 2).sum(), -(u - top)), torch.zeros(3, dtype=F64),
+                                 0.1, p="inf", steps=200)
+    assert not again.still_rising and again.sharpness > rising.sharpness
+
+
+def test_random_starts_are_seeded():
+    g, h, rho = _indefinite_quadratic(10, 1e2, seed=6)
+    a = _search_quadratic(g, h, rho, p="inf", restarts=1, random_start=True, seed=3, steps=12)
+    b = _search_quadratic(g, h, rho, p="inf", restarts=1, random_start=True, seed=3, steps=12)
+    assert a.rises == b.rises and torch.equal(a.delta, b.delta)
+
+
+def test_apgd_checkpoints_follow_croce_and_hein():
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
 # -- on networks ----------------------------------------------------------------------------------------------------
