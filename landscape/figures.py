@@ -610,7 +610,39 @@ def flatness_vs_gap(results: Sequence[RunResults], styles: dict[str, VariantStyl
     return _flatness_scatter(results, styles, "gap", "generalisation gap\n(nats)")
 
 # == the gallery =================================================================================================
+def per_batch_eigenvalues(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The distribution over mini-batches of the top eigenvalue at each run's final checkpoint (``landscape analyze
+    hessian --per-batch N``; Park & Kim 2022): one box and its points per run, runs grouped by variant, log scale."""
+    from landscape.summary import final_entry
+
+    rows = []
+    for style, group in _by_variant(results, styles):
+        for r in group:
+            found = r.find("hessian", lambda s: bool(s.get("per_batch")))
+            if found is None or not found.dataset.sizes.get("checkpoint", 0):
+                continue
+            entry = final_entry(found.dataset, r.final_step if r.final_step is not None else -1)[0]
+            values = np.asarray(entry["eigenvalue_per_batch"].values, dtype=float)
+            rows.append((style, f"{style.label}\nseed {r.seed}", values[np.isfinite(values)], found.settings))
+    if not rows:
+        return None
+    fig = _figure(COLUMN_WIDTH, 2.6)
+    ax = fig.subplots()
+    for i, (style, _, values, _) in enumerate(rows):
+        ax.boxplot([values], positions=[i], widths=0.5, showfliers=False, medianprops={"color": style.color})
+        jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(values))
+        ax.scatter(i + jitter, values, s=6, color=style.color, alpha=0.6, linewidths=0)
+    ax.set_xticks(range(len(rows)), [label for _, label, _, _ in rows], fontsize="small")
+    ax.set_yscale("log")
+    settings = rows[0][3]
+    matrix = {"ggn": "GGN", "fisher": "Fisher", "empirical-fisher": "empirical Fisher"}.get(
+        settings.get("matrix"), "Hessian")
+    ax.set_ylabel(f"top {matrix} eigenvalue λ₁\nper batch of {settings.get('per_batch')} (nats)")
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Figure | None]] = {
+    "per_batch_eigenvalues": per_batch_eigenvalues,
     "accuracy_curves": accuracy_curves,
     "peak_to_final_drop": peak_to_final_drop,
     "drop_from_best": drop_from_best,

@@ -639,6 +639,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
         blocks += [_measures_block(measures), paragraph(_flag_legend()),
                    paragraph("Per variant at the final checkpoint: mean ± standard error (as defined in the decision "
                              "rules below)."), _flatness_table(data, measures)]
+        blocks += _gauss_newton_blocks(results)
     else:
         blocks.append(paragraph("The runs have no Hessian, sharpness or surface results yet; run `landscape analyze "
                                 "hessian|sharpness|surface RUN...` first. Every hypothesis below is therefore "
@@ -710,6 +711,33 @@ def _setup_blocks(results) -> list[Block]:
         blocks += [paragraph("Analyses (settings stored in each result file; shown for the first run):"),
                    table_block(["result", "checkpoints", "settings"], rows)]
     return blocks
+
+
+def _gauss_newton_blocks(results) -> list[Block]:
+    """The top eigenvalue of the generalised Gauss-Newton matrix beside the Hessian's at each run's final checkpoint,
+    where a run has both (``landscape analyze hessian --matrix ggn``); nothing otherwise. Not part of any verdict."""
+    from landscape.summary import final_entry
+
+    def number(x: float) -> str:
+        return "–" if not math.isfinite(x) else f"{x:.4g}"
+
+    rows = []
+    for r in results:
+        hessian, ggn = getattr(r, "hessian", None), getattr(r, "ggn", None)
+        if ggn is None or not ggn.sizes.get("checkpoint", 0) or "eigenvalue_largest" not in ggn:
+            continue
+        step = r.final_step if r.final_step is not None else -1
+        top_ggn = float(final_entry(ggn, step)[0]["eigenvalue_largest"].isel(k=0))
+        top_h = (float(final_entry(hessian, step)[0]["eigenvalue_largest"].isel(k=0))
+                 if hessian is not None and "eigenvalue_largest" in hessian else math.nan)
+        rows.append([r.label, str(r.seed), number(top_h), number(top_ggn),
+                     number(top_ggn / top_h) if math.isfinite(top_h) and top_h != 0 else "–"])
+    if not rows:
+        return []
+    return [paragraph("Top eigenvalue of the Hessian and of the generalised Gauss-Newton matrix G = J^T H_out J "
+                      "(what many sharpness papers measure; for cross-entropy G is also the Fisher) at the final "
+                      "checkpoint; not part of the verdicts."),
+            table(["variant", "seed", "Hessian λ₁", "GGN λ₁", "GGN / Hessian"], rows)]
 
 
 def _flatness_table(data: pd.DataFrame, measures: Sequence) -> Block:

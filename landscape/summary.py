@@ -180,11 +180,16 @@ class RunResults:
 
     @property
     def hessian(self):
-        return self._dataset("hessian", lambda s: not _density_only(s))
+        return self._dataset("hessian", lambda s: not _density_only(s) and s.get("matrix", "hessian") == "hessian")
+
+    @property
+    def ggn(self):
+        """The eigenvalues of the generalised Gauss-Newton matrix (``--matrix ggn``), or ``None``."""
+        return self._dataset("hessian", lambda s: s.get("matrix") == "ggn" and bool(s.get("top_k")))
 
     @property
     def hessian_density(self):
-        return self._dataset("hessian", lambda s: bool(s.get("density")),
+        return self._dataset("hessian", lambda s: bool(s.get("density")) and s.get("matrix", "hessian") == "hessian",
                              prefer=_density_only)
 
     @property

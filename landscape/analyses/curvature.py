@@ -723,6 +723,208 @@ class HessianOperator(LinearOperator):
         return self
 
 
+# -- Gauss-Newton and Fisher matrices as linear operators -----------------------------------------------------------
+MATRICES = ("hessian", "ggn", "fisher", "empirical-fisher")
+"""The curvature matrices every estimator of :mod:`landscape.analyses.hessian` can take (``--matrix``)."""
+
+
+def _model_outputs(loss: LossFunction, variables: Mapping[str, Tensor], x: Any) -> Tensor:
+    tensors = {**loss._fixed, **variables}
+    args, kwargs = ((), x) if isinstance(x, Mapping) else ((x,), {})
+    return torch.func.functional_call(loss.model, tensors, args, kwargs, tie_weights=False)
+
+
+class OutputCurvatureOperator(LinearOperator):
+    """A curvature matrix of the form :math:`\\sum_b \\frac{n_b}{N} J_b^\\top M_b J_b`, as a symmetric ``(P, P)``
+    linear operator with the interface of :class:`HessianOperator`.
+
+    :math:`J_b = \\partial z_b / \\partial \\theta` is the Jacobian of batch :math:`b`'s network outputs
+    :math:`z_b \\in \\mathbb{R}^{n_b \\times C}` and :math:`M_b` a positive semi-definite matrix on the outputs that
+    each subclass defines (:meth:`output_product`, the product :math:`M_b u` for a tangent :math:`u = J_b v` of the
+    outputs' shape). A product is one forward-mode pass :math:`u = J_b v` (:func:`torch.func.jvp`), the output
+    product, and one reverse pass :math:`J_b^\\top (M_b u)` (:func:`torch.func.vjp`, its forward pass shared by the
+    columns of a block), per batch. Products are never formed from per-example gradients.
+    """
+
+    matrix = ""
+
+    def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None):
+        self.loss = loss
+        self.callback = callback
+        self.num_matvecs = 0
+        np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(loss.dtype)
+        if np_dtype is None:
+            raise LandscapeError(f"Curvature matrices are computed in float32 or float64, not {loss.dtype}.")
+        super().__init__(dtype=np.dtype(np_dtype), shape=(loss.num_parameters, loss.num_parameters))
+
+    @property
+    def device(self) -> torch.device:
+        return self.loss.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.loss.dtype
+
+    def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        """:math:`M_b u` for batch number ``batch`` with outputs ``(n_b, C)`` and a tangent ``u`` ``(n_b, C)``."""
+        raise NotImplementedError
+
+    def torch_matmat(self, vectors: Tensor) -> Tensor:
+        """``(P, k)`` -> ``(P, k)`` on the model's device, in its dtype."""
+        lf = self.loss
+        vectors = vectors.to(self.device, self.torch_dtype)
+        result = torch.zeros_like(vectors)
+        with evaluation_mode(lf.model):
+            for b, (w, x, y) in enumerate(lf._weights()):
+                def outputs(variables: dict[str, Tensor], x=x) -> Tensor:
+                    return _model_outputs(lf, variables, x)
+
+                z, pullback = torch.func.vjp(outputs, lf._params)
+                z = z.detach()
+                for i in range(vectors.shape[1]):
+                    u = torch.func.jvp(outputs, (lf._params,), (lf.unflatten(vectors[:, i]),))[1]
+                    (product,) = pullback(self.output_product(b, z, y, u.detach()))
+                    result[:, i].add_(lf.flatten(product), alpha=w)
+        self._count(vectors.shape[1])
+        return lf._sum(result)
+
+    def torch_matvec(self, vector: Tensor) -> Tensor:
+        return self.torch_matmat(vector.reshape(-1, 1))[:, 0]
+
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """:math:`(L, \\nabla L)` at the operator's parameters."""
+        return self.loss.loss_and_gradient()
+
+    def release(self) -> None:
+        """Nothing is kept between products."""
+
+    def dense(self) -> Tensor:
+        """The full ``(P, P)`` matrix from ``P`` products with unit vectors (small models only)."""
+        return self.torch_matmat(torch.eye(self.shape[0], device=self.device, dtype=self.torch_dtype))
+
+    def _count(self, k: int) -> None:
+        self.num_matvecs += k
+        if self.callback is not None:
+            self.callback(k)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
+        vectors = torch.from_numpy(np.ascontiguousarray(X, dtype=self.dtype))
+        return self.torch_matmat(vectors).cpu().numpy()
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
+
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
+        return self._matmat(X)
+
+    def _adjoint(self) -> "OutputCurvatureOperator":
+        return self
+
+
+class GGNOperator(OutputCurvatureOperator):
+    """The generalised Gauss-Newton matrix :math:`G = \\sum_b \\frac{n_b}{N} J_b^\\top H_b J_b` (Schraudolph 2002)
+    with :math:`H_b = \\nabla_z^2 \\bar\\ell_b(z)` the Hessian of the batch's mean loss with respect to the outputs
+    (forward-over-reverse through the criterion). It is the Hessian without the term
+    :math:`\\sum_i \\nabla_z \\ell_i \\cdot \\nabla_\\theta^2 z_i` of the network's own curvature, and positive
+    semi-definite for a convex criterion. For softmax cross-entropy
+    :math:`H = (\\operatorname{diag}(p) - p p^\\top) / n_b` per example, which is also the true Fisher's.
+    """
+
+    matrix = "ggn"
+
+    def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        gradient = torch.func.grad(lambda z: self.loss.criterion(z, targets))
+        return torch.func.jvp(gradient, (outputs,), (u,))[1]
+
+
+def _check_softmax_classifier(loss: LossFunction, what: str) -> None:
+    if loss.criterion is not cross_entropy:
+        raise ConfigError(f"The {what} is defined here for softmax cross-entropy only; this loss has another "
+                          "criterion (use --matrix ggn or hessian).")
+
+
+class FisherOperator(OutputCurvatureOperator):
+    """The (true) Fisher information :math:`F = \\frac1N \\sum_i E_{\\hat y \\sim p(\\cdot | x_i)} [\\nabla_\\theta
+    \\log p(\\hat y | x_i) \\nabla_\\theta \\log p(\\hat y | x_i)^\\top]` of the softmax model :math:`p =
+    \\operatorname{softmax}(z)`, labels drawn from the model's own predictive distribution.
+
+    - ``samples=None``: the expectation is exact, :math:`E[(e_{\\hat y} - p)(e_{\\hat y} - p)^\\top] =
+      \\operatorname{diag}(p) - p p^\\top` per example. That is the Hessian of cross-entropy in the logits, so for
+      softmax cross-entropy the true Fisher *equals* the generalised Gauss-Newton matrix (Martens 2020, Sec. 9.2);
+    - ``samples=S``: a Monte Carlo estimate with ``S`` labels per example drawn (seeded with ``seed``, once per
+      batch, fixed for the operator's lifetime so that it is one symmetric matrix):
+      :math:`\\frac{1}{N S} \\sum_{i, s} g_{is} g_{is}^\\top`, :math:`g_{is} = J_i^\\top (e_{\\hat y_{is}} - p_i)`.
+    """
+
+    matrix = "fisher"
+
+    def __init__(self, loss: LossFunction, *, samples: int | None = None, seed: int = 0,
+                 callback: Callable[[int], Any] | None = None):
+        _check_softmax_classifier(loss, "true Fisher")
+        if samples is not None and samples < 1:
+            raise ConfigError(f"--fisher-samples must be a positive integer, not {samples}.")
+        super().__init__(loss, callback=callback)
+        self.samples = samples
+        self.seed = int(seed)
+        self.sampled_labels: dict[int, Tensor] = {}
+
+    def labels(self, batch: int, probabilities: Tensor) -> Tensor:
+        """The ``(S, n_b)`` labels drawn for batch ``batch`` (drawn on first use, on the CPU, then kept)."""
+        if batch not in self.sampled_labels:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + batch)
+            draws = torch.multinomial(probabilities.detach().double().cpu(), self.samples, replacement=True,
+                                      generator=generator)
+            self.sampled_labels[batch] = draws.T.contiguous()
+        return self.sampled_labels[batch].to(probabilities.device)
+
+    def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        n = outputs.shape[0]
+        p = torch.softmax(outputs, dim=-1)
+        if self.samples is None:
+            pu = p * u
+            return (pu - p * pu.sum(-1, keepdim=True)) / n
+        labels = self.labels(batch, p)  # (S, n)
+        residual = torch.nn.functional.one_hot(labels, p.shape[-1]).to(p) - p  # (S, n, C)
+        return (residual * (residual * u).sum(-1, keepdim=True)).sum(0) / (n * self.samples)
+
+
+class EmpiricalFisherOperator(OutputCurvatureOperator):
+    """The empirical Fisher :math:`\\hat F = \\frac1N \\sum_i g_i g_i^\\top` with :math:`g_i = \\nabla_\\theta
+    \\ell(z_i, y_i)` the per-example gradients at the true labels (any criterion that averages over examples).
+
+    Computed as :math:`J^\\top M J` with :math:`M_i = r_i r_i^\\top / n_b`, :math:`r_i = \\nabla_{z_i} \\ell(z_i,
+    y_i)` (:math:`n_b` times the gradient of the batch mean with respect to :math:`z_i`), which is the same matrix
+    since :math:`g_i = J_i^\\top r_i`. Unlike the Fisher it is not a curvature of the model's likelihood, and it
+    vanishes where every example is fitted (Kunstner, Hennig & Balles 2019).
+    """
+
+    matrix = "empirical-fisher"
+
+    def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        n = outputs.shape[0]
+        residual = n * torch.func.grad(lambda z: self.loss.criterion(z, targets))(outputs)
+        return residual * (residual * u).sum(-1, keepdim=True) / n
+
+
+def curvature_operator(loss: LossFunction, matrix: str = "hessian", *, callback: Callable[[int], Any] | None = None,
+                       product: str = "auto", fisher_samples: int | None = None, seed: int = 0) -> Any:
+    """The operator of ``matrix`` (one of :data:`MATRICES`) for ``loss``: :class:`HessianOperator` (with
+    ``product``), :class:`GGNOperator`, :class:`FisherOperator` (exact, or ``fisher_samples`` labels per example
+    drawn with ``seed``) or :class:`EmpiricalFisherOperator`."""
+    if matrix == "hessian":
+        return HessianOperator(loss, callback=callback, product=product)
+    if matrix == "ggn":
+        return GGNOperator(loss, callback=callback)
+    if matrix == "fisher":
+        return FisherOperator(loss, samples=fisher_samples, seed=seed, callback=callback)
+    if matrix == "empirical-fisher":
+        return EmpiricalFisherOperator(loss, callback=callback)
+    raise ConfigError(f"Unknown curvature matrix {matrix!r}; accepted are {', '.join(MATRICES)}.")
+
+
 # -- evaluation data of a run -------------------------------------------------------------------------------------
 def analysis_data_for_run(
     run: Any,

@@ -678,6 +678,14 @@ class HessianSettings(EvaluationSettings):
     - density (``density``): SLQ with ``density_probes`` runs of ``density_steps`` steps, on ``density_grid_size``
       points, ``density_scale`` linear or symlog.
 
+    ``matrix`` chooses the curvature matrix every estimator above multiplies by
+    (:func:`~landscape.analyses.curvature.curvature_operator`): ``"hessian"``, the generalised Gauss-Newton
+    ``"ggn"``, the true ``"fisher"`` (exact, which for softmax cross-entropy equals the GGN, or with
+    ``fisher_samples`` labels per example drawn from the model with ``seed``) or the ``"empirical-fisher"``
+    :math:`\frac1N \sum_i g_i g_i^\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
+    consecutive batch of ``per_batch`` examples of the evaluation set (the remainder left out), as in Park & Kim
+    (2022), to the same ``tol``.
+
     ``batch_size``, ``vectors_per_pass`` and ``product`` (how Hessian-vector products are computed:
     :class:`~landscape.analyses.curvature.HessianOperator`; ``"auto"`` keeps the gradient graph when ``samples``
     fit in one batch) trade memory for speed only.
@@ -697,6 +705,9 @@ class HessianSettings(EvaluationSettings):
     params: str | None = None
     vectors_per_pass: int = 8
     product: str = "auto"
+    matrix: str = "hessian"
+    fisher_samples: int | None = None
+    per_batch: int | None = None
 
     RUNTIME_ONLY = ("batch_size", "vectors_per_pass", "product")
 
@@ -714,6 +725,16 @@ class HessianSettings(EvaluationSettings):
             raise ConfigError(f"Unknown trace method {self.trace_method!r}; accepted are lanczos and hutch++.")
         if self.product not in PRODUCTS:
             raise ConfigError(f"Unknown Hessian-vector product {self.product!r}; accepted are {', '.join(PRODUCTS)}.")
+        from landscape.analyses.curvature import MATRICES
+
+        if self.matrix not in MATRICES:
+            raise ConfigError(f"Unknown curvature matrix {self.matrix!r}; accepted are {', '.join(MATRICES)}.")
+        if self.fisher_samples is not None and (self.fisher_samples < 1 or self.matrix != "fisher"):
+            raise ConfigError("--fisher-samples must be a positive integer and goes with --matrix fisher only.")
+        if self.per_batch is not None and not 1 <= self.per_batch <= self.samples:
+            raise ConfigError(f"--per-batch must be between 1 and --samples {self.samples}, not {self.per_batch}.")
+        if self.per_batch is not None and self.top_k == 0:
+            raise ConfigError("--per-batch measures top eigenvalues: give --top-k 1 or more.")
         if self.density_scale not in ("linear", "symlog"):
             raise ConfigError(f"Unknown density scale {self.density_scale!r}; accepted are linear and symlog.")
 
@@ -751,17 +772,20 @@ def hessian_analysis(
     """
     import xarray as xr
 
-    from landscape.analyses.curvature import HessianOperator, LossFunction
+    from landscape.analyses.curvature import LossFunction, curvature_operator
     from landscape.analyses.distributed import split_evaluation_set
 
     settings = settings or HessianSettings()
     settings.validate()
     started = time.perf_counter()
+    whole_x, whole_y = x, y
     x, y, data_parallel = split_evaluation_set(x, y, world)
     loss_fn = LossFunction(model, x, y, batch_size=settings.batch_size, params=settings.params,
                            vectors_per_pass=settings.vectors_per_pass, data_parallel=data_parallel,
                            **({"criterion": criterion} if criterion is not None else {}))
-    op = HessianOperator(loss_fn, callback=callback, product=settings.product)
+    op = curvature_operator(loss_fn, settings.matrix, callback=callback, product=settings.product,
+                            fisher_samples=settings.fisher_samples, seed=settings.seed)
+    matrix = MATRIX_NAMES[settings.matrix]
     loss, top1 = loss_fn.evaluate()
     gradient = op.loss_and_gradient()[1]  # with a kept graph, the pass that builds it
     data: dict[str, Any] = {
@@ -781,7 +805,7 @@ def hessian_analysis(
         k = settings.top_k
         if settings.which in ("largest", "both"):
             data["eigenvalue_largest"] = (("k",), result.eigenvalues[:k],
-                                          {"long_name": "largest Hessian eigenvalues, largest first"})
+                                          {"long_name": f"largest {matrix} eigenvalues, largest first"})
             data["eigenvalue_largest_residual"] = (("k",), result.residual_norms[:k],
                                                    {"long_name": "Ritz residual norm of each largest eigenvalue"})
             data["eigenvalue_largest_error_bound"] = (("k",), result.error_bounds[:k],
@@ -790,7 +814,7 @@ def hessian_analysis(
                 vectors["largest"] = result.eigenvectors[:k]
         if settings.which in ("smallest", "both"):
             data["eigenvalue_smallest"] = (("k",), result.eigenvalues[::-1][:k].copy(),
-                                           {"long_name": "smallest Hessian eigenvalues, most negative first"})
+                                           {"long_name": f"smallest {matrix} eigenvalues, most negative first"})
             data["eigenvalue_smallest_residual"] = (("k",), result.residual_norms[::-1][:k].copy(),
                                                     {"long_name": "Ritz residual norm of each smallest eigenvalue"})
             data["eigenvalue_smallest_error_bound"] = (("k",), result.error_bounds[::-1][:k].copy(),
@@ -810,7 +834,7 @@ def hessian_analysis(
             trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
                                           block_size=settings.vectors_per_pass)
             method = "Hutch++"
-        data["trace"] = ((), trace.estimate, {"long_name": f"Hessian trace ({method})", "method": trace.method})
+        data["trace"] = ((), trace.estimate, {"long_name": f"{matrix} trace ({method})", "method": trace.method})
         data["trace_standard_error"] = ((), trace.standard_error, {"long_name": "standard error of the trace"})
         data["trace_matvecs"] = ((), trace.matvecs, {"long_name": "Hessian-vector products for the trace"})
     if settings.density:
@@ -828,11 +852,48 @@ def hessian_analysis(
         data["density_linthresh"] = ((), density.linthresh, {"long_name": "linear threshold of the symlog scale"})
         data["density_matvecs"] = ((), density.matvecs, {"long_name": "Hessian-vector products for the density"})
     op.release()
+    if settings.per_batch:
+        per_batch = per_batch_top_eigenvalues(model, whole_x, whole_y, settings, callback=callback,
+                                              **({"criterion": criterion} if criterion is not None else {}))
+        coords["batch"] = np.arange(len(per_batch))
+        data["eigenvalue_per_batch"] = (("batch",), per_batch[:, 0], {
+            "long_name": f"largest {matrix} eigenvalue of each batch of {settings.per_batch} examples"})
+        data["per_batch_matvecs"] = ((), int(per_batch[:, 1].sum()),
+                                     {"long_name": "matrix-vector products for the per-batch eigenvalues"})
     data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
     ds = xr.Dataset(data, coords=coords)
     if return_eigenvectors:
         return ds, vectors, dict(loss_fn.shapes)
     return ds
+
+
+MATRIX_NAMES = {"hessian": "Hessian", "ggn": "generalised Gauss-Newton", "fisher": "Fisher",
+                "empirical-fisher": "empirical Fisher"}
+
+
+def per_batch_top_eigenvalues(model: torch.nn.Module, x: Tensor, y: Tensor, settings: HessianSettings, *,
+                              callback: Callable[[int], Any] | None = None, **loss_kind: Any) -> np.ndarray:
+    """The largest eigenvalue of ``settings.matrix`` on each consecutive batch of ``settings.per_batch`` examples of
+    ``(x, y)`` (the last ``N mod per_batch`` left out): an ``(B, 2)`` array of (eigenvalue, products) per batch.
+
+    Park & Kim (2022, "How do vision transformers work?") report the distribution of this :math:`\\lambda_{\\max}`
+    over mini-batches. Each batch's operator is built on that batch alone (one process computes every batch).
+    """
+    from landscape.analyses.curvature import LossFunction, curvature_operator
+
+    size = settings.per_batch
+    rows = []
+    for start in range(0, len(y) - size + 1, size):
+        inputs = {k: v[start:start + size] for k, v in x.items()} if isinstance(x, dict) else x[start:start + size]
+        part = LossFunction(model, inputs, y[start:start + size],
+                            batch_size=settings.batch_size, params=settings.params,
+                            vectors_per_pass=settings.vectors_per_pass, **loss_kind)
+        op = curvature_operator(part, settings.matrix, callback=callback, product=settings.product,
+                                fisher_samples=settings.fisher_samples, seed=settings.seed + start)
+        result = top_eigenvalues(op, 1, tol=settings.tol, seed=settings.seed)
+        op.release()
+        rows.append((float(result.eigenvalues[0]), result.matvecs))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -1,0 +1,154 @@
+"""The Gauss-Newton and Fisher operators against dense float64 matrices built from their definitions."""
+
+import numpy as np
+import pytest
+import torch
+
+from landscape.analyses.curvature import (
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    LossFunction,
+    curvature_operator,
+)
+from landscape.analyses.hessian import top_eigenvalues
+from landscape.errors import ConfigError
+from tests.tiny_models import data, tiny_mlp, tiny_vit
+
+
+def _jacobian_and_outputs(model, x, closure):
+    """Dense per-example output Jacobians ``(N, C, P)`` and outputs ``(N, C)`` in the closure's parameter order."""
+    params = closure.parameters()
+    fixed = {n: t for n, t in model.state_dict().items() if n not in params}
+
+    def outputs(flat):
+        return torch.func.functional_call(model, {**fixed, **closure.unflatten(flat)}, (x,))
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        theta = closure.parameter_vector()
+        return torch.func.jacrev(outputs)(theta), outputs(theta).detach()
+
+
+def _per_example_gradients(model, x, y, closure, labels=None):
+    """``(N, P)``: the gradient of each example's own cross-entropy (at ``labels`` when given)."""
+    params = closure.parameters()
+    fixed = {n: t for n, t in model.state_dict().items() if n not in params}
+    labels = y if labels is None else labels
+
+    def loss(flat, xi, yi):
+        out = torch.func.functional_call(model, {**fixed, **closure.unflatten(flat)}, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None])
+
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(closure.parameter_vector(), x, labels)
+
+
+@pytest.fixture(params=["mlp", "vit"])
+def problem(request):
+    model = tiny_mlp() if request.param == "mlp" else tiny_vit()
+    x, y = data(10)
+    closure = LossFunction(model, x, y, batch_size=4)  # three batches, the last one short
+    return model, x, y, closure
+
+
+def test_ggn_matches_dense_jacobian_sandwich_of_the_cross_entropy_hessian(problem):
+    model, x, y, closure = problem
+    jac, z = _jacobian_and_outputs(model, x, closure)
+    p = torch.softmax(z, dim=-1)
+    out_hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (N, C, C): Hessian of CE in the logits
+    dense = torch.einsum("icp,icd,idq->pq", jac, out_hessian, jac) / len(x)
+    ggn = GGNOperator(closure).dense()
+    torch.testing.assert_close(ggn, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ggn, ggn.T, rtol=1e-9, atol=1e-12)
+
+
+def test_true_fisher_equals_the_ggn_for_softmax_cross_entropy(problem):
+    _, _, _, closure = problem
+    torch.testing.assert_close(FisherOperator(closure).dense(), GGNOperator(closure).dense(), rtol=1e-10, atol=1e-13)
+
+
+def test_empirical_fisher_is_the_mean_outer_product_of_per_example_gradients(problem):
+    model, x, y, closure = problem
+    g = _per_example_gradients(model, x, y, closure)
+    torch.testing.assert_close(EmpiricalFisherOperator(closure).dense(), g.T @ g / len(x), rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_fisher_is_the_mean_outer_product_at_its_drawn_labels_and_seeded():
+    model, (x, y) = tiny_mlp(), data(10)
+    closure = LossFunction(model, x, y, batch_size=4)
+    op = FisherOperator(closure, samples=3, seed=7)
+    matrix = op.dense()
+    labels = torch.cat([op.sampled_labels[b] for b in range(3)], dim=1)  # (S, N), batches in order
+    grads = torch.stack([_per_example_gradients(model, x, y, closure, labels[s]) for s in range(3)])  # (S, N, P)
+    dense = torch.einsum("snp,snq->pq", grads, grads) / (3 * len(x))
+    torch.testing.assert_close(matrix, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(FisherOperator(closure, samples=3, seed=7).dense(), matrix, rtol=0, atol=0)
+    assert not torch.equal(FisherOperator(closure, samples=3, seed=8).dense(), matrix)
+
+
+def test_sampled_fisher_approaches_the_exact_one_with_many_labels():
+    model, (x, y) = tiny_mlp(), data(10)
+    closure = LossFunction(model, x, y)
+    exact = FisherOperator(closure).dense()
+    sampled = FisherOperator(closure, samples=4000, seed=0).dense()
+    assert float(torch.linalg.norm(sampled - exact) / torch.linalg.norm(exact)) < 0.05
+
+
+def test_every_estimator_takes_the_ggn_top_eigenvalue_below_dense_eigh():
+    model, (x, y) = tiny_mlp(), data(10)
+    closure = LossFunction(model, x, y)
+    op = curvature_operator(closure, "ggn")
+    exact = np.linalg.eigvalsh(op.dense().numpy())[::-1][:3]
+    result = top_eigenvalues(op, 3, tol=1e-8, seed=0)
+    np.testing.assert_allclose(result.eigenvalues, exact, rtol=1e-6)
+    assert exact[-1] >= -1e-12  # positive semi-definite, unlike the Hessian
+
+
+def test_fisher_of_another_criterion_is_one_sentence():
+    model, (x, y) = tiny_mlp(), data(10)
+    closure = LossFunction(model, x, y, criterion=lambda z, t: torch.nn.functional.cross_entropy(z, t) * 2)
+    with pytest.raises(ConfigError, match="softmax cross-entropy only"):
+        curvature_operator(closure, "fisher")
+    with pytest.raises(ConfigError, match="accepted are hessian, ggn"):
+        curvature_operator(closure, "kfac")
+
+
+def test_hessian_analysis_takes_the_matrix_and_per_batch_top_eigenvalues():
+    from landscape.analyses.hessian import HessianSettings, hessian_analysis
+
+    model, (x, y) = tiny_mlp(), data(10)
+    settings = HessianSettings(top_k=2, tol=1e-9, matrix="ggn", per_batch=4, samples=10, dtype="float64")
+    ds = hessian_analysis(model, x, y, settings)
+    dense = GGNOperator(LossFunction(model, x, y)).dense().numpy()
+    np.testing.assert_allclose(ds["eigenvalue_largest"].values, np.linalg.eigvalsh(dense)[::-1][:2], rtol=1e-7)
+    assert "Gauss-Newton" in ds["eigenvalue_largest"].attrs["long_name"]
+    assert ds["eigenvalue_per_batch"].dims == ("batch",) and ds.sizes["batch"] == 2  # 10 // 4, the rest left out
+    for b in range(2):
+        part = GGNOperator(LossFunction(model, x[4 * b:4 * b + 4], y[4 * b:4 * b + 4])).dense().numpy()
+        assert float(ds["eigenvalue_per_batch"][b]) == pytest.approx(np.linalg.eigvalsh(part)[-1], rel=1e-7)
+    hessian = hessian_analysis(model, x, y, HessianSettings(top_k=1, tol=1e-9, per_batch=5, samples=10))
+    for b in range(2):
+        part = LossFunction(model, x[5 * b:5 * b + 5], y[5 * b:5 * b + 5]).dense_hessian().numpy()
+        assert float(hessian["eigenvalue_per_batch"][b]) == pytest.approx(np.linalg.eigvalsh(part)[-1], rel=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(matrix="kfac"), "accepted are hessian, ggn"),
+    (dict(fisher_samples=3), "--matrix fisher only"),
+    (dict(per_batch=0), "--per-batch must be between 1"),
+    (dict(per_batch=600), "--per-batch must be between 1"),
+])
+def test_hessian_settings_refuse_bad_matrix_options_in_one_sentence(kwargs, message):
+    from landscape.analyses.hessian import HessianSettings
+
+    with pytest.raises(ConfigError, match=message):
+        HessianSettings(**kwargs).validate()
+
+
+def test_results_of_another_matrix_get_a_file_of_their_own():
+    from landscape.analyses.hessian import HessianSettings
+    from landscape.analyses.results import results_name
+
+    assert results_name("hessian", HessianSettings().determining()) == "hessian"
+    assert results_name("hessian", HessianSettings(matrix="ggn").determining()) == "hessian-ggn"
+    assert results_name("hessian", HessianSettings(per_batch=64).determining()) == "hessian-per-batch-64"
