@@ -253,6 +253,14 @@ def analyze() -> None:
 @click.option("--product", type=click.Choice(["auto", "kept-graph", "double-backward", "forward-over-reverse"]),
               default="auto", show_default=True,
               help="How Hessian-vector products are computed; auto keeps the graph when the samples are one batch.")
+@click.option("--matrix", type=click.Choice(["hessian", "ggn", "fisher", "empirical-fisher"]), default="hessian",
+              show_default=True,
+              help="Curvature matrix: Hessian, generalised Gauss-Newton, true Fisher (equal to the GGN for "
+                   "cross-entropy) or empirical Fisher.")
+@click.option("--fisher-samples", type=click.IntRange(min=1), default=None,
+              help="With --matrix fisher: labels drawn per example from the model [default: exact expectation].")
+@click.option("--per-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also the largest eigenvalue on each batch of N examples (Park & Kim 2022).")
 @click.option("--save-eigenvectors", is_flag=True,
               help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors.")
 @click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
@@ -262,8 +270,8 @@ def analyze() -> None:
 @EVALUATION_DATA_OPTIONS
 def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
                     trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
-                    batch_size: int, product: str, save_eigenvectors: bool, shard: str | None,
-                    data_dir: Path | None, **evaluation_data) -> None:
+                    batch_size: int, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
+                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, **evaluation_data) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
@@ -276,7 +284,8 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
                                density=density, samples=samples,
                                params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
-                               product=product, **evaluation_data)
+                               product=product, matrix=matrix, fisher_samples=fisher_samples, per_batch=per_batch,
+                               **evaluation_data)
     run_dir = Run.open(run)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, save_eigenvectors_to_disk=save_eigenvectors,
@@ -310,8 +319,12 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--adaptive", is_flag=True, help="Adaptive sharpness: c = |w| + eta instead of c = 1 (SAM).")
 @click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="eta of the adaptive scale (0 keeps it invariant to neuron-wise rescaling).")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Projected gradient ascent steps of the worst case (1: the SAM step alone).")
+@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Points (one gradient each) of the worst-case search: for p=2 half secant-Lanczos model, half "
+                   "Auto-PGD; for inf Auto-PGD. 40 reach 99% of the maximum on test quadratics; 1: SAM's step alone.")
+@click.option("--restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Further Auto-PGD runs of --steps points each from random points of the ball.")
+@click.option("--random-start", is_flag=True, help="Start Auto-PGD from a random point of the ball.")
 @click.option("--m", "m", type=click.IntRange(min=1), default=None,
               help="Also m-sharpness: the worst case per batch of m examples, averaged.")
 @click.option("--draws", type=click.IntRange(min=0), default=10, show_default=True,
@@ -334,7 +347,7 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float,
-                      steps: int, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
+                      steps: int, restarts: int, random_start: bool, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
                       force: bool, dtype: str, batch_size: int, device: str, shard: str | None,
                       data_dir: Path | None, **evaluation_data) -> None:
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness at each checkpoint.
@@ -346,7 +359,8 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
     from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis, sharpness_summary
     from landscape.runs import Run
 
-    settings = SharpnessSettings(rhos=rhos, p=p, adaptive=adaptive, eta=eta, steps=steps, m=m, draws=draws,
+    settings = SharpnessSettings(rhos=rhos, p=p, adaptive=adaptive, eta=eta, steps=steps, restarts=restarts,
+                                 random_start=random_start, m=m, draws=draws,
                                  samples=samples, weights=weights, params=params, dtype=dtype, seed=seed,
                                  batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
@@ -374,10 +388,14 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
               help="Examples of the training set in the fixed evaluation set.")
 @click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
               help="Raw or EMA weights of each checkpoint.")
-@click.option("--one-dim", type=click.Choice(["zero", "filter"]), default="zero", show_default=True,
-              help="Random directions on biases and norms: zero (Li et al.) or normalised as a whole.")
+@click.option("--one-dim", type=click.Choice(["zero", "filter", "weight"]), default="zero", show_default=True,
+              help="Random directions on biases and norms: zero (Li et al.'s paper, their code's --xignore biasbn), "
+                   "normalised as a whole, or d = w (their code's default).")
 @click.option("--qkv", type=click.Choice(["head", "row"]), default="head", show_default=True,
-              help="Filter of the fused qkv weight: one head's q/k/v block, or one row.")
+              help="Filter of the fused qkv weight: one head's q/k/v block, or one row (Li et al.).")
+@click.option("--tokens", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
+              help="Filter of pos_embed and class tokens: one per token, or the whole (1, N, D) tensor (Li et al.'s "
+                   "code).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the evaluation set and the random directions.")
 @click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file.")
@@ -391,7 +409,8 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int,
-                    checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, seed: int, force: bool,
+                    checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, tokens: str, seed: int,
+                    force: bool,
                     dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None, **evaluation_data) -> None:
     """Loss and accuracy on a 1D or 2D grid around each checkpoint: RUN/analysis/surface-<directions>-<dims>d.nc.
 
@@ -402,7 +421,7 @@ def analyze_surface(run: Path, directions: str, dims: str | None, value_range: s
     from landscape.runs import Run
 
     settings = SurfaceSettings(directions=directions, dims=int(dims) if dims else None, range=value_range,
-                               points=points, one_dim=one_dim, qkv=qkv, samples=samples, weights=weights,
+                               points=points, one_dim=one_dim, qkv=qkv, tokens=tokens, samples=samples, weights=weights,
                                dtype=dtype, seed=seed, batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
     ds = run_surface_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
@@ -581,12 +600,9 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
 @click.option("--figures-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the PNG figures here (e.g. figures/ of the repository).")
 @click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
-@click.option("--smoke", is_flag=True,
-              help="The least that runs every stage (1 epoch unless --epochs, 128 training images, a few products "
-                   "per analysis): a check that the demo works, in well under a minute with --seeds 1; not a result.")
 @DATA_DIR_OPTION
 def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
-         force: bool, smoke: bool, data_dir: Path | None) -> None:
+         force: bool, data_dir: Path | None) -> None:
     """The whole study on a small scale: train, analyse every checkpoint, draw the figures, write the report.
 
     Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
@@ -594,7 +610,7 @@ def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None,
     """
     from landscape.study import demo_study
 
-    _run_study(demo_study(data, seeds=seeds, epochs=epochs, smoke=smoke), out, jobs=jobs, figures_out=figures_out, force=force,
+    _run_study(demo_study(data, seeds=seeds, epochs=epochs), out, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what="landscape demo")
 
 
@@ -658,7 +674,7 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
     click.echo(f"{what}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data} into {out}", err=True)
     command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
-                        figures_out=figures_out, force=force, command=command, progress=sys.stderr.isatty())
+                        figures_out=figures_out, force=force, command=command)
     click.echo(f"report:  {outcome.report}")
     click.echo(f"figures: {outcome.out / 'figures'}" + (f" and {figures_out}" if figures_out else ""))
     click.echo(f"done in {outcome.wall_time:.0f} s")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from click.testing import CliRunner
 
 from landscape.analyses.curvature import LossFunction, analysis_data_for_run
@@ -11,6 +12,7 @@ from landscape.analyses.surface import (
     filter_normalize,
     grid_axes,
     load_directions,
+    normalization_policies,
     qkv_head_counts,
     random_directions,
     run_surface_analysis,
@@ -84,6 +86,44 @@ def test_filter_normalisation_gives_each_filter_the_norm_of_its_weights():
     norm = "blocks.0.norm1.weight"
     assert float(whole[norm].norm()) == pytest.approx(float(weights[norm].norm()), rel=1e-5)
     assert torch.allclose(whole[norm] / whole[norm].norm(), raw[norm] / raw[norm].norm(), atol=1e-6)
+
+
+def test_li_et_al_treatments_of_token_tables_and_one_dim_tensors_are_available():
+    model = create_model(MODEL, **KWARGS)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    raw = random_directions(weights, 1, seed=4)[0]
+    theirs = filter_normalize(raw, weights, qkv_heads=qkv_head_counts(model), tokens="tensor", one_dim="weight")
+    for name in ("pos_embed", "cls_token"):  # one filter for the whole (1, N, D) tensor: direction parallel to raw
+        assert float(theirs[name].norm()) == pytest.approx(float(weights[name].norm()), rel=1e-5)
+        assert torch.allclose(theirs[name] / theirs[name].norm(), raw[name] / raw[name].norm(), atol=1e-6)
+    tokens = torch.linalg.vector_norm(theirs["pos_embed"].reshape(17, -1), dim=1)
+    assert not torch.allclose(tokens, torch.linalg.vector_norm(weights["pos_embed"].reshape(17, -1), dim=1), rtol=1e-2)
+    for name in ("blocks.0.norm1.weight", "head.bias"):  # their code's default: d = w on 1-D tensors
+        assert torch.equal(theirs[name], weights[name])
+
+
+def test_surface_results_attrs_name_every_normalisation_policy(runs):
+    a = runs["b"]
+    settings = SurfaceSettings(directions="random", dims=1, points=3, samples=SAMPLES, seed=2, qkv="row",
+                               tokens="tensor", one_dim="weight")
+    ds = run_surface_analysis(a, settings, checkpoints="last")
+    on_disk = xr.open_dataset(next(a.analysis_dir.glob("surface-random*1d*.nc")), engine="h5netcdf")
+    try:
+        for attrs in (ds.attrs, on_disk.attrs):
+            policies = {k: v for k, v in attrs.items() if k.startswith("normalization_")}
+            assert set(policies) == {"normalization_weights", "normalization_qkv", "normalization_tokens",
+                                     "normalization_one_dim", "normalization_applies_to"}
+            assert "per row, as Li et al." in policies["normalization_qkv"]
+            assert "whole (1, N, D) tensor, as Li et al." in policies["normalization_tokens"]
+            assert "d = w, as Li et al.'s code" in policies["normalization_one_dim"]
+            assert "output row" in policies["normalization_weights"]
+            assert policies["normalization_applies_to"] == "random directions only"
+    finally:
+        on_disk.close()
+    default = normalization_policies(SurfaceSettings())
+    assert "per head" in default["normalization_qkv"] and "--qkv row" in default["normalization_qkv"]
+    assert "per token" in default["normalization_tokens"] and "--tokens tensor" in default["normalization_tokens"]
+    assert "zero" in default["normalization_one_dim"] and "--xignore biasbn" in default["normalization_one_dim"]
 
 
 def test_random_directions_are_reproducible_from_the_seed():

@@ -26,10 +26,18 @@ Directions
       finer and also lies within one head). Separate ``q``/``k``/``v`` projections (the grouped-query attention of
       mLiT) are ordinary weights, normalised row by row, each row within one head;
     - the position embedding ``(1, N, D)``, class, register, distillation and mask tokens: one token's
-      :math:`D`-vector each, since each token is an independent learned input and one row of a table;
-    - one-dimensional parameters (biases, LayerNorm gains and shifts, LayerScale): set to zero, the default of
-      Li et al. (their scale is not a filter scale and moving them changes the plot more than it informs it);
-      ``one_dim="filter"`` normalises each such vector as a whole instead.
+      :math:`D`-vector each, since each token is an independent learned input and one row of a table
+      (``tokens="tensor"`` reproduces Li et al.'s code, whose filters are the slices along the first dimension:
+      one filter for the whole ``(1, N, D)`` tensor);
+    - one-dimensional parameters (biases, LayerNorm gains and shifts, LayerScale): set to zero, as in the paper of
+      Li et al. and their code's ``--xignore biasbn`` (their scale is not a filter scale and moving them changes
+      the plot more than it informs it); their code's default copies the weights instead, :math:`d = w`
+      (``one_dim="weight"``); ``one_dim="filter"`` normalises each such vector as a whole.
+
+    Where this departs from Li et al. (2018) and their code: token tables per token (theirs: per first-dimension
+    slice, ``tokens="tensor"``), the fused qkv weight per head block (theirs: per row, ``qkv="row"``), 1-D
+    tensors zeroed (their default: :math:`d = w`, ``one_dim="weight"``). Every policy is recorded in the results'
+    attributes (:func:`normalization_policies`).
 
     The raw Gaussian draws are saved once per run in ``RUN/analysis/directions/random-seed<S>.safetensors`` and
     normalised at each checkpoint against that checkpoint's weights, so every checkpoint (and every run with the
@@ -86,7 +94,8 @@ from landscape.analyses.results import EvaluationSettings
 from landscape.errors import LandscapeError
 
 TOKEN_PARAMETERS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
-ONE_DIM_POLICIES = ("zero", "filter")
+ONE_DIM_POLICIES = ("zero", "filter", "weight")
+TOKEN_POLICIES = ("token", "tensor")
 QKV_POLICIES = ("head", "row")
 DIRECTION_KINDS = ("random", "interpolate", "plane", "pca", "eigen")
 _EPS = 1e-10
@@ -107,7 +116,7 @@ def qkv_head_counts(model: nn.Module) -> dict[str, int]:
 
 
 def filter_groups(name: str, shape: Sequence[int], *, qkv_heads: dict[str, int] | None = None,
-                  qkv: str = "head") -> int | None:
+                  qkv: str = "head", tokens: str = "token") -> int | None:
     """How many filters the parameter ``name`` splits into (rows of ``reshape(groups, -1)``), ``None`` if 1-D.
 
     The policy is the module docstring's: token tables by token, fused qkv by head block (or row), other weights
@@ -116,8 +125,10 @@ def filter_groups(name: str, shape: Sequence[int], *, qkv_heads: dict[str, int] 
     shape = tuple(shape)
     leaf = name.rsplit(".", 1)[-1]
     numel = math.prod(shape)
-    if leaf in TOKEN_PARAMETERS and len(shape) >= 1:
+    if leaf in TOKEN_PARAMETERS and len(shape) >= 1 and tokens == "token":
         return numel // shape[-1] if shape[-1] else 0
+    if leaf in TOKEN_PARAMETERS and len(shape) >= 2:
+        return shape[0]
     if len(shape) <= 1:
         return None
     if qkv == "head" and qkv_heads and name in qkv_heads:
@@ -132,6 +143,7 @@ def filter_normalize(
     qkv_heads: dict[str, int] | None = None,
     one_dim: str = "zero",
     qkv: str = "head",
+    tokens: str = "token",
 ) -> ParamDict:
     """Rescale each filter :math:`d_i` of ``direction`` to :math:`d_i \\|w_i\\| / (\\|d_i\\| + 10^{-10})`.
 
@@ -140,16 +152,21 @@ def filter_normalize(
     """
     if one_dim not in ONE_DIM_POLICIES:
         raise LandscapeError(
-            f"Unknown policy {one_dim!r} for one-dimensional parameters; accepted are zero and filter.")
+            f"Unknown policy {one_dim!r} for one-dimensional parameters; accepted are zero, filter and weight.")
+    if tokens not in TOKEN_POLICIES:
+        raise LandscapeError(f"Unknown token-table normalisation {tokens!r}; accepted are token and tensor.")
     if qkv not in QKV_POLICIES:
         raise LandscapeError(f"Unknown qkv normalisation {qkv!r}; accepted are head and row.")
     out = {}
     for name, w in weights.items():
         d = direction[name].to(device=w.device, dtype=w.dtype)
-        groups = filter_groups(name, w.shape, qkv_heads=qkv_heads, qkv=qkv)
+        groups = filter_groups(name, w.shape, qkv_heads=qkv_heads, qkv=qkv, tokens=tokens)
         if groups is None:
             if one_dim == "zero":
                 out[name] = torch.zeros_like(w)
+                continue
+            if one_dim == "weight":
+                out[name] = w.clone()
                 continue
             groups = 1
         if w.numel() == 0:
@@ -627,7 +644,7 @@ class SurfaceSettings(EvaluationSettings):
 
     ``directions`` (see the module docstring) and ``dims`` (1 or 2; interpolation is a line, a plane is 2-D);
     ``range`` ``(start, stop)`` in direction units (``None``: :data:`DEFAULT_RANGES` of the kind) with ``points``
-    per axis; ``one_dim``/``qkv``: the filter-normalisation policy of random directions. The loss is the mean
+    per axis; ``one_dim``/``qkv``/``tokens``: the filter-normalisation policy of random directions. The loss is the mean
     cross-entropy over ``samples`` examples of the run's dataset (``dataset``/``split``, chosen with ``seed``, which
     also seeds random directions) in ``dtype``. ``batch_size`` trades memory for speed only.
     """
@@ -638,6 +655,7 @@ class SurfaceSettings(EvaluationSettings):
     points: int = 51
     one_dim: str = "zero"
     qkv: str = "head"
+    tokens: str = "token"
 
     def validate(self) -> DirectionSpec:
         """Check the settings, fill in ``dims`` and ``range`` defaults, and return the parsed directions."""
@@ -655,7 +673,10 @@ class SurfaceSettings(EvaluationSettings):
         if self.points < 2:
             raise ConfigError(f"--points must be at least 2, not {self.points}.")
         if self.one_dim not in ONE_DIM_POLICIES:
-            raise ConfigError(f"Unknown policy {self.one_dim!r} for 1-D parameters; accepted are zero and filter.")
+            raise ConfigError(f"Unknown policy {self.one_dim!r} for 1-D parameters; accepted are zero, filter and "
+                              "weight.")
+        if self.tokens not in TOKEN_POLICIES:
+            raise ConfigError(f"Unknown token-table normalisation {self.tokens!r}; accepted are token and tensor.")
         if self.qkv not in QKV_POLICIES:
             raise ConfigError(f"Unknown qkv normalisation {self.qkv!r}; accepted are head and row.")
         self.check_evaluation()
@@ -665,6 +686,30 @@ class SurfaceSettings(EvaluationSettings):
         """The grid coordinates of each dimension (checkpoint coordinates included, see :func:`grid_axes`)."""
         anchors = (0.0, 1.0) if parse_directions(self.directions).kind in ("interpolate", "plane") else (0.0,)
         return [grid_axes(self.range, self.points, anchors) for _ in range(self.dims)]
+
+
+def normalization_policies(settings: "SurfaceSettings") -> dict[str, str]:
+    """The filter-normalisation policy of each kind of parameter, as the surface results' attributes record it
+    (``normalization_*``), each saying where it departs from Li et al. (2018) and how to get theirs."""
+    policies = {
+        "normalization_weights": "matrices and convolutions: one filter per output row, as Li et al. (2018)",
+        "normalization_qkv": {
+            "head": "fused qkv weight: one filter per head's q, k or v block (Li et al.: per row, --qkv row)",
+            "row": "fused qkv weight: one filter per row, as Li et al. (2018)"}[settings.qkv],
+        "normalization_tokens": {
+            "token": "pos_embed and cls/reg/dist/mask tokens: one filter per token (Li et al.'s code: one for the "
+                     "whole (1, N, D) tensor, --tokens tensor)",
+            "tensor": "pos_embed and cls/reg/dist/mask tokens: one filter per first-dimension slice, the whole "
+                      "(1, N, D) tensor, as Li et al.'s code"}[settings.tokens],
+        "normalization_one_dim": {
+            "zero": "1-D tensors (biases, norms): zero, as Li et al.'s paper and their code's --xignore biasbn "
+                    "(their code's default: d = w, --one-dim weight)",
+            "filter": "1-D tensors (biases, norms): one filter per tensor (Li et al.'s code: d = w)",
+            "weight": "1-D tensors (biases, norms): d = w, as Li et al.'s code by default"}[settings.one_dim],
+    }
+    policies["normalization_applies_to"] = ("random directions only" if parse_directions(settings.directions).kind
+                                            == "random" else "nothing: these directions are not filter-normalised")
+    return policies
 
 
 def surface_path(run: Any, spec: DirectionSpec, dims: int, weights: str = "raw") -> Path:
@@ -779,6 +824,8 @@ def run_surface_analysis(
     path = surface_path(run, spec, settings.dims, settings.weights)
     results, todo = distributed.plan_checkpoints(path, "surface", determining,
                                                  settings.seed, infos, world, shard, force=force)
+    if results is not None:
+        results.attrs.update(normalization_policies(settings))
     if not todo:
         return results.dataset if results is not None else None
 
@@ -806,7 +853,8 @@ def run_surface_analysis(
         if spec.kind in ("interpolate", "plane"):
             directions = others
         elif spec.kind == "random":
-            directions = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=settings.one_dim, qkv=settings.qkv)
+            directions = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=settings.one_dim, qkv=settings.qkv,
+                                           tokens=settings.tokens)
                           for k in range(settings.dims)]
         elif spec.kind == "pca":
             directions = [{n: t.to(torch_device, dtype) for n, t in d.items()} for d in pca.directions[:settings.dims]]
