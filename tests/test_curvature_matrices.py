@@ -150,5 +150,8 @@ def test_results_of_another_matrix_get_a_file_of_their_own():
     from landscape.analyses.results import results_name
 
     assert results_name("hessian", HessianSettings().determining()) == "hessian"
+    # the defaults are left out of the stored settings, so files written before these options still resume
+    assert not {"matrix", "fisher_samples", "per_batch"} & set(HessianSettings().determining())
+    assert HessianSettings(matrix="ggn").determining()["matrix"] == "ggn"
     assert results_name("hessian", HessianSettings(matrix="ggn").determining()) == "hessian-ggn"
     assert results_name("hessian", HessianSettings(per_batch=64).determining()) == "hessian-per-batch-64"

@@ -280,6 +280,11 @@ def test_random_starts_are_seeded():
     assert a.rises == b.rises and torch.equal(a.delta, b.delta)
 
 
+def test_default_search_settings_are_left_out_of_the_stored_settings():
+    assert not {"restarts", "random_start"} & set(SharpnessSettings().determining())
+    assert SharpnessSettings(restarts=2).determining()["restarts"] == 2
+
+
 def test_apgd_checkpoints_follow_croce_and_hein():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
 

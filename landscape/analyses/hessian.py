@@ -711,6 +711,13 @@ class HessianSettings(EvaluationSettings):
 
     RUNTIME_ONLY = ("batch_size", "vectors_per_pass", "product")
 
+    def determining(self) -> dict[str, Any]:
+        settings = super().determining()
+        for key, default in (("matrix", "hessian"), ("fisher_samples", None), ("per_batch", None)):
+            if settings.get(key) == default:  # the same: files from before these options still match
+                settings.pop(key, None)
+        return settings
+
     def validate(self) -> None:
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be 0 or more, not {self.top_k}.")

@@ -536,6 +536,13 @@ class SharpnessSettings(EvaluationSettings):
         if self.m is not None and self.m > self.samples:
             raise ConfigError(f"--m {self.m} is larger than the evaluation set (--samples {self.samples}).")
 
+    def determining(self) -> dict[str, object]:
+        settings = super().determining()
+        for key, default in (("restarts", 0), ("random_start", False)):
+            if settings.get(key) == default:  # left out at their defaults: one search, from the Krylov point
+                settings.pop(key, None)
+        return settings
+
     def work(self, num_examples: int) -> int:
         """Loss evaluations one checkpoint takes (the unit of the progress bar), after the first gradient."""
         batches = num_examples // self.m if self.m else 0
