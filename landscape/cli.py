@@ -23,6 +23,31 @@ DATA_DIR_OPTION = click.option(
 )
 
 
+LOG_OPTION = click.option(
+    "--log", "log", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+    help="Also send the scalars to TensorBoard (event files in the run directory: tensorboard --logdir runs/) or "
+         "W&B (repeatable).",
+)
+
+
+def check_log(log: tuple[str, ...]) -> None:
+    """Refuse an unavailable tracker before any work is done."""
+    from landscape.tracking import check_backends
+
+    check_backends(log)
+
+
+def _log_results(run_dir, log: tuple[str, ...], ds, path: Path, selected: set[str]) -> None:
+    """Send the scalars of the selected checkpoints of ``ds`` (results file ``path``) to the ``log`` trackers."""
+    from landscape.tracking import ScalarLogger
+
+    tracker = ScalarLogger(run_dir.root, log, suffix=Path(path).stem)
+    try:
+        tracker.log_results(ds, Path(path).stem, selected)
+    finally:
+        tracker.close()
+
+
 def EVALUATION_DATA_OPTIONS(f):
     """--data, --img-size and --classes of an analysis: passed on as the settings' dataset, img_size, classes."""
     f = click.option("--classes", type=click.IntRange(min=1), default=None,
@@ -156,8 +181,9 @@ _RECIPES = sorted(p.stem for p in (Path(__file__).parent / "trainers" / "recipes
 @DATA_DIR_OPTION
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar per epoch (on a terminal).")
+@LOG_OPTION
 def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr, seed, overrides, init, resume,
-          extend_to, overwrite, device, data_dir, dry_run, progress) -> None:
+          extend_to, overwrite, device, data_dir, dry_run, progress, log=()) -> None:
     """Train a model with dense checkpoints into a run directory.
 
     \b
@@ -206,7 +232,7 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
         click.echo("  ".join(f"{k} {_fmt(row[k])}" for k in shown if row.get(k) is not None), err=True)
 
     result = run_training(config, out, resume=resume is not None, overwrite=overwrite, device=device,
-                          data_dir=data_dir, progress=progress, on_row=print_row, extend_to=extend_to)
+                          data_dir=data_dir, progress=progress, on_row=print_row, extend_to=extend_to, log=log)
     if main_process:
         final = result.final
         keys = ("val_top1", "ema_val_top1") if final.get("val_top1") is not None else ("val_loss",)
@@ -268,10 +294,12 @@ def analyze() -> None:
                    "is split over the processes].")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
+@LOG_OPTION
 def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
                     trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
                     batch_size: int, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
-                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, **evaluation_data) -> None:
+                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, log: tuple[str, ...] = (),
+                    **evaluation_data) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
@@ -287,6 +315,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
                                product=product, matrix=matrix, fisher_samples=fisher_samples, per_batch=per_batch,
                                **evaluation_data)
     run_dir = Run.open(run)
+    check_log(log)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, save_eigenvectors_to_disk=save_eigenvectors,
                               progress=sys.stderr.isatty(), shard=shard)
@@ -294,6 +323,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in hessian_summary(ds) if row["checkpoint"] in selected])
+    _log_results(run_dir, log, ds, results_path(run_dir, 'hessian', settings.determining()), selected)
     click.echo(f"Results in {results_path(run_dir, 'hessian', settings.determining())}")
 # -- end analyze hessian --
 
@@ -346,10 +376,11 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
                    "is split over the processes].")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
+@LOG_OPTION
 def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float,
                       steps: int, restarts: int, random_start: bool, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
                       force: bool, dtype: str, batch_size: int, device: str, shard: str | None,
-                      data_dir: Path | None, **evaluation_data) -> None:
+                      data_dir: Path | None, log: tuple[str, ...] = (), **evaluation_data) -> None:
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness at each checkpoint.
 
     \b
@@ -364,12 +395,14 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
                                  samples=samples, weights=weights, params=params, dtype=dtype, seed=seed,
                                  batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
+    check_log(log)
     ds = run_sharpness_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                                 device=device, progress=sys.stderr.isatty(), shard=shard)
     if ds is None:  # not the first of several processes: it prints
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in sharpness_summary(ds) if row["checkpoint"] in selected])
+    _log_results(run_dir, log, ds, results_path(run_dir, 'sharpness', settings.determining()), selected)
     click.echo(f"Results in {results_path(run_dir, 'sharpness', settings.determining())}")
 
 
@@ -408,10 +441,12 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
                    "[default: each checkpoint's evaluation set is split over the processes].")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
+@LOG_OPTION
 def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int,
                     checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, tokens: str, seed: int,
                     force: bool,
-                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None, **evaluation_data) -> None:
+                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None,
+                    log: tuple[str, ...] = (), **evaluation_data) -> None:
     """Loss and accuracy on a 1D or 2D grid around each checkpoint: RUN/analysis/surface-<directions>-<dims>d.nc.
 
     \b
@@ -424,13 +459,16 @@ def analyze_surface(run: Path, directions: str, dims: str | None, value_range: s
                                points=points, one_dim=one_dim, qkv=qkv, tokens=tokens, samples=samples, weights=weights,
                                dtype=dtype, seed=seed, batch_size=batch_size, **evaluation_data)
     run_dir = Run.open(run)
+    check_log(log)
     ds = run_surface_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, progress=sys.stderr.isatty(), shard=shard)
     if ds is None:  # not the first of several processes: it prints
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
     print_table([row for row in surface_summary(ds) if row["checkpoint"] in selected])
-    click.echo(f"Results in {surface_path(run_dir, settings.validate(), settings.dims, settings.weights)}")
+    path = surface_path(run_dir, settings.validate(), settings.dims, settings.weights)
+    _log_results(run_dir, log, ds, path, selected)
+    click.echo(f"Results in {path}")
 # -- end analyze sharpness / surface --
 
 # -- analyze dynamics --

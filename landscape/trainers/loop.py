@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ def train(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_update: Callable[[int], None] | None = None,
     extend_to: int | None = None,
+    log: Sequence[str] = (),
 ) -> TrainResult:
     """Train ``config`` into the run directory ``out`` and return its metrics.
 
@@ -93,12 +94,26 @@ def train(
     schedule was computed for.
     ``on_row(row)`` is called with every metrics row, ``on_update(step)`` after every update (both on the main
     process). Under ``torchrun`` every process calls this and only the first one writes.
+    ``log`` names trackers (``tensorboard``, ``wandb``) that receive every metrics row as well
+    (:mod:`landscape.tracking`; TensorBoard event files go into the run directory).
     """
+    from landscape.tracking import ScalarLogger
+
+    tracker = ScalarLogger(out, log, suffix="train")  # checked now; its writers open with the first row
+    if tracker:
+        shown = on_row
+
+        def on_row(row: dict[str, Any]) -> None:
+            tracker.log_metrics_row(row)
+            if shown is not None:
+                shown(row)
+
     dist, device = distributed.setup(device)
     try:
         return _train(config, Path(out), dist, device, resume=resume, overwrite=overwrite, data_dir=data_dir,
                       progress=progress, on_row=on_row, on_update=on_update, extend_to=extend_to)
     finally:
+        tracker.close()
         distributed.teardown(dist)
 
 
