@@ -583,6 +583,23 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
 
 
 # == paper: `landscape figures`, `landscape report`, `landscape demo` ===========================================
+def _write_figures_with_progress(results, out: Path, *, formats, names=None) -> dict:
+    """write_figures, one figure at a time under a bar with the time left when stderr is a terminal (drawing the
+    whole gallery takes minutes on a busy CPU)."""
+    from landscape.figures import FIGURES, write_figures
+
+    if not sys.stderr.isatty():
+        return write_figures(results, out, formats=formats, names=names)
+    from tqdm.auto import tqdm
+
+    written: dict = {}
+    with tqdm(list(names or FIGURES), desc="figures", unit=" figure", file=sys.stderr, leave=False,
+              dynamic_ncols=True) as bar:
+        for name in bar:
+            written.update(write_figures(results, out, formats=formats, names=[name]))
+    return written
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the figures.")
@@ -594,7 +611,7 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
     from landscape.figures import FORMATS, write_figures
     from landscape.summary import load_results
 
-    written = write_figures(load_results(runs), out, formats=formats or FORMATS, names=only or None)
+    written = _write_figures_with_progress(load_results(runs), out, formats=formats or FORMATS, names=only or None)
     for name, paths in written.items():
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
 
