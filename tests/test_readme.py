@@ -240,6 +240,7 @@ def test_typical_session_runs_line_by_line_in_a_terminal(session_dir):
         elif kind == "analyze dynamics":
             assert all((run / "analysis" / "dynamics.nc").is_file() for run in runs.values())
         elif kind == "figures":
+            assert BAR_WITH_TIME_LEFT.search(output), f"{line}: no progress bar with the time left:\n{output[-2000:]}"
             pngs, pdfs = list((session_dir / "figures").glob("*.png")), list((session_dir / "figures").glob("*.pdf"))
             assert pngs and {p.stem for p in pngs} == {p.stem for p in pdfs}
         elif kind == "report":
