@@ -769,11 +769,16 @@ class OutputCurvatureOperator(LinearOperator):
         """:math:`M_b u` for batch number ``batch`` with outputs ``(n_b, C)`` and a tangent ``u`` ``(n_b, C)``."""
         raise NotImplementedError
 
-    def torch_matmat(self, vectors: Tensor) -> Tensor:
-        """``(P, k)`` -> ``(P, k)`` on the model's device, in its dtype."""
+    def prepare_batch(self, batch: int, outputs: Tensor) -> None:
+        """Called with each batch's outputs before its products (outside :func:`torch.func.vmap`)."""
+
+    def torch_matmat(self, vectors: Tensor, *, vectors_per_pass: int | None = None) -> Tensor:
+        """``(P, k)`` -> ``(P, k)`` on the model's device, in its dtype; ``vectors_per_pass`` columns (default the
+        loss function's) go through :func:`torch.func.vmap` together."""
         lf = self.loss
         vectors = vectors.to(self.device, self.torch_dtype)
         result = torch.zeros_like(vectors)
+        step = max(1, vectors_per_pass or lf.vectors_per_pass)
         with evaluation_mode(lf.model):
             for b, (w, x, y) in enumerate(lf._weights()):
                 def outputs(variables: dict[str, Tensor], x=x) -> Tensor:
@@ -781,10 +786,16 @@ class OutputCurvatureOperator(LinearOperator):
 
                 z, pullback = torch.func.vjp(outputs, lf._params)
                 z = z.detach()
-                for i in range(vectors.shape[1]):
-                    u = torch.func.jvp(outputs, (lf._params,), (lf.unflatten(vectors[:, i]),))[1]
-                    (product,) = pullback(self.output_product(b, z, y, u.detach()))
-                    result[:, i].add_(lf.flatten(product), alpha=w)
+                self.prepare_batch(b, z)
+
+                def column(tangent: dict[str, Tensor], b=b, z=z, y=y, pullback=pullback) -> dict[str, Tensor]:
+                    u = torch.func.jvp(outputs, (lf._params,), (tangent,))[1]
+                    return pullback(self.output_product(b, z, y, u))[0]
+
+                for start in range(0, vectors.shape[1], step):
+                    block = vectors[:, start:start + step]
+                    products = torch.func.vmap(column)(lf.unflatten(block))
+                    result[:, start:start + block.shape[1]].add_(lf.flatten(products), alpha=w)
         self._count(vectors.shape[1])
         return lf._sum(result)
 
@@ -800,7 +811,8 @@ class OutputCurvatureOperator(LinearOperator):
 
     def dense(self) -> Tensor:
         """The full ``(P, P)`` matrix from ``P`` products with unit vectors (small models only)."""
-        return self.torch_matmat(torch.eye(self.shape[0], device=self.device, dtype=self.torch_dtype))
+        eye = torch.eye(self.shape[0], device=self.device, dtype=self.torch_dtype)
+        return self.torch_matmat(eye, vectors_per_pass=max(self.loss.vectors_per_pass, 128))
 
     def _count(self, k: int) -> None:
         self.num_matvecs += k
@@ -879,6 +891,10 @@ class FisherOperator(OutputCurvatureOperator):
                                       generator=generator)
             self.sampled_labels[batch] = draws.T.contiguous()
         return self.sampled_labels[batch].to(probabilities.device)
+
+    def prepare_batch(self, batch: int, outputs: Tensor) -> None:
+        if self.samples is not None:  # random draws are not allowed under vmap: the labels are drawn here
+            self.labels(batch, torch.softmax(outputs, dim=-1))
 
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         n = outputs.shape[0]
