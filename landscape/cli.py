@@ -288,7 +288,14 @@ def analyze() -> None:
 @click.option("--per-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Also the largest eigenvalue on each batch of N examples (Park & Kim 2022).")
 @click.option("--save-eigenvectors", is_flag=True,
-              help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors.")
+              help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors, and "
+                   "record the gradient's share in their span and their overlap with the previous checkpoint's.")
+@click.option("--per-block", is_flag=True,
+              help="Also the top eigenvalue (and with --trace the trace) of the Hessian restricted to each parameter "
+                   "group: patch embedding, each block's attention and MLP, norms, head.")
+@click.option("--preconditioned", is_flag=True,
+              help="Also the sharpness the optimizer sees (Adam: top eigenvalue of P^-1/2 H P^-1/2) against its "
+                   "stability threshold; needs a run trained with --set save_preconditioner=true.")
 @click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
               help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
                    "is split over the processes].")
@@ -298,7 +305,8 @@ def analyze() -> None:
 def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
                     trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
                     batch_size: int, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
-                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, log: tuple[str, ...] = (),
+                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, per_block: bool = False,
+                    preconditioned: bool = False, log: tuple[str, ...] = (),
                     **evaluation_data) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
@@ -313,7 +321,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
                                density=density, samples=samples,
                                params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
                                product=product, matrix=matrix, fisher_samples=fisher_samples, per_batch=per_batch,
-                               **evaluation_data)
+                               per_block=per_block, preconditioned=preconditioned, **evaluation_data)
     run_dir = Run.open(run)
     check_log(log)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,

@@ -641,6 +641,135 @@ def per_batch_eigenvalues(results: Sequence[RunResults], styles: dict[str, Varia
     return fig
 
 
+# == curvature through training: where it sits, the edge of stability, the top subspace ============================
+def _hessian_with(r: RunResults, variable: str):
+    """The run's hessian results that hold ``variable`` (the one with the most checkpoints), or None."""
+    found = [x for x in r.results if x.kind == "hessian" and x.weights == r.weights and x.params is None
+             and variable in x.dataset and x.dataset.sizes.get("checkpoint", 0)]
+    return max(found, key=lambda x: x.dataset.sizes["checkpoint"]).dataset if found else None
+
+
+def _epoch_curves(group: list[RunResults], variable: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``variable`` of each run of one variant on the union of their epochs (NaN where missing)."""
+    pairs = [_per_epoch(ds, variable) for ds in (_hessian_with(r, variable) for r in group) if ds is not None]
+    if not pairs:
+        return np.zeros(0), []
+    epochs = np.unique(np.concatenate([e for e, _ in pairs]))
+    curves = []
+    for e, v in pairs:
+        curve = np.full(len(epochs), np.nan)
+        curve[np.searchsorted(epochs, e)] = v
+        curves.append(curve)
+    return epochs, curves
+
+
+def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """Where the curvature sits (``analyze hessian --per-block``): parameter groups x epochs, one panel per variant
+    (its first seed); top row the largest eigenvalue of each group's restricted Hessian (log colour scale), bottom
+    row, where the trace was measured, each group's share of the whole-model trace (%)."""
+    from matplotlib.colors import LogNorm
+
+    panels = []
+    for style, group in _by_variant(results, styles):
+        for r in group:
+            ds = _hessian_with(r, "group_num_parameters")
+            if ds is not None:
+                panels.append((style, r, ds.isel(checkpoint=np.flatnonzero(np.isfinite(ds["epoch"].values)))))
+                break
+    if not panels:
+        return None
+    rows = [(v, label) for v, label in (("block_eigenvalue_largest", "top eigenvalue of H_gg"),
+                                        ("block_trace", "share of tr H (%)")) if all(v in ds for _, _, ds in panels)]
+    if not rows:
+        return None
+    groups = max(ds.sizes["group"] for _, _, ds in panels)
+    fig = _figure(PAGE_WIDTH if len(panels) > 1 else COLUMN_WIDTH, len(rows) * (0.9 + 0.13 * groups) + 0.3)
+    axes = fig.subplots(len(rows), len(panels), squeeze=False)
+    for row, (variable, label) in enumerate(rows):
+        matrices = []
+        for _, _, ds in panels:
+            values = ds[variable].transpose("group", "checkpoint").values.astype(float)
+            if variable == "block_trace":
+                values = 100 * values / ds["trace"].values.astype(float)[None, :]
+            matrices.append(values)
+        finite = np.concatenate([m[np.isfinite(m)].ravel() for m in matrices]) if matrices else np.zeros(0)
+        log = variable == "block_eigenvalue_largest" and finite.size and (finite > 0).all()
+        norm = LogNorm(finite.min(), finite.max()) if log and finite.size else None
+        vmin, vmax = (None, None) if norm is not None or not finite.size else (finite.min(), finite.max())
+        image = None
+        for col, ((style, r, ds), values) in enumerate(zip(panels, matrices)):
+            ax = axes[row, col]
+            image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm,
+                              vmin=vmin, vmax=vmax)
+            epochs = ds["epoch"].values.astype(int)
+            ticks = np.unique(np.linspace(0, len(epochs) - 1, min(len(epochs), 6)).astype(int))
+            ax.set_xticks(ticks, [str(epochs[t]) for t in ticks])
+            ax.set_yticks(range(ds.sizes["group"]), [str(g) for g in ds["group"].values], fontsize=5.5)
+            ax.grid(False)
+            if row == 0:
+                ax.set_title(f"{style.label} (seed {r.seed})")
+            if row == len(rows) - 1:
+                ax.set_xlabel("epoch")
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[row]), label=label, shrink=0.9)
+    return fig
+
+
+def edge_of_stability(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """The sharpness the optimizer sees against its stability threshold (``analyze hessian --preconditioned``):
+    Adam's preconditioned sharpness (SGD's raw top eigenvalue) as a line per variant (mean over seeds, band from the
+    lowest to the highest), the threshold (38/lr for Adam with beta1 = 0.9, 2/lr for plain SGD) dashed in the same
+    colour, and below the learning-rate schedule from metrics.csv."""
+    runs = [r for r in results if _hessian_with(r, "preconditioned_sharpness") is not None]
+    if not runs:
+        return None
+    fig = _figure(COLUMN_WIDTH, 3.4)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    groups = _by_variant(runs, styles)
+    for style, group in groups:
+        epochs, curves = _epoch_curves(group, "preconditioned_sharpness")
+        if curves:
+            _mean_band(top, epochs, curves, style)
+        epochs, thresholds = _epoch_curves(group, "stability_threshold")
+        if thresholds:
+            with np.errstate(all="ignore"):
+                top.plot(epochs, np.nanmean(np.vstack(thresholds), axis=0), color=style.color, linestyle="--",
+                         linewidth=0.8)
+        metrics = group[0].run.read_metrics()
+        if "lr" in metrics and len(metrics):
+            bottom.plot(metrics["epoch"].values, metrics["lr"].values, color=style.color, linestyle=style.linestyle)
+    top.set_yscale("log")
+    top.set_ylabel("preconditioned sharpness\n(dashed: threshold)")
+    bottom.set_ylabel("learning rate")
+    bottom.set_xlabel("epoch")
+    _figure_legend(fig, [s for s, _ in groups])
+    return fig
+
+
+def subspace_dynamics(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
+    """How the top Hessian subspace moves (``analyze hessian --save-eigenvectors``): the overlap
+    ||V_prev V^T||_F^2 / k of the top-k eigenvectors with the previous checkpoint's, and the fraction of the squared
+    gradient norm in their span (Gur-Ari et al. 2018), against epoch; mean over seeds with the band of the seeds."""
+    panels = [(v, label) for v, label in (("top_subspace_overlap", "top-k overlap with\nprevious checkpoint"),
+                                          ("gradient_top_subspace_fraction", "gradient fraction\nin top-k subspace"))
+              if any(_hessian_with(r, v) is not None for r in results)]
+    if not panels:
+        return None
+    fig = _figure(COLUMN_WIDTH, 1.25 * len(panels) + 0.8)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    groups = _by_variant([r for r in results if any(_hessian_with(r, v) is not None for v, _ in panels)], styles)
+    for ax, (variable, label) in zip(axes, panels):
+        for style, group in groups:
+            epochs, curves = _epoch_curves(group, variable)
+            if curves:
+                _mean_band(ax, epochs, curves, style)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(label)
+    axes[-1].set_xlabel("epoch")
+    _figure_legend(fig, [s for s, _ in groups])
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Figure | None]] = {
     "per_batch_eigenvalues": per_batch_eigenvalues,
     "accuracy_curves": accuracy_curves,
@@ -655,6 +784,9 @@ FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Fig
     "surface_3d": surface_3d,
     "flatness_vs_drop": flatness_vs_drop,
     "flatness_vs_gap": flatness_vs_gap,
+    "block_curvature": block_curvature,
+    "edge_of_stability": edge_of_stability,
+    "subspace_dynamics": subspace_dynamics,
 }
 
 

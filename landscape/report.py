@@ -644,6 +644,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
         blocks.append(paragraph("The runs have no Hessian, sharpness or surface results yet; run `landscape analyze "
                                 "hessian|sharpness|surface RUN...` first. Every hypothesis below is therefore "
                                 "inconclusive."))
+    blocks += curvature_through_training_blocks(results)
     blocks += [heading("Setup"), *_setup_blocks(results)]
     blocks += [heading("Decision rules"), *decision_rules_text()]
     for h in hypotheses:
@@ -676,6 +677,105 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
             if target:
                 blocks.append(image(FIGURE_CAPTIONS.get(name, name.replace("_", " ")), target))
     return blocks, hypotheses
+
+
+def _final_hessian_entry(r, variable: str):
+    """The last checkpoint's entry of the run's whole-model hessian results that hold ``variable`` (None if none)."""
+    found = [x for x in r.results if x.kind == "hessian" and x.weights == r.weights and x.params is None
+             and variable in x.dataset and x.dataset.sizes.get("checkpoint", 0)]
+    if not found:
+        return None
+    ds = max(found, key=lambda x: x.dataset.sizes["checkpoint"]).dataset
+    return ds.isel(checkpoint=int(np.argmax(ds["step"].values)))
+
+
+def _percent(values: list[float]) -> str:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.1f}%" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def curvature_through_training_blocks(results) -> list[Block]:
+    """Where the curvature sits at the final checkpoint (share of the trace per kind of parameter group), how close
+    the optimizer's sharpness came to its stability threshold, and how the top subspace moved; only the parts whose
+    results exist (``analyze hessian --per-block``, ``--preconditioned``, ``--save-eigenvectors``)."""
+    by_variant: dict[str, list] = {}
+    for r in results:
+        by_variant.setdefault(r.label, []).append(r)
+    blocks: list[Block] = []
+    rows, shares = [], {}
+    for label, runs in by_variant.items():
+        mlp, attn, rest, sharpest = [], [], [], []
+        for r in runs:
+            entry = _final_hessian_entry(r, "block_trace")
+            if entry is None:
+                continue
+            groups = [str(g) for g in entry["group"].values]
+            trace = entry["block_trace"].values.astype(float)
+            total = float(entry["trace"])
+            mlp.append(100 * trace[[g.endswith(".mlp") for g in groups]].sum() / total)
+            attn.append(100 * trace[[g.endswith(".attn") for g in groups]].sum() / total)
+            rest.append(100 - mlp[-1] - attn[-1])
+            if "block_eigenvalue_largest" in entry:
+                top = entry["block_eigenvalue_largest"].values.astype(float)
+                sharpest.append(groups[int(np.nanargmax(top))])
+        if mlp:
+            shares[label] = float(np.mean(mlp))
+            rows.append([label, len(mlp), _percent(mlp), _percent(attn), _percent(rest),
+                         ", ".join(sorted(set(sharpest))) or "–"])
+    if rows:
+        blocks += [heading("Where the curvature sits"),
+                   paragraph("Share of the Hessian trace on each kind of parameter group at the final checkpoint "
+                             "(the trace of each group's diagonal block over the whole trace; mean ± standard "
+                             "deviation over seeds), and the group whose restricted Hessian has the largest top "
+                             "eigenvalue. A shared MLP counts once."),
+                   table_block(["variant", "runs", "MLP blocks", "attention", "embedding, norms, head", "sharpest group"],
+                         rows)]
+        if len(shares) > 1:
+            blocks.append(paragraph("The MLP blocks carry " + "; ".join(f"{v:.1f}% of the trace for {k}"
+                                                                         for k, v in shares.items()) + "."))
+    rows = []
+    for label, runs in by_variant.items():
+        ratios, optimizers = [], set()
+        for r in runs:
+            found = [x for x in r.results if x.kind == "hessian" and "preconditioned_sharpness" in x.dataset]
+            if not found:
+                continue
+            ds = found[0].dataset
+            ratio = ds["preconditioned_sharpness"].values / ds["stability_threshold"].values
+            ratios.append((float(np.nanmax(ratio)) if np.isfinite(ratio).any() else np.nan, float(ratio[-1])))
+            optimizers.add(str(ds["preconditioned_sharpness"].attrs.get("optimizer", "")))
+        if ratios:
+            peak, final = np.array(ratios).T
+            rows.append([label, ", ".join(sorted(optimizers)), f"{np.nanmean(peak):.3g}", f"{np.nanmean(final):.3g}"])
+    if rows:
+        blocks += [heading("Edge of stability"),
+                   paragraph("The sharpness the optimizer sees over its stability threshold (1 is the edge): for Adam "
+                             "the top eigenvalue of P^-1/2 H P^-1/2 with P = (1 - beta1^t) diag(sqrt(v_hat) + eps) "
+                             "against (2 + 2 beta1) / ((1 - beta1) lr), 38/lr at beta1 = 0.9 (Cohen et al. 2022); for "
+                             "SGD the top eigenvalue against 2/lr (2(1 + momentum)/lr with momentum). Mean over seeds "
+                             "of each run's highest ratio over training and its ratio at the final checkpoint."),
+                   table_block(["variant", "optimizer", "highest ratio", "final ratio"], rows)]
+    rows = []
+    for label, runs in by_variant.items():
+        overlaps, fractions = [], []
+        for r in runs:
+            found = [x for x in r.results if x.kind == "hessian" and "top_subspace_overlap" in x.dataset]
+            if found:
+                ds = found[0].dataset
+                overlaps.append(float(np.nanmean(ds["top_subspace_overlap"].values))
+                                if np.isfinite(ds["top_subspace_overlap"].values).any() else np.nan)
+                fractions.append(float(ds["gradient_top_subspace_fraction"].values[-1]))
+        if overlaps:
+            rows.append([label, f"{np.nanmean(overlaps):.3f}", f"{np.nanmean(fractions):.3f}"])
+    if rows:
+        blocks += [heading("How the top subspace moves"),
+                   paragraph("Mean over checkpoints of the overlap ||V_prev V^T||_F^2 / k of the top-k Hessian "
+                             "eigenvectors with the previous checkpoint's (1: the same subspace), and the fraction of "
+                             "the squared gradient norm in their span at the final checkpoint (Gur-Ari et al. 2018)."),
+                   table_block(["variant", "mean overlap", "final gradient fraction"], rows)]
+    return blocks
 
 
 _SETTING_KEYS = {

@@ -133,6 +133,7 @@ class EigenResult:
     error_bounds: np.ndarray | None = None
     basis: Tensor | None = None
     basis_trace: float | None = None
+    basis_matrix: Tensor | None = None
 
     @property
     def largest(self) -> np.ndarray:
@@ -268,6 +269,7 @@ def top_eigenvalues(
         eigenvectors=vectors,
         basis=V[:size] if return_basis else None,  # every row's product is in T: T[:size, :size] = V^T A V
         basis_trace=float(T[:size, :size].trace()) if return_basis else None,
+        basis_matrix=T[:size, :size].clone() if return_basis else None,
     )
 
 
@@ -682,7 +684,7 @@ class HessianSettings(EvaluationSettings):
     (:func:`~landscape.analyses.curvature.curvature_operator`): ``"hessian"``, the generalised Gauss-Newton
     ``"ggn"``, the true ``"fisher"`` (exact, which for softmax cross-entropy equals the GGN, or with
     ``fisher_samples`` labels per example drawn from the model with ``seed``) or the ``"empirical-fisher"``
-    :math:`\\frac1N \\sum_i g_i g_i^\\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
+    :math:`\frac1N \sum_i g_i g_i^\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
     consecutive batch of ``per_batch`` examples of the evaluation set (the remainder left out), as in Park & Kim
     (2022), to the same ``tol``.
 
@@ -708,11 +710,16 @@ class HessianSettings(EvaluationSettings):
     matrix: str = "hessian"
     fisher_samples: int | None = None
     per_batch: int | None = None
+    per_block: bool = False
+    preconditioned: bool = False
 
     RUNTIME_ONLY = ("batch_size", "vectors_per_pass", "product")
 
     def determining(self) -> dict[str, Any]:
         settings = super().determining()
+        for key in ("per_block", "preconditioned"):  # left out while off: files from before them still match
+            if not settings.get(key):
+                settings.pop(key, None)
         for key, default in (("matrix", "hessian"), ("fisher_samples", None), ("per_batch", None)):
             if settings.get(key) == default:  # the same: files from before these options still match
                 settings.pop(key, None)
@@ -744,6 +751,9 @@ class HessianSettings(EvaluationSettings):
             raise ConfigError("--per-batch measures top eigenvalues: give --top-k 1 or more.")
         if self.density_scale not in ("linear", "symlog"):
             raise ConfigError(f"Unknown density scale {self.density_scale!r}; accepted are linear and symlog.")
+        from landscape.analyses.blocks import check_per_block
+
+        check_per_block(self)
 
 
 def hessian_analysis(
@@ -756,6 +766,7 @@ def hessian_analysis(
     return_eigenvectors: bool = False,
     world: Any = None,
     criterion: Callable[[Any, Tensor], Tensor] | None = None,
+    preconditioner: Any = None,
 ):
     """The Hessian measurements of ``settings`` for one model on the evaluation set ``(x, y)``.
 
@@ -830,11 +841,21 @@ def hessian_analysis(
                 vectors["smallest"] = result.eigenvectors.flip(0)[:k]
         data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
         data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol"})
+    block_traces = None  # with --per-block, the groups' traces from the trace's products
     if settings.trace:
         if result is not None and result.basis is not None:  # the Krylov basis of the eigenvalues, for free
-            trace = deflated_trace(op, result.basis, settings.trace_matvecs, basis_trace=result.basis_trace,
-                                   seed=settings.seed + 1,  # probes from another stream than the start vector
-                                   block_size=settings.vectors_per_pass)
+            if settings.per_block:  # the same probes and products, every group's trace from them too
+                from landscape.analyses.blocks import deflated_group_traces, group_indices, parameter_groups
+
+                groups = parameter_groups(model, loss_fn.names)
+                block_traces = deflated_group_traces(
+                    op, group_indices(loss_fn.shapes, groups), settings.trace_matvecs, basis=result.basis,
+                    basis_matrix=result.basis_matrix, seed=settings.seed + 1, block_size=settings.vectors_per_pass)
+                trace = block_traces[0]
+            else:
+                trace = deflated_trace(op, result.basis, settings.trace_matvecs, basis_trace=result.basis_trace,
+                                       seed=settings.seed + 1,  # probes from another stream than the start vector
+                                       block_size=settings.vectors_per_pass)
             method = f"Hutchinson deflated by the {len(result.basis)}-vector Lanczos basis of the eigenvalues"
             result.basis = None
         else:
@@ -858,7 +879,23 @@ def hessian_analysis(
         data["density_sigma"] = ((), density.sigma, {"long_name": "Gaussian width in the grid coordinate"})
         data["density_linthresh"] = ((), density.linthresh, {"long_name": "linear threshold of the symlog scale"})
         data["density_matvecs"] = ((), density.matvecs, {"long_name": "Hessian-vector products for the density"})
+    if settings.preconditioned:
+        from landscape.analyses.stability import edge_of_stability_data
+
+        raw_top = float(result.eigenvalues[0]) if result is not None and settings.which != "smallest" else None
+        data.update(edge_of_stability_data(op, loss_fn.shapes, preconditioner, tol=settings.tol, seed=settings.seed,
+                                           raw_top=raw_top))
+    if "largest" in vectors:
+        from landscape.analyses.subspace import gradient_subspace_data
+
+        data.update(gradient_subspace_data(gradient, vectors["largest"]))
     op.release()
+    if settings.per_block:
+        from landscape.analyses.blocks import parameter_groups, per_block_data
+
+        groups = parameter_groups(model, loss_fn.names)
+        coords["group"] = list(groups)
+        data.update(per_block_data(loss_fn, groups, settings, block_traces, callback=callback))
     if settings.per_batch:
         per_batch = per_batch_top_eigenvalues(model, whole_x, whole_y, settings, callback=callback,
                                               **({"criterion": criterion} if criterion is not None else {}))
@@ -1034,16 +1071,26 @@ def run_hessian_analysis(
     def compute(info):
         _, state = load_checkpoint(info.path, weights=settings.weights)
         model = build_model(info, state).to(device=torch_device, dtype=dtype)
+        preconditioner = None
+        if settings.preconditioned:
+            from landscape.analyses.stability import checkpoint_preconditioner
+
+            preconditioner = checkpoint_preconditioner(run, info)
         bar = _progress_bar(info.name, settings, progress and world.is_main)
         try:
             out = hessian_analysis(model, x, y, settings, callback=bar.update if bar is not None else None,
-                                   return_eigenvectors=save_eigenvectors_to_disk, world=None if shard else world)
+                                   return_eigenvectors=save_eigenvectors_to_disk, world=None if shard else world,
+                                   preconditioner=preconditioner)
         finally:
             if bar is not None:
                 bar.close()
         if not save_eigenvectors_to_disk:
             return out
         ds, vectors, shapes = out
+        if "largest" in vectors:  # against the previous checkpoint's saved eigenvectors, before this one's are
+            from landscape.analyses.subspace import overlap_with_previous_data
+
+            ds = ds.assign(overlap_with_previous_data(run, info, vectors["largest"], shapes))
         error = None
         if shard or world.is_main:
             eigenvalues = {end: ds[f"eigenvalue_{end}"].values for end in vectors}
@@ -1116,6 +1163,9 @@ def hessian_summary(ds) -> list[dict[str, Any]]:
         if "trace" in ds:
             row["trace"] = float(entry["trace"])
             row["trace_se"] = float(entry["trace_standard_error"])
+        if "preconditioned_sharpness" in ds:
+            row["sharpness_P"] = float(entry["preconditioned_sharpness"])
+            row["threshold"] = float(entry["stability_threshold"])
         matvecs = sum(int(entry[v]) for v in ("eigenvalue_matvecs", "trace_matvecs", "density_matvecs") if v in ds)
         row["HVPs"] = matvecs
         row["seconds"] = float(entry["seconds"])

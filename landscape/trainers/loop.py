@@ -549,6 +549,8 @@ def run_hash(config: TrainConfig) -> str:
     settings = to_dict(config)
     for key in ("extended_from", "extended_at"):
         settings.pop(key, None)
+    if not settings.get("save_preconditioner"):
+        settings.pop("save_preconditioner", None)
     return config_hash(settings)
 
 
@@ -581,6 +583,20 @@ def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist
     return extended
 
 
+def _save_preconditioner(run: Run, checkpoint: Path, model, optimizer, step: int, chash: str) -> None:
+    """Adam's second moment and the optimizer's hyperparameters beside the checkpoint just written
+    (:mod:`landscape.analyses.stability`)."""
+    from landscape.analyses.stability import optimizer_preconditioner, preconditioner_path, save_preconditioner
+
+    path = preconditioner_path(run.root, checkpoint.stem)
+    tensors, meta = optimizer_preconditioner(model, optimizer)
+    try:
+        save_preconditioner(path, tensors, meta, checkpoint_step=step, config_hash=chash)
+    except (OSError, WriteError) as e:
+        raise CheckpointError(f"Writing {path} failed ({getattr(e, 'strerror', None) or e}); the checkpoint "
+                              f"{checkpoint.name} itself is intact.") from None
+
+
 def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
     """Checkpoints up to ``step`` on disk; later ones (written after the saved state) are removed."""
     saved = {}
@@ -608,6 +624,8 @@ def _write_outputs(run, config, chash, model, ema, optimizer, scheduler, scaler,
             previous = f"the previous checkpoint {saved[max(saved)].name} is intact" if saved else "no checkpoint was lost"
             raise CheckpointError(f"Writing {path} failed ({e.strerror or e}); {previous}.") from None
         saved[step] = path
+        if config.save_preconditioner:
+            _save_preconditioner(run, path, model, optimizer, step, chash)
     state = {
         "step": step, "epoch": resume_at[0], "next_update": resume_at[1], "rows": rows, "elapsed": row["wall_time"],
         "config_hash": chash, "model": model.state_dict(),
