@@ -67,6 +67,12 @@ class LandscapeGroup(click.Group):
             return super().invoke(ctx)
         except LandscapeError as e:
             click.echo(f"Error: {e}", err=True)
+        except OSError as e:  # the machine's failures that no write path caught: still one sentence, no traceback
+            from landscape.io import describe_os_error
+
+            where = f" on {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"Error: the operating system refused an operation{where} ({describe_os_error(e)}).", err=True)
+            ctx.exit(1)
             ctx.exit(1)
 
 

@@ -969,6 +969,9 @@ def analysis_data_for_run(
     if name == "synthetic":
         options.setdefault("count", max(samples, 1024))
     x, y = analysis_subset(name, samples, seed=seed, split=split, data_dir=data_dir, img_size=img_size, **options)
+    if len(y) < samples:  # a smaller set than asked for would be recorded under the larger number
+        raise LandscapeError(f"--samples {samples} is more than the {len(y)} examples of the {split} split of "
+                             f"{name}; give --samples {len(y)} or fewer.")
     if facts["model_classes"] is not None and len(y) and int(y.max()) >= facts["model_classes"]:
         raise LandscapeError(f"{name} has labels up to {int(y.max())}, but the model predicts "
                              f"{facts['model_classes']} classes; give a dataset of {facts['model_classes']} classes "

@@ -142,9 +142,11 @@ def write_dynamics(run: Run) -> tuple[xr.Dataset, Path]:
     with the attributes of every analysis: ``analysis``, ``settings``, library versions, time, host); always
     recomputed, since it costs one read of ``metrics.csv``. Returns the Dataset and the path written."""
     from landscape.analyses.results import analysis_attrs, results_path, write_results
+    from landscape.io import RunLock, exclusive_file_lock
 
     ds = run_dynamics(run)
     ds.attrs = {**analysis_attrs("dynamics", {}, int(ds.attrs["seed"])), **ds.attrs}
     path = results_path(run, "dynamics", {})
-    write_results(ds, path)
+    with RunLock(run.root, shared=True), exclusive_file_lock(path.parent):  # no training writes the run meanwhile
+        write_results(ds, path)
     return ds, path

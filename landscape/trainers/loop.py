@@ -45,7 +45,8 @@ from landscape.checkpoints import load_checkpoint, save_checkpoint
 from landscape.config import TrainConfig, coerce_types, config_hash, from_dict, to_dict
 from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
-from landscape.runs import Run
+from landscape.io import RunLock, WriteError, remove_stale_temporaries
+from landscape.runs import Run, _is_empty_run
 from landscape.trainers import distributed
 from landscape.trainers.batches import TrainBatches, derive_seed, validation_batches
 from landscape.trainers.recipes import validate
@@ -109,22 +110,28 @@ def train(
                 shown(row)
 
     dist, device = distributed.setup(device)
+    held = contextlib.ExitStack()  # the run directory's lock, released however the training ends
     try:
         return _train(config, Path(out), dist, device, resume=resume, overwrite=overwrite, data_dir=data_dir,
-                      progress=progress, on_row=on_row, on_update=on_update, extend_to=extend_to)
+                      progress=progress, on_row=on_row, on_update=on_update, held=held, extend_to=extend_to)
     finally:
         tracker.close()
+        held.close()
         distributed.teardown(dist)
 
 
 def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, on_row, on_update,
-           extend_to: int | None = None) -> TrainResult:
+           held: contextlib.ExitStack, extend_to: int | None = None) -> TrainResult:
     t_start = time.perf_counter()
     # -- the run directory: a new one, or the one being resumed (whose saved config wins) ------------------------
+    # Its lock is taken before anything is checked, so two trainings given one --out cannot both pass the checks.
     run = Run(out)
     error = None
     if dist.is_main:
         try:
+            if not resume or run.root.is_dir():
+                lock = held.enter_context(RunLock(run.root, create=not resume))
+                held.callback(_remove_if_unused, run.root, lock)
             _prepare_run_dir(run, config, resume=resume, overwrite=overwrite)
         except LandscapeError as e:
             error = e
@@ -146,14 +153,6 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = _create_model(config.model.name, config.model.kwargs)
     mae = _check_task(config, model)
-    if not resume:  # only now that data and model are known to work, so a typo leaves no directory behind
-        error = None
-        if dist.is_main:
-            try:
-                Run.create(run.root, overwrite=overwrite).save_config(config)
-            except LandscapeError as e:
-                error = e
-        distributed.broadcast_error(error, dist)
     # The mixture-of-experts layers of an mLiT leave a load-balancing loss after every forward.
     has_moe = any(isinstance(m, MixtureOfSwiGLUExperts) for m in model.modules())
     if config.init and state is None:
@@ -200,6 +199,15 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     amp_dtype = _amp_dtype(config.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if not resume:  # only now that data and model are known to work, init weights, optimizer and
+        # schedule are known to work, so a typo leaves nothing behind
+        error = None
+        if dist.is_main:
+            try:
+                Run.create(run.root, overwrite=overwrite).save_config(config)
+            except LandscapeError as e:
+                error = e
+        distributed.broadcast_error(error, dist)
 
     # -- where to start: the beginning, or the position saved in state/last.pt ----------------------------------
     step, epoch, start_update, rows, elapsed = 0, 1, 0, [], 0.0
@@ -230,6 +238,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     schedule = set(checkpoint_steps(config.checkpoint.every, updates_per_epoch=updates_per_epoch,
                                     epochs=config.epochs))
     saved = _existing_checkpoints(run, step) if dist.is_main else {}
+    for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):  # a kill may have come before it
+        saved.pop(old).unlink(missing_ok=True)
     clock = _Stopwatch()
     t_resumed = time.perf_counter()
     # Per-update loss, gradient norm and MoE loss of the current metrics row, kept on the device: reading them
@@ -530,17 +540,35 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
             raise ConfigError("A resumed run uses the config saved in its directory; give no other config.")
         if not run.config_path.exists():
             raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        for folder in (run.checkpoints_dir, run.state_dir):
-            for tmp in folder.glob(".*.tmp"):  # left by a write that was interrupted
-                tmp.unlink(missing_ok=True)
+        if not run.state_path.exists():
+            if any(run.checkpoints_dir.glob("*.safetensors")):
+                raise CheckpointError(
+                    f"{run.root} cannot be resumed because its training state {run.state_path} is missing; nothing "
+                    "was changed, and its checkpoints can still be analysed or used with --init in a new run.")
+            raise CheckpointError(
+                f"{run.root} cannot be resumed because it stopped before saving any state; it holds no checkpoint, "
+                "so start it again with the same train command (without --resume).")
+        for folder in (run.root, run.checkpoints_dir, run.state_dir, run.analysis_dir):
+            remove_stale_temporaries(folder, recursive=folder == run.analysis_dir)  # interrupted writes
         return
     if config is None:
         raise ConfigError("A new run needs a config.")
     if run.root.exists() and not run.root.is_dir():
         raise LandscapeError(f"{run.root} exists and is not a directory.")
-    if run.root.is_dir() and any(run.root.iterdir()) and not overwrite:
+    if run.root.is_dir() and not overwrite and not _is_empty_run(run.root):
         raise LandscapeError(
             f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
+
+
+def _remove_if_unused(root: Path, lock: RunLock) -> None:
+    """Remove a run folder that holds nothing but its lock (a training that failed its checks), then unlock."""
+    try:
+        if lock.created and [p.name for p in root.iterdir()] == [lock.path.name]:
+            lock.path.unlink()
+            root.rmdir()
+    except OSError:
+        pass
+    lock.release()
 
 
 def run_hash(config: TrainConfig) -> str:
@@ -620,7 +648,7 @@ def _write_outputs(run, config, chash, model, ema, optimizer, scheduler, scaler,
                 epoch=epoch if epoch_end else None, step=step, metrics=row, config_hash=chash,
                 ema_state_dict=ema.module.state_dict() if ema is not None else None,
             )
-        except OSError as e:
+        except (OSError, WriteError) as e:
             previous = f"the previous checkpoint {saved[max(saved)].name} is intact" if saved else "no checkpoint was lost"
             raise CheckpointError(f"Writing {path} failed ({e.strerror or e}); {previous}.") from None
         saved[step] = path

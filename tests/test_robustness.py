@@ -1,0 +1,274 @@
+"""The run directory under the machine's failures: two processes, a full disk, a read-only folder, a crash.
+
+Tests run as root here, where ``chmod 555`` does not stop a write; a read-only folder or a full disk is simulated
+by a write that raises ``OSError(EROFS/ENOSPC)``, or made real for a subprocess by a file-size limit
+(``RLIMIT_FSIZE``: every write past it fails with ``EFBIG`` inside torch, safetensors and h5py alike).
+"""
+
+import errno
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+
+from landscape.checkpoints import save_checkpoint
+from landscape.cli import cli
+from landscape.config import save_yaml
+from landscape.io import RunLock, remove_stale_temporaries
+from landscape.models import create_model
+from landscape.runs import Run
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+KWARGS = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2)
+TINY_TRAINING = ["epochs=2", "data.train_size=64", "batch_size=32", "model.kwargs.depth=1",
+                 "model.kwargs.embed_dim=16", "every=steps:1"]
+HESSIAN = ["--samples", "16", "--top-k", "1", "--tol", "1e-2", "--device", "cpu"]
+
+
+def make_run(root: Path, epochs=(1, 2, 3)) -> Run:
+    """A run made by hand: config and checkpoints of a tiny ViT on digits, no metrics, no state."""
+    run = Run.create(root)
+    save_yaml({"model": {"name": "vit_tiny_patch16_224", "kwargs": KWARGS},
+               "data": {"name": "digits", "img_size": 8}, "seed": 0}, run.config_path)
+    for epoch in epochs:
+        torch.manual_seed(epoch)
+        model = create_model("vit_tiny_patch16_224", **KWARGS)
+        save_checkpoint(run.checkpoint_path(epoch=epoch), model.state_dict(), model="vit_tiny_patch16_224",
+                        model_kwargs=KWARGS, epoch=epoch, step=5 * epoch)
+    return run
+
+
+def one_sentence(result) -> str:
+    """The error a command printed, checked to be one line with no traceback and exit code 1."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), result.output
+    return lines[-1]
+
+
+# -- two processes -------------------------------------------------------------------------------------------------
+def test_a_second_training_into_a_locked_run_is_one_sentence_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out, create=True):  # stands for a training in another process (flock is per open file)
+        result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress"])
+        message = one_sentence(result)
+        assert f"is in use by another landscape process (pid {os.getpid()}); wait for it to finish" in message
+        assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused training wrote into the run"
+
+
+def test_an_analysis_of_a_run_being_trained_is_refused_and_analyses_may_share_it(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1,))
+    with RunLock(run.root):
+        message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
+        assert "is in use by another landscape process" in message
+    with RunLock(run.root, shared=True):  # another analysis: both may compute
+        result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN])
+        assert result.exit_code == 0, result.output
+
+
+# -- folders left by failures -----------------------------------------------------------------------------------------
+def test_resume_without_a_training_state_refuses_and_deletes_nothing(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    before = sorted(p.name for p in run.checkpoints_dir.iterdir())
+    message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run.root), "--no-progress"]))
+    assert "cannot be resumed because its training state" in message and "nothing was changed" in message
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("args", [["--set", "optim.opt=nosuchopt"], ["--init", "/nonexistent/run"]])
+def test_a_training_refused_by_its_settings_leaves_no_folder(tmp_path, args):
+    out = tmp_path / "run"
+    one_sentence(CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress",
+                                          "--set", "data.train_size=64", *args]))
+    assert not out.exists()
+
+
+def test_folders_holding_nothing_of_value_are_reused_and_runs_with_checkpoints_are_not(tmp_path):
+    killed_in_config_write = tmp_path / "a"
+    killed_in_config_write.mkdir()
+    (killed_in_config_write / ".config.yaml.999999999.abc.tmp").write_text("model: {na")
+    Run.create(killed_in_config_write)
+    assert not list(killed_in_config_write.glob(".*.tmp"))
+
+    failed_before_first_checkpoint = tmp_path / "b"
+    failed_before_first_checkpoint.mkdir()
+    (failed_before_first_checkpoint / "config.yaml").write_text("epochs: 1\n")
+    Run.create(failed_before_first_checkpoint)
+    assert not (failed_before_first_checkpoint / "config.yaml").exists()
+
+    with pytest.raises(Exception, match="already exists"):
+        Run.create(make_run(tmp_path / "c", epochs=(1,)).root)
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1,))
+    (run.root / ".git").mkdir()
+    (run.root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (run.root / ".notes.md").write_text("my notes")
+    Run.create(run.root, overwrite=True)
+    assert (run.root / ".git" / "HEAD").exists() and (run.root / ".notes.md").read_text() == "my notes"
+    assert not run.config_path.exists() and not list(run.checkpoints_dir.iterdir())
+
+
+def test_stale_temporary_files_of_dead_processes_go_and_a_live_writers_stay(tmp_path):
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        dead = tmp_path / ".metrics.csv.999999999.abcd.tmp"
+        old_style = tmp_path / ".hessian.nc.k3j2h1.tmp"
+        alive = tmp_path / f".hessian.nc.{live.pid}.abcd.tmp"
+        for p in (dead, old_style, alive):
+            p.write_bytes(b"partial")
+        removed = remove_stale_temporaries(tmp_path)
+        assert sorted(removed) == sorted([dead, old_style]) and alive.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_resume_applies_the_keep_policy_and_clears_temporaries_a_kill_left(tmp_path, monkeypatch):
+    """A kill between the state write and the keep policy leaves one checkpoint too many; the resume removes it,
+    along with the temporary files of the killed process."""
+    import landscape.trainers.loop as loop
+    from landscape.trainers import build_config, train
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "checkpoints_to_delete", lambda keep, steps: [])  # killed before each policy step
+    train(build_config("digits", overrides=[*TINY_TRAINING, "keep=last:3"]), out, progress=False)
+    monkeypatch.undo()
+    run = Run(out)
+    assert len(run.checkpoints()) == 4
+    stale = [out / ".metrics.csv.999999999.ab.tmp", out / "checkpoints" / ".step-00000003.safetensors.999999999.c.tmp",
+             out / "analysis" / ".hessian.nc.999999999.d.tmp"]
+    for p in stale:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"partial")
+    train(None, out, resume=True, progress=False)
+    assert [i.step for i in run.checkpoints()] == [2, 3, 4]
+    assert not any(p.exists() for p in stale)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------------
+def test_more_samples_than_the_dataset_holds_is_refused(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1,))
+    message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "100000",
+                                                    "--top-k", "1"]))
+    assert "--samples 100000 is more than the" in message
+    assert not run.analysis_path("hessian").exists()
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b"", b"epoch,step,val_top1\nfirst,1,50.0\n"])
+def test_a_damaged_metrics_file_is_one_sentence(tmp_path, content):
+    run = make_run(tmp_path / "run", epochs=(1,))
+    run.metrics_path.write_bytes(content)
+    for command in (["inspect", str(run.root)], ["analyze", "dynamics", str(run.root)]):
+        message = one_sentence(CliRunner().invoke(cli, command))
+        assert "metrics.csv is damaged" in message, message
+
+
+# -- a read-only folder, a full disk -------------------------------------------------------------------------------------
+def test_a_read_only_folder_for_figures_and_report_is_one_sentence(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    run.write_metrics([{"epoch": e, "step": 5 * e, "train_loss": 2.0 / e, "val_loss": 2.1 / e, "val_top1": 40.0 + e,
+                        "ema_val_top1": 39.0 + e} for e in (1, 2)])
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if tmp_path / "out" in (self, *self.parents):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    for command in (["figures", str(run.root), "--out", str(tmp_path / "out" / "figures")],
+                    ["report", str(run.root), "--no-figures", "--out", str(tmp_path / "out" / "report.md")]):
+        message = one_sentence(CliRunner().invoke(cli, command))
+        assert "Read-only file system" in message, message
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def _landscape(args, limit=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "landscape", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, preexec_fn=_file_size_limit(limit) if limit else None, timeout=600, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_and_analysis_is_one_sentence_with_nothing_lost(tmp_path):
+    """Real failed writes (a file-size limit): torch.save of the state during training, h5py's netCDF during an
+    analysis (which used to crash with a segmentation fault); no temporary file stays and the earlier files do."""
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--out", str(out), "--no-progress"]
+    for override in TINY_TRAINING[:-1] + ["model.kwargs.embed_dim=32"]:
+        args += ["--set", override]
+    # the checkpoints (~0.1 MB) fit under the limit, the training state (~0.25 MB) does not
+    done = _landscape(args, limit=150_000)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].startswith("Error: Could not write") and "last.pt" in lines[-1], done.stderr
+    assert not list(out.rglob(".*.tmp")) and Run(out).checkpoints()
+
+    run = make_run(tmp_path / "analysed", epochs=(1, 2))
+    first = _landscape(["analyze", "hessian", str(run.root), *HESSIAN, "--checkpoints", "epochs:1"])
+    assert first.returncode == 0, first.stderr
+    before = run.analysis_path("hessian").read_bytes()
+    full = _landscape(["analyze", "hessian", str(run.root), *HESSIAN], limit=len(before) + 1000)
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert full.stderr.strip().splitlines()[-1].startswith("Error: Could not write"), full.stderr
+    assert run.analysis_path("hessian").read_bytes() == before
+    assert not list(run.analysis_dir.glob(".*.tmp"))
+
+
+# -- analyses at once, analyses killed ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_analyses_of_one_run_at_once_keep_every_checkpoint(tmp_path):
+    run = make_run(tmp_path / "run")
+    procs = [subprocess.Popen([sys.executable, "-m", "landscape", "analyze", "hessian", str(run.root), *HESSIAN,
+                               "--checkpoints", which], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for which in ("epochs:1,2", "epochs:3")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    with xr.open_dataset(run.analysis_path("hessian")) as ds:
+        assert list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002", "epoch-0003"]
+
+
+@pytest.mark.slow
+def test_an_analysis_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp_path):
+    reference = make_run(tmp_path / "reference")
+    done = _landscape(["analyze", "hessian", str(reference.root), *HESSIAN, "--trace"])
+    assert done.returncode == 0, done.stderr
+    run = make_run(tmp_path / "killed")
+    command = [sys.executable, "-m", "landscape", "analyze", "hessian", str(run.root), *HESSIAN, "--trace"]
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 12.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "every analysis finished before it could be killed"
+    again = _landscape(["analyze", "hessian", str(run.root), *HESSIAN, "--trace"])
+    assert again.returncode == 0, again.stderr
+    assert not list(run.analysis_dir.glob(".*.tmp"))
+    with xr.open_dataset(reference.analysis_path("hessian")) as a, xr.open_dataset(run.analysis_path("hessian")) as b:
+        assert list(a["checkpoint"].values) == list(b["checkpoint"].values)
+        for name in ("eigenvalue_largest", "trace"):
+            assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
