@@ -172,7 +172,7 @@ def _noncentrality(t: float, df: float, level: float) -> float:
     """The noncentrality :math:`\\lambda` with :math:`P(T_{df,\\lambda} \\le t) = \\text{level}` (decreasing in
     :math:`\\lambda`)."""
     def f(lam: float) -> float:
-        return float(stats.nct.cdf(t, df, lam)) - level
+        return float(special.nctdtr(df, lam, t)) - level  # the noncentral t cdf without scipy.stats' overhead
 
     width = 2.0 + abs(t)
     lo, hi = t - width, t + width
