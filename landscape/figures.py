@@ -584,7 +584,7 @@ def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantSt
     _figure_legend(fig, [s for s in styles.values()], lines=False, ncol=5)
     fig.text(0.5, 0.0, f"{FLAG_REPARAMETERISATION} changes under reparameterisation;  {FLAG_SIZE} grows with the "
              "parameter count (not comparable between model sizes).\nr_s: Spearman rank correlation over the runs, "
-             "with its 95% bootstrap interval.", ha="center", va="bottom", fontsize=7)
+             "with its 95% interval (Fisher z).", ha="center", va="bottom", fontsize=7)
     fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
     return fig
 
@@ -600,7 +600,7 @@ def _text_box(ax, text: str) -> None:
 
 def flatness_vs_drop(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
     """Each flatness measure at the final checkpoint against the peak-to-final drop of top-1, one point per run,
-    with Spearman's r_s and its 95% bootstrap interval. † changes under reparameterisation, ‡ grows with the
+    with Spearman's r_s and its 95% interval (Fisher z). † changes under reparameterisation, ‡ grows with the
     parameter count."""
     return _flatness_scatter(results, styles, "drop", "peak-to-final drop of\nraw top-1 (points)")
 
