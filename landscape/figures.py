@@ -266,13 +266,29 @@ def drop_from_best(results: Sequence[RunResults], styles: dict[str, VariantStyle
 
 # == curvature ===================================================================================================
 def _mean_band(ax, x: np.ndarray, curves: list[np.ndarray], style: VariantStyle, *, label: str | None = None) -> None:
-    """The mean over seeds as a line with markers, the band from the lowest to the highest seed."""
+    """The mean over seeds as a line with markers, each seed as a thin line, and the band from the lowest to the
+    highest seed (drawn in data space, so it stays visible on a symlog axis whatever the sign of the values)."""
     stack = np.vstack(curves)
     with np.errstate(all="ignore"):
         mean = np.nanmean(stack, axis=0)
     ax.plot(x, mean, color=style.color, linestyle=style.linestyle, marker=style.marker, markersize=2.8, label=label)
     if len(curves) > 1:
-        ax.fill_between(x, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=style.color, alpha=0.15, lw=0)
+        for curve in curves:
+            ax.plot(x, curve, color=style.color, linestyle=style.linestyle, lw=0.5, alpha=0.55)
+        ax.fill_between(x, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=style.color, alpha=0.12, lw=0)
+
+
+def _value_scale(ax, values: np.ndarray) -> None:
+    """A log axis when every value is positive; otherwise symlog, linear within the smallest decade of the
+    magnitudes, so that a value at or below zero (a negative trace estimate) stays on the axis."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or np.all(finite > 0):
+        ax.set_yscale("log")
+        return
+    magnitudes = np.abs(finite[finite != 0])
+    linthresh = 10.0 ** math.floor(math.log10(np.percentile(magnitudes, 10))) if magnitudes.size else 1.0
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.axhline(0.0, color="0.5", lw=0.5, zorder=0)
 
 
 def _per_epoch(ds, variable: str, transform: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -300,15 +316,16 @@ def _aligned(group: list[RunResults], variable: str, transform=None) -> tuple[np
 
 
 def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
-    """Top Hessian eigenvalue, trace and trace per parameter against epoch: the mean over seeds with the band from
-    the lowest to the highest seed, log scale."""
+    """Top Hessian eigenvalue, trace and trace per parameter against epoch: the mean over seeds, each seed, and the
+    band from the lowest to the highest seed; log scale, or symlog where an estimate is at or below zero.
+    Eigenvalues carry the units of the loss per squared parameter, so the axes name the quantity only."""
     runs = [r for r in results if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0)]
     if not runs:
         return None
     panels = [(v, label, fn) for v, label, fn in (
-        ("eigenvalue_largest", "top eigenvalue λ₁\n(nats)", None),
-        ("trace", "trace tr H\n(nats)", None),
-        ("trace", "tr H / P\n(nats per parameter)", lambda ds, v: v / ds["num_parameters"].values.astype(float)),
+        ("eigenvalue_largest", "top eigenvalue λ₁", None),
+        ("trace", "trace tr H", None),
+        ("trace", "mean eigenvalue\ntr H / P", lambda ds, v: v / ds["num_parameters"].values.astype(float)),
     ) if all(v in r.hessian for r in runs) and (fn is None or all("num_parameters" in r.hessian for r in runs))]
     if not panels:
         return None
@@ -316,19 +333,22 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     groups = _by_variant(runs, styles)
     for ax, (variable, label, transform) in zip(axes, panels):
+        drawn = []
         for style, group in groups:
             epochs, curves = _aligned(group, variable, transform)
             _mean_band(ax, epochs, curves, style)
-        ax.set_yscale("log")
+            drawn.extend(curves)
+        _value_scale(ax, np.concatenate(drawn))
         ax.set_ylabel(label)
     axes[-1].set_xlabel("epoch")
-    _figure_legend(fig, [s for s, _ in groups])
+    _figure_legend(fig, [s for s, _ in groups], ncol=2)
     return fig
 
 
 def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
     """The Hessian eigenvalue density at each run's final checkpoint (stochastic Lanczos quadrature with Gaussian
-    broadening), one line per run, on log-scaled density and a symmetric-log eigenvalue axis."""
+    broadening): one panel per variant with its seeds overlaid, on shared log-scaled density and symmetric-log
+    eigenvalue axes."""
     from landscape.summary import final_entry
 
     sources = {id(r): ds for r in results for ds in (r.hessian, r.hessian_density)
@@ -336,31 +356,38 @@ def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantSty
     runs = [r for r in results if id(r) in sources]
     if not runs:
         return None
-    fig = _figure(COLUMN_WIDTH, 2.5)
-    ax = fig.subplots()
+    groups = _by_variant(runs, styles)
+    fig, axes = _panel_grid(len(groups), PAGE_WIDTH if len(groups) > 1 else COLUMN_WIDTH, panel_height=1.55)
     peak, linthresh = 0.0, []
-    for style, group in _by_variant(runs, styles):
-        for r in group:
+    seed_styles = ("-", "--", ":", "-.")
+    for ax, (style, group) in zip(axes, groups):
+        for i, r in enumerate(group):
             entry, _ = final_entry(sources[id(r)], r.final_step if r.final_step is not None else -1)
             grid, density = entry["density_eigenvalue"].values, entry["density"].values
             keep = np.isfinite(grid) & np.isfinite(density)
-            ax.plot(grid[keep], density[keep], color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+            ax.plot(grid[keep], density[keep], color=style.color, linestyle=seed_styles[i % len(seed_styles)],
+                    lw=0.8, alpha=0.85, label=f"seed {r.seed}")
             peak = max(peak, float(np.nanmax(density)))
             if "density_linthresh" in entry:
                 linthresh.append(float(entry["density_linthresh"]))
+        ax.set_title(style.label, color=style.color)
+        if len(group) > 1:
+            ax.legend(loc="upper right", handlelength=1.6)
     floor = peak * 1e-7
-    ax.set_yscale("log")
-    ax.set_ylim(floor, peak * 3)
     threshold = float(np.median(linthresh)) if linthresh else 1.0
-    ax.set_xscale("symlog", linthresh=threshold)
     visible = np.concatenate([np.asarray(line.get_xdata())[np.asarray(line.get_ydata()) > floor]
-                              for line in ax.get_lines()])
+                              for ax in axes for line in ax.get_lines()])
     low, high = float(visible.min()), float(visible.max())
-    ax.set_xlim(low - 0.1 * abs(low), high + 0.1 * abs(high))
-    _symlog_ticks(ax, threshold, max(abs(low), abs(high)))
-    ax.set_xlabel("Hessian eigenvalue λ (nats, symmetric log scale)")
-    ax.set_ylabel("spectral density (per nat)")
-    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    ncols = min(len(groups), 3)
+    for i, ax in enumerate(axes):
+        ax.set_yscale("log")
+        ax.set_ylim(floor, peak * 3)
+        ax.set_xscale("symlog", linthresh=threshold)
+        ax.set_xlim(low - 0.1 * abs(low), high + 0.1 * abs(high))
+        _symlog_ticks(ax, threshold, max(abs(low), abs(high)))
+        if i % ncols == 0:
+            ax.set_ylabel("spectral density")
+    fig.supxlabel("Hessian eigenvalue λ (symmetric log scale)", fontsize=STYLE["axes.labelsize"])
     return fig
 
 
@@ -569,11 +596,10 @@ def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantSt
         c = rank_correlation(m.name, table[m.name], table[response],
                              predicted="positive" if m.smaller_is_flatter else "negative")
         flags = (FLAG_REPARAMETERISATION if m.reparameterisation else "") + (FLAG_SIZE if m.size_dependent else "")
-        ax.set_title(f"{m.label}{flags}", fontsize=7)
-        ax.set_xlabel(f"({m.units}{'; larger is flatter' if not m.smaller_is_flatter else ''})", fontsize=7)
-        interval = f"\n95% [{c.low:+.2f}, {c.high:+.2f}]" if math.isfinite(c.low) else ""
-        text = f"r_s = {c.rho:+.2f}{interval}\nn = {c.n}" if math.isfinite(c.rho) else f"n = {c.n}"
-        _text_box(ax, text)
+        interval = f", 95% [{c.low:+.2f}, {c.high:+.2f}]" if math.isfinite(c.low) else ""
+        title = f"r_s = {c.rho:+.2f}{interval}, n = {c.n}" if math.isfinite(c.rho) else f"n = {c.n}"
+        ax.set_title(title, fontsize=7)
+        ax.set_xlabel(_measure_axis_label(m, flags), fontsize=7)
         values = table[m.name].to_numpy(float)
         if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) / np.nanmin(values) > 20:
             ax.set_xscale("log")
@@ -589,13 +615,18 @@ def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantSt
     return fig
 
 
-def _text_box(ax, text: str) -> None:
-    """A few lines of text where they cover the fewest points (a legend without handles, placed 'best')."""
-    from matplotlib.lines import Line2D
+EIGENVALUE_MEASURES = ("top_eigenvalue", "trace", "trace_per_parameter")
+"""Measures made of Hessian eigenvalues: units of loss per squared parameter, so their axes carry no unit."""
 
-    legend = ax.legend([Line2D([], [], linestyle="none")], [text], loc="best", handlelength=0, handletextpad=0,
-                       frameon=True, framealpha=0.8, edgecolor="none", borderpad=0.3)
-    legend.get_frame().set_linewidth(0)
+
+def _measure_axis_label(m, flags: str = "") -> str:
+    """The measure's name (wrapped to fit a panel), then its units unless it is made of Hessian eigenvalues."""
+    import textwrap
+
+    units = "" if m.name in EIGENVALUE_MEASURES or not m.units else m.units
+    flatter = "larger is flatter" if not m.smaller_is_flatter else ""
+    detail = "; ".join(part for part in (units, flatter) if part)
+    return textwrap.fill(m.label + flags, 34) + (f"\n({detail})" if detail else "")
 
 
 def flatness_vs_drop(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
