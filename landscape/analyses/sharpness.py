@@ -193,7 +193,7 @@ def trust_region_maximizer(g: np.ndarray, h: np.ndarray, rho: float) -> np.ndarr
     def excess(mu: float) -> float:
         return float(np.linalg.norm(gt / (mu - lam))) - rho
 
-    a = low + 1e-14 * scale
+    a = low + 1e-14 * max(scale, g_norm / rho)  # mu's scale: the curvature, or |g| / rho for a flat model
     if g_norm == 0 or excess(a) <= 0:
         u = q @ (gt / (a - lam)) if g_norm else q[:, -1] * rho
     else:
@@ -306,14 +306,15 @@ def _secant_lanczos(search: _Search, g0: torch.Tensor, rho: float, steps: int, g
 def _apgd(search: _Search, u: torch.Tensor, rise: float, grad: torch.Tensor, rho: float, p: str, steps: int,
           generator: torch.Generator, *, momentum: float = 0.75) -> bool:
     """Auto-PGD (Croce & Hein 2020) for ``steps`` points from ``u`` (whose ``rise`` and scaled ``grad`` are known);
-    returns whether the best rise still grew during the last tenth of the steps."""
+    returns whether the best rise of the whole search still grew by more than 0.1% during the last tenth of the
+    steps."""
     eta = 2.0 * rho
     checkpoints = set(apgd_checkpoints(steps))
     best, best_u, best_grad = rise, u, grad
     previous_u = u
     last_checkpoint, successes, eta_before, best_before = 0, 0, None, best
     tail_start = steps - max(1, steps // 10)
-    best_at_tail = best
+    best_at_tail = search.best
     for k in range(1, steps + 1):
         z = _project(u + eta * _ascent_direction(grad, p, generator), rho, p)
         new_u = z if k == 1 else _project(u + momentum * (z - u) + (1 - momentum) * (u - previous_u), rho, p)
@@ -326,7 +327,7 @@ def _apgd(search: _Search, u: torch.Tensor, rise: float, grad: torch.Tensor, rho
         if rise > best:
             best, best_u, best_grad = rise, u, grad
         if k == tail_start:
-            best_at_tail = best
+            best_at_tail = search.best
         if k in checkpoints:
             if successes < 0.75 * (k - last_checkpoint) or (eta_before == eta and best_before == best):
                 eta_before, eta = eta, eta / 2
@@ -334,7 +335,7 @@ def _apgd(search: _Search, u: torch.Tensor, rise: float, grad: torch.Tensor, rho
             else:
                 eta_before = eta
             best_before, successes, last_checkpoint = best, 0, k
-    return best - best_at_tail > 1e-3 * abs(best)
+    return search.best - best_at_tail > 1e-3 * abs(search.best)
 
 
 def krylov_steps(steps: int, p: str) -> int:
