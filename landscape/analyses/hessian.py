@@ -684,7 +684,7 @@ class HessianSettings(EvaluationSettings):
     (:func:`~landscape.analyses.curvature.curvature_operator`): ``"hessian"``, the generalised Gauss-Newton
     ``"ggn"``, the true ``"fisher"`` (exact, which for softmax cross-entropy equals the GGN, or with
     ``fisher_samples`` labels per example drawn from the model with ``seed``) or the ``"empirical-fisher"``
-    :math:`\frac1N \sum_i g_i g_i^\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
+    :math:`\\frac1N \\sum_i g_i g_i^\\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
     consecutive batch of ``per_batch`` examples of the evaluation set (the remainder left out), as in Park & Kim
     (2022), to the same ``tol``.
 
