@@ -272,3 +272,24 @@ def test_an_analysis_killed_at_random_moments_resumes_to_the_uninterrupted_resul
         assert list(a["checkpoint"].values) == list(b["checkpoint"].values)
         for name in ("eigenvalue_largest", "trace"):
             assert np.array_equal(a[name].values, b[name].values, equal_nan=True), name
+
+
+def test_an_analysis_of_a_checkpoint_whose_header_asks_for_downloads_never_calls_timm_with_them(tmp_path, monkeypatch):
+    import timm
+
+    run = make_run(tmp_path / "run", epochs=())
+    model = create_model("vit_tiny_patch16_224", **KWARGS)
+    forged = {**KWARGS, "pretrained": True, "pretrained_cfg_overlay": {"url": "https://example.com/w.pth"}}
+    save_checkpoint(run.checkpoint_path(epoch=1), model.state_dict(), model="vit_tiny_patch16_224",
+                    model_kwargs=forged, epoch=1, step=5)
+    real = timm.create_model
+    calls = []
+
+    def recording(name, **kwargs):
+        calls.append(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
+    assert "not architecture arguments" in message
+    assert not any("pretrained" in k or "pretrained_cfg_overlay" in k for k in calls)

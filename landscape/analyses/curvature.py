@@ -1029,12 +1029,30 @@ def run_model_facts(run: Any) -> dict[str, int | None]:
     model does not say: a model taking any image size, or a run without checkpoints), built on the meta device."""
     import torch
 
+    from landscape.checkpoints import architecture_kwargs
     from landscape.models import create_model
 
     facts: dict[str, int | None] = {"model_in_chans": None, "model_img_size": None, "model_classes": None}
     infos = run.checkpoints()
     if not infos:
         return facts
+    try:
+        kwargs = architecture_kwargs(infos[-1].model_kwargs, source=f"The header of {infos[-1].path}")
+        with torch.device("meta"):
+            model = create_model(infos[-1].model, **kwargs)
+    except Exception:  # noqa: BLE001  (loading the checkpoint reports an unbuildable model in one sentence)
+        return facts
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    facts["model_in_chans"] = conv.in_channels if conv is not None else None
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is not None and getattr(patch_embed, "strict_img_size", True) and not getattr(
+            patch_embed, "dynamic_img_size", False):
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        facts["model_img_size"] = int(size[0]) if len(set(size)) == 1 else None
+    num_classes = getattr(model, "num_classes", None)
+    facts["model_classes"] = int(num_classes) if isinstance(num_classes, int) and num_classes > 0 else None
+    return facts
 
 
 def evaluation_data(run: Any, settings: Any, data_dir: Any = None, results: Any = None) -> tuple[Tensor, Tensor]:

@@ -17,9 +17,11 @@ data-parallel (no ``--shard``)
     probes from the same seed and gets bitwise the same all-reduced products, so the estimators take the same
     steps everywhere.
 ``--shard checkpoints``
-    Each process takes whole checkpoints, dealt round-robin in step order, with the whole evaluation set. Every
+    Each process takes whole checkpoints, dealt round-robin in step order (or, for Hessian eigenvalues warm-started
+    along the series, one contiguous chunk each), with the whole evaluation set. Every
     number is computed by one process exactly as a single process computes it: the results file is identical
-    value for value.
+    value for value, except that a warm-started eigensolve at the first checkpoint of a chunk starts cold, so its
+    eigenvalues agree with one process's to the requested tolerance, not bitwise (each entry records its start).
 ``--shard grid`` (surfaces)
     One checkpoint at a time; its grid points are cut into contiguous blocks, one per process, each point evaluated
     on the whole set; identical value for value.
@@ -55,7 +57,7 @@ SHARD_MODES = ("checkpoints", "grid")
 __all__ = [
     "SHARD_MODES", "DataParallel", "Distributed", "check_shard", "contiguous_range", "for_each_checkpoint", "join",
     "main_first", "map_sharded", "measure_checkpoints", "on_main", "plan_checkpoints", "processes_attrs",
-    "raise_if_failed", "round_robin", "split_evaluation_set",
+    "raise_if_failed", "round_robin", "sharded_rounds", "split_evaluation_set",
 ]
 
 
@@ -233,7 +235,7 @@ def map_sharded(fn: Callable[[T], R], items: Iterable[T], world: Distributed | N
 
 
 def for_each_checkpoint(checkpoints: Sequence[T], compute: Callable[[T], R], write: Callable[[T, R], Any],
-                        world: Distributed | None, *, shard: bool = False) -> None:
+                        world: Distributed | None, *, shard: bool = False, contiguous: bool = False) -> None:
     """``write(c, compute(c))`` for every checkpoint ``c`` in order, ``write`` on the first process only.
 
     Without ``shard`` every process computes every checkpoint together (``compute`` may use collective operations:
@@ -241,6 +243,8 @@ def for_each_checkpoint(checkpoints: Sequence[T], compute: Callable[[T], R], wri
     dealt round-robin, one per process per round, each computed by its process alone; after each round the entries
     are gathered on the first process, which writes them in order. After each write a failure anywhere (a sharded
     ``compute``, the write) is raised on every process, after the first has written every entry that succeeded.
+    With ``shard`` and ``contiguous`` each process takes a contiguous chunk instead (:func:`sharded_rounds`), so
+    that it computes neighbouring checkpoints one after another (warm starts); the writes then come in round order.
     """
     if world is None or not world.enabled:
         for checkpoint in checkpoints:
@@ -258,10 +262,9 @@ def for_each_checkpoint(checkpoints: Sequence[T], compute: Callable[[T], R], wri
             raise_if_failed(error, world)
         return
     size = world.world_size
-    for start in range(0, len(checkpoints), size):
-        batch = list(checkpoints[start:start + size])
+    for batch in sharded_rounds(list(checkpoints), size, contiguous=contiguous):
         entry, error = None, None
-        if world.rank < len(batch):
+        if world.rank < len(batch) and batch[world.rank] is not None:
             try:
                 entry = compute(batch[world.rank])
             except Exception as e:
@@ -271,11 +274,25 @@ def for_each_checkpoint(checkpoints: Sequence[T], compute: Callable[[T], R], wri
         if world.is_main:
             try:
                 for checkpoint, (value, ok) in zip(batch, gathered):
-                    if ok:
+                    if ok and checkpoint is not None:
                         write(checkpoint, value)
             except Exception as e:
                 error = error or e
         raise_if_failed(error, world)
+
+
+def sharded_rounds(items: list[T], world_size: int, *, contiguous: bool = False) -> list[list[T | None]]:
+    """The rounds of a sharded loop: round ``i`` lists the item each process computes in it (``None``: nothing).
+
+    Dealt round-robin, round ``i`` is ``items[i W:(i + 1) W]``; ``contiguous``: process ``r`` takes the
+    :func:`contiguous_range` chunk ``r`` and computes its ``i``-th item in round ``i``.
+    """
+    if not contiguous:
+        return [list(items[i:i + world_size]) for i in range(0, len(items), world_size)]
+    chunks = [items[part.start:part.stop] for part in (contiguous_range(len(items), r, world_size)
+                                                       for r in range(world_size))]
+    rounds = max((len(chunk) for chunk in chunks), default=0)
+    return [[chunk[i] if i < len(chunk) else None for chunk in chunks] for i in range(rounds)]
 
 
 # -- the per-checkpoint driver every analysis shares ----------------------------------------------------------------
@@ -305,11 +322,11 @@ def plan_checkpoints(path: Any, name: str, settings: dict[str, Any], seed: int, 
 
 
 def measure_checkpoints(results: Any, todo: Sequence[T], compute: Callable[[T], Any], world: Distributed,
-                        shard: str | None) -> Any:
+                        shard: str | None, *, contiguous: bool = False) -> Any:
     """:func:`for_each_checkpoint` with every entry appended to ``results`` (on the first process) as it comes;
     returns the whole Dataset of the file there, ``None`` on the other processes."""
     def write(checkpoint, ds) -> None:
         results.append(ds, name=checkpoint.name, epoch=checkpoint.epoch, step=checkpoint.step)
 
-    for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints")
+    for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints", contiguous=contiguous)
     return results.dataset if results is not None else None

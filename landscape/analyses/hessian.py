@@ -163,6 +163,7 @@ def top_eigenvalues(
     return_basis: bool = False,
     basis_device: str | torch.device | None = None,
     basis_dtype: torch.dtype | None = None,
+    start: Tensor | None = None,
 ) -> EigenResult:
     """The ``k`` largest (``which="largest"``), smallest (``"smallest"``) or both (``"both"``, ``2k`` in all)
     eigenvalues of a symmetric operator, by thick-restart (block) Lanczos with full reorthogonalisation, each to a
@@ -193,6 +194,12 @@ def top_eigenvalues(
     ``block_size`` > 1 multiplies several vectors at once (a batched Hessian-vector product shares one primal
     pass): more products in all than single-vector Lanczos, each cheaper, and robust to clustered eigenvalues.
 
+    ``start`` ``(j, n)`` (rows, for instance the Ritz vectors of a nearby operator: :func:`ritz_start`) replaces
+    the random start: the block is then at least ``j`` wide, its rows completed with seeded Gaussian vectors when
+    ``block_size`` asks for more (:func:`start_block`). The stopping rule is the same, so is the accuracy; when the
+    start already spans the wanted eigenvectors to within :math:`\\sqrt{\\text{tol}}` the first block's products
+    meet it.
+
     Limitation (shared with every Krylov method): of an eigenvalue whose multiplicity exceeds the block size,
     one copy per block is found per restart cycle; exactly repeated eigenvalues may be reported too few times.
     """
@@ -206,6 +213,8 @@ def top_eigenvalues(
     per_end = min(k + max(0, guard), n // 2 if which == "both" else n)
     tracked = 2 * per_end if which == "both" else per_end  # wanted plus guards: these must converge
     b = max(1, min(int(block_size), n))
+    if start is not None:  # a warm start: its whole block is multiplied at once, and so is each block after it
+        b = max(b, min(len(start), n))
     m_max = min(n, basis_size or max(2 * tracked + 8, 20, tracked + 4 * b))
     if m_max < n and m_max < tracked + b + 2:
         raise ConfigError(f"The Lanczos basis ({m_max} vectors) must exceed the {tracked} eigenvalues tracked "
@@ -217,8 +226,7 @@ def top_eigenvalues(
     generator = torch.Generator().manual_seed(int(seed))
     V = torch.zeros(m_max, n, dtype=bdtype, device=bdevice)
     T = torch.zeros(m_max, m_max, dtype=torch.float64)
-    start = torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=torch.float64)).Q
-    V[:b] = start.T.to(bdevice, bdtype)
+    V[:b] = start_block(n, b, generator, start).T.to(bdevice, bdtype)
     size, applied, matvecs = b, 0, 0  # basis vectors; those whose products are in T; products computed
     while True:
         block = V[applied:size]
@@ -271,6 +279,43 @@ def top_eigenvalues(
         basis_trace=float(T[:size, :size].trace()) if return_basis else None,
         basis_matrix=T[:size, :size].clone() if return_basis else None,
     )
+
+
+def start_block(n: int, b: int, generator: torch.Generator, start: Tensor | None = None) -> Tensor:
+    """An orthonormal ``(n, b)`` float64 start block: the rows of ``start`` ``(j, n)`` first (those that are
+    linearly dependent on the ones before them replaced), then seeded Gaussian vectors up to ``b``; all ``b``
+    Gaussian without ``start``."""
+    if start is None:
+        return torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=torch.float64)).Q
+    given = start.detach().to("cpu", torch.float64).reshape(-1, n)[:b]
+    fill = torch.randn(n, b, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(torch.cat([given.T, fill[:, len(given):]], dim=1))
+    scale = float(R.diagonal().abs().max()) if b else 0.0
+    weak = (R.diagonal().abs() <= 1e-10 * max(scale, 1e-300)).nonzero().flatten().tolist()
+    for column in weak:  # a dependent row: a fresh direction orthogonal to the others
+        fresh = fill[:, column:column + 1].clone()
+        others = torch.cat([Q[:, :column], Q[:, column + 1:]], dim=1)
+        for _ in range(2):
+            fresh -= others @ (others.T @ fresh)
+        Q[:, column:column + 1] = fresh / fresh.norm()
+    return Q
+
+
+def ritz_start(result: EigenResult, k: int, guard: int = 2) -> Tensor:
+    """The start block for the next operator of a series: the Ritz vectors ``(p, n)`` of the tracked eigenvalues
+    of ``result`` (the ``k`` wanted and ``guard`` more at each end it was asked for, ``top_eigenvalues`` run with
+    ``return_basis=True``), computed from its final basis :math:`V` and :math:`T = V^\\top A V` without a product."""
+    if result.basis is None or result.basis_matrix is None:
+        raise ValueError("a warm start needs the Krylov basis: call top_eigenvalues with return_basis=True")
+    theta, S = torch.linalg.eigh(result.basis_matrix)
+    per_end = min(k + max(0, guard), len(theta))
+    if result.which == "both":
+        per_end = min(per_end, len(theta) // 2)
+    columns = _wanted(theta, per_end, "largest" if result.which == "both" else result.which)
+    if result.which == "both":
+        columns = torch.cat([columns, _wanted(theta, per_end, "smallest")])
+    basis = result.basis
+    return S[:, columns].T.to(basis.device, basis.dtype) @ basis
 
 
 def _error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
@@ -756,6 +801,35 @@ class HessianSettings(EvaluationSettings):
         check_per_block(self)
 
 
+@dataclass
+class WarmStart:
+    """What one checkpoint of a series leaves the next: the Ritz vectors ``(p, P)`` of its tracked eigenvalues
+    (:func:`ritz_start`), and the checkpoint (name and step) they came from; empty before the first.
+
+    The eigenvalues are the same to ``tol`` from any start (the stopping rule does not change); only the products
+    differ. Each results entry records its start (:meth:`start_data`): ``eigenvalue_warm_start`` and
+    ``eigenvalue_start_step``, the step of the checkpoint whose vectors it started from (-1: random).
+    """
+
+    vectors: Tensor | None = None
+    source: str | None = None
+    source_step: int = -1
+
+    def start_data(self) -> dict[str, Any]:
+        """Results variables saying where the eigensolve about to run starts from."""
+        warm = self.vectors is not None
+        return {
+            "eigenvalue_warm_start": ((), int(warm), {
+                "long_name": "1 if the eigensolve started from the previous checkpoint's Ritz vectors, 0 if random"}),
+            "eigenvalue_start_step": ((), self.source_step if warm else -1, {
+                "long_name": "step of the checkpoint whose Ritz vectors started the eigensolve (-1: random start)"}),
+        }
+
+    def moved_to(self, name: str, step: int) -> None:
+        """Record that the vectors now held come from checkpoint ``name`` at ``step``."""
+        self.source, self.source_step = name, int(step)
+
+
 def hessian_analysis(
     model: torch.nn.Module,
     x: Tensor,
@@ -767,8 +841,12 @@ def hessian_analysis(
     world: Any = None,
     criterion: Callable[[Any, Tensor], Tensor] | None = None,
     preconditioner: Any = None,
+    warm: WarmStart | None = None,
 ):
     """The Hessian measurements of ``settings`` for one model on the evaluation set ``(x, y)``.
+
+    With ``warm`` (a :class:`WarmStart` carried from one checkpoint of a series to the next) the eigensolve starts
+    from its vectors, when it holds any, and leaves this model's Ritz vectors there for the next.
 
     ``criterion(outputs, targets)`` is the mean loss of a batch (cross-entropy when ``None``); ``x`` may be a dict
     of input tensors (:class:`~landscape.analyses.curvature.LossFunction`).
@@ -818,7 +896,11 @@ def hessian_analysis(
     if settings.top_k > 0:
         deflate = settings.trace and settings.trace_method == "lanczos"
         result = top_eigenvalues(op, settings.top_k, which=settings.which, tol=settings.tol, seed=settings.seed,
-                                 return_eigenvectors=return_eigenvectors, return_basis=deflate)
+                                 return_eigenvectors=return_eigenvectors, return_basis=deflate or warm is not None,
+                                 start=warm.vectors if warm is not None else None)
+        if warm is not None:
+            warm.vectors = ritz_start(result, settings.top_k)
+            result.basis = result.basis if deflate else None
         coords["k"] = np.arange(1, settings.top_k + 1)
         k = settings.top_k
         if settings.which in ("largest", "both"):
@@ -1032,6 +1114,8 @@ def run_hessian_analysis(
     save_eigenvectors_to_disk: bool = False,
     progress: bool = False,
     shard: str | None = None,
+    warm_start: bool = True,
+    on_plan: Callable[[int], Any] | None = None,
 ):
     """Measure the Hessian at the selected checkpoints of ``run``; results in ``RUN/analysis/hessian.nc``
     (``hessian-ema.nc``, ``hessian-density.nc``, ... for other weights and kinds: :func:`~landscape.analyses.
@@ -1045,6 +1129,12 @@ def run_hessian_analysis(
     Under ``torchrun`` (:mod:`landscape.analyses.distributed`) the processes split the evaluation set of each
     checkpoint, or with ``shard="checkpoints"`` take whole checkpoints each (each writing the eigenvectors of its
     own); only the first process writes the results file, and the others return ``None``.
+
+    With ``warm_start`` each eigensolve after the first starts from the previous checkpoint's Ritz vectors
+    (:class:`WarmStart`; the same eigenvalues to ``tol``, fewer products on a dense series), and with
+    ``shard="checkpoints"`` each process then takes a contiguous chunk of the checkpoints in step order and
+    warm-starts within it (the first of each chunk starts cold); every entry records its start. ``on_plan(n)`` is
+    called on the first process with the number of checkpoints to measure, before the first one starts.
     """
     from landscape.analyses import distributed
     from landscape.analyses.curvature import evaluation_data
@@ -1066,7 +1156,10 @@ def run_hessian_analysis(
         complete=(lambda info: eigenvectors_path(run, info.name).exists()) if save_eigenvectors_to_disk else None)
     if not todo:
         return results.dataset if results is not None else None
+    if on_plan is not None and world.is_main:
+        on_plan(len(todo))
     x, y = evaluation_data(run, settings, data_dir, results)
+    warm = WarmStart() if warm_start and settings.top_k else None
 
     def compute(info):
         _, state = load_checkpoint(info.path, weights=settings.weights)
@@ -1078,12 +1171,16 @@ def run_hessian_analysis(
             preconditioner = checkpoint_preconditioner(run, info)
         bar = _progress_bar(info.name, settings, progress and world.is_main)
         try:
+            start = (warm or WarmStart()).start_data() if settings.top_k else {}
             out = hessian_analysis(model, x, y, settings, callback=bar.update if bar is not None else None,
                                    return_eigenvectors=save_eigenvectors_to_disk, world=None if shard else world,
-                                   preconditioner=preconditioner)
+                                   preconditioner=preconditioner, warm=warm)
         finally:
             if bar is not None:
                 bar.close()
+        if warm is not None:
+            warm.moved_to(info.name, info.step)
+        out = (out[0].assign(start), *out[1:]) if save_eigenvectors_to_disk else out.assign(start)
         if not save_eigenvectors_to_disk:
             return out
         ds, vectors, shapes = out
@@ -1104,7 +1201,8 @@ def run_hessian_analysis(
         distributed.raise_if_failed(error, None if shard else world)
         return ds
 
-    return distributed.measure_checkpoints(results, todo, compute, world, shard)
+    return distributed.measure_checkpoints(results, todo, compute, world, shard,
+                                           contiguous=warm is not None)
 
 
 def expected_products(settings: HessianSettings) -> int:
@@ -1119,6 +1217,36 @@ def expected_products(settings: HessianSettings) -> int:
     if settings.density:
         total += settings.density_probes * settings.density_steps
     return max(total, 1)
+
+
+def expected_warm_products(settings: HessianSettings) -> int:
+    """The eigenvalue products of a warm-started checkpoint: the start block (the ``k`` + 2 guard Ritz vectors of
+    each end) and typically one block more before the error bounds meet ``tol`` (``benchmarks/series.md``)."""
+    per_end = 2 * (settings.top_k + 2)
+    cold = 4 * settings.top_k + 12
+    return min(per_end, cold) * (2 if settings.which == "both" else 1) if settings.top_k else 0
+
+
+def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = True) -> str:
+    """One line saying what an analysis of ``checkpoints`` checkpoints will cost, in Hessian-vector products:
+    ``"28 checkpoints x ~21 products (eigenvalues ~12, trace 9)"``."""
+    total = expected_products(settings)
+    parts = []
+    if settings.top_k:
+        eigen = 4 * settings.top_k + 12 if settings.which != "both" else 2 * (4 * settings.top_k + 12)
+        if warm_start and checkpoints > 1:
+            warm = expected_warm_products(settings)
+            total = round(total - eigen + (eigen + (checkpoints - 1) * warm) / checkpoints)
+            eigen = f"~{warm} warm-started, ~{eigen} for the first"
+        else:
+            eigen = f"~{eigen}"
+        parts.append(f"eigenvalues {eigen}")
+    if settings.trace:
+        parts.append(f"trace {settings.trace_matvecs}")
+    if settings.density:
+        parts.append(f"density {settings.density_probes} x {settings.density_steps}")
+    noun = "checkpoint" if checkpoints == 1 else "checkpoints"
+    return f"{checkpoints} {noun} x ~{total} products ({', '.join(parts)})"
 
 
 class _ProductBar:
