@@ -52,6 +52,11 @@ class AnalysisSettings:
 
     "At the final one" above means at the checkpoints named by ``at`` (``final``, ``peak`` or both; see
     :meth:`at_checkpoints`).
+
+    Curvature through training, in the same ``hessian.nc`` at the same checkpoints (``landscape analyze hessian``'s
+    switches): ``per_block`` (each parameter group's top eigenvalue and trace), ``preconditioned`` (the optimizer's
+    sharpness against its stability threshold; needs ``save_preconditioner: true`` in the overrides) and
+    ``subspace`` (eigenvectors saved, the gradient's share in their span and their overlap between checkpoints).
     """
 
     samples: int = 64
@@ -71,6 +76,9 @@ class AnalysisSettings:
     at: tuple[str, ...] = ("final",)
     seed: int = 0
     device: str | None = None  # None: the GPU when there is one, else the CPU
+    per_block: bool = False
+    preconditioned: bool = False
+    subspace: bool = False
 
     def at_checkpoints(self, run: Run) -> str:
         """The checkpoint spec of the density, sharpness and surfaces: ``at`` holds ``final`` (the last checkpoint)
@@ -243,6 +251,9 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "top_k" else 1):
             raise ConfigError(f"{source}: analysis setting {key!r} must be a positive integer, not {value!r}.")
+    for key in ("per_block", "preconditioned", "subspace"):
+        if not isinstance(getattr(settings, key), bool):
+            raise ConfigError(f"{source}: analysis setting {key!r} must be true or false, not {getattr(settings, key)!r}.")
     for key in ("rhos", "adaptive_rhos"):
         values_ = getattr(settings, key)
         if not values_ or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in values_):
@@ -261,6 +272,9 @@ def check_study(spec: StudySpec) -> None:
     from landscape.trainers.loop import resolve_model_kwargs
 
     configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
+    if spec.analysis.preconditioned and not configs[0].save_preconditioner:
+        raise ConfigError("The analysis setting preconditioned needs the optimizer state at every checkpoint: add "
+                          "save_preconditioner: true to the study's overrides.")
     info = get_dataset_info(configs[0].data.name)
     described = {}
     for variant, config in zip(spec.variants, configs):
@@ -617,9 +631,10 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
 
     common = dict(samples=settings.samples, seed=settings.seed)
     curvature = HessianSettings(top_k=settings.top_k, tol=settings.tol, trace=True,
-                                trace_matvecs=settings.trace_matvecs, **common)
+                                trace_matvecs=settings.trace_matvecs, per_block=settings.per_block,
+                                preconditioned=settings.preconditioned, **common)
     ds = run_hessian_analysis(run, curvature, checkpoints=settings.checkpoints, data_dir=data_dir, force=force,
-                              device=settings.device)
+                              device=settings.device, save_eigenvectors_to_disk=settings.subspace and settings.top_k > 0)
     density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
                               density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
                               **common)

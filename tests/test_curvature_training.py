@@ -1,5 +1,7 @@
 """Per-block curvature, the preconditioned sharpness and the top subspace, each against a dense float64 answer."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -32,7 +34,10 @@ def dense_blocks(model):
 
 def test_parameter_groups_partition_the_parameters_and_count_a_shared_mlp_once():
     model = tiny_grouped_vit()
-    loss, H, groups, indices = dense_blocks(model)
+    x, y = data(4)
+    loss = LossFunction(model, x, y)
+    groups = parameter_groups(model, loss.names)
+    indices = group_indices(loss.shapes, groups)
     assert "blocks.0+1.mlp" in groups and "blocks.1.mlp" not in groups and "blocks.0.mlp" not in groups
     assert list(groups) == ["patch_embed", "blocks.0.attn", "blocks.0+1.mlp", "blocks.1.attn", "norms", "head"]
     covered = torch.sort(torch.cat(list(indices.values()))).values
@@ -224,7 +229,7 @@ def test_trained_run_gives_block_curvature_edge_of_stability_and_subspace_result
     saved = load_preconditioner(preconditioner_path(run.root, "epoch-0002"))
     assert saved.step == 4 and saved.betas is not None and saved.exp_avg_sq
     out = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "2", "--trace",
-                                   "--trace-matvecs", "8", "--tol", "1e-2", "--per-block", "--preconditioned",
+                                   "--tol", "1e-2", "--per-block", "--preconditioned",
                                    "--save-eigenvectors", "--device", "cpu"])
     assert out.exit_code == 0, out.output
     results = load_results([run.root])
@@ -239,3 +244,17 @@ def test_trained_run_gives_block_curvature_edge_of_stability_and_subspace_result
     assert set(written) == {"block_curvature", "edge_of_stability", "subspace_dynamics"}
     text = " ".join(str(b) for b in curvature_through_training_blocks(results))
     assert "Where the curvature sits" in text and "Edge of stability" in text and "top subspace" in text
+
+
+def test_study_analysis_switches_and_the_preconditioner_they_need(tmp_path):
+    from landscape.errors import ConfigError
+    from landscape.study import check_study, load_study
+
+    demo = load_study(Path(__file__).parents[1] / "landscape" / "studies" / "demo-digits.yaml")
+    assert demo.analysis.per_block and demo.analysis.preconditioned and demo.analysis.subspace
+    assert demo.overrides["save_preconditioner"] is True
+    text = (Path(__file__).parents[1] / "landscape" / "studies" / "demo-digits.yaml").read_text()
+    broken = tmp_path / "study.yaml"
+    broken.write_text(text.replace("  save_preconditioner: true", "  save_preconditioner: false"))
+    with pytest.raises(ConfigError, match="save_preconditioner: true"):
+        check_study(load_study(broken))
