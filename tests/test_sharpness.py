@@ -367,7 +367,7 @@ def test_cli_sharpness_writes_a_resumable_file(tmp_path):
             "--draws", "2", "--m", "16", "--adaptive"]
     result = CliRunner().invoke(cli, args + ["--checkpoints", "last"])
     assert result.exit_code == 0, result.output
-    ds = xr.open_dataset(run.analysis_path("sharpness"), engine="h5netcdf")
+    ds = xr.open_dataset(run.analysis_path("sharpness-adaptive"), engine="h5netcdf")
     assert ds["worst_case"].dims == ("checkpoint", "rho") and list(ds["rho"].values) == [0.01, 0.1]
     settings = json.loads(ds.attrs["settings"])
     assert settings["adaptive"] and settings["m"] == 16 and settings["p"] == "2"
@@ -376,10 +376,10 @@ def test_cli_sharpness_writes_a_resumable_file(tmp_path):
     ds.close()
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    with xr.open_dataset(run.analysis_path("sharpness"), engine="h5netcdf") as ds:
+    with xr.open_dataset(run.analysis_path("sharpness-adaptive"), engine="h5netcdf") as ds:
         assert list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002"]
         assert float(ds["seconds"].sel(checkpoint="epoch-0002")) == seconds  # finished checkpoints are skipped
-    result = CliRunner().invoke(cli, args[:-1] + ["--p", "inf"])
+    result = CliRunner().invoke(cli, args + ["--p", "inf"])
     assert result.exit_code == 1 and "other settings" in result.output
     result = CliRunner().invoke(cli, ["analyze", "sharpness", str(run.root), "--rho", "-0.1"])
     assert result.exit_code == 1 and "--rho must be positive" in result.output
