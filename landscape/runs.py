@@ -6,6 +6,7 @@ RUN/
   metrics.csv          one row per evaluation
   checkpoints/         epoch-0001.safetensors, step-00000500.safetensors, ...
   state/last.pt        optimizer, scheduler, RNG states: for resume only
+  preconditioner/      epoch-0001.safetensors, ...: Adam's second moment at each checkpoint (save_preconditioner)
   analysis/            hessian.nc, sharpness.nc, surface-*.nc, dynamics.nc
 ```
 
@@ -184,7 +185,8 @@ class Run:
         atomic_write_text(self.metrics_path, buf.getvalue())
 
 
-_RUN_ENTRIES = {"config.yaml", "metrics.csv", "checkpoints", "state", "analysis", "figures", "report.md", "report.html"}
+_RUN_ENTRIES = {"config.yaml", "metrics.csv", "checkpoints", "state", "preconditioner", "analysis", "figures",
+                "report.md", "report.html"}
 
 
 def _looks_like_run(root: Path) -> bool:
