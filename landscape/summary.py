@@ -224,10 +224,36 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
         except LandscapeError:
             dynamics = None
     variant = describe_variant(config, run.name)
+    if infos:
+        num_params, final_step = infos[-1].num_params, infos[-1].step
+    else:  # results kept without their checkpoints (a committed study): read both from what was kept
+        num_params, final_step = _whole_model_parameters(results), _last_step(run)
     return RunResults(path=path, run=run, variant=variant, label=variant.label,
-                      seed=int(config.get("seed", 0) or 0), num_params=infos[-1].num_params if infos else None,
-                      results=results, dynamics=dynamics, final_step=infos[-1].step if infos else None,
-                      weights=weights)
+                      seed=int(config.get("seed", 0) or 0), num_params=num_params, results=results,
+                      dynamics=dynamics, final_step=final_step, weights=weights)
+
+
+def _whole_model_parameters(results: list[Result]) -> int | None:
+    """The parameter count a whole-model Hessian result was taken over, or ``None``."""
+    for r in results:
+        if r.kind == "hessian" and not r.settings.get("params") and "num_parameters" in r.dataset:
+            values = np.asarray(r.dataset["num_parameters"].values, dtype=float).ravel()
+            values = values[np.isfinite(values)]
+            if values.size:
+                return int(values[-1])
+    return None
+
+
+def _last_step(run: Run) -> int | None:
+    """The step of the last row of ``metrics.csv``, or ``None``."""
+    try:
+        metrics = run.read_metrics()
+    except LandscapeError:
+        return None
+    if metrics.empty or "step" not in metrics:
+        return None
+    steps = metrics["step"].dropna()
+    return int(steps.iloc[-1]) if len(steps) else None
 
 
 def load_results(paths: Iterable[str | os.PathLike], *, weights: str = "raw") -> list[RunResults]:
@@ -280,11 +306,11 @@ REFERENCE_ADAPTIVE_RHO = 0.5
 SURFACE_WIDTH_RISE = 0.1  # nats: the surface width is where the loss stays within this of its centre value
 
 MEASURES: dict[str, Measure] = {m.name: m for m in (
-    Measure("top_eigenvalue", "top Hessian eigenvalue λ₁", "nats", True, False,
+    Measure("top_eigenvalue", "top Hessian eigenvalue λ₁", "nats per squared weight", True, False,
             "a rescaling of the weights that keeps the function can make λ₁ as large as wanted (Dinh et al. 2017)"),
-    Measure("trace", "Hessian trace tr H", "nats", True, True,
+    Measure("trace", "Hessian trace tr H", "nats per squared weight", True, True,
             "a sum over all P eigenvalues: grows with the parameter count"),
-    Measure("trace_per_parameter", "mean eigenvalue tr H / P", "nats", True, False,
+    Measure("trace_per_parameter", "mean eigenvalue tr H / P", "nats per squared weight", True, False,
             "the trace divided by the parameter count P"),
     Measure("worst_case_sharpness", "worst-case sharpness (SAM), ρ = {rho}", "nats", True, True,
             "max of L(w + δ) − L(w) over ‖δ‖₂ ≤ ρ: a fixed radius is a smaller step for larger ‖w‖"),
