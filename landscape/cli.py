@@ -305,9 +305,9 @@ def analyze() -> None:
 @click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
               help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
                    "is split over the processes].")
-@click.option("--cold", is_flag=True,
-              help="Start every eigensolve from random vectors [default: from the previous checkpoint's Ritz vectors, "
-                   "the same eigenvalues to --tol in fewer products].")
+@click.option("--warm/--cold", default=False, show_default=True,
+              help="Start each eigensolve from the previous checkpoint's Ritz vectors (the same eigenvalues to --tol; "
+                   "fewer products only when checkpoints are very close: benchmarks/series.md) or from random ones.")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 @LOG_OPTION
@@ -315,7 +315,7 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
                     trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
                     batch_size: int, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
                     save_eigenvectors: bool, shard: str | None, data_dir: Path | None, per_block: bool = False,
-                    preconditioned: bool = False, log: tuple[str, ...] = (), cold: bool = False,
+                    preconditioned: bool = False, log: tuple[str, ...] = (), warm: bool = False,
                     **evaluation_data) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
@@ -335,8 +335,8 @@ def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which
     check_log(log)
     ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
                               device=device, save_eigenvectors_to_disk=save_eigenvectors,
-                              progress=sys.stderr.isatty(), shard=shard, warm_start=not cold,
-                              on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=not cold)))
+                              progress=sys.stderr.isatty(), shard=shard, warm_start=warm,
+                              on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm)))
     if ds is None:  # not the first of several processes: it prints
         return
     selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}

@@ -112,7 +112,7 @@ def test_series_analysis_records_each_start_and_cold_agrees_within_tol(tmp_path)
     run = make_close_run(tmp_path / "run")
     settings = HessianSettings(top_k=2, tol=1e-4, samples=24, dtype="float64")
     planned = []
-    warm = run_hessian_analysis(run, settings, on_plan=planned.append)
+    warm = run_hessian_analysis(run, settings, on_plan=planned.append, warm_start=True)
     assert planned == [3]
     assert list(warm["eigenvalue_warm_start"].values) == [0, 1, 1]
     assert list(warm["eigenvalue_start_step"].values) == [-1, 5, 10]
@@ -139,7 +139,7 @@ def test_cli_prints_its_plan_before_the_table_and_cold_turns_warm_starts_off(tmp
 def test_plan_counts_the_first_checkpoint_cold_and_the_rest_warm():
     settings = HessianSettings(top_k=5, trace=True, trace_matvecs=9)
     assert describe_plan(settings, 1) == "1 checkpoint x ~41 products (eigenvalues ~32, trace 9)"
-    line = describe_plan(settings, 10)
+    line = describe_plan(settings, 10, warm_start=True)
     assert line.startswith("10 checkpoints x ~") and "~14 warm-started" in line
     per_checkpoint = int(line.split("~")[1].split()[0])
     assert per_checkpoint == round((32 + 9 * 14) / 10 + 9)

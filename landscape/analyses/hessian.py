@@ -1114,7 +1114,7 @@ def run_hessian_analysis(
     save_eigenvectors_to_disk: bool = False,
     progress: bool = False,
     shard: str | None = None,
-    warm_start: bool = True,
+    warm_start: bool = False,
     on_plan: Callable[[int], Any] | None = None,
 ):
     """Measure the Hessian at the selected checkpoints of ``run``; results in ``RUN/analysis/hessian.nc``
@@ -1227,7 +1227,7 @@ def expected_warm_products(settings: HessianSettings) -> int:
     return min(per_end, cold) * (2 if settings.which == "both" else 1) if settings.top_k else 0
 
 
-def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = True) -> str:
+def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False) -> str:
     """One line saying what an analysis of ``checkpoints`` checkpoints will cost, in Hessian-vector products:
     ``"28 checkpoints x ~21 products (eigenvalues ~12, trace 9)"``."""
     total = expected_products(settings)
