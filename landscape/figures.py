@@ -163,7 +163,7 @@ def accuracy_curves(results: Sequence[RunResults], styles: dict[str, VariantStyl
         ax.set_title(_weights_label(w), loc="left")
     axes[-1].set_xlabel("epoch")
     _add_peak_note(axes[0])
-    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False, ncol=2)  # a column-wide figure
     return fig
 
 
