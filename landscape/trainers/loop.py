@@ -280,8 +280,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             "lr": last_lr,
             "grad_norm": norm_sum / n if n else None,
             "wall_time": elapsed + (time.perf_counter() - t_resumed),
-            "schedule_epochs": config.epochs,
             "images_per_s": images_in_row / train_time_in_row if train_time_in_row > 0 else None,
+            "schedule_epochs": config.epochs,
         }
         if has_moe:
             row["moe_aux_loss"] = aux_sum / n if n else None
