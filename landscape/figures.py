@@ -387,7 +387,7 @@ def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantSty
         _symlog_ticks(ax, threshold, max(abs(low), abs(high)))
         if i % ncols == 0:
             ax.set_ylabel("spectral density")
-    fig.supxlabel("Hessian eigenvalue λ (symmetric log scale)", fontsize=STYLE["axes.labelsize"])
+        ax.set_xlabel("eigenvalue λ (symlog)")
     return fig
 
 
