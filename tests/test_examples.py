@@ -25,6 +25,7 @@ def numbers(line: str) -> list[float]:
     return [float(v) for v in re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", line)]
 
 
+@pytest.mark.slow
 def test_timm_example_prints_eigenvalues_sharpness_and_draws_the_surface(tmp_path):
     out = run_example("timm_vit.py", "--out", str(tmp_path / "surface.png"))
     eigen = next(line for line in out.splitlines() if line.startswith("top eigenvalues"))
@@ -33,6 +34,7 @@ def test_timm_example_prints_eigenvalues_sharpness_and_draws_the_surface(tmp_pat
     assert "m-sharpness" in out and (tmp_path / "surface.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_huggingface_example_measures_a_vit_for_image_classification():
     if importlib.util.find_spec("transformers") is None:
         pytest.skip("transformers is not installed (pip install -e '.[compare]')")
@@ -41,6 +43,7 @@ def test_huggingface_example_measures_a_vit_for_image_classification():
     assert numbers(out.splitlines()[1].split(":")[-1])[0] >= 0  # worst-case sharpness is a rise of the loss
 
 
+@pytest.mark.slow
 def test_cnn_regression_example_uses_the_mse_loss():
     out = run_example("cnn_regression.py")
     mse = float(re.search(r"MSE (\S+);", out).group(1))

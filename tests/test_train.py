@@ -323,6 +323,7 @@ def test_mae_pretraining_then_fine_tuning_starts_from_the_encoder(tmp_path):
 
 
 # -- data parallel ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path):
     overrides = ["epochs=2", "batch_size=64", "data.train_size=512", "model.kwargs.depth=2"]
     single = train(build_config("digits", overrides=overrides), tmp_path / "single", progress=False)
