@@ -22,7 +22,6 @@ DATA_DIR_OPTION = click.option(
     help="Folder holding the datasets' official files (default: $LANDSCAPE_DATA_DIR).",
 )
 
-
 LOG_OPTION = click.option(
     "--log", "log", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
     help="Also send the scalars to TensorBoard (event files in the run directory: tensorboard --logdir runs/) or "
@@ -67,12 +66,12 @@ class LandscapeGroup(click.Group):
             return super().invoke(ctx)
         except LandscapeError as e:
             click.echo(f"Error: {e}", err=True)
+            ctx.exit(1)
         except OSError as e:  # the machine's failures that no write path caught: still one sentence, no traceback
             from landscape.io import describe_os_error
 
             where = f" on {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"Error: the operating system refused an operation{where} ({describe_os_error(e)}).", err=True)
-            ctx.exit(1)
             ctx.exit(1)
 
 
@@ -554,11 +553,27 @@ def import_command(source: Path, out: Path, format_: str | None, model: str | No
     open (head count, pooling) are guessed and named in a note, with the --model-arg that overrides them.
     """
     from landscape.config import parse_override
-    from landscape.importers import import_checkpoint
+    from landscape.importers import IMPORT_STAGES, import_checkpoint
 
-    result = import_checkpoint(source, out, format=format_, model=model,
-                               model_args=dict(parse_override(a) for a in model_args), data=data,
-                               img_size=img_size, classes=classes, check_logits=check_logits, data_dir=data_dir)
+    bar = None
+    if sys.stderr.isatty():  # a ViT-B file takes tens of seconds: say which stage, with the time left
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(IMPORT_STAGES), unit=" stage", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def stage(name: str) -> None:
+        if bar is not None:
+            bar.update(IMPORT_STAGES.index(name) - bar.n)
+            bar.set_description(name)
+
+    try:
+        result = import_checkpoint(source, out, format=format_, model=model,
+                                   model_args=dict(parse_override(a) for a in model_args), data=data,
+                                   img_size=img_size, classes=classes, check_logits=check_logits, data_dir=data_dir,
+                                   progress=stage)
+    finally:
+        if bar is not None:
+            bar.close()
     print_table([{
         "run": str(result.run.root), "format": result.format, "model": result.model,
         "params": result.num_params, "ema": "yes" if result.has_ema else "no", "data": result.data,
@@ -673,9 +688,12 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
 @click.option("--figures-out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the PNG figures here (e.g. figures/ of the repository).")
 @click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
+@click.option("--smoke", is_flag=True,
+              help="The least that runs every stage (1 epoch unless --epochs, 128 training images, a few products "
+                   "per analysis): a check that the demo works, in well under a minute with --seeds 1; not a result.")
 @DATA_DIR_OPTION
 def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
-         force: bool, data_dir: Path | None) -> None:
+         force: bool, smoke: bool, data_dir: Path | None) -> None:
     """The whole study on a small scale: train, analyse every checkpoint, draw the figures, write the report.
 
     Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
@@ -683,7 +701,7 @@ def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None,
     """
     from landscape.study import demo_study
 
-    _run_study(demo_study(data, seeds=seeds, epochs=epochs), out, jobs=jobs, figures_out=figures_out, force=force,
+    _run_study(demo_study(data, seeds=seeds, epochs=epochs, smoke=smoke), out, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what="landscape demo")
 
 
@@ -747,7 +765,7 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
     click.echo(f"{what}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data} into {out}", err=True)
     command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
-                        figures_out=figures_out, force=force, command=command)
+                        figures_out=figures_out, force=force, command=command, progress=sys.stderr.isatty())
     click.echo(f"report:  {outcome.report}")
     click.echo(f"figures: {outcome.out / 'figures'}" + (f" and {figures_out}" if figures_out else ""))
     click.echo(f"done in {outcome.wall_time:.0f} s")

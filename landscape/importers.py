@@ -1234,6 +1234,9 @@ def _chmod_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
+IMPORT_STAGES = ("reading the file", "building the model", "checking logits", "loading EMA weights", "writing the run")
+
+
 def import_checkpoint(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -1246,8 +1249,11 @@ def import_checkpoint(
     classes: int | None = None,
     check_logits: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], Any] | None = None,
 ) -> ImportResult:
     """Turn a foreign checkpoint into a run directory ``out`` with one checkpoint (step 0) and its config.
+
+    ``progress`` is called with the name of each stage of :data:`IMPORT_STAGES` as it starts (a progress bar).
 
     Everything is checked (read, filter, recover, build, strict load of raw and EMA weights, the logits against
     ``check_logits`` or a reference output the file holds, the data against the model's input and classes)
@@ -1260,10 +1266,14 @@ def import_checkpoint(
     if data is not None:
         _check_dataset(data)
 
+    stage = progress or (lambda name: None)
+    stage(IMPORT_STAGES[0])
     foreign = read_foreign_checkpoint(source, format)
+    stage(IMPORT_STAGES[1])
     spec = resolve_model(foreign, model, model_args)
     label = str(foreign.path)
     raw_model = load_into_model(spec, foreign.state_dict, source=label)
+    stage(IMPORT_STAGES[2])
     notes = list(spec.notes)
     checks = []
     if "reference" in foreign.extra:
@@ -1278,6 +1288,7 @@ def import_checkpoint(
         notes.append(f"logits verified against {check['against']}: largest difference {check['max_abs_diff']:.2g} "
                      f"over {check['inputs']} inputs")
     ema_state = None
+    stage(IMPORT_STAGES[3])
     if foreign.ema_state_dict is not None:
         ema_state = load_into_model(spec, foreign.ema_state_dict, source=f"{label} (EMA weights)").state_dict()
     state = raw_model.state_dict()
@@ -1310,6 +1321,7 @@ def import_checkpoint(
         "source": source_info,
     }
 
+    stage(IMPORT_STAGES[4])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".importing", dir=out.parent))
     try:
