@@ -307,13 +307,13 @@ class PyHessianRun:
     product), every product counted and checked against a deadline."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, deadline: Deadline):
-        import pyhessian.hessian as module
+        from pyhessian import hessian
 
         self.model = copy.deepcopy(model)
         self.model.zero_grad(set_to_none=True)
         batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
         with sdpa_kernel(SDPBackend.MATH):
-            self.engine = module.hessian(self.model, nn.CrossEntropyLoss(), dataloader=batches,
+            self.engine = hessian(self.model, nn.CrossEntropyLoss(), dataloader=batches,
                                          cuda=x.device.type == "cuda")
         product = self.engine.dataloader_hv_product
 

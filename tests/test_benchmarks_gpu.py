@@ -40,8 +40,10 @@ def run_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_tiny_run_writes_a_table_with_every_row_for_both_hessian_states(tmp_path):
     md = tmp_path / "table.md"
-    # a budget no part reaches on a loaded CPU, so no row is replaced by a cap
-    result = run_script("--tiny", "--device", "cpu", "--budget", "3000", "--md", str(md))
+    # a budget no part reaches on a loaded CPU, so no row is replaced by a cap; PyHessian's looser tolerance and
+    # two batches of 16 images keep the power iteration short
+    result = run_script("--tiny", "--device", "cpu", "--budget", "3000", "--samples", "32", "--pyhessian-tol", "1e-3",
+                        "--md", str(md), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     text = md.read_text()
     assert text == "# GPU benchmark\n\n" + result.stdout
