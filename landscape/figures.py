@@ -714,7 +714,7 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
     if not rows:
         return None
     groups = max(ds.sizes["group"] for _, _, ds in panels)
-    fig = _figure(PAGE_WIDTH if len(panels) > 1 else COLUMN_WIDTH, len(rows) * (0.9 + 0.13 * groups) + 0.3)
+    fig = _figure(PAGE_WIDTH if len(panels) > 1 else COLUMN_WIDTH, len(rows) * (1.0 + 0.14 * groups) + 0.3)
     axes = fig.subplots(len(rows), len(panels), squeeze=False)
     for row, (variable, label) in enumerate(rows):
         matrices = []
@@ -735,12 +735,13 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
             epochs = ds["epoch"].values.astype(int)
             ticks = np.unique(np.linspace(0, len(epochs) - 1, min(len(epochs), 6)).astype(int))
             ax.set_xticks(ticks, [str(epochs[t]) for t in ticks])
-            ax.set_yticks(range(ds.sizes["group"]), [str(g) for g in ds["group"].values], fontsize=5.5)
+            ax.set_yticks(range(ds.sizes["group"]), [str(g) for g in ds["group"].values])
             ax.grid(False)
             if row == 0:
                 ax.set_title(f"{style.label} (seed {r.seed})")
-            if row == len(rows) - 1:
-                ax.set_xlabel("epoch")
+            ax.set_xlabel("epoch")
+            if col == 0:
+                ax.set_ylabel("parameter group")
         if image is not None:
             fig.colorbar(image, ax=list(axes[row]), label=label, shrink=0.9)
     return fig

@@ -44,6 +44,7 @@ def make_tiny_run(root: Path, name: str, model: str, kwargs: dict, seed: int):
     EMA weights a little off the raw ones): what the analyses need, in well under a second."""
     import numpy as np
 
+    from landscape.analyses.stability import preconditioner_path, save_preconditioner
     from landscape.checkpoints import save_checkpoint
     from landscape.config import config_hash
     from landscape.models import create_model
@@ -64,13 +65,18 @@ def make_tiny_run(root: Path, name: str, model: str, kwargs: dict, seed: int):
         ema = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
         save_checkpoint(run.checkpoint_path(epoch=epoch), state, model=model, model_kwargs=kwargs, epoch=epoch,
                         step=10 * epoch, metrics=rows[-1], config_hash=config_hash(config), ema_state_dict=ema)
+        second_moment = {k: 1e-4 * v.square() + 1e-8 for k, v in state.items() if v.is_floating_point()}
+        save_preconditioner(preconditioner_path(run.root, f"epoch-{epoch:04d}"), second_moment, {
+            "optimizer": "AdamW", "step": 10 * epoch, "lr": 1e-3 / epoch, "lr_uniform": True, "betas": [0.9, 0.999],
+            "eps": 1e-8, "momentum": 0.0, "nesterov": False}, checkpoint_step=10 * epoch, config_hash=config_hash(config))
     run.write_metrics(rows)
     return run
 
 
 def analyse_tiny_run(run, *, adaptive: bool = True) -> None:
     """Every analysis the study runs, with the real analysis functions at tiny settings: the Hessian's top
-    eigenvalues and trace at every checkpoint, its density at the last, plain and adaptive sharpness, the random
+    eigenvalues and trace at every checkpoint (per parameter group too, the preconditioned sharpness from a made-up
+    Adam state, the eigenvectors kept), its density at the last, plain and adaptive sharpness, the random
     1D and 2D surfaces and the dynamics."""
     from landscape.analyses.dynamics import write_dynamics
     from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
@@ -78,8 +84,9 @@ def analyse_tiny_run(run, *, adaptive: bool = True) -> None:
     from landscape.analyses.surface import SurfaceSettings, run_surface_analysis
 
     common = dict(samples=16, seed=0)
-    run_hessian_analysis(run, HessianSettings(top_k=2, tol=1e-2, trace=True, trace_matvecs=4, **common),
-                         device="cpu")
+    run_hessian_analysis(run, HessianSettings(top_k=2, tol=1e-2, trace=True, trace_matvecs=4, per_block=True,
+                                              preconditioned=True, **common), device="cpu",
+                         save_eigenvectors_to_disk=True)
     run_hessian_analysis(run, HessianSettings(top_k=0, density=True, density_probes=1, density_steps=4,
                                               density_grid_size=50, **common), checkpoints="last", device="cpu")
     plain = SharpnessSettings(rhos=(0.01, 0.05, 0.1), steps=1, draws=1, **common)
