@@ -76,8 +76,8 @@ def make_tiny_run(root: Path, name: str, model: str, kwargs: dict, seed: int):
 def analyse_tiny_run(run, *, adaptive: bool = True) -> None:
     """Every analysis the study runs, with the real analysis functions at tiny settings: the Hessian's top
     eigenvalues and trace at every checkpoint (per parameter group too, the preconditioned sharpness from a made-up
-    Adam state, the eigenvectors kept), its density at the last, plain and adaptive sharpness, the random
-    1D and 2D surfaces and the dynamics."""
+    Adam state, the eigenvectors kept), its density and per-batch top eigenvalues at the last, plain and adaptive
+    sharpness, the random 1D and 2D surfaces and the dynamics."""
     from landscape.analyses.dynamics import write_dynamics
     from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
     from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis
@@ -89,6 +89,8 @@ def analyse_tiny_run(run, *, adaptive: bool = True) -> None:
                          save_eigenvectors_to_disk=True)
     run_hessian_analysis(run, HessianSettings(top_k=0, density=True, density_probes=1, density_steps=4,
                                               density_grid_size=50, **common), checkpoints="last", device="cpu")
+    run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, per_batch=8, **common), checkpoints="last",
+                         device="cpu")
     plain = SharpnessSettings(rhos=(0.01, 0.05, 0.1), steps=1, draws=1, **common)
     run_sharpness_analysis(run, plain, checkpoints="last", device="cpu")
     if adaptive:
