@@ -663,12 +663,14 @@ def per_batch_eigenvalues(results: Sequence[RunResults], styles: dict[str, Varia
         ax.boxplot([values], positions=[i], widths=0.5, showfliers=False, medianprops={"color": style.color})
         jitter = np.random.default_rng(i).uniform(-0.12, 0.12, len(values))
         ax.scatter(i + jitter, values, s=6, color=style.color, alpha=0.6, linewidths=0)
-    ax.set_xticks(range(len(rows)), [label for _, label, _, _ in rows], fontsize="small")
+    ax.set_xticks(range(len(rows)), [label for _, label, _, _ in rows])
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_yscale("log")
     settings = rows[0][3]
     matrix = {"ggn": "GGN", "fisher": "Fisher", "empirical-fisher": "empirical Fisher"}.get(
         settings.get("matrix"), "Hessian")
-    ax.set_ylabel(f"top {matrix} eigenvalue λ₁\nper batch of {settings.get('per_batch')} (nats)")
+    ax.set_ylabel(f"top {matrix} eigenvalue λ₁\nper batch of {settings.get('per_batch')}")
+    ax.set_xlabel("run (variant, seed)")
     return fig
 
 
