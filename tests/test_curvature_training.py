@@ -250,10 +250,18 @@ def test_study_analysis_switches_and_the_preconditioner_they_need(tmp_path):
     from landscape.errors import ConfigError
     from landscape.study import check_study, load_study
 
-    demo = load_study(Path(__file__).parents[1] / "landscape" / "studies" / "demo-digits.yaml")
-    assert demo.analysis.per_block and demo.analysis.preconditioned and demo.analysis.subspace
+    demo_file = Path(__file__).parents[1] / "landscape" / "studies" / "demo-digits.yaml"
+    demo = load_study(demo_file)  # the demo keeps them off (time) but saves what they need
+    assert not (demo.analysis.per_block or demo.analysis.preconditioned or demo.analysis.subspace)
     assert demo.overrides["save_preconditioner"] is True
-    text = (Path(__file__).parents[1] / "landscape" / "studies" / "demo-digits.yaml").read_text()
+    text = demo_file.read_text()
+    for switch in ("per_block", "preconditioned", "subspace"):
+        text = text.replace(f"  {switch}: false", f"  {switch}: true")
+    switched = tmp_path / "switched.yaml"
+    switched.write_text(text)
+    on = load_study(switched)
+    assert on.analysis.per_block and on.analysis.preconditioned and on.analysis.subspace
+    check_study(on)
     broken = tmp_path / "study.yaml"
     broken.write_text(text.replace("  save_preconditioner: true", "  save_preconditioner: false"))
     with pytest.raises(ConfigError, match="save_preconditioner: true"):
