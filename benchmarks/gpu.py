@@ -498,7 +498,9 @@ def run(cfg: dict, args, device: torch.device, compile_: bool) -> None:
     deadline_all = started + cfg["budget"] - (3.0 if args.tiny else 20.0)  # margin for writing and exit
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    command = "python benchmarks/gpu.py" + (" --tiny" if args.tiny else "")
+    argv = sys.argv[1:]
+    shown = [a for i, a in enumerate(argv) if a != "--md" and (i == 0 or argv[i - 1] != "--md")]
+    command = " ".join(["python benchmarks/gpu.py", *shown])
     title = [f"`{command}` on {hardware}, torch {torch.__version__}, budget {cfg['budget']:.0f} s."]
     if args.tiny:
         title += ["", "SMOKE TEST at a tiny size (a 2-block, width-32 ViT at 32 px, a few steps): it shows that "
