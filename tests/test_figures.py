@@ -10,6 +10,10 @@ from landscape.summary import load_results
 matplotlib.use("Agg")
 
 
+# Every test here draws from ten runs measured by the real analyses (about a minute and a half to build).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def study(analysed_study):
     """Five variants x two seeds, analysed by the real analyses (tests/conftest.py)."""

@@ -69,6 +69,7 @@ def test_results_of_a_params_pattern_are_kept_apart_from_the_whole_model(tmp_pat
     assert json.loads(loaded.hessian.attrs["settings"])["params"] is None
 
 
+@pytest.mark.slow
 def test_compare_and_the_summary_read_the_same_final_measures(analysed_study):
     from landscape.compare import compare_runs
     from landscape.summary import final_measures
