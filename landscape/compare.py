@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from landscape.checkpoints import CheckpointInfo
-from landscape.config import atomic_write, atomic_write_text
+from landscape.io import atomic_write, atomic_write_text
 from landscape.errors import LandscapeError
 
 # Variable names each result may use for a measure, most specific first.

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from landscape.errors import ConfigError
-from landscape.io import atomic_write, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from landscape.io import atomic_write_text
 
 T = TypeVar("T")
 

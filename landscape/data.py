@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from landscape.config import atomic_write
+from landscape.io import atomic_write
 from landscape.errors import DataError
 
 ENV_VAR = "LANDSCAPE_DATA_DIR"

@@ -826,7 +826,7 @@ FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Fig
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Save ``fig`` to ``path`` (format from the extension), atomically."""
-    from landscape.config import atomic_write
+    from landscape.io import atomic_write
 
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()

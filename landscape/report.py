@@ -894,7 +894,7 @@ def _flatness_table(data: pd.DataFrame, measures: Sequence) -> Block:
 def write_report(results, out: str | os.PathLike, *, figures: dict[str, list[Path]] | None = None,
                  html: bool = False, weights: str = "raw") -> tuple[list[Path], list[Hypothesis]]:
     """Write the report of ``results`` to ``out`` (Markdown) and, with ``html``, next to it as ``.html``."""
-    from landscape.config import atomic_write_text
+    from landscape.io import atomic_write_text
 
     out = Path(out)
     blocks, hypotheses = build_report(results, figures=figures, report_path=out, weights=weights)

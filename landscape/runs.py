@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from landscape.checkpoints import CheckpointInfo, read_checkpoint_info
-from landscape.config import atomic_write_text, load_yaml, save_yaml
+from landscape.config import load_yaml, save_yaml
+from landscape.io import atomic_write_text
 from landscape.errors import CheckpointError, LandscapeError
 from landscape.io import WriteError, describe_os_error, make_dirs
 

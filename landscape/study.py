@@ -498,7 +498,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:
     import yaml
 
-    from landscape.config import atomic_write_text
+    from landscape.io import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
@@ -520,7 +520,7 @@ def _environment(jobs: int, threads: int, command: str | None) -> dict[str, Any]
 def _write_timings(path: Path, timings: dict[str, float], runs_wall: float, wall: float, runs: int, jobs: int) -> None:
     """``timings.csv``: one row per stage (``seconds``: summed over the runs for the per-run stages, which overlap
     when ``jobs > 1``; wall time for the others)."""
-    from landscape.config import atomic_write_text
+    from landscape.io import atomic_write_text
 
     per_run = [stage for stage in ("train", "hessian", "sharpness", "surface", "dynamics") if stage in timings]
     lines = ["stage,seconds,kind"]

@@ -1051,7 +1051,7 @@ def save_eigenvectors(path: str | Path, vectors: dict[str, Tensor], eigenvalues:
     """
     from safetensors.torch import save_file
 
-    from landscape.config import atomic_write
+    from landscape.io import atomic_write
 
     tensors = {end: v.detach().to("cpu").contiguous() for end, v in vectors.items()}
     meta = {

@@ -196,7 +196,7 @@ def save_directions(path: str | Path, directions: Sequence[ParamDict], metadata:
 
     from safetensors.torch import save_file
 
-    from landscape.config import atomic_write
+    from landscape.io import atomic_write
 
     tensors = {f"d{k + 1}/{name}": t.detach().to("cpu").contiguous()
                for k, d in enumerate(directions) for name, t in d.items()}
