@@ -51,7 +51,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.Tensor]:
     """``(inputs, targets)`` of ``data`` (see the module docstring), the batches concatenated in their order;
     ``samples`` keeps the first ``samples`` examples."""
-    from landscape.analyses.curvature import num_inputs, slice_inputs
+    from landscape.curvature.loss import num_inputs, slice_inputs
 
     if samples is not None and samples < 1:
         raise ConfigError(f"samples must be a positive number of examples, not {samples}.")
@@ -238,7 +238,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     and ``points`` per axis define the grid. Returns the Dataset of
     :func:`~landscape.analyses.surface.surface_analysis`.
     """
-    from landscape.analyses.curvature import LossFunction
+    from landscape.curvature.loss import LossFunction
     from landscape.analyses.surface import (DEFAULT_RANGES, SurfaceSettings, filter_normalize, grid_axes,
                                             qkv_head_counts, random_directions, surface_analysis)
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from landscape import data as D
+from landscape.data import cifar, registry
 from landscape.errors import DataError
 
 
@@ -52,7 +53,7 @@ def cifar_batch(n: int, num_classes: int, seed: int, label_key: bytes) -> dict:
 
 def write_tiny_cifar(base: Path, name: str, as_tar: bool, n=4) -> dict[str, dict]:
     """CIFAR batches as the official python pickles (protocol 2, bytes keys), in a folder or a .tar.gz."""
-    folder_name, tar_name, members, label_key = D._CIFAR_LAYOUT[name]
+    folder_name, tar_name, members, label_key = cifar.CIFAR_LAYOUT[name]
     num_classes = 10 if name == "cifar10" else 100
     batches = {m: cifar_batch(n, num_classes, seed=i, label_key=label_key.encode())
                for i, m in enumerate(members["train"] + members["val"])}
@@ -237,7 +238,7 @@ def test_mismatched_image_and_label_counts_are_refused(tmp_path):
 @pytest.mark.parametrize("as_tar", [False, True])
 def test_cifar_loader_reads_the_official_pickle_layout(tmp_path, name, as_tar):
     batches = write_tiny_cifar(tmp_path / name, name, as_tar)
-    _, _, members, label_key = D._CIFAR_LAYOUT[name]
+    _, _, members, label_key = cifar.CIFAR_LAYOUT[name]
     x, y = D.load_arrays(name, "train", data_dir=tmp_path)
     assert x.shape == (4 * len(members["train"]), 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
     first = batches[members["train"][0]]
@@ -437,7 +438,7 @@ def test_missing_files_are_one_sentence_naming_files_and_source(tmp_path, monkey
     message = str(e.value)
     assert all(text in message for text in expected) and str(tmp_path) in message
     assert message.endswith(".") and "\n" not in message
-    if name in D._DOWNLOADS:  # the command that fetches them, which calls download_dataset(name, data_dir)
+    if name in registry.DOWNLOADS:  # the command that fetches them, which calls download_dataset(name, data_dir)
         assert f"run 'landscape datasets --download {name}'" in message
     monkeypatch.delenv(D.ENV_VAR, raising=False)
     with pytest.raises(DataError, match=f"--data-dir or {D.ENV_VAR}"):
@@ -465,7 +466,7 @@ def test_nothing_is_downloaded_without_download(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(D.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(registry.urllib.request, "urlopen", refuse)
     with pytest.raises(DataError):
         D.load_arrays("mnist", data_dir=tmp_path)
     assert not any(tmp_path.iterdir())
@@ -475,13 +476,13 @@ def test_download_checks_md5_and_keeps_nothing_on_mismatch(tmp_path, monkeypatch
     mirror = tmp_path / "mirror"
     write_tiny_mnist(mirror)
     md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in mirror.iterdir()}
-    monkeypatch.setitem(D._DOWNLOADS, "mnist", ((mirror.as_uri() + "/",), md5))
+    monkeypatch.setitem(registry.DOWNLOADS, "mnist", ((mirror.as_uri() + "/",), md5))
     root = tmp_path / "root"
     x, y = D.load_arrays("mnist", data_dir=root, download=True)
     assert len(y) == 12 and sorted(p.name for p in (root / "mnist").iterdir()) == sorted(md5)
 
     wrong = dict(md5, **{"t10k-images-idx3-ubyte.gz": "0" * 32})
-    monkeypatch.setitem(D._DOWNLOADS, "mnist", ((mirror.as_uri() + "/",), wrong))
+    monkeypatch.setitem(registry.DOWNLOADS, "mnist", ((mirror.as_uri() + "/",), wrong))
     other = tmp_path / "other"
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: .* instead of the official 0000"):
         D.download_dataset("mnist", other)

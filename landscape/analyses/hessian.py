@@ -13,7 +13,7 @@ The estimators know nothing of neural networks. Each takes an operator :math:`A 
 - :func:`spectral_density`: the eigenvalue density :math:`\\phi(t) = \\frac1n \\sum_i \\delta(t - \\lambda_i)`
   by stochastic Lanczos quadrature, Gaussian-broadened (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019).
 
-An operator is any of: a :class:`~landscape.analyses.curvature.HessianOperator` (products stay in torch on its
+An operator is any of: a :class:`~landscape.curvature.operators.HessianOperator` (products stay in torch on its
 device), a dense torch tensor or numpy array, or any :class:`scipy.sparse.linalg.LinearOperator`. Every result
 reports how many matrix-vector products (``matvecs``) it cost.
 
@@ -715,7 +715,7 @@ class HessianSettings(EvaluationSettings):
 
     The loss is the mean cross-entropy over ``samples`` examples of the run's dataset (``dataset``/``split``;
     chosen with ``seed``), in ``dtype``. The Hessian is taken with respect to the parameters matching
-    ``params`` (:func:`~landscape.analyses.curvature.parameters_by_pattern`; all when ``None``).
+    ``params`` (:func:`~landscape.curvature.loss.parameters_by_pattern`; all when ``None``).
 
     - eigenvalues: ``top_k`` of each end asked for by ``which`` (largest, smallest, both) each to a
       relative accuracy ``tol`` (:func:`top_eigenvalues`); ``top_k=0`` skips them;
@@ -726,7 +726,7 @@ class HessianSettings(EvaluationSettings):
       points, ``density_scale`` linear or symlog.
 
     ``matrix`` chooses the curvature matrix every estimator above multiplies by
-    (:func:`~landscape.analyses.curvature.curvature_operator`): ``"hessian"``, the generalised Gauss-Newton
+    (:func:`~landscape.curvature.operators.curvature_operator`): ``"hessian"``, the generalised Gauss-Newton
     ``"ggn"``, the true ``"fisher"`` (exact, which for softmax cross-entropy equals the GGN, or with
     ``fisher_samples`` labels per example drawn from the model with ``seed``) or the ``"empirical-fisher"``
     :math:`\\frac1N \\sum_i g_i g_i^\\top`. ``per_batch``: also the largest eigenvalue of the same matrix on each
@@ -734,7 +734,7 @@ class HessianSettings(EvaluationSettings):
     (2022), to the same ``tol``.
 
     ``batch_size``, ``vectors_per_pass`` and ``product`` (how Hessian-vector products are computed:
-    :class:`~landscape.analyses.curvature.HessianOperator`; ``"auto"`` keeps the gradient graph when ``samples``
+    :class:`~landscape.curvature.operators.HessianOperator`; ``"auto"`` keeps the gradient graph when ``samples``
     fit in one batch) trade memory for speed only.
     """
 
@@ -778,13 +778,13 @@ class HessianSettings(EvaluationSettings):
         if self.which not in WHICH:
             raise ConfigError(f"Unknown eigenvalue selection {self.which!r}; accepted are {', '.join(WHICH)}.")
         self.check_evaluation()
-        from landscape.analyses.curvature import PRODUCTS
+        from landscape.curvature.operators import PRODUCTS
 
         if self.trace_method not in ("lanczos", "hutch++"):
             raise ConfigError(f"Unknown trace method {self.trace_method!r}; accepted are lanczos and hutch++.")
         if self.product not in PRODUCTS:
             raise ConfigError(f"Unknown Hessian-vector product {self.product!r}; accepted are {', '.join(PRODUCTS)}.")
-        from landscape.analyses.curvature import MATRICES
+        from landscape.curvature.operators import MATRICES
 
         if self.matrix not in MATRICES:
             raise ConfigError(f"Unknown curvature matrix {self.matrix!r}; accepted are {', '.join(MATRICES)}.")
@@ -849,7 +849,7 @@ def hessian_analysis(
     from its vectors, when it holds any, and leaves this model's Ritz vectors there for the next.
 
     ``criterion(outputs, targets)`` is the mean loss of a batch (cross-entropy when ``None``); ``x`` may be a dict
-    of input tensors (:class:`~landscape.analyses.curvature.LossFunction`).
+    of input tensors (:class:`~landscape.curvature.loss.LossFunction`).
 
     With ``world`` (a :class:`~landscape.trainers.distributed.Distributed` of several processes, each calling this
     with the same model, data and settings) the evaluation set is split across the processes and every product is
@@ -868,7 +868,8 @@ def hessian_analysis(
     """
     import xarray as xr
 
-    from landscape.analyses.curvature import LossFunction, curvature_operator
+    from landscape.curvature.loss import LossFunction
+    from landscape.curvature.operators import curvature_operator
     from landscape.analyses.distributed import split_evaluation_set
 
     settings = settings or HessianSettings()
@@ -1005,7 +1006,8 @@ def per_batch_top_eigenvalues(model: torch.nn.Module, x: Tensor, y: Tensor, sett
     Park & Kim (2022, "How do vision transformers work?") report the distribution of this :math:`\\lambda_{\\max}`
     over mini-batches. Each batch's operator is built on that batch alone (one process computes every batch).
     """
-    from landscape.analyses.curvature import LossFunction, curvature_operator
+    from landscape.curvature.loss import LossFunction
+    from landscape.curvature.operators import curvature_operator
 
     size = settings.per_batch
     rows = []
@@ -1076,7 +1078,7 @@ class HessianEigenvectors:
 
     def direction(self, index: int = 0, end: str = "largest") -> dict[str, Tensor]:
         """Eigenvector ``index`` (0: the extreme one) of ``end`` as ``{parameter name: tensor}``."""
-        from landscape.analyses.curvature import unflatten_vector
+        from landscape.curvature.loss import unflatten_vector
 
         if end not in self.vectors:
             raise LandscapeError(f"No {end} eigenvectors were saved; saved are {', '.join(self.vectors)}.")
@@ -1137,7 +1139,7 @@ def run_hessian_analysis(
     called on the first process with the number of checkpoints to measure, before the first one starts.
     """
     from landscape.analyses import distributed
-    from landscape.analyses.curvature import evaluation_data
+    from landscape.analyses.evaluation import evaluation_data
     from landscape.analyses.results import results_path
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run

@@ -68,7 +68,7 @@ an unbiased estimate; the standard error is the sample standard deviation of the
 
 The functions :func:`worst_case_sharpness`, :func:`average_case_sharpness` and :func:`first_order_sharpness` take
 closures over a flat parameter vector and know nothing about networks; :func:`sharpness_analysis` binds them to a
-model and the analysis subset through :class:`~landscape.analyses.curvature.LossFunction`;
+model and the analysis subset through :class:`~landscape.curvature.loss.LossFunction`;
 :func:`run_sharpness_analysis` runs over a run's checkpoints and writes ``RUN/analysis/sharpness.nc`` (one entry per
 checkpoint, dimension ``rho``; settings, seed and library versions in its attrs; resumable).
 """
@@ -566,7 +566,7 @@ def sharpness_analysis(
     """All sharpness measures of ``settings`` for ``model`` on the evaluation set ``(x, y)``.
 
     ``criterion(outputs, targets)`` is the mean loss of a batch (cross-entropy when ``None``); ``x`` may be a dict
-    of input tensors (:class:`~landscape.analyses.curvature.LossFunction`).
+    of input tensors (:class:`~landscape.curvature.loss.LossFunction`).
 
     With ``world`` (a :class:`~landscape.trainers.distributed.Distributed` of several processes, each calling this
     with the same model, data and settings) the evaluation set is split across the processes with every loss and
@@ -584,7 +584,7 @@ def sharpness_analysis(
     import numpy as np
     import xarray as xr
 
-    from landscape.analyses.curvature import LossFunction, num_inputs, slice_inputs
+    from landscape.curvature.loss import LossFunction, num_inputs, slice_inputs
     from landscape.analyses.distributed import map_sharded, split_evaluation_set
 
     settings = settings or SharpnessSettings()
@@ -700,7 +700,7 @@ def run_sharpness_analysis(
     results file, and the others return ``None``.
     """
     from landscape.analyses import distributed
-    from landscape.analyses.curvature import evaluation_data
+    from landscape.analyses.evaluation import evaluation_data
     from landscape.analyses.results import results_path
     from landscape.checkpoints import build_model, load_checkpoint
     from landscape.runs import Run

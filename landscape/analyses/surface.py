@@ -70,7 +70,7 @@ Grids and results
 -----------------
 The coordinates of the checkpoints themselves (0 for the centre; 0 and 1 for interpolation and planes) are always
 grid points (:func:`grid_axes`), and :func:`combine` gives them exactly the checkpoint's tensors. Every point is
-evaluated by :meth:`landscape.analyses.curvature.LossFunction.evaluate`, the one definition of the evaluation loss
+evaluated by :meth:`landscape.curvature.loss.LossFunction.evaluate`, the one definition of the evaluation loss
 that all analyses share, so a grid point at a checkpoint reproduces that checkpoint's own evaluation bit for bit.
 
 ``RUN/analysis/surface-<directions>-<dims>d.nc`` holds, per checkpoint, ``loss`` and ``top1`` over ``a`` (and
@@ -426,7 +426,7 @@ def evaluate_grid(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loss and top-1 accuracy (%) at each row of ``coefficients`` ``(points, len(bases))``.
 
-    ``closure`` is a :class:`landscape.analyses.curvature.LossFunction` (its ``evaluate`` defines the loss: the
+    ``closure`` is a :class:`landscape.curvature.loss.LossFunction` (its ``evaluate`` defines the loss: the
     batch-size-weighted mean over the analysis subset, eval mode); ``extra`` holds tensors passed unchanged at
     every point (buffers). Point :math:`i` is evaluated at ``combine(bases, coefficients[i])``. ``progress(1)`` is
     called after each point. With ``world`` (several processes, each calling this alike) the points are cut into
@@ -591,7 +591,7 @@ def surface_analysis(
     For ``kind`` in random, pca, eigen, ``directions`` are :math:`d_1 (, d_2)` and the weights
     :math:`w_0 + a d_1 + b d_2`; for interpolate and plane they are the other checkpoints :math:`w_1 (, w_2)` and
     the weights :math:`(1 - a - b) w_0 + a w_1 + b w_2`. ``closure`` is a
-    :class:`~landscape.analyses.curvature.LossFunction`; ``extra`` tensors (buffers) are passed unchanged. With
+    :class:`~landscape.curvature.loss.LossFunction`; ``extra`` tensors (buffers) are passed unchanged. With
     ``world`` the grid points are shared out between processes (:func:`evaluate_grid`).
 
     Returns an ``xarray.Dataset`` (no checkpoint dimension): ``loss``/``top1`` over ``a`` (and ``b``),
@@ -803,7 +803,8 @@ def run_surface_analysis(
     points; only the first process writes the results file (and saved directions), and the others return ``None``.
     """
     from landscape.analyses import distributed
-    from landscape.analyses.curvature import LossFunction, evaluation_data
+    from landscape.analyses.evaluation import evaluation_data
+    from landscape.curvature.loss import LossFunction
     from landscape.analyses.sharpness import progress_bar
     from landscape.checkpoints import build_model
     from landscape.runs import Run
