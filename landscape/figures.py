@@ -577,8 +577,8 @@ def surface_3d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
 # == flatness against the dynamics ===============================================================================
 def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantStyle], response: str,
                       ylabel: str) -> Figure | None:
-    from landscape.report import FLAG_REPARAMETERISATION, FLAG_SIZE, rank_correlation
-    from landscape.summary import final_measures
+    from landscape.statistics import rank_correlation
+    from landscape.summary import FLAG_REPARAMETERISATION, FLAG_SIZE, final_measures
 
     table, measures = final_measures(results)
     measures = [m for m in measures if table[m.name].notna().any()]
@@ -593,13 +593,12 @@ def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantSt
             style = styles[row["variant"]]
             ax.plot(row[m.name], row[response], linestyle="none", marker=style.marker, color=style.color,
                     markersize=3.5, alpha=0.9)
-        c = rank_correlation(m.name, table[m.name], table[response],
+        c = rank_correlation(table[m.name], table[response],
                              predicted="positive" if m.smaller_is_flatter else "negative")
-        flags = (FLAG_REPARAMETERISATION if m.reparameterisation else "") + (FLAG_SIZE if m.size_dependent else "")
         interval = f", 95% [{c.low:+.2f}, {c.high:+.2f}]" if math.isfinite(c.low) else ""
         title = f"r_s = {c.rho:+.2f}{interval}, n = {c.n}" if math.isfinite(c.rho) else f"n = {c.n}"
         ax.set_title(title, fontsize=7)
-        ax.set_xlabel(_measure_axis_label(m, flags), fontsize=7)
+        ax.set_xlabel(_measure_axis_label(m, m.flags), fontsize=7)
         values = table[m.name].to_numpy(float)
         if np.all(values[np.isfinite(values)] > 0) and np.nanmax(values) / np.nanmin(values) > 20:
             ax.set_xscale("log")

@@ -53,6 +53,7 @@ from landscape.statistics import (
     measure_verdict,
 )
 from landscape.statistics import rank_correlation as rank_test
+from landscape.summary import FLAG_REPARAMETERISATION, FLAG_SIZE
 
 PERMUTATIONS = 10000  # permutations behind the p-value of a rank correlation (exact below this many)
 
@@ -490,8 +491,6 @@ def render_html(blocks: Sequence[Block], title: str = "landscape report") -> str
 
 
 # == the report of a study =======================================================================================
-FLAG_REPARAMETERISATION = "†"
-FLAG_SIZE = "‡"
 FIGURE_CAPTIONS = {
     "accuracy_curves": "Validation top-1 against epoch, one line per run; open circles mark each run's peak.",
     "peak_to_final_drop": "Peak-to-final drop of top-1 per variant: one marker per seed, mean ± standard deviation.",
@@ -517,11 +516,6 @@ HYPOTHESIS_FIGURES = {
     "H3": ("sharpness_vs_rho", "surface_1d", "hessian_vs_epoch"),
     "H4": ("hessian_vs_epoch", "sharpness_vs_rho", "peak_to_final_drop"),
 }
-
-
-def _flags(measure) -> str:
-    reparameterisation = FLAG_REPARAMETERISATION if measure.reparameterisation else ""
-    return reparameterisation + (FLAG_SIZE if measure.size_dependent else "")
 
 
 def _flag_legend() -> str:
@@ -572,7 +566,7 @@ def _comparison_block(comparisons: list[Comparison], measures: dict, a_label: st
         interval = f"[{_number(d.low)}, {_number(d.high)}], ν = {d.df:.1f}" if math.isfinite(d.low) else "–"
         g = f"{d.g:+.2f} [{d.g_low:+.2f}, {d.g_high:+.2f}]" if math.isfinite(d.g) else "–"
         outcome = c.outcome if c.votes else f"{c.outcome} (no vote)"
-        rows.append([f"{m.label}{_flags(m)}", format_estimate(c.a.mean, c.a.se), format_estimate(c.b.mean, c.b.se),
+        rows.append([f"{m.label}{m.flags}", format_estimate(c.a.mean, c.a.se), format_estimate(c.b.mean, c.b.se),
                      _number(d.difference), interval, g, f"**{outcome}**" if c.invariant and c.votes else outcome])
     n_a, n_b = (comparisons[0].a.n, comparisons[0].b.n) if comparisons else (0, 0)
     return table_block(["measure", f"{a_label} (n={n_a})", f"{b_label} (n={n_b})", "difference Δ",
@@ -590,7 +584,7 @@ def _correlation_block(correlations: list[Correlation], measures: dict, response
     rows, within = [], any(c.within is not None for c in correlations)
     for c in correlations:
         m = measures[c.measure]
-        row = [f"{m.label}{_flags(m)}", *cells(c), c.outcome if c.votes else f"{c.outcome} (no vote)"]
+        row = [f"{m.label}{m.flags}", *cells(c), c.outcome if c.votes else f"{c.outcome} (no vote)"]
         if within:
             row += [*cells(c.within), c.within.outcome if c.within is not None else "–"]
         rows.append(row + [c.n])
@@ -888,7 +882,7 @@ def _flatness_table(data: pd.DataFrame, measures: Sequence) -> Block:
     for _, g in data.groupby("variant", sort=False):
         rows.append([g["label"].iloc[0]] + [format_estimate(e.mean, e.se) for e in (_estimate(g, m.name)
                                                                                       for m in measures)])
-    return table_block(["variant"] + [f"{m.label}{_flags(m)}" for m in measures], rows)
+    return table_block(["variant"] + [f"{m.label}{m.flags}" for m in measures], rows)
 
 
 def write_report(results, out: str | os.PathLike, *, figures: dict[str, list[Path]] | None = None,

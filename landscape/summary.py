@@ -300,6 +300,14 @@ class Measure:
         """This measure with its radius filled into the label."""
         return dataclasses.replace(self, label=self.label.format(rho=f"{rho:g}")) if rho is not None else self
 
+    @property
+    def flags(self) -> str:
+        """The marks after the measure's name: :data:`FLAG_REPARAMETERISATION`, :data:`FLAG_SIZE`, both or none."""
+        return (FLAG_REPARAMETERISATION if self.reparameterisation else "") + (FLAG_SIZE if self.size_dependent else "")
+
+
+FLAG_REPARAMETERISATION = "†"  # the measure changes under reparameterisations that keep the network function
+FLAG_SIZE = "‡"  # the measure grows with the parameter count or the weight norm
 
 REFERENCE_RHO = 0.05  # the radius of plain sharpness that votes (others are drawn in the figures)
 REFERENCE_ADAPTIVE_RHO = 0.5
