@@ -183,7 +183,6 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     x, y = evaluation_data(data, samples)
     measured, dtype, note = _measured_model(model, device)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
-    config.validate()
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
         if config.top_k * (2 if config.which == "both" else 1) > count:
@@ -215,7 +214,6 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
                           f"give m at most {len(y)} or more data.")
     measured, dtype, note = _measured_model(model, device)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
-    config.validate()
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "sharpness", config, config.determining(), loss, note)
 
@@ -249,12 +247,11 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
         dims = 2 if kind == "random" else len(given)
     if kind != "random" and dims != len(given):
         raise ConfigError(f"{len(given)} direction(s) were given for a {dims}D slice; give one per dimension.")
+    if kind != "random" and range is None:
+        range = DEFAULT_RANGES.get(kind, DEFAULT_RANGES["random"])
+    # made as random directions, which checks every other field; the kind is recorded below
     config = _settings(SurfaceSettings, {**settings, "dims": dims, "range": range, "points": points}, samples=len(y),
                        dtype=dtype, what="surface()")
-    config.directions = "random"  # checks every other field; the kind is recorded below
-    if kind != "random" and range is None:
-        config.range = DEFAULT_RANGES[kind]
-    config.validate()
     config.directions = kind
     first = next(iter(measured.parameters()))
     center = {n: p.detach().clone(memory_format=torch.contiguous_format) for n, p in measured.named_parameters()}

@@ -255,12 +255,72 @@ def analyze() -> None:
 
 
 # -- analyze hessian --
+# The options every analyze command shares (each keeps its own place in its command's --help).
+def CHECKPOINTS_OPTION(default: str = "all", what: str = "Which checkpoints"):
+    return click.option("--checkpoints", default=default, show_default=True,
+                        help=f"{what}: all, last, every:N, epochs:1,10,50 or steps:100,200.")
+
+
+WEIGHTS_OPTION = click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
+                              help="Raw or EMA weights of each checkpoint.")
+SAMPLES_OPTION = click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
+                              help="Examples of the training set in the fixed evaluation set.")
+DTYPE_OPTION = click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
+
+
+def SEED_OPTION(what: str):
+    return click.option("--seed", type=int, default=0, show_default=True, help=f"Seed of the evaluation set and {what}.")
+
+
+def FORCE_OPTION(files: str | None = None):
+    where = f" of these settings ({files})" if files else ""
+    return click.option("--force", is_flag=True, help=f"Recompute checkpoints already in the results file{where}.")
+
+
+def BATCH_SIZE_OPTION(help: str = "Examples per forward pass (memory only)."):
+    return click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help=help)
+
+
+def SHARD_OPTION(*modes: str):
+    grid = ", or a block of each checkpoint's grid points" if "grid" in modes else ""
+    return click.option("--shard", type=click.Choice(list(modes)), default=None,
+                        help=f"Under torchrun: each process takes whole checkpoints{grid} [default: each checkpoint's "
+                             "evaluation set is split over the processes].")
+
+
+_EVALUATION_FIELDS = ("samples", "weights", "seed", "dtype", "batch_size", "dataset", "img_size", "classes")
+
+
+def _evaluation(options: dict) -> dict:
+    """Take the shared evaluation settings (samples, weights, seed, dtype, batch size, data) out of ``options``."""
+    return {name: options.pop(name) for name in _EVALUATION_FIELDS}
+
+
+def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, data_dir: Path | None, device: str,
+             shard: str | None, log: tuple[str, ...] = (), on_plan=None) -> None:
+    """Run ``analysis`` over the checkpoints of ``run``, print ``summary``'s table of the selected ones, send them
+    to the ``log`` trackers and say where the results are."""
+    from landscape.analyses.driver import analyze
+    from landscape.runs import Run
+
+    run_dir = Run.open(run)
+    check_log(log)
+    ds = analyze(run_dir, analysis, checkpoints=checkpoints, force=force, data_dir=data_dir, device=device,
+                 progress=sys.stderr.isatty(), shard=shard, on_plan=on_plan)
+    if ds is None:  # not the first of several processes: it prints
+        return
+    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
+    print_table([row for row in summary(ds) if row["checkpoint"] in selected])
+    path = analysis.results_path(run_dir)
+    _log_results(run_dir, log, ds, path, selected)
+    click.echo(f"Results in {path}")
+
+
 @analyze.command("hessian")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--checkpoints", default="all", show_default=True,
-              help="Which checkpoints: all, last, every:N, epochs:1,10,50 or steps:100,200.")
-@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
-              help="Raw or EMA weights of each checkpoint.")
+@CHECKPOINTS_OPTION()
+@WEIGHTS_OPTION
 @click.option("--top-k", type=click.IntRange(min=0), default=5, show_default=True,
               help="Number of extreme eigenvalues (0: none).")
 @click.option("--which", type=click.Choice(["largest", "smallest", "both"]), default="largest", show_default=True,
@@ -271,16 +331,14 @@ def analyze() -> None:
 @click.option("--trace-method", type=click.Choice(["lanczos", "hutch++"]), default="lanczos", show_default=True,
               help="lanczos: Hutchinson deflated by the eigenvalues' Krylov basis (Hutch++ with --top-k 0).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
-@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Examples of the training set in the fixed evaluation set.")
+@SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the probes.")
-@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file of these settings (RUN/analysis/hessian*.nc).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Examples per forward pass; at least --samples keeps the gradient graph (faster, more memory).")
+@SEED_OPTION("the probes")
+@FORCE_OPTION("RUN/analysis/hessian*.nc")
+@DTYPE_OPTION
+@DEVICE_OPTION
+@BATCH_SIZE_OPTION("Examples per forward pass; at least --samples keeps the gradient graph (faster, more memory).")
 @click.option("--product", type=click.Choice(["auto", "kept-graph", "double-backward", "forward-over-reverse"]),
               default="auto", show_default=True,
               help="How Hessian-vector products are computed; auto keeps the graph when the samples are one batch.")
@@ -301,47 +359,31 @@ def analyze() -> None:
 @click.option("--preconditioned", is_flag=True,
               help="Also the sharpness the optimizer sees (Adam: top eigenvalue of P^-1/2 H P^-1/2) against its "
                    "stability threshold; needs a run trained with --set save_preconditioner=true.")
-@click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
-              help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
-                   "is split over the processes].")
+@SHARD_OPTION("checkpoints")
 @click.option("--warm/--cold", default=False, show_default=True,
               help="Start each eigensolve from the previous checkpoint's Ritz vectors (the same eigenvalues to --tol; "
                    "fewer products only when checkpoints are very close: benchmarks/series.md) or from random ones.")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 @LOG_OPTION
-def analyze_hessian(run: Path, checkpoints: str, weights: str, top_k: int, which: str, tol: float, trace: bool,
-                    trace_method: str, density: bool, samples: int, params: str | None, seed: int, force: bool, dtype: str, device: str,
-                    batch_size: int, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
-                    save_eigenvectors: bool, shard: str | None, data_dir: Path | None, per_block: bool = False,
-                    preconditioned: bool = False, log: tuple[str, ...] = (), warm: bool = False,
-                    **evaluation_data) -> None:
+def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, trace_method: str, density: bool,
+                    params: str | None, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
+                    save_eigenvectors: bool, per_block: bool = False, preconditioned: bool = False, warm: bool = False,
+                    **options) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
     On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze hessian RUN [--shard checkpoints]
     """
-    from landscape.analyses.hessian import HessianSettings, describe_plan, hessian_summary, run_hessian_analysis
-    from landscape.analyses.results import results_path
-    from landscape.runs import Run
+    from landscape.analyses.hessian import HessianAnalysis, HessianSettings, describe_plan, hessian_summary
 
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
-                               density=density, samples=samples,
-                               params=params, weights=weights, dtype=dtype, seed=seed, batch_size=batch_size,
-                               product=product, matrix=matrix, fisher_samples=fisher_samples, per_batch=per_batch,
-                               per_block=per_block, preconditioned=preconditioned, **evaluation_data)
-    run_dir = Run.open(run)
-    check_log(log)
-    ds = run_hessian_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
-                              device=device, save_eigenvectors_to_disk=save_eigenvectors,
-                              progress=sys.stderr.isatty(), shard=shard, warm_start=warm,
-                              on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm)))
-    if ds is None:  # not the first of several processes: it prints
-        return
-    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
-    print_table([row for row in hessian_summary(ds) if row["checkpoint"] in selected])
-    _log_results(run_dir, log, ds, results_path(run_dir, 'hessian', settings.determining()), selected)
-    click.echo(f"Results in {results_path(run_dir, 'hessian', settings.determining())}")
+                               density=density, params=params, product=product, matrix=matrix,
+                               fisher_samples=fisher_samples, per_batch=per_batch, per_block=per_block,
+                               preconditioned=preconditioned, **_evaluation(options))
+    analysis = HessianAnalysis(settings, save_eigenvectors=save_eigenvectors, warm_start=warm)
+    _analyze(run, analysis, hessian_summary, **options,
+             on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm)))
 # -- end analyze hessian --
 
 # -- analyze sharpness / surface --
@@ -357,8 +399,7 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 
 @analyze.command("sharpness")
 @click.argument("run", type=click.Path(path_type=Path))
-@click.option("--checkpoints", default="all", show_default=True,
-              help="Which checkpoints: all, last, every:N, epochs:1,10,50 or steps:100,200.")
+@CHECKPOINTS_OPTION()
 @click.option("--rho", "rhos", default="0.01,0.05,0.1", show_default=True, callback=_float_list,
               help="Radii, comma-separated; all measured in one call.")
 @click.option("--p", "p", type=click.Choice(["2", "inf"]), default="2", show_default=True,
@@ -376,51 +417,32 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
               help="Also m-sharpness: the worst case per batch of m examples, averaged.")
 @click.option("--draws", type=click.IntRange(min=0), default=10, show_default=True,
               help="Antithetic Gaussian pairs of the average-case sharpness (0: skip it).")
-@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Examples of the training set in the fixed evaluation set.")
-@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
-              help="Raw or EMA weights of each checkpoint.")
+@SAMPLES_OPTION
+@WEIGHTS_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the evaluation set and the draws.")
-@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file of these settings (RUN/analysis/sharpness*.nc).")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Examples per forward pass (memory only).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
-@click.option("--shard", type=click.Choice(["checkpoints"]), default=None,
-              help="Under torchrun: each process takes whole checkpoints [default: each checkpoint's evaluation set "
-                   "is split over the processes].")
+@SEED_OPTION("the draws")
+@FORCE_OPTION("RUN/analysis/sharpness*.nc")
+@DTYPE_OPTION
+@BATCH_SIZE_OPTION()
+@DEVICE_OPTION
+@SHARD_OPTION("checkpoints")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 @LOG_OPTION
-def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float,
-                      steps: int, restarts: int, random_start: bool, m: int | None, draws: int, samples: int, weights: str, params: str | None, seed: int,
-                      force: bool, dtype: str, batch_size: int, device: str, shard: str | None,
-                      data_dir: Path | None, log: tuple[str, ...] = (), **evaluation_data) -> None:
+def analyze_sharpness(run: Path, rhos: tuple[float, ...], p: str, adaptive: bool, eta: float, steps: int,
+                      restarts: int, random_start: bool, m: int | None, draws: int, params: str | None,
+                      **options) -> None:
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness at each checkpoint.
 
     \b
     On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze sharpness RUN [--shard checkpoints]
     """
-    from landscape.analyses.results import results_path
-    from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis, sharpness_summary
-    from landscape.runs import Run
+    from landscape.analyses.sharpness import SharpnessAnalysis, SharpnessSettings, sharpness_summary
 
     settings = SharpnessSettings(rhos=rhos, p=p, adaptive=adaptive, eta=eta, steps=steps, restarts=restarts,
-                                 random_start=random_start, m=m, draws=draws,
-                                 samples=samples, weights=weights, params=params, dtype=dtype, seed=seed,
-                                 batch_size=batch_size, **evaluation_data)
-    run_dir = Run.open(run)
-    check_log(log)
-    ds = run_sharpness_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
-                                device=device, progress=sys.stderr.isatty(), shard=shard)
-    if ds is None:  # not the first of several processes: it prints
-        return
-    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
-    print_table([row for row in sharpness_summary(ds) if row["checkpoint"] in selected])
-    _log_results(run_dir, log, ds, results_path(run_dir, 'sharpness', settings.determining()), selected)
-    click.echo(f"Results in {results_path(run_dir, 'sharpness', settings.determining())}")
+                                 random_start=random_start, m=m, draws=draws, params=params, **_evaluation(options))
+    _analyze(run, SharpnessAnalysis(settings), sharpness_summary, **options)
 
 
 @analyze.command("surface")
@@ -432,12 +454,9 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
 @click.option("--range", "value_range", default=None, metavar="START:STOP",
               help="Grid range in direction units [default: -1:1; 0:1 for interpolate; -0.5:1.5 for plane].")
 @click.option("--points", type=click.IntRange(min=2), default=51, show_default=True, help="Grid points per axis.")
-@click.option("--checkpoints", default="last", show_default=True,
-              help="Centres of the slices: all, last, every:N, epochs:1,10,50 or steps:100,200.")
-@click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Examples of the training set in the fixed evaluation set.")
-@click.option("--weights", type=click.Choice(["raw", "ema"]), default="raw", show_default=True,
-              help="Raw or EMA weights of each checkpoint.")
+@CHECKPOINTS_OPTION("last", "Centres of the slices")
+@SAMPLES_OPTION
+@WEIGHTS_OPTION
 @click.option("--one-dim", type=click.Choice(["zero", "filter", "weight"]), default="zero", show_default=True,
               help="Random directions on biases and norms: zero (Li et al.'s paper, their code's --xignore biasbn), "
                    "normalised as a whole, or d = w (their code's default).")
@@ -446,46 +465,27 @@ def analyze_sharpness(run: Path, checkpoints: str, rhos: tuple[float, ...], p: s
 @click.option("--tokens", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
               help="Filter of pos_embed and class tokens: one per token, or the whole (1, N, D) tensor (Li et al.'s "
                    "code).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the evaluation set and the random directions.")
-@click.option("--force", is_flag=True, help="Recompute checkpoints already in the results file.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Examples per forward pass (memory only).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
-@click.option("--shard", type=click.Choice(["checkpoints", "grid"]), default=None,
-              help="Under torchrun: each process takes whole checkpoints, or a block of each checkpoint's grid points "
-                   "[default: each checkpoint's evaluation set is split over the processes].")
+@SEED_OPTION("the random directions")
+@FORCE_OPTION()
+@DTYPE_OPTION
+@BATCH_SIZE_OPTION()
+@DEVICE_OPTION
+@SHARD_OPTION("checkpoints", "grid")
 @DATA_DIR_OPTION
 @EVALUATION_DATA_OPTIONS
 @LOG_OPTION
-def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int,
-                    checkpoints: str, samples: int, weights: str, one_dim: str, qkv: str, tokens: str, seed: int,
-                    force: bool,
-                    dtype: str, batch_size: int, device: str, shard: str | None, data_dir: Path | None,
-                    log: tuple[str, ...] = (), **evaluation_data) -> None:
+def analyze_surface(run: Path, directions: str, dims: str | None, value_range: str | None, points: int, one_dim: str,
+                    qkv: str, tokens: str, **options) -> None:
     """Loss and accuracy on a 1D or 2D grid around each checkpoint: RUN/analysis/surface-<directions>-<dims>d.nc.
 
     \b
     On several GPUs: torchrun --nproc-per-node 8 -m landscape analyze surface RUN [--shard grid|checkpoints]
     """
-    from landscape.analyses.surface import SurfaceSettings, run_surface_analysis, surface_path, surface_summary
-    from landscape.runs import Run
+    from landscape.analyses.surface import SurfaceAnalysis, SurfaceSettings, surface_summary
 
     settings = SurfaceSettings(directions=directions, dims=int(dims) if dims else None, range=value_range,
-                               points=points, one_dim=one_dim, qkv=qkv, tokens=tokens, samples=samples, weights=weights,
-                               dtype=dtype, seed=seed, batch_size=batch_size, **evaluation_data)
-    run_dir = Run.open(run)
-    check_log(log)
-    ds = run_surface_analysis(run_dir, settings, checkpoints=checkpoints, force=force, data_dir=data_dir,
-                              device=device, progress=sys.stderr.isatty(), shard=shard)
-    if ds is None:  # not the first of several processes: it prints
-        return
-    selected = {info.name for info in run_dir.select_checkpoints(checkpoints)}
-    print_table([row for row in surface_summary(ds) if row["checkpoint"] in selected])
-    path = surface_path(run_dir, settings.validate(), settings.dims, settings.weights)
-    _log_results(run_dir, log, ds, path, selected)
-    click.echo(f"Results in {path}")
+                               points=points, one_dim=one_dim, qkv=qkv, tokens=tokens, **_evaluation(options))
+    _analyze(run, SurfaceAnalysis(settings), surface_summary, **options)
 # -- end analyze sharpness / surface --
 
 # -- analyze dynamics --

@@ -627,48 +627,50 @@ def analyze_run(run: Run, settings: AnalysisSettings, *, data_dir=None, emit: Em
 
 
 def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
-    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+    from landscape.analyses.driver import analyze
+    from landscape.analyses.hessian import HessianAnalysis, HessianSettings
 
     common = dict(samples=settings.samples, seed=settings.seed)
+    options = dict(data_dir=data_dir, force=force, device=settings.device)
     curvature = HessianSettings(top_k=settings.top_k, tol=settings.tol, trace=True,
                                 trace_matvecs=settings.trace_matvecs, per_block=settings.per_block,
                                 preconditioned=settings.preconditioned, **common)
-    ds = run_hessian_analysis(run, curvature, checkpoints=settings.checkpoints, data_dir=data_dir, force=force,
-                              device=settings.device, save_eigenvectors_to_disk=settings.subspace and settings.top_k > 0)
+    ds = analyze(run, HessianAnalysis(curvature, save_eigenvectors=settings.subspace and settings.top_k > 0),
+                 checkpoints=settings.checkpoints, **options)
     density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
                               density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
                               **common)
-    run_hessian_analysis(run, density, checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force,
-                         device=settings.device)
+    analyze(run, HessianAnalysis(density), checkpoints=settings.at_checkpoints(run), **options)
     last = ds.isel(checkpoint=-1)
     return (f"{ds.sizes['checkpoint']} checkpoints; final top eigenvalue {float(last['eigenvalue_largest'][0]):.3g}, "
             f"trace {float(last['trace']):.3g}")
 
 
 def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
-    from landscape.analyses.sharpness import SharpnessSettings, run_sharpness_analysis
+    from landscape.analyses.driver import analyze
+    from landscape.analyses.sharpness import SharpnessAnalysis, SharpnessSettings
 
+    options = dict(checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force, device=settings.device)
     plain = SharpnessSettings(rhos=settings.rhos, steps=settings.sharpness_steps, draws=settings.sharpness_draws,
                               samples=settings.samples, seed=settings.seed)
-    at = settings.at_checkpoints(run)
-    ds = run_sharpness_analysis(run, plain, checkpoints=at, data_dir=data_dir, force=force, device=settings.device)
+    ds = analyze(run, SharpnessAnalysis(plain), **options)
     adaptive = dataclasses.replace(plain, rhos=settings.adaptive_rhos, adaptive=True)
-    ads = run_sharpness_analysis(run, adaptive, checkpoints=at, data_dir=data_dir, force=force,
-                                 device=settings.device)
+    ads = analyze(run, SharpnessAnalysis(adaptive), **options)
     last, alast = ds.isel(checkpoint=-1), ads.isel(checkpoint=-1)
     return (f"worst case at rho={settings.rhos[-1]:g}: {float(last['worst_case'][-1]):.3g} nats, adaptive at "
             f"rho={settings.adaptive_rhos[-1]:g}: {float(alast['worst_case'][-1]):.3g} nats")
 
 
 def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
-    from landscape.analyses.surface import SurfaceSettings, run_surface_analysis
+    from landscape.analyses.driver import analyze
+    from landscape.analyses.surface import SurfaceAnalysis, SurfaceSettings
 
     span = (-settings.surface_range, settings.surface_range)
     for dims, points in ((1, settings.surface_points), (2, settings.surface_points_2d)):
         surface = SurfaceSettings(directions="random", dims=dims, range=span, points=points,
                                   samples=settings.samples, seed=settings.seed)
-        run_surface_analysis(run, surface, checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force,
-                             device=settings.device)
+        analyze(run, SurfaceAnalysis(surface), checkpoints=settings.at_checkpoints(run), data_dir=data_dir,
+                force=force, device=settings.device)
     return f"1D line of {settings.surface_points} points, 2D plane of {settings.surface_points_2d}² points"
 
 

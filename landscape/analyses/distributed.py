@@ -56,8 +56,8 @@ SHARD_MODES = ("checkpoints", "grid")
 
 __all__ = [
     "SHARD_MODES", "DataParallel", "Distributed", "check_shard", "contiguous_range", "for_each_checkpoint", "join",
-    "main_first", "map_sharded", "measure_checkpoints", "on_main", "plan_checkpoints", "processes_attrs",
-    "raise_if_failed", "round_robin", "sharded_rounds", "split_evaluation_set",
+    "main_first", "map_sharded", "on_main", "processes_attrs", "raise_if_failed", "round_robin", "sharded_rounds",
+    "split_evaluation_set",
 ]
 
 
@@ -293,40 +293,3 @@ def sharded_rounds(items: list[T], world_size: int, *, contiguous: bool = False)
                                                        for r in range(world_size))]
     rounds = max((len(chunk) for chunk in chunks), default=0)
     return [[chunk[i] if i < len(chunk) else None for chunk in chunks] for i in range(rounds)]
-
-
-# -- the per-checkpoint driver every analysis shares ----------------------------------------------------------------
-def plan_checkpoints(path: Any, name: str, settings: dict[str, Any], seed: int, checkpoints: Sequence[T],
-                     world: Distributed, shard: str | None, *, force: bool = False,
-                     complete: Callable[[T], bool] | None = None) -> tuple[Any, list[T]]:
-    """Open the results file at ``path`` on the first process and agree on the checkpoints still to measure.
-
-    Returns ``(results, todo)``: the :class:`~landscape.analyses.results.AnalysisResults` (``None`` on the other
-    processes, which never read or write the file) and the checkpoints (objects with a ``name``) that are not
-    finished in the file with the same ``settings``, or for which ``complete(checkpoint)`` is false (for instance
-    a file that should sit beside the results), all of them with ``force``.
-    """
-    from landscape.analyses.results import AnalysisResults
-
-    results = None
-
-    def plan() -> list[str]:
-        nonlocal results
-        results = AnalysisResults(path, name, settings, seed, force=force)
-        results.attrs.update(processes_attrs(world, shard))
-        return [c.name for c in checkpoints
-                if not results.is_finished(c.name) or (complete is not None and not complete(c))]
-
-    names = set(on_main(plan, world))
-    return results, [c for c in checkpoints if c.name in names]
-
-
-def measure_checkpoints(results: Any, todo: Sequence[T], compute: Callable[[T], Any], world: Distributed,
-                        shard: str | None, *, contiguous: bool = False) -> Any:
-    """:func:`for_each_checkpoint` with every entry appended to ``results`` (on the first process) as it comes;
-    returns the whole Dataset of the file there, ``None`` on the other processes."""
-    def write(checkpoint, ds) -> None:
-        results.append(ds, name=checkpoint.name, epoch=checkpoint.epoch, step=checkpoint.step)
-
-    for_each_checkpoint(todo, compute, write, world, shard=shard == "checkpoints", contiguous=contiguous)
-    return results.dataset if results is not None else None

@@ -28,7 +28,6 @@ import datetime as _dt
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,7 +35,7 @@ import numpy as np
 import xarray as xr
 
 from landscape.io import RunLock, atomic_write_bytes, exclusive_file_lock, remove_stale_temporaries
-from landscape.errors import ConfigError, LandscapeError
+from landscape.errors import LandscapeError
 
 ENGINE = "h5netcdf"
 CHECKPOINT_DIM = "checkpoint"
@@ -224,56 +223,6 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
     """Write ``ds`` to ``path`` atomically (netCDF4 via h5netcdf); a full disk or a read-only folder is one
     :class:`~landscape.io.WriteError` sentence and leaves the previous file as it was."""
     atomic_write_bytes(Path(path), netcdf_bytes(ds))
-
-
-# -- settings shared by every analysis ----------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class EvaluationSettings:
-    """The fields every analysis's settings share: the fixed evaluation set (``samples`` examples of ``dataset``'s
-    ``split``, chosen with ``seed``), the checkpoint ``weights`` (raw or ema) and the ``dtype``; ``batch_size``
-    and the names in ``RUNTIME_ONLY`` trade memory for speed only and are left out of :meth:`determining`."""
-
-    samples: int = 512
-    split: str = "train"
-    dataset: str | None = None
-    img_size: int | None = None
-    classes: int | None = None
-    weights: str = "raw"
-    dtype: str = "float32"
-    seed: int = 0
-    batch_size: int = 256
-
-    RUNTIME_ONLY = ("batch_size",)
-
-    def check_evaluation(self) -> None:
-        """One-sentence errors for the shared fields."""
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1, not {self.samples}.")
-        if self.dtype not in ("float32", "float64"):
-            raise ConfigError(f"Unknown dtype {self.dtype!r}; accepted are float32 and float64.")
-        if self.weights not in ("raw", "ema"):
-            raise ConfigError(f"Unknown weights {self.weights!r}; accepted are raw and ema.")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be a positive integer, not {self.batch_size}.")
-        for name, value in (("--img-size", self.img_size), ("--classes", self.classes)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be a positive integer, not {value}.")
-        if self.classes is not None and self.dataset not in (None, "synthetic"):
-            raise ConfigError(f"--classes sets the classes of synthetic data only; {self.dataset} has its own.")
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return torch.float64 if self.dtype == "float64" else torch.float32
-
-    def determining(self) -> dict[str, Any]:
-        """The settings that determine the numbers (stored in the results and compared on a re-run).
-
-        ``img_size`` and ``classes`` are left out while unset, so files written before they existed still match.
-        """
-        return {k: v for k, v in asdict(self).items()
-                if k not in self.RUNTIME_ONLY and not (k in ("img_size", "classes") and v is None)}
 
 
 # -- the resumable file -------------------------------------------------------------------------------------------

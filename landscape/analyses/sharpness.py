@@ -82,7 +82,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from landscape.analyses.results import EvaluationSettings
+from landscape.analyses.driver import Analysis, Job, analyze
+from landscape.analyses.settings import EvaluationSettings
 
 DEFAULT_STEPS = 40
 """Points the worst-case search evaluates by default (one gradient each): 20 secant Lanczos steps and 20 Auto-PGD
@@ -588,7 +589,6 @@ def sharpness_analysis(
     from landscape.analyses.distributed import map_sharded, split_evaluation_set
 
     settings = settings or SharpnessSettings()
-    settings.validate()
     started = time.perf_counter()
     tick = callback or (lambda k: None)
     x_slice, y_slice, data_parallel = split_evaluation_set(x, y, world)
@@ -676,72 +676,29 @@ def _counted(fn: Callable, tick: Callable[[int], object]) -> Callable:
     return call
 
 
-def run_sharpness_analysis(
-    run,
-    settings: SharpnessSettings | None = None,
-    *,
-    checkpoints: str = "all",
-    force: bool = False,
-    data_dir=None,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    shard: str | None = None,
-):
-    """Measure sharpness at the selected checkpoints of ``run``; results in ``RUN/analysis/sharpness.nc``
-    (``sharpness-adaptive.nc``, ``sharpness-ema.nc``, ... for other settings: :func:`~landscape.analyses.results.
-    results_name`).
+class SharpnessAnalysis(Analysis):
+    """The sharpness measures of :class:`SharpnessSettings` at each checkpoint of a run (:func:`analyze`), results
+    in ``RUN/analysis/sharpness.nc`` (``sharpness-adaptive.nc``, ``sharpness-ema.nc``, ... for other settings:
+    :func:`~landscape.analyses.results.results_name`)."""
 
-    Checkpoints already in the file (with the same settings) are skipped unless ``force``; each finished
-    checkpoint is written at once, so an interruption loses at most the one in progress. Returns the whole
-    Dataset of the file.
+    name = "sharpness"
+    unit = " loss"
 
-    Under ``torchrun`` (:mod:`landscape.analyses.distributed`) the processes split the evaluation set of each
-    checkpoint, or with ``shard="checkpoints"`` take whole checkpoints each; only the first process writes the
-    results file, and the others return ``None``.
-    """
-    from landscape.analyses import distributed
-    from landscape.analyses.evaluation import evaluation_data
-    from landscape.analyses.results import results_path
-    from landscape.checkpoints import build_model, load_checkpoint
-    from landscape.runs import Run
+    def __init__(self, settings: SharpnessSettings | None = None):
+        super().__init__(settings or SharpnessSettings())
 
-    run = run if isinstance(run, Run) else Run.open(run)
-    settings = settings or SharpnessSettings()
-    settings.validate()
-    shard = distributed.check_shard(shard, ("checkpoints",), "sharpness")
-    world, torch_device = distributed.join(device)
-    dtype = settings.torch_dtype
-    path = results_path(run, "sharpness", settings.determining())
-    results, todo = distributed.plan_checkpoints(path, "sharpness", settings.determining(),
-                                                 settings.seed, run.select_checkpoints(checkpoints), world, shard,
-                                                 force=force)
-    if not todo:
-        return results.dataset if results is not None else None
-    x, y = evaluation_data(run, settings, data_dir, results)
+    def work(self, job: Job) -> int:
+        return self.settings.work(len(job.x))
 
-    def compute(info):
-        _, state = load_checkpoint(info.path, weights=settings.weights)
-        model = build_model(info, state).to(device=torch_device, dtype=dtype)
-        bar = progress_bar(info.name, settings.work(len(x)), " loss", progress and world.is_main)
-        try:
-            return sharpness_analysis(model, x, y, settings, callback=bar.update if bar is not None else None,
-                                      world=None if shard else world)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    return distributed.measure_checkpoints(results, todo, compute, world, shard)
+    def measure(self, job: Job, info, model: torch.nn.Module, callback: Callable[[int], object] | None):
+        return sharpness_analysis(model, job.x, job.y, self.settings, callback=callback,
+                                  world=job.data_parallel_world)
 
 
-def progress_bar(name: str, total: int | None, unit: str, enabled: bool):
-    """A tqdm bar on stderr for one checkpoint, or ``None`` when progress is off."""
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=name, total=total, unit=unit, file=sys.stderr, leave=True, dynamic_ncols=True)
+def run_sharpness_analysis(run, settings: SharpnessSettings | None = None, **options):
+    """:func:`~landscape.analyses.driver.analyze` with a :class:`SharpnessAnalysis`; ``options`` are the driver's
+    (``checkpoints``, ``force``, ``data_dir``, ``device``, ``progress``, ``shard``)."""
+    return analyze(run, SharpnessAnalysis(settings), **options)
 
 
 def sharpness_summary(ds) -> list[dict[str, object]]:

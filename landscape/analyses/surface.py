@@ -90,7 +90,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.analyses.results import EvaluationSettings
+from landscape.analyses.distributed import SHARD_MODES
+from landscape.analyses.driver import Analysis, analyze
+from landscape.analyses.settings import EvaluationSettings
 from landscape.errors import LandscapeError
 
 TOKEN_PARAMETERS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
@@ -780,85 +782,87 @@ def saved_trajectory_pca(run: Any, shapes: dict[str, tuple[int, ...]], weights: 
     return pca
 
 
-def run_surface_analysis(
-    run: Any,
-    settings: SurfaceSettings | None = None,
-    *,
-    checkpoints: str = "last",
-    force: bool = False,
-    data_dir: Any = None,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    shard: str | None = None,
-):
-    """Evaluate a loss surface around the selected checkpoints of ``run``; results in
+class SurfaceAnalysis(Analysis):
+    """A loss surface of :class:`SurfaceSettings` around each checkpoint of a run (:func:`analyze`), results in
     ``RUN/analysis/surface-<directions>-<dims>d.nc`` (:func:`surface_path`).
 
-    Checkpoints already in the file (with the same settings, the same target checkpoints and, for ``pca``, the
-    same trajectory) are skipped unless ``force``; each finished checkpoint is written at once. Returns the whole
-    Dataset of the file.
-
-    Under ``torchrun`` (:mod:`landscape.analyses.distributed`) the processes split the evaluation set, or with
-    ``shard="checkpoints"`` take whole checkpoints each, or with ``shard="grid"`` share out each checkpoint's grid
-    points; only the first process writes the results file (and saved directions), and the others return ``None``.
+    The stored settings name the target checkpoints by their resolved files and, for ``pca``, the trajectory, so a
+    re-run with other targets or a longer trajectory is refused rather than mixed in. The model is built once and
+    each checkpoint's weights are evaluated on the grid through it; random directions and the trajectory PCA are
+    made once per run (by the first process) and saved in ``RUN/analysis/directions/``. Besides the driver's shard
+    modes, ``shard="grid"`` shares out each checkpoint's grid points.
     """
-    from landscape.analyses import distributed
-    from landscape.analyses.evaluation import evaluation_data
-    from landscape.curvature.loss import LossFunction
-    from landscape.analyses.sharpness import progress_bar
-    from landscape.checkpoints import build_model
-    from landscape.runs import Run
 
-    run = run if isinstance(run, Run) else Run.open(run)
-    settings = settings or SurfaceSettings()
-    spec = settings.validate()
-    shard = distributed.check_shard(shard, distributed.SHARD_MODES, "surface")
-    world, torch_device = distributed.join(device)
-    dtype = settings.torch_dtype
-    infos = run.select_checkpoints(checkpoints)
-    targets = [ref.resolve() for ref in spec.targets]
-    determining = settings.determining()
-    determining["directions"] = spec.kind  # the targets by their resolved files, however RUN2 was spelled
-    determining["targets"] = [str(t.path.resolve()) for t in targets]
-    if spec.kind == "pca":
-        determining["trajectory"] = [i.name for i in run.checkpoints()]
-    path = surface_path(run, spec, settings.dims, settings.weights)
-    results, todo = distributed.plan_checkpoints(path, "surface", determining,
-                                                 settings.seed, infos, world, shard, force=force)
-    if results is not None:
-        results.attrs.update(normalization_policies(settings))
-    if not todo:
-        return results.dataset if results is not None else None
+    name = "surface"
+    shard_modes = SHARD_MODES
+    unit = " point"
 
-    model = build_model(todo[0]).to(device=torch_device, dtype=dtype)  # weights come from each checkpoint
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    buffers = [n for n, _ in model.named_buffers()]
-    x, y = evaluation_data(run, settings, data_dir, results)
-    x, y, data_parallel = distributed.split_evaluation_set(x, y, None if shard else world)
-    closure = LossFunction(model, x, y, batch_size=settings.batch_size, skip_unused=False,
-                           data_parallel=data_parallel)
+    def __init__(self, settings: SurfaceSettings | None = None):
+        super().__init__(settings or SurfaceSettings())
+        self.spec = parse_directions(self.settings.directions)
+        self._targets: list[Any] | None = None
 
-    def load(path: Path) -> tuple[ParamDict, ParamDict]:
-        return _load_weights(path, settings.weights, shapes, buffers, torch_device, dtype)
+    def targets(self) -> list[Any]:
+        """The checkpoints the directions point to (interpolate, plane), resolved once."""
+        if self._targets is None:
+            self._targets = [ref.resolve() for ref in self.spec.targets]
+        return self._targets
 
-    others = [load(t.path)[0] for t in targets]
-    raw = distributed.main_first(lambda: saved_random_directions(run, shapes, settings.seed), world) \
-        if spec.kind == "random" else None
-    pca = distributed.main_first(lambda: saved_trajectory_pca(run, shapes, settings.weights), world) \
-        if spec.kind == "pca" else None
-    heads = qkv_head_counts(model)
-    axes = settings.axes()
-    def compute(info) -> Any:
-        center, extra = load(info.path)
+    def determining(self, run: Any) -> dict[str, Any]:
+        determining = self.settings.determining()
+        determining["directions"] = self.spec.kind  # the targets by their resolved files, however RUN2 was spelled
+        determining["targets"] = [str(t.path.resolve()) for t in self.targets()]
+        if self.spec.kind == "pca":
+            determining["trajectory"] = [i.name for i in run.checkpoints()]
+        return determining
+
+    def results_path(self, run: Any) -> Path:
+        return surface_path(run, self.spec, self.settings.dims, self.settings.weights)
+
+    def attrs(self) -> dict[str, Any]:
+        return normalization_policies(self.settings)
+
+    def work(self, job: Any) -> int:
+        return self.settings.points ** self.settings.dims
+
+    def prepare(self, job: Any, todo: Sequence[Any]) -> None:
+        from landscape.analyses import distributed
+        from landscape.curvature.loss import LossFunction
+        from landscape.checkpoints import build_model
+
+        settings, run, kind = self.settings, job.run, self.spec.kind
+        model = build_model(todo[0]).to(device=job.device, dtype=job.dtype)  # weights come from each checkpoint
+        self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self.buffers = [n for n, _ in model.named_buffers()]
+        x, y, data_parallel = distributed.split_evaluation_set(job.x, job.y, job.data_parallel_world)
+        self.closure = LossFunction(model, x, y, batch_size=settings.batch_size, skip_unused=False,
+                                    data_parallel=data_parallel)
+        self.others = [self.load_weights(job, t.path)[0] for t in self.targets()]
+        self.raw = distributed.main_first(lambda: saved_random_directions(run, self.shapes, settings.seed),
+                                          job.world) if kind == "random" else None
+        self.pca = distributed.main_first(lambda: saved_trajectory_pca(run, self.shapes, settings.weights),
+                                          job.world) if kind == "pca" else None
+        self.heads = qkv_head_counts(model)
+        self.axes = settings.axes()
+
+    def load_weights(self, job: Any, path: Path) -> tuple[ParamDict, ParamDict]:
+        return _load_weights(path, self.settings.weights, self.shapes, self.buffers, job.device, job.dtype)
+
+    def load(self, job: Any, info: Any) -> tuple[ParamDict, ParamDict]:
+        return self.load_weights(job, info.path)
+
+    def measure(self, job: Any, info: Any, loaded: tuple[ParamDict, ParamDict], callback: Any) -> Any:
+        settings, kind, pca = self.settings, self.spec.kind, self.pca
+        center, extra = loaded
         extras: dict[str, Any] = {}
-        if spec.kind in ("interpolate", "plane"):
-            directions = others
-        elif spec.kind == "random":
-            directions = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=settings.one_dim, qkv=settings.qkv,
-                                           tokens=settings.tokens)
+        if kind in ("interpolate", "plane"):
+            directions = self.others
+        elif kind == "random":
+            directions = [filter_normalize(self.raw[k], center, qkv_heads=self.heads, one_dim=settings.one_dim,
+                                           qkv=settings.qkv, tokens=settings.tokens)
                           for k in range(settings.dims)]
-        elif spec.kind == "pca":
-            directions = [{n: t.to(torch_device, dtype) for n, t in d.items()} for d in pca.directions[:settings.dims]]
+        elif kind == "pca":
+            directions = [{n: t.to(job.device, job.dtype) for n, t in d.items()} for d in pca.directions[:settings.dims]]
             at = pca.checkpoints.index(info.name)
             relative = pca.coordinates - pca.coordinates[at]
             extras["trajectory_coordinates"] = (("trajectory", "axis"), relative[:, :settings.dims],
@@ -867,23 +871,24 @@ def run_surface_analysis(
             extras["explained_variance"] = (("axis",), np.asarray(pca.explained_variance[:settings.dims]),
                                             {"long_name": "fraction of the trajectory's variance along each direction"})
         else:
-            directions, eigenvalues = _eigen_directions(run, info.name, shapes, settings.dims, torch_device, dtype)
+            directions, eigenvalues = _eigen_directions(job.run, info.name, self.shapes, settings.dims, job.device,
+                                                        job.dtype)
             extras["eigenvalue"] = (("axis",), eigenvalues, {"long_name": "Hessian eigenvalue of each direction"})
-        total = settings.points ** settings.dims
-        bar = progress_bar(info.name, total, " point", progress and world.is_main)
-        try:
-            ds = surface_analysis(closure, center, directions, spec.kind, axes, extra=extra,
-                                  callback=bar.update if bar is not None else None, world=world if shard == "grid" else None)
-        finally:
-            if bar is not None:
-                bar.close()
+        ds = surface_analysis(self.closure, center, directions, kind, self.axes, extra=extra, callback=callback,
+                              world=job.world if job.shard == "grid" else None)
         for name, value in extras.items():
             ds[name] = value
         if pca is not None:
             ds = ds.assign_coords(trajectory=("trajectory", pca.checkpoints))
         return ds
 
-    return distributed.measure_checkpoints(results, todo, compute, world, shard)
+
+def run_surface_analysis(run: Any, settings: SurfaceSettings | None = None, *, checkpoints: str = "last",
+                         **options: Any):
+    """:func:`~landscape.analyses.driver.analyze` with a :class:`SurfaceAnalysis`, at the last checkpoint unless
+    ``checkpoints`` says otherwise; ``options`` are the driver's (``force``, ``data_dir``, ``device``,
+    ``progress``, ``shard``)."""
+    return analyze(run, SurfaceAnalysis(settings), checkpoints=checkpoints, **options)
 
 
 def _eigen_directions(run: Any, checkpoint: str, shapes: dict[str, tuple[int, ...]], count: int,
