@@ -1,9 +1,16 @@
-"""The training loop: config, data, model, optimizer, loop, evaluation, checkpoint, in that order.
+"""The training loop: config, data, model, optimizer, then the loop, which reads top to bottom.
 
-One function, :func:`train`, reads top to bottom. The ingredients are timm's: ``create_optimizer_v2``,
+:func:`train` sets up and then loops, nanoGPT's way: at the top of each pass, when a metrics row is due, the raw
+and EMA weights are evaluated and the row, the checkpoint and the training state are written; then one update
+(forward and backward micro-batch by micro-batch, optimizer step, schedule, EMA) and its logging. What changes
+as the run trains is one :class:`~landscape.trainers.state.TrainState`, the updates since the last row one
+:class:`~landscape.trainers.state.RowTally`. The ingredients are timm's: ``create_optimizer_v2``,
 ``create_scheduler_v2`` stepped after every update, ``Mixup`` with ``SoftTargetCrossEntropy``,
-``LabelSmoothingCrossEntropy``, ``ModelEmaV3`` (once per shared tensor: :mod:`.ema`); data order and augmentation seeds come from
-:mod:`landscape.trainers.batches`, checkpoint steps from :mod:`landscape.trainers.schedule`.
+``LabelSmoothingCrossEntropy``, ``ModelEmaV3`` (once per shared tensor: :mod:`.ema`); data order and
+augmentation seeds come from :mod:`landscape.trainers.batches`, checkpoint steps from
+:mod:`landscape.trainers.schedule`. The pieces other trainers reuse are public: :func:`build_optimizer`,
+:func:`build_schedule`, :func:`build_loss`, :func:`evaluate`, :func:`metrics_row`, :func:`write_checkpoint`,
+:func:`run_hash`, :func:`resolve_model_kwargs`, :func:`load_init_weights`.
 
 A step is one optimizer update of ``batch_size`` images (over all processes and accumulation steps). After
 the last update of every epoch and at every checkpoint step the raw and EMA weights are evaluated on the
@@ -27,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import random
@@ -34,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,9 +57,10 @@ from landscape.io import RunLock, WriteError, remove_stale_temporaries
 from landscape.runs import Run, _is_empty_run
 from landscape.trainers import distributed
 from landscape.trainers.batches import TrainBatches, derive_seed, validation_batches
+from landscape.trainers.ema import ModelEma
 from landscape.trainers.recipes import validate
 from landscape.trainers.schedule import checkpoint_steps, checkpoints_to_delete
-from landscape.trainers.state import capture_rng, load_state, restore_rng, save_state
+from landscape.trainers.state import RowTally, TrainState, capture_rng, load_state, restore_rng, save_state
 
 CHECK_EVERY = 32  # updates between checks of the loss for NaN/inf (each check waits for the device)
 
@@ -126,110 +135,53 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     # -- the run directory: a new one, or the one being resumed (whose saved config wins) ------------------------
     # Its lock is taken before anything is checked, so two trainings given one --out cannot both pass the checks.
     run = Run(out)
-    error = None
-    if dist.is_main:
-        try:
-            if not resume or run.root.is_dir():
-                lock = held.enter_context(RunLock(run.root, create=not resume))
-                held.callback(_remove_if_unused, run.root, lock)
-            _prepare_run_dir(run, config, resume=resume, overwrite=overwrite)
-        except LandscapeError as e:
-            error = e
-    distributed.broadcast_error(error, dist)
+    _on_main(dist, lambda: _claim_run_dir(run, config, held, resume=resume, overwrite=overwrite))
     config = validate(coerce_types(from_dict(TrainConfig, run.load_config()))) if resume else copy.deepcopy(config)
-    state = load_state(run.state_path) if resume and run.state_path.exists() else None
+    saved = load_state(run.state_path) if resume and run.state_path.exists() else None
 
     # -- data ------------------------------------------------------------------------------------------------
     train_data = TrainBatches(config, dist, data_dir=data_dir)
     val_data = validation_batches(config, dist, data_dir=data_dir, batch_size=max(256, train_data.micro_batch_size))
     updates_per_epoch = train_data.updates_per_epoch
-    info = train_data.info
 
     # -- model -----------------------------------------------------------------------------------------------
-    config.model.kwargs = resolve_model_kwargs(config, info)
+    config.model.kwargs = resolve_model_kwargs(config, train_data.info)
     if extend_to is not None:
-        config = _extend(run, config, extend_to, state, dist)
-    chash = run_hash(config)
+        config = _extend(run, config, extend_to, saved, dist)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = _create_model(config.model.name, config.model.kwargs)
     mae = _check_task(config, model)
     # The mixture-of-experts layers of an mLiT leave a load-balancing loss after every forward.
     has_moe = any(isinstance(m, MixtureOfSwiGLUExperts) for m in model.modules())
-    if config.init and state is None:
+    if config.init and saved is None:
         load_init_weights(model, config.init)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
-    ema = None
-    if config.ema.decay:
-        from landscape.trainers.ema import ModelEma
-
-        ema = ModelEma(model, decay=config.ema.decay, use_warmup=config.ema.warmup)
+    ema = ModelEma(model, decay=config.ema.decay, use_warmup=config.ema.warmup) if config.ema.decay else None
     net = torch.compile(model) if config.compile else model
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
-    # -- optimizer, schedule, loss -----------------------------------------------------------------------------
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    o = config.optim
-    lr = o.lr * (config.batch_size / o.lr_base_batch if o.lr_base_batch else 1.0)
-    extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
-    optimizer = _timm_call(create_optimizer_v2, model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
-                           momentum=o.momentum, **extra)
-    s = config.schedule
-    scheduler, _ = _timm_call(create_scheduler_v2, optimizer, sched=s.sched, num_epochs=config.epochs,
-                              warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
-                              step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    a = config.augment
-    mixup = None
-    if a.mixup > 0 or a.cutmix > 0:
-        if train_data.micro_batch_size % 2:
-            raise ConfigError(f"MixUp/CutMix pair the images of a batch, so the micro-batch of each process "
-                              f"({train_data.micro_batch_size} images) must be even.")
-        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.switch_prob,
-                      mode=a.mixup_mode, label_smoothing=a.label_smoothing, num_classes=info.num_classes)
-        loss_fn = SoftTargetCrossEntropy()  # the mixed targets already carry the label smoothing
-    elif a.label_smoothing > 0:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
-    else:
-        loss_fn = torch.nn.CrossEntropyLoss()
+    # -- optimizer, schedule, loss, precision -------------------------------------------------------------------
+    optimizer = build_optimizer(config, model)
+    scheduler = build_schedule(config, optimizer, updates_per_epoch)
+    mixup, loss_fn = build_loss(config, train_data.info.num_classes, train_data.micro_batch_size)
     amp_dtype = _amp_dtype(config.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if not resume:  # only now that data and model are known to work, init weights, optimizer and
-        # schedule are known to work, so a typo leaves nothing behind
-        error = None
-        if dist.is_main:
-            try:
-                Run.create(run.root, overwrite=overwrite).save_config(config)
-            except LandscapeError as e:
-                error = e
-        distributed.broadcast_error(error, dist)
+    val_metrics = functools.partial(evaluate, batches=val_data, device=device, autocast=autocast, dist=dist, mae=mae)
+    if not resume:  # only now that data, model, init weights, optimizer and schedule are known to work, so that
+        # a typo leaves nothing behind
+        _on_main(dist, lambda: Run.create(run.root, overwrite=overwrite).save_config(config))
 
     # -- where to start: the beginning, or the position saved in state/last.pt ----------------------------------
-    step, epoch, start_update, rows, elapsed = 0, 1, 0, [], 0.0
-    if state is not None:
-        # A state saved before the run's latest extension: the schedule is the new total's, not the saved one.
-        rescheduled = config.extended_from is not None and state["config_hash"] == run_hash(
-            dataclasses.replace(config, epochs=config.extended_from))
-        if state["config_hash"] != chash and not rescheduled:
-            raise CheckpointError(f"{run.config_path} was changed after {run.state_path} was saved; "
-                                  "a resumed run must keep its config (start a new run instead).")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and not rescheduled:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, start_update = state["step"], state["epoch"], state["next_update"]
+    state = TrainState(model, optimizer, scheduler, scaler, ema)
+    if saved is not None:
+        rescheduled = _check_resumable(run, config, saved)
+        state.load_state_dict(saved, schedule=not rescheduled)
         if scheduler is not None and rescheduled:
-            scheduler.step_update(step)  # the rate of the next update under the schedule of the new total
-        rows, elapsed = list(state["rows"]), float(state["elapsed"])
-        rng = state["rng"]
+            scheduler.step_update(state.step)  # the rate of the next update under the schedule of the new total
+        rng = saved["rng"]
         restore_rng(rng[dist.rank] if len(rng) == dist.world_size else rng[0])
     else:
         torch.manual_seed(derive_seed(config.seed, "train", dist.rank))
@@ -237,170 +189,156 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
         random.seed(derive_seed(config.seed, "python", dist.rank))
     schedule = set(checkpoint_steps(config.checkpoint.every, updates_per_epoch=updates_per_epoch,
                                     epochs=config.epochs))
-    saved = _existing_checkpoints(run, step) if dist.is_main else {}
-    for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):  # a kill may have come before it
-        saved.pop(old).unlink(missing_ok=True)
+    if dist.is_main:
+        state.checkpoints = _existing_checkpoints(run, state.step)
+        _apply_keep_policy(config, state.checkpoints)  # a kill may have come before it
+    batches = _updates(train_data, state.epoch, state.next_update, config.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
     clock = _Stopwatch()
     t_resumed = time.perf_counter()
-    # Per-update loss, gradient norm and MoE loss of the current metrics row, kept on the device: reading them
-    # every update would make the host wait for the accelerator. They are checked every CHECK_EVERY updates
-    # and before every evaluation, so a diverged run stops before its weights reach a checkpoint.
-    row_losses, row_norms, row_aux = [], [], []
-    row_first_step = step + 1
-    images_in_row, train_time_in_row = 0, 0.0
+    tally = RowTally(state.step + 1, lr=optimizer.param_groups[0]["lr"], aux=[] if has_moe else None)
+    row_due = config.checkpoint.initial and state.step == 0  # row 0 and a checkpoint of the initial weights
+    bar = None
 
-    def check_finite() -> None:
-        if not row_losses:
-            return
-        losses, norms = torch.stack(row_losses), torch.stack(row_norms)
-        bad = ~torch.isfinite(losses)
-        if amp_dtype != torch.float16:  # fp16 skips steps with overflowing gradients by design
-            bad |= ~torch.isfinite(norms)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise LandscapeError(_divergence_message(float(losses[i]), float(norms[i]), row_first_step + i,
-                                                     epoch, saved))
+    # -- the loop ----------------------------------------------------------------------------------------------
+    while True:
+        if row_due:
+            # Evaluate (the row's updates are checked first, so a diverged run stops before its weights reach a
+            # checkpoint), then write metrics.csv, the checkpoint if one is due, state/last.pt: each atomically.
+            label = state.epoch - 1 if state.next_update == 0 else state.epoch  # after an epoch's last update
+            _check_finite(tally, label, state.checkpoints, fp16=amp_dtype == torch.float16)
+            row = metrics_row(config, epoch=label, step=state.step, train=tally.summary(dist, device),
+                              val=val_metrics(model), ema_val=val_metrics(ema.module) if ema is not None else None,
+                              wall_time=state.elapsed + (time.perf_counter() - t_resumed))
+            state.rows.append(row)
+            clock.lap("eval")
+            rng = distributed.gather(capture_rng(), dist)
+            checkpoint = state.step in schedule or state.step == 0
+            _on_main(dist, lambda: _write_outputs(run, config, state, rng, checkpoint=checkpoint))
+            clock.lap("checkpoint")
+            if on_row is not None and dist.is_main:
+                on_row(row)
+            tally = RowTally(state.step + 1, lr=tally.lr, aux=[] if has_moe else None)
+        if state.epoch > config.epochs:
+            break
 
-    def finish_row(label: int, epoch_end: bool) -> dict[str, Any]:
-        """Evaluate, append the metrics row, write the checkpoint if one is due, then the training state.
-
-        ``label`` is the epoch the row belongs to (0 for the initial weights); the state records where to go
-        on: the next epoch after an epoch's last update, else the next update of this epoch.
-        """
-        nonlocal row_losses, row_norms, row_aux, row_first_step, images_in_row, train_time_in_row
-        check_finite()
-        local = [float(torch.stack(v).sum()) if v else 0.0 for v in (row_losses, row_norms, row_aux)]
-        loss_sum, norm_sum, aux_sum, n = distributed.all_reduce_sum([*local, len(row_losses)], dist, device)
-        row: dict[str, Any] = {
-            "epoch": label, "step": step, "images_seen": step * config.batch_size,
-            "train_loss": loss_sum / n if n else None,
-            **_prefixed("", evaluate(model, val_data, device, autocast, dist, mae=mae)),
-            **(_prefixed("ema_", evaluate(ema.module, val_data, device, autocast, dist, mae=mae)) if ema is not None
-               else {"ema_val_loss": None, "ema_val_top1": None, "ema_val_top5": None}),
-            "lr": last_lr,
-            "grad_norm": norm_sum / n if n else None,
-            "wall_time": elapsed + (time.perf_counter() - t_resumed),
-            "images_per_s": images_in_row / train_time_in_row if train_time_in_row > 0 else None,
-            "schedule_epochs": config.epochs,
-        }
-        if has_moe:
-            row["moe_aux_loss"] = aux_sum / n if n else None
-        rows.append(row)
-        clock.lap("eval")
-        rng = distributed.gather(capture_rng(), dist)
-        error = None
-        if dist.is_main:
-            try:
-                _write_outputs(run, config, chash, model, ema, optimizer, scheduler, scaler, rows, row, rng,
-                               step=step, epoch=label, epoch_end=epoch_end, checkpoint=step in schedule or step == 0,
-                               resume_at=(label + 1, 0) if epoch_end else (label, u + 1), saved=saved)
-            except LandscapeError as e:
-                error = e
-        distributed.broadcast_error(error, dist)
-        clock.lap("checkpoint")
-        if on_row is not None and dist.is_main:
-            on_row(row)
-        row_losses, row_norms, row_aux = [], [], []
-        row_first_step = step + 1
-        images_in_row, train_time_in_row = 0, 0.0
-        return row
-
-    last_lr = optimizer.param_groups[0]["lr"]
-    u = -1
-    if config.checkpoint.initial and step == 0:
-        finish_row(0, epoch_end=True)
-
-    # -- the loop --------------------------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
-    for epoch in range(epoch, config.epochs + 1):
-        net.train()
-        bar = tqdm(total=updates_per_epoch, initial=start_update, desc=f"epoch {epoch}/{config.epochs}",
-                   file=sys.stderr, leave=False, dynamic_ncols=True, disable=None if progress and dist.is_main else True)
-        correct = torch.zeros((), device=device)  # training accuracy, for the progress bar only
-        clock.lap("train")
-        for u, micro_batches in enumerate(train_data.epoch(epoch, start_update), start=start_update):
-            update_loss = update_aux = 0.0
-            for m, (x, y) in enumerate(micro_batches):
-                x = x.to(device, non_blocking=True, memory_format=memory_format)
-                y = y.to(device, non_blocking=True)
-                target = y
-                if mixup is not None:
-                    x, target = mixup(x, y)
-                last_micro = m == len(micro_batches) - 1
-                no_sync = net.no_sync if dist.enabled and not last_micro else contextlib.nullcontext
-                with no_sync(), autocast():
-                    if mae:
-                        output, loss = None, net(x)[0]
-                    else:
-                        output = net(x)
-                        loss = loss_fn(output, target)
-                    aux = moe_aux_loss(model) if has_moe else None
-                    total = loss + aux if aux is not None else loss
-                scaler.scale(total / len(micro_batches)).backward()
-                update_loss = update_loss + loss.detach().float() / len(micro_batches)
-                if aux is not None:
-                    update_aux = update_aux + aux.detach().float() / len(micro_batches)
-                if not bar.disable and output is not None:
-                    correct += (output.detach().argmax(-1) == y).sum()
-            scaler.unscale_(optimizer)
-            if o.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            last_lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if scheduler is not None:
-                scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            row_losses.append(update_loss)
-            row_norms.append(grad_norm.detach().float())
-            if has_moe:
-                row_aux.append(update_aux)
-            if len(row_losses) % CHECK_EVERY == 0:
-                check_finite()
-            train_time_in_row += clock.lap("train")
-            images_in_row += config.batch_size
-            if on_update is not None and dist.is_main:
-                on_update(step)
-            if not bar.disable and (u % 10 == 0 or u == updates_per_epoch - 1):
-                seen = (u - start_update + 1) * train_data.micro_batch_size * train_data.accum_steps
-                bar.set_postfix(loss=f"{float(torch.stack(row_losses[-10:]).mean()):.4f}",
-                                acc=f"{100 * float(correct) / seen:.1f}",
-                                img_s=f"{images_in_row / max(train_time_in_row, 1e-9):.0f}", refresh=False)
-            bar.update(1)
-            epoch_end = u == updates_per_epoch - 1
-            if epoch_end or step in schedule:
-                bar.clear()
-                finish_row(epoch, epoch_end)
-        bar.close()
-        start_update = 0
+        epoch, u = state.epoch, state.next_update
+        if bar is None:  # the first update of an epoch (in this process)
+            net.train()
+            bar = tqdm(total=updates_per_epoch, initial=u, desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr,
+                       leave=False, dynamic_ncols=True, disable=None if progress and dist.is_main else True)
+            bar_start, correct = u, torch.zeros((), device=device)  # training accuracy, for the progress bar only
+            clock.lap("train")
+        # forward and backward, micro-batch by micro-batch (gradients are synchronised after the last one)
+        micro_batches = next(batches)
+        update_loss = update_aux = 0.0
+        for m, (x, y) in enumerate(micro_batches):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            target = y
+            if mixup is not None:
+                x, target = mixup(x, y)
+            last_micro = m == len(micro_batches) - 1
+            no_sync = net.no_sync if dist.enabled and not last_micro else contextlib.nullcontext
+            with no_sync(), autocast():
+                if mae:
+                    output, loss = None, net(x)[0]
+                else:
+                    output = net(x)
+                    loss = loss_fn(output, target)
+                aux = moe_aux_loss(model) if has_moe else None
+                total = loss + aux if aux is not None else loss
+            scaler.scale(total / len(micro_batches)).backward()
+            update_loss = update_loss + loss.detach().float() / len(micro_batches)
+            if aux is not None:
+                update_aux = update_aux + aux.detach().float() / len(micro_batches)
+            if not bar.disable and output is not None:
+                correct += (output.detach().argmax(-1) == y).sum()
+        # the update: gradient norm (clipped if asked), optimizer step, schedule, EMA
+        scaler.unscale_(optimizer)
+        if config.optim.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        tally.lr = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.advance(updates_per_epoch)
+        if scheduler is not None:
+            scheduler.step_update(state.step)
+        if ema is not None:
+            ema.update(model, step=state.step)
+        # log
+        tally.add(update_loss, grad_norm, update_aux if has_moe else None)
+        if len(tally) % CHECK_EVERY == 0:
+            _check_finite(tally, epoch, state.checkpoints, fp16=amp_dtype == torch.float16)
+        tally.seconds += clock.lap("train")
+        tally.images += config.batch_size
+        if on_update is not None and dist.is_main:
+            on_update(state.step)
+        if not bar.disable and (u % 10 == 0 or u == updates_per_epoch - 1):
+            seen = (u - bar_start + 1) * train_data.micro_batch_size * train_data.accum_steps
+            bar.set_postfix(loss=f"{float(torch.stack(tally.losses[-10:]).mean()):.4f}",
+                            acc=f"{100 * float(correct) / seen:.1f}",
+                            img_s=f"{tally.images / max(tally.seconds, 1e-9):.0f}", refresh=False)
+        bar.update(1)
+        row_due = state.next_update == 0 or state.step in schedule
+        if state.next_update == 0:  # the epoch's last update
+            bar.close()
+            bar = None
+        elif row_due:
+            bar.clear()
 
     clock.lap("train")
     timings = {"total": time.perf_counter() - t_start, **clock.seconds}
-    checkpoints = [saved[s] for s in sorted(saved)]
-    return TrainResult(run=run, rows=rows, checkpoints=checkpoints, timings=timings)
+    checkpoints = [state.checkpoints[s] for s in sorted(state.checkpoints)]
+    return TrainResult(run=run, rows=state.rows, checkpoints=checkpoints, timings=timings)
 
 
-# -- the pieces the loop calls ------------------------------------------------------------------------------------
-class _Stopwatch:
-    """Wall-clock and CPU seconds of this process, summed per phase (train, eval, checkpoint, ...)."""
+# -- the pieces of a trainer (public: other trainers reuse them) -------------------------------------------------------
+def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer for ``config.optim`` over ``model``'s parameters (timm's weight-decay groups), at the
+    peak rate ``optim.lr``, scaled by ``batch_size / optim.lr_base_batch`` when that is set."""
+    from timm.optim import create_optimizer_v2
 
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._wall, self._cpu = time.perf_counter(), time.process_time()
+    o = config.optim
+    lr = o.lr * (config.batch_size / o.lr_base_batch if o.lr_base_batch else 1.0)
+    extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
+    return _timm_call(create_optimizer_v2, model, opt=o.opt, lr=lr, weight_decay=o.weight_decay,
+                      momentum=o.momentum, **extra)
 
-    def lap(self, phase: str) -> float:
-        """Charge the time since the previous lap to ``phase``; return its wall-clock seconds."""
-        wall, cpu = time.perf_counter(), time.process_time()
-        dt = wall - self._wall
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + dt
-        self.seconds[phase + "_cpu"] = self.seconds.get(phase + "_cpu", 0.0) + cpu - self._cpu
-        self._wall, self._cpu = wall, cpu
-        return dt
+
+def build_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """timm's learning-rate schedule for ``config.schedule`` over ``config.epochs``, to be stepped after every
+    update with ``step_update(step)`` (None where the schedule keeps the rate constant)."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = config.schedule
+    scheduler, _ = _timm_call(create_scheduler_v2, optimizer, sched=s.sched, num_epochs=config.epochs,
+                              warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
+                              step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+def build_loss(config: TrainConfig, num_classes: int, micro_batch_size: int) -> tuple[Any, torch.nn.Module]:
+    """The batch mixing (timm's ``Mixup`` for MixUp/CutMix, else None) and the training loss that fits it: soft-
+    target cross-entropy after mixing (the mixed targets carry the label smoothing), else cross-entropy with
+    or without label smoothing."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    a = config.augment
+    if a.mixup > 0 or a.cutmix > 0:
+        if micro_batch_size % 2:
+            raise ConfigError(f"MixUp/CutMix pair the images of a batch, so the micro-batch of each process "
+                              f"({micro_batch_size} images) must be even.")
+        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.switch_prob,
+                      mode=a.mixup_mode, label_smoothing=a.label_smoothing, num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if a.label_smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=a.label_smoothing)
+    return None, torch.nn.CrossEntropyLoss()
 
 
 @torch.no_grad()
@@ -445,6 +383,113 @@ def evaluate(model, batches, device, autocast=contextlib.nullcontext, dist=None,
     return {"val_loss": loss / n, "val_top1": 100 * top1 / n, "val_top5": 100 * top5 / n if (num_classes or 0) >= 5 else None}
 
 
+def metrics_row(config: TrainConfig, *, epoch: int, step: int, train: dict[str, Any], val: dict[str, Any],
+                ema_val: dict[str, Any] | None, wall_time: float) -> dict[str, Any]:
+    """One row of ``metrics.csv``, its columns in the documented order (module docstring).
+
+    ``train`` holds the row's training columns (:meth:`~landscape.trainers.state.RowTally.summary`), ``val`` and
+    ``ema_val`` the :func:`evaluate` results of the raw and EMA weights (None without EMA)."""
+    row = {
+        "epoch": epoch, "step": step, "images_seen": step * config.batch_size, "train_loss": train["train_loss"],
+        **val, **{"ema_" + k: ema_val[k] if ema_val is not None else None for k in val},
+        "lr": train["lr"], "grad_norm": train["grad_norm"], "wall_time": wall_time,
+        "images_per_s": train["images_per_s"], "schedule_epochs": config.epochs,
+    }
+    if "moe_aux_loss" in train:
+        row["moe_aux_loss"] = train["moe_aux_loss"]
+    return row
+
+
+def write_checkpoint(run: Run, config: TrainConfig, model: torch.nn.Module, ema_model: torch.nn.Module | None,
+                     row: dict[str, Any], *, epoch_end: bool, previous: Path | None = None) -> Path:
+    """Write the weights (and EMA weights) as the checkpoint of the metrics row ``row`` and return its path:
+    ``epoch-NNNN`` after an epoch's last update (``epoch_end``), else ``step-NNNNNNNN``.
+
+    The metadata rebuilds the model (name and keyword arguments) and ties the file to its row (epoch, step,
+    metrics) and to the run's settings (:func:`run_hash`). A failed write is one sentence naming the
+    ``previous`` checkpoint, which it leaves intact."""
+    path = run.checkpoint_path(epoch=row["epoch"]) if epoch_end else run.checkpoint_path(step=row["step"])
+    try:
+        save_checkpoint(
+            path, model.state_dict(), model=config.model.name, model_kwargs=config.model.kwargs,
+            epoch=row["epoch"] if epoch_end else None, step=row["step"], metrics=row, config_hash=run_hash(config),
+            ema_state_dict=ema_model.state_dict() if ema_model is not None else None,
+        )
+    except (OSError, WriteError) as e:
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no checkpoint was lost"
+        raise CheckpointError(f"Writing {path} failed ({e.strerror or e}); {kept}.") from None
+    return path
+
+
+def _updates(train_data: TrainBatches, epoch: int, start: int, epochs: int) -> Iterator[list]:
+    """The micro-batches of every update to the end of the run, from update ``start`` of ``epoch`` on."""
+    for e in range(epoch, epochs + 1):
+        yield from train_data.epoch(e, start)
+        start = 0
+
+
+def _check_finite(tally: RowTally, epoch: int, saved: dict[int, Path], *, fp16: bool) -> None:
+    """Stop a run whose loss or gradient norm is no longer finite (fp16 skips steps with overflowing gradients
+    by design, so there only the loss counts)."""
+    bad = tally.first_nonfinite(norms=not fp16)
+    if bad is not None:
+        step, loss, grad_norm = bad
+        raise LandscapeError(_divergence_message(loss, grad_norm, step, epoch, saved))
+
+
+def _write_outputs(run: Run, config: TrainConfig, state: TrainState, rng: list, *, checkpoint: bool) -> None:
+    """metrics.csv, then the checkpoint (if due), then state/last.pt, then the keep policy: each atomic, so a run
+    killed at any moment resumes to the weights it would have had."""
+    run.write_metrics(state.rows)
+    if checkpoint:
+        saved = state.checkpoints
+        path = write_checkpoint(run, config, state.model, state.ema.module if state.ema is not None else None,
+                                state.rows[-1], epoch_end=state.next_update == 0,
+                                previous=saved[max(saved)] if saved else None)
+        saved[state.step] = path
+        if config.save_preconditioner:
+            _save_preconditioner(run, path, state.model, state.optimizer, state.step, run_hash(config))
+    save_state(run.state_path, state.state_dict(run_hash(config), rng))
+    _apply_keep_policy(config, state.checkpoints)
+
+
+def _apply_keep_policy(config: TrainConfig, saved: dict[int, Path]) -> None:
+    for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):
+        saved.pop(old).unlink(missing_ok=True)
+
+
+def _on_main(dist: distributed.Distributed, write: Callable[[], Any]) -> None:
+    """``write()`` on the main process only; the one-sentence error it raises is raised on every process."""
+    error = None
+    if dist.is_main:
+        try:
+            write()
+        except LandscapeError as e:
+            error = e
+    distributed.broadcast_error(error, dist)
+
+
+def _claim_run_dir(run: Run, config: TrainConfig | None, held: contextlib.ExitStack, *, resume: bool,
+                   overwrite: bool) -> None:
+    """Lock the run directory (removed again at the end if the training left nothing in it), then check it."""
+    if not resume or run.root.is_dir():
+        lock = held.enter_context(RunLock(run.root, create=not resume))
+        held.callback(_remove_if_unused, run.root, lock)
+    _prepare_run_dir(run, config, resume=resume, overwrite=overwrite)
+
+
+def _check_resumable(run: Run, config: TrainConfig, saved: dict[str, Any]) -> bool:
+    """Whether the saved state predates the run's latest extension (its schedule is then the new total's, not
+    the saved one); a state of any other config is refused."""
+    rescheduled = config.extended_from is not None and saved["config_hash"] == run_hash(
+        dataclasses.replace(config, epochs=config.extended_from))
+    if saved["config_hash"] != run_hash(config) and not rescheduled:
+        raise CheckpointError(f"{run.config_path} was changed after {run.state_path} was saved; "
+                              "a resumed run must keep its config (start a new run instead).")
+    return rescheduled
+
+
+# -- setting up, the run directory -------------------------------------------------------------------------------------
 def resolve_model_kwargs(config: TrainConfig, info) -> dict[str, Any]:
     """The model's keyword arguments with the dataset's classes, channels and image size filled in."""
     kwargs = dict(config.model.kwargs)
@@ -521,10 +566,6 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("amp fp16 needs a CUDA device; use amp bf16 or off on the CPU.")
     return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
-def _prefixed(prefix: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {prefix + k: v for k, v in metrics.items()}
 
 
 def _divergence_message(loss: float, grad_norm: float, step: int, epoch: int, saved: dict[int, Path]) -> str:
@@ -636,35 +677,18 @@ def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
     return saved
 
 
-def _write_outputs(run, config, chash, model, ema, optimizer, scheduler, scaler, rows, row, rng, *, step, epoch,
-                   epoch_end, checkpoint, resume_at, saved) -> None:
-    """metrics.csv, then the checkpoint (if due), then state/last.pt, then the keep policy: each atomic."""
-    run.write_metrics(rows)
-    if checkpoint:
-        path = run.checkpoint_path(epoch=epoch) if epoch_end else run.checkpoint_path(step=step)
-        try:
-            save_checkpoint(
-                path, model.state_dict(), model=config.model.name, model_kwargs=config.model.kwargs,
-                epoch=epoch if epoch_end else None, step=step, metrics=row, config_hash=chash,
-                ema_state_dict=ema.module.state_dict() if ema is not None else None,
-            )
-        except (OSError, WriteError) as e:
-            previous = f"the previous checkpoint {saved[max(saved)].name} is intact" if saved else "no checkpoint was lost"
-            raise CheckpointError(f"Writing {path} failed ({e.strerror or e}); {previous}.") from None
-        saved[step] = path
-        if config.save_preconditioner:
-            _save_preconditioner(run, path, model, optimizer, step, chash)
-    state = {
-        "step": step, "epoch": resume_at[0], "next_update": resume_at[1], "rows": rows, "elapsed": row["wall_time"],
-        "config_hash": chash, "model": model.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng,
-    }
-    try:
-        save_state(run.state_path, state)
-    except OSError as e:
-        raise CheckpointError(f"Writing {run.state_path} failed ({e.strerror or e}); the previous state is intact.") from None
-    for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):
-        saved.pop(old).unlink(missing_ok=True)
+class _Stopwatch:
+    """Wall-clock and CPU seconds of this process, summed per phase (train, eval, checkpoint, ...)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> float:
+        """Charge the time since the previous lap to ``phase``; return its wall-clock seconds."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        dt = wall - self._wall
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + dt
+        self.seconds[phase + "_cpu"] = self.seconds.get(phase + "_cpu", 0.0) + cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+        return dt
