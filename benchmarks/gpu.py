@@ -339,8 +339,10 @@ class PyHessianRun:
 def hessian_state(label: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict, args, device,
                   seconds: float, table: Table) -> None:
     """Ours and PyHessian's top 5 and trace at one state of the model, within ``seconds`` in all."""
-    from landscape.analyses.curvature import HessianOperator, LossFunction
-    from landscape.analyses.hessian import deflated_trace, top_eigenvalues
+    from landscape.curvature.loss import LossFunction
+    from landscape.curvature.operators import HessianOperator
+    from landscape.curvature.lanczos import top_eigenvalues
+    from landscape.curvature.trace import deflated_trace
 
     part = f"3. Hessian, {label}"
     end = time.perf_counter() + seconds

@@ -41,8 +41,11 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape.analyses.curvature import HessianOperator, KeptGraphProducts, LossFunction
-from landscape.analyses.hessian import deflated_trace, hutch_plus_plus_trace, top_eigenvalues
+from landscape.curvature.loss import LossFunction
+from landscape.curvature.operators import HessianOperator
+from landscape.curvature.products import KeptGraphProducts
+from landscape.curvature.lanczos import top_eigenvalues
+from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace
 from landscape.data import analysis_subset
 from landscape.models import create_model
 

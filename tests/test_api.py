@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 
 
 def checkpoint_model_and_data(run):
-    from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.evaluation import analysis_data_for_run
     from landscape.checkpoints import build_model, load_checkpoint
 
     info = run.checkpoints()[-1]

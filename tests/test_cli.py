@@ -48,3 +48,20 @@ def test_datasets_lists_digits_as_found():
 @pytest.mark.parametrize("args", [["datasets", "--data-dir"], ["inspect"]])
 def test_missing_arguments_are_usage_errors(args):
     assert CliRunner().invoke(cli, args).exit_code == 2
+
+
+def test_two_params_patterns_live_side_by_side_and_force_replaces_only_its_own(tmp_path):
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.analyses.results import read_results
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    common = ["--top-k", "1", "--tol", "0.01", "--samples", "16", "--checkpoints", "last", "--device", "cpu"]
+    for args in (["--params", "*attn*"], ["--params", "*mlp*"], ["--params", "*mlp*", "--top-k", "2", "--force"]):
+        result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *common, *args])
+        assert result.exit_code == 0, result.output
+    attn = read_results(run.analysis_path("hessian-params-attn"))
+    mlp = read_results(run.analysis_path("hessian-params-mlp"))
+    assert '"params": "*attn*"' in attn.attrs["settings"] and attn.sizes["k"] == 1
+    assert '"params": "*mlp*"' in mlp.attrs["settings"] and mlp.sizes["k"] == 2
+    assert int(attn["num_parameters"][0]) != int(mlp["num_parameters"][0])

@@ -8,13 +8,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from landscape.analyses.curvature import (
-    HessianOperator,
-    LossFunction,
-    flatten_tensors,
-    parameters_by_pattern,
-    unflatten_vector,
-)
+from landscape.curvature.loss import LossFunction, parameters_by_pattern, unflatten_vector
+from landscape.curvature.operators import HessianOperator
 from tiny_models import data, tiny_mlp, tiny_vit
 
 from landscape.errors import ConfigError
@@ -165,7 +160,7 @@ def test_every_product_path_equals_the_dense_hessian_on_a_block(problem):
     V = torch.randn(loss.num_parameters, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     for product in ("kept-graph", "double-backward", "forward-over-reverse"):
         op = HessianOperator(loss, product=product)
-        assert op.product == product
+        assert op.strategy == product
         HV = op.torch_matmat(V)
         assert torch.linalg.norm(HV - H @ V) <= 1e-10 * torch.linalg.norm(H @ V), product
         assert torch.allclose(op.torch_matvec(V[:, 1]), HV[:, 1], rtol=1e-10, atol=1e-13), product
@@ -173,10 +168,10 @@ def test_every_product_path_equals_the_dense_hessian_on_a_block(problem):
 
 def test_auto_keeps_the_graph_only_for_a_single_batch(problem):
     model, x, y, loss, H = problem
-    assert HessianOperator(loss).product == "double-backward"  # three batches, on a CPU
+    assert HessianOperator(loss).strategy == "double-backward"  # three batches, on a CPU
     whole = LossFunction(model, x, y, batch_size=None)
     op = HessianOperator(whole)
-    assert op.product == "kept-graph"
+    assert op.strategy == "kept-graph"
     v = torch.randn(whole.num_parameters, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     assert torch.linalg.norm(op.torch_matvec(v) - H @ v) <= 1e-10 * torch.linalg.norm(H @ v)
     with pytest.raises(ConfigError, match="Unknown Hessian-vector product"):
@@ -255,10 +250,9 @@ def test_the_model_is_left_exactly_as_it_was():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_flatten_and_unflatten_are_inverse():
+def test_unflatten_vector_splits_the_concatenation_back_into_the_tensors():
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([7.0])}
-    vector = flatten_tensors(tensors)
-    assert vector.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    vector = torch.cat([t.reshape(-1) for t in tensors.values()])
     back = unflatten_vector(vector, {k: t.shape for k, t in tensors.items()})
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     with pytest.raises(ValueError):
@@ -266,7 +260,7 @@ def test_flatten_and_unflatten_are_inverse():
 
 
 def test_analysis_data_for_run_reads_the_dataset_from_the_run_config(tmp_path):
-    from landscape.analyses.curvature import analysis_data_for_run
+    from landscape.analyses.evaluation import analysis_data_for_run
     from landscape.config import save_yaml
     from landscape.errors import LandscapeError
     from landscape.runs import Run
@@ -285,7 +279,7 @@ def test_perturbed_evaluation_leaves_a_grouped_model_untouched():
     """functional_call must not leave a shared (GroupedMLP) module holding the perturbed tensors."""
     import torch
 
-    from landscape.analyses.curvature import LossFunction
+    from landscape.curvature.loss import LossFunction
     from landscape.models import create_model
 
     torch.manual_seed(0)

@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.analyses.curvature import (
-    EmpiricalFisherOperator,
-    FisherOperator,
-    GGNOperator,
-    LossFunction,
-    curvature_operator,
-)
-from landscape.analyses.hessian import top_eigenvalues
+from landscape.curvature.loss import LossFunction
+from landscape.curvature.operators import EmpiricalFisherOperator, FisherOperator, GGNOperator, curvature_operator
+from landscape.curvature.lanczos import top_eigenvalues
 from landscape.errors import ConfigError
 from tests.tiny_models import data, tiny_mlp, tiny_vit
 

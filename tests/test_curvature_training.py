@@ -7,9 +7,13 @@ import pytest
 import timm
 import torch
 
-from landscape.analyses.blocks import deflated_group_traces, group_indices, parameter_groups
-from landscape.analyses.curvature import LossFunction
-from landscape.analyses.hessian import HessianSettings, deflated_trace, hessian_analysis, top_eigenvalues
+from landscape.analyses.blocks import group_indices, parameter_groups
+from landscape.curvature.trace import deflated_group_traces
+from landscape.curvature.loss import LossFunction
+from landscape.curvature.operators import HessianOperator
+from landscape.analyses.hessian import HessianSettings, hessian_analysis
+from landscape.curvature.lanczos import top_eigenvalues
+from landscape.curvature.trace import deflated_trace
 from landscape.analyses.stability import (Preconditioner, edge_of_stability_data, load_preconditioner,
                                           optimizer_preconditioner, save_preconditioner, stability_threshold)
 from landscape.analyses.subspace import gradient_subspace_fraction, subspace_overlap
@@ -127,7 +131,7 @@ def test_preconditioned_sharpness_matches_the_dense_preconditioned_hessian():
     dense = torch.diag(P.rsqrt()) @ H @ torch.diag(P.rsqrt())
     expected = float(torch.linalg.eigvalsh(dense).max())
     assert expected == pytest.approx(float(torch.linalg.eigvals(torch.diag(1 / P) @ H).real.max()), rel=1e-8)
-    out = edge_of_stability_data(loss.hessian_operator(), loss.shapes, pre, tol=1e-9, seed=0)
+    out = edge_of_stability_data(HessianOperator(loss), loss.shapes, pre, tol=1e-9, seed=0)
     assert out["preconditioned_sharpness"][1] == pytest.approx(expected, rel=1e-7)
     assert out["stability_threshold"][1] == pytest.approx(38 / 2e-3)
 

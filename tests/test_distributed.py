@@ -22,7 +22,7 @@ import pytest
 import torch
 import xarray as xr
 
-from landscape.analyses.curvature import LossFunction
+from landscape.curvature.loss import LossFunction
 from landscape.analyses.distributed import (
     Distributed,
     check_shard,

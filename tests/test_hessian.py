@@ -15,20 +15,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tiny_models import data, tiny_mlp, tiny_vit
 
 from landscape.analyses import hessian as hessian_module
-from landscape.analyses.curvature import HessianOperator, LossFunction
-from landscape.analyses.hessian import (
-    HessianSettings,
-    broadened_density,
-    deflated_trace,
-    gauss_quadrature,
-    hutch_plus_plus_trace,
-    hutchinson_trace,
-    lanczos_tridiagonal,
-    load_eigenvectors,
-    run_hessian_analysis,
-    spectral_density,
-    top_eigenvalues,
-)
+from landscape.curvature.loss import LossFunction
+from landscape.curvature.operators import HessianOperator
+from landscape.analyses.hessian import HessianSettings, load_eigenvectors, run_hessian_analysis
+from landscape.curvature.density import broadened_density, spectral_density
+from landscape.curvature.lanczos import gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
+from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace, hutchinson_trace
 
 
 @pytest.fixture(scope="module", params=["vit", "mlp"])

@@ -312,3 +312,27 @@ def test_dynamics_command_writes_dynamics_nc_and_the_seed_summary(tmp_path):
     assert result.exit_code == 0, result.output
     assert "across seeds" in result.output and "peak_to_final_drop" in result.output
     assert all((tmp_path / f"{name}-s{seed}" / "analysis" / "dynamics.nc").is_file() for seed in (0, 1))
+
+
+def test_adaptive_sharpness_from_the_cli_is_labelled_adaptive_in_the_report_whatever_its_file_is_called(tmp_path):
+    """``analyze sharpness --adaptive`` then ``report`` on a tiny real run: the numbers are called adaptive, read
+    from the file's attrs, even after the file is renamed to the plain name."""
+    from click.testing import CliRunner
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.cli import cli
+
+    def landscape(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    landscape("analyze", "sharpness", run.root, "--adaptive", "--rho", "0.5", "--steps", "1", "--draws", "1",
+              "--samples", "16", "--checkpoints", "last", "--device", "cpu")
+    (run.analysis_dir / "sharpness-adaptive.nc").rename(run.analysis_dir / "sharpness.nc")
+    landscape("report", run.root, "--out", tmp_path / "report.md", "--no-figures")
+    text = (tmp_path / "report.md").read_text()
+    assert "adaptive worst-case sharpness, ρ = 0.5" in text
+    assert "worst-case sharpness (SAM)" not in text
+    assert "`analysis/sharpness.nc`: adaptive sharpness" in text

@@ -10,17 +10,10 @@ from click.testing import CliRunner
 
 from tiny_models import data, tiny_mlp
 
-from landscape.analyses.curvature import LossFunction
+from landscape.curvature.loss import LossFunction
 from landscape.analyses.distributed import sharded_rounds
-from landscape.analyses.hessian import (
-    HessianSettings,
-    WarmStart,
-    describe_plan,
-    hessian_analysis,
-    run_hessian_analysis,
-    start_block,
-    top_eigenvalues,
-)
+from landscape.analyses.hessian import HessianSettings, WarmStart, describe_plan, hessian_analysis, run_hessian_analysis
+from landscape.curvature.lanczos import start_block, top_eigenvalues
 
 TOL = 1e-3
 

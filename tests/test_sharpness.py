@@ -9,7 +9,7 @@ import scipy.optimize
 import torch
 import xarray as xr
 
-from landscape.analyses.curvature import LossFunction
+from landscape.curvature.loss import LossFunction
 from landscape.analyses.sharpness import (
     DEFAULT_STEPS,
     SharpnessSettings,

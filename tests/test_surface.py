@@ -4,7 +4,8 @@ import torch
 import xarray as xr
 from click.testing import CliRunner
 
-from landscape.analyses.curvature import LossFunction, analysis_data_for_run
+from landscape.analyses.evaluation import analysis_data_for_run
+from landscape.curvature.loss import LossFunction
 from landscape.analyses.surface import (
     SurfaceSettings,
     barrier,

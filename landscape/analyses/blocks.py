@@ -18,11 +18,12 @@ Cost against the whole-model analysis (``--top-k k --trace``: about :math:`4k + 
   .. math::  \\operatorname{tr} H_{gg} = \\operatorname{tr}(V_g^\\top V_g\\, T)
              + \\mathbb{E}\\big[w_g^\\top (H w)_g + 2\\, (V_g w_g)^\\top (V H w)\\big],
 
-  (:math:`V_g` the columns of :math:`V` on the group) exactly as :func:`~landscape.analyses.hessian.deflated_trace`
+  (:math:`V_g` the columns of :math:`V` on the group) exactly as :func:`~landscape.curvature.trace.deflated_trace`
   splits :math:`\\operatorname{tr} H`; the cross term is the expectation of :math:`z^\\top P_g V^\\top V H R z`
   (:math:`R = I - V^\\top V`), small when :math:`V` nearly spans eigenvectors. Summed over the groups the cross terms
   vanish sample by sample (:math:`V w = 0`), so the group traces add up to the whole-model estimate exactly.
-  :func:`deflated_group_traces` computes the whole-model estimate and all groups' from one set of probes.
+  :func:`~landscape.curvature.trace.deflated_group_traces` computes the whole-model estimate and all groups' from
+  one set of probes.
 - Top eigenvalues need one Lanczos run per group on the restricted operator (no shared product gives
   :math:`\\lambda_1(H_{gg})`): :func:`restricted_top_eigenvalues`, each product
   :math:`H_{gg} v_g` the Hessian-vector product of the loss restricted to :math:`\\theta_g`, whose reverse pass
@@ -84,7 +85,7 @@ def _order(group: str) -> tuple:
 
 def parameter_groups(model: torch.nn.Module, names: list[str]) -> dict[str, list[str]]:
     """``{group: [parameter names]}`` for the parameters ``names`` (first names, as a
-    :class:`~landscape.analyses.curvature.LossFunction` holds them), groups in network order: ``patch_embed``,
+    :class:`~landscape.curvature.loss.LossFunction` holds them), groups in network order: ``patch_embed``,
     ``blocks.<i>.attn``, ``blocks.<i>.mlp`` (``blocks.<i>+<j>.mlp`` for an MLP shared by blocks i and j, counted
     once), ``norms``, ``head``, ``other``."""
     aliases: dict[int, list[str]] = {}
@@ -107,67 +108,13 @@ def group_indices(shapes: Mapping[str, tuple[int, ...]], groups: Mapping[str, li
     return {g: torch.cat([torch.arange(*offsets[n]) for n in names]) for g, names in groups.items()}
 
 
-def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: int, *, basis: Tensor | None = None,
-                          basis_matrix: Tensor | None = None, seed: int = 0, distribution: str = "rademacher",
-                          block_size: int = 16):
-    """The trace of ``op`` and of each of its diagonal blocks ``indices`` from one set of probes (module notes).
-
-    With ``basis`` ``(m, n)`` (orthonormal rows) and ``basis_matrix`` :math:`T = V A V^\\top` ``(m, m)`` the whole-model
-    estimate is that of :func:`~landscape.analyses.hessian.deflated_trace` with the same ``seed`` (the same probes and
-    products, number for number); without, Hutchinson's. Returns ``(TraceEstimate, estimates (G,),
-    standard errors (G,))`` in the order of ``indices``.
-    """
-    from landscape.analyses.hessian import TraceEstimate, _standard_error, as_torch_operator, random_probes
-
-    A = as_torch_operator(op)
-    n = A.shape[0]
-    groups = list(indices)
-    if basis is not None and basis_matrix is None:
-        raise ValueError("a deflation basis needs its projected matrix V A V^T")
-    V = basis if basis is not None else torch.zeros(0, n, dtype=A.dtype, device=A.device)
-    T = basis_matrix.double().cpu() if basis_matrix is not None else torch.zeros(0, 0, dtype=torch.float64)
-    on_basis = {g: indices[g].to(V.device) for g in groups}
-    low_rank = np.array([float((V[:, i].double() @ V[:, i].double().T).cpu().mul(T).sum()) for i in on_basis.values()])
-    basis_trace = float(T.trace()) if len(T) else 0.0
-    if len(V) >= n:
-        return (TraceEstimate(basis_trace, 0.0, 0, np.zeros(0), basis_trace, "deflated"), low_rank,
-                np.zeros(len(groups)))
-    on_op = {g: indices[g].to(A.device) for g in groups}
-    generator = torch.Generator().manual_seed(int(seed))
-    whole: list[float] = []
-    parts: list[list[float]] = [[] for _ in groups]
-    while len(whole) < num_matvecs:
-        b = min(block_size, num_matvecs - len(whole))
-        Z = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype)
-        if len(V):  # as deflated_trace: the probes projected off the basis, in the basis's dtype and device
-            Z = Z.to(V.device, V.dtype)
-            Z = Z - V.T @ (V @ Z)
-        Z = Z.to(A.device, A.dtype)
-        AZ = A.matmat(Z)
-        whole.extend((Z * AZ).sum(0).double().cpu().tolist())
-        VAZ = V @ AZ.to(V.device, V.dtype) if len(V) else None
-        for j, g in enumerate(groups):
-            i = on_op[g]
-            sample = (Z[i] * AZ[i]).sum(0).double()
-            if VAZ is not None:
-                Vg = V[:, on_basis[g]]
-                sample = sample + 2 * ((Vg @ Z[i].to(V.device, V.dtype)) * VAZ).sum(0).double().to(sample.device)
-            parts[j].extend(sample.cpu().tolist())
-    values = np.asarray(whole)
-    method = "deflated" if len(V) else "hutchinson"
-    estimate = TraceEstimate(basis_trace + float(values.mean()), _standard_error(whole), len(whole), values,
-                             basis_trace, method)
-    estimates = low_rank + np.array([np.mean(p) for p in parts])
-    errors = np.array([_standard_error(p) for p in parts])
-    return estimate, estimates, errors
-
-
 def restricted_top_eigenvalues(loss: Any, groups: Mapping[str, list[str]], settings: Any, *,
                                callback: Callable[[int], Any] | None = None) -> np.ndarray:
     """The largest eigenvalue of each group's restricted curvature matrix (``settings.matrix``): an ``(G, 3)`` array
     of (eigenvalue, products, converged), one Lanczos run per group to ``settings.tol``."""
-    from landscape.analyses.curvature import LossFunction, curvature_operator
-    from landscape.analyses.hessian import top_eigenvalues
+    from landscape.curvature.lanczos import top_eigenvalues
+    from landscape.curvature.loss import LossFunction
+    from landscape.curvature.operators import curvature_operator
 
     rows = []
     for names in groups.values():
@@ -187,7 +134,7 @@ def per_block_data(loss: Any, groups: Mapping[str, list[str]], settings: Any, tr
                    callback: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """The ``group``-dimension variables of ``--per-block``: ``group_num_parameters``, ``block_eigenvalue_largest``
     with ``block_eigenvalue_matvecs`` and ``block_eigenvalue_converged``, and from ``traces`` (the output of
-    :func:`deflated_group_traces`, or ``None``) ``block_trace`` and ``block_trace_standard_error``."""
+    :func:`~landscape.curvature.trace.deflated_group_traces`, or ``None``) ``block_trace`` and ``block_trace_standard_error``."""
     sizes = [sum(int(np.prod(loss.shapes[n])) for n in names) for names in groups.values()]
     data: dict[str, Any] = {"group_num_parameters": (("group",), np.asarray(sizes, dtype=np.int64),
                                                      {"long_name": "parameters in the group"})}

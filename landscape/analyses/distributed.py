@@ -114,7 +114,7 @@ def round_robin(items: Sequence[T], world: Distributed) -> list[T]:
 class DataParallel:
     """One process's contiguous slice of an evaluation set of ``num_examples`` examples split over ``world``.
 
-    A :class:`~landscape.analyses.curvature.LossFunction` given one weights its batches by
+    A :class:`~landscape.curvature.loss.LossFunction` given one weights its batches by
     :math:`n_b /` ``num_examples`` and sums every loss, count, gradient and product with :meth:`all_reduce`.
     """
 

@@ -118,7 +118,7 @@ class Preconditioner:
 
     def inverse_sqrt_diagonal(self, shapes: Mapping[str, tuple[int, ...]]) -> Tensor:
         """:math:`\\operatorname{diag}(P)^{-1/2}` as a ``(P,)`` float64 vector in the order of ``shapes`` (the
-        :class:`~landscape.analyses.curvature.LossFunction`'s parameters), with :math:`P` as in the module notes."""
+        :class:`~landscape.curvature.loss.LossFunction`'s parameters), with :math:`P` as in the module notes."""
         if not self.adaptive:
             raise LandscapeError(f"A {self.optimizer} optimizer keeps no second moment to precondition with.")
         if self.step < 1:
@@ -197,23 +197,14 @@ def stability_threshold(pre: Preconditioner) -> tuple[float, str]:
     return (2 + 2 * mu) / eta, "(2 + 2 momentum) / lr" if mu else "2 / lr"
 
 
-def preconditioned_operator(op: Any, scale: Tensor) -> Any:
-    """:math:`S A S` for a symmetric operator :math:`A` and the diagonal :math:`S` = ``scale`` ``(P,)``: with
-    :math:`S = P^{-1/2}` the preconditioned Hessian, whose spectrum is that of :math:`P^{-1} H`."""
-    from landscape.analyses.hessian import TorchOperator, as_torch_operator
-
-    A = as_torch_operator(op)
-    s = scale.to(A.device, A.dtype)[:, None]
-    return TorchOperator(A.shape, A.dtype, A.device, lambda V: s * A.matmat(s * V.to(A.device, A.dtype)))
-
-
 def edge_of_stability_data(op: Any, shapes: Mapping[str, tuple[int, ...]], pre: Preconditioner | None, *, tol: float,
                            seed: int, raw_top: float | None = None) -> dict[str, Any]:
     """The data variables of ``--preconditioned`` for one checkpoint: ``preconditioned_sharpness`` (Adam:
     :math:`\\lambda_1(P^{-1/2} H P^{-1/2})` by Lanczos; SGD: the raw :math:`\\lambda_1`, ``raw_top`` when the
     eigenvalues already gave it), ``stability_threshold``, ``optimizer_lr``, ``optimizer_step`` and
     ``preconditioned_matvecs``. NaN where the checkpoint has no preconditioner (before the first update)."""
-    from landscape.analyses.hessian import top_eigenvalues
+    from landscape.curvature.lanczos import top_eigenvalues
+    from landscape.curvature.operators import preconditioned_operator
 
     nan = float("nan")
     if pre is None:
@@ -252,5 +243,5 @@ def stability_ratio(ds) -> np.ndarray:
 
 
 __all__ = ["Preconditioner", "checkpoint_preconditioner", "edge_of_stability_data", "load_preconditioner",
-           "optimizer_preconditioner", "preconditioned_operator", "preconditioner_path", "save_preconditioner",
+           "optimizer_preconditioner", "preconditioner_path", "save_preconditioner",
            "stability_ratio", "stability_threshold"]

@@ -1,0 +1,514 @@
+"""The loss of a model over a fixed evaluation set, as a function of a subset of its parameters.
+
+A :class:`LossFunction` binds a model to a fixed evaluation set :math:`\\{(x_i, y_i)\\}_{i=1}^N` and a subset
+:math:`\\theta` of its parameters, and computes the mean loss
+
+.. math::  L(\\theta) = \\frac{1}{N} \\sum_b n_b \\, \\bar\\ell_b(\\theta),
+
+where :math:`\\bar\\ell_b` is the mean loss of batch :math:`b` of size :math:`n_b` (the last, short batch counts
+with its true weight), its gradient :math:`\\nabla L`, the loss and accuracy at other weights (:meth:`~LossFunction.evaluate`),
+and Hessian-vector products :math:`H v = \\nabla^2 L \\, v` with :math:`H \\in \\mathbb{R}^{P \\times P}`, :math:`P`
+the number of selected parameters (computed by the strategies of :mod:`landscape.curvature.products`).
+
+- Evaluation mode, no augmentation, a fixed order. The model is never changed: parameters are swapped in
+  functionally (:func:`torch.func.functional_call`), the train/eval flags are restored afterwards.
+- Fused attention kernels have neither a double-backward nor a forward-mode rule; every derivative here runs under
+  the math kernel of :func:`torch.nn.functional.scaled_dot_product_attention`, switched on inside.
+- Parameters with ``requires_grad=False`` and parameters the loss does not reach on the evaluation set are
+  skipped. A parameter shared by several modules (the same tensor under several names) is one parameter,
+  named by its first name in ``model.named_parameters()``.
+- On several processes (``data_parallel``, see :mod:`landscape.analyses.distributed`) each holds a contiguous slice
+  of the evaluation set, weights its batches by :math:`n_b / N` with the whole set's :math:`N`, and sums every
+  loss, count, gradient and product over the processes: each sees the whole set's :math:`L`, :math:`\\nabla L`
+  and :math:`H v`, up to the order of summation.
+
+Vectors come in two forms: a dict ``{name: tensor}`` shaped like the parameters, or a flat tensor of shape
+``(P,)`` in the order of :attr:`LossFunction.names` (:meth:`LossFunction.flatten` / :meth:`~LossFunction.unflatten`).
+Several vectors are the columns of a ``(P, k)`` matrix, as in :class:`scipy.sparse.linalg.LinearOperator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from landscape.errors import ConfigError, LandscapeError
+
+Tensor = torch.Tensor
+LossCriterion = Callable[[Any, Tensor], Tensor]
+Inputs = "Tensor | Mapping[str, Tensor]"
+"""A model's inputs: one tensor ``(N, ...)``, or a dict of tensors sharing the first dimension ``N`` (passed as
+keyword arguments, e.g. a Hugging Face model's ``pixel_values=``)."""
+
+
+# -- parameters ------------------------------------------------------------------------------------------------
+def parameters_by_pattern(model: nn.Module, pattern: str | None = None) -> dict[str, nn.Parameter]:
+    """The trainable parameters of ``model`` whose name matches ``pattern``, each once, in model order.
+
+    ``pattern`` is a comma-separated list of alternatives, each one of
+
+    - a glob over the dotted parameter names: ``"*attn*"``, ``"blocks.3.*"``, ``"*mlp.fc?.weight"``;
+    - a module prefix without wildcards: ``"blocks.3"`` selects every parameter under ``blocks.3.``;
+    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``.
+
+    ``None``, ``""`` and ``"*"`` select every parameter. A parameter shared by several modules is selected when
+    any of its names matches and is returned once, under its first name (the one ``state_dict`` loading and
+    :func:`torch.func.functional_call` accept). Parameters with ``requires_grad=False`` are left out.
+    """
+    matchers = _name_matchers(pattern)
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    selected: dict[str, nn.Parameter] = {}
+    for key, names in names_of.items():
+        p = params[key]
+        if p.requires_grad and any(m(n) for n in names for m in matchers):
+            selected[names[0]] = p
+    if not selected:
+        raise ConfigError(
+            f"No trainable parameter of the model matches {pattern!r}; give a glob such as '*attn*' or "
+            "'blocks.3.*', a module prefix such as 'blocks.3', or a regular expression after 're:'."
+        )
+    return selected
+
+
+def _name_matchers(pattern: str | None) -> list[Callable[[str], bool]]:
+    if pattern is None or pattern.strip() in ("", "*"):
+        return [lambda name: True]
+    matchers: list[Callable[[str], bool]] = []
+    for part in (p.strip() for p in pattern.split(",")):
+        if not part:
+            continue
+        if part.startswith("re:"):
+            try:
+                regex = re.compile(part[3:])
+            except re.error as e:
+                raise ConfigError(f"Parameter pattern {part!r} is not a valid regular expression ({e}).") from None
+            matchers.append(lambda name, r=regex: r.search(name) is not None)
+        elif any(c in part for c in "*?["):
+            matchers.append(lambda name, g=part: fnmatch.fnmatchcase(name, g))
+        else:
+            matchers.append(lambda name, prefix=part: name == prefix or name.startswith(prefix + "."))
+    return matchers
+
+
+def unflatten_vector(vector: Tensor, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> dict[str, Tensor]:
+    """Split a ``(P,)`` vector into views shaped like ``shapes`` (the concatenation of the flattened tensors, in
+    the order of ``shapes``)."""
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    if vector.ndim != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"expected a vector of {sum(sizes)} entries, got shape {tuple(vector.shape)}")
+    return {n: chunk.view(s) for (n, s), chunk in zip(shapes.items(), torch.split(vector, sizes))}
+
+
+# -- the evaluation set ------------------------------------------------------------------------------------------
+def num_inputs(x: Inputs) -> int:
+    """The number of examples ``N`` in ``x``: its first dimension, shared by every tensor of a dict."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise LandscapeError("The inputs are an empty dict; give at least one tensor (e.g. pixel_values).")
+        sizes = {name: len(t) for name, t in x.items()}
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{n} {k}" for n, k in sizes.items())
+            raise LandscapeError(f"The input tensors have different numbers of examples ({listed}).")
+        return next(iter(sizes.values()))
+    return len(x)
+
+
+def slice_inputs(x: Inputs, start: int, stop: int) -> Inputs:
+    """Examples ``start:stop`` of ``x`` (every tensor of a dict alike)."""
+    if isinstance(x, Mapping):
+        return {name: t[start:stop] for name, t in x.items()}
+    return x[start:stop]
+
+
+def inputs_to(x: Inputs, device: torch.device, dtype: torch.dtype) -> Inputs:
+    """``x`` on ``device``, floating-point tensors in ``dtype`` (integer ones, e.g. token ids, keep theirs)."""
+    if isinstance(x, Mapping):
+        return {name: inputs_to(t, device, dtype) for name, t in x.items()}
+    x = x.to(device, non_blocking=True)
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def model_outputs(outputs: Any) -> Tensor:
+    """The prediction tensor of a forward pass: the tensor itself, the ``logits`` of an output object or dict
+    (Hugging Face models), or the first element of a tuple."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    raise LandscapeError(
+        f"The model returned a {type(outputs).__name__}, not a tensor nor an object with .logits; wrap it so that "
+        "it returns the tensor the loss takes.")
+
+
+def forward(model: nn.Module, x: Inputs, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+    """``model(x)`` (``model(**x)`` for a dict), with ``tensors`` swapped in for its parameters and buffers."""
+    args, kwargs = ((), dict(x)) if isinstance(x, Mapping) else ((x,), None)
+    if tensors is None:
+        return model_outputs(model(*args, **(kwargs or {})))
+    # tie_weights=False: with the default, a module reachable under two names (GroupedMLP) keeps the passed
+    # tensors after the call (pytorch issue 164759); the shared module is swapped once either way.
+    return model_outputs(torch.func.functional_call(model, dict(tensors), args, kwargs, tie_weights=False))
+
+
+@dataclass
+class EvaluationSet:
+    """A fixed, ordered evaluation set: inputs ``x`` ``(N, ...)`` (or a dict of such tensors), targets ``y``
+    ``(N, ...)``, split in batches.
+
+    The batches are ``x[0:B], x[B:2B], ...``; the last may be shorter and is weighted by its size.
+    """
+
+    x: Inputs
+    y: Tensor
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        n = num_inputs(self.x)
+        if n != len(self.y):
+            raise LandscapeError(f"The evaluation set has {n} inputs but {len(self.y)} targets.")
+        if n == 0:
+            raise LandscapeError("The evaluation set is empty; give at least one example.")
+        if self.batch_size is None or self.batch_size <= 0:
+            self.batch_size = n
+
+    def __len__(self) -> int:
+        return num_inputs(self.x)
+
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self) // self.batch_size)
+
+    def batches(self) -> Iterator[tuple[Inputs, Tensor]]:
+        for start in range(0, len(self), self.batch_size):
+            yield slice_inputs(self.x, start, start + self.batch_size), self.y[start:start + self.batch_size]
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, *, math_attention: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and the math attention kernel) for the duration; every module's train flag is restored after.
+
+    Derivatives of any order need the math kernel; plain loss evaluation (``math_attention=False``) keeps the
+    fused kernels, which are faster and give the same values up to rounding.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+            yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """The default criterion: mean cross-entropy of class logits ``(n, C)`` against integer targets ``(n,)``."""
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
+# -- the loss closure ---------------------------------------------------------------------------------------------
+class LossFunction:
+    """The mean loss of ``model`` on a fixed evaluation set, as a function of a subset of its parameters.
+
+    Args:
+        model: any module; it is only read. Its dtype and device are used for every computation.
+        x, y: the evaluation set, ``(N, ...)`` inputs (or a dict of them, passed as keyword arguments) and
+            ``(N, ...)`` targets, moved batch by batch to the model; floating-point ones take its dtype.
+        batch_size: examples per forward pass (``None``: all at once). Results do not depend on it beyond
+            floating-point rounding.
+        params: which parameters :math:`\\theta` are variables: a pattern for :func:`parameters_by_pattern`,
+            a list of names, or ``None`` for all trainable ones. The others stay fixed at their current values.
+        criterion: ``criterion(outputs, targets)`` returning the *mean* loss over the batch; ``outputs`` is the
+            model's output tensor, or the ``logits`` of an output object (:func:`model_outputs`).
+        vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
+            once; memory grows with it (each vector carries its own activation tangents).
+        skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
+            gradient pass when the closure is made).
+        data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
+            (:class:`landscape.analyses.distributed.DataParallel`): batches are weighted by
+            :math:`n_b / N` with the whole set's :math:`N`, and every loss, accuracy count, gradient and
+            Hessian-vector product is summed over the processes, so each process sees the whole set's operator.
+
+    Attributes:
+        names: the selected parameter names, in vector order; shapes: their shapes; num_parameters: :math:`P`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        batch_size: int | None = 256,
+        params: str | list[str] | None = None,
+        criterion: LossCriterion = cross_entropy,
+        vectors_per_pass: int = 8,
+        skip_unused: bool = True,
+        data_parallel: Any = None,
+    ):
+        self.model = model
+        self.data = EvaluationSet(x, y, batch_size)
+        self.data_parallel = data_parallel
+        self.num_examples = data_parallel.num_examples if data_parallel is not None else len(self.data)
+        self.criterion = criterion
+        self.vectors_per_pass = max(1, int(vectors_per_pass))
+        first = next(iter(model.parameters()), None)
+        if first is None:
+            raise LandscapeError("The model has no parameters, so it has no Hessian.")
+        self.device = first.device
+        self.dtype = first.dtype
+        if isinstance(params, (list, tuple)):
+            selected = _parameters_by_name(model, list(params))
+            self.pattern: str | None = ",".join(params)
+        else:
+            selected = parameters_by_pattern(model, params)
+            self.pattern = params
+        canonical = dict(model.named_parameters())  # first names only: what functional_call expects
+        buffers = dict(model.named_buffers())
+        self._fixed = {n: p.detach() for n, p in canonical.items() if n not in selected}
+        self._fixed.update({n: b.detach() for n, b in buffers.items()})
+        if skip_unused:
+            reached = self._reached_parameters({n: p.detach() for n, p in selected.items()})
+            unused = [n for n in selected if n not in reached]
+            for n in unused:
+                self._fixed[n] = selected.pop(n).detach()
+            if not selected:
+                raise LandscapeError(
+                    f"None of the parameters matching {self.pattern!r} influences the loss on the evaluation set."
+                )
+            self.skipped = unused
+        else:
+            self.skipped = []
+        self.names = list(selected)
+        self.shapes = {n: selected[n].shape for n in self.names}
+        self.num_parameters = int(sum(selected[n].numel() for n in self.names))
+        self._params = {n: selected[n].detach() for n in self.names}
+
+    # -- vectors ---------------------------------------------------------------------------------------------
+    def parameters(self) -> dict[str, Tensor]:
+        """The current values :math:`\\theta` of the selected parameters (detached views, never to be edited)."""
+        return dict(self._params)
+
+    def parameter_vector(self) -> Tensor:
+        """:math:`\\theta` as one ``(P,)`` vector (a copy)."""
+        return self.flatten(self._params)
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """``{name: (*shape)}`` -> ``(P,)``, or ``{name: (k, *shape)}`` -> ``(P, k)`` (one column per vector)."""
+        first = tensors[self.names[0]]
+        batched = first.dim() == len(self.shapes[self.names[0]]) + 1
+        if batched:
+            k = first.shape[0]
+            return torch.cat([tensors[n].reshape(k, -1) for n in self.names], dim=1).T
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """``(P,)`` -> ``{name: (*shape)}``, or ``(P, k)`` -> ``{name: (k, *shape)}`` (the inverse of :meth:`flatten`)."""
+        sizes = [int(np.prod(s)) for s in self.shapes.values()]
+        if vector.shape[0] != self.num_parameters or vector.dim() not in (1, 2):
+            raise ValueError(f"expected ({self.num_parameters},) or ({self.num_parameters}, k), got {tuple(vector.shape)}")
+        if vector.dim() == 1:
+            return {n: c.view(s) for (n, s), c in zip(self.shapes.items(), torch.split(vector, sizes))}
+        rows = vector.T
+        return {n: c.reshape(rows.shape[0], *s) for (n, s), c in zip(self.shapes.items(), torch.split(rows, sizes, 1))}
+
+    def _split_params(self, params: Mapping[str, Tensor] | Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(variables, fixed)``: the selected parameters' values and every other tensor, ``params`` applied."""
+        if params is None:
+            return self._params, self._fixed
+        if isinstance(params, Tensor):
+            return self.unflatten(params.to(self.device, self.dtype)), self._fixed
+        unknown = [n for n in params if n not in self._params and n not in self._fixed]
+        if unknown:
+            raise KeyError(f"not parameters of the model: {', '.join(unknown[:5])}")
+        variables = {n: params.get(n, t) for n, t in self._params.items()}
+        fixed = {n: params.get(n, t) for n, t in self._fixed.items()}
+        return variables, fixed
+
+    def _batch(self, xb: Inputs, yb: Tensor) -> tuple[Inputs, Tensor]:
+        y = yb.to(self.device, non_blocking=True)
+        return inputs_to(xb, self.device, self.dtype), (y.to(self.dtype) if y.is_floating_point() else y)
+
+    # -- what the product strategies and curvature operators build on -------------------------------------------
+    def batch_loss(self, variables: dict[str, Tensor], x: Tensor, y: Tensor, fixed: dict[str, Tensor] | None = None) -> Tensor:
+        """The mean loss :math:`\\bar\\ell_b` of one batch ``(x, y)`` (from :meth:`weighted_batches`) at the selected
+        parameters' values ``variables``, the others at their own values (or at ``fixed``)."""
+        tensors = {**(self._fixed if fixed is None else fixed), **variables}
+        return self.criterion(forward(self.model, x, tensors), y)
+
+    def batch_outputs(self, variables: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model's outputs :math:`z_b` on one batch's inputs ``x`` at the selected parameters' values
+        ``variables`` (the others at their own values)."""
+        return forward(self.model, x, {**self._fixed, **variables})
+
+    def weighted_batches(self) -> Iterator[tuple[float, Tensor, Tensor]]:
+        """``(n_b / N, x_b, y_b)`` for each batch, on the model's device (floating-point tensors in its dtype)."""
+        n = self.num_examples
+        for xb, yb in self.data.batches():
+            x, y = self._batch(xb, yb)
+            yield len(yb) / n, x, y
+
+    def _reached_parameters(self, variables: dict[str, Tensor]) -> set[str]:
+        leaves = {n: t.clone().requires_grad_(True) for n, t in variables.items()}
+        reached: set[str] = set()
+        with evaluation_mode(self.model), torch.enable_grad():
+            for _, x, y in self.weighted_batches():
+                loss = self.batch_loss(leaves, x, y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                reached.update(n for n, g in zip(leaves, grads) if g is not None)
+                if len(reached) == len(leaves):
+                    break
+        if self.data_parallel is not None:  # reached on any process's slice is reached on the whole set
+            mask = self.all_reduce(torch.tensor([float(n in reached) for n in leaves], device=self.device))
+            reached = {n for n, hit in zip(leaves, mask.tolist()) if hit > 0}
+        return reached
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes of a data-parallel evaluation set (unchanged for one process)."""
+        return tensor if self.data_parallel is None else self.data_parallel.all_reduce(tensor)
+
+    def all_reduce_scalars(self, *values: float) -> list[float]:
+        if self.data_parallel is None:
+            return list(values)
+        return self.all_reduce(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    # -- values and gradients ---------------------------------------------------------------------------------
+    def loss(self, params: Mapping[str, Tensor] | Tensor | None = None) -> float:
+        """:math:`L(\\theta)` at the current parameters, or at ``params`` (a dict of some names, or a ``(P,)`` vector)."""
+        return self.evaluate(params)[0]
+
+    def evaluate(self, params: Mapping[str, Tensor] | Tensor | nn.Module | None = None) -> tuple[float, float]:
+        """``(mean loss, top-1 accuracy in %)`` over the evaluation set.
+
+        ``params`` is ``None`` (the model as given), a dict of parameter values (any subset of the model's
+        names, the rest kept), a ``(P,)`` vector of the selected parameters, or another module of the same
+        architecture evaluated with its own weights.
+        """
+        if isinstance(params, nn.Module):
+            total, correct = _evaluate_module(params, self.data, self.criterion, self.num_examples)
+            total, correct = self.all_reduce_scalars(total, correct)
+            return total, 100.0 * correct / self.num_examples
+        variables, fixed = self._split_params(params)
+        full = {**fixed, **variables}
+        total, correct = 0.0, 0.0
+        with evaluation_mode(self.model, math_attention=False), torch.no_grad():
+            for w, x, y in self.weighted_batches():
+                outputs = forward(self.model, x, full)
+                total += w * float(self.criterion(outputs, y))
+                correct += _num_correct(outputs, y)
+        total, correct = self.all_reduce_scalars(total, correct)
+        return total, 100.0 * correct / self.num_examples
+
+    def loss_and_gradient(self, params: Mapping[str, Tensor] | Tensor | None = None) -> tuple[float, Tensor]:
+        """:math:`(L(\\theta), \\nabla L(\\theta))`, the gradient as a ``(P,)`` vector."""
+        variables, fixed = self._split_params(params)
+        grad_and_value = torch.func.grad_and_value(self.batch_loss)
+        total, gradient = 0.0, None
+        with evaluation_mode(self.model):
+            for w, x, y in self.weighted_batches():
+                g, value = grad_and_value(variables, x, y, fixed)
+                total += w * float(value)
+                gradient = add_scaled(gradient, g, w)
+        return self.all_reduce_scalars(total)[0], self.all_reduce(self.flatten(gradient))
+
+    def gradient(self, params: Mapping[str, Tensor] | Tensor | None = None) -> Tensor:
+        """:math:`\\nabla L(\\theta)` as a ``(P,)`` vector."""
+        return self.loss_and_gradient(params)[1]
+
+    # -- Hessian-vector products -------------------------------------------------------------------------------
+    def hessian_vector_product(self, v: Tensor | Mapping[str, Tensor], *, vectors_per_pass: int | None = None
+                               ) -> Tensor | dict[str, Tensor]:
+        """:math:`H v` by forward-over-reverse differentiation
+        (:class:`~landscape.curvature.products.ForwardOverReverse`), returned in the form ``v`` was given.
+
+        ``v`` may be ``(P,)``, ``(P, k)`` (``k`` vectors as columns, pushed through :func:`torch.func.vmap`
+        ``vectors_per_pass`` at a time, default :attr:`vectors_per_pass`) or a dict shaped like the parameters.
+        """
+        from landscape.curvature.products import ForwardOverReverse
+
+        return self._columnwise(ForwardOverReverse(self, vectors_per_pass).matmat, v)
+
+    def hessian_vector_product_double_backward(self, v: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """:math:`H v = \\nabla_\\theta (g^\\top v)`, :math:`g = \\nabla_\\theta L`, by reverse-over-reverse (double
+        backward, :class:`~landscape.curvature.products.DoubleBackward`), an independent cross-check of
+        :meth:`hessian_vector_product`. ``v`` is ``(P,)``, ``(P, k)`` or a dict, and the result has the same form.
+        """
+        from landscape.curvature.products import DoubleBackward
+
+        return self._columnwise(DoubleBackward(self).matmat, v)
+
+    def _columnwise(self, matmat: Callable[[Tensor], Tensor], v: Tensor | Mapping[str, Tensor]
+                    ) -> Tensor | dict[str, Tensor]:
+        """``matmat`` (``(P, k)`` -> ``(P, k)``) applied to ``v`` given as ``(P,)``, ``(P, k)`` or a dict."""
+        if isinstance(v, Mapping):
+            return self.unflatten(self._columnwise(matmat, self.flatten(v)))
+        v = v.to(self.device, self.dtype)
+        return matmat(v[:, None])[:, 0] if v.dim() == 1 else matmat(v)
+
+    def differentiable_parameters(self) -> dict[str, Tensor]:
+        """Fresh copies of the selected parameters that require grad, to build a differentiable graph on."""
+        return {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
+
+    def dense_hessian(self) -> Tensor:
+        """The full ``(P, P)`` Hessian from ``P`` Hessian-vector products with unit vectors (small models only)."""
+        eye = torch.eye(self.num_parameters, device=self.device, dtype=self.dtype)
+        return self.hessian_vector_product(eye, vectors_per_pass=max(self.vectors_per_pass, 128))
+
+
+def _parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in every]
+    if missing:
+        raise ConfigError(f"The model has no parameter named {', '.join(missing[:5])}.")
+    out: dict[str, nn.Parameter] = {}
+    for n in names:
+        p = every[n]
+        if p.requires_grad:
+            out.setdefault(canonical[id(p)], p)
+    return out
+
+
+def add_scaled(total: dict[str, Tensor] | None, value: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+    if total is None:
+        return {n: weight * t for n, t in value.items()}
+    return {n: total[n] + weight * t for n, t in value.items()}
+
+
+def _num_correct(outputs: Tensor, targets: Tensor) -> float:
+    if outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+        return float("nan")
+    return float((outputs.argmax(dim=1) == targets).sum())
+
+
+def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCriterion, num_examples: int
+                     ) -> tuple[float, float]:
+    """``(sum over batches of n_b / num_examples * mean loss, number correct)`` of ``model`` on ``data``."""
+    first = next(iter(model.parameters()))
+    total, correct = 0.0, 0.0
+    with evaluation_mode(model, math_attention=False), torch.no_grad():
+        for xb, yb in data.batches():
+            x = inputs_to(xb, first.device, first.dtype)
+            y = yb.to(first.device)
+            y = y.to(first.dtype) if y.is_floating_point() else y
+            outputs = forward(model, x)
+            total += len(yb) / num_examples * float(criterion(outputs, y))
+            correct += _num_correct(outputs, y)
+    return total, correct
