@@ -14,12 +14,12 @@ from landscape.checkpoints import build_model, load_checkpoint
 from landscape.cli import cli
 from landscape.errors import CheckpointError, LandscapeError
 from landscape.importers import (
-    _num_heads,
     filter_torchvision_vit,
     import_checkpoint,
     read_foreign_checkpoint,
     recover_architecture,
 )
+from landscape.importers.recover import _num_heads
 from landscape.runs import Run
 
 TINY = dict(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2)

@@ -1,0 +1,294 @@
+"""``landscape import``: a foreign checkpoint, read, filtered and rebuilt, checked and written as a run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from landscape.checkpoints import load_state_dict_strict, save_checkpoint
+from landscape.config import config_hash
+from landscape.data import check_data_fits, dataset_names
+from landscape.errors import CheckpointError, LandscapeError
+from landscape.importers.filters import StateDict
+from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
+from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
+from landscape.runs import Run
+
+
+def build_for_import(spec: ModelSpec) -> torch.nn.Module:
+    """Build ``spec`` to be loaded; a LayerNorm epsilon that the model zoo cannot take is dropped with a note."""
+    try:
+        return _build_uninitialised(spec.name, spec.kwargs)
+    except LandscapeError:
+        if "norm_eps" not in spec.kwargs:
+            raise
+    eps = spec.kwargs.pop("norm_eps")
+    spec.notes.append(
+        f"the source's LayerNorm epsilon is {eps:g} but the model is built with timm's {TIMM_NORM_EPS:g}: "
+        "logits differ where a token's features have a variance not far above these"
+    )
+    return _build_uninitialised(spec.name, spec.kwargs)
+
+
+def _build_uninitialised(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """The model without timm's weight initialisation, which the strict load overwrites entirely (ViT-B: ~5 s)."""
+    try:
+        return create_model(name, **kwargs, weight_init="skip")
+    except LandscapeError as e:
+        if "weight_init" not in str(e):
+            raise
+    return create_model(name, **kwargs)
+
+
+def load_into_model(spec: ModelSpec, state: StateDict, *, source: str) -> torch.nn.Module:
+    """Build ``spec`` and load ``state`` strictly; any key mismatch is one :class:`CheckpointError` block."""
+    model = build_for_import(spec)
+    load_state_dict_strict(model, state, source=source)
+    _check_sharing(model, state, source)
+    return model.eval()
+
+
+def _check_sharing(model: torch.nn.Module, state: StateDict, source: str) -> None:
+    """Every name of a shared parameter must hold the same values in the file (else loading kept only the last)."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_by_param.setdefault(id(tensor), []).append(name)
+    for names in names_by_param.values():
+        first = state[names[0]]
+        for other in names[1:]:
+            if not torch.equal(state[other], first):
+                raise CheckpointError(
+                    f"The weights in {source} give {names[0]} and {other} different values, but the model "
+                    "shares one parameter between them; build the model without sharing."
+                )
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_checkpoint` wrote."""
+
+    run: Run
+    checkpoint: Path
+    format: str
+    model: str
+    model_kwargs: dict[str, Any]
+    num_params: int
+    has_ema: bool
+    data: str
+    notes: list[str]
+    builder: str | None = None
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def guess_dataset(num_classes: int, in_chans: int, img_size: int | None) -> str:
+    """The dataset an imported model was most likely trained on, from its classes, channels and image size."""
+    if in_chans == 1 and num_classes == 10:
+        return "digits" if img_size == 8 else "mnist"
+    if in_chans == 3 and num_classes == 10:
+        return "cifar10"
+    if in_chans == 3 and num_classes == 100:
+        return "cifar100"
+    return "imagefolder"
+
+
+def import_data_config(spec: ModelSpec, data: str | None, img_size: int | None, classes: int | None,
+                       data_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The ``data`` section of an imported run and its notes; refuses data that does not fit the model.
+
+    ``synthetic`` data takes the model's channels, image size and classes unless ``img_size`` / ``classes``
+    say otherwise.
+    """
+    kwargs = spec.kwargs
+    model_size, in_chans, num_classes = kwargs.get("img_size"), kwargs.get("in_chans", 3), kwargs.get("num_classes")
+    notes: list[str] = []
+    name = data or guess_dataset(num_classes or 0, in_chans, model_size)
+    if data is None:
+        notes.append(f"dataset {name!r} guessed from classes, channels and image size; set it with --data "
+                     "(--data synthetic analyses the model with no dataset on disk)")
+    if classes is not None and name != "synthetic":
+        raise LandscapeError(f"--classes sets the classes of synthetic data only; {name} has its own classes.")
+    options: dict[str, Any] = {}
+    if name == "synthetic":
+        options = {"in_chans": in_chans, "num_classes": classes or num_classes or 10}
+    size = img_size or model_size
+    check_data_fits(name, img_size=size, options=options, model_in_chans=in_chans, model_img_size=model_size,
+                    model_classes=num_classes, data_dir=data_dir)
+    config: dict[str, Any] = {"name": name, "img_size": size}
+    if options:
+        config["options"] = options
+    return config, notes
+
+
+LOGITS_RTOL = 1e-4
+
+
+def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor, *, source: str,
+                  facts: dict[str, dict[str, Any]] | None = None) -> float:
+    """The largest absolute difference between ``model(x)`` and ``expected``; refused above the tolerance.
+
+    The tolerance is :data:`LOGITS_RTOL` times the largest expected logit (at least 1): float32 models from two
+    codebases agree to about 1e-6 of that, a wrong head count or pooling differs by whole units.
+    """
+    if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0]:
+        raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N, "
+                              f"not {tuple(x.shape)} and {tuple(expected.shape)}.")
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.float())
+    except RuntimeError as e:
+        raise CheckpointError(f"The imported model cannot take the input in {source} ({first_line(e)}).") from None
+    out = getattr(out, "logits", out)
+    if tuple(out.shape) != tuple(expected.shape):
+        raise CheckpointError(f"The imported model gives logits of shape {tuple(out.shape)}, but {source} holds "
+                              f"{tuple(expected.shape)}.")
+    diff = float((out.double() - expected.double()).abs().max())
+    tol = LOGITS_RTOL * max(1.0, float(expected.double().abs().max()))
+    if not diff <= tol:
+        guessed = [f"{k}={f['value']!r}" for k, f in (facts or {}).items() if f.get("how") == "guessed"]
+        hint = (f"the guessed {', '.join(guessed)} may be wrong: override with --model-arg KEY=VALUE" if guessed
+                else "check the --model-arg values and the format")
+        raise CheckpointError(f"The imported model's logits differ from those in {source} by up to {diff:.3g} "
+                              f"(tolerance {tol:.3g}), so it is not the source's model; {hint}.")
+    return diff
+
+
+def _check_dataset(name: str) -> None:
+    names = dataset_names()
+    if name not in names:
+        raise LandscapeError(f"Unknown dataset {name!r}; accepted are {', '.join(names)}.")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes a private (0700) directory; the run should get the permissions of a plain mkdir."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+IMPORT_STAGES = ("reading the file", "building the model", "checking logits", "loading EMA weights", "writing the run")
+
+
+def import_checkpoint(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str | None = None,
+    model: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    data: str | None = None,
+    img_size: int | None = None,
+    classes: int | None = None,
+    check_logits: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], Any] | None = None,
+) -> ImportResult:
+    """Turn a foreign checkpoint into a run directory ``out`` with one checkpoint (step 0) and its config.
+
+    ``progress`` is called with the name of each stage of :data:`IMPORT_STAGES` as it starts (a progress bar).
+
+    Everything is checked (read, filter, recover, build, strict load of raw and EMA weights, the logits against
+    ``check_logits`` or a reference output the file holds, the data against the model's input and classes)
+    before anything is written; the run is then written into a temporary sibling directory renamed onto ``out``
+    at the end. ``out`` must not exist or be an empty directory.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LandscapeError(f"{out} already exists; choose a new --out directory for the imported run.")
+    if data is not None:
+        _check_dataset(data)
+
+    stage = progress or (lambda name: None)
+    stage(IMPORT_STAGES[0])
+    foreign = read_foreign_checkpoint(source, format)
+    stage(IMPORT_STAGES[1])
+    spec = resolve_model(foreign, model, model_args)
+    label = str(foreign.path)
+    raw_model = load_into_model(spec, foreign.state_dict, source=label)
+    stage(IMPORT_STAGES[2])
+    notes = list(spec.notes)
+    checks = []
+    if "reference" in foreign.extra:
+        x, expected = foreign.extra.pop("reference")
+        diff = verify_logits(raw_model, x, expected, source=f"{label} (its reference_logits)", facts=spec.facts)
+        checks.append({"against": "reference_logits in the file", "inputs": int(x.shape[0]), "max_abs_diff": diff})
+    if check_logits is not None:
+        x, expected = read_logits_pair(check_logits)
+        diff = verify_logits(raw_model, x, expected, source=str(check_logits), facts=spec.facts)
+        checks.append({"against": str(Path(check_logits).resolve()), "inputs": int(x.shape[0]), "max_abs_diff": diff})
+    for check in checks:
+        notes.append(f"logits verified against {check['against']}: largest difference {check['max_abs_diff']:.2g} "
+                     f"over {check['inputs']} inputs")
+    ema_state = None
+    stage(IMPORT_STAGES[3])
+    if foreign.ema_state_dict is not None:
+        ema_state = load_into_model(spec, foreign.ema_state_dict, source=f"{label} (EMA weights)").state_dict()
+    state = raw_model.state_dict()
+    num_params = sum(p.numel() for p in raw_model.parameters())
+
+    data_config, data_notes = import_data_config(spec, data, img_size, classes, data_dir)
+    data_name = data_config["name"]
+    notes += data_notes
+
+    weights_file = foreign.weights_file or foreign.path
+    source_info = {
+        "file": str(Path(source).resolve()),
+        "format": foreign.format,
+        "sha256": file_sha256(weights_file) if weights_file.is_file() else None,
+        "weights": ["raw", "ema"] if ema_state is not None else ["raw"],
+        "architecture": spec.facts,
+        **{k: v for k, v in foreign.extra.items() if k != "container"},
+    }
+    if checks:
+        source_info["logits_checks"] = checks
+    if weights_file != foreign.path:
+        source_info["weights_file"] = str(weights_file.resolve())
+    model_config: dict[str, Any] = {"name": spec.label or spec.name, "kwargs": spec.kwargs}
+    if spec.label:
+        model_config["builder"] = spec.name
+    config = {
+        "model": model_config,
+        "data": data_config,
+        "seed": 0,
+        "source": source_info,
+    }
+
+    stage(IMPORT_STAGES[4])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".importing", dir=out.parent))
+    try:
+        _chmod_like_mkdir(tmp)
+        run = Run.create(tmp)
+        run.save_config(config)
+        checkpoint = run.checkpoint_path(epoch=0)
+        save_checkpoint(
+            checkpoint, state, model=spec.name, model_kwargs=spec.kwargs, epoch=0, step=0, metrics={},
+            config_hash=config_hash(config), ema_state_dict=ema_state,
+            extra={"source": source_info, **({"model_label": spec.label} if spec.label else {})},
+        )
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    run = Run(out)
+    return ImportResult(
+        run=run, checkpoint=out / checkpoint.relative_to(tmp), format=foreign.format, model=spec.label or spec.name,
+        model_kwargs=spec.kwargs, num_params=num_params, has_ema=ema_state is not None, data=data_name,
+        notes=notes, builder=spec.name, facts=spec.facts,
+    )

@@ -1,0 +1,284 @@
+"""Reading a foreign file: only safetensors or ``torch.load(weights_only=True)``, through
+:func:`landscape.checkpoints.load_foreign_state`.
+
+The one class allowed beyond tensors and plain containers is ``argparse.Namespace``, which timm's ``train.py``
+stores as ``args``: unpickling it only sets attributes. Training checkpoints are unpacked into raw and EMA weights
+(timm: ``state_dict`` / ``state_dict_ema``; DeiT and torchvision references: ``model`` / ``model_ema``), and what the
+source states about its own architecture (``args``, a model directory's ``config.json``) is kept as hints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from landscape.checkpoints import load_foreign_state
+from landscape.errors import CheckpointError, LandscapeError
+from landscape.importers.filters import (
+    FILTERS,
+    FORMATS,
+    VIT_ONLY,
+    StateDict,
+    describe_hf_type,
+    detect_format,
+    restore_shared_mlps,
+    strip_prefixes,
+)
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                   "pytorch_model.bin.index.json")
+
+
+@dataclass
+class ForeignCheckpoint:
+    """Weights from another codebase, renamed to timm ``VisionTransformer`` keys.
+
+    ``hints`` holds what the source says about its own architecture (``num_heads``, ``img_size``,
+    ``layer_norm_eps``, ``arch`` for a timm model name, ...); ``extra`` what it says about its training
+    (source epoch, best metric).
+    """
+
+    path: Path
+    format: str
+    state_dict: StateDict
+    ema_state_dict: StateDict | None = None
+    hints: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights_file: Path | None = None
+
+
+def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) -> ForeignCheckpoint:
+    """Read ``path`` (a weights file, or a Hugging Face model directory) and map its keys to timm names.
+
+    ``format`` is one of :data:`FORMATS` or ``None`` to detect it from the file layout and key names.
+    """
+    path = Path(path)
+    if format is not None and format not in FORMATS:
+        raise LandscapeError(f"Unknown format {format!r}; accepted are {', '.join(FORMATS)}.")
+    config_file, weights_file = _model_dir_files(path)
+    if weights_file is None:
+        raise CheckpointError(
+            f"{path} is a directory without a weights file; give a weights file (.pth, .pt, .bin, .safetensors) "
+            f"or a model directory holding config.json and one of {', '.join(HF_WEIGHT_FILES)}."
+        )
+    if weights_file.name.endswith(".index.json"):
+        obj: Any = _read_sharded(weights_file)
+    else:
+        obj = read_weights_file(weights_file)
+    raw, ema, extra, hints = unpack_training_checkpoint(obj, weights_file)
+    raw = strip_prefixes(raw)
+    ema = strip_prefixes(ema) if ema is not None else None
+    if format is None:
+        format = detect_format(raw, container=extra.get("container"), path=path)
+    if config_file is not None:
+        config_hints(_load_json(config_file), format, hints)
+    filter_fn = FILTERS[format]
+    return ForeignCheckpoint(
+        path, format, restore_shared_mlps(filter_fn(raw)),
+        restore_shared_mlps(filter_fn(ema)) if ema is not None else None,
+        hints=hints, extra=extra, weights_file=weights_file,
+    )
+
+
+def read_weights_file(path: Path) -> Any:
+    """The object stored in ``path``, read safely; ``argparse.Namespace`` (timm's ``args``) is allowed."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return load_foreign_state(path)
+
+
+def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDict | None, dict, dict]:
+    """Split a training checkpoint into ``(raw, ema, extra, hints)``; a bare state dict is returned as raw.
+
+    timm ``train.py``: ``state_dict``, ``state_dict_ema``, ``epoch``, ``metric``, ``arch``, ``args``.
+    DeiT and torchvision references: ``model``, ``model_ema``, ``epoch``, ``args``; torchvision's EMA is an
+    ``AveragedModel`` state dict (``n_averaged`` plus the averaged model's keys under ``module.``).
+    ``args`` (an ``argparse.Namespace``) gives the architecture facts it records: ``model`` (a timm name),
+    ``model_kwargs`` (timm's ``--model-kwargs``), ``gp`` (timm's global pool), ``img_size`` / ``input_size``.
+    A reference input and output (``reference_input`` / ``reference_logits``) are kept for
+    :func:`verify_logits`.
+    """
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a checkpoint dict.")
+    extra: dict[str, Any] = {}
+    hints: dict[str, Any] = {"sources": {}}
+    raw: Any = obj
+    ema: Any = None
+    for raw_key, ema_key in (("state_dict", "state_dict_ema"), ("model", "model_ema"), ("model_state_dict", None)):
+        if isinstance(obj.get(raw_key), dict):
+            raw = obj[raw_key]
+            ema = obj.get(ema_key) if ema_key else None
+            extra["container"] = raw_key
+            break
+    if "container" in extra:
+        for key in ("epoch", "metric", "arch"):
+            if isinstance(obj.get(key), (int, float, str)):
+                extra[f"source_{key}"] = obj[key]
+        args = obj.get("args")
+        arch = obj.get("arch") or getattr(args, "model", None)
+        if isinstance(arch, str):
+            _hint(hints, "arch", arch, "the checkpoint's arch" if obj.get("arch") else "args.model")
+        if isinstance(args, argparse.Namespace):
+            _args_hints(vars(args), hints)
+        reference = {k: obj.get(k) for k in ("reference_input", "reference_logits")}
+        if all(isinstance(v, torch.Tensor) for v in reference.values()):
+            extra["reference"] = (reference["reference_input"], reference["reference_logits"])
+    if isinstance(ema, dict) and isinstance(ema.get("n_averaged"), torch.Tensor):
+        extra["source_ema_n_averaged"] = int(ema["n_averaged"].reshape(-1)[0])  # torchvision's AveragedModel
+        ema = {k: v for k, v in ema.items() if k != "n_averaged"}
+    if isinstance(ema, dict) and not ema:
+        ema = None
+    return _tensors_only(raw, path), (_tensors_only(ema, path) if isinstance(ema, dict) else None), extra, hints
+
+
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax")
+
+
+def _hint(hints: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Record a stated fact and where it was read; a value of the wrong kind is ignored."""
+    if key == "num_heads" and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    if key == "img_size":
+        if isinstance(value, (list, tuple)):
+            sizes = set(value[-2:]) if len(value) >= 2 else set(value)
+            value = next(iter(sizes)) if len(sizes) == 1 else None
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return
+    if key == "global_pool" and value not in GLOBAL_POOLS:
+        return
+    if key == "layer_norm_eps" and not (isinstance(value, (int, float)) and value > 0):
+        return
+    if key == "arch" and not isinstance(value, str):
+        return
+    hints[key] = value
+    hints.setdefault("sources", {})[key] = where
+
+
+def _args_hints(args: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Facts from a training script's ``args``: timm ``train.py`` and DeiT ``main.py``."""
+    model_kwargs = args.get("model_kwargs")
+    if isinstance(model_kwargs, dict):
+        for key in ("num_heads", "global_pool", "img_size"):
+            if key in model_kwargs:
+                _hint(hints, key, model_kwargs[key], f"args.model_kwargs[{key!r}]")
+    if "global_pool" not in hints and args.get("gp") is not None:
+        _hint(hints, "global_pool", args["gp"], "args.gp")
+    if "img_size" not in hints:
+        for key in ("img_size", "input_size"):
+            if args.get(key) is not None:
+                _hint(hints, "img_size", args[key], f"args.{key}")
+                break
+
+
+def _tensors_only(state: dict, path: Path) -> StateDict:
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path} is not a state dict: entries {', '.join(map(repr, bad[:5]))} are not tensors; "
+            "give a state dict or a timm/DeiT/torchvision training checkpoint."
+        )
+    return dict(state)
+
+
+# -- model directories (Hugging Face layout) and their config.json ------------------------------------------
+def _model_dir_files(path: Path) -> tuple[Path | None, Path | None]:
+    """``(config.json or None, weights file or None)`` for a weights file or a model directory."""
+    if path.is_dir():
+        config = path / "config.json"
+        weights = next((path / n for n in HF_WEIGHT_FILES if (path / n).exists()), None)
+        return (config if config.exists() else None), weights
+    config = path.parent / "config.json"
+    if path.name in HF_WEIGHT_FILES and config.exists():
+        return config, path
+    return None, path
+
+
+def _read_sharded(index_file: Path) -> StateDict:
+    index = _load_json(index_file)
+    shards = sorted(set((index.get("weight_map") or {}).values()))
+    if not shards:
+        raise CheckpointError(f"{index_file} lists no weight shards.")
+    state: StateDict = {}
+    for shard in shards:
+        obj = read_weights_file(index_file.parent / shard)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{index_file.parent / shard} holds a {type(obj).__name__}, not a state dict.")
+        state.update(_tensors_only(obj, index_file.parent / shard))
+    return state
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e.__class__.__name__}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object.")
+    return data
+
+
+def config_hints(config: dict, format: str, hints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Architecture facts from a model directory's ``config.json``, added to ``hints`` (with where each was read).
+
+    Hugging Face ``ViTConfig`` / ``DeiTConfig`` (format ``hf``): heads, image size, LayerNorm epsilon; another
+    model type or a non-GELU activation is refused. timm's Hub export (other formats): the ``architecture``
+    name, ``model_args`` (``num_heads``, ``global_pool``, ``img_size``) and ``pretrained_cfg.input_size``.
+    """
+    hints = hints if hints is not None else {}
+    if format != "hf":
+        _hint(hints, "arch", config.get("architecture"), "config.json architecture")
+        model_args = config.get("model_args")
+        if isinstance(model_args, dict):
+            for key in ("num_heads", "global_pool", "img_size"):
+                if key in model_args:
+                    _hint(hints, key, model_args[key], f"config.json model_args.{key}")
+        pretrained = config.get("pretrained_cfg")
+        if "img_size" not in hints and isinstance(pretrained, dict):
+            _hint(hints, "img_size", pretrained.get("input_size"), "config.json pretrained_cfg.input_size")
+        return hints
+    model_type = config.get("model_type", "vit")
+    if model_type not in ("vit", "deit"):
+        raise CheckpointError(f"config.json describes {describe_hf_type(model_type)}; {VIT_ONLY}")
+    act = config.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(
+            f"config.json uses the activation {act!r}; only the exact GELU ('gelu') of timm's ViT is accepted."
+        )
+    for hf_key, key in (("num_attention_heads", "num_heads"), ("image_size", "img_size"),
+                        ("layer_norm_eps", "layer_norm_eps")):
+        if config.get(hf_key) is not None:
+            _hint(hints, key, config[hf_key], f"config.json {hf_key}")
+    hints["hf_model_type"] = model_type
+    return hints
+
+
+# -- a reference input and the source's logits on it ----------------------------------------------------------------------------------------
+CHECK_INPUT_KEYS = ("input", "inputs", "x", "pixel_values")
+CHECK_OUTPUT_KEYS = ("logits", "output", "outputs", "y")
+
+
+def read_logits_pair(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input batch and the source model's logits on it, from ``path``.
+
+    The file is written with ``torch.save({"input": x, "logits": y}, path)`` or safetensors'
+    ``save_file({"input": x, "logits": y}, path)``: ``x`` float ``(N, C, H, W)`` as the source model takes it
+    (already normalised), ``y`` ``(N, num_classes)``. ``inputs`` / ``x`` / ``pixel_values`` and ``output`` /
+    ``outputs`` / ``y`` are accepted as names too.
+    """
+    path = Path(path)
+    obj = read_weights_file(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}; --check-logits takes a dict with 'input' and "
+                              "'logits' tensors (torch.save or safetensors).")
+    x = next((obj[k] for k in CHECK_INPUT_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
+    y = next((obj[k] for k in CHECK_OUTPUT_KEYS if isinstance(obj.get(k), torch.Tensor)), None)
+    if x is None or y is None:
+        raise CheckpointError(f"{path} has no {'input' if x is None else 'logits'} tensor; --check-logits takes a "
+                              "dict with 'input' (N, C, H, W) and 'logits' (N, classes) tensors.")
+    return x, y
