@@ -67,3 +67,23 @@ def test_grouped_runs_that_differ_only_in_init_scale_are_two_variants_across_see
     out = across_seeds([a, b])
     assert a.attrs["variant"] != b.attrs["variant"]
     assert out["n_seeds"].sel(weights="raw").values.tolist() == [1, 1]
+
+
+def test_dynamics_file_is_written_by_the_results_writer_with_library_versions(tmp_path):
+    import json
+
+    import torch
+    import xarray as xr
+
+    from landscape.analyses.dynamics import write_dynamics
+    from landscape.analyses.results import read_results
+
+    run = _run(tmp_path, "a", [60, 90, 85, 84], [55, 70, 88, 87.5], seed=3)
+    ds, path = write_dynamics(run)
+    assert path == run.root / "analysis" / "dynamics.nc"
+    on_disk = read_results(path)
+    assert on_disk.attrs["analysis"] == "dynamics" and on_disk.attrs["seed"] == 3
+    assert json.loads(on_disk.attrs["library_versions"])["torch"] == torch.__version__
+    assert {"created", "updated", "host", "settings"} <= set(on_disk.attrs)
+    xr.testing.assert_identical(on_disk.drop_attrs(), ds.drop_attrs())
+    assert not [p.name for p in path.parent.iterdir() if p.name != "dynamics.nc" and not p.name.startswith(".")]
