@@ -10,14 +10,13 @@ import torch
 import xarray as xr
 
 from landscape.curvature.loss import LossFunction
-from landscape.analyses.sharpness import (
+from landscape.analyses.sharpness import SharpnessSettings, sharpness_analysis
+from landscape.curvature.sharpness import (
     DEFAULT_STEPS,
-    SharpnessSettings,
     apgd_checkpoints,
     average_case_sharpness,
     first_order_sharpness,
     m_sharpness,
-    sharpness_analysis,
     sharpness_scale,
     trust_region_maximizer,
     worst_case_sharpness,
