@@ -112,13 +112,15 @@ class StudySpec:
     analysis: AnalysisSettings = dataclasses.field(default_factory=AnalysisSettings)
     name: str = "study"
     description: str = ""
+    stack: bool = False  # train the seeds of each variant together as one batched model (landscape.trainers.stacked)
 
     def run_names(self) -> list[tuple[StudyVariant, int, str]]:
         return [(v, s, f"{v.name}-s{s}") for v in self.variants for s in self.seeds]
 
 
 STUDIES_DIR = Path(__file__).parent / "studies"
-_STUDY_KEYS = ("name", "description", "data", "recipe", "seeds", "overrides", "variants", "analysis", "templates")
+_STUDY_KEYS = ("name", "description", "data", "recipe", "seeds", "overrides", "variants", "analysis", "templates",
+               "train")
 _VARIANT_KEYS = ("name", "model", "kwargs")
 
 
@@ -222,7 +224,15 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
         raise ConfigError(f"{source}: 'overrides' must be a mapping of config fields to values.")
     return StudySpec(variants=parsed, seeds=list(seeds), data=str(raw["data"]), recipe=raw.get("recipe"),
                      overrides=dict(overrides), analysis=_analysis_settings(raw.get("analysis") or {}, source),
-                     name=str(raw.get("name") or Path(source).stem), description=str(raw.get("description") or ""))
+                     name=str(raw.get("name") or Path(source).stem), description=str(raw.get("description") or ""),
+                     stack=_train_settings(raw.get("train") or {}, source))
+
+
+def _train_settings(raw: Any, source: str) -> bool:
+    """The study file's ``train`` mapping: ``stack`` (true: each variant's seeds trained as one batched model)."""
+    if not isinstance(raw, dict) or set(raw) - {"stack"} or not isinstance(raw.get("stack", False), bool):
+        raise ConfigError(f"{source}: 'train' must be a mapping with the one key stack (true or false), not {raw!r}.")
+    return raw.get("stack", False)
 
 
 def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
@@ -302,7 +312,7 @@ def resolved_study(spec: StudySpec) -> dict[str, Any]:
         "name": spec.name, "description": spec.description, "data": spec.data, "recipe": spec.recipe,
         "seeds": list(spec.seeds), "overrides": dict(spec.overrides),
         "variants": [{"name": v.name, "model": v.model, "kwargs": dict(v.kwargs)} for v in spec.variants],
-        "analysis": analysis,
+        "analysis": analysis, "train": {"stack": spec.stack},
     }
 
 
@@ -449,6 +459,10 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     _write_yaml(out / "study.yaml", resolved_study(spec))
     _write_yaml(out / "environment.yaml", _environment(jobs, threads, command))
     tasks = [(config, run_dir, spec.analysis, data_dir, threads, force) for config, run_dir in configs]
+    if spec.stack:  # one task per variant: its seeds train together, then each run is analysed
+        per_variant = len(spec.seeds)
+        tasks = [([c for c, _ in configs[i:i + per_variant]], [d for _, d in configs[i:i + per_variant]],
+                  spec.analysis, data_dir, threads, force) for i in range(0, len(configs), per_variant)]
     timings: dict[str, float] = {}
 
     bar = _stage_bar(len(configs) * (len(_ANALYSES) + 2) + 2) if progress else None
@@ -546,6 +560,8 @@ def _study_task(task, emit: Emit) -> None:
     import torch
 
     config, run_dir, settings, data_dir, threads, force = task
+    if isinstance(config, list):
+        return _stacked_task(task, emit)
     run_dir = Path(run_dir)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -561,6 +577,66 @@ def _study_task(task, emit: Emit) -> None:
             emit(StudyEvent("done", run_dir.name, f"run finished in {time.perf_counter() - t0:.0f} s", 0.0))
     finally:
         torch.set_num_threads(previous)
+
+
+def _stacked_task(task, emit: Emit) -> None:
+    """Train one variant's runs together (those not done yet), then analyse each run."""
+    import torch
+
+    configs, run_dirs, settings, data_dir, threads, force = task
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            t0 = time.perf_counter()
+            ensure_trained_stacked(configs, [Path(d) for d in run_dirs], data_dir=data_dir, emit=emit)
+            for run_dir in run_dirs:
+                t1 = time.perf_counter()
+                analyze_run(Run(run_dir), settings, data_dir=data_dir, emit=emit, force=force)
+                emit(StudyEvent("done", Path(run_dir).name, f"run analysed in {time.perf_counter() - t1:.0f} s", 0.0))
+            emit(StudyEvent("done", "", f"{len(run_dirs)} stacked runs finished in {time.perf_counter() - t0:.0f} s", 0.0))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def ensure_trained_stacked(configs, run_dirs: list[Path], *, data_dir=None, emit: Emit | None = None) -> None:
+    """Train the runs not yet finished together (:func:`landscape.trainers.stacked.train_stacked`): fresh runs as
+    one stack, runs with a saved state in one stack per step they stopped at. Finished runs are skipped; a
+    directory holding a different run is refused. One ``train`` event per run, each charged its share of the
+    stack's wall time."""
+    from landscape.config import to_dict
+    from landscape.trainers.stacked import train_stacked
+
+    emit = emit or (lambda e: None)
+    fresh, stopped = [], {}
+    for config, run_dir in zip(configs, run_dirs):
+        run = Run(run_dir)
+        if run.config_path.exists():
+            saved = run.load_config()
+            if not _same_run(saved, to_dict(config)):
+                raise LandscapeError(f"{run_dir} holds a run with other settings than the study asks for; delete it "
+                                     "or give another --out.")
+            if _finished(run, int(saved.get("epochs", config.epochs))):
+                emit(StudyEvent("train", run.root.name, "already trained", 0.0))
+                continue
+            if run.state_path.exists():
+                from landscape.trainers.state import load_state
+
+                stopped.setdefault(load_state(run.state_path)["step"], []).append(run_dir)
+                continue
+        fresh.append((config, run_dir))
+    stacks = [(None, dirs, True) for dirs in stopped.values()]
+    if fresh:
+        stacks.append(([c for c, _ in fresh], [d for _, d in fresh], False))
+    for stack_configs, dirs, resume in stacks:
+        t0 = time.perf_counter()
+        results = train_stacked(stack_configs, dirs, resume=resume, overwrite=not resume, data_dir=data_dir,
+                                progress=False)
+        share = (time.perf_counter() - t0) / len(results)
+        verb = f"{'resumed' if resume else 'trained'} stacked with {len(results)} seeds"
+        for result in results:
+            emit(StudyEvent("train", result.run.root.name, _train_message(result.rows, verb), share))
 
 
 _worker_queue = None

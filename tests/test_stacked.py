@@ -134,3 +134,27 @@ def test_stacked_training_refuses_runs_that_differ_in_more_than_the_seed(tmp_pat
     mixed = configs(["mixup=0.2"])[:2]
     with pytest.raises(ConfigError, match="MixUp"):
         train_stacked(mixed, [tmp_path / "c", tmp_path / "d"], progress=False)
+
+
+def test_study_file_train_stack_trains_each_variant_once_and_skips_finished_runs(tmp_path):
+    from landscape.config import parse_override
+    from landscape.study import ensure_trained_stacked, resolved_study, study_from_dict, train_config
+
+    raw = {"data": "digits", "recipe": "digits", "seeds": 2, "train": {"stack": True}, "overrides": dict(
+        parse_override(o) for o in [*TINY, "epochs=1"]),
+        "variants": [{"name": "vit", "model": "vit_tiny_patch16_224", "kwargs": {"patch_size": 4, "embed_dim": 16,
+                                                                               "depth": 1, "num_heads": 2}}]}
+    spec = study_from_dict(raw)
+    assert spec.stack and resolved_study(spec)["train"] == {"stack": True}
+    assert not study_from_dict({**raw, "train": {}}).stack
+    with pytest.raises(ConfigError, match="'train' must be a mapping"):
+        study_from_dict({**raw, "train": {"stack": "yes"}})
+    cs = [train_config(spec, v, s) for v, s, _ in spec.run_names()]
+    dirs = [tmp_path / name for _, _, name in spec.run_names()]
+    events = []
+    ensure_trained_stacked(cs, dirs, emit=events.append)
+    assert [e.message.split(":")[0] for e in events] == ["trained stacked with 2 seeds"] * 2
+    assert all((d / "checkpoints" / "epoch-0001.safetensors").exists() for d in dirs)
+    events.clear()
+    ensure_trained_stacked(cs, dirs, emit=events.append)
+    assert [e.message for e in events] == ["already trained"] * 2
