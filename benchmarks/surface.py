@@ -73,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from landscape.curvature.loss import LossFunction
-    from landscape.analyses.surface import filter_normalize, grid_coefficients, qkv_head_counts, random_directions
+    from landscape.curvature.directions import filter_normalize, grid_coefficients, qkv_head_counts, random_directions
     from landscape.data import analysis_subset
     from landscape.models import count_parameters, create_model
 

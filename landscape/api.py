@@ -237,8 +237,8 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     :func:`~landscape.analyses.surface.surface_analysis`.
     """
     from landscape.curvature.loss import LossFunction
-    from landscape.analyses.surface import (DEFAULT_RANGES, SurfaceSettings, filter_normalize, grid_axes,
-                                            qkv_head_counts, random_directions, surface_analysis)
+    from landscape.analyses.surface import DEFAULT_RANGES, SurfaceSettings, surface_analysis
+    from landscape.curvature.directions import filter_normalize, grid_axes, qkv_head_counts, random_directions
 
     x, y = evaluation_data(data, samples)
     measured, dtype, note = _measured_model(model, device)

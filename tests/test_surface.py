@@ -8,17 +8,19 @@ from landscape.analyses.evaluation import analysis_data_for_run
 from landscape.curvature.loss import LossFunction
 from landscape.analyses.surface import (
     SurfaceSettings,
+    load_directions,
+    normalization_policies,
+    run_surface_analysis,
+    surface_analysis,
+    trajectory_pca,
+)
+from landscape.curvature.directions import (
     barrier,
     combine,
     filter_normalize,
     grid_axes,
-    load_directions,
-    normalization_policies,
     qkv_head_counts,
     random_directions,
-    run_surface_analysis,
-    surface_analysis,
-    trajectory_pca,
 )
 from landscape.checkpoints import build_model, load_checkpoint, save_checkpoint
 from landscape.cli import cli
