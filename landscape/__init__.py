@@ -9,9 +9,8 @@ The public API (``import landscape as ls``; see :mod:`landscape.api`)::
 Every name is imported on first use, so ``import landscape`` loads neither torch nor matplotlib.
 """
 
-__version__ = "0.1.0"
-
-from landscape.errors import LandscapeError  # noqa: E402,F401
+from landscape.errors import LandscapeError  # noqa: F401
+from landscape.version import __version__  # noqa: F401
 
 _API = ("hessian", "sharpness", "surface", "load_run", "results", "figure", "evaluation_data")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from landscape import __version__
+from landscape.version import __version__
 from landscape.errors import LandscapeError
 
 DATA_DIR_OPTION = click.option(

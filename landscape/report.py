@@ -641,7 +641,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
 
     ``figures`` (from :func:`landscape.figures.write_figures`) are linked relative to ``report_path``.
     """
-    from landscape import __version__
+    from landscape.version import __version__
     from landscape.summary import final_measures
 
     data, measures = final_measures(results, weights=weights)

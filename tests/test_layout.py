@@ -34,17 +34,10 @@ STUDY_IMPORTERS = {"landscape.cli"}
 # and ``test_each_pending_cycle_edge_still_closes_a_cycle`` fails as soon as one no longer does, so that it is
 # taken off this list the moment its cycle is gone.
 PENDING_CYCLE_EDGES = {
-    # the results writer reads __version__ from the package facade, whose lazy API imports the analyses
-    ("landscape.analyses.results", "landscape"),
     # Ritz-subspace tracking still imports the Hessian analysis it serves (its maths moves to curvature/)
     ("landscape.analyses.subspace", "landscape.analyses.hessian"),
     # the loss and the product strategies import each other while curvature/ is being assembled
     ("landscape.curvature.loss", "landscape.curvature.products"),
-    # variants.families() imports the family modules, which import Family from variants
-    ("landscape.models.variants", "landscape.models.grouped_mlp"),
-    ("landscape.models.variants", "landscape.models.mlit"),
-    ("landscape.models.variants", "landscape.models.shallow_mlp"),
-    ("landscape.models.variants", "landscape.models.vit"),
 }
 
 

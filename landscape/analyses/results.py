@@ -49,10 +49,10 @@ def library_versions() -> dict[str, str]:
     import scipy
     import torch
 
-    import landscape
+    from landscape.version import __version__
 
     versions = {
-        "landscape": landscape.__version__,
+        "landscape": __version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
         "scipy": scipy.__version__,

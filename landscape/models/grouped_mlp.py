@@ -25,7 +25,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from landscape.errors import ConfigError
-from landscape.models.variants import Family
+from landscape.models.family import Family
 from landscape.models.vit import VIT_ARGS, create_vit, imagenet_cfg, small_image_cfg
 
 

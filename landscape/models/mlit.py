@@ -70,7 +70,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from landscape.errors import ConfigError
-from landscape.models.variants import Family
+from landscape.models.family import Family
 
 # mlit_* names (landscape.models.variants).
 FAMILY = Family("mlit", matches=lambda name: name.startswith("mlit"), label=lambda kwargs: "mLiT")

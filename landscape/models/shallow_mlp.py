@@ -31,7 +31,7 @@ from timm.models._manipulate import named_apply
 
 from landscape.errors import ConfigError
 from landscape.models.grouped_mlp import _blocks
-from landscape.models.variants import Family
+from landscape.models.family import Family
 from landscape.models.vit import VIT_ARGS, create_vit, imagenet_cfg, small_image_cfg
 
 MLP_INITS = ("sliced", "random")

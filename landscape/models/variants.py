@@ -25,29 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
+
+from landscape.models.family import Family
 
 # Keyword arguments that do not change the architecture being compared (training-only settings).
 TRAINING_ONLY = ("drop_path_rate", "drop_rate", "attn_drop_rate", "proj_drop_rate")
 # The shape arguments an imported ViT is named after, with their short names.
 SHAPE_ARGS = {"embed_dim": "D", "depth": "depth", "num_heads": "heads", "patch_size": "patch"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A model family: ``matches(name)`` says whether a registered name belongs to it; ``suffix`` is what its names
-    add to the base architecture's name (``_grouped_mlp``); ``knobs`` are the keyword arguments that make one of its
-    variants; ``label(kwargs)`` the printed name of a variant."""
-
-    name: str
-    matches: Callable[[str], bool]
-    label: Callable[[dict[str, Any]], str]
-    knobs: tuple[str, ...] = ()
-    suffix: str = ""
-
-    def base_name(self, name: str) -> str:
-        """The registered name of the base architecture of ``name``."""
-        return name[: -len(self.suffix)] if self.suffix and name.endswith(self.suffix) else name
 
 
 def families() -> dict[str, Family]:

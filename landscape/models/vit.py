@@ -25,7 +25,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from landscape.errors import ConfigError
-from landscape.models.variants import Family
+from landscape.models.family import Family
 
 # Every ViT name (timm's and ours) not claimed by a more specific family is a baseline (landscape.models.variants).
 FAMILY = Family("baseline", matches=lambda name: "vit" in name and not name.startswith("mae"),
