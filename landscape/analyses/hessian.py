@@ -452,8 +452,11 @@ class HessianAnalysis(Analysis):
         if save_eigenvectors and self.settings.top_k == 0:
             raise ConfigError("Saving eigenvectors needs eigenvalues: give --top-k 1 or more.")
         self.save_eigenvectors = save_eigenvectors
-        self.warm = WarmStart() if warm_start and self.settings.top_k else None
-        self.contiguous = self.warm is not None
+        self.contiguous = bool(warm_start and self.settings.top_k)
+        self.warm: WarmStart | None = None
+
+    def prepare(self, job: Job, todo: Any) -> None:
+        self.warm = WarmStart() if self.contiguous else None  # each series starts cold
 
     def complete(self, run: Any, info: Any) -> bool:
         return not self.save_eigenvectors or eigenvectors_path(run, info.name).exists()
