@@ -151,6 +151,10 @@ def test_the_demo_is_the_shipped_study_file_and_every_shipped_study_checks():
         spec = load_study(f)
         assert spec.variants and spec.seeds
     check_study(load_study(STUDIES_DIR / "demo-digits.yaml"))
+    dynamics = load_study(STUDIES_DIR / "demo-dynamics.yaml")  # the gallery's curvature-through-training figures
+    check_study(dynamics)
+    assert dynamics.analysis.per_block and dynamics.analysis.preconditioned and dynamics.analysis.subspace
+    assert dynamics.overrides["save_preconditioner"] is True
     spec = demo_study("digits", seeds=3, epochs=5)
     assert spec.seeds == [0, 1, 2] and spec.overrides["epochs"] == 5
     assert load_study(STUDIES_DIR / "demo-digits.yaml").overrides["epochs"] == 12  # the file itself is not changed
