@@ -204,7 +204,7 @@ def trajectory_pca(
             reader.close()
 
 
-# -- evaluating a grid ------------------------------------------------------------------------------------------------------
+# -- evaluating a grid ------------------------------------------------------------------------------------------
 def evaluate_grid(
     closure: Any,
     bases: Sequence[ParamDict],
