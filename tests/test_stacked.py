@@ -158,3 +158,28 @@ def test_study_file_train_stack_trains_each_variant_once_and_skips_finished_runs
     events.clear()
     ensure_trained_stacked(cs, dirs, emit=events.append)
     assert [e.message for e in events] == ["already trained"] * 2
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    ("vit_pico_patch4_32_grouped_mlp", {"group_size": 3}),
+    ("mlit_xxs", {"num_heads": 2, "num_kv_heads": 1, "hidden_first": 32, "hidden_last": 16}),
+])
+def test_stacked_forward_of_shared_mlp_and_expert_models_equals_each_model_and_leaves_them_intact(model, kwargs):
+    from landscape.models import create_model
+    from landscape.trainers.stacked import StackedModel
+
+    kw = dict(embed_dim=16, depth=3, patch_size=7, img_size=28, class_token=False, global_pool="avg", num_classes=10,
+              in_chans=1, **({"num_heads": 2, "mlp_ratio": 2.0} if "grouped" in model else {}), **kwargs)
+    modules = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        modules.append(create_model(model, **kw))
+    x = torch.randn(2, 5, 1, 28, 28)
+    stacked = StackedModel(modules, None, "auto")
+    assert stacked.strategy == ("loop" if model.startswith("mlit") else "vmap")
+    logits, aux = stacked(x)
+    for k, module in enumerate(modules):
+        torch.testing.assert_close(logits[k], module(x[k]), rtol=1e-5, atol=1e-5)
+    assert (aux is not None) == model.startswith("mlit")
+    again = StackedModel(modules, None, "auto")  # the modules still hold their own tensors after the call
+    torch.testing.assert_close(again.params, stacked.params)

@@ -237,7 +237,7 @@ class StackedModel:
         params, buffers = (self.params, self.buffers) if weights is None else self._split(weights)
         if self.strategy == "vmap":
             def call(p, b, xk):
-                return torch.func.functional_call(self.template, (p, b), (xk,))
+                return self._call({**p, **b}, xk)
 
             with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no batching rule: vmap would loop over runs
                 return torch.func.vmap(call, in_dims=(0, 0, None if shared_input else 0), randomness="error")(
@@ -246,15 +246,18 @@ class StackedModel:
         for k in range(self.k):
             if rngs is not None and self.draws_random and self.template.training:
                 restore_rng(rngs[k])
-            out = torch.func.functional_call(self.template, ({n: v[k] for n, v in params.items()},
-                                                             {n: v[k] for n, v in buffers.items()}),
-                                             (x if shared_input else x[k],))
+            out = self._call({n: v[k] for n, v in [*params.items(), *buffers.items()]}, x if shared_input else x[k])
             if rngs is not None and self.draws_random and self.template.training:
                 rngs[k] = capture_rng()
             outs.append(out)
             if self.has_moe:
                 aux.append(moe_aux_loss(self.template))
         return torch.stack(outs), torch.stack(aux) if self.has_moe else None
+
+    def _call(self, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # A module shared by several blocks (GroupedMLP) is swapped once, under its first name: swapping it under
+        # every name (functional_call's tying) restores the later names to the swapped-in tensors afterwards.
+        return torch.func.functional_call(self.template, tensors, (x,), tie_weights=False)
 
     def _split(self, weights: dict) -> tuple[dict, dict]:
         return ({n: weights[n] for n in self.params}, {n: weights[n] for n in self.buffers})
