@@ -17,7 +17,8 @@ from tiny_models import data, tiny_mlp, tiny_vit
 from landscape.analyses import hessian as hessian_module
 from landscape.curvature.loss import LossFunction
 from landscape.curvature.operators import HessianOperator
-from landscape.analyses.hessian import HessianSettings, load_eigenvectors, run_hessian_analysis
+from landscape.analyses.eigenvectors import load_eigenvectors
+from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
 from landscape.curvature.density import broadened_density, spectral_density
 from landscape.curvature.lanczos import gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace, hutchinson_trace

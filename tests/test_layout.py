@@ -34,8 +34,6 @@ STUDY_IMPORTERS = {"landscape.cli"}
 # and ``test_each_pending_cycle_edge_still_closes_a_cycle`` fails as soon as one no longer does, so that it is
 # taken off this list the moment its cycle is gone.
 PENDING_CYCLE_EDGES = {
-    # Ritz-subspace tracking still imports the Hessian analysis it serves (its maths moves to curvature/)
-    ("landscape.analyses.subspace", "landscape.analyses.hessian"),
     # the loss and the product strategies import each other while curvature/ is being assembled
     ("landscape.curvature.loss", "landscape.curvature.products"),
 }

@@ -11,11 +11,9 @@ eigenvectors.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 
 from landscape.analyses import distributed
 from landscape.analyses.driver import Analysis, Job, analyze
+from landscape.analyses.eigenvectors import eigenvectors_path, save_eigenvectors
 from landscape.analyses.settings import EvaluationSettings
 from landscape.curvature.density import spectral_density
 from landscape.curvature.lanczos import WHICH, ritz_start, top_eigenvalues
@@ -358,75 +357,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device(want)
     except RuntimeError:
         raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda and cuda:K.") from None
-
-
-def eigenvectors_path(run: Any, checkpoint_name: str) -> Path:
-    """``RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors``."""
-    return Path(run.analysis_dir) / "hessian-eigenvectors" / f"{checkpoint_name}.safetensors"
-
-
-def save_eigenvectors(path: str | Path, vectors: dict[str, Tensor], eigenvalues: dict[str, np.ndarray],
-                      shapes: dict[str, tuple[int, ...]], *, metadata: dict[str, Any] | None = None) -> Path:
-    """Write Hessian eigenvectors for later use as directions, atomically.
-
-    Layout of the safetensors file: one tensor per end, ``"largest"`` and/or ``"smallest"``, of shape
-    ``(k, P)`` in the analysis dtype, row ``i`` the unit eigenvector of the ``i``-th eigenvalue from that end.
-    Header metadata (JSON strings): ``eigenvalues`` ``{"largest": [...], "smallest": [...]}``, ``parameters``
-    ``[[name, shape], ...]`` giving the order and shapes in which the ``P`` entries split into parameter
-    tensors (the names are the model's state-dict names), plus ``metadata`` (checkpoint, step, settings).
-    """
-    from safetensors.torch import save_file
-
-    from landscape.io import atomic_write
-
-    tensors = {end: v.detach().to("cpu").contiguous() for end, v in vectors.items()}
-    meta = {
-        "format": "landscape-hessian-eigenvectors/1",
-        "eigenvalues": json.dumps({end: [float(e) for e in values] for end, values in eigenvalues.items()}),
-        "parameters": json.dumps([[n, list(s)] for n, s in shapes.items()]),
-    }
-    meta.update({k: json.dumps(v, default=str) for k, v in (metadata or {}).items()})
-    path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
-
-
-@dataclass
-class HessianEigenvectors:
-    """Eigenvectors read back by :func:`load_eigenvectors`: ``vectors[end]`` ``(k, P)``, ``eigenvalues[end]`` ``(k,)``."""
-
-    vectors: dict[str, Tensor]
-    eigenvalues: dict[str, np.ndarray]
-    shapes: dict[str, tuple[int, ...]]
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def direction(self, index: int = 0, end: str = "largest") -> dict[str, Tensor]:
-        """Eigenvector ``index`` (0: the extreme one) of ``end`` as ``{parameter name: tensor}``."""
-        from landscape.curvature.loss import unflatten_vector
-
-        if end not in self.vectors:
-            raise LandscapeError(f"No {end} eigenvectors were saved; saved are {', '.join(self.vectors)}.")
-        return {n: t.clone() for n, t in unflatten_vector(self.vectors[end][index], self.shapes).items()}
-
-
-def load_eigenvectors(path: str | Path) -> HessianEigenvectors:
-    """Read a file written by :func:`save_eigenvectors` (safetensors: no code is executed)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise LandscapeError(
-            f"{path} does not exist; compute it with 'landscape analyze hessian RUN --save-eigenvectors'."
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        vectors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != "landscape-hessian-eigenvectors/1":
-        raise LandscapeError(f"{path} is not a Hessian eigenvector file.")
-    eigenvalues = {k: np.asarray(v) for k, v in json.loads(meta["eigenvalues"]).items()}
-    shapes = {n: tuple(s) for n, s in json.loads(meta["parameters"])}
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "eigenvalues", "parameters")}
-    return HessianEigenvectors(vectors, eigenvalues, shapes, extra)
 
 
 class HessianAnalysis(Analysis):

@@ -46,7 +46,7 @@ def overlap_with_previous_data(run: Any, info: Any, vectors: Tensor, shapes: dic
     """``top_subspace_overlap`` of checkpoint ``info``'s top eigenvectors with those saved for the nearest earlier
     checkpoint of ``run`` that has them over the same parameters (NaN when there is none), and that checkpoint's
     ``top_subspace_overlap_step`` (-1 when none)."""
-    from landscape.analyses.hessian import eigenvectors_path, load_eigenvectors
+    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors
 
     overlap, previous_step = float("nan"), -1
     earlier = [c for c in run.checkpoints() if c.step < info.step]

@@ -657,7 +657,7 @@ def _eigen_directions(run: Any, checkpoint: str, shapes: dict[str, tuple[int, ..
                       device: torch.device, dtype: torch.dtype) -> tuple[list[ParamDict], np.ndarray]:
     """The top ``count`` Hessian eigenvectors saved for ``checkpoint``, as full parameter dicts (zero outside the
     parameters the Hessian was taken over), and their eigenvalues."""
-    from landscape.analyses.hessian import eigenvectors_path, load_eigenvectors
+    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors
 
     path = eigenvectors_path(run, checkpoint)
     if not path.exists():
