@@ -270,3 +270,16 @@ def test_study_analysis_switches_and_the_preconditioner_they_need(tmp_path):
     broken.write_text(text.replace("  save_preconditioner: true", "  save_preconditioner: false"))
     with pytest.raises(ConfigError, match="save_preconditioner: true"):
         check_study(load_study(broken))
+
+
+def test_the_keep_policy_removes_the_optimizer_state_saved_beside_each_deleted_checkpoint(tmp_path):
+    from landscape.trainers import build_config, train
+
+    config = build_config("digits", overrides=[
+        "epochs=3", "data.train_size=64", "batch_size=32", "model.kwargs.depth=1", "model.kwargs.embed_dim=8",
+        "save_preconditioner=true", "checkpoint.keep=last:2"])
+    result = train(config, tmp_path / "run", progress=False)
+    kept = sorted(p.stem for p in (tmp_path / "run" / "checkpoints").glob("*.safetensors"))
+    beside = sorted(p.stem for p in (tmp_path / "run" / "preconditioner").glob("*.safetensors"))
+    assert kept == ["epoch-0002", "epoch-0003"] and [p.stem for p in result.checkpoints][-2:] == kept
+    assert beside == kept

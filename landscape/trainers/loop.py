@@ -455,7 +455,15 @@ def _write_outputs(run: Run, config: TrainConfig, state: TrainState, rng: list, 
 
 def _apply_keep_policy(config: TrainConfig, saved: dict[int, Path]) -> None:
     for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):
-        saved.pop(old).unlink(missing_ok=True)
+        _remove_checkpoint(saved.pop(old))
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """A checkpoint and the optimizer state saved beside it (``save_preconditioner``), which means nothing alone."""
+    from landscape.analyses.stability import preconditioner_path
+
+    path.unlink(missing_ok=True)
+    preconditioner_path(path.parent.parent, path.stem).unlink(missing_ok=True)
 
 
 def _on_main(dist: distributed.Distributed, write: Callable[[], Any]) -> None:
@@ -671,7 +679,7 @@ def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
     saved = {}
     for info in run.checkpoints():
         if info.step > step:
-            info.path.unlink(missing_ok=True)
+            _remove_checkpoint(info.path)
         else:
             saved[info.step] = info.path
     return saved
