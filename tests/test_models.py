@@ -559,3 +559,15 @@ def test_models_command_prints_the_table_and_rejects_unknown_names():
     assert "58237672" in result.output and "11.27" in result.output
     result = CliRunner().invoke(cli, ["models", "no_such_vit"])
     assert result.exit_code == 1 and "Unknown model 'no_such_vit'" in result.output
+
+
+def test_mlit_trains_under_bf16_autocast():
+    """The experts' bf16 activations are added into the float32 gate (index_add needs one dtype)."""
+    from landscape.models import create_model
+
+    model = create_model("mlit_xxs", embed_dim=16, depth=3, num_heads=2, num_kv_heads=1, hidden_first=32,
+                         hidden_last=16, patch_size=7, img_size=28, num_classes=10, in_chans=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 1, 28, 28))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and model.head.weight.grad is not None

@@ -142,7 +142,8 @@ class MixtureOfSwiGLUExperts(nn.Module):
             bias = None if self.fc1_g_bias is None else self.fc1_g_bias[e]
             activation = F.silu(F.linear(tokens[token_index], self.fc1_g_weight[e], bias))
             # Out of place: forward-mode AD (Hessian-vector products) cannot write into a tensor without tangent.
-            gate = gate.index_add(0, token_index, activation * weights[token_index, slot, None])
+            # In the gate's dtype: under autocast the expert's linear layer computes in bf16, the gate is float32.
+            gate = gate.index_add(0, token_index, (activation * weights[token_index, slot, None]).to(gate.dtype))
         hidden = self.drop1(gate * self.fc1_x(tokens))
         out = self.drop2(self.fc2(hidden))
         if not _inside_function_transform(logits):
