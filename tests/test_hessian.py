@@ -455,3 +455,16 @@ def test_block_lanczos_matches_dense_eigh():
         assert np.allclose(result.largest, exact[::-1][:4], rtol=1e-8)
         assert np.allclose(result.smallest, exact[:4], rtol=1e-8)
 
+
+
+def test_kept_graph_products_match_the_dense_hessian_and_leave_the_model_mode_alone():
+    model = tiny_vit()
+    x, y = data(12)
+    loss = LossFunction(model, x, y, batch_size=5)
+    dense = loss.dense_hessian()
+    model.train()  # the products run no module code: whatever the mode, the graph recorded in eval mode is used
+    op = HessianOperator(loss, product="kept-graph")
+    V = torch.randn(loss.num_parameters, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(op.torch_matmat(V), dense @ V, rtol=1e-9, atol=1e-10)
+    assert model.training and all(m.training for m in model.modules())
+    op.release()

@@ -13,7 +13,7 @@ from tiny_models import data, tiny_mlp
 from landscape.curvature.loss import LossFunction
 from landscape.analyses.distributed import sharded_rounds
 from landscape.analyses.hessian import HessianSettings, WarmStart, describe_plan, hessian_analysis, run_hessian_analysis
-from landscape.curvature.lanczos import start_block, top_eigenvalues
+from landscape.curvature.lanczos import combined_start, ritz_start, start_block, top_eigenvalues
 
 TOL = 1e-3
 
@@ -137,3 +137,36 @@ def test_plan_counts_the_first_checkpoint_cold_and_the_rest_warm():
     per_checkpoint = int(line.split("~")[1].split()[0])
     assert per_checkpoint == round((32 + 9 * 14) / 10 + 9)
     assert describe_plan(settings, 10, warm_start=False) == "10 checkpoints x ~41 products (eigenvalues ~32, trace 9)"
+
+
+def test_combined_start_is_a_unit_vector_with_equal_weight_on_each_orthonormal_row():
+    rows = torch.linalg.qr(torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).Q.T
+    v = combined_start(torch.cat([rows, 2.0 * rows[:1]]), 40)[0]  # a dependent row adds nothing
+    assert v.shape == (40,) and abs(float(v.norm()) - 1.0) < 1e-12
+    weights = rows @ v
+    assert torch.allclose(weights.abs(), torch.full((4,), 0.5, dtype=torch.float64), atol=1e-12)  # 1 / sqrt(4)
+
+
+def _nearby_operators():
+    """A dense symmetric matrix with separated top eigenvalues and the same matrix nudged, eigenvectors rotated."""
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    values = np.concatenate([[40.0, 25.0, 18.0, 12.0, 9.0, 7.0], rng.uniform(-1.0, 2.0, 114)])
+    A = (Q * values) @ Q.T
+    E = rng.standard_normal((120, 120))
+    return A, A + 0.05 * (E + E.T) / 2
+
+
+def test_warm_starts_single_and_block_match_dense_eigh_and_the_single_vector_saves_products():
+    A, B = _nearby_operators()
+    exact = np.linalg.eigvalsh(B)[::-1][:3]
+    previous = top_eigenvalues(A, 3, tol=1e-10, seed=0, return_basis=True)
+    start = ritz_start(previous, 3)
+    cold = top_eigenvalues(B, 3, tol=TOL, seed=0)
+    single = top_eigenvalues(B, 3, tol=TOL, seed=0, start=start)
+    block = top_eigenvalues(B, 3, tol=TOL, seed=0, start=start, block_size=5)
+    for result in (cold, single, block):
+        assert result.converged
+        assert np.all(np.abs(result.eigenvalues - exact) <= TOL * np.abs(exact)), result.eigenvalues
+    assert single.matvecs < cold.matvecs, (single.matvecs, cold.matvecs)
+    assert block.matvecs % 5 == 0  # whole blocks of the five Ritz vectors' width
