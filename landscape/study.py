@@ -41,7 +41,8 @@ class AnalysisSettings:
 
     All analyses use the same fixed subset of ``samples`` training examples (seed ``seed``) and the raw weights.
 
-    - Hessian at the checkpoints of ``checkpoints`` (:data:`landscape.runs.CHECKPOINT_SPEC_HELP`): the ``top_k``
+    - Hessian at the checkpoints of ``checkpoints`` (:data:`landscape.runs.CHECKPOINT_SPEC_HELP`) and at those of
+      ``at`` (:meth:`hessian_checkpoints`): the ``top_k``
       largest eigenvalues each to a relative accuracy ``tol`` and the trace with ``trace_matvecs`` more products,
       deflated by the eigenvalues' Lanczos basis (``hessian.nc``); at the final checkpoint the spectral density by SLQ with ``density_probes`` x
       ``density_steps`` products (``hessian-density.nc``);
@@ -98,6 +99,16 @@ class AnalysisSettings:
         if not epochs:
             return "last"
         return "epochs:" + ",".join(str(int(e)) for e in sorted(epochs))
+
+    def hessian_checkpoints(self, run: Run) -> str:
+        """The checkpoint spec of the Hessian through training: those of ``checkpoints`` and those of ``at``
+        (:meth:`at_checkpoints`) together, so that ``every:5`` with ``at: [peak]`` also measures the peak when its
+        epoch is not a multiple of 5. Named by step (a step checkpoint has no epoch); a run without checkpoints
+        keeps ``checkpoints``, whose selection then says so."""
+        if not run.checkpoints():
+            return self.checkpoints
+        chosen = {i.step for spec in (self.checkpoints, self.at_checkpoints(run)) for i in run.select_checkpoints(spec)}
+        return "steps:" + ",".join(str(s) for s in sorted(chosen))
 
 
 @dataclasses.dataclass
@@ -712,7 +723,7 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
                                 trace_matvecs=settings.trace_matvecs, per_block=settings.per_block,
                                 preconditioned=settings.preconditioned, **common)
     ds = analyze(run, HessianAnalysis(curvature, save_eigenvectors=settings.subspace and settings.top_k > 0),
-                 checkpoints=settings.checkpoints, **options)
+                 checkpoints=settings.hessian_checkpoints(run), **options)
     density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
                               density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
                               **common)

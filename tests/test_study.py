@@ -193,3 +193,38 @@ def test_landscape_study_runs_a_study_file_end_to_end_and_writes_its_record(tmp_
 
     timings = pd.read_csv(out / "timings.csv")
     assert {"train", "hessian", "total"} <= set(timings["stage"]) and (timings["seconds"] >= 0).all()
+
+
+def test_the_hessian_runs_at_the_checkpoints_of_every_n_and_at_the_peak_when_the_peak_is_not_among_them(
+        tmp_path, monkeypatch):
+    import torch
+    import xarray as xr
+
+    import landscape.analyses.driver as driver
+    from landscape.checkpoints import save_checkpoint
+    from landscape.runs import Run
+    from landscape.study import _hessian
+
+    run = Run.create(tmp_path / "run")
+    top1 = {e: 50.0 + e for e in range(1, 13)}
+    top1[7] = 99.0  # the peak: epoch 7, which every:5 (epochs 1, 6, 11 and the last, 12) does not select
+    run.write_metrics([{"epoch": e, "step": 10 * e, "val_top1": t} for e, t in top1.items()])
+    for e in top1:
+        save_checkpoint(run.checkpoint_path(epoch=e), {"w": torch.zeros(1)}, model="m", epoch=e, step=10 * e)
+    settings = AnalysisSettings(checkpoints="every:5", at=("peak", "final"))
+    assert [i.epoch for i in run.select_checkpoints(settings.checkpoints)] == [1, 6, 11, 12]
+    assert settings.at_checkpoints(run) == "epochs:7,12"
+    assert settings.hessian_checkpoints(run) == "steps:10,60,70,110,120"
+    assert AnalysisSettings(checkpoints="last", at=("final",)).hessian_checkpoints(run) == "steps:120"
+
+    asked = []
+
+    def analyze(run, analysis, *, checkpoints, **options):
+        asked.append(checkpoints)
+        n = len(run.select_checkpoints(checkpoints))
+        return xr.Dataset({"eigenvalue_largest": (("checkpoint", "k"), [[1.0]] * n), "trace": ("checkpoint", [2.0] * n)})
+
+    monkeypatch.setattr(driver, "analyze", analyze)
+    assert _hessian(run, settings, None).startswith("5 checkpoints")
+    assert asked == ["steps:10,60,70,110,120", "epochs:7,12"]  # through training, then the density at peak and final
+    assert AnalysisSettings().hessian_checkpoints(Run.create(tmp_path / "empty")) == "all"  # no checkpoints: unchanged
