@@ -41,6 +41,7 @@ from landscape.curvature.loss import LossFunction
 from landscape.curvature.operators import HessianOperator
 from landscape.data import analysis_subset
 from landscape.models import create_model
+from landscape.curvature.products import dense_hessian
 
 
 def trained_model(width: int, depth: int, steps: int, seed: int = 0) -> torch.nn.Module:
@@ -107,7 +108,7 @@ def main() -> None:
     model = model.double()
     loss = LossFunction(model, x, y, batch_size=None, vectors_per_pass=64)
     n = loss.num_parameters
-    hessian = loss.dense_hessian()
+    hessian = dense_hessian(loss)
     hessian = 0.5 * (hessian + hessian.T)
     exact = np.linalg.eigvalsh(hessian.numpy())
     exact_weights = np.full(n, 1.0 / n)

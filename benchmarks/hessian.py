@@ -48,6 +48,7 @@ from landscape.curvature.lanczos import top_eigenvalues
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace
 from landscape.data import analysis_subset
 from landscape.models import create_model
+from landscape.curvature.products import hessian_vector_product, hessian_vector_product_double_backward
 
 FULL = dict(embed_dim=192, depth=4, num_heads=3, samples=256, train_steps=100, repeats=5, other_seeds=4)
 QUICK = dict(embed_dim=32, depth=2, num_heads=2, samples=128, train_steps=40, repeats=2, other_seeds=2)
@@ -152,12 +153,12 @@ def main() -> None:
 
     seconds = fastest_seconds({
         "one gradient": loss.gradient,
-        "ours, single (forward-over-reverse)": lambda: loss.hessian_vector_product(v),
-        "ours, batched 8 (vmap), per vector": lambda: loss.hessian_vector_product(V),
+        "ours, single (forward-over-reverse)": lambda: hessian_vector_product(loss, v),
+        "ours, batched 8 (vmap), per vector": lambda: hessian_vector_product(loss, V),
         "ours, batched 8 (double backward, one graph per call), per vector": lambda:
-            loss.hessian_vector_product_double_backward(V),
+            hessian_vector_product_double_backward(loss, V),
         "ours, kept graph (double backward, graph built once), per vector of 8": lambda: kept.matmat(V),
-        "double backward, fresh graph": lambda: loss.hessian_vector_product_double_backward(v),
+        "double backward, fresh graph": lambda: hessian_vector_product_double_backward(loss, v),
         "PyHessian (double backward, graph kept from setup)": pyhessian_product,
     }, cfg["repeats"])
     kept.release()

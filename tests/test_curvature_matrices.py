@@ -8,6 +8,7 @@ from landscape.curvature.loss import LossFunction
 from landscape.curvature.operators import EmpiricalFisherOperator, FisherOperator, GGNOperator, curvature_operator
 from landscape.curvature.lanczos import top_eigenvalues
 from landscape.errors import ConfigError
+from landscape.curvature.products import dense_hessian
 from tests.tiny_models import data, tiny_mlp, tiny_vit
 
 
@@ -123,7 +124,7 @@ def test_hessian_analysis_takes_the_matrix_and_per_batch_top_eigenvalues():
         assert float(ds["eigenvalue_per_batch"][b]) == pytest.approx(np.linalg.eigvalsh(part)[-1], rel=1e-7)
     hessian = hessian_analysis(model, x, y, HessianSettings(top_k=1, tol=1e-9, per_batch=5, samples=10))
     for b in range(2):
-        part = LossFunction(model, x[5 * b:5 * b + 5], y[5 * b:5 * b + 5]).dense_hessian().numpy()
+        part = dense_hessian(LossFunction(model, x[5 * b:5 * b + 5], y[5 * b:5 * b + 5])).numpy()
         assert float(hessian["eigenvalue_per_batch"][b]) == pytest.approx(np.linalg.eigvalsh(part)[-1], rel=1e-7)
 
 

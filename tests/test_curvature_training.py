@@ -17,6 +17,7 @@ from landscape.curvature.trace import deflated_trace
 from landscape.analyses.stability import (Preconditioner, edge_of_stability_data, load_preconditioner,
                                           optimizer_preconditioner, save_preconditioner, stability_threshold)
 from landscape.analyses.subspace import gradient_subspace_fraction, subspace_overlap
+from landscape.curvature.products import dense_hessian
 from tiny_models import data, tiny_mlp, tiny_vit
 
 
@@ -31,7 +32,7 @@ def tiny_grouped_vit() -> torch.nn.Module:
 def dense_blocks(model):
     x, y = data(10)
     loss = LossFunction(model, x, y)
-    H = loss.dense_hessian()
+    H = dense_hessian(loss)
     groups = parameter_groups(model, loss.names)
     return loss, H, groups, group_indices(loss.shapes, groups)
 
@@ -124,7 +125,7 @@ def test_preconditioned_sharpness_matches_the_dense_preconditioned_hessian():
     model = tiny_mlp()
     x, y = data(10)
     loss = LossFunction(model, x, y)
-    H = loss.dense_hessian()
+    H = dense_hessian(loss)
     v = _adam_state(loss)
     pre = Preconditioner(exp_avg_sq=v, optimizer="AdamW", step=7, lr=2e-3, betas=(0.9, 0.99), eps=1e-6)
     P = torch.cat([((1 - 0.9 ** 7) * ((v[n] / (1 - 0.99 ** 7)).sqrt() + 1e-6)).reshape(-1) for n in loss.names])
@@ -180,7 +181,7 @@ def test_subspace_overlap_and_gradient_fraction_match_dense_eigenvectors():
     for model in (first, second):
         ds, vectors, _ = hessian_analysis(model, x, y, settings, return_eigenvectors=True)
         loss = LossFunction(model, x, y)
-        values, U = torch.linalg.eigh(loss.dense_hessian())
+        values, U = torch.linalg.eigh(dense_hessian(loss))
         top = U[:, -k:].T
         dense_vectors.append(top)
         lanczos_vectors.append(vectors["largest"])

@@ -39,6 +39,7 @@ from landscape.checkpoints import save_checkpoint
 from landscape.errors import ConfigError, LandscapeError
 from landscape.models import create_model
 from landscape.runs import Run
+from landscape.curvature.products import hessian_vector_product, hessian_vector_product_double_backward
 
 MODEL = "vit_tiny_patch16_224"
 KWARGS = dict(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2)
@@ -92,9 +93,9 @@ def products(loss: LossFunction, vectors: torch.Tensor) -> dict[str, torch.Tenso
         "loss": torch.tensor(value, dtype=torch.float64),
         "evaluate": torch.tensor(evaluation, dtype=torch.float64),
         "gradient": gradient,
-        "hvp": loss.hessian_vector_product(vectors),
-        "hvp_single": loss.hessian_vector_product(vectors[:, 0]),
-        "hvp_double_backward": loss.hessian_vector_product_double_backward(vectors[:, 1]),
+        "hvp": hessian_vector_product(loss, vectors),
+        "hvp_single": hessian_vector_product(loss, vectors[:, 0]),
+        "hvp_double_backward": hessian_vector_product_double_backward(loss, vectors[:, 1]),
     }
 
 

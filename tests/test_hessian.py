@@ -22,6 +22,7 @@ from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
 from landscape.curvature.density import broadened_density, spectral_density
 from landscape.curvature.lanczos import gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace, hutchinson_trace
+from landscape.curvature.products import dense_hessian
 
 
 @pytest.fixture(scope="module", params=["vit", "mlp"])
@@ -30,7 +31,7 @@ def hessian(request):
     model = tiny_vit() if request.param == "vit" else tiny_mlp()
     x, y = data()
     loss = LossFunction(model, x, y, batch_size=None)
-    H = loss.dense_hessian().numpy()
+    H = dense_hessian(loss).numpy()
     return model, x, y, loss, H, np.linalg.eigvalsh(H)
 
 
@@ -168,7 +169,7 @@ def test_the_analysis_trace_reuses_the_eigenvalue_basis():
     from landscape.analyses.hessian import hessian_analysis
 
     model, (x, y) = tiny_vit(), data()
-    exact = float(torch.trace(LossFunction(model, x, y, batch_size=None).dense_hessian()))
+    exact = float(torch.trace(dense_hessian(LossFunction(model, x, y, batch_size=None))))
     methods = {}
     for top_k, method in ((3, "lanczos"), (3, "hutch++"), (0, "lanczos")):
         ds = hessian_analysis(model, x, y, HessianSettings(top_k=top_k, trace=True, trace_matvecs=30,
@@ -294,7 +295,7 @@ def test_agrees_with_pyhessian_on_top_eigenvalue_and_trace():
     finally:
         torch.set_default_dtype(default)
     assert eigenvalues[0] == pytest.approx(dominant, rel=1e-4)
-    exact = float(np.trace(loss.dense_hessian().numpy()))
+    exact = float(np.trace(dense_hessian(loss).numpy()))
     theirs = samples.mean(), samples.std(ddof=1) / math.sqrt(len(samples))
     est = hutch_plus_plus_trace(HessianOperator(loss), 60, seed=0)
     assert abs(theirs[0] - exact) <= 3 * theirs[1]
@@ -461,7 +462,7 @@ def test_kept_graph_products_match_the_dense_hessian_and_leave_the_model_mode_al
     model = tiny_vit()
     x, y = data(12)
     loss = LossFunction(model, x, y, batch_size=5)
-    dense = loss.dense_hessian()
+    dense = dense_hessian(loss)
     model.train()  # the products run no module code: whatever the mode, the graph recorded in eval mode is used
     op = HessianOperator(loss, product="kept-graph")
     V = torch.randn(loss.num_parameters, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

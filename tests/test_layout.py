@@ -30,14 +30,6 @@ NOT_FOR_CURVATURE = ("runs", "checkpoints", "io", "config", "analyses", "cli", "
 # The only module allowed to import the study orchestration.
 STUDY_IMPORTERS = {"landscape.cli"}
 
-# Imports that close a cycle today, each in code being moved by the layout change; the cycle test leaves them out
-# and ``test_each_pending_cycle_edge_still_closes_a_cycle`` fails as soon as one no longer does, so that it is
-# taken off this list the moment its cycle is gone.
-PENDING_CYCLE_EDGES = {
-    # the loss and the product strategies import each other while curvature/ is being assembled
-    ("landscape.curvature.loss", "landscape.curvature.products"),
-}
-
 
 def module_name(path: Path, root: Path) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
@@ -157,23 +149,10 @@ def test_find_cycles_is_empty_for_a_chain_and_finds_a_package_init_in_a_cycle():
 
 
 # -- the rules, on the package --------------------------------------------------------------------------------
-def without(graph: dict[str, set[str]], edges: set[tuple[str, str]]) -> dict[str, set[str]]:
-    return {m: {d for d in deps if (m, d) not in edges} for m, deps in graph.items()}
-
-
 def test_no_import_cycle_between_landscape_modules():
-    graph = without(import_graph(), PENDING_CYCLE_EDGES)
+    graph = import_graph()
     cycles = [" -> ".join(shortest_cycle(graph, c)) for c in find_cycles(graph)]
     assert not cycles, "import cycles (module or function level):\n" + "\n".join(cycles)
-
-
-@pytest.mark.parametrize("edge", sorted(PENDING_CYCLE_EDGES), ids=" -> ".join)
-def test_each_pending_cycle_edge_still_closes_a_cycle(edge):
-    graph = import_graph()
-    importer, imported = edge
-    assert imported in graph.get(importer, set()), f"{importer} no longer imports {imported}: take it off the list"
-    in_cycle = any(importer in c and imported in c for c in find_cycles(graph))
-    assert in_cycle, f"{importer} -> {imported} no longer closes a cycle: take it off PENDING_CYCLE_EDGES"
 
 
 def test_only_cli_imports_study():

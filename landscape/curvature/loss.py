@@ -432,33 +432,11 @@ class LossFunction:
         """:math:`\\nabla L(\\theta)` as a ``(P,)`` vector."""
         return self.loss_and_gradient(params)[1]
 
-    # -- Hessian-vector products -------------------------------------------------------------------------------
-    def hessian_vector_product(self, v: Tensor | Mapping[str, Tensor], *, vectors_per_pass: int | None = None
-                               ) -> Tensor | dict[str, Tensor]:
-        """:math:`H v` by forward-over-reverse differentiation
-        (:class:`~landscape.curvature.products.ForwardOverReverse`), returned in the form ``v`` was given.
-
-        ``v`` may be ``(P,)``, ``(P, k)`` (``k`` vectors as columns, pushed through :func:`torch.func.vmap`
-        ``vectors_per_pass`` at a time, default :attr:`vectors_per_pass`) or a dict shaped like the parameters.
-        """
-        from landscape.curvature.products import ForwardOverReverse
-
-        return self._columnwise(ForwardOverReverse(self, vectors_per_pass).matmat, v)
-
-    def hessian_vector_product_double_backward(self, v: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
-        """:math:`H v = \\nabla_\\theta (g^\\top v)`, :math:`g = \\nabla_\\theta L`, by reverse-over-reverse (double
-        backward, :class:`~landscape.curvature.products.DoubleBackward`), an independent cross-check of
-        :meth:`hessian_vector_product`. ``v`` is ``(P,)``, ``(P, k)`` or a dict, and the result has the same form.
-        """
-        from landscape.curvature.products import DoubleBackward
-
-        return self._columnwise(DoubleBackward(self).matmat, v)
-
-    def _columnwise(self, matmat: Callable[[Tensor], Tensor], v: Tensor | Mapping[str, Tensor]
-                    ) -> Tensor | dict[str, Tensor]:
+    def columnwise(self, matmat: Callable[[Tensor], Tensor], v: Tensor | Mapping[str, Tensor]
+                   ) -> Tensor | dict[str, Tensor]:
         """``matmat`` (``(P, k)`` -> ``(P, k)``) applied to ``v`` given as ``(P,)``, ``(P, k)`` or a dict."""
         if isinstance(v, Mapping):
-            return self.unflatten(self._columnwise(matmat, self.flatten(v)))
+            return self.unflatten(self.columnwise(matmat, self.flatten(v)))
         v = v.to(self.device, self.dtype)
         return matmat(v[:, None])[:, 0] if v.dim() == 1 else matmat(v)
 
@@ -466,10 +444,6 @@ class LossFunction:
         """Fresh copies of the selected parameters that require grad, to build a differentiable graph on."""
         return {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
 
-    def dense_hessian(self) -> Tensor:
-        """The full ``(P, P)`` Hessian from ``P`` Hessian-vector products with unit vectors (small models only)."""
-        eye = torch.eye(self.num_parameters, device=self.device, dtype=self.dtype)
-        return self.hessian_vector_product(eye, vectors_per_pass=max(self.vectors_per_pass, 128))
 
 
 def _parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:

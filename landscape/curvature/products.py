@@ -18,7 +18,7 @@ what they recompute:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -155,3 +155,25 @@ class KeptGraphProducts:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def hessian_vector_product(loss: LossFunction, v: Tensor | Mapping[str, Tensor], *,
+                           vectors_per_pass: int | None = None) -> Tensor | dict[str, Tensor]:
+    """:math:`H v` by forward-over-reverse differentiation (:class:`ForwardOverReverse`), returned in the form ``v``
+    was given: ``(P,)``, ``(P, k)`` (``k`` vectors as columns, pushed through :func:`torch.func.vmap`
+    ``vectors_per_pass`` at a time, default the loss function's) or a dict shaped like the parameters."""
+    return loss.columnwise(ForwardOverReverse(loss, vectors_per_pass).matmat, v)
+
+
+def hessian_vector_product_double_backward(loss: LossFunction, v: Tensor | Mapping[str, Tensor]
+                                           ) -> Tensor | dict[str, Tensor]:
+    """:math:`H v = \\nabla_\\theta (g^\\top v)`, :math:`g = \\nabla_\\theta L`, by reverse-over-reverse (double
+    backward, :class:`DoubleBackward`), an independent cross-check of :func:`hessian_vector_product`; ``v`` as
+    there."""
+    return loss.columnwise(DoubleBackward(loss).matmat, v)
+
+
+def dense_hessian(loss: LossFunction) -> Tensor:
+    """The full ``(P, P)`` Hessian from ``P`` Hessian-vector products with unit vectors (small models only)."""
+    eye = torch.eye(loss.num_parameters, device=loss.device, dtype=loss.dtype)
+    return hessian_vector_product(loss, eye, vectors_per_pass=max(loss.vectors_per_pass, 128))
