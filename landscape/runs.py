@@ -90,7 +90,7 @@ class Run:
                 raise LandscapeError(
                     f"{root} already holds files that are not a landscape run; choose another --out folder."
                 )
-            if not _is_empty_run(root) and not overwrite:
+            if not is_empty_run(root) and not overwrite:
                 raise LandscapeError(
                     f"Run directory {root} already exists; continue it with --resume or replace it with --overwrite."
                 )
@@ -196,7 +196,7 @@ def _looks_like_run(root: Path) -> bool:
     return all(p.name in _RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
 
 
-def _is_empty_run(root: Path) -> bool:
+def is_empty_run(root: Path) -> bool:
     """No checkpoint, no training state and no analysis result: nothing a retry could lose (a run that failed
     before its first checkpoint, or was killed while writing its config)."""
     if not _looks_like_run(root):

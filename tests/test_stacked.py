@@ -100,21 +100,21 @@ def test_stacked_run_resumed_stacked_or_alone_ends_as_the_uninterrupted_run(tmp_
 
 def _train_until(cs, outs, *, step):
     """A stacked training killed right after the state of ``step`` was written."""
-    import landscape.trainers.stacked as stacked
+    import landscape.trainers.loop as loop  # the writer of every run's outputs, stacked or alone
 
-    original = stacked.save_state
+    original = loop.save_state
 
     def save_then_stop(path, state):
         original(path, state)
         if state["step"] == step and path.parent.parent == outs[-1]:
             raise KeyboardInterrupt
 
-    stacked.save_state = save_then_stop
+    loop.save_state = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             train_stacked(cs, outs, progress=False)
     finally:
-        stacked.save_state = original
+        loop.save_state = original
 
 
 def test_stacked_runs_resume_together_only_from_one_step(tmp_path):
@@ -134,6 +134,34 @@ def test_stacked_training_refuses_runs_that_differ_in_more_than_the_seed(tmp_pat
     mixed = configs(["mixup=0.2"])[:2]
     with pytest.raises(ConfigError, match="MixUp"):
         train_stacked(mixed, [tmp_path / "c", tmp_path / "d"], progress=False)
+
+
+def test_a_refused_stacked_training_leaves_no_run_folder_behind(tmp_path):
+    """The run directories are claimed as a run trained alone claims its own: a training refused by its checks
+    removes the folders it created (only their locks were in them)."""
+    a, b = configs()[:2]
+    b.optim.lr = 1.0
+    with pytest.raises(ConfigError, match="differ in optim"):
+        train_stacked([a, b], [tmp_path / "a", tmp_path / "b"], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_diverged_stacked_run_stops_naming_its_folder_and_keeps_its_last_good_checkpoint(tmp_path):
+    from landscape.errors import LandscapeError
+    from landscape.runs import Run
+
+    cs = configs(["optim.opt=sgd", "optim.lr=1e6", "epochs=1"])[:2]
+    for c in cs:
+        c.optim.grad_clip = None
+    with pytest.raises(LandscapeError, match=r"diverged at step 4 \(epoch 1\) in .*a: .*step-00000003.safetensors "
+                                             "is kept"):
+        train_stacked(cs, [tmp_path / "a", tmp_path / "b"], progress=False)
+    for name in ("a", "b"):
+        run = Run(tmp_path / name)
+        assert [i.step for i in run.checkpoints()] == [3]
+        assert list(run.read_metrics()["step"]) == [3]  # no row of the diverged updates
+        _, weights = load_checkpoint(run.checkpoints()[0].path)
+        assert all(torch.isfinite(t).all() for t in weights.values())
 
 
 def test_study_file_train_stack_trains_each_variant_once_and_skips_finished_runs(tmp_path):

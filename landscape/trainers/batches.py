@@ -127,7 +127,7 @@ class TrainBatches:
             )
             dataset = data.build_dataset(name, "train", data_dir=data_dir, transform=transform, img_size=img_size,
                                          **options)
-            self.subset = _subset(len(dataset), config.data.train_size)
+            self.subset = fixed_subset(len(dataset), config.data.train_size)
             self.num_samples = len(self.subset)
             self.sampler = _EpochBatchSampler(self)
             self.loader = torch.utils.data.DataLoader(
@@ -139,7 +139,7 @@ class TrainBatches:
             self.augment = BatchAugment() if rrc else self._batch_augment(aug, hflip, info)
         else:
             images, labels = data.load_arrays(name, "train", data_dir=data_dir, **options)
-            keep = _subset(len(labels), config.data.train_size)
+            keep = fixed_subset(len(labels), config.data.train_size)
             self.x = data.to_eval_tensor(images[keep], name, img_size, **options)
             self.y = torch.from_numpy(labels[keep])
             self.num_samples = len(self.y)
@@ -247,7 +247,7 @@ def _seed_all(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
-def _subset(n: int, size: int | None) -> np.ndarray:
+def fixed_subset(n: int, size: int | None) -> np.ndarray:
     """A fixed seeded subset of ``size`` of ``n`` indices (all of them when ``size`` is None)."""
     if size is None or size >= n:
         return np.arange(n)
@@ -266,7 +266,7 @@ def validation_batches(config: TrainConfig, dist: Distributed, *, data_dir=None,
         x, y = x[dist.rank::dist.world_size], y[dist.rank::dist.world_size]
         return list(zip(x.split(batch_size), y.split(batch_size)))
     dataset = data.build_dataset(name, "val", data_dir=data_dir, img_size=img_size, **options)
-    keep = _subset(len(dataset), config.data.val_size)[dist.rank::dist.world_size]
+    keep = fixed_subset(len(dataset), config.data.val_size)[dist.rank::dist.world_size]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, keep.tolist()), batch_size=batch_size, num_workers=config.data.num_workers,
         generator=torch.Generator(),

@@ -10,7 +10,8 @@ as the run trains is one :class:`~landscape.trainers.state.TrainState`, the upda
 augmentation seeds come from :mod:`landscape.trainers.batches`, checkpoint steps from
 :mod:`landscape.trainers.schedule`. The pieces other trainers reuse are public: :func:`build_optimizer`,
 :func:`build_schedule`, :func:`build_loss`, :func:`evaluate`, :func:`metrics_row`, :func:`write_checkpoint`,
-:func:`run_hash`, :func:`resolve_model_kwargs`, :func:`load_init_weights`.
+:func:`write_outputs`, :func:`existing_checkpoints`, :func:`apply_keep_policy`, :func:`check_finite`,
+:func:`claim_run_dir`, :func:`after_update`, :func:`run_hash`, :func:`resolve_model_kwargs`, :func:`load_init_weights`, :class:`Stopwatch`.
 
 A step is one optimizer update of ``batch_size`` images (over all processes and accumulation steps). After
 the last update of every epoch and at every checkpoint step the raw and EMA weights are evaluated on the
@@ -54,7 +55,7 @@ from landscape.config import TrainConfig, coerce_types, config_hash, from_dict, 
 from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
 from landscape.io import RunLock, WriteError, remove_stale_temporaries
-from landscape.runs import Run, _is_empty_run
+from landscape.runs import Run, is_empty_run
 from landscape.trainers import distributed
 from landscape.trainers.batches import TrainBatches, derive_seed, validation_batches
 from landscape.trainers.ema import ModelEma
@@ -77,6 +78,12 @@ class TrainResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.rows[-1] if self.rows else {}
+
+    @classmethod
+    def of(cls, run: Run, state: TrainState, timings: dict[str, float]) -> TrainResult:
+        """The result of ``run`` trained to ``state``: its rows and the checkpoints on disk, by step."""
+        return cls(run=run, rows=state.rows, checkpoints=[state.checkpoints[s] for s in sorted(state.checkpoints)],
+                   timings=dict(timings))
 
 
 def train(
@@ -135,7 +142,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     # -- the run directory: a new one, or the one being resumed (whose saved config wins) ------------------------
     # Its lock is taken before anything is checked, so two trainings given one --out cannot both pass the checks.
     run = Run(out)
-    _on_main(dist, lambda: _claim_run_dir(run, config, held, resume=resume, overwrite=overwrite))
+    _on_main(dist, lambda: claim_run_dir(run, config, held, resume=resume, overwrite=overwrite))
     config = validate(coerce_types(from_dict(TrainConfig, run.load_config()))) if resume else copy.deepcopy(config)
     saved = load_state(run.state_path) if resume and run.state_path.exists() else None
 
@@ -190,11 +197,11 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     schedule = set(checkpoint_steps(config.checkpoint.every, updates_per_epoch=updates_per_epoch,
                                     epochs=config.epochs))
     if dist.is_main:
-        state.checkpoints = _existing_checkpoints(run, state.step)
-        _apply_keep_policy(config, state.checkpoints)  # a kill may have come before it
+        state.checkpoints = existing_checkpoints(run, state.step)
+        apply_keep_policy(config, state.checkpoints)  # a kill may have come before it
     batches = _updates(train_data, state.epoch, state.next_update, config.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
-    clock = _Stopwatch()
+    clock = Stopwatch()
     t_resumed = time.perf_counter()
     tally = RowTally(state.step + 1, lr=optimizer.param_groups[0]["lr"], aux=[] if has_moe else None)
     row_due = config.checkpoint.initial and state.step == 0  # row 0 and a checkpoint of the initial weights
@@ -206,7 +213,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             # Evaluate (the row's updates are checked first, so a diverged run stops before its weights reach a
             # checkpoint), then write metrics.csv, the checkpoint if one is due, state/last.pt: each atomically.
             label = state.epoch - 1 if state.next_update == 0 else state.epoch  # after an epoch's last update
-            _check_finite(tally, label, state.checkpoints, fp16=amp_dtype == torch.float16)
+            check_finite(tally, label, state.checkpoints, fp16=amp_dtype == torch.float16)
             row = metrics_row(config, epoch=label, step=state.step, train=tally.summary(dist, device),
                               val=val_metrics(model), ema_val=val_metrics(ema.module) if ema is not None else None,
                               wall_time=state.elapsed + (time.perf_counter() - t_resumed))
@@ -214,7 +221,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             clock.lap("eval")
             rng = distributed.gather(capture_rng(), dist)
             checkpoint = state.step in schedule or state.step == 0
-            _on_main(dist, lambda: _write_outputs(run, config, state, rng, checkpoint=checkpoint))
+            _on_main(dist, lambda: write_outputs(run, config, state, rng, checkpoint=checkpoint))
             clock.lap("checkpoint")
             if on_row is not None and dist.is_main:
                 on_row(row)
@@ -272,7 +279,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
         # log
         tally.add(update_loss, grad_norm, update_aux if has_moe else None)
         if len(tally) % CHECK_EVERY == 0:
-            _check_finite(tally, epoch, state.checkpoints, fp16=amp_dtype == torch.float16)
+            check_finite(tally, epoch, state.checkpoints, fp16=amp_dtype == torch.float16)
         tally.seconds += clock.lap("train")
         tally.images += config.batch_size
         if on_update is not None and dist.is_main:
@@ -282,18 +289,23 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             bar.set_postfix(loss=f"{float(torch.stack(tally.losses[-10:]).mean()):.4f}",
                             acc=f"{100 * float(correct) / seen:.1f}",
                             img_s=f"{tally.images / max(tally.seconds, 1e-9):.0f}", refresh=False)
-        bar.update(1)
-        row_due = state.next_update == 0 or state.step in schedule
-        if state.next_update == 0:  # the epoch's last update
-            bar.close()
-            bar = None
-        elif row_due:
-            bar.clear()
+        row_due, bar = after_update(bar, state, schedule)
 
     clock.lap("train")
-    timings = {"total": time.perf_counter() - t_start, **clock.seconds}
-    checkpoints = [state.checkpoints[s] for s in sorted(state.checkpoints)]
-    return TrainResult(run=run, rows=state.rows, checkpoints=checkpoints, timings=timings)
+    return TrainResult.of(run, state, {"total": time.perf_counter() - t_start, **clock.seconds})
+
+
+def after_update(bar, state: TrainState, schedule: set[int]) -> tuple[bool, Any]:
+    """The progress bar after an update, and whether a metrics row is due: after an epoch's last update (the
+    bar is closed and None returned for it, so the next epoch opens its own) or at a checkpoint step."""
+    bar.update(1)
+    row_due = state.next_update == 0 or state.step in schedule
+    if state.next_update == 0:  # the epoch's last update
+        bar.close()
+        return row_due, None
+    if row_due:
+        bar.clear()
+    return row_due, bar
 
 
 # -- the pieces of a trainer (public: other trainers reuse them) -------------------------------------------------------
@@ -428,16 +440,17 @@ def _updates(train_data: TrainBatches, epoch: int, start: int, epochs: int) -> I
         start = 0
 
 
-def _check_finite(tally: RowTally, epoch: int, saved: dict[int, Path], *, fp16: bool) -> None:
+def check_finite(tally: RowTally, epoch: int, saved: dict[int, Path], *, fp16: bool = False,
+                 run_dir: Path | None = None) -> None:
     """Stop a run whose loss or gradient norm is no longer finite (fp16 skips steps with overflowing gradients
-    by design, so there only the loss counts)."""
+    by design, so there only the loss counts); the sentence names ``run_dir`` when given (one of several runs)."""
     bad = tally.first_nonfinite(norms=not fp16)
     if bad is not None:
         step, loss, grad_norm = bad
-        raise LandscapeError(_divergence_message(loss, grad_norm, step, epoch, saved))
+        raise LandscapeError(_divergence_message(loss, grad_norm, step, epoch, saved, run_dir))
 
 
-def _write_outputs(run: Run, config: TrainConfig, state: TrainState, rng: list, *, checkpoint: bool) -> None:
+def write_outputs(run: Run, config: TrainConfig, state: TrainState, rng: list, *, checkpoint: bool) -> None:
     """metrics.csv, then the checkpoint (if due), then state/last.pt, then the keep policy: each atomic, so a run
     killed at any moment resumes to the weights it would have had."""
     run.write_metrics(state.rows)
@@ -450,10 +463,10 @@ def _write_outputs(run: Run, config: TrainConfig, state: TrainState, rng: list, 
         if config.save_preconditioner:
             _save_preconditioner(run, path, state.model, state.optimizer, state.step, run_hash(config))
     save_state(run.state_path, state.state_dict(run_hash(config), rng))
-    _apply_keep_policy(config, state.checkpoints)
+    apply_keep_policy(config, state.checkpoints)
 
 
-def _apply_keep_policy(config: TrainConfig, saved: dict[int, Path]) -> None:
+def apply_keep_policy(config: TrainConfig, saved: dict[int, Path]) -> None:
     for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):
         _remove_checkpoint(saved.pop(old))
 
@@ -477,7 +490,7 @@ def _on_main(dist: distributed.Distributed, write: Callable[[], Any]) -> None:
     distributed.broadcast_error(error, dist)
 
 
-def _claim_run_dir(run: Run, config: TrainConfig | None, held: contextlib.ExitStack, *, resume: bool,
+def claim_run_dir(run: Run, config: TrainConfig | None, held: contextlib.ExitStack, *, resume: bool,
                    overwrite: bool) -> None:
     """Lock the run directory (removed again at the end if the training left nothing in it), then check it."""
     if not resume or run.root.is_dir():
@@ -576,10 +589,12 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
-def _divergence_message(loss: float, grad_norm: float, step: int, epoch: int, saved: dict[int, Path]) -> str:
+def _divergence_message(loss: float, grad_norm: float, step: int, epoch: int, saved: dict[int, Path],
+                        run_dir: Path | None = None) -> str:
     what = f"the training loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
     last = f"the last good checkpoint {saved[max(saved)].name} is kept" if saved else "no checkpoint had been written"
-    return (f"Training diverged at step {step} (epoch {epoch}): {what}; {last}; "
+    where = f" in {run_dir}" if run_dir is not None else ""
+    return (f"Training diverged at step {step} (epoch {epoch}){where}: {what}; {last}; "
             "lower optim.lr or set optim.grad_clip and train again.")
 
 
@@ -604,7 +619,7 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
         raise ConfigError("A new run needs a config.")
     if run.root.exists() and not run.root.is_dir():
         raise LandscapeError(f"{run.root} exists and is not a directory.")
-    if run.root.is_dir() and not overwrite and not _is_empty_run(run.root):
+    if run.root.is_dir() and not overwrite and not is_empty_run(run.root):
         raise LandscapeError(
             f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
 
@@ -674,7 +689,7 @@ def _save_preconditioner(run: Run, checkpoint: Path, model, optimizer, step: int
                               f"{checkpoint.name} itself is intact.") from None
 
 
-def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
+def existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
     """Checkpoints up to ``step`` on disk; later ones (written after the saved state) are removed."""
     saved = {}
     for info in run.checkpoints():
@@ -685,7 +700,7 @@ def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
     return saved
 
 
-class _Stopwatch:
+class Stopwatch:
     """Wall-clock and CPU seconds of this process, summed per phase (train, eval, checkpoint, ...)."""
 
     def __init__(self):

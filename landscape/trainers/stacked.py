@@ -46,18 +46,33 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from landscape.checkpoints import save_checkpoint
 from landscape.config import TrainConfig, coerce_types, from_dict, to_dict
-from landscape.errors import CheckpointError, ConfigError, LandscapeError
-from landscape.io import RunLock, WriteError, remove_stale_temporaries
+from landscape.errors import CheckpointError, ConfigError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, moe_aux_loss
 from landscape.runs import Run
 from landscape.trainers import distributed
-from landscape.trainers.batches import BatchAugment, _subset, derive_seed, epoch_order, validation_batches
-from landscape.trainers.loop import TrainResult, load_init_weights, resolve_model_kwargs, run_hash
+from landscape.trainers.batches import BatchAugment, derive_seed, epoch_order, fixed_subset, validation_batches
+from landscape.trainers.ema import ModelEma
+from landscape.trainers.loop import (
+    Stopwatch,
+    TrainResult,
+    after_update,
+    apply_keep_policy,
+    build_loss,
+    build_optimizer,
+    build_schedule,
+    check_finite,
+    claim_run_dir,
+    existing_checkpoints,
+    load_init_weights,
+    metrics_row,
+    resolve_model_kwargs,
+    run_hash,
+    write_outputs,
+)
 from landscape.trainers.recipes import validate
-from landscape.trainers.schedule import checkpoint_steps, checkpoints_to_delete
-from landscape.trainers.state import capture_rng, load_state, restore_rng, save_state
+from landscape.trainers.schedule import checkpoint_steps
+from landscape.trainers.state import RowTally, TrainState, capture_rng, load_state, restore_rng
 
 STACKABLE_OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov")
 CHECK_EVERY = 32  # updates between checks of the losses for NaN/inf (each check waits for the device)
@@ -144,7 +159,7 @@ class DeviceBatches:
         self.batch_size, self.repeats = config.batch_size, config.augment.repeated_aug
         self.info = info = data.get_dataset_info(self.name, **self.options)
         images, labels = data.load_arrays(self.name, "train", data_dir=data_dir, **self.options)
-        keep = _subset(len(labels), config.data.train_size)
+        keep = fixed_subset(len(labels), config.data.train_size)
         self.images = torch.from_numpy(np.ascontiguousarray(images[keep])).to(device)
         self.labels = torch.from_numpy(labels[keep]).to(device)
         self.num_samples = len(keep)
@@ -338,27 +353,23 @@ def evaluate_stacked(model: StackedModel, batches, autocast, *, ema: bool = Fals
 def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, overwrite, data_dir, progress, strategy,
                    held: contextlib.ExitStack) -> list[TrainResult]:
     t_start = time.perf_counter()
-    # -- the run directories: each locked before it is checked --------------------------------------------------
+    # -- the run directories: each locked before it is checked (as a run trained alone) ------------------------
     runs = [Run(o) for o in outs]
     if len({r.root.resolve() for r in runs}) != len(runs):
         raise ConfigError("Stacked runs need one run directory each; a folder is given twice.")
-    if not resume and (configs is None or len(configs) != len(outs)):
+    if (configs is None and not resume) or (configs is not None and len(configs) != len(outs)):
         raise ConfigError("Stacked training needs one config per run directory.")
-    for run in runs:
-        if not resume or run.root.is_dir():
-            held.enter_context(RunLock(run.root, create=not resume))
-        _check_run_dir(run, resume=resume, overwrite=overwrite)
+    for k, run in enumerate(runs):
+        claim_run_dir(run, None if configs is None else configs[k], held, resume=resume, overwrite=overwrite)
     if resume:
-        if configs is not None:
-            raise ConfigError("Resumed runs use the configs saved in their directories; give no other configs.")
         configs = [validate(coerce_types(from_dict(TrainConfig, r.load_config()))) for r in runs]
     configs = [copy.deepcopy(c) for c in configs]
     check_stackable(configs)
-    states = [load_state(r.state_path) for r in runs] if resume else None
-    if states is not None:
-        where = {(s["step"], s["epoch"], s["next_update"]) for s in states}
+    saved = [load_state(r.state_path) for r in runs] if resume else None
+    if saved is not None:
+        where = {(s["step"], s["epoch"], s["next_update"]) for s in saved}
         if len(where) > 1:
-            steps = ", ".join(f"{r.root.name} at step {s['step']}" for r, s in zip(runs, states))
+            steps = ", ".join(f"{r.root.name} at step {s['step']}" for r, s in zip(runs, saved))
             raise CheckpointError(f"Stacked runs resume together only from the same step ({steps}); resume each "
                                   "one alone with landscape train --resume.")
     config = configs[0]
@@ -377,43 +388,30 @@ def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, o
         module = create_model(c.model.name, **c.model.kwargs)
         if isinstance(module, MaskedAutoencoder):
             raise ConfigError(f"{c.model.name} is a masked autoencoder; stacked training classifies.")
-        if c.init and states is None:
+        if c.init and saved is None:
             load_init_weights(module, c.init)
         module.to(device)
-        if states is not None:
-            module.load_state_dict(states[i]["model"])
+        if saved is not None:
+            module.load_state_dict(saved[i]["model"])
         if emas is not None:
-            from landscape.trainers.ema import ModelEma
-
             emas.append(ModelEma(module, decay=c.ema.decay, use_warmup=c.ema.warmup))
-            if states is not None:
-                emas[-1].module.load_state_dict(states[i]["ema"])
+            if saved is not None:
+                emas[-1].module.load_state_dict(saved[i]["ema"])
         modules.append(module)
     model = StackedModel(modules, emas, strategy)
-    hashes = [run_hash(c) for c in configs]
-    if states is not None:
-        for run, state, chash in zip(runs, states, hashes):
-            if state["config_hash"] != chash:
+    if saved is not None:
+        for run, state, c in zip(runs, saved, configs):
+            if state["config_hash"] != run_hash(c):
                 raise CheckpointError(f"{run.config_path} was changed after {run.state_path} was saved; "
                                       "a resumed run must keep its config (start a new run instead).")
 
-    # -- optimizer (run 0's parameter groups, pointed at the stacked tensors), schedule, loss --------------------
-    from timm.loss import LabelSmoothingCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    o, s, a = config.optim, config.schedule, config.augment
-    lr = o.lr * (config.batch_size / o.lr_base_batch if o.lr_base_batch else 1.0)
-    extra = {k: v for k, v in (("betas", tuple(o.betas) if o.betas else None), ("eps", o.eps)) if v is not None}
-    optimizer = create_optimizer_v2(modules[0], opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                    **extra)
+    # -- optimizer (run 0's parameter groups, pointed at the stacked tensors), schedule, loss, precision -----------
+    optimizer = build_optimizer(config, modules[0])
     name_of = {id(p): n for n, p in modules[0].named_parameters()}
     for group in optimizer.param_groups:
         group["params"] = [model.params[name_of[id(p)]] for p in group["params"]]
-    scheduler, _ = create_scheduler_v2(optimizer, sched=s.sched, num_epochs=config.epochs,
-                                       warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
-                                       step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    loss_fn = LabelSmoothingCrossEntropy(smoothing=a.label_smoothing) if a.label_smoothing > 0 else torch.nn.CrossEntropyLoss()
+    scheduler = build_schedule(config, optimizer, updates_per_epoch)
+    _, loss_fn = build_loss(config, batches.info.num_classes, config.batch_size)  # MixUp/CutMix are refused
     amp_dtype = torch.bfloat16 if config.amp == "bf16" or (config.amp == "auto" and device.type == "cuda") else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # saved for the state file's format; fp16 is refused
@@ -421,18 +419,17 @@ def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, o
         for run, c in zip(runs, configs):
             Run.create(run.root, overwrite=overwrite).save_config(c)
 
-    # -- where to start -----------------------------------------------------------------------------------------
-    step, epoch, start_update = 0, 1, 0
-    rows: list[list[dict]] = [[] for _ in runs]
-    elapsed = [0.0] * len(runs)
-    if states is not None:
-        optimizer.load_state_dict(stack_optimizer_states([st["optimizer"] for st in states], optimizer))
+    # -- where to start: each run's TrainState (its module holds its weights whenever they are written) -----------
+    states = [TrainState(modules[k], RunOptimizer(optimizer, model, k), scheduler, scaler,
+                         emas[k] if emas is not None else None) for k in range(len(runs))]
+    if saved is not None:
+        optimizer.load_state_dict(stack_optimizer_states([s["optimizer"] for s in saved], optimizer))
         if scheduler is not None:
-            scheduler.load_state_dict(states[0]["scheduler"])
-        step, epoch, start_update = states[0]["step"], states[0]["epoch"], states[0]["next_update"]
-        rows = [list(st["rows"]) for st in states]
-        elapsed = [float(st["elapsed"]) for st in states]
-        rngs = [st["rng"][0] for st in states]
+            scheduler.load_state_dict(saved[0]["scheduler"])
+        for state, s in zip(states, saved):
+            state.step, state.epoch, state.next_update = s["step"], s["epoch"], s["next_update"]
+            state.rows, state.elapsed = list(s["rows"]), float(s["elapsed"])
+        rngs = [s["rng"][0] for s in saved]
     else:
         rngs = []
         for c in configs:
@@ -441,100 +438,92 @@ def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, o
             random.seed(derive_seed(c.seed, "python", 0))
             rngs.append(capture_rng())
     schedule = set(checkpoint_steps(config.checkpoint.every, updates_per_epoch=updates_per_epoch, epochs=config.epochs))
-    saved = [_existing_checkpoints(run, step) for run in runs]
-    for found in saved:
-        for old in checkpoints_to_delete(config.checkpoint.keep, sorted(found)):
-            found.pop(old).unlink(missing_ok=True)
+    for run, state in zip(runs, states):
+        state.checkpoints = existing_checkpoints(run, state.step)
+        apply_keep_policy(config, state.checkpoints)  # a kill may have come before it
+    at = states[0]  # every run stands at the same position
+    clock = Stopwatch()
     t_resumed = time.perf_counter()
-    row_losses, row_norms, row_aux = [], [], []
-    row_first_step = step + 1
-    images_in_row, train_time_in_row = 0, 0.0
-    timings = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0}
-
-    def finish_rows(label: int, epoch_end: bool, update: int) -> None:
-        nonlocal row_losses, row_norms, row_aux, row_first_step, images_in_row, train_time_in_row
-        t0 = time.perf_counter()
-        _check_finite(row_losses, row_norms, row_first_step, epoch, runs, saved)
-        sums = [torch.stack(v).sum(0).tolist() if v else [0.0] * len(runs) for v in (row_losses, row_norms, row_aux)]
-        n = len(row_losses)
-        raw = evaluate_stacked(model, val, autocast)
-        ema = evaluate_stacked(model, val, autocast, ema=True) if model.ema is not None else None
-        t1 = time.perf_counter()
-        timings["eval"] += t1 - t0
-        for k, run in enumerate(runs):
-            row = {
-                "epoch": label, "step": step, "images_seen": step * config.batch_size,
-                "train_loss": sums[0][k] / n if n else None, **raw[k],
-                **({f"ema_{key}": v for key, v in ema[k].items()} if ema is not None
-                   else {"ema_val_loss": None, "ema_val_top1": None, "ema_val_top5": None}),
-                "lr": last_lr, "grad_norm": sums[1][k] / n if n else None,
-                "wall_time": elapsed[k] + (time.perf_counter() - t_resumed),
-                "images_per_s": images_in_row / train_time_in_row if train_time_in_row > 0 else None,
-                "schedule_epochs": config.epochs,
-            }
-            if model.has_moe:
-                row["moe_aux_loss"] = sums[2][k] / n if n else None
-            rows[k].append(row)
-            module, ema_module = model.run_modules(k)
-            _write_outputs(run, configs[k], hashes[k], module, ema_module, optimizer_state_for_run(optimizer, model, k),
-                           scheduler, scaler, rows[k], row, [rngs[k]], step=step, epoch=label, epoch_end=epoch_end,
-                           checkpoint=step in schedule or step == 0,
-                           resume_at=(label + 1, 0) if epoch_end else (label, update + 1), saved=saved[k])
-        timings["checkpoint"] += time.perf_counter() - t1
-        row_losses, row_norms, row_aux = [], [], []
-        row_first_step = step + 1
-        images_in_row, train_time_in_row = 0, 0.0
-
-    last_lr = optimizer.param_groups[0]["lr"]
-    if config.checkpoint.initial and step == 0:
-        finish_rows(0, True, -1)
-
-    # -- the loop ---------------------------------------------------------------------------------------------
+    tallies = [RowTally(at.step + 1, lr=optimizer.param_groups[0]["lr"], aux=[] if model.has_moe else None)
+               for _ in runs]
     trainable = model.trainable()
-    model.template.train()
-    for epoch in range(epoch, config.epochs + 1):
-        bar = tqdm(total=updates_per_epoch, initial=start_update, desc=f"epoch {epoch}/{config.epochs} x{len(runs)}",
-                   file=sys.stderr, leave=False, dynamic_ncols=True, disable=None if progress else True)
-        t_lap = time.perf_counter()
-        for u, (x, y) in enumerate(batches.epoch(epoch, start_update), start=start_update):
-            with autocast():
-                logits, aux = model(x, rngs)
-                losses = torch.func.vmap(loss_fn)(logits, y)
-                total = losses + aux if aux is not None else losses
-            total.sum().backward()
-            grad_norm = per_run_grad_norm([p.grad for p in trainable if p.grad is not None], o.grad_clip)
-            last_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if scheduler is not None:
-                scheduler.step_update(step)
-            if model.ema is not None:
-                model.update_ema(emas[0].get_decay(step))
-            row_losses.append(losses.detach().float())
-            row_norms.append(grad_norm.detach().float())
-            if aux is not None:
-                row_aux.append(aux.detach().float())
-            if len(row_losses) % CHECK_EVERY == 0:
-                _check_finite(row_losses, row_norms, row_first_step, epoch, runs, saved)
-            now = time.perf_counter()
-            train_time_in_row += now - t_lap
-            timings["train"] += now - t_lap
-            images_in_row += config.batch_size
-            bar.update(1)
-            epoch_end = u == updates_per_epoch - 1
-            if epoch_end or step in schedule:
-                bar.clear()
-                finish_rows(epoch, epoch_end, u)
-            t_lap = time.perf_counter()
-        bar.close()
-        start_update = 0
-    timings["total"] = time.perf_counter() - t_start
-    return [TrainResult(run=run, rows=r, checkpoints=[found[s] for s in sorted(found)], timings=dict(timings))
-            for run, r, found in zip(runs, rows, saved)]
+    row_due = config.checkpoint.initial and at.step == 0  # row 0 and a checkpoint of the initial weights
+    bar = None
+
+    # -- the loop: that of landscape.trainers.loop, every run's row and outputs written by its writer ---------------
+    while True:
+        if row_due:
+            label = at.epoch - 1 if at.next_update == 0 else at.epoch  # after an epoch's last update
+            for run, state, tally in zip(runs, states, tallies):
+                check_finite(tally, label, state.checkpoints, run_dir=run.root)
+            raw = evaluate_stacked(model, val, autocast)
+            ema = evaluate_stacked(model, val, autocast, ema=True) if model.ema is not None else None
+            wall = time.perf_counter() - t_resumed
+            clock.lap("eval")
+            checkpoint = at.step in schedule or at.step == 0
+            for k, (run, state, tally) in enumerate(zip(runs, states, tallies)):
+                state.rows.append(metrics_row(configs[k], epoch=label, step=state.step, train=tally.summary(
+                    distributed.Distributed(), device), val=raw[k], ema_val=ema[k] if ema is not None else None,
+                    wall_time=state.elapsed + wall))
+                model.run_modules(k)  # run k's weights into its module, which the writer saves
+                write_outputs(run, configs[k], state, [rngs[k]], checkpoint=checkpoint)
+            clock.lap("checkpoint")
+            tallies = [RowTally(at.step + 1, lr=tallies[0].lr, aux=[] if model.has_moe else None) for _ in runs]
+        if at.epoch > config.epochs:
+            break
+
+        if bar is None:  # the first update of an epoch
+            model.template.train()
+            bar = tqdm(total=updates_per_epoch, initial=at.next_update, desc=f"epoch {at.epoch}/{config.epochs} "
+                       f"x{len(runs)}", file=sys.stderr, leave=False, dynamic_ncols=True,
+                       disable=None if progress else True)
+            epoch_batches = batches.epoch(at.epoch, at.next_update)
+            clock.lap("train")
+        x, y = next(epoch_batches)
+        with autocast():
+            logits, aux = model(x, rngs)
+            losses = torch.func.vmap(loss_fn)(logits, y)
+            total = losses + aux if aux is not None else losses
+        total.sum().backward()
+        grad_norm = per_run_grad_norm([p.grad for p in trainable if p.grad is not None], config.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for state in states:
+            state.advance(updates_per_epoch)
+        if scheduler is not None:
+            scheduler.step_update(at.step)
+        if model.ema is not None:
+            model.update_ema(emas[0].get_decay(at.step))
+        losses = losses.detach().float()
+        seconds = clock.lap("train")
+        for k, tally in enumerate(tallies):
+            tally.lr = lr
+            tally.add(losses[k], grad_norm[k], aux[k].detach().float() if aux is not None else None)
+            tally.seconds += seconds
+            tally.images += config.batch_size
+        if len(tallies[0]) % CHECK_EVERY == 0:
+            for run, state, tally in zip(runs, states, tallies):
+                check_finite(tally, at.epoch, state.checkpoints, run_dir=run.root)
+        row_due, bar = after_update(bar, at, schedule)
+
+    clock.lap("train")
+    timings = {"total": time.perf_counter() - t_start, **clock.seconds}
+    return [TrainResult.of(run, state, timings) for run, state in zip(runs, states)]
 
 
 # -- the optimizer state of one run, and of all runs -----------------------------------------------------------------
+class RunOptimizer:
+    """Run ``k``'s view of the stacked optimizer, as its :class:`TrainState` saves it: its state dict is the one the
+    optimizer of that run trained alone would give (:func:`optimizer_state_for_run`)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: StackedModel, k: int):
+        self.optimizer, self.model, self.k = optimizer, model, k
+
+    def state_dict(self) -> dict[str, Any]:
+        return optimizer_state_for_run(self.optimizer, self.model, self.k)
+
+
 def optimizer_state_for_run(optimizer: torch.optim.Optimizer, model: StackedModel, k: int) -> dict[str, Any]:
     """Run ``k``'s optimizer state dict, as the optimizer of that run trained alone would give it: every state
     tensor shaped like a stacked parameter is sliced (and copied, so that saving it writes that slice only)."""
@@ -561,76 +550,3 @@ def stack_optimizer_states(states: list[dict[str, Any]], optimizer: torch.optim.
 def _stacked_shapes(optimizer: torch.optim.Optimizer) -> dict[int, torch.Size]:
     """The stacked parameters' shapes by their index in the optimizer's state dict."""
     return {i: p.shape for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-
-
-# -- the run directory ---------------------------------------------------------------------------------------------
-def _check_run_dir(run: Run, *, resume: bool, overwrite: bool) -> None:
-    from landscape.runs import _is_empty_run
-
-    if resume:
-        if not run.config_path.exists():
-            raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        if not run.state_path.exists():
-            raise CheckpointError(f"{run.root} cannot be resumed because its training state {run.state_path} is "
-                                  "missing; nothing was changed.")
-        for folder in (run.root, run.checkpoints_dir, run.state_dir, run.analysis_dir):
-            remove_stale_temporaries(folder, recursive=folder == run.analysis_dir)
-        return
-    if run.root.exists() and not run.root.is_dir():
-        raise LandscapeError(f"{run.root} exists and is not a directory.")
-    if run.root.is_dir() and not overwrite and not _is_empty_run(run.root):
-        raise LandscapeError(
-            f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
-
-
-def _existing_checkpoints(run: Run, step: int) -> dict[int, Path]:
-    """Checkpoints up to ``step`` on disk; later ones (written after the saved state) are removed."""
-    saved = {}
-    for info in run.checkpoints():
-        if info.step > step:
-            info.path.unlink(missing_ok=True)
-        else:
-            saved[info.step] = info.path
-    return saved
-
-
-def _check_finite(losses, norms, first_step: int, epoch: int, runs: list[Run], saved: list[dict]) -> None:
-    if not losses:
-        return
-    bad = ~torch.isfinite(torch.stack(losses)) | ~torch.isfinite(torch.stack(norms))  # (updates, K)
-    if bad.any():
-        i, k = (int(v) for v in bad.nonzero()[0])
-        last = saved[k]
-        kept = f"the last good checkpoint {last[max(last)].name} is kept" if last else "no checkpoint had been written"
-        raise LandscapeError(f"Training diverged at step {first_step + i} (epoch {epoch}) in {runs[k].root}: the loss "
-                             f"or gradient norm became {float(torch.stack(losses)[i, k])}; {kept}; lower optim.lr or "
-                             "set optim.grad_clip and train again.")
-
-
-def _write_outputs(run, config, chash, model, ema, optimizer_state, scheduler, scaler, rows, row, rng, *, step, epoch,
-                   epoch_end, checkpoint, resume_at, saved) -> None:
-    """metrics.csv, then the checkpoint (if due), then state/last.pt, then the keep policy: each atomic, each in the
-    format of :mod:`landscape.trainers.loop`."""
-    run.write_metrics(rows)
-    if checkpoint:
-        path = run.checkpoint_path(epoch=epoch) if epoch_end else run.checkpoint_path(step=step)
-        try:
-            save_checkpoint(path, model.state_dict(), model=config.model.name, model_kwargs=config.model.kwargs,
-                            epoch=epoch if epoch_end else None, step=step, metrics=row, config_hash=chash,
-                            ema_state_dict=ema.state_dict() if ema is not None else None)
-        except (OSError, WriteError) as e:
-            previous = f"the previous checkpoint {saved[max(saved)].name} is intact" if saved else "no checkpoint was lost"
-            raise CheckpointError(f"Writing {path} failed ({getattr(e, 'strerror', None) or e}); {previous}.") from None
-        saved[step] = path
-    state = {
-        "step": step, "epoch": resume_at[0], "next_update": resume_at[1], "rows": rows, "elapsed": row["wall_time"],
-        "config_hash": chash, "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng,
-    }
-    try:
-        save_state(run.state_path, state)
-    except OSError as e:
-        raise CheckpointError(f"Writing {run.state_path} failed ({e.strerror or e}); the previous state is intact.") from None
-    for old in checkpoints_to_delete(config.checkpoint.keep, sorted(saved)):
-        saved.pop(old).unlink(missing_ok=True)
