@@ -233,7 +233,8 @@ def test_typical_session_runs_line_by_line_in_a_terminal(session_dir):
         output = run_ok(tiny(line), session_dir)
         if kind in ("analyze hessian", "analyze sharpness", "analyze surface"):
             assert BAR_WITH_TIME_LEFT.search(output), f"{line}: no progress bar with the time left:\n{output[-2000:]}"
-            name = {"analyze hessian": "hessian.nc", "analyze sharpness": "sharpness.nc",
+            name = {"analyze hessian": "hessian.nc",
+                    "analyze sharpness": "sharpness-adaptive.nc" if "--adaptive" in line else "sharpness.nc",
                     "analyze surface": "surface-random-2d.nc"}[kind]
             assert (session_dir / "runs/base/analysis" / name).is_file(), output
             assert "Results in" in output
@@ -285,7 +286,9 @@ def test_import_of_a_timm_file_in_a_terminal_writes_a_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("line", torchrun_examples())
 def test_torchrun_example_with_two_cpu_processes(session_dir, tmp_path, line):
-    shutil.copytree(session_dir / "runs" / "base", tmp_path / "runs" / "NAME")
+    # the trained run only: the typical session's analyses of it (other settings) must not be in the way
+    shutil.copytree(session_dir / "runs" / "base", tmp_path / "runs" / "NAME",
+                    ignore=shutil.ignore_patterns("analysis"))
     output = run_ok(tiny(line), tmp_path)
     assert BAR_WITH_TIME_LEFT.search(output), f"no progress bar with the time left:\n{output[-2000:]}"
     assert "Results in" in output
