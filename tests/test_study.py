@@ -151,7 +151,7 @@ def test_the_demo_is_the_shipped_study_file_and_every_shipped_study_checks():
         spec = load_study(f)
         assert spec.variants and spec.seeds
     check_study(load_study(STUDIES_DIR / "demo-digits.yaml"))
-    dynamics = load_study(STUDIES_DIR / "demo-dynamics.yaml")  # the gallery's curvature-through-training figures
+    dynamics = load_study(STUDIES_DIR / "dynamics-digits.yaml")  # the gallery's curvature-through-training figures
     check_study(dynamics)
     assert dynamics.analysis.per_block and dynamics.analysis.preconditioned and dynamics.analysis.subspace
     assert dynamics.overrides["save_preconditioner"] is True
