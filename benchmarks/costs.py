@@ -30,6 +30,7 @@ from landscape.analyses.surface import SurfaceSettings
 from landscape.checkpoints import build_model, load_checkpoint
 from landscape.curvature.loss import LossFunction
 from landscape.curvature.operators import HessianOperator
+from landscape.errors import LandscapeError
 from landscape.runs import Run
 
 
@@ -60,7 +61,10 @@ def main() -> None:
     surface = SurfaceSettings(samples=hessian.samples)
 
     run = Run.open(args.run)
-    info = run.checkpoints()[-1]
+    infos = run.checkpoints()
+    if not infos:
+        raise LandscapeError(f"{args.run} has no checkpoint to measure; train it first.")
+    info = infos[-1]
     x, y = evaluation_data(run, hessian)
     _, state = load_checkpoint(info.path)
     model = build_model(info, state)
@@ -96,4 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LandscapeError as e:
+        raise SystemExit(f"Error: {e}") from None

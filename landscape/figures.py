@@ -305,7 +305,13 @@ def _per_epoch(ds, variable: str, transform: Callable | None = None) -> tuple[np
 
 def _aligned(group: list[RunResults], variable: str, transform=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """The curves of ``variable`` of the runs of one variant on the union of their epochs (NaN where missing)."""
-    pairs = [_per_epoch(r.hessian, variable, transform) for r in group]
+    return _on_union([_per_epoch(r.hessian, variable, transform) for r in group])
+
+
+def _on_union(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(epochs, values)`` curves of several runs put on the union of their epochs (NaN where a run has none)."""
+    if not pairs:
+        return np.zeros(0), []
     epochs = np.unique(np.concatenate([e for e, _ in pairs]))
     curves = []
     for e, v in pairs:
@@ -683,16 +689,8 @@ def _hessian_with(r: RunResults, variable: str):
 
 def _epoch_curves(group: list[RunResults], variable: str) -> tuple[np.ndarray, list[np.ndarray]]:
     """``variable`` of each run of one variant on the union of their epochs (NaN where missing)."""
-    pairs = [_per_epoch(ds, variable) for ds in (_hessian_with(r, variable) for r in group) if ds is not None]
-    if not pairs:
-        return np.zeros(0), []
-    epochs = np.unique(np.concatenate([e for e, _ in pairs]))
-    curves = []
-    for e, v in pairs:
-        curve = np.full(len(epochs), np.nan)
-        curve[np.searchsorted(epochs, e)] = v
-        curves.append(curve)
-    return epochs, curves
+    return _on_union([_per_epoch(ds, variable) for ds in (_hessian_with(r, variable) for r in group)
+                      if ds is not None])
 
 
 def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:

@@ -13,6 +13,7 @@ run is :mod:`landscape.models.variants`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -568,47 +569,46 @@ def _stage_bar(total: int):
 
 def _study_task(task, emit: Emit) -> None:
     """Train one run (unless done), then analyse its checkpoints (each analysis skips what it has done)."""
-    import torch
-
     config, run_dir, settings, data_dir, threads, force = task
     if isinstance(config, list):
         return _stacked_task(task, emit)
     run_dir = Path(run_dir)
+    with _worker_threads(threads):
+        t0 = time.perf_counter()
+        if ensure_trained(config, run_dir, data_dir=data_dir, emit=emit) == "skipped":
+            emit(StudyEvent("train", run_dir.name, "already trained", 0.0))
+        analyze_run(Run(run_dir), settings, data_dir=data_dir, emit=emit, force=force)
+        emit(StudyEvent("done", run_dir.name, f"run finished in {time.perf_counter() - t0:.0f} s", 0.0))
+
+
+@contextlib.contextmanager
+def _worker_threads(threads: int):
+    """A study task's torch threads, restored after it, and the warnings a user of the study cannot act on off:
+    torch registers its forward-mode (jvp) decompositions through torch.jit.script on first use and warns that
+    jit.script is deprecated."""
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with warnings.catch_warnings():
-            # torch registers its forward-mode (jvp) decompositions through torch.jit.script on first use and
-            # warns that jit.script is deprecated: nothing a user of the study can act on.
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            t0 = time.perf_counter()
-            if ensure_trained(config, run_dir, data_dir=data_dir, emit=emit) == "skipped":
-                emit(StudyEvent("train", run_dir.name, "already trained", 0.0))
-            analyze_run(Run(run_dir), settings, data_dir=data_dir, emit=emit, force=force)
-            emit(StudyEvent("done", run_dir.name, f"run finished in {time.perf_counter() - t0:.0f} s", 0.0))
+            yield
     finally:
         torch.set_num_threads(previous)
 
 
 def _stacked_task(task, emit: Emit) -> None:
     """Train one variant's runs together (those not done yet), then analyse each run."""
-    import torch
-
     configs, run_dirs, settings, data_dir, threads, force = task
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            t0 = time.perf_counter()
-            ensure_trained_stacked(configs, [Path(d) for d in run_dirs], data_dir=data_dir, emit=emit)
-            for run_dir in run_dirs:
-                t1 = time.perf_counter()
-                analyze_run(Run(run_dir), settings, data_dir=data_dir, emit=emit, force=force)
-                emit(StudyEvent("done", Path(run_dir).name, f"run analysed in {time.perf_counter() - t1:.0f} s", 0.0))
-            emit(StudyEvent("done", "", f"{len(run_dirs)} stacked runs finished in {time.perf_counter() - t0:.0f} s", 0.0))
-    finally:
-        torch.set_num_threads(previous)
+    with _worker_threads(threads):
+        t0 = time.perf_counter()
+        ensure_trained_stacked(configs, [Path(d) for d in run_dirs], data_dir=data_dir, emit=emit)
+        for run_dir in run_dirs:
+            t1 = time.perf_counter()
+            analyze_run(Run(run_dir), settings, data_dir=data_dir, emit=emit, force=force)
+            emit(StudyEvent("done", Path(run_dir).name, f"run analysed in {time.perf_counter() - t1:.0f} s", 0.0))
+        emit(StudyEvent("done", "", f"{len(run_dirs)} stacked runs finished in {time.perf_counter() - t0:.0f} s", 0.0))
 
 
 def ensure_trained_stacked(configs, run_dirs: list[Path], *, data_dir=None, emit: Emit | None = None) -> None:

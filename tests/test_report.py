@@ -1,4 +1,3 @@
-import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -16,19 +15,8 @@ from landscape.report import (
 )
 from landscape.analyses.dynamics import run_dynamics
 from landscape.statistics import combine_seeds, drop_noise_floor
+from landscape.summary import Measure
 
-
-@dataclasses.dataclass(frozen=True)
-class Measure:
-    """What the verdicts read of a flatness measure (the study's measures carry the same fields)."""
-
-    name: str
-    label: str
-    units: str
-    reparameterisation: bool
-    size_dependent: bool
-    note: str = ""
-    smaller_is_flatter: bool = True
 
 SHAPE = Measure("curv", "curvature", "nats", reparameterisation=True, size_dependent=False)
 SIZE = Measure("tr", "trace", "nats", reparameterisation=True, size_dependent=True)
