@@ -24,7 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.analyses.evaluation import evaluation_data
-from landscape.analyses.hessian import HessianSettings, expected_products
+from landscape.analyses.hessian import HessianSettings, eigenvalue_products
 from landscape.analyses.sharpness import SharpnessSettings
 from landscape.analyses.surface import SurfaceSettings
 from landscape.checkpoints import build_model, load_checkpoint
@@ -76,7 +76,7 @@ def main() -> None:
         gradient = median_seconds(lambda: loss.gradient(), args.repeats)
         product = median_seconds(lambda: op @ rng.standard_normal(loss.num_parameters), args.repeats)
 
-    eigen = expected_products(HessianSettings(top_k=hessian.top_k, trace=False))
+    eigen = eigenvalue_products(hessian)
     rows = [
         ("analyze hessian --top-k 5", "products", eigen, product),
         ("  + --trace", "products", hessian.trace_matvecs, product),

@@ -441,9 +441,7 @@ def expected_products(settings: HessianSettings) -> int:
     """The Hessian-vector products one checkpoint is expected to take: the trace's and the density's are fixed
     budgets; the eigenvalues' depend on the spectrum, and ``4 k + 12`` is what the error-bound stopping rule
     typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64)."""
-    total = 4 * settings.top_k + 12 if settings.top_k else 0
-    if settings.which == "both":
-        total *= 2
+    total = eigenvalue_products(settings)
     if settings.trace:
         total += settings.trace_matvecs
     if settings.density:
@@ -455,8 +453,12 @@ def expected_warm_products(settings: HessianSettings) -> int:
     """The eigenvalue products of a warm-started checkpoint: about 0.9 of a cold start's on a series of AdamW
     checkpoints two steps apart (``benchmarks/series.md``: 25.3 against 28.3 for k = 5 at ``tol=1e-3``), since the
     stopping rule is the same and the previous Ritz vectors only give the start a head start."""
-    cold = 4 * settings.top_k + 12
-    return round(0.9 * cold) * (2 if settings.which == "both" else 1) if settings.top_k else 0
+    return round(0.9 * eigenvalue_products(settings))
+
+
+def eigenvalue_products(settings: HessianSettings) -> int:
+    """The eigenvalues' expected products from a cold start: ``4 k + 12`` per end (see :func:`expected_products`)."""
+    return (4 * settings.top_k + 12) * (2 if settings.which == "both" else 1) if settings.top_k else 0
 
 
 def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False) -> str:
@@ -465,7 +467,7 @@ def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bo
     total = expected_products(settings)
     parts = []
     if settings.top_k:
-        eigen = 4 * settings.top_k + 12 if settings.which != "both" else 2 * (4 * settings.top_k + 12)
+        eigen = eigenvalue_products(settings)
         if warm_start and checkpoints > 1:
             warm = expected_warm_products(settings)
             total = round(total - eigen + (eigen + (checkpoints - 1) * warm) / checkpoints)
