@@ -226,6 +226,16 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike) -> None:
 
 
 # -- the resumable file -------------------------------------------------------------------------------------------
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime in ns)`` of the file at ``path`` (``None`` when there is none): every write of a results
+    file replaces it (:func:`write_results` renames a new file over it), so a changed file has a new signature."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class AnalysisResults:
     """The results file of one analysis of one run, appended one finished checkpoint at a time.
 
@@ -242,6 +252,7 @@ class AnalysisResults:
         self.seed = int(seed)
         self.force = force
         self.attrs = analysis_attrs(name, self.settings, self.seed)
+        self._seen = _file_signature(self.path)  # taken before the read: a write in between only costs a re-read
         self.dataset: xr.Dataset | None = read_results(self.path)
         if self.dataset is not None and not self._same_settings(self.dataset.attrs):
             if not force:
@@ -289,7 +300,8 @@ class AnalysisResults:
         with exclusive_file_lock(self.path.parent):
             # Another analysis of the same run may have appended since this one read the file: merge, don't replace.
             base = self.dataset
-            on_disk = read_results(self.path)
+            unchanged = self._seen is not None and _file_signature(self.path) == self._seen
+            on_disk = None if unchanged else read_results(self.path)  # as this process left it: nothing to merge
             if on_disk is not None and self._same_settings(on_disk.attrs):
                 base = on_disk if base is None else combine_checkpoints([base, on_disk])
             elif on_disk is not None and not self.force:
@@ -301,6 +313,7 @@ class AnalysisResults:
             self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             combined.attrs = dict(self.attrs)
             write_results(combined, self.path)
+            self._seen = _file_signature(self.path)
         self.dataset = combined
         self._recomputed.add(name)
         return combined
