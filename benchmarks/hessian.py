@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from landscape.curvature.loss import LossFunction
-from landscape.curvature.operators import HessianOperator
+from landscape.curvature.operators import HessianOperator, TorchOperator, as_torch_operator
 from landscape.curvature.products import KeptGraphProducts
 from landscape.curvature.lanczos import top_eigenvalues
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace
@@ -203,7 +203,7 @@ def main() -> None:
     part_b += [f"| {name} | {n} | {s:.1f} | {e:.1e} |" for name, n, s, e in rows_b]
     if pyhessian_seconds is not None and ours_error <= 1e-3:
         speedup = pyhessian_seconds / ours_seconds
-        part_b += ["", f"PyHessian time / ours at 1e-3 accuracy = {speedup:.1f}x (target at least 3x: {_met(speedup >= 3)})"]
+        part_b += ["", f"PyHessian time / ours at 1e-3 accuracy = {speedup:.1f}x (target at least 5x: {_met(speedup >= 5)})"]
     else:
         part_b += ["", "PyHessian did not reach 1e-3 relative accuracy at tol 1e-5, or ours missed it (see the errors)."]
     counts, errors = [ours.matvecs], [ours_error]
@@ -214,6 +214,13 @@ def main() -> None:
     op.release()
     part_b += ["", f"ours from {len(counts)} start vectors (seeds 0, 2-{1 + cfg['other_seeds']}): {min(counts)} to "
                f"{max(counts)} HVPs (median {statistics.median(counts):g}), largest relative error {max(errors):.1e}"]
+    floor = krylov_floor(op, reference, seed=0, limit=max(counts) + 10)
+    op.release()
+    if floor is not None and pyh.count:
+        part_b += ["", f"fewest products for any stopping rule: Lanczos from seed 0's start vector first holds all five "
+                   f"values within 1e-3 after {floor} products (an ideal rule that knows the reference would stop "
+                   f"there; ours stopped at {ours.matvecs}), so at equal product cost fewer products can give PyHessian "
+                   f"/ ours = {pyh.count / floor:.1f}x at most ({pyh.count} / {floor})"]
     part_b.append("")
     print("\n".join(part_b), flush=True)
     lines += part_b
@@ -255,6 +262,31 @@ def main() -> None:
               "compare numbers of products: Lanczos against power iteration, Hutch++ against Hutchinson."]
     if args.md:
         args.md.write_text("# Hessian benchmark\n\n" + "\n".join(lines) + "\n")
+
+
+def krylov_floor(op: Any, reference: np.ndarray, *, seed: int, limit: int) -> int | None:
+    """The fewest products after which single-vector Lanczos from ``seed``'s start vector (no restart, full
+    reorthogonalisation) has its five largest Ritz values all within 1e-3 of ``reference``; ``None`` if not within
+    ``limit`` products. Lanczos is run once, recording every vector it multiplies (orthonormal, in order) and its
+    product; the Ritz values after ``m`` products are the eigenvalues of :math:`V_m^\\top A V_m`."""
+    A = as_torch_operator(op)
+    vectors, products = [], []
+
+    def recording(V: torch.Tensor) -> torch.Tensor:
+        out = A.matmat(V)
+        vectors.append(V.detach().to(torch.float64).cpu())
+        products.append(out.detach().to(torch.float64).cpu())
+        return out
+
+    top_eigenvalues(TorchOperator(A.shape, A.dtype, A.device, recording), 5, tol=1e-12, seed=seed,
+                    basis_size=limit + 1, max_matvecs=limit)
+    V, AV = torch.cat(vectors, dim=1), torch.cat(products, dim=1)
+    for m in range(5, V.shape[1] + 1):
+        T = V[:, :m].T @ AV[:, :m]
+        theta = torch.linalg.eigvalsh((T + T.T) / 2).flip(0)[:5].numpy()
+        if np.max(np.abs(theta - reference) / np.abs(reference)) <= 1e-3:
+            return m
+    return None
 
 
 def _met(ok: bool) -> str:

@@ -20,7 +20,8 @@ from landscape.curvature.operators import HessianOperator
 from landscape.analyses.eigenvectors import load_eigenvectors
 from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
 from landscape.curvature.density import broadened_density, spectral_density
-from landscape.curvature.lanczos import gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
+from landscape.curvature.lanczos import CHECK_PRODUCTS, gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
+from landscape.errors import ConfigError
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace, hutchinson_trace
 from landscape.curvature.products import dense_hessian
 
@@ -103,6 +104,40 @@ def test_without_guard_values_the_close_pair_is_missed():
         result = top_eigenvalues(A, 5, tol=1e-3, seed=seed, guard=0)
         missed += not np.all(np.abs(result.eigenvalues - exact[:5]) <= 1e-3 * exact[:5])
     assert missed >= 4
+
+
+def hidden_eigenvalue_problem(n: int = 200) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """A diagonal matrix (outliers 10, 9, 8, 7, 6.5, 6.4, 6.3 over a bulk in [-1, 1]) and a start vector with an
+    exact zero where 6.5 sits: every Krylov vector of a diagonal matrix keeps that zero, so Lanczos from it cannot
+    see 6.5, converges on the rest, and takes 6.4 for the fifth largest."""
+    values = np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.5, 6.4, 6.3], np.linspace(1.0, -1.0, n - 7)])
+    start = torch.from_numpy(np.random.default_rng(0).standard_normal((1, n)))
+    start[0, 4] = 0.0
+    return np.diag(values), start, np.sort(values)
+
+
+def test_the_check_finds_an_eigenvalue_the_krylov_space_missed():
+    A, start, exact = hidden_eigenvalue_problem()
+    blind = top_eigenvalues(A, 5, tol=1e-6, start=start, check=0)
+    assert blind.converged and np.isclose(blind.eigenvalues[4], 6.4)  # the premise: converged, and wrong
+    for which, want in (("largest", exact[::-1][:5]), ("both", np.concatenate([exact[::-1][:5], exact[:5][::-1]]))):
+        result = top_eigenvalues(A, 5, which=which, tol=1e-6, start=start)
+        assert result.converged and result.missed == 1
+        assert np.allclose(result.eigenvalues, want, rtol=1e-6), (which, result.eigenvalues)
+    flipped = top_eigenvalues(-A, 5, which="smallest", tol=1e-6, start=start)
+    assert flipped.missed == 1 and np.allclose(flipped.eigenvalues, -exact[::-1][:5][::-1], rtol=1e-6)
+
+
+def test_the_check_costs_its_products_and_changes_nothing_when_nothing_was_missed():
+    A, exact = known_spectrum(seed=4)
+    plain = top_eigenvalues(A, 5, tol=1e-6, seed=2, check=0)
+    checked = top_eigenvalues(A, 5, tol=1e-6, seed=2)
+    assert checked.missed == 0 and np.array_equal(plain.eigenvalues, checked.eigenvalues)
+    assert checked.matvecs == plain.matvecs + CHECK_PRODUCTS
+    both = top_eigenvalues(A, 5, which="both", tol=1e-6, seed=2)
+    assert both.matvecs == top_eigenvalues(A, 5, which="both", tol=1e-6, seed=2, check=0).matvecs + 2 * CHECK_PRODUCTS
+    with pytest.raises(ConfigError, match="check"):
+        top_eigenvalues(A, 5, check=-1)
 
 
 def test_same_seed_same_eigenvalues_and_every_operator_form_agrees():

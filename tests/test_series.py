@@ -13,7 +13,7 @@ from tiny_models import data, tiny_mlp
 from landscape.curvature.loss import LossFunction
 from landscape.analyses.distributed import sharded_rounds
 from landscape.analyses.hessian import HessianSettings, WarmStart, describe_plan, hessian_analysis, run_hessian_analysis
-from landscape.curvature.lanczos import combined_start, ritz_start, start_block, top_eigenvalues
+from landscape.curvature.lanczos import CHECK_PRODUCTS, combined_start, ritz_start, start_block, top_eigenvalues
 from landscape.curvature.products import dense_hessian
 
 TOL = 1e-3
@@ -59,7 +59,7 @@ def test_a_warm_start_spanning_the_eigenvectors_converges_in_its_first_block():
     A = (Q * values) @ Q.T
     order = np.argsort(values)[::-1][:5]
     result = top_eigenvalues(A, 3, tol=1e-8, start=torch.from_numpy(Q[:, order].T.copy()))
-    assert result.matvecs == 5 and result.converged  # 3 wanted and 2 guards: one block of 5
+    assert result.matvecs == 5 + CHECK_PRODUCTS and result.converged  # 3 wanted, 2 guards: one block, then the check
     assert np.allclose(result.eigenvalues, np.sort(values)[::-1][:3], rtol=1e-8)
 
 
@@ -132,12 +132,12 @@ def test_cli_prints_its_plan_before_the_table_and_cold_turns_warm_starts_off(tmp
 
 def test_plan_counts_the_first_checkpoint_cold_and_the_rest_warm():
     settings = HessianSettings(top_k=5, trace=True, trace_matvecs=9)
-    assert describe_plan(settings, 1) == "1 checkpoint x ~41 products (eigenvalues ~32, trace 9)"
+    assert describe_plan(settings, 1) == "1 checkpoint x ~49 products (eigenvalues ~40, trace 9)"  # 4k + 12 + 8
     line = describe_plan(settings, 10, warm_start=True)
-    assert line.startswith("10 checkpoints x ~") and "~29 warm-started" in line  # 0.9 of a cold start's 32
+    assert line.startswith("10 checkpoints x ~") and "~36 warm-started" in line  # 0.9 of a cold start's 40
     per_checkpoint = int(line.split("~")[1].split()[0])
-    assert per_checkpoint == round((32 + 9 * 29) / 10 + 9)
-    assert describe_plan(settings, 10, warm_start=False) == "10 checkpoints x ~41 products (eigenvalues ~32, trace 9)"
+    assert per_checkpoint == round((40 + 9 * 36) / 10 + 9)
+    assert describe_plan(settings, 10, warm_start=False) == "10 checkpoints x ~49 products (eigenvalues ~40, trace 9)"
 
 
 def test_combined_start_is_a_unit_vector_with_equal_weight_on_each_orthonormal_row():
@@ -170,4 +170,4 @@ def test_warm_starts_single_and_block_match_dense_eigh_and_the_single_vector_sav
         assert result.converged
         assert np.all(np.abs(result.eigenvalues - exact) <= TOL * np.abs(exact)), result.eigenvalues
     assert single.matvecs < cold.matvecs, (single.matvecs, cold.matvecs)
-    assert block.matvecs % 5 == 0  # whole blocks of the five Ritz vectors' width
+    assert (block.matvecs - CHECK_PRODUCTS) % 5 == 0  # whole blocks of the five Ritz vectors' width, then the check

@@ -440,7 +440,8 @@ def run_hessian_analysis(run: Any, settings: HessianSettings | None = None, *, s
 def expected_products(settings: HessianSettings) -> int:
     """The Hessian-vector products one checkpoint is expected to take: the trace's and the density's are fixed
     budgets; the eigenvalues' depend on the spectrum, and ``4 k + 12`` is what the error-bound stopping rule
-    typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64)."""
+    typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64), plus
+    the check for a missed eigenvalue (:data:`~landscape.curvature.lanczos.CHECK_PRODUCTS`, 8)."""
     total = eigenvalue_products(settings)
     if settings.trace:
         total += settings.trace_matvecs
@@ -450,15 +451,19 @@ def expected_products(settings: HessianSettings) -> int:
 
 
 def expected_warm_products(settings: HessianSettings) -> int:
-    """The eigenvalue products of a warm-started checkpoint: about 0.9 of a cold start's on a series of AdamW
-    checkpoints two steps apart (``benchmarks/series.md``: 25.3 against 28.3 for k = 5 at ``tol=1e-3``), since the
-    stopping rule is the same and the previous Ritz vectors only give the start a head start."""
+    """The eigenvalue products of a warm-started checkpoint: about 0.9 of a cold start's along the demo's run
+    (``benchmarks/series.md``: 0.92 to 0.95 over 50 checkpoints 10 updates apart, for k = 5 at ``tol=1e-3``), since
+    the stopping rule is the same and the previous Ritz vectors only give the start a head start."""
     return round(0.9 * eigenvalue_products(settings))
 
 
 def eigenvalue_products(settings: HessianSettings) -> int:
-    """The eigenvalues' expected products from a cold start: ``4 k + 12`` per end (see :func:`expected_products`)."""
-    return (4 * settings.top_k + 12) * (2 if settings.which == "both" else 1) if settings.top_k else 0
+    """The eigenvalues' expected products from a cold start: ``4 k + 12`` and the check per end (see
+    :func:`expected_products`)."""
+    from landscape.curvature.lanczos import CHECK_PRODUCTS
+
+    ends = 2 if settings.which == "both" else 1
+    return (4 * settings.top_k + 12 + CHECK_PRODUCTS) * ends if settings.top_k else 0
 
 
 def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False) -> str:
