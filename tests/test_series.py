@@ -47,6 +47,7 @@ def test_warm_and_cold_starts_match_dense_eigh_and_warm_takes_fewer_products():
             ds = hessian_analysis(model, x, y, settings, warm=state)
             found = ds["eigenvalue_largest"].values
             assert np.all(np.abs(found - exact) <= TOL * np.abs(exact)), (name, found, exact)
+            assert int(ds["eigenvalue_missed"]) == 0 and int(ds["eigenvalue_converged"]) == 1
             products[name].append(int(ds["eigenvalue_matvecs"]))
     assert products["warm"][0] == products["cold"][0]  # nothing to start from at the first checkpoint
     assert sum(products["warm"][1:]) < sum(products["cold"][1:]), products

@@ -184,7 +184,8 @@ def hessian_analysis(
 
     Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters``;
     ``eigenvalue_largest`` / ``eigenvalue_smallest`` ``(k)`` (k = 1 is the extreme one) with
-    ``..._residual`` and ``..._error_bound``, ``eigenvalue_matvecs``, ``eigenvalue_converged``; ``trace``,
+    ``..._residual`` and ``..._error_bound``, ``eigenvalue_matvecs``, ``eigenvalue_converged``, ``eigenvalue_missed``
+    (:func:`~landscape.curvature.lanczos.top_eigenvalues`'s check); ``trace``,
     ``trace_standard_error``, ``trace_matvecs``; ``density`` and its abscissae ``density_eigenvalue`` ``(grid)``, the quadrature
     ``density_nodes``/``density_weights`` ``(probe, lanczos_step)``, ``density_sigma``, ``density_matvecs``;
     ``seconds``.
@@ -246,6 +247,8 @@ def hessian_analysis(
                 vectors["smallest"] = result.eigenvectors.flip(0)[:k]
         data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
         data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol"})
+        data["eigenvalue_missed"] = ((), int(result.missed), {
+            "long_name": "times the check after convergence found an eigenvalue Lanczos had missed (and restarted)"})
     block_traces = None  # with --per-block, the groups' traces from the trace's products
     if settings.trace:
         if result is not None and result.basis is not None:  # the Krylov basis of the eigenvalues, for free
