@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from landscape.analyses.hessian import HessianSettings, WarmStart, hessian_analysis
+from landscape.curvature.lanczos import CHECK_PRODUCTS
 from landscape.data import analysis_subset
 
 
@@ -113,6 +114,7 @@ def main() -> None:
     parts = [("all", later), ("first third", later[:third]), ("middle third", later[third:2 * third]),
              ("last third", later[2 * third:])]
     tracked = settings.top_k + 2  # the wanted values and the two guards: a start is checked with as many products
+    floor = tracked + CHECK_PRODUCTS  # and a converged run is checked for a missed eigenvalue
     n_params = sum(p.numel() for p in series[0].parameters())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
@@ -152,8 +154,9 @@ def main() -> None:
         "",
         f"warm / cold (checkpoints 2 to {len(rows)}; the first warm-started one starts cold): products "
         f"{warm_p / cold_p:.2f}, wall time {warm_s / cold_s:.2f} (target at most 0.33 on both: "
-        f"{'met' if met else 'NOT met'}). No start can take fewer than {tracked} products here (the five values "
-        f"and two guards are checked on a basis of at least {tracked} vectors): {tracked / cold_p:.2f} of cold.",
+        f"{'met' if met else 'NOT met'}). No start can take fewer than {floor} products here (the five values "
+        f"and two guards are checked on a basis of at least {tracked} vectors, then {CHECK_PRODUCTS} products look for "
+        f"a missed eigenvalue): {floor / cold_p:.2f} of cold.",
     ]
     table = "\n".join(lines)
     print()

@@ -8,8 +8,8 @@ block :math:`H_{gg} = \\nabla^2_{\\theta_g} L`, the Hessian of the loss as a fun
 the rest fixed. Its trace :math:`\\operatorname{tr} H_{gg}` is the part of :math:`\\operatorname{tr} H` on the
 group (the traces of the groups add up to the whole), its top eigenvalue the sharpest direction inside the group.
 
-Cost against the whole-model analysis (``--top-k k --trace``: about :math:`4k + 12` products for the eigenvalues and
-``trace_matvecs`` for the trace):
+Cost against the whole-model analysis (``--top-k k --trace``: about :math:`4k + 12` products for the eigenvalues, 8
+for their check for a missed eigenvalue, and ``trace_matvecs`` for the trace):
 
 - The traces of all groups come from the whole-model trace's own products: no extra product. With the Krylov
   basis :math:`V` (orthonormal rows) of the eigenvalues, :math:`T = V H V^\\top` (known), the deflated probes
@@ -27,8 +27,9 @@ Cost against the whole-model analysis (``--top-k k --trace``: about :math:`4k + 
 - Top eigenvalues need one Lanczos run per group on the restricted operator (no shared product gives
   :math:`\\lambda_1(H_{gg})`): :func:`restricted_top_eigenvalues`, each product
   :math:`H_{gg} v_g` the Hessian-vector product of the loss restricted to :math:`\\theta_g`, whose reverse pass
-  computes no other parameter's gradient. For :math:`G` groups about :math:`G \\cdot 16` products more at
-  ``tol=1e-3`` (a group's spectrum has fewer close outliers than the whole model's, so most converge in 10-20).
+  computes no other parameter's gradient. For :math:`G` groups about :math:`G \\cdot 24` products more at
+  ``tol=1e-3`` (a group's spectrum has fewer close outliers than the whole model's, so most converge in 10-20, and
+  each run's check for a missed eigenvalue takes 8 more).
 """
 
 from __future__ import annotations
