@@ -165,7 +165,7 @@ def top_eigenvalues(
         raise ConfigError(f"check must be at least 0 products, got {check}.")
     options = dict(k=k, which=which, tol=tol, block_size=block_size, guard=guard, basis_size=basis_size,
                    basis_device=basis_device, basis_dtype=basis_dtype)
-    limit = max_matvecs
+    limit = max_matvecs  # for the whole call, the check and any restart included
     result, tracked = _lanczos_run(A, seed=seed, max_matvecs=limit, start=start,
                                    return_eigenvectors=return_eigenvectors, return_basis=return_basis, **options)
     total, missed = result.matvecs, 0
