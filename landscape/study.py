@@ -446,7 +446,9 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     """Train and analyse every run of ``spec`` into ``OUT/runs/``, then write ``OUT/figures/`` and ``OUT/report.md``.
 
     ``jobs`` runs go at once, each in its own process with ``threads`` CPU threads (tiny models gain nothing from
-    more threads, and several processes keep every core busy); ``jobs=1`` works in this process. Finished
+    more threads, and several processes keep every core busy), and the same processes then read the results and
+    draw the figures, several at once; ``jobs=1`` works in this process. The processes end with this one, however
+    it ends. Finished
     training and finished analyses are skipped, so an interrupted study continues when run again; ``force``
     recomputes every analysis (training is never repeated). ``on_event`` receives a :class:`StudyEvent` after
     every stage. Figures are written in ``formats``; the PNGs are also copied to ``figures_out`` when given.
@@ -458,12 +460,13 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     training and the analyses, wall time for the whole) and ``OUT/environment.yaml`` (the machine, the library
     versions, ``jobs`` and ``threads``, and ``command`` when given).
     """
+    emit = on_event or (lambda e: None)
+    start = time.perf_counter()
+    context = _process_context() if jobs > 1 else None  # the workers' imports start now, beside this process's
     from landscape.figures import write_figures
     from landscape.report import write_report
     from landscape.summary import load_results
 
-    emit = on_event or (lambda e: None)
-    start = time.perf_counter()
     out = Path(out)
     runs_dir = out / "runs"
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
@@ -489,17 +492,22 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
         if event.stage != "done":
             bar.update(1)
 
-    if jobs <= 1:
-        for task in tasks:
-            _study_task(task, record)
-    else:
-        _run_parallel(tasks, jobs, record)
-    runs_wall = time.perf_counter() - start
-
     run_dirs = [run_dir for _, run_dir in configs]
-    t0 = time.perf_counter()
-    results = load_results(run_dirs)
-    figures = write_figures(results, out / "figures", formats=formats)
+    with contextlib.ExitStack() as stack:
+        if jobs <= 1:
+            for task in tasks:
+                _study_task(task, record)
+        else:
+            pool, events = stack.enter_context(_worker_pool(context, min(jobs, len(tasks))))
+            _run_parallel(pool, events, tasks, record)
+        runs_wall = time.perf_counter() - start
+        t0 = time.perf_counter()
+        if jobs <= 1:
+            results = load_results(run_dirs)
+            figures = write_figures(results, out / "figures", formats=formats)
+        else:  # the runs' results read and the figures drawn by the workers, several at once
+            results = load_results(run_dirs, loader=pool.map)
+            figures = _parallel_figures(pool, results, out / "figures", formats)
     record(StudyEvent("figures", "", f"{len(figures)} figures in {out / 'figures'}", time.perf_counter() - t0))
     if figures_out is not None:  # the gallery a repository shows: the PNGs
         import shutil
@@ -652,38 +660,133 @@ def ensure_trained_stacked(configs, run_dirs: list[Path], *, data_dir=None, emit
 
 _worker_queue = None
 
+_WORKER_MODULES = ("landscape.study", "landscape.trainers.loop", "landscape.trainers.stacked",
+                   "landscape.analyses.driver", "landscape.analyses.hessian", "landscape.analyses.sharpness",
+                   "landscape.analyses.surface", "landscape.analyses.dynamics", "landscape.summary",
+                   "landscape.figures")
+"""What a study's workers import: torch, timm, xarray and matplotlib underneath."""
 
-def _init_worker(queue) -> None:
+
+def _process_context():
+    """Where a study's worker processes come from. On Linux a fork server that imports :data:`_WORKER_MODULES`
+    once (its start is not waited for here), so that each worker starts in milliseconds instead of re-importing
+    them for seconds; elsewhere fresh interpreters (spawn). A worker is never forked from this process, which may
+    hold threads or a GPU context."""
+    import multiprocessing
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(_WORKER_MODULES))
+    forkserver.ensure_running()
+    return context
+
+
+def _init_worker(queue, environ: dict[str, str], study_pid: int) -> None:
+    """A worker's start: the event queue, and the environment of the process that runs the study (a fork server's
+    child would otherwise have that of the moment the server started; multiprocessing passes on the working
+    directory and the import path itself). The worker ends with that process (:func:`_end_with`)."""
     global _worker_queue
     _worker_queue = queue
+    os.environ.clear()
+    os.environ.update(environ)
+    _end_with(study_pid)
+
+
+def _end_with(pid: int) -> None:
+    """Kill this process as soon as process ``pid`` (the one running the study) has ended, however it ended.
+
+    Without this a killed study leaves its workers running their task and then waiting forever, holding the run's
+    lock, so that running the study again is refused. Every write is atomic, so the kill loses nothing saved."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(pid)  # Linux: readable once the process has ended
+        except (AttributeError, OSError):
+            handle = None
+        if handle is not None:
+            import select
+
+            select.select([handle], [], [])
+        else:
+            while _running(pid):
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="landscape-study-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _worker(task) -> None:
     _study_task(task, _worker_queue.put)
 
 
-def _run_parallel(tasks, jobs: int, emit: Emit) -> None:
-    """Run the tasks in ``jobs`` spawned processes, passing their events on as they come."""
-    import multiprocessing
-    import queue as queue_module
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+@contextlib.contextmanager
+def _worker_pool(context, jobs: int):
+    """``jobs`` worker processes and the queue on which their :class:`StudyEvent` come back."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.managers import SyncManager
 
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
+    manager = SyncManager(ctx=context)
+    manager.start(_end_with, (os.getpid(),))
+    with manager:
         events = manager.Queue()
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context, initializer=_init_worker,
-                                 initargs=(events,)) as pool:
-            pending = {pool.submit(_worker, task) for task in tasks}
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(events, emit, queue_module.Empty)
-                for future in finished:
-                    error = future.exception()
-                    if error is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise error
-            _drain(events, emit, queue_module.Empty)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(events, dict(os.environ), os.getpid())) as pool:
+            yield pool, events
+
+
+def _run_parallel(pool, events, tasks, emit: Emit) -> None:
+    """Run the study tasks in the pool's processes, passing their events on as they come."""
+    import queue as queue_module
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending = {pool.submit(_worker, task) for task in tasks}
+    while pending:
+        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        _drain(events, emit, queue_module.Empty)
+        for future in finished:
+            error = future.exception()
+            if error is not None:
+                for other in pending:
+                    other.cancel()
+                raise error
+    _drain(events, emit, queue_module.Empty)
+
+
+def _draw_figure(results, out_dir: Path, formats: Sequence[str], name: str) -> list[Path]:
+    """One figure of the gallery, drawn in a worker (:func:`landscape.figures.write_figures`)."""
+    from landscape.figures import write_figures
+
+    return write_figures(results, out_dir, formats=formats, names=[name]).get(name, [])
+
+
+def _parallel_figures(pool, results, out_dir: Path, formats: Sequence[str]) -> dict[str, list[Path]]:
+    """The gallery with one figure per task in the pool's processes, in the order of
+    :data:`landscape.figures.FIGURES`."""
+    from landscape.figures import FIGURES
+
+    futures = {name: pool.submit(_draw_figure, results, out_dir, tuple(formats), name) for name in FIGURES}
+    written = {}
+    for name, future in futures.items():
+        paths = future.result()
+        if paths:
+            written[name] = paths
+    return written
 
 
 def _drain(events, emit: Emit, empty) -> None:

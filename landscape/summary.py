@@ -11,6 +11,7 @@ checkpoint, described by :data:`MEASURES`; figures, report and compare all read 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -256,13 +257,14 @@ def _last_step(run: Run) -> int | None:
     return int(steps.iloc[-1]) if len(steps) else None
 
 
-def load_results(paths: Iterable[str | os.PathLike], *, weights: str = "raw") -> list[RunResults]:
+def load_results(paths: Iterable[str | os.PathLike], *, weights: str = "raw",
+                 loader: Callable[..., Iterable[RunResults]] = map) -> list[RunResults]:
     """Open every run directory and gather its results (:func:`load_run`); runs in the order given, each once,
-    labelled so that no two variants share a label."""
+    labelled so that no two variants share a label. ``loader`` maps :func:`load_run` over the paths, in order:
+    the built-in ``map``, or a process pool's to read several runs at once."""
     results = []
     seen: set[Path] = set()
-    for path in paths:
-        run = load_run(path, weights=weights)
+    for run in loader(functools.partial(load_run, weights=weights), list(paths)):
         if run.run.root.resolve() in seen:
             continue
         seen.add(run.run.root.resolve())

@@ -127,6 +127,47 @@ def test_digits_split_is_fixed_disjoint_stratified_and_covers_all_images():
 DIGITS_VAL_SHA = "d040d215f6d53853"
 
 
+def test_digits_are_read_without_importing_sklearn_and_equal_load_digits():
+    import subprocess
+    import sys
+
+    code = ("import sys; from landscape.data.generated import digits_arrays; x, y = digits_arrays('train'); "
+            "print(x.shape, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(1437, 8, 8, 1) False"
+    from sklearn.datasets import load_digits
+
+    from landscape.data.generated import _digits_table
+
+    pixels, labels = _digits_table()
+    bunch = load_digits()
+    np.testing.assert_array_equal(pixels, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
+def test_digits_fall_back_to_load_digits_when_the_csv_is_not_as_expected(monkeypatch, tmp_path):
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from landscape.data import generated
+
+    fake = tmp_path / "sklearn"
+    (fake / "datasets" / "data").mkdir(parents=True)
+    (fake / "datasets" / "data" / "digits.csv.gz").write_bytes(b"not gzip")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.util.spec_from_file_location(
+        "sklearn", fake / "__init__.py", submodule_search_locations=[str(fake)]) if name == "sklearn"
+        else real_find_spec(name, *a))
+    generated._digits_table.cache_clear()
+    try:
+        pixels, labels = generated._digits_table()
+    finally:
+        generated._digits_table.cache_clear()
+    np.testing.assert_array_equal(pixels, load_digits().images)
+    np.testing.assert_array_equal(labels, load_digits().target)
+
+
 def test_load_arrays_returns_copies_the_caller_may_change():
     x, _ = D.load_arrays("digits")
     x[:] = 0

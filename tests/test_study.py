@@ -60,6 +60,48 @@ def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path
     assert hessian.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
+def test_study_workers_see_the_environment_of_the_moment_not_that_of_their_server_start(monkeypatch):
+    import os
+
+    from landscape.study import _process_context, _worker_pool
+
+    context = _process_context()
+    monkeypatch.setenv("LANDSCAPE_STUDY_PROBE", "now")
+    with _worker_pool(context, 1) as (pool, _):
+        assert pool.submit(os.getenv, "LANDSCAPE_STUDY_PROBE").result() == "now"
+        assert pool.submit(os.getcwd).result() == os.getcwd()
+
+
+@pytest.mark.slow
+def test_a_study_in_worker_processes_equals_the_same_study_in_this_process(tmp_path, monkeypatch):
+    """Workers (forked from a server that imported everything once) train, analyse, read the results and draw the
+    figures; they work in this process's directory (a relative --out) and see its environment as it is now."""
+    import numpy as np
+
+    from landscape.analyses.results import read_results
+
+    from landscape.study import _process_context
+
+    _process_context()  # the workers' server starts here, in another directory and environment
+    one = run_study(_tiny_spec(), tmp_path / "one", jobs=1, formats=("png",))
+    monkeypatch.chdir(tmp_path)
+    two = run_study(_tiny_spec(), "two", jobs=2, formats=("png",))
+    assert [p.name for p in two.runs] == [p.name for p in one.runs]
+    assert list(two.figures) == list(one.figures)
+    assert all(p.is_file() and p.resolve().parent == (tmp_path / "two" / "figures").resolve()
+               for paths in two.figures.values() for p in paths)
+    for run in ("baseline-s0", "grouped-g2-s0"):
+        for name in ("hessian", "sharpness", "surface-random-2d"):
+            a = read_results(tmp_path / "one" / "runs" / run / "analysis" / f"{name}.nc")
+            b = read_results(tmp_path / "two" / "runs" / run / "analysis" / f"{name}.nc")
+            assert sorted(a.data_vars) == sorted(b.data_vars)
+            for var in a.data_vars:
+                if np.issubdtype(a[var].dtype, np.number) and "seconds" not in var:
+                    np.testing.assert_allclose(b[var].values, a[var].values, rtol=1e-6, err_msg=f"{run} {var}")
+    assert (tmp_path / "two" / "report.md").read_text().count("## H") == 4
+
+
 def test_a_run_directory_with_other_settings_is_refused(tmp_path):
     from landscape.errors import LandscapeError
     from landscape.runs import Run
@@ -228,3 +270,51 @@ def test_the_hessian_runs_at_the_checkpoints_of_every_n_and_at_the_peak_when_the
     assert _hessian(run, settings, None).startswith("5 checkpoints")
     assert asked == ["steps:10,60,70,110,120", "epochs:7,12"]  # through training, then the density at peak and final
     assert AnalysisSettings().hessian_checkpoints(Run.create(tmp_path / "empty")) == "all"  # no checkpoints: unchanged
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every living descendant of ``pid`` (from /proc)."""
+    from pathlib import Path
+
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_killing_a_study_ends_its_workers_so_that_running_it_again_is_not_refused(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = _write(tmp_path, _TINY_YAML.replace("epochs: 2", "epochs: 30"))
+    command = [sys.executable, "-m", "landscape", "study", str(study), "--out", str(tmp_path / "out"), "--jobs", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out" / "runs").glob("*/checkpoints/*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _descendants(process.pid)
+    assert workers, "the study started no worker"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 15
+    while workers & _descendants(1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers & _descendants(1), "workers outlived the study"
+    from landscape.io import RunLock
+
+    for run in (tmp_path / "out" / "runs").iterdir():  # what running the study again takes first
+        RunLock(run).release()

@@ -13,14 +13,43 @@ DIGITS_VAL_SIZE = 360
 DIGITS_SPLIT_SEED = 0
 
 
-@functools.lru_cache(maxsize=2)
-def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+DIGITS_COUNT = 1797
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's embedded digits as ``(images (1797, 8, 8) float, labels (1797,) int64)``.
+
+    Read straight from the CSV that scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``), found without
+    importing scikit-learn, whose import costs seconds in every process that loads the digits; the same numbers as
+    ``sklearn.datasets.load_digits``, which is the fallback when the file is not where it should be or not as
+    expected.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        try:
+            with gzip.open(path, "rt", encoding="ascii") as f:
+                table = np.loadtxt(f, delimiter=",", dtype=np.float64, ndmin=2)
+        except (OSError, ValueError, EOFError):
+            continue
+        if table.shape == (DIGITS_COUNT, 65) and np.all((table >= 0) & (table <= 16) & (table == np.rint(table))):
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    pixels, labels = _digits_table()
     # Pixel values are counts 0..16 of set bits in 4x4 blocks; spread them over 0..255.
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, :, :, None]
-    labels = bunch.target.astype(np.int64)
+    images = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[:, :, :, None]
     val = digits_val_indices(labels)
     mask = np.zeros(len(labels), dtype=bool)
     mask[val] = True
