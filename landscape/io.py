@@ -210,7 +210,8 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a zombie counts until it is reaped)."""
     if pid <= 0:
         return False
     try:
@@ -234,7 +235,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = Fal
     removed = []
     for tmp in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
         match = _TEMP_PID.match(tmp.name)
-        if match and (int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1)))):
+        if match and (int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1)))):
             continue
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -714,21 +714,13 @@ def _end_with(pid: int) -> None:
 
             select.select([handle], [], [])
         else:
-            while _running(pid):
+            from landscape.io import pid_alive
+
+            while pid_alive(pid):
                 time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="landscape-study-watch", daemon=True).start()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _worker(task) -> None:
