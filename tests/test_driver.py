@@ -102,3 +102,25 @@ def test_settings_are_checked_when_they_are_made():
 def test_a_shard_mode_the_analysis_does_not_have_is_one_sentence(run):
     with pytest.raises(ConfigError, match="cannot be sharded by 'grid'"):
         analyze(run, ScaledLoss(LossSettings(samples=8)), device="cpu", shard="grid")
+
+
+
+def test_model_facts_are_built_once_per_architecture_and_follow_the_checkpoint(tmp_path, monkeypatch):
+    from conftest import TINY_VIT, make_tiny_run
+
+    import landscape.analyses.evaluation as evaluation
+    import landscape.models as models
+
+    runs = [make_tiny_run(tmp_path, "a", "vit_pico_patch4_32", TINY_VIT, 0),
+            make_tiny_run(tmp_path, "b", "vit_pico_patch4_32", TINY_VIT, 1),
+            make_tiny_run(tmp_path, "c", "vit_pico_patch4_32", dict(TINY_VIT, num_classes=5), 0)]
+    monkeypatch.setattr(evaluation, "_MODEL_FACTS", {})
+    built = []
+    real = models.create_model
+    monkeypatch.setattr(models, "create_model", lambda name, **kw: built.append(name) or real(name, **kw))
+    first = evaluation.run_model_facts(runs[0])
+    assert first == {"model_in_chans": 1, "model_img_size": 8, "model_classes": 10}
+    first["model_classes"] = -1  # the caller's own copy
+    assert evaluation.run_model_facts(runs[1]) == {"model_in_chans": 1, "model_img_size": 8, "model_classes": 10}
+    assert evaluation.run_model_facts(runs[2])["model_classes"] == 5
+    assert built == ["vit_pico_patch4_32", "vit_pico_patch4_32"]  # one per architecture

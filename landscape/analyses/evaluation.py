@@ -7,6 +7,7 @@ examples those are for a run (its dataset, image size, synthetic options) is rea
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -102,7 +103,6 @@ def run_model_facts(run: Any) -> dict[str, int | None]:
     """The input channels, image size and classes of the model of ``run``'s last checkpoint (``None`` where the
     model does not say: a model taking any image size, or a run without checkpoints), built on the meta device."""
     from landscape.checkpoints import architecture_kwargs
-    from landscape.models import create_model
 
     facts: dict[str, int | None] = {"model_in_chans": None, "model_img_size": None, "model_classes": None}
     infos = run.checkpoints()
@@ -110,8 +110,25 @@ def run_model_facts(run: Any) -> dict[str, int | None]:
         return facts
     try:
         kwargs = architecture_kwargs(infos[-1].model_kwargs, source=f"The header of {infos[-1].path}")
+        key = (infos[-1].model, json.dumps(kwargs, sort_keys=True, default=repr))
+    except Exception:  # noqa: BLE001  (loading the checkpoint reports an unbuildable model in one sentence)
+        return facts
+    if key not in _MODEL_FACTS:
+        _MODEL_FACTS[key] = _model_facts(infos[-1].model, kwargs, facts)
+    return dict(_MODEL_FACTS[key])
+
+
+_MODEL_FACTS: dict[tuple[str, str], dict[str, int | None]] = {}
+""":func:`run_model_facts` by model name and architecture arguments: a process analysing many runs of a few
+models builds each once."""
+
+
+def _model_facts(name: str, kwargs: dict[str, Any], facts: dict[str, int | None]) -> dict[str, int | None]:
+    from landscape.models import create_model
+
+    try:
         with torch.device("meta"):
-            model = create_model(infos[-1].model, **kwargs)
+            model = create_model(name, **kwargs)
     except Exception:  # noqa: BLE001  (loading the checkpoint reports an unbuildable model in one sentence)
         return facts
     conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
