@@ -236,6 +236,52 @@ def test_shared_parameters_count_once_and_unused_or_frozen_ones_are_skipped():
     assert torch.linalg.norm(hessian_vector_product(loss, v) - H @ v) <= 1e-10 * torch.linalg.norm(H @ v)
 
 
+class TiedEmbedding(nn.Module):
+    """An output layer tied to the embedding (``head.weight = emb.weight``): one tensor held by two modules."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb, self.lin, self.head = nn.Embedding(12, 6), nn.Linear(6, 6), nn.Linear(6, 12, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(self.emb(x).mean(1))))
+
+
+def test_a_tensor_tied_between_two_modules_is_one_parameter_moved_everywhere_it_is_used():
+    from landscape.curvature.loss import tied_aliases
+
+    model = TiedEmbedding().double()
+    x = torch.randint(0, 12, (20, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 12, (20,), generator=torch.Generator().manual_seed(2))
+    assert tied_aliases(model) == {"head.weight": "emb.weight"}
+    assert tied_aliases(SharedMLP()) == {}  # one module under two paths is swapped once
+    loss = LossFunction(model, x, y, batch_size=8)
+    assert loss.names == ["emb.weight", "lin.weight", "lin.bias"]
+    params = list(model.parameters())  # the model as written, by plain autograd
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        nn.functional.cross_entropy(model(x), y), params, create_graph=True)])
+    H = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(gi, params, retain_graph=True)])
+                     for gi in g]).detach()
+    _, gradient = loss.loss_and_gradient()
+    torch.testing.assert_close(gradient, g.detach(), rtol=1e-10, atol=1e-12)
+    v = torch.randn(loss.num_parameters, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    assert torch.linalg.norm(hessian_vector_product(loss, v) - H @ v) <= 1e-10 * torch.linalg.norm(H @ v)
+    w = loss.parameter_vector()
+    moved = TiedEmbedding().double()
+    torch.nn.utils.vector_to_parameters(w + 0.1 * v, moved.parameters())
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(moved(x), y))
+    assert loss.evaluate(w + 0.1 * v)[0] == pytest.approx(expected, rel=1e-12)
+    assert model.head.weight is model.emb.weight  # the model keeps its tie and its values
+    torch.testing.assert_close(loss.parameter_vector(), w)
+    import landscape
+
+    sharp = landscape.sharpness(model, (x, y), rho=[0.01], draws=0)  # swaps the weights in, like the Hessian
+    assert 0 < float(sharp["worst_case"][0]) < 0.1
+
+
 def test_the_model_is_left_exactly_as_it_was():
     model = tiny_vit().train()
     before = {n: t.clone() for n, t in model.state_dict().items()}

@@ -162,8 +162,33 @@ def forward(model: nn.Module, x: Inputs, tensors: Mapping[str, Tensor] | None = 
     if tensors is None:
         return model_outputs(model(*args, **(kwargs or {})))
     # tie_weights=False: with the default, a module reachable under two names (GroupedMLP) keeps the passed
-    # tensors after the call (pytorch issue 164759); the shared module is swapped once either way.
-    return model_outputs(torch.func.functional_call(model, dict(tensors), args, kwargs, tie_weights=False))
+    # tensors after the call (pytorch issue 164759); the shared module is swapped once either way. A tensor held by
+    # two modules (head.weight = emb.weight) is passed under each of its names, so that every use sees it.
+    tensors = dict(tensors)
+    for alias, name in tied_aliases(model).items():
+        if name in tensors and alias not in tensors:
+            tensors[alias] = tensors[name]
+    return model_outputs(torch.func.functional_call(model, tensors, args, kwargs, tie_weights=False))
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{other name: first name}`` of every parameter or buffer that two different modules hold (an output layer
+    tied to the embedding: ``head.weight = emb.weight``). The names of one module reachable under several paths (a
+    GroupedMLP's shared MLP) are not listed: swapping that module's tensor once reaches every path."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    aliases: dict[str, str] = {}
+    for named in (model.named_parameters, model.named_buffers):
+        seen: dict[int, tuple[str, set[int]]] = {}
+        for name, tensor in named(remove_duplicate=False):
+            owner = id(modules[name.rpartition(".")[0]])
+            if id(tensor) not in seen:
+                seen[id(tensor)] = (name, {owner})
+                continue
+            first, owners = seen[id(tensor)]
+            if owner not in owners:
+                owners.add(owner)
+                aliases[name] = first
+    return aliases
 
 
 @dataclass
