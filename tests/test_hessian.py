@@ -128,6 +128,31 @@ def test_the_check_finds_an_eigenvalue_the_krylov_space_missed():
     assert flipped.missed == 1 and np.allclose(flipped.eigenvalues, -exact[::-1][:5][::-1], rtol=1e-6)
 
 
+def test_every_copy_of_a_repeated_eigenvalue_is_found():
+    """A linear layer with 3 outputs under MSE has the Hessian kron(I_3, G): each eigenvalue three times."""
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((20, 20)))[0]
+    G = Q @ np.diag([3.0, 3.0 * (1 + 1e-5), 2.0, 1.99, 1.0] + [0.5] * 15) @ Q.T
+    A = np.kron(np.eye(3), G)
+    exact = np.sort(np.linalg.eigvalsh(A))[::-1][:6]
+    assert np.allclose(exact, [3.00003] * 3 + [3.0] * 3)
+    for seed in range(3):
+        blind = top_eigenvalues(A, 6, tol=1e-6, seed=seed, check=0)
+        assert not np.allclose(blind.eigenvalues, exact, rtol=1e-6)  # one vector's Krylov space holds one copy
+        result = top_eigenvalues(A, 6, tol=1e-6, seed=seed)
+        assert result.converged and result.missed >= 1
+        np.testing.assert_allclose(result.eigenvalues, exact, rtol=1e-6)
+
+
+def test_a_miss_found_after_the_last_restart_makes_the_result_not_converged(monkeypatch):
+    import landscape.curvature.lanczos as lanczos
+
+    A, start, _ = hidden_eigenvalue_problem()
+    monkeypatch.setattr(lanczos, "MAX_RESTARTS", 0)
+    result = top_eigenvalues(A, 5, tol=1e-6, start=start)
+    assert not result.converged and result.missed == 0 and np.isclose(result.eigenvalues[4], 6.4)
+
+
 def test_the_check_costs_its_products_and_changes_nothing_when_nothing_was_missed():
     A, exact = known_spectrum(seed=4)
     plain = top_eigenvalues(A, 5, tol=1e-6, seed=2, check=0)

@@ -42,6 +42,9 @@ WHICH = ("largest", "smallest", "both")
 """Which end of the spectrum :func:`top_eigenvalues` finds."""
 CHECK_PRODUCTS = 8
 """Products of :func:`top_eigenvalues`'s check for a missed eigenvalue, per end of the spectrum."""
+MAX_RESTARTS = 4
+"""How many times :func:`top_eigenvalues` starts again after its check found a missed eigenvalue; a check that
+still finds one after the last makes the result not converged."""
 
 
 # -- extreme eigenvalues ------------------------------------------------------------------------------------------
@@ -147,12 +150,15 @@ def top_eigenvalues(
     products (for each end asked for) look for an eigenvalue the Krylov space missed: Lanczos from a fresh seeded
     vector on the operator with the tracked Ritz vectors projected out, whose largest Ritz value (smallest, at that
     end) can only pass the ``k``-th wanted value when an eigenvalue beyond it was missed (:func:`missed_direction`;
-    on that start it passed after 6 products). Then Lanczos starts again from the tracked Ritz vectors and the new
-    direction, and is checked again; ``matvecs`` counts every product. ``check=0`` skips it; ``missed`` in the result
-    counts the restarts.
+    on that start it passed after 6 products). Then Lanczos starts again from a block: the tracked Ritz vectors
+    combined into one vector, and the new direction beside it, and is checked again; ``matvecs`` counts every
+    product. ``check=0`` skips it; ``missed`` in the result counts the restarts, at most :data:`MAX_RESTARTS`, and a
+    check that still finds a missed eigenvalue after the last one leaves the result not ``converged``.
 
-    Limitation (shared with every Krylov method): of an eigenvalue whose multiplicity exceeds the block size,
-    one copy per block is found per restart cycle; exactly repeated eigenvalues may be reported too few times.
+    The block restart also finds the copies of a repeated eigenvalue (a linear layer with ``d`` outputs under MSE
+    has every eigenvalue ``d`` times): the Krylov space of one vector holds one direction of each eigenspace, so
+    the first run finds one copy; the check then finds a second direction in that eigenspace, and the block keeps
+    it apart from the first.
     """
     if which not in WHICH:
         raise ConfigError(f"Unknown eigenvalue selection {which!r}; accepted are {', '.join(WHICH)}.")
@@ -170,7 +176,7 @@ def top_eigenvalues(
                                    return_eigenvectors=return_eigenvectors, return_basis=return_basis, **options)
     total, missed = result.matvecs, 0
     ends = ("largest", "smallest") if which == "both" else (which,)
-    while check and result.converged and result.size < n and missed < 3:
+    while check and result.converged and result.size < n:
         found = []
         for end in ends:
             direction, products = missed_direction(A, tracked, result, end, k, check,
@@ -178,13 +184,22 @@ def top_eigenvalues(
             total += products
             if direction is not None:
                 found.append(direction)
-        if not found or (limit is not None and total >= limit):
+        if not found:
+            break
+        if missed == MAX_RESTARTS or (limit is not None and total >= limit):
+            result.converged = False  # an eigenvalue is known to be missing from the values returned
             break
         missed += 1
-        start = torch.cat([tracked.to(found[0].device, found[0].dtype), *found])
+        # A block start: the tracked vectors combined into one (:func:`combined_start`), and each direction found
+        # beside it. A copy of a repeated eigenvalue found by the check is a second direction in that eigenspace,
+        # which one start vector made of them all would merge with the first.
+        start = torch.cat([combined_start(tracked, n).to(found[0].device, found[0].dtype), *found])
+        restart = dict(options, block_size=max(block_size, len(start)))
+        if basis_size is not None and basis_size < len(tracked) + len(start) + 2:
+            restart["block_size"] = block_size
         result, tracked = _lanczos_run(A, seed=seed + missed, max_matvecs=None if limit is None else limit - total,
                                        start=start, return_eigenvectors=return_eigenvectors,
-                                       return_basis=return_basis, **options)
+                                       return_basis=return_basis, **restart)
         total += result.matvecs
     result.matvecs, result.missed = total, missed
     return result
