@@ -233,7 +233,7 @@ def hessian_analysis(
             data["eigenvalue_largest_residual"] = (("k",), result.residual_norms[:k],
                                                    {"long_name": "Ritz residual norm of each largest eigenvalue"})
             data["eigenvalue_largest_error_bound"] = (("k",), result.error_bounds[:k],
-                                                      {"long_name": "bound on the error of each largest eigenvalue"})
+                                                      {"long_name": "bound on the error of each largest eigenvalue, in exact arithmetic on the products as computed (their rounding is not in it)"})
             if return_eigenvectors:
                 vectors["largest"] = result.eigenvectors[:k]
         if settings.which in ("smallest", "both"):
@@ -242,11 +242,11 @@ def hessian_analysis(
             data["eigenvalue_smallest_residual"] = (("k",), result.residual_norms[::-1][:k].copy(),
                                                     {"long_name": "Ritz residual norm of each smallest eigenvalue"})
             data["eigenvalue_smallest_error_bound"] = (("k",), result.error_bounds[::-1][:k].copy(),
-                                                       {"long_name": "bound on the error of each smallest eigenvalue"})
+                                                       {"long_name": "bound on the error of each smallest eigenvalue, in exact arithmetic on the products as computed (their rounding is not in it)"})
             if return_eigenvectors:
                 vectors["smallest"] = result.eigenvectors.flip(0)[:k]
         data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
-        data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol"})
+        data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol and no eigenvalue is known to be missed"})
         data["eigenvalue_missed"] = ((), int(result.missed), {
             "long_name": "times the check after convergence found an eigenvalue Lanczos had missed (and restarted)"})
     block_traces = None  # with --per-block, the groups' traces from the trace's products
