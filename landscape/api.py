@@ -237,7 +237,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     :func:`~landscape.analyses.surface.surface_analysis`.
     """
     from landscape.curvature.loss import LossFunction
-    from landscape.analyses.surface import DEFAULT_RANGES, SurfaceSettings, surface_analysis
+    from landscape.analyses.surface import DEFAULT_RANGES, SurfaceSettings, normalization_policies, surface_analysis
     from landscape.curvature.directions import filter_normalize, grid_axes, qkv_head_counts, random_directions
 
     x, y = evaluation_data(data, samples)
@@ -252,6 +252,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     # made as random directions, which checks every other field; the kind is recorded below
     config = _settings(SurfaceSettings, {**settings, "dims": dims, "range": range, "points": points}, samples=len(y),
                        dtype=dtype, what="surface()")
+    policies = normalization_policies(config)  # as random directions; non-random ones are not normalised
     config.directions = kind
     first = next(iter(measured.parameters()))
     center = {n: p.detach().clone(memory_format=torch.contiguous_format) for n, p in measured.named_parameters()}
@@ -271,7 +272,11 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     determining = config.determining()
     determining["targets"] = [f"in-memory {what} {i + 1}" for i, (_, what) in enumerate(given)
                               if kind in ("interpolate", "plane")]
-    return _finish(ds, "surface", config, determining, loss, note)
+    ds = _finish(ds, "surface", config, determining, loss, note)
+    if kind != "random":
+        policies["normalization_applies_to"] = "nothing: these directions are not filter-normalised"
+    ds.attrs.update(policies)
+    return ds
 
 
 def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:

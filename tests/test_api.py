@@ -69,6 +69,8 @@ def assert_same_numbers(api: xr.Dataset, cli: xr.Dataset) -> None:
         np.testing.assert_allclose(api[name].values, cli[name].values, rtol=1e-6, atol=1e-9, err_msg=name)
     assert api.attrs["settings"] == cli.attrs["settings"]
     assert api.attrs["analysis"] == cli.attrs["analysis"]
+    policies = [key for key in cli.attrs if key.startswith("normalization_")]
+    assert {key: api.attrs.get(key) for key in policies} == {key: cli.attrs[key] for key in policies}
 
 
 def test_hessian_equals_the_cli_on_the_same_checkpoint_and_data(run):
