@@ -215,3 +215,23 @@ def test_figures_draw_datasets_in_memory():
 def test_import_landscape_loads_neither_torch_nor_matplotlib():
     code = "import sys, landscape; assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_frozen_and_unused_parameters_left_out_are_named_in_the_results():
+    from torch import nn
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.head, self.unused = nn.Linear(6, 4), nn.Linear(4, 3), nn.Linear(2, 2)
+            self.body.requires_grad_(False)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    x, y = torch.randn(12, 6), torch.arange(12) % 3
+    for ds in (ls.hessian(Frozen(), (x, y), top_k=1), ls.sharpness(Frozen(), (x, y), rho=[0.01], draws=0)):
+        left_out = ds["num_parameters_left_out"]
+        assert int(left_out) == 6 * 4 + 4 + 2 * 2 + 2 and int(ds["num_parameters"]) == 4 * 3 + 3
+        assert left_out.attrs["names"] == "body.weight, body.bias, unused.weight, unused.bias"

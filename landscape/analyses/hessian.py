@@ -182,7 +182,7 @@ def hessian_analysis(
     ``return_eigenvectors``, a dict ``{"largest"|"smallest": (k, P) tensor}`` plus the parameter shapes:
     ``(dataset, eigenvectors, shapes)``.
 
-    Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters``;
+    Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters`` (and ``num_parameters_left_out``: frozen or not reaching the loss, named in its attrs);
     ``eigenvalue_largest`` / ``eigenvalue_smallest`` ``(k)`` (k = 1 is the extreme one) with
     ``..._residual`` and ``..._error_bound``, ``eigenvalue_matvecs``, ``eigenvalue_converged``, ``eigenvalue_missed``
     (:func:`~landscape.curvature.lanczos.top_eigenvalues`'s check); ``trace``,
@@ -192,7 +192,7 @@ def hessian_analysis(
     """
     import xarray as xr
 
-    from landscape.curvature.loss import LossFunction
+    from landscape.curvature.loss import LossFunction, left_out_variable
     from landscape.curvature.operators import curvature_operator
     from landscape.analyses.distributed import split_evaluation_set
 
@@ -213,6 +213,7 @@ def hessian_analysis(
         "top1": ((), top1, {"long_name": "top-1 accuracy on the evaluation set", "units": "%"}),
         "gradient_norm": ((), float(gradient.norm()), {"long_name": "Euclidean norm of the loss gradient"}),
         "num_parameters": ((), loss_fn.num_parameters, {"long_name": "parameters the Hessian is taken over"}),
+        "num_parameters_left_out": left_out_variable(loss_fn),
     }
     coords: dict[str, Any] = {}
     vectors: dict[str, Tensor] = {}

@@ -120,7 +120,7 @@ def sharpness_analysis(
     import numpy as np
     import xarray as xr
 
-    from landscape.curvature.loss import LossFunction, num_inputs, slice_inputs
+    from landscape.curvature.loss import LossFunction, left_out_variable, num_inputs, slice_inputs
     from landscape.analyses.distributed import map_sharded, split_evaluation_set
 
     settings = settings or SharpnessSettings()
@@ -196,6 +196,7 @@ def sharpness_analysis(
     data["gradient_norm"] = ((), float(torch.linalg.vector_norm(grad0)),
                              {"long_name": "Euclidean norm of the gradient"})
     data["num_parameters"] = ((), int(closure.num_parameters), {"long_name": "parameters perturbed"})
+    data["num_parameters_left_out"] = left_out_variable(closure)
     data["m_batches"] = ((), len(parts), {"long_name": "batches of the m-sharpness average"})
     data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
     coords = {"rho": ("rho", np.asarray(settings.rhos, dtype=np.float64), {"long_name": radius})}

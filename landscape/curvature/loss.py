@@ -321,6 +321,10 @@ class LossFunction:
             self.skipped = unused
         else:
             self.skipped = []
+        self.frozen = [n for n, p in canonical.items() if not p.requires_grad]
+        self.left_out = {n: canonical[n].numel() for n in self.frozen + self.skipped}
+        """Parameters left out, with their sizes: frozen ones (``requires_grad=False``) and those that do not reach
+        the loss (:attr:`skipped`)."""
         self.names = list(selected)
         self.shapes = {n: selected[n].shape for n in self.names}
         self.num_parameters = int(sum(selected[n].numel() for n in self.names))
@@ -469,6 +473,14 @@ class LossFunction:
         """Fresh copies of the selected parameters that require grad, to build a differentiable graph on."""
         return {n: t.clone().requires_grad_(True) for n, t in self._params.items()}
 
+
+
+def left_out_variable(loss: "LossFunction") -> tuple:
+    """The results variable ``num_parameters_left_out``: how many parameters the measure leaves out (frozen, or not
+    reaching the loss), their names in its ``names`` attribute."""
+    return ((), int(sum(loss.left_out.values())), {
+        "long_name": "parameters left out: frozen (requires_grad False) or not reaching the loss",
+        "names": ", ".join(loss.left_out) or "none"})
 
 
 def _parameters_by_name(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
