@@ -182,7 +182,8 @@ def hessian_analysis(
     ``return_eigenvectors``, a dict ``{"largest"|"smallest": (k, P) tensor}`` plus the parameter shapes:
     ``(dataset, eigenvectors, shapes)``.
 
-    Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters`` (and ``num_parameters_left_out``: frozen or not reaching the loss, named in its attrs);
+    Variables: ``loss``, ``top1`` (%), ``gradient_norm`` on the evaluation set, ``num_parameters`` (and
+    ``num_parameters_left_out``: frozen or not reaching the loss, named in its attrs);
     ``eigenvalue_largest`` / ``eigenvalue_smallest`` ``(k)`` (k = 1 is the extreme one) with
     ``..._residual`` and ``..._error_bound``, ``eigenvalue_matvecs``, ``eigenvalue_converged``, ``eigenvalue_missed``
     (:func:`~landscape.curvature.lanczos.top_eigenvalues`'s check); ``trace``,
