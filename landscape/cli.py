@@ -73,6 +73,10 @@ class LandscapeGroup(click.Group):
             where = f" on {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"Error: the operating system refused an operation{where} ({describe_os_error(e)}).", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so what was saved stays whole
+            click.echo("\nInterrupted: everything saved before stays as it was, and running the same command "
+                       "again continues from there.", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

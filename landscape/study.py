@@ -679,9 +679,24 @@ def _process_context():
         return multiprocessing.get_context("spawn")
     from multiprocessing import forkserver
 
+    import signal
+
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(_WORKER_MODULES))
-    forkserver.ensure_running()
+    try:  # the server ignores Ctrl-C (its imports would print a traceback); this process stops the workers itself
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be set here
+        previous = None
+    # Workers stopped on Ctrl-C or a failed run are killed (:func:`_worker_pool`), and the resource tracker, which
+    # frees what they held, would warn about it as it ends, below the one sentence the user gets.
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    sys.warnoptions.append(quiet)
+    try:
+        forkserver.ensure_running()  # starts the resource tracker first, with these warning options
+    finally:
+        sys.warnoptions.remove(quiet)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return context
 
 
@@ -731,33 +746,40 @@ def _worker(task) -> None:
 def _worker_pool(context, jobs: int):
     """``jobs`` worker processes and the queue on which their :class:`StudyEvent` come back."""
     from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing.managers import SyncManager
 
-    manager = SyncManager(ctx=context)
-    manager.start(_end_with, (os.getpid(),))
-    with manager:
-        events = manager.Queue()
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                                 initargs=(events, dict(os.environ), os.getpid())) as pool:
-            yield pool, events
+    events = context.SimpleQueue()  # a put is written before the task returns; small messages arrive whole
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
+                               initargs=(events, dict(os.environ), os.getpid()))
+    try:
+        yield pool, events
+    except BaseException:  # Ctrl-C or a failed run: stop now, not after the tasks already handed out
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:  # every write is atomic: a killed worker loses nothing saved
+            worker.kill()
+        pool.shutdown(wait=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        events.close()
 
 
 def _run_parallel(pool, events, tasks, emit: Emit) -> None:
     """Run the study tasks in the pool's processes, passing their events on as they come."""
-    import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, wait
 
     pending = {pool.submit(_worker, task) for task in tasks}
     while pending:
         finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-        _drain(events, emit, queue_module.Empty)
+        _drain(events, emit)
         for future in finished:
             error = future.exception()
             if error is not None:
                 for other in pending:
                     other.cancel()
                 raise error
-    _drain(events, emit, queue_module.Empty)
+    _drain(events, emit)
 
 
 def _draw_figure(results, out_dir: Path, formats: Sequence[str], name: str) -> list[Path]:
@@ -781,12 +803,9 @@ def _parallel_figures(pool, results, out_dir: Path, formats: Sequence[str]) -> d
     return written
 
 
-def _drain(events, emit: Emit, empty) -> None:
-    while True:
-        try:
-            emit(events.get_nowait())
-        except empty:
-            return
+def _drain(events, emit: Emit) -> None:
+    while not events.empty():  # this process is the only reader
+        emit(events.get())
 
 
 def analyze_run(run: Run, settings: AnalysisSettings, *, data_dir=None, emit: Emit | None = None,

@@ -318,3 +318,44 @@ def test_killing_a_study_ends_its_workers_so_that_running_it_again_is_not_refuse
 
     for run in (tmp_path / "out" / "runs").iterdir():  # what running the study again takes first
         RunLock(run).release()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_a_study_and_its_workers_at_once_with_one_sentence(tmp_path):
+    import os
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    study = _write(tmp_path, _TINY_YAML.replace("epochs: 2", "epochs: 30"))
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "landscape", "study", str(study), "--out", str(tmp_path / "out"), "--jobs", "2"],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's foreground job
+    os.close(slave)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out" / "runs").glob("*/checkpoints/*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = _descendants(process.pid)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    assert process.wait(timeout=30) == 130
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    text = output.decode(errors="replace")
+    assert "Traceback" not in text and "Warning" not in text, text
+    assert text.strip().splitlines()[-1].startswith("Interrupted: everything saved before stays as it was")
+    deadline = time.monotonic() + 15
+    while workers & _descendants(1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not workers & _descendants(1)
