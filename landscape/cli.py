@@ -74,8 +74,9 @@ class LandscapeGroup(click.Group):
             click.echo(f"Error: the operating system refused an operation{where} ({describe_os_error(e)}).", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so what was saved stays whole
-            click.echo("\nInterrupted: everything saved before stays as it was, and running the same command "
-                       "again continues from there.", err=True)
+            then = ("continue the run with landscape train --resume RUN" if ctx.invoked_subcommand == "train" else
+                    "running the same command again continues from there")
+            click.echo(f"\nInterrupted: everything saved before stays as it was; {then}.", err=True)
             ctx.exit(130)
 
 

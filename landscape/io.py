@@ -198,6 +198,23 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, kept: str | None = 
     atomic_write_bytes(path, text.encode(), kept=kept)
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` and write (then remove) a small file in it, so that work whose results go there can be refused
+    before it starts, not after: a read-only or permission-denied folder is one :class:`WriteError` sentence."""
+    import tempfile
+
+    folder = make_dirs(folder)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=temporary_name(folder / "write-check"), suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"Cannot write in {folder} ({describe_os_error(e)}); nothing was computed.", path=folder,
+                         error=e) from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return folder
+
+
 def make_dirs(path: str | os.PathLike) -> Path:
     """``mkdir -p path``; a failure of the machine is one :class:`WriteError` sentence."""
     path = Path(path)

@@ -124,3 +124,27 @@ def test_model_facts_are_built_once_per_architecture_and_follow_the_checkpoint(t
     assert evaluation.run_model_facts(runs[1]) == {"model_in_chans": 1, "model_img_size": 8, "model_classes": 10}
     assert evaluation.run_model_facts(runs[2])["model_classes"] == 5
     assert built == ["vit_pico_patch4_32", "vit_pico_patch4_32"]  # one per architecture
+
+
+def test_an_analysis_whose_results_cannot_be_written_is_refused_before_it_measures(tmp_path, monkeypatch):
+    import errno
+
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.analyses.driver import analyze
+    from landscape.analyses.hessian import HessianAnalysis, HessianSettings
+    from landscape.io import WriteError
+
+    run = make_tiny_run(tmp_path, "ro", "vit_pico_patch4_32", TINY_VIT, 0)
+    (run.root / "analysis").mkdir(exist_ok=True)
+    measured = []
+    monkeypatch.setattr(HessianAnalysis, "measure", lambda self, *a: measured.append(a) or None)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)  # as on a read-only mount (chmod does not stop root)
+    with pytest.raises(WriteError, match="Cannot write in .*analysis.*read-only.*nothing was computed"):
+        analyze(run, HessianAnalysis(HessianSettings(top_k=1, samples=8)), checkpoints="last")
+    assert measured == []
+    assert [p.name for p in (run.root / "analysis").iterdir()] == []

@@ -190,6 +190,7 @@ def _plan(run: Any, analysis: Analysis, checkpoints: Sequence[Any], world: Distr
     settings, or not :meth:`Analysis.complete`; all of them with ``force``.
     """
     from landscape.analyses.results import AnalysisResults
+    from landscape.io import check_writable
 
     results = None
 
@@ -199,7 +200,10 @@ def _plan(run: Any, analysis: Analysis, checkpoints: Sequence[Any], world: Distr
                                   analysis.settings.seed, force=force)
         results.attrs.update(distributed.processes_attrs(world, shard))
         results.attrs.update(analysis.attrs())
-        return [c.name for c in checkpoints if not results.is_finished(c.name) or not analysis.complete(run, c)]
+        todo = [c.name for c in checkpoints if not results.is_finished(c.name) or not analysis.complete(run, c)]
+        if todo:  # a folder that cannot take the results is refused before the first measurement, not after
+            check_writable(results.path.parent)
+        return todo
 
     names = set(distributed.on_main(plan, world))
     return results, [c for c in checkpoints if c.name in names]
