@@ -646,10 +646,13 @@ def _write_figures_with_progress(results, out: Path, *, formats, names=None) -> 
               help="File format (repeatable); default: png and pdf.")
 def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: tuple[str, ...]) -> None:
     """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF."""
-    from landscape.figures import FORMATS, write_figures
+    from landscape.figures import FORMATS
+    from landscape.io import folder_lock
     from landscape.summary import load_results
 
-    written = _write_figures_with_progress(load_results(runs), out, formats=formats or FORMATS, names=only or None)
+    results = load_results(runs)
+    with folder_lock(out, "drawing figures into"):
+        written = _write_figures_with_progress(results, out, formats=formats or FORMATS, names=only or None)
     for name, paths in written.items():
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
 
@@ -671,8 +674,10 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
     written = {}
     if not no_figures:
         from landscape.figures import write_figures
+        from landscape.io import folder_lock
 
-        written = write_figures(results, figures_dir or out.parent / "figures")
+        with folder_lock(figures_dir or out.parent / "figures", "drawing figures into") as folder:
+            written = write_figures(results, folder)
     paths, hypotheses = write_report(results, out, figures=written, html=with_html)
     for h in hypotheses:
         click.echo(f"{h.key} {h.verdict:<13} {h.title}")

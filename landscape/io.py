@@ -345,6 +345,26 @@ class RunLock:
 
 
 @contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, doing: str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` itself (made if missing; no lock file is left in it) while one process
+    writes a set of files there, ``doing`` what the message says (``"drawing figures into"``); a second process is
+    refused in one sentence instead of mixing its files with the first one's."""
+    folder = make_dirs(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LandscapeError(f"{folder} is in use by another landscape process; wait for it to finish before "
+                                 f"{doing} it, or choose another folder.") from None
+        except OSError:  # a file system without locks: go on unlocked, as before
+            pass
+        yield folder
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def exclusive_file_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Wait for and hold an exclusive lock on ``folder/.lock`` (short critical sections: appending results)."""
     folder = make_dirs(folder)

@@ -73,3 +73,23 @@ def test_runs_without_analyses_get_only_the_dynamics_figures(tmp_path):
     runs = [make_tiny_run(tmp_path, name, model, kwargs, 0).root for name, model, kwargs in STUDY_VARIANTS[:2]]
     written = write_figures(load_results(runs), tmp_path / "figures", formats=("png",))
     assert set(written) == {"accuracy_curves", "peak_to_final_drop", "drop_from_best", "generalization_gap"}
+
+
+def test_a_second_process_drawing_into_the_same_folder_is_refused_in_one_sentence(analysed_study, tmp_path):
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+    from landscape.io import folder_lock
+
+    out = tmp_path / "gallery"
+    with folder_lock(out, "drawing figures into"):  # as another `landscape figures --out` would hold it
+        result = CliRunner().invoke(cli, ["figures", *map(str, analysed_study), "--out", str(out), "--format", "png"])
+        assert result.exit_code == 1
+        assert "in use by another landscape process" in result.output and "Traceback" not in result.output
+        assert list(out.iterdir()) == []
+        report = CliRunner().invoke(cli, ["report", *map(str, analysed_study), "--out", str(tmp_path / "r.md"),
+                                          "--figures", str(out)])
+        assert report.exit_code == 1 and not (tmp_path / "r.md").exists()
+    result = CliRunner().invoke(cli, ["figures", *map(str, analysed_study), "--out", str(out), "--format", "png"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.suffix for p in out.iterdir()) == [".png"] * len(list(out.iterdir()))
