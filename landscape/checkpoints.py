@@ -171,6 +171,15 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         values = {k: json.loads(meta[k]) for k in _META_KEYS if k in meta}
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has corrupt metadata in its header.") from None
+    kinds = {"model": str, "model_kwargs": dict, "metrics": dict, "aliases": dict, "extra": dict}
+    wrong = [k for k, kind in kinds.items() if values.get(k) is not None and not isinstance(values[k], kind)]
+    epoch, step = values.get("epoch"), values.get("step")
+    if wrong or not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                        for v in (epoch, step)):
+        what = wrong[0] if wrong else ("epoch" if epoch is not None and not (isinstance(epoch, int) and epoch >= 0)
+                                       else "step")
+        raise CheckpointError(f"{path} has corrupt metadata in its header ({what} is not what a checkpoint "
+                              "records).")
     num_params = sum(_numel(shapes[k]) for k in keys if not k.startswith(EMA_PREFIX))
     return CheckpointInfo(
         path=path,

@@ -76,8 +76,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"Config file {path} is not valid YAML ({e.__class__.__name__}).") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {path} is a folder, not a file.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -117,7 +117,11 @@ class Run:
     def load_config(self) -> dict[str, Any]:
         if not self.config_path.exists():
             return {}
-        return load_yaml(self.config_path)
+        config = load_yaml(self.config_path)
+        if not config:  # an emptied file: read as defaults, it would describe another run than the one trained
+            raise LandscapeError(f"{self.config_path} is empty; the run's settings are lost (copy them from another "
+                                 "run's config.yaml or train it again).")
+        return config
 
     def save_config(self, config: Any) -> None:
         save_yaml(config, self.config_path)

@@ -106,8 +106,17 @@ def gather_results(run: Run) -> list[Result]:
         ds = read_results(path)
         kind = classify(ds) if ds is not None else None
         if kind is not None:
+            missing = [name for name in _REQUIRED.get(kind, ()) if name not in ds.variables]
+            if missing:
+                raise LandscapeError(f"{path} says it holds {kind} results but has no {missing[0]!r}; delete it or "
+                                     "recompute it with --force.")
             out.append(Result(path=path, kind=kind, settings=read_settings(ds), dataset=ds))
     return out
+
+
+_REQUIRED = {"sharpness": ("rho",), "surface": ("loss",),
+             "dynamics": ("peak_to_final_drop",)}
+"""Variables without which a results file of each kind cannot be read (the readers index by them)."""
 
 
 def final_entry(ds, step: int) -> tuple[Any, int | None]:

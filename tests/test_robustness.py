@@ -293,3 +293,75 @@ def test_an_analysis_of_a_checkpoint_whose_header_asks_for_downloads_never_calls
     message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
     assert "not architecture arguments" in message
     assert not any("pretrained" in k or "pretrained_cfg_overlay" in k for k in calls)
+
+
+# -- hostile values and files: one sentence each ----------------------------------------------------------------
+def test_repeated_radii_nan_tolerance_and_weight_loading_model_arguments_are_refused():
+    from landscape.analyses.hessian import HessianSettings
+    from landscape.analyses.sharpness import SharpnessSettings
+    from landscape.errors import ConfigError
+    from landscape.models import create_model
+
+    with pytest.raises(ConfigError, match="distinct radii"):
+        SharpnessSettings(rhos=(0.05, 0.05))
+    with pytest.raises(ConfigError, match="--tol"):
+        HessianSettings(tol=float("nan")).validate()
+    for argument in ("checkpoint_path", "pretrained", "pretrained_cfg_overlay"):
+        with pytest.raises(ConfigError, match=f"{argument} would load weights"):
+            create_model("vit_pico_patch4_32", **{argument: "/etc/passwd"})
+    with pytest.raises(ConfigError, match="cannot be built"):
+        create_model("vit_pico_patch4_32", depth=-3)
+
+
+def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one_sentence(tmp_path):
+    import json
+
+    from conftest import TINY_VIT, make_tiny_run
+    from landscape.analyses.dynamics import run_dynamics
+    from landscape.checkpoints import read_checkpoint_info
+    from landscape.config import load_yaml
+    from landscape.curvature.lanczos import top_eigenvalues
+    from landscape.errors import CheckpointError, ConfigError, LandscapeError
+    from landscape.summary import gather_results
+
+    A = np.diag([3.0, 2.0, 1.0, np.nan])
+    with pytest.raises(LandscapeError, match="not finite"):
+        top_eigenvalues(A, 1)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(binary)
+
+    run = make_tiny_run(tmp_path, "r", "vit_pico_patch4_32", TINY_VIT, 0)
+    run.config_path.write_text("")
+    with pytest.raises(LandscapeError, match="is empty"):
+        run.load_config()
+
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = run.checkpoints()[-1].path
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta["metrics"] = json.dumps("not a mapping")
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="corrupt metadata"):
+        read_checkpoint_info(path)
+
+    metrics = run.root / "metrics.csv"
+    text = metrics.read_text().splitlines()
+    column = text[0].split(",").index("val_top1")
+    row = text[1].split(",")
+    row[column] = "abc"
+    metrics.write_text("\n".join([text[0], ",".join(row), *text[2:]]) + "\n")
+    with pytest.raises(LandscapeError, match="not numbers"):
+        run_dynamics(run)
+
+    import xarray as xr
+
+    run.analysis_dir.mkdir(exist_ok=True)
+    fake = xr.Dataset({"trace": (("checkpoint",), [1.0])}, coords={"checkpoint": ["epoch-0001"]})
+    fake.attrs["analysis"] = "sharpness"
+    fake.to_netcdf(run.analysis_dir / "hessian.nc", engine="h5netcdf")
+    with pytest.raises(LandscapeError, match="says it holds sharpness results but has no 'rho'"):
+        gather_results(run)

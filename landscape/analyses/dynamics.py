@@ -76,7 +76,11 @@ def run_dynamics(run: Run) -> xr.Dataset:
     weights = [w for w, col in WEIGHTS.items() if col in table and table[col].notna().any()]
     if not weights:
         raise LandscapeError(f"metrics.csv of {run.root} has no val_top1 column.")
-    curves = np.stack([table[WEIGHTS[w]].to_numpy(dtype=float) for w in weights])
+    try:
+        curves = np.stack([table[WEIGHTS[w]].to_numpy(dtype=float) for w in weights])
+    except (TypeError, ValueError):
+        raise LandscapeError(f"metrics.csv of {run.root} holds top-1 values that are not numbers; restore it from "
+                             "the checkpoints' headers or train the run again.") from None
     scalars = [peak_to_final(c, epochs) for c in curves]
     data = {
         "top1": (("weights", "epoch"), curves, {"units": "%", "long_name": "validation top-1"}),

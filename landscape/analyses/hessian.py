@@ -100,6 +100,8 @@ class HessianSettings(EvaluationSettings):
             raise ConfigError("Nothing to compute: ask for eigenvalues (--top-k 1 or more), --trace or --density.")
         if self.which not in WHICH:
             raise ConfigError(f"Unknown eigenvalue selection {self.which!r}; accepted are {', '.join(WHICH)}.")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol <= 1):  # NaN fails every comparison
+            raise ConfigError(f"--tol must be a relative accuracy in (0, 1], not {self.tol}.")
         self.check_evaluation()
         from landscape.curvature.operators import PRODUCTS
 
@@ -248,7 +250,8 @@ def hessian_analysis(
             if return_eigenvectors:
                 vectors["smallest"] = result.eigenvectors.flip(0)[:k]
         data["eigenvalue_matvecs"] = ((), result.matvecs, {"long_name": "Hessian-vector products for eigenvalues"})
-        data["eigenvalue_converged"] = ((), int(result.converged), {"long_name": "1 if every error bound met tol and no eigenvalue is known to be missed"})
+        data["eigenvalue_converged"] = ((), int(result.converged), {
+            "long_name": "1 if every error bound met tol and no eigenvalue is known to be missed"})
         data["eigenvalue_missed"] = ((), int(result.missed), {
             "long_name": "times the check after convergence found an eigenvalue Lanczos had missed (and restarted)"})
     block_traces = None  # with --per-block, the groups' traces from the trace's products

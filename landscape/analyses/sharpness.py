@@ -59,6 +59,8 @@ class SharpnessSettings(EvaluationSettings):
         self.rhos = tuple(float(r) for r in self.rhos)
         if not self.rhos or any(not math.isfinite(r) or r <= 0 for r in self.rhos):
             raise ConfigError(f"--rho must be positive numbers, not {', '.join(map(str, self.rhos)) or 'nothing'}.")
+        if len(set(self.rhos)) != len(self.rhos):
+            raise ConfigError(f"--rho must be distinct radii; {', '.join(map(str, self.rhos))} repeats one.")
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, not {self.steps}.")
         if self.restarts < 0:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from landscape.curvature.operators import TorchOperator, as_torch_operator
-from landscape.errors import ConfigError
+from landscape.errors import ConfigError, LandscapeError
 
 Tensor = torch.Tensor
 WHICH = ("largest", "smallest", "both")
@@ -237,6 +237,9 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
         block = V[applied:size]
         W = A.matmat(block.T.to(A.device, A.dtype)).T.to(bdevice, bdtype)  # (b', n)
         matvecs += size - applied
+        if not bool(torch.isfinite(W).all()):
+            raise LandscapeError("A product with the operator is not finite (NaN or infinity): the weights or the "
+                                 "loss at this point are not finite, so it has no eigenvalues to find.")
         coefficients = _orthogonalize_rows(W, V[:size]).double().cpu()  # (size, b')
         T[:size, applied:size] = coefficients
         T[applied:size, :size] = coefficients.T

@@ -89,6 +89,10 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     given = dict(kwargs)
+    loading = sorted(set(kwargs) & WEIGHT_LOADING_ARGUMENTS)
+    if loading:  # weights come from checkpoints read safely (landscape import, --init), never from a path here
+        raise ConfigError(f"Model argument {loading[0]} would load weights from a file or the network; give a "
+                          "checkpoint to landscape import or --init instead.")
     if "norm_eps" in kwargs:
         from functools import partial
 
@@ -110,6 +114,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         # Models check their arguments with asserts and conversions (num_heads dividing the width, a number
         # for init_scale): to the user these are configuration errors, not crashes.
         raise _build_error(name, given, e) from e
+    except (RuntimeError, MemoryError, OverflowError) as e:  # a negative or enormous size reaching torch
+        raise _build_error(name, given, e) from None
+
+
+WEIGHT_LOADING_ARGUMENTS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                                      "pretrained_strict", "cache_dir"})
+"""timm arguments that make a model load weights from a path or the network: refused by :func:`create_model`."""
 
 
 def _build_error(name: str, kwargs: dict[str, Any], error: Exception) -> ConfigError:
