@@ -311,6 +311,13 @@ def test_repeated_radii_nan_tolerance_and_weight_loading_model_arguments_are_ref
             create_model("vit_pico_patch4_32", **{argument: "/etc/passwd"})
     with pytest.raises(ConfigError, match="cannot be built"):
         create_model("vit_pico_patch4_32", depth=-3)
+    from landscape.config import TrainConfig
+    from landscape.trainers.recipes import validate
+
+    config = TrainConfig()
+    config.optim.lr = float("inf")
+    with pytest.raises(ConfigError, match="optim.lr must be a positive finite number"):
+        validate(config)
 
 
 def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one_sentence(tmp_path):

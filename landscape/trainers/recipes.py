@@ -102,7 +102,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.epochs >= 1, "epochs must be at least 1"),
         (config.batch_size >= 1, "batch_size must be at least 1"),
         (config.optim.accum_steps >= 1, "optim.accum_steps must be at least 1"),
-        (config.optim.lr > 0, "optim.lr must be positive"),
+        (0 < config.optim.lr < float("inf"), "optim.lr must be a positive finite number"),
         (config.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto, bf16, fp16 or off, not {config.amp!r}"),
         (config.augment.crop in ("none", "pad", "rrc"), f"augment.crop must be none, pad or rrc, not {config.augment.crop!r}"),
         (config.augment.repeated_aug >= 1, "augment.repeated_aug must be at least 1 (1 = off)"),
