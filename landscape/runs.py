@@ -103,6 +103,9 @@ class Run:
     def open(cls, root: str | os.PathLike) -> "Run":
         """Open an existing run directory, or refuse with a sentence saying what a run directory is."""
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"{root} is a file, not a run directory; give the folder that holds config.yaml "
+                                  "and checkpoints/.")
         if not root.is_dir():
             raise CheckpointError(f"Run directory {root} does not exist.")
         run = cls(root)
