@@ -53,6 +53,17 @@ def assert_same_logits(source: torch.nn.Module, out: Path, x: torch.Tensor, weig
 
 
 # -- timm -----------------------------------------------------------------------------------------------------
+def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_path):
+    from landscape.errors import CheckpointError
+
+    state = tiny_timm().state_dict()
+    state["pos_embed"][0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in its weights \(pos_embed\)"):
+        import_checkpoint(tmp_path / "nan.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_state_dict_imports_with_equal_logits(tmp_path, x, suffix):
     source = tiny_timm()

@@ -238,6 +238,11 @@ def import_checkpoint(
     if foreign.ema_state_dict is not None:
         ema_state = load_into_model(spec, foreign.ema_state_dict, source=f"{label} (EMA weights)").state_dict()
     state = raw_model.state_dict()
+    for weights, what in ((state, "weights"), (ema_state or {}, "EMA weights")):
+        bad = next((k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise CheckpointError(f"{label} holds NaN or infinite values in its {what} ({bad}); there is no loss "
+                               "landscape to measure around them.")
     num_params = sum(p.numel() for p in raw_model.parameters())
 
     data_config, data_notes = import_data_config(spec, data, img_size, classes, data_dir)
