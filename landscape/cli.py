@@ -62,6 +62,11 @@ class LandscapeGroup(click.Group):
     """A click group that turns user errors into one sentence and a non-zero exit, with no traceback."""
 
     def invoke(self, ctx: click.Context):
+        import warnings
+
+        # torch registers its forward-mode rules through torch.jit.script on first use and warns that it is
+        # deprecated: nothing a user of these commands can act on
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
         try:
             return super().invoke(ctx)
         except LandscapeError as e:

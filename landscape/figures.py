@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -449,7 +450,9 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
         rhos = sorted({float(v) for r in runs for v in getattr(r, attr)["rho"].values})
         for i in range(len(measures)):
             axes[i, j].set_xscale("log")
-            axes[i, j].set_yscale("log")
+            with warnings.catch_warnings():  # a panel without positive values (a smoke run) stays empty, quietly
+                warnings.filterwarnings("ignore", message=".*cannot be log-scaled.*")
+                axes[i, j].set_yscale("log")
         if rhos:
             axes[-1, j].set_xticks(rhos, [f"{v:g}" for v in rhos])
             axes[-1, j].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

@@ -318,6 +318,10 @@ def test_repeated_radii_nan_tolerance_and_weight_loading_model_arguments_are_ref
     config.optim.lr = float("inf")
     with pytest.raises(ConfigError, match="optim.lr must be a positive finite number"):
         validate(config)
+    config = TrainConfig()
+    config.data.img_size = 0
+    with pytest.raises(ConfigError, match="data.img_size must be at least 1"):
+        validate(config)
 
 
 def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one_sentence(tmp_path):

@@ -101,6 +101,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.task in ("classify", "mae"), f"task must be classify or mae, not {config.task!r}"),
         (config.epochs >= 1, "epochs must be at least 1"),
         (config.batch_size >= 1, "batch_size must be at least 1"),
+        (config.data.img_size is None or config.data.img_size >= 1, "data.img_size must be at least 1 (or unset)"),
         (config.optim.accum_steps >= 1, "optim.accum_steps must be at least 1"),
         (0 < config.optim.lr < float("inf"), "optim.lr must be a positive finite number"),
         (config.amp in ("auto", "bf16", "fp16", "off"), f"amp must be auto, bf16, fp16 or off, not {config.amp!r}"),
