@@ -399,7 +399,10 @@ def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, 
 # -- analyze sharpness / surface --
 def _float_list(ctx, param, value: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+        parts = value.replace(" ", "").split(",")
+        if len(parts) > 1 and "" in parts:  # "0.1,,0.2": a value left out by mistake
+            raise ValueError
+        values = tuple(float(v) for v in parts if v)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.01,0.05,0.1.") from None
     if not values:

@@ -252,6 +252,8 @@ def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[Checkpoin
             return chosen
         if kind in ("epochs", "steps"):
             wanted = [int(x) for x in re.split(r"[,\s]+", arg) if x]
+            if not wanted:  # "epochs:" names no checkpoint
+                raise ValueError
             attr = "epoch" if kind == "epochs" else "step"
             have = {getattr(i, attr): i for i in infos}
             missing = [w for w in wanted if w not in have]

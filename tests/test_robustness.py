@@ -318,6 +318,16 @@ def test_repeated_radii_nan_tolerance_and_weight_loading_model_arguments_are_ref
     config.optim.lr = float("inf")
     with pytest.raises(ConfigError, match="optim.lr must be a positive finite number"):
         validate(config)
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+    from landscape.errors import CheckpointError
+    from landscape.runs import select_checkpoints
+
+    with pytest.raises(CheckpointError, match="Unknown checkpoint selection 'epochs:'"):
+        select_checkpoints([object()], "epochs:")
+    result = CliRunner().invoke(cli, ["analyze", "sharpness", "no-such-run", "--rho", "0.1,,0.2"])
+    assert result.exit_code == 2 and "comma-separated list of numbers" in result.output
     config = TrainConfig()
     config.data.img_size = 0
     with pytest.raises(ConfigError, match="data.img_size must be at least 1"):
