@@ -280,6 +280,23 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
         values_ = getattr(settings, key)
         if not values_ or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in values_):
             raise ConfigError(f"{source}: analysis setting {key!r} must be a list of positive radii.")
+        if len(set(values_)) != len(values_):
+            raise ConfigError(f"{source}: analysis setting {key!r} must hold distinct radii, not {list(values_)}.")
+    for key in ("surface_points", "surface_points_2d"):
+        if getattr(settings, key) < 2:
+            raise ConfigError(f"{source}: analysis setting {key!r} must be at least 2 points, not "
+                              f"{getattr(settings, key)}.")
+    if not (isinstance(settings.tol, (int, float)) and 0 < settings.tol <= 1):
+        raise ConfigError(f"{source}: analysis setting 'tol' must be a relative accuracy in (0, 1], not "
+                          f"{settings.tol!r}.")
+    import re
+
+    from landscape.runs import CHECKPOINT_SPEC_HELP
+
+    # the selection's form (which checkpoints exist is known once the runs are trained)
+    if not re.fullmatch(r"all|last|every:0*[1-9]\d*|(epochs|steps):\d+([,\s]+\d+)*", str(settings.checkpoints).strip()):
+        raise ConfigError(f"{source}: analysis setting 'checkpoints' is {settings.checkpoints!r}; accepted are "
+                          f"{CHECKPOINT_SPEC_HELP}.")
     return settings
 
 
