@@ -233,40 +233,45 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[CheckpointInfo]:
-    """Filter sorted checkpoints by a spec string (all, last, every:N, epochs:..., steps:...)."""
+def parse_checkpoint_spec(spec: str) -> tuple[str, list[int]]:
+    """``(kind, numbers)`` of a checkpoint selection (:data:`CHECKPOINT_SPEC_HELP`): ``("all", [])``,
+    ``("last", [])``, ``("every", [N])``, ``("epochs"|"steps", [...])``; a malformed one is a
+    :class:`CheckpointError` sentence. Which checkpoints exist is not looked at."""
     spec = (spec or "all").strip()
-    if spec == "all":
-        return list(infos)
-    if spec == "last":
-        return infos[-1:]
+    if spec in ("all", "last"):
+        return spec, []
     kind, _, arg = spec.partition(":")
     try:
-        if kind == "every":
-            n = int(arg)
-            if n < 1:
-                raise ValueError
-            chosen = infos[::n]
-            if infos[-1] not in chosen:
-                chosen.append(infos[-1])
-            return chosen
-        if kind in ("epochs", "steps"):
-            wanted = [int(x) for x in re.split(r"[,\s]+", arg) if x]
-            if not wanted:  # "epochs:" names no checkpoint
-                raise ValueError
-            attr = "epoch" if kind == "epochs" else "step"
-            have = {getattr(i, attr): i for i in infos}
-            missing = [w for w in wanted if w not in have]
-            if missing:
-                avail = sorted(k for k in have if k is not None)
-                raise CheckpointError(
-                    f"No checkpoint at {kind[:-1]} {', '.join(map(str, missing))}; available: "
-                    f"{', '.join(map(str, avail[:30]))}{' ...' if len(avail) > 30 else ''}."
-                )
-            return [have[w] for w in sorted(set(wanted))]
+        numbers = [int(x) for x in re.split(r"[,\s]+", arg) if x]
     except ValueError:
-        pass
+        numbers = []
+    if (kind == "every" and len(numbers) == 1 and numbers[0] >= 1) or (kind in ("epochs", "steps") and numbers):
+        return kind, numbers
     raise CheckpointError(f"Unknown checkpoint selection {spec!r}; accepted are {CHECKPOINT_SPEC_HELP}.")
+
+
+def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[CheckpointInfo]:
+    """Filter sorted checkpoints by a spec string (all, last, every:N, epochs:..., steps:...)."""
+    kind, numbers = parse_checkpoint_spec(spec)
+    if kind == "all":
+        return list(infos)
+    if kind == "last":
+        return infos[-1:]
+    if kind == "every":
+        chosen = infos[::numbers[0]]
+        if infos and infos[-1] not in chosen:
+            chosen.append(infos[-1])
+        return chosen
+    attr = "epoch" if kind == "epochs" else "step"
+    have = {getattr(i, attr): i for i in infos}
+    missing = [w for w in numbers if w not in have]
+    if missing:
+        avail = sorted(k for k in have if k is not None)
+        raise CheckpointError(
+            f"No checkpoint at {kind[:-1]} {', '.join(map(str, missing))}; available: "
+            f"{', '.join(map(str, avail[:30]))}{' ...' if len(avail) > 30 else ''}."
+        )
+    return [have[w] for w in sorted(set(numbers))]
 
 
 def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -289,14 +289,12 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
     if not (isinstance(settings.tol, (int, float)) and 0 < settings.tol <= 1):
         raise ConfigError(f"{source}: analysis setting 'tol' must be a relative accuracy in (0, 1], not "
                           f"{settings.tol!r}.")
-    import re
+    from landscape.runs import parse_checkpoint_spec
 
-    from landscape.runs import CHECKPOINT_SPEC_HELP
-
-    # the selection's form (which checkpoints exist is known once the runs are trained)
-    if not re.fullmatch(r"all|last|every:0*[1-9]\d*|(epochs|steps):\d+([,\s]+\d+)*", str(settings.checkpoints).strip()):
-        raise ConfigError(f"{source}: analysis setting 'checkpoints' is {settings.checkpoints!r}; accepted are "
-                          f"{CHECKPOINT_SPEC_HELP}.")
+    try:  # the selection's form (which checkpoints exist is known once the runs are trained)
+        parse_checkpoint_spec(str(settings.checkpoints))
+    except LandscapeError as e:
+        raise ConfigError(f"{source}: analysis setting 'checkpoints': {e}") from None
     return settings
 
 

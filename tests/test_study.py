@@ -162,7 +162,7 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("rhos: [0.05]", "rhos: [0.05, 0.05]"), "distinct radii"),
     (("analysis: {samples: 16,", "analysis: {samples: 16, surface_points: 1,"), "at least 2 points"),
     (("analysis: {samples: 16,", "analysis: {samples: 16, tol: .nan,"), "relative accuracy"),
-    (("analysis: {samples: 16,", "analysis: {samples: 16, checkpoints: 'every:0',"), "'checkpoints' is 'every:0'"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, checkpoints: 'every:0',"), "'checkpoints': Unknown checkpoint selection 'every:0'"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study
