@@ -46,6 +46,7 @@ class CheckpointInfo:
     config_hash: str | None = None
     has_ema: bool = False
     num_params: int = 0
+    num_tensors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -191,6 +192,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         config_hash=values.get("config_hash"),
         has_ema=any(k.startswith(EMA_PREFIX) for k in [*keys, *(values.get("aliases") or {})]),
         num_params=num_params,
+        num_tensors=sum(not k.startswith(EMA_PREFIX) for k in [*keys, *(values.get("aliases") or {})]),
         extra=values.get("extra") or {},
     )
 
@@ -285,10 +287,32 @@ def build_model(info: CheckpointInfo, state_dict: dict[str, torch.Tensor] | None
     :func:`architecture_kwargs`) and load ``state_dict`` strictly."""
     from landscape.models import create_model
 
-    model = create_model(info.model, **architecture_kwargs(info.model_kwargs, source=f"The header of {info.path}"))
+    model = create_model(info.model, **header_kwargs(info))
     if state_dict is not None:
         load_state_dict_strict(model, state_dict, source=str(info.path))
     return model
+
+
+# Size arguments that count layers: a model has at least one tensor per layer.
+_LAYER_COUNTS = ("depth", "decoder_depth")
+
+
+def header_kwargs(info: CheckpointInfo) -> dict[str, Any]:
+    """The checkpoint's model arguments, checked by :func:`architecture_kwargs` and against the file's own tensors:
+    sizes a damaged or foreign header asks for are refused before timm spends minutes or terabytes building them
+    (no size argument exceeds the number of weights, no layer count the number of tensors)."""
+    kwargs = architecture_kwargs(info.model_kwargs, source=f"The header of {info.path}")
+    numbers, tensors = max(info.num_params, 4096), max(info.num_tensors, 1)
+    for key, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        sizes = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        limit, what = (tensors, "tensors") if key in _LAYER_COUNTS else (numbers, "numbers")
+        if any(v > limit for v in sizes):
+            held = info.num_tensors if key in _LAYER_COUNTS else info.num_params
+            raise CheckpointError(
+                f"The header of {info.path} asks for {key}={value!r}, more than the {held:,} {what} the file holds; "
+                "the header is damaged or belongs to other weights.")
+    return kwargs
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:

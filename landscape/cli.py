@@ -237,6 +237,9 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
         config = build_config(recipe, model=model, model_kwargs=_key_values(model_args), data=data,
                               options=options, overrides={**extra, **_key_values(overrides)})
         if dry_run:
+            from landscape.trainers import check_config
+
+            check_config(config)
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             return
@@ -659,10 +662,17 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
     from landscape.summary import load_results
 
     results = load_results(runs)
+    _warn_problems(results)
     with folder_lock(out, "drawing figures into"):
         written = _write_figures_with_progress(results, out, formats=formats or FORMATS, names=only or None)
     for name, paths in written.items():
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
+
+
+def _warn_problems(results) -> None:
+    """Say on stderr what of each run could not be read and is left out (the report lists it too)."""
+    for problem in (p for r in results for p in r.problems):
+        click.echo(f"Warning: {problem}", err=True)
 
 
 @cli.command()
@@ -679,6 +689,7 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
     from landscape.summary import load_results
 
     results = load_results(runs)
+    _warn_problems(results)
     written = {}
     if not no_figures:
         from landscape.figures import write_figures

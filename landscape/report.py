@@ -670,8 +670,11 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
                   "minus its final one, in percentage points; the generalisation gap is validation minus training "
                   "loss at the last epoch."),
         _variants_table(data),
-        heading("Flatness measures"),
     ]
+    problems = [problem for r in results for problem in r.problems]
+    if problems:
+        blocks += [paragraph("Left out because a file could not be read:"), bullets(problems)]
+    blocks.append(heading("Flatness measures"))
     if measures:
         blocks += [_measures_block(measures), paragraph(_flag_legend()),
                    paragraph("Per variant at the final checkpoint: mean ± standard error (as defined in the decision "

@@ -145,6 +145,16 @@ class Run:
         infos = [read_checkpoint_info(p) for p in self.checkpoints_dir.glob("*.safetensors")]
         return sorted(infos, key=lambda i: (i.step, i.epoch if i.epoch is not None else -1, i.path.name))
 
+    def check_checkpoint_model(self, info: CheckpointInfo) -> None:
+        """Refuse a checkpoint whose header names another model than the run's config.yaml (a file copied in from
+        another run, or a damaged header): its weights would be measured as this run's."""
+        model = (self.load_config().get("model") or {}) if self.config_path.exists() else {}
+        names = {model.get(k) for k in ("name", "builder") if isinstance(model, dict) and model.get(k)}
+        if names and info.model not in names:
+            raise CheckpointError(
+                f"{info.path} holds a {info.model} but {self.config_path} trains a {sorted(names)[0]}; the checkpoint "
+                "belongs to another run or its header is damaged (move it out of checkpoints/).")
+
     def select_checkpoints(self, spec: str = "all") -> list[CheckpointInfo]:
         """Choose checkpoints by ``spec``: see :data:`CHECKPOINT_SPEC_HELP`."""
         infos = self.checkpoints()

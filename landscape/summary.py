@@ -155,7 +155,7 @@ class RunResults:
     sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
     (``surface-random-1d``, ...), ``dynamics`` the training dynamics. Where several results qualify, the one that
     holds the final checkpoint and the most checkpoints wins. ``final_step`` is the step of the run's last
-    checkpoint.
+    checkpoint. ``problems`` says, one sentence each, what of the run could not be read and is left out.
     """
 
     path: Path
@@ -168,6 +168,7 @@ class RunResults:
     dynamics: Any = None
     final_step: int | None = None
     weights: str = "raw"
+    problems: list[str] = dataclasses.field(default_factory=list)
 
     def find(self, kind: str, test: Callable[[dict[str, Any]], bool] = lambda s: True, *,
              prefer: Callable[[dict[str, Any]], bool] = lambda s: False) -> Result | None:
@@ -228,11 +229,12 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
         config = {**config, "model": {"name": infos[-1].model, "kwargs": infos[-1].model_kwargs}}
     results = gather_results(run)
     dynamics = next((r.dataset for r in results if r.kind == "dynamics"), None)
+    problems = []
     if dynamics is None and run.metrics_path.exists():
         try:
             dynamics = run_dynamics(run)
-        except LandscapeError:
-            dynamics = None
+        except LandscapeError as e:  # the run's other results still count; the gap is said, not hidden
+            problems.append(f"{str(e).rstrip('.')}. The run's accuracy curve and peak-to-final drop are left out.")
     variant = describe_variant(config, run.name)
     if infos:
         num_params, final_step = infos[-1].num_params, infos[-1].step
@@ -240,7 +242,7 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
         num_params, final_step = _whole_model_parameters(results), _last_step(run)
     return RunResults(path=path, run=run, variant=variant, label=variant.label,
                       seed=int(config.get("seed", 0) or 0), num_params=num_params, results=results,
-                      dynamics=dynamics, final_step=final_step, weights=weights)
+                      dynamics=dynamics, final_step=final_step, weights=weights, problems=problems)
 
 
 def _whole_model_parameters(results: list[Result]) -> int | None:

@@ -64,6 +64,15 @@ def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+
+def test_a_classifier_bias_without_its_matrix_is_named_as_incomplete(tmp_path):
+    state = tiny_timm().state_dict()
+    del state["head.weight"]  # read alone, the architecture would have no head and head.bias would be "unexpected"
+    torch.save(state, tmp_path / "nohead.pth")
+    with pytest.raises(CheckpointError, match=r"head.bias\) but no classifier matrix \(head.weight\)"):
+        import_checkpoint(tmp_path / "nohead.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_state_dict_imports_with_equal_logits(tmp_path, x, suffix):
     source = tiny_timm()

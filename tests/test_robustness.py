@@ -386,3 +386,52 @@ def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one
     fake.to_netcdf(run.analysis_dir / "hessian.nc", engine="h5netcdf")
     with pytest.raises(LandscapeError, match="says it holds sharpness results but has no 'rho'"):
         gather_results(run)
+
+
+def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def forge(run, **changes):
+        path = run.checkpoints()[-1].path
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata())
+        meta.update({k: json.dumps(v) for k, v in changes.items()})
+        save_file(load_file(str(path)), str(path), metadata=meta)
+
+    # a layer count or a size the file's tensors cannot hold is refused before timm builds it (depth 10**6 took
+    # minutes); the refusal names the setting and what the file holds
+    for changes, words in [({"model_kwargs": {**KWARGS, "depth": 10**6}}, "depth=1000000, more than the"),
+                           ({"model_kwargs": {**KWARGS, "embed_dim": 2**20}}, "embed_dim=1048576, more than the")]:
+        run = make_run(tmp_path / f"sizes{len(words)}", epochs=(1,))
+        forge(run, **changes)
+        started = time.perf_counter()
+        message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
+        assert words in message and "header is damaged" in message, message
+        assert time.perf_counter() - started < 30
+    # a checkpoint of another model than config.yaml trains is not measured as this run's
+    run = make_run(tmp_path / "other", epochs=(1,))
+    forge(run, model="mlit_xxs")
+    message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
+    assert "holds a mlit_xxs but" in message and "trains a vit_tiny_patch16_224" in message, message
+
+    # --dry-run checks the names and the model's arguments (built on the meta device), not only the YAML
+    for args, words in [(["--model", "nosuch"], "Unknown model 'nosuch'"), (["--data", "nosuch"], "Unknown dataset"),
+                        (["--model-arg", "num_heads=7"], "divisible by num_heads")]:
+        message = one_sentence(CliRunner().invoke(cli, ["train", *args, "--dry-run"]))
+        assert words in message, message
+    result = CliRunner().invoke(cli, ["train", "--dry-run"])
+    assert result.exit_code == 0 and "model:" in result.output
+    message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "missing")]))
+    assert "does not exist" in message, message
+
+    # a run whose metrics.csv is damaged (and has no dynamics.nc) is reported with the gap said, not silent dashes
+    run = make_run(tmp_path / "damaged", epochs=(1,))
+    run.metrics_path.write_bytes(bytes(range(256)) * 4)
+    result = CliRunner().invoke(cli, ["report", str(run.root), "--out", str(tmp_path / "r.md"), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: " in result.output and "metrics.csv is damaged" in result.output
+    text = (tmp_path / "r.md").read_text()
+    assert "Left out because a file could not be read" in text and "metrics.csv is damaged" in text

@@ -64,6 +64,7 @@ class Job:
         """Checkpoint ``info``'s model with the settings' weights (raw or EMA), on the device in the dtype."""
         from landscape.checkpoints import build_model, load_checkpoint
 
+        self.run.check_checkpoint_model(info)
         _, state = load_checkpoint(info.path, weights=self.settings.weights)
         return build_model(info, state).to(device=self.device, dtype=self.dtype)
 

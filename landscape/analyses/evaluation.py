@@ -102,14 +102,14 @@ def _resolve_analysis_data(run: Any, dataset: str | None, img_size: int | None,
 def run_model_facts(run: Any) -> dict[str, int | None]:
     """The input channels, image size and classes of the model of ``run``'s last checkpoint (``None`` where the
     model does not say: a model taking any image size, or a run without checkpoints), built on the meta device."""
-    from landscape.checkpoints import architecture_kwargs
+    from landscape.checkpoints import header_kwargs
 
     facts: dict[str, int | None] = {"model_in_chans": None, "model_img_size": None, "model_classes": None}
     infos = run.checkpoints()
     if not infos:
         return facts
     try:
-        kwargs = architecture_kwargs(infos[-1].model_kwargs, source=f"The header of {infos[-1].path}")
+        kwargs = header_kwargs(infos[-1])
         key = (infos[-1].model, json.dumps(kwargs, sort_keys=True, default=repr))
     except Exception:  # noqa: BLE001  (loading the checkpoint reports an unbuildable model in one sentence)
         return facts

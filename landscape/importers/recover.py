@@ -111,6 +111,9 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
     else:
         facts["img_size"] = {"value": img_size, "how": "read", "from": "the position embedding's length"}
     head = state.get("head.weight")
+    if head is None and "head.bias" in state:  # a classifier cut in half: say so, not "head.bias is unexpected"
+        raise CheckpointError("The weights have a classifier bias (head.bias) but no classifier matrix "
+                              "(head.weight); the file is incomplete.")
     fc_norm = "fc_norm.weight" in state
     num_heads, rule = _num_heads(embed_dim, hints)
     if rule:

@@ -4,11 +4,11 @@
 :func:`train`; see :mod:`landscape.trainers.loop` for the loop itself.
 """
 
-from landscape.trainers.loop import TrainResult, evaluate, load_init_weights, train
+from landscape.trainers.loop import TrainResult, check_config, evaluate, load_init_weights, train
 from landscape.trainers.recipes import build_config, load_recipe, recipe_names, resolve_key
 from landscape.trainers.schedule import checkpoint_steps, checkpoints_to_delete, log_spaced_steps
 
 __all__ = [
-    "TrainResult", "build_config", "checkpoint_steps", "checkpoints_to_delete", "evaluate", "load_init_weights",
+    "TrainResult", "build_config", "check_config", "checkpoint_steps", "checkpoints_to_delete", "evaluate", "load_init_weights",
     "load_recipe", "log_spaced_steps", "recipe_names", "resolve_key", "train",
 ]

@@ -533,6 +533,21 @@ def resolve_model_kwargs(config: TrainConfig, info) -> dict[str, Any]:
     return kwargs
 
 
+def check_config(config: TrainConfig) -> None:
+    """Refuse a config whose dataset, model or model arguments cannot be used, without loading data or weights.
+
+    The model is built on the meta device (no memory, no initialisation), so ``--dry-run`` catches an unknown
+    name or a bad keyword argument at once. An image folder's classes are only known from its files: its model is
+    built with the declared count.
+    """
+    from landscape import data
+
+    info = data.get_dataset_info(config.data.name, **config.data.options)
+    with torch.device("meta"):
+        model = _create_model(config.model.name, resolve_model_kwargs(config, info))
+    _check_task(config, model)
+
+
 def _check_task(config: TrainConfig, model: torch.nn.Module) -> bool:
     """Whether the run pre-trains a masked autoencoder; the model must fit the task."""
     is_mae = isinstance(model, MaskedAutoencoder)
@@ -609,6 +624,8 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
     if resume:
         if config is not None:
             raise ConfigError("A resumed run uses the config saved in its directory; give no other config.")
+        if not run.root.exists():
+            raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
         if not run.config_path.exists():
             raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
         if not run.state_path.exists():
