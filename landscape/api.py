@@ -137,6 +137,14 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str 
     return model, ("float64" if dtype == torch.float64 else "float32"), note
 
 
+def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None) -> None:
+    """A given loss must be the mean over a batch (results weight batches by their size): checked once."""
+    if loss is not None:
+        from landscape.curvature.loss import check_mean_criterion
+
+        check_mean_criterion(model, x, y, loss)
+
+
 def _settings(cls: type, options: dict[str, Any], *, samples: int, dtype: str, what: str):
     names = {f.name for f in dataclasses.fields(cls)} - {"samples", "dtype", "split", "dataset", "weights"}
     unknown = sorted(set(options) - names)
@@ -182,6 +190,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
 
     x, y = evaluation_data(data, samples)
     measured, dtype, note = _measured_model(model, device)
+    _check_loss(measured, x, y, loss)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
@@ -213,6 +222,7 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
         raise ConfigError(f"m={m} is larger than the {len(y)} examples given, so m-sharpness has no batch of m; "
                           f"give m at most {len(y)} or more data.")
     measured, dtype, note = _measured_model(model, device)
+    _check_loss(measured, x, y, loss)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "sharpness", config, config.determining(), loss, note)
@@ -242,6 +252,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
 
     x, y = evaluation_data(data, samples)
     measured, dtype, note = _measured_model(model, device)
+    _check_loss(measured, x, y, loss)
     kind, given = _direction_kind(directions)
     if dims is None:
         dims = 2 if kind == "random" else len(given)

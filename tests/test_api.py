@@ -163,6 +163,28 @@ def test_mse_loss_eigenvalues_match_the_dense_float64_hessian():
     assert ds.attrs["loss_function"] == "mse_loss"
 
 
+
+def test_a_loss_that_is_not_a_batch_mean_is_refused_and_label_smoothing_is_exact():
+    import torch.nn.functional as F
+
+    model, x, y = tiny_regression()
+    total = lambda out, target: F.mse_loss(out, target, reduction="sum")  # noqa: E731
+    per_example = lambda out, target: ((out - target) ** 2).mean(dim=1)  # noqa: E731
+    for call in (lambda loss: ls.hessian(model, (x, y), loss=loss, top_k=1, batch_size=4),
+                 lambda loss: ls.sharpness(model, (x, y), loss=loss, rho=0.1, steps=1, draws=0),
+                 lambda loss: ls.surface(model, (x, y), loss=loss, dims=1, points=3)):
+        with pytest.raises(LandscapeError, match="not a mean over the batch's examples"):
+            call(total)  # its Hessian would be a different multiple of the mean's for every batch_size
+        with pytest.raises(LandscapeError, match=r"a tensor of shape \(\d+,\), not one number"):
+            call(per_example)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    xs, ys = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)
+    exact = dense_eigenvalues(net, xs, ys, smoothed)
+    ds = ls.hessian(net, (xs, ys), loss=smoothed, top_k=2, tol=1e-10, batch_size=6)
+    np.testing.assert_allclose(ds["eigenvalue_largest"].values, exact[::-1][:2], rtol=1e-8)
+
 def test_dict_inputs_and_logits_objects_give_the_numbers_of_the_plain_model():
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.GELU(), nn.Linear(5, 3)).double()

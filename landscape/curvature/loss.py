@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -246,6 +247,37 @@ def evaluation_mode(model: nn.Module, *, math_attention: bool = True) -> Iterato
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """The default criterion: mean cross-entropy of class logits ``(n, C)`` against integer targets ``(n,)``."""
     return torch.nn.functional.cross_entropy(logits, targets)
+
+
+def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> None:
+    """Refuse a criterion that is not one number, the mean over the batch's examples.
+
+    Every measurement weights batch ``b``'s criterion value by :math:`n_b / N`, which is the mean loss of the whole
+    set only if the criterion is a per-batch mean. A sum (``reduction="sum"``) or a weighted mean (class weights)
+    would make the eigenvalues, trace and loss depend on ``batch_size``, silently. Checked on the first ``examples``
+    examples: the criterion on them must equal the count-weighted mean of its values on their two halves.
+    """
+    n = min(num_inputs(x), len(y), examples)
+    first = next(iter(model.parameters()))
+    xb, yb = inputs_to(slice_inputs(x, 0, n), first.device, first.dtype), y[:n].to(first.device)
+    yb = yb.to(first.dtype) if yb.is_floating_point() else yb
+    with evaluation_mode(model), torch.no_grad():
+        outputs = forward(model, xb)
+        whole = criterion(outputs, yb)
+        if not isinstance(whole, Tensor) or whole.numel() != 1:
+            shape = f"a tensor of shape {tuple(whole.shape)}" if isinstance(whole, Tensor) else f"a {type(whole).__name__}"
+            raise LandscapeError(f"The loss returned {shape}, not one number; give a loss that returns the mean over "
+                                 "the batch (reduction='mean').")
+        if n < 2 or len(outputs) != n:
+            return
+        k = n // 2
+        halves = (k * criterion(outputs[:k], yb[:k]) + (n - k) * criterion(outputs[k:], yb[k:])) / n
+    whole, halves = float(whole), float(halves)
+    if math.isfinite(whole) and math.isfinite(halves) and abs(whole - halves) > 1e-4 * max(abs(whole), abs(halves), 1e-6):
+        raise LandscapeError(
+            f"The loss is not a mean over the batch's examples: on {n} examples it gives {whole:.6g}, while the mean "
+            f"of its values on their two halves is {halves:.6g}. A sum or a weighted mean would make every result "
+            "depend on the batch size; give a loss with reduction='mean' (per-example weights inside the mean).")
 
 
 # -- the loss closure ---------------------------------------------------------------------------------------------
