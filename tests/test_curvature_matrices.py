@@ -58,6 +58,19 @@ def test_ggn_matches_dense_jacobian_sandwich_of_the_cross_entropy_hessian(proble
     torch.testing.assert_close(ggn, ggn.T, rtol=1e-9, atol=1e-12)
 
 
+
+def test_ggn_under_mean_squared_error_is_the_jacobian_outer_product(problem):
+    """MSE's Hessian in the outputs is the constant 2 / (n C) I: the GGN is 2 / (N C) J^T J (forward-over-reverse
+    through mse_loss failed inside torch)."""
+    model, x, y, _ = problem
+    targets = torch.nn.functional.one_hot(y, 3).to(torch.float64) if model(x[:1]).shape[-1] == 3 else None
+    targets = torch.randn(len(x), model(x[:1]).shape[-1], dtype=torch.float64) if targets is None else targets
+    closure = LossFunction(model, x, targets, batch_size=4, criterion=torch.nn.functional.mse_loss)
+    jac, _ = _jacobian_and_outputs(model, x, closure)
+    flat = jac.reshape(-1, jac.shape[-1])
+    dense = 2 * flat.T @ flat / flat.shape[0]
+    torch.testing.assert_close(GGNOperator(closure).dense(), dense, rtol=1e-9, atol=1e-12)
+
 def test_true_fisher_equals_the_ggn_for_softmax_cross_entropy(problem):
     _, _, _, closure = problem
     torch.testing.assert_close(FisherOperator(closure).dense(), GGNOperator(closure).dense(), rtol=1e-10, atol=1e-13)

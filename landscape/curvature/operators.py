@@ -301,7 +301,7 @@ class OutputCurvatureOperator(CurvatureOperator):
 class GGNOperator(OutputCurvatureOperator):
     """The generalised Gauss-Newton matrix :math:`G = \\sum_b \\frac{n_b}{N} J_b^\\top H_b J_b` (Schraudolph 2002)
     with :math:`H_b = \\nabla_z^2 \\bar\\ell_b(z)` the Hessian of the batch's mean loss with respect to the outputs
-    (forward-over-reverse through the criterion). It is the Hessian without the term
+    (reverse-over-reverse through the criterion). It is the Hessian without the term
     :math:`\\sum_i \\nabla_z \\ell_i \\cdot \\nabla_\\theta^2 z_i` of the network's own curvature, and positive
     semi-definite for a convex criterion. For softmax cross-entropy
     :math:`H = (\\operatorname{diag}(p) - p p^\\top) / n_b` per example, which is also the true Fisher's.
@@ -310,8 +310,11 @@ class GGNOperator(OutputCurvatureOperator):
     matrix = "ggn"
 
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        # H_b is symmetric, so H_b u is the pullback of u through the criterion's gradient (reverse over reverse,
+        # on the outputs only: cheap). Forward over reverse fails inside torch for criteria whose output Hessian is
+        # constant (mse_loss: "ZeroTensors are immutable").
         gradient = torch.func.grad(lambda z: self.loss.criterion(z, targets))
-        return torch.func.jvp(gradient, (outputs,), (u,))[1]
+        return torch.func.vjp(gradient, outputs)[1](u)[0]
 
 
 def _check_softmax_classifier(loss: LossFunction, what: str) -> None:
