@@ -673,7 +673,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
     ]
     problems = [problem for r in results for problem in r.problems]
     if problems:
-        blocks += [paragraph("Left out because a file could not be read:"), bullets(problems)]
+        blocks += [paragraph("Read with care (what a run's files lack):"), bullets(problems)]
     blocks.append(heading("Flatness measures"))
     if measures:
         blocks += [_measures_block(measures), paragraph(_flag_legend()),

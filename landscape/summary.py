@@ -155,7 +155,7 @@ class RunResults:
     sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
     (``surface-random-1d``, ...), ``dynamics`` the training dynamics. Where several results qualify, the one that
     holds the final checkpoint and the most checkpoints wins. ``final_step`` is the step of the run's last
-    checkpoint. ``problems`` says, one sentence each, what of the run could not be read and is left out.
+    checkpoint. ``problems`` says, one sentence each, what of the run could not be read or is incomplete.
     """
 
     path: Path
@@ -235,6 +235,11 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
             dynamics = run_dynamics(run)
         except LandscapeError as e:  # the run's other results still count; the gap is said, not hidden
             problems.append(f"{str(e).rstrip('.')}. The run's accuracy curve and peak-to-final drop are left out.")
+    if dynamics is not None and "final_epoch" in dynamics and "planned_epochs" in dynamics.attrs:
+        final, planned = int(dynamics["final_epoch"]), int(dynamics.attrs["planned_epochs"])
+        if final < planned:  # said, since its "final" top-1 and drop are not the trained run's
+            problems.append(f"{path} was evaluated up to epoch {final} of its {planned} (stopped early or still "
+                            f"training); its final top-1 and peak-to-final drop are epoch {final}'s.")
     variant = describe_variant(config, run.name)
     if infos:
         num_params, final_step = infos[-1].num_params, infos[-1].step

@@ -34,6 +34,27 @@ def test_run_dynamics_uses_the_last_row_of_each_epoch(tmp_path):
     np.testing.assert_allclose(ds["drop_from_best"].sel(weights="raw"), [0, 0, 5, 6])
 
 
+
+def test_a_missing_final_value_an_unfinished_run_and_impossible_top1_are_not_passed_off(tmp_path):
+    # EMA has no value at the last epoch: its final top-1 and drop are unknown, not the peak's (a drop of 0)
+    ds = run_dynamics(_run(tmp_path, "a", [50, 80, 70], [50, 80, float("nan")]))
+    assert ds["peak_to_final_drop"].sel(weights="raw").item() == 10.0
+    assert np.isnan(ds["final_top1"].sel(weights="ema").item())
+    assert np.isnan(ds["peak_to_final_drop"].sel(weights="ema").item())
+    assert int(ds["final_epoch"]) == 3
+    # a run that stopped at epoch 3 of 5 says so: in the Dataset and in a report on it
+    run = _run(tmp_path, "b", [50, 80, 70], [50, 80, 75])
+    run.save_config({**run.load_config(), "epochs": 5})
+    ds = run_dynamics(run)
+    assert int(ds["final_epoch"]) == 3 and ds.attrs["planned_epochs"] == 5
+    from landscape.summary import load_results
+
+    (loaded,) = load_results([run.root])
+    assert any("up to epoch 3 of its 5" in problem for problem in loaded.problems)
+    for bad in (150.0, -5.0, float("inf")):
+        with pytest.raises(LandscapeError, match="outside 0-100"):
+            run_dynamics(_run(tmp_path, f"bad{bad}", [50, bad, 70], [50, 60, 70]))
+
 def test_dynamics_record_how_many_validation_images_each_top1_is_measured_on(tmp_path):
     ds = run_dynamics(_run(tmp_path, "a", [60, 90, 85, 84], [55, 70, 88, 87.5]))
     assert ds.attrs["val_size"] == 360  # the digits validation split

@@ -434,4 +434,4 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
     assert result.exit_code == 0, result.output
     assert "Warning: " in result.output and "metrics.csv is damaged" in result.output
     text = (tmp_path / "r.md").read_text()
-    assert "Left out because a file could not be read" in text and "metrics.csv is damaged" in text
+    assert "Read with care" in text and "metrics.csv is damaged" in text

@@ -43,17 +43,22 @@ def epoch_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def peak_to_final(curve: np.ndarray, epochs: np.ndarray) -> dict[str, float]:
-    """Peak epoch, peak value, final value and peak-to-final drop of one accuracy curve (NaNs ignored)."""
+    """Peak epoch, peak value, final value and peak-to-final drop of one accuracy curve.
+
+    The peak ignores epochs without a value (NaN); the final value is the curve's value at its last epoch, so a
+    curve missing its last value has a NaN final value and drop (an earlier value would pass for the final one).
+    """
     valid = ~np.isnan(curve)
     if not valid.any():
         return {k: float("nan") for k in SCALARS}
     values, at = curve[valid], epochs[valid]
     i = int(np.argmax(values))
+    final = float(curve[-1])
     return {
         "peak_epoch": float(at[i]),
         "peak_top1": float(values[i]),
-        "final_top1": float(values[-1]),
-        "peak_to_final_drop": float(values[i] - values[-1]),
+        "final_top1": final,
+        "peak_to_final_drop": float(values[i] - final),
     }
 
 
@@ -81,7 +86,12 @@ def run_dynamics(run: Run) -> xr.Dataset:
     except (TypeError, ValueError):
         raise LandscapeError(f"metrics.csv of {run.root} holds top-1 values that are not numbers; restore it from "
                              "the checkpoints' headers or train the run again.") from None
-    scalars = [peak_to_final(c, epochs) for c in curves]
+    if not np.isnan(curves).all() and not ((curves >= 0) & (curves <= 100) | np.isnan(curves)).all():
+        bad = curves[~(((curves >= 0) & (curves <= 100)) | np.isnan(curves))][0]
+        raise LandscapeError(f"metrics.csv of {run.root} holds a top-1 of {bad:g}, outside 0-100 %; restore it or "
+                             "train the run again.")
+    last = int(np.flatnonzero(~np.isnan(curves).all(axis=0))[-1]) + 1  # the final epoch: the last one evaluated
+    scalars = [peak_to_final(c[:last], epochs[:last]) for c in curves]
     data = {
         "top1": (("weights", "epoch"), curves, {"units": "%", "long_name": "validation top-1"}),
         "drop_from_best": (("weights", "epoch"), np.stack([drop_from_best(c) for c in curves]),
@@ -90,6 +100,8 @@ def run_dynamics(run: Run) -> xr.Dataset:
     for key in SCALARS:
         units = "epoch" if key == "peak_epoch" else ("percentage points" if key == "peak_to_final_drop" else "%")
         data[key] = (("weights",), np.array([s[key] for s in scalars]), {"units": units})
+    data["final_epoch"] = ((), int(epochs[last - 1]), {"units": "epoch", "long_name": "last epoch evaluated, whose "
+                                                        "top-1 is final_top1 (NaN where that weights' value is missing)"})
     for col in ("train_loss", "val_loss"):
         values = table[col].to_numpy(dtype=float) if col in table else np.full(len(epochs), np.nan)
         data[col] = (("epoch",), values, {"units": "nats"})
@@ -104,6 +116,9 @@ def run_dynamics(run: Run) -> xr.Dataset:
     size = validation_size(config)
     if size is not None:
         ds.attrs["val_size"] = size
+    planned = config.get("epochs")
+    if isinstance(planned, int) and not isinstance(planned, bool) and planned > 0:
+        ds.attrs["planned_epochs"] = planned  # a final_epoch below it: the run stopped early (or is still training)
     return ds
 
 
