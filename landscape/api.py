@@ -138,11 +138,11 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str 
 
 
 def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None) -> None:
-    """A given loss must be the mean over a batch (results weight batches by their size): checked once."""
-    if loss is not None:
-        from landscape.curvature.loss import check_mean_criterion
+    """The loss (cross-entropy by default) must take the model's outputs and the targets and be the mean over a
+    batch (results weight batches by their size): checked once, on a few examples."""
+    from landscape.curvature.loss import check_mean_criterion, cross_entropy
 
-        check_mean_criterion(model, x, y, loss)
+    check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
 
 
 def _settings(cls: type, options: dict[str, Any], *, samples: int, dtype: str, what: str):
@@ -195,7 +195,9 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
         if config.top_k * (2 if config.which == "both" else 1) > count:
-            raise ConfigError(f"top_k={config.top_k} asks for more eigenvalues than the model's {count} "
+            both = (f" with which='both' (the {config.top_k} largest and the {config.top_k} smallest)"
+                    if config.which == "both" else "")
+            raise ConfigError(f"top_k={config.top_k}{both} asks for more eigenvalues than the model's {count} "
                               "trainable parameters have.")
     ds = hessian_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "hessian", config, config.determining(), loss, note)

@@ -166,6 +166,10 @@ def top_eigenvalues(
     n = A.shape[0]
     wanted = 2 * k if which == "both" else k
     if k < 1 or wanted > n:
+        if which == "both":
+            raise ConfigError(f"Cannot find the {k} largest and the {k} smallest eigenvalues of a {n} x {n} operator; "
+                              f"with both ends ask for between 1 and {n // 2} at each end." if n >= 2 else
+                              f"A {n} x {n} operator has one eigenvalue; ask for the largest or the smallest.")
         raise ConfigError(f"Cannot find {wanted} eigenvalues of a {n} x {n} operator; ask for between 1 and {n}.")
     if check < 0:
         raise ConfigError(f"check must be at least 0 products, got {check}.")

@@ -250,7 +250,8 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> None:
-    """Refuse a criterion that is not one number, the mean over the batch's examples.
+    """Refuse a criterion that cannot take the model's outputs and the targets, or is not one number, the mean over
+    the batch's examples.
 
     Every measurement weights batch ``b``'s criterion value by :math:`n_b / N`, which is the mean loss of the whole
     set only if the criterion is a per-batch mean. A sum (``reduction="sum"``) or a weighted mean (class weights)
@@ -263,7 +264,13 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
     yb = yb.to(first.dtype) if yb.is_floating_point() else yb
     with evaluation_mode(model), torch.no_grad():
         outputs = forward(model, xb)
-        whole = criterion(outputs, yb)
+        try:
+            whole = criterion(outputs, yb)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # shapes or types the loss does not take
+            reason = " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
+            raise LandscapeError(
+                f"The loss cannot take the model's outputs {tuple(outputs.shape)} and targets {tuple(yb.shape)} "
+                f"({yb.dtype}): {reason}. (A model returning a tuple is measured on its first element.)") from None
         if not isinstance(whole, Tensor) or whole.numel() != 1:
             shape = f"a tensor of shape {tuple(whole.shape)}" if isinstance(whole, Tensor) else f"a {type(whole).__name__}"
             raise LandscapeError(f"The loss returned {shape}, not one number; give a loss that returns the mean over "

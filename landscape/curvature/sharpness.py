@@ -103,7 +103,11 @@ def parse_norm(p: str | float | int) -> str:
 
 
 def sharpness_scale(w: torch.Tensor, *, adaptive: bool, eta: float = 0.0) -> torch.Tensor | None:
-    """The per-coordinate scale :math:`c`: ``None`` (meaning :math:`c = 1`) for SAM, :math:`|w| + \\eta` if adaptive."""
+    """The per-coordinate scale :math:`c`: ``None`` (meaning :math:`c = 1`) for SAM, :math:`|w| + \\eta` if adaptive.
+
+    Every coordinate is scaled, biases and normalisation parameters included, as in Andriushchenko et al. (2023);
+    the ASAM code of Kwon et al. (2021) scales only parameters named ``weight`` (its biases keep :math:`c = 1`).
+    """
     if not adaptive:
         return None
     return w.abs() + eta
