@@ -573,9 +573,9 @@ def import_command(source: Path, out: Path, format_: str | None, model: str | No
 
     bar = None
     if sys.stderr.isatty():  # a ViT-B file takes tens of seconds: say which stage, with the time left
-        from tqdm.auto import tqdm
+        from landscape.progress import progress_bar
 
-        bar = tqdm(total=len(IMPORT_STAGES), unit=" stage", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar = progress_bar(total=len(IMPORT_STAGES), unit=" stage", leave=False)
 
     def stage(name: str) -> None:
         if bar is not None:
@@ -639,11 +639,10 @@ def _write_figures_with_progress(results, out: Path, *, formats, names=None) -> 
 
     if not sys.stderr.isatty():
         return write_figures(results, out, formats=formats, names=names)
-    from tqdm.auto import tqdm
+    from landscape.progress import progress_bar
 
     written: dict = {}
-    with tqdm(list(names or FIGURES), desc="figures", unit=" figure", file=sys.stderr, leave=False,
-              dynamic_ncols=True) as bar:
+    with progress_bar(list(names or FIGURES), desc="figures", unit=" figure", leave=False) as bar:
         for name in bar:
             written.update(write_figures(results, out, formats=formats, names=[name]))
     return written

@@ -582,12 +582,9 @@ def _write_timings(path: Path, timings: dict[str, float], runs_wall: float, wall
 
 def _stage_bar(total: int):
     """A tqdm bar over a study's stages (train, each analysis and dynamics per run; figures; report)."""
-    import sys
+    from landscape.progress import progress_bar
 
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="study", unit=" stage", file=sys.stderr, smoothing=0, dynamic_ncols=True,
-                leave=False)
+    return progress_bar(total=total, desc="study", unit=" stage", smoothing=0, leave=False)
 
 
 def _study_task(task, emit: Emit) -> None:

@@ -65,3 +65,21 @@ def test_two_params_patterns_live_side_by_side_and_force_replaces_only_its_own(t
     assert '"params": "*attn*"' in attn.attrs["settings"] and attn.sizes["k"] == 1
     assert '"params": "*mlp*"' in mlp.attrs["settings"] and mlp.sizes["k"] == 2
     assert int(attn["num_parameters"][0]) != int(mlp["num_parameters"][0])
+
+
+def test_progress_bars_draw_on_a_terminal_that_reports_no_size():
+    """A pseudo-terminal nobody sized (``script``, a test harness) reports 0 x 0; tqdm then drew nothing."""
+    import os
+    import pty
+
+    from landscape.progress import progress_bar, terminal_columns
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        assert terminal_columns(terminal) == 0
+        for _ in progress_bar(range(3), desc="work", file=terminal, mininterval=0):
+            pass
+        terminal.flush()
+        drawn = os.read(master, 65536).decode()
+    os.close(master)
+    assert "work: 100%" in drawn and "3/3" in drawn, drawn

@@ -121,11 +121,9 @@ class ProgressBar:
     shown), raising the total when the work takes more than expected."""
 
     def __init__(self, name: str, total: int | None, unit: str):
-        import sys
+        from landscape.progress import progress_bar
 
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(desc=name, total=total, unit=unit, file=sys.stderr, leave=True, dynamic_ncols=True)
+        self.bar = progress_bar(desc=name, total=total, unit=unit, leave=True)
 
     def update(self, n: int = 1) -> None:
         if self.bar.total is not None and self.bar.n + n > self.bar.total:

@@ -282,3 +282,6 @@ class _LazyBatches:
 
     def __iter__(self):
         return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

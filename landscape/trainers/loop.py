@@ -35,11 +35,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import functools
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +46,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from landscape.checkpoints import load_checkpoint, save_checkpoint
 from landscape.config import TrainConfig, coerce_types, config_hash, from_dict, to_dict
 from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
+from landscape.progress import progress_bar
 from landscape.io import RunLock, WriteError, remove_stale_temporaries
 from landscape.runs import Run, is_empty_run
 from landscape.trainers import distributed
@@ -176,7 +174,13 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     amp_dtype = _amp_dtype(config.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    val_metrics = functools.partial(evaluate, batches=val_data, device=device, autocast=autocast, dist=dist, mae=mae)
+    def val_metrics(net: torch.nn.Module, weights: str) -> dict[str, Any]:
+        """The validation metrics of ``net``, with a bar while they take (10,000 images on a CPU: minutes)."""
+        batches = progress_bar(val_data, total=len(val_data), desc=f"evaluating {weights} weights", unit=" batch",
+                               leave=False, disable=None if progress and dist.is_main else True)
+        with batches:
+            return evaluate(net, batches, device, autocast, dist, mae=mae)
+
     if not resume:  # only now that data, model, init weights, optimizer and schedule are known to work, so that
         # a typo leaves nothing behind
         _on_main(dist, lambda: Run.create(run.root, overwrite=overwrite).save_config(config))
@@ -215,7 +219,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
             label = state.epoch - 1 if state.next_update == 0 else state.epoch  # after an epoch's last update
             check_finite(tally, label, state.checkpoints, fp16=amp_dtype == torch.float16)
             row = metrics_row(config, epoch=label, step=state.step, train=tally.summary(dist, device),
-                              val=val_metrics(model), ema_val=val_metrics(ema.module) if ema is not None else None,
+                              val=val_metrics(model, "raw"), ema_val=val_metrics(ema.module, "EMA") if ema is not None
+                              else None,
                               wall_time=state.elapsed + (time.perf_counter() - t_resumed))
             state.rows.append(row)
             clock.lap("eval")
@@ -232,8 +237,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
         epoch, u = state.epoch, state.next_update
         if bar is None:  # the first update of an epoch (in this process)
             net.train()
-            bar = tqdm(total=updates_per_epoch, initial=u, desc=f"epoch {epoch}/{config.epochs}", file=sys.stderr,
-                       leave=False, dynamic_ncols=True, disable=None if progress and dist.is_main else True)
+            bar = progress_bar(total=updates_per_epoch, initial=u, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                               disable=None if progress and dist.is_main else True)
             bar_start, correct = u, torch.zeros((), device=device)  # training accuracy, for the progress bar only
             clock.lap("train")
         # forward and backward, micro-batch by micro-batch (gradients are synchronised after the last one)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,11 +43,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
 
 from landscape.config import TrainConfig, coerce_types, from_dict, to_dict
 from landscape.errors import CheckpointError, ConfigError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, moe_aux_loss
+from landscape.progress import progress_bar
 from landscape.runs import Run
 from landscape.trainers import distributed
 from landscape.trainers.batches import BatchAugment, derive_seed, epoch_order, fixed_subset, validation_batches
@@ -474,9 +473,8 @@ def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, o
 
         if bar is None:  # the first update of an epoch
             model.template.train()
-            bar = tqdm(total=updates_per_epoch, initial=at.next_update, desc=f"epoch {at.epoch}/{config.epochs} "
-                       f"x{len(runs)}", file=sys.stderr, leave=False, dynamic_ncols=True,
-                       disable=None if progress else True)
+            bar = progress_bar(total=updates_per_epoch, initial=at.next_update, desc=f"epoch {at.epoch}/"
+                               f"{config.epochs} x{len(runs)}", leave=False, disable=None if progress else True)
             epoch_batches = batches.epoch(at.epoch, at.next_update)
             clock.lap("train")
         x, y = next(epoch_batches)
