@@ -421,7 +421,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
     from landscape.summary import final_entry
 
     kinds = [(attr, title) for attr, title in (("sharpness", "plain: ‖δ‖₂ ≤ ρ"),
-                                               ("adaptive_sharpness", "adaptive: ‖δ / |w|‖₂ ≤ ρ"))
+                                               ("adaptive_sharpness", "adaptive: ‖δ/|w|‖₂ ≤ ρ"))
              if any(getattr(r, attr) is not None for r in results)]
     if not kinds:
         return None
@@ -429,7 +429,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                 ("average_case", "average rise (nats)\nδ ~ Gaussian of scale ρ")]
     fig = _figure(COLUMN_WIDTH, 1.45 * len(measures) + 0.9)
     axes = fig.subplots(len(measures), len(kinds), squeeze=False, sharex="col", sharey="row")
-    used = []
+    used, plotted = [], [[] for _ in measures]
     for j, (attr, title) in enumerate(kinds):
         runs = [r for r in results if getattr(r, attr) is not None and getattr(r, attr).sizes.get("checkpoint", 0)]
         for style, group in _by_variant(runs, styles):
@@ -445,18 +445,26 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                 sd = stack.std(axis=0, ddof=1) if len(entries) > 1 else np.zeros_like(mean)
                 axes[i, j].errorbar(rho, mean, yerr=sd, color=style.color, linestyle=style.linestyle,
                                     marker=style.marker, markersize=2.8, capsize=1.5, elinewidth=0.6)
+                plotted[i].append(mean)
         axes[0, j].set_title(title)
         axes[-1, j].set_xlabel("radius ρ" + (" (units of |w|)" if attr == "adaptive_sharpness" else " (weight units)"))
         rhos = sorted({float(v) for r in runs for v in getattr(r, attr)["rho"].values})
         for i in range(len(measures)):
             axes[i, j].set_xscale("log")
-            with warnings.catch_warnings():  # a panel without positive values (a smoke run) stays empty, quietly
-                warnings.filterwarnings("ignore", message=".*cannot be log-scaled.*")
-                axes[i, j].set_yscale("log")
         if rhos:
             axes[-1, j].set_xticks(rhos, [f"{v:g}" for v in rhos])
             axes[-1, j].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     for i, (_, label) in enumerate(measures):
+        values = np.concatenate(plotted[i]) if plotted[i] else np.array([])
+        values = values[np.isfinite(values)]
+        if values.size and (values <= 0).any():  # a log axis would drop them without a trace: symmetric log
+            smallest = np.abs(values[values != 0]).min() if (values != 0).any() else 1e-6
+            axes[i, 0].set_yscale("symlog", linthresh=10.0 ** np.floor(np.log10(smallest)))  # linear within a decade
+            for ax in axes[i]:
+                ax.axhline(0.0, color="0.6", linewidth=0.5, zorder=0)
+            label += "\n(symlog axis: some ≤ 0)"
+        elif values.size:
+            axes[i, 0].set_yscale("log")
         axes[i, 0].set_ylabel(label)
     unique = {s.label: s for s in used}
     _figure_legend(fig, unique.values(), ncol=3)
@@ -527,6 +535,16 @@ def _log_levels(planes) -> np.ndarray:
     return np.geomspace(max(low, 1e-4), max(high, low * 1.01, 1e-3), 12)
 
 
+def distinct_labels(values: Sequence[float]) -> list[str]:
+    """Tick labels with the fewest significant digits (2 to 6) that tell every value apart: levels spread over a
+    narrow range (2.20 to 2.45) would otherwise read 2.2, 2.2, 2.3, 2.3."""
+    for digits in range(2, 7):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def surface_2d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
     """Contours of the loss on a plane of two filter-normalised random directions through the final weights
     (first seed of each variant), with the same logarithmic levels in every panel."""
@@ -551,7 +569,7 @@ def surface_2d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
         ax.set_ylabel("direction 2 (units)")
     if filled is not None:
         bar = fig.colorbar(filled, ax=axes, shrink=0.9, pad=0.02, ticks=levels[::2])
-        bar.ax.set_yticklabels([f"{v:.2g}" for v in levels[::2]])
+        bar.ax.set_yticklabels(distinct_labels(levels[::2]))
         bar.ax.minorticks_off()
         bar.set_label("training-subset loss (nats, log scale)")
     return fig

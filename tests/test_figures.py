@@ -93,3 +93,25 @@ def test_a_second_process_drawing_into_the_same_folder_is_refused_in_one_sentenc
     result = CliRunner().invoke(cli, ["figures", *map(str, analysed_study), "--out", str(out), "--format", "png"])
     assert result.exit_code == 0, result.output
     assert sorted(p.suffix for p in out.iterdir()) == [".png"] * len(list(out.iterdir()))
+
+
+def test_sharpness_values_at_or_below_zero_stay_visible_and_colour_bar_labels_differ(study):
+    import copy
+
+    import numpy as np
+
+    from landscape.figures import distinct_labels, sharpness_vs_rho
+
+    assert distinct_labels([2.2, 2.24, 2.28, 2.33]) == ["2.2", "2.24", "2.28", "2.33"]
+    assert distinct_labels([1.0, 10.0, 100.0]) == ["1", "10", "1e+02"]
+    runs = copy.deepcopy([r for r in study if r.sharpness is not None])
+    entry = runs[0].sharpness
+    entry["average_case"] = -abs(entry["average_case"])  # a Monte Carlo mean below zero, as near a minimum
+    with matplotlib.rc_context(STYLE):
+        fig = sharpness_vs_rho(runs, variant_styles(runs))
+    scales = [ax.get_yscale() for ax in fig.axes if ax.get_visible()]
+    assert "symlog" in scales, scales  # a log axis dropped the point without a trace
+    average_row = [ax for ax in fig.axes if "average" in ax.get_ylabel()]
+    assert average_row and "some ≤ 0" in average_row[0].get_ylabel()
+    drawn = np.concatenate([line.get_ydata() for ax in fig.axes for line in ax.get_lines()])
+    assert (np.asarray(drawn, dtype=float) < 0).any()
