@@ -669,8 +669,11 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
 
 
 def _warn_problems(results) -> None:
-    """Say on stderr what of each run could not be read and is left out (the report lists it too)."""
-    for problem in (p for r in results for p in r.problems):
+    """Say on stderr what of the runs could not be read, is incomplete or was measured differently (the report
+    lists it too)."""
+    from landscape.summary import caveats
+
+    for problem in caveats(results):
         click.echo(f"Warning: {problem}", err=True)
 
 

@@ -642,12 +642,13 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
     ``figures`` (from :func:`landscape.figures.write_figures`) are linked relative to ``report_path``.
     """
     from landscape.version import __version__
-    from landscape.summary import final_measures
+    from landscape.summary import MEASURE_SOURCES, caveats, final_measures, settings_disagreements
 
     data, measures = final_measures(results, weights=weights)
     data = drop_floor_columns(data, results, weights)
     by_name = {m.name: m for m in measures}
-    hypotheses = evaluate_hypotheses(data, measures)
+    unlike = settings_disagreements(results)  # measured differently across runs: shown, but no vote
+    hypotheses = evaluate_hypotheses(data, [m for m in measures if MEASURE_SOURCES.get(m.name) not in unlike])
     figures = figures or {}
     base = Path(report_path).parent if report_path is not None else Path(".")
 
@@ -671,9 +672,9 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
                   "loss at the last epoch."),
         _variants_table(data),
     ]
-    problems = [problem for r in results for problem in r.problems]
+    problems = caveats(results)
     if problems:
-        blocks += [paragraph("Read with care (what a run's files lack):"), bullets(problems)]
+        blocks += [paragraph("Read with care:"), bullets(problems)]
     blocks.append(heading("Flatness measures"))
     if measures:
         blocks += [_measures_block(measures), paragraph(_flag_legend()),

@@ -353,6 +353,51 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
 
 
 # == one row per run =============================================================================================
+# The results each flatness measure is read from (RunResults attributes; a surface by its name).
+MEASURE_SOURCES = {"top_eigenvalue": "hessian", "trace": "hessian", "trace_per_parameter": "hessian",
+                   "worst_case_sharpness": "sharpness", "average_case_sharpness": "sharpness",
+                   "adaptive_sharpness": "adaptive_sharpness", "adaptive_average_sharpness": "adaptive_sharpness",
+                   "surface_width": "surface-random-1d"}
+# Settings that change only memory, speed or what else a file holds, never the measures read from it.
+_INCIDENTAL_SETTINGS = frozenset({"batch_size", "vectors_per_pass", "product", "top_k", "which", "density",
+                                  "density_probes", "density_steps", "checkpoints", "shard"})
+
+
+def settings_disagreements(results: Sequence[RunResults]) -> dict[str, str]:
+    """``{source: sentence}`` for each kind of result (:data:`MEASURE_SOURCES`) whose runs were measured with
+    different settings (evaluation samples, seed, dtype, tolerance, radii, steps, ...): their measures compare
+    unlike measurements."""
+    out = {}
+    for source in dict.fromkeys(MEASURE_SOURCES.values()):
+        per_run = []
+        for r in results:
+            ds = r.surfaces.get(source) if source.startswith("surface") else getattr(r, source)
+            if ds is not None and ds.sizes.get("checkpoint", 0):
+                per_run.append((r.run.name, read_settings(ds)))
+        if len(per_run) < 2:
+            continue
+        keys = sorted(set().union(*(set(s) for _, s in per_run)) - _INCIDENTAL_SETTINGS)
+        parts = []
+        for key in keys:
+            values: dict[str, list[str]] = {}
+            for name, settings in per_run:
+                values.setdefault(json.dumps(settings.get(key), sort_keys=True), []).append(name)
+            if len(values) > 1:
+                parts.append(f"{key} " + " vs ".join(
+                    f"{value} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})" for value, names in values.items()))
+        if parts:
+            out[source] = (f"The runs' {source.replace('_', ' ')} results were measured with different settings "
+                           f"({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''}); their measures are shown "
+                           "but left out of the verdicts.")
+    return out
+
+
+def caveats(results: Sequence[RunResults]) -> list[str]:
+    """What a reader of a summary of ``results`` must know: each run's :attr:`RunResults.problems`, and the kinds of
+    results measured with different settings across runs (:func:`settings_disagreements`)."""
+    return [p for r in results for p in r.problems] + list(settings_disagreements(results).values())
+
+
 def final_measures(results: Sequence[RunResults], *, weights: str = "raw") -> tuple[Any, list[Measure]]:
     """A table with one row per run and the flatness measures found at its final checkpoint, and those measures.
 

@@ -90,3 +90,31 @@ def test_surface_width_of_a_parabola_is_exact():
     assert surface_width(a, 1e-3 * a**2, rise=0.1) == 2.0  # never rises enough: the whole grid
     asymmetric = np.where(a > 0, 10 * a, 0.0)  # rises only to the right, at a = 0.01
     assert surface_width(a, asymmetric, rise=0.1) == pytest.approx(1.01)
+
+
+def test_runs_measured_with_different_settings_are_said_and_left_out_of_the_verdicts(tmp_path):
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+    from landscape.report import build_report
+    from landscape.summary import caveats, load_results, settings_disagreements
+
+    runs = [make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, seed) for seed in (0, 1)]
+    for run, samples in zip(runs, (16, 32)):
+        run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, trace=True, trace_matvecs=2, samples=samples,
+                                                  batch_size=samples // 2 if samples == 32 else 256),
+                             checkpoints="last", device="cpu")
+    results = load_results([r.root for r in runs])
+    unlike = settings_disagreements(results)
+    assert list(unlike) == ["hessian"]
+    assert "samples 16 (baseline-s0) vs 32 (baseline-s1)" in unlike["hessian"]
+    assert "batch_size" not in unlike["hessian"]  # memory only: not a difference in what was measured
+    assert unlike["hessian"] in caveats(results)
+    blocks, hypotheses = build_report(results)
+    text = "\n".join(str(b) for b in blocks)
+    assert "measured with different settings" in text
+    same = [make_tiny_run(tmp_path / "same", "baseline", "vit_pico_patch4_32", TINY_VIT, seed) for seed in (0, 1)]
+    for run in same:
+        run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, trace=True, trace_matvecs=2, samples=16),
+                             checkpoints="last", device="cpu")
+    assert settings_disagreements(load_results([r.root for r in same])) == {}
