@@ -618,6 +618,8 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
     from landscape.compare import compare_runs, write_compare_csv
 
     table = compare_runs(runs)
+    for caveat in table.attrs.get("caveats", ()):
+        click.echo(f"Warning: {caveat}", err=True)
     print_table(table.astype(object).where(table.notna(), None).to_dict("records"))
     if out is not None:
         write_compare_csv(table, out)

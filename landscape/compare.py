@@ -55,14 +55,19 @@ ALWAYS_SHOWN = ("run", "model", "params", "epoch", "step", "top1", "ema_top1", "
 
 def compare_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run with the measures of its final checkpoint; see the module docstring for the columns."""
-    rows = [run_summary(p) for p in paths]
+    from landscape.summary import caveats, load_run
+
+    loaded = [load_run(p) for p in paths]
+    rows = [run_summary(r) for r in loaded]
     if not rows:
         raise LandscapeError("Give at least one run directory to compare.")
     columns = list(ALWAYS_SHOWN)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     columns.sort(key=_column_group)  # stable: identity, accuracy, Hessian, sharpness, dynamics
-    return pd.DataFrame(rows, columns=columns).astype({c: float for c in ALWAYS_SHOWN[5:]})
+    table = pd.DataFrame(rows, columns=columns).astype({c: float for c in ALWAYS_SHOWN[5:]})
+    table.attrs["caveats"] = caveats(loaded)  # what a reader must know: damaged files, unlike settings
+    return table
 
 
 def _column_group(column: str) -> int:
@@ -77,11 +82,13 @@ def _column_group(column: str) -> int:
     return 4
 
 
-def run_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """The row of one run: identity, size, accuracy and every analysis found for its final checkpoint."""
-    from landscape.summary import load_run
+def run_summary(path: Any) -> dict[str, Any]:
+    """The row of one run (a run directory, or its :class:`~landscape.summary.RunResults`): identity, size,
+    accuracy and every analysis found for its final checkpoint."""
+    from landscape.summary import RunResults, load_run
 
-    summary = load_run(path)
+    summary = path if isinstance(path, RunResults) else load_run(path)
+    path = summary.path
     infos = summary.run.checkpoints()
     if not infos:
         raise LandscapeError(f"Run {path} has no checkpoints to compare.")

@@ -672,7 +672,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
                   "loss at the last epoch."),
         _variants_table(data),
     ]
-    problems = caveats(results)
+    problems = [c + (" They are left out of the verdicts." if c in unlike.values() else "") for c in caveats(results)]
     if problems:
         blocks += [paragraph("Read with care:"), bullets(problems)]
     blocks.append(heading("Flatness measures"))

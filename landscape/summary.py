@@ -387,8 +387,8 @@ def settings_disagreements(results: Sequence[RunResults]) -> dict[str, str]:
                     f"{value} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})" for value, names in values.items()))
         if parts:
             out[source] = (f"The runs' {source.replace('_', ' ')} results were measured with different settings "
-                           f"({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''}); their measures are shown "
-                           "but left out of the verdicts.")
+                           f"({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''}), so their measures do not "
+                           "compare like with like.")
     return out
 
 
