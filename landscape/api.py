@@ -374,8 +374,8 @@ def figure(name: str, runs: Any):
     """Draw figure ``name`` of the gallery (:data:`landscape.figures.FIGURES`) for ``runs``: a matplotlib Figure.
 
     ``runs`` is one or a list of: :class:`~landscape.summary.RunResults` (from :func:`load_run` or :func:`results`),
-    run directories, or Datasets (each its own run). Returns ``None`` when the runs have none of the results the
-    figure draws.
+    run directories, or Datasets (each its own run). Runs holding none of the results the figure draws are one
+    sentence (a :class:`~landscape.errors.LandscapeError`).
     """
     import matplotlib
 
@@ -402,4 +402,10 @@ def figure(name: str, runs: Any):
     for r in loaded:
         r.label = r.label or labels[r.variant.key]
     with matplotlib.rc_context(STYLE):
-        return FIGURES[name](loaded, variant_styles(loaded))
+        fig = FIGURES[name](loaded, variant_styles(loaded))
+    if fig is None:
+        held = sorted({res.kind for r in loaded for res in r.results} | ({"dynamics"} if any(
+            r.dynamics is not None for r in loaded) else set()))
+        raise LandscapeError(f"Figure {name} has nothing to draw: the results given hold "
+                             f"{', '.join(held) or 'no analysis'}, not the ones it draws (see landscape.figures).")
+    return fig

@@ -232,6 +232,8 @@ def test_figures_draw_datasets_in_memory():
         assert fig is not None and fig.axes, name
     with pytest.raises(LandscapeError, match="Unknown figure"):
         ls.figure("nope", run)
+    with pytest.raises(LandscapeError, match="sharpness_vs_rho has nothing to draw: the results given hold surface"):
+        ls.figure("sharpness_vs_rho", ls.results(surface))  # it returned None, and fig.savefig failed later
 
 
 def test_import_landscape_loads_neither_torch_nor_matplotlib():

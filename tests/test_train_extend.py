@@ -86,7 +86,9 @@ def test_extension_killed_before_its_first_save_resumes_on_the_new_schedule(fini
     with pytest.raises(KeyboardInterrupt):  # after config.yaml says 4 epochs, before any state of the new schedule
         train(None, run_dir, resume=True, extend_to=4, progress=False, on_update=stop)
     assert Run(run_dir).load_config()["epochs"] == 4
-    rows = train(None, run_dir, resume=True, progress=False).rows
+    # the same command again continues the extension under way (it was refused: "must be more than the 4 epochs")
+    rows = train(None, run_dir, resume=True, extend_to=4, progress=False).rows
+    assert Run(run_dir).load_config()["extended_from"] == 2
     timing = ("wall_time", "images_per_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in rows] == \
         [{k: v for k, v in r.items() if k not in timing} for r in reference]

@@ -680,6 +680,8 @@ def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist
 
     The saved state must belong to ``config`` or, when an earlier extension stopped before its first save, to the
     config before that extension (whose total then stays the one recorded in ``extended_from``)."""
+    if epochs == config.epochs and config.extended_from is not None:
+        return config  # this extension is already recorded (an interrupted one, say): continuing it is a resume
     if epochs <= config.epochs:
         raise ConfigError(f"--extend-to {epochs} must be more than the {config.epochs} epochs {run.root} is set to "
                           f"train, e.g. --extend-to {2 * config.epochs}.")
