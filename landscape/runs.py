@@ -289,6 +289,8 @@ def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a checkpoint file or a run directory.")
+    if path.is_file() and path.suffix == ".nc":
+        return _results_tables(path)
     if path.is_file():
         info = read_checkpoint_info(path)
         return [(f"checkpoint {path}", [_checkpoint_row(info)]), *_metrics_table(info.metrics)]
@@ -312,10 +314,35 @@ def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any
     return tables
 
 
+def _results_tables(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
+    """An analysis results file: its kind, settings and checkpoints, and its variables with their units."""
+    import json
+
+    from landscape.analyses.results import read_results
+
+    ds = read_results(path)
+    try:
+        settings = json.loads(ds.attrs.get("settings") or "{}")
+    except (TypeError, ValueError):
+        settings = {}
+    checkpoints = [str(c) for c in ds["checkpoint"].values] if "checkpoint" in ds.dims else []
+    header = [{"results": str(path), "analysis": ds.attrs.get("analysis", "-"),
+               "checkpoints": (", ".join(checkpoints) if len(checkpoints) <= 3 else
+                               f"{len(checkpoints)} ({checkpoints[0]} ... {checkpoints[-1]})") or "-",
+               "settings": ", ".join(f"{k}={v}" for k, v in settings.items()) if isinstance(settings, dict) else "-"}]
+    variables = [{"variable": name, "dims": ", ".join(map(str, var.dims)) or "-",
+                  "units": var.attrs.get("units", "-"), "long_name": var.attrs.get("long_name", "-")}
+                 for name, var in ds.data_vars.items()]
+    return [(f"results {path} (open with xarray.open_dataset)", header), ("variables", variables)]
+
+
 def _checkpoint_row(info: CheckpointInfo) -> dict[str, Any]:
+    sizes = {k: info.model_kwargs[k] for k in ("embed_dim", "depth", "num_heads") if k in info.model_kwargs}
     row: dict[str, Any] = {
         "name": info.path.name,
-        "model": info.model,
+        # the registered builder and the sizes it was called with (an import of a 2-block ViT is built by
+        # vit_base_patch16_224 with depth=2: the name alone would describe another model)
+        "model": info.model + (f"({', '.join(f'{k}={v}' for k, v in sizes.items())})" if sizes else ""),
         "epoch": info.epoch,
         "step": info.step,
         "params": info.num_params,

@@ -38,6 +38,20 @@ def test_inspect_checkpoint_shows_model_and_step(tmp_path):
     assert "vit_x" in result.output and "40" in result.output and "val_top1" in result.output
 
 
+
+def test_inspect_of_a_results_file_shows_its_analysis_settings_and_variables(tmp_path):
+    import xarray as xr
+
+    path = tmp_path / "hessian.nc"
+    ds = xr.Dataset({"trace": (("checkpoint",), [3.5], {"units": "nats per squared weight"})},
+                    coords={"checkpoint": ["epoch-0001"]})
+    ds.attrs.update(analysis="hessian", settings='{"samples": 16, "tol": 0.001}')
+    ds.to_netcdf(path, engine="h5netcdf")
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output  # it was called a corrupt safetensors checkpoint
+    assert "hessian" in result.output and "samples=16" in result.output and "epoch-0001" in result.output
+    assert "trace" in result.output and "nats per squared weight" in result.output
+
 def test_datasets_lists_digits_as_found():
     result = CliRunner().invoke(cli, ["datasets"])
     assert result.exit_code == 0, result.output
