@@ -595,7 +595,7 @@ def import_command(source: Path, out: Path, format_: str | None, model: str | No
         "params": result.num_params, "ema": "yes" if result.has_ema else "no", "data": result.data,
     }])
     if result.builder and result.builder != result.model:
-        click.echo(f"built as: {result.builder}")
+        click.echo(f"built by: {result.builder} with the kwargs below (its name alone would be another size)")
     click.echo("kwargs: " + ", ".join(f"{k}={v}" for k, v in result.model_kwargs.items()))
     guessed = [k for k, f in result.facts.items() if f.get("how") == "guessed"]
     read = [f"{k} ({f['from']})" for k, f in result.facts.items() if f.get("how") == "read"]

@@ -358,7 +358,7 @@ def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
                                       "--model-arg", "num_heads=2", "--data", "cifar10"])
     assert result.exit_code == 0, result.output
     assert "vit(embed_dim=32,depth=2,num_heads=2,patch_size=8,img_size=32)" in result.output
-    assert "built as: vit_base_patch16_224" in result.output and "num_heads=2" in result.output
+    assert "built by: vit_base_patch16_224" in result.output and "num_heads=2" in result.output
     config = Run.open(out).load_config()
     assert config["data"] == {"name": "cifar10", "img_size": 32}
     assert config["model"]["kwargs"]["num_heads"] == 2 and len(config["source"]["sha256"]) == 64
