@@ -6,6 +6,7 @@ usage errors exit with 2. Nothing here computes anything.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -78,11 +79,37 @@ class LandscapeGroup(click.Group):
             where = f" on {e.filename}" if getattr(e, "filename", None) else ""
             click.echo(f"Error: the operating system refused an operation{where} ({describe_os_error(e)}).", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:  # Ctrl-C: every write is atomic, so what was saved stays whole
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, a closed terminal: every write is atomic, so what
+            # was saved stays whole
             then = ("continue the run with landscape train --resume RUN" if ctx.invoked_subcommand == "train" else
                     "running the same command again continues from there")
-            click.echo(f"\nInterrupted: everything saved before stays as it was; {then}.", err=True)
-            ctx.exit(130)
+            signum = getattr(e, "signum", signal.SIGINT)
+            what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
+            try:
+                click.echo(f"\n{what}: everything saved before stays as it was; {then}.", err=True)
+            except OSError:  # the terminal that would show it is gone (SIGHUP)
+                pass
+            ctx.exit(128 + signum)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it ends as Ctrl-C does: the write under way is
+    abandoned whole (writes are atomic), locks are released, and one sentence says so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into :class:`Stopped` in this process (where they still have their default action:
+    a worker pool or a caller that set its own handler keeps it)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, stop)
 
 
 @click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -808,6 +835,7 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
 
 
 def main() -> None:
+    _stop_on_signals()
     cli(prog_name="landscape")
 
 

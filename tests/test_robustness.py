@@ -234,6 +234,29 @@ def test_a_full_disk_during_training_and_analysis_is_one_sentence_with_nothing_l
     assert not list(run.analysis_dir.glob(".*.tmp"))
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_a_closed_terminal_end_training_in_one_sentence_and_it_resumes(tmp_path, sig):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress",
+            "--set", "epochs=4", "--set", "every=steps:5"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "checkpoints").glob("*.safetensors"))) < 3:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err  # it was killed silently by the default action
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"Stopped by {signal.Signals(sig).name}: everything saved before stays as it was; continue the run with "
+        "landscape train --resume RUN."), err
+    assert not list(out.rglob(".*.tmp"))
+    saved = len(Run(out).checkpoints())
+    done = _landscape(["train", "--resume", str(out), "--no-progress"])
+    assert done.returncode == 0, done.stderr
+    assert len(Run(out).checkpoints()) > saved
+
 # -- analyses at once, analyses killed ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_analyses_of_one_run_at_once_keep_every_checkpoint(tmp_path):
