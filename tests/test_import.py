@@ -349,6 +349,25 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
 
+
+def test_a_run_another_import_wrote_meanwhile_is_kept_and_named(tmp_path, monkeypatch):
+    import landscape.importers.convert as convert
+
+    torch.save(tiny_timm().state_dict(), tmp_path / "vit.pth")
+    out = tmp_path / "run"
+    real = os.replace
+
+    def other_process_first(src, dst):  # the other import renames its run onto out just before this one does
+        Path(dst).mkdir()
+        (Path(dst) / "theirs.txt").write_text("theirs")
+        return real(src, dst)
+
+    monkeypatch.setattr(convert.os, "replace", other_process_first)
+    with pytest.raises(LandscapeError, match="was created by another process while this import ran"):
+        import_checkpoint(tmp_path / "vit.pth", out, model_args={"num_heads": 2})
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vit.pth"]  # no staging folder left
+
 # -- the command ----------------------------------------------------------------------------------------------
 def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
     source = tiny_timm()

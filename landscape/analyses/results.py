@@ -306,8 +306,10 @@ class AnalysisResults:
                 base = on_disk if base is None else combine_checkpoints([base, on_disk])
             elif on_disk is not None and not self.force:
                 raise LandscapeError(
-                    f"{self.path} was rewritten with other settings by another process while this analysis ran "
-                    f"({self._differences(on_disk.attrs)}); nothing of it was changed, rerun to continue it."
+                    f"{self.path} was written with other settings by another process while this analysis ran "
+                    f"({self._differences(on_disk.attrs)}); it was left as that process wrote it and this analysis's "
+                    "results were not saved: rerun with the file's settings to add to it, or with --force to replace "
+                    "it with these."
                 )
             combined = new if base is None else combine_checkpoints([base, new])
             self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

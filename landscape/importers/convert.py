@@ -285,9 +285,15 @@ def import_checkpoint(
             config_hash=config_hash(config), ema_state_dict=ema_state,
             extra={"source": source_info, **({"model_label": spec.label} if spec.label else {})},
         )
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except OSError as e:  # another process wrote into out meanwhile (ENOTEMPTY, EEXIST): its run stays
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):
+                raise LandscapeError(f"{out} was created by another process while this import ran; it was left "
+                                     "as that process wrote it: choose a new --out directory.") from None
+            raise e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
