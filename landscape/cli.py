@@ -367,7 +367,7 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
               help="Largest, most negative, or both ends of the spectrum.")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True, max=1), default=1e-3, show_default=True,
               help="Relative accuracy of each eigenvalue (its error bound over its size).")
-@click.option("--trace", is_flag=True, help="Estimate the trace (Hutch++, with a standard error).")
+@click.option("--trace", is_flag=True, help="Estimate the trace, with a standard error (see --trace-method).")
 @click.option("--trace-method", type=click.Choice(["lanczos", "hutch++"]), default="lanczos", show_default=True,
               help="lanczos: Hutchinson deflated by the eigenvalues' Krylov basis (Hutch++ with --top-k 0).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")

@@ -97,14 +97,18 @@ def run_dynamics(run: Run) -> xr.Dataset:
         "drop_from_best": (("weights", "epoch"), np.stack([drop_from_best(c) for c in curves]),
                            {"units": "percentage points", "long_name": "running drop from the best top-1"}),
     }
+    names = {"peak_epoch": "first epoch with the best validation top-1", "peak_top1": "best validation top-1",
+             "final_top1": "validation top-1 at the last evaluated epoch",
+             "peak_to_final_drop": "best minus final validation top-1"}
     for key in SCALARS:
         units = "epoch" if key == "peak_epoch" else ("percentage points" if key == "peak_to_final_drop" else "%")
-        data[key] = (("weights",), np.array([s[key] for s in scalars]), {"units": units})
+        data[key] = (("weights",), np.array([s[key] for s in scalars]), {"units": units, "long_name": names[key]})
     data["final_epoch"] = ((), int(epochs[last - 1]), {"units": "epoch", "long_name": "last epoch evaluated, whose "
                                                         "top-1 is final_top1 (NaN where that weights' value is missing)"})
     for col in ("train_loss", "val_loss"):
         values = table[col].to_numpy(dtype=float) if col in table else np.full(len(epochs), np.nan)
-        data[col] = (("epoch",), values, {"units": "nats"})
+        data[col] = (("epoch",), values, {"units": "nats", "long_name": "mean training loss of the epoch (augmented "
+                                          "batches)" if col == "train_loss" else "validation loss"})
     data["generalization_gap"] = (("epoch",), data["val_loss"][1] - data["train_loss"][1],
                                   {"units": "nats", "long_name": "validation loss minus training loss"})
     config = run.load_config()

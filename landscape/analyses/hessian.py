@@ -320,6 +320,11 @@ def hessian_analysis(
                                      {"long_name": "matrix-vector products for the per-batch eigenvalues"})
     data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
     ds = xr.Dataset(data, coords=coords)
+    for name in ds.data_vars:  # curvature in loss per squared parameter unit, the gradient per parameter unit
+        if name.startswith(("eigenvalue_largest", "eigenvalue_smallest", "trace", "density_eigenvalue",
+                            "eigenvalue_per_batch")) and not name.endswith(("matvecs", "residual")):
+            ds[name].attrs.setdefault("units", "nats per squared weight")
+    ds["gradient_norm"].attrs.setdefault("units", "nats per weight")
     if return_eigenvectors:
         return ds, vectors, dict(loss_fn.shapes)
     return ds

@@ -196,12 +196,13 @@ def sharpness_analysis(
     data["loss"] = ((), float(loss0), {"long_name": "mean loss on the evaluation set", "units": "nats"})
     data["top1"] = ((), float(top1), {"long_name": "top-1 accuracy on the evaluation set", "units": "%"})
     data["gradient_norm"] = ((), float(torch.linalg.vector_norm(grad0)),
-                             {"long_name": "Euclidean norm of the gradient"})
+                             {"long_name": "Euclidean norm of the gradient", "units": "nats per weight"})
     data["num_parameters"] = ((), int(closure.num_parameters), {"long_name": "parameters perturbed"})
     data["num_parameters_left_out"] = left_out_variable(closure)
     data["m_batches"] = ((), len(parts), {"long_name": "batches of the m-sharpness average"})
     data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
-    coords = {"rho": ("rho", np.asarray(settings.rhos, dtype=np.float64), {"long_name": radius})}
+    coords = {"rho": ("rho", np.asarray(settings.rhos, dtype=np.float64),
+                      {"long_name": radius, "units": "units of |w| + eta" if settings.adaptive else "weight units"})}
     return xr.Dataset(data, coords=coords)
 
 
