@@ -370,6 +370,23 @@ def test_a_run_another_import_wrote_meanwhile_is_kept_and_named(tmp_path, monkey
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vit.pth"]  # no staging folder left
 
+
+def test_the_logits_check_is_relative_to_small_logits_of_an_untrained_model(tmp_path):
+    """An untrained ViT's logits are about 0.3: a wrong head count moved them by 3.5e-5, inside the old tolerance
+    of 1e-4 x max(1, largest logit), so the check passed a wrong model."""
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", **{**TINY, "num_heads": 4, "global_pool": "avg",
+                                                          "class_token": False}).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    torch.save({"input": x, "logits": logits(source, x)}, tmp_path / "logits.pt")
+    with pytest.raises(CheckpointError, match="it is not the source's model"):
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "wrong", model_args={"num_heads": 2},
+                          check_logits=tmp_path / "logits.pt")
+    result = import_checkpoint(tmp_path / "vit.pth", tmp_path / "right", model_args={"num_heads": 4},
+                               check_logits=tmp_path / "logits.pt")
+    assert any("logits verified" in note for note in result.notes)
+
 # -- the command ----------------------------------------------------------------------------------------------
 def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
     source = tiny_timm()

@@ -127,14 +127,17 @@ def import_data_config(spec: ModelSpec, data: str | None, img_size: int | None, 
 
 
 LOGITS_RTOL = 1e-4
+TRIVIAL_LOGITS = 1e-6  # below this largest reference logit, a logits check tells nothing
 
 
 def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor, *, source: str,
                   facts: dict[str, dict[str, Any]] | None = None) -> float:
     """The largest absolute difference between ``model(x)`` and ``expected``; refused above the tolerance.
 
-    The tolerance is :data:`LOGITS_RTOL` times the largest expected logit (at least 1): float32 models from two
-    codebases agree to about 1e-6 of that, a wrong head count or pooling differs by whole units.
+    The tolerance is :data:`LOGITS_RTOL` times the largest expected logit: float32 models from two codebases agree
+    to about 1e-6 of that, a wrong head count or pooling differs by a good fraction of it (an untrained model's
+    logits are small, so a floor of 1 would let a wrong head count through). Logits that are all about zero (a
+    zero-initialised head) cannot tell models apart: the caller notes it.
     """
     if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0]:
         raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N, "
@@ -149,7 +152,7 @@ def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tenso
         raise CheckpointError(f"The imported model gives logits of shape {tuple(out.shape)}, but {source} holds "
                               f"{tuple(expected.shape)}.")
     diff = float((out.double() - expected.double()).abs().max())
-    tol = LOGITS_RTOL * max(1.0, float(expected.double().abs().max()))
+    tol = LOGITS_RTOL * float(expected.double().abs().max())
     if not diff <= tol:
         guessed = [f"{k}={f['value']!r}" for k, f in (facts or {}).items() if f.get("how") == "guessed"]
         hint = (f"the guessed {', '.join(guessed)} may be wrong: override with --model-arg KEY=VALUE" if guessed
@@ -225,14 +228,18 @@ def import_checkpoint(
     if "reference" in foreign.extra:
         x, expected = foreign.extra.pop("reference")
         diff = verify_logits(raw_model, x, expected, source=f"{label} (its reference_logits)", facts=spec.facts)
-        checks.append({"against": "reference_logits in the file", "inputs": int(x.shape[0]), "max_abs_diff": diff})
+        checks.append({"against": "reference_logits in the file", "inputs": int(x.shape[0]), "max_abs_diff": diff,
+                       "largest": float(expected.abs().max())})
     if check_logits is not None:
         x, expected = read_logits_pair(check_logits)
         diff = verify_logits(raw_model, x, expected, source=str(check_logits), facts=spec.facts)
-        checks.append({"against": str(Path(check_logits).resolve()), "inputs": int(x.shape[0]), "max_abs_diff": diff})
+        checks.append({"against": str(Path(check_logits).resolve()), "inputs": int(x.shape[0]), "max_abs_diff": diff,
+                       "largest": float(expected.abs().max())})
     for check in checks:
         notes.append(f"logits verified against {check['against']}: largest difference {check['max_abs_diff']:.2g} "
-                     f"over {check['inputs']} inputs")
+                     f"over {check['inputs']} inputs" + ("; but every reference logit is about 0 (a zero-initialised "
+                                                         "head?), so the check cannot tell models apart"
+                                                         if check["largest"] < TRIVIAL_LOGITS else ""))
     ema_state = None
     stage(IMPORT_STAGES[3])
     if foreign.ema_state_dict is not None:
