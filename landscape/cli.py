@@ -557,7 +557,8 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
         summary = across_seeds(datasets).to_dataframe().dropna(subset=["n_seeds"]).reset_index()
         click.echo("\nacross seeds (mean, standard deviation)")
         print_table([{"variant": r["variant"], "weights": r["weights"], "seeds": int(r["n_seeds"]),
-                      **{k: f"{r[k + '_mean']:.4g} ± {r[k + '_std']:.2g}" for k in SCALARS}}
+                      **{k: f"{r[k + '_mean']:.4g}" + (f" ± {r[k + '_std']:.2g}" if r["n_seeds"] > 1 else "")
+                         for k in SCALARS}}
                      for r in summary.to_dict("records")])
 # -- end analyze dynamics --
 # == end analyses ==

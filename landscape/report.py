@@ -348,7 +348,7 @@ def _correlation_summary(correlations: Sequence[Correlation], *, within: bool) -
     lean = (f"others: {counts['as predicted']} of {len(others)} as predicted, {counts['opposite']} opposite"
             if others else "no other measure")
     n = max(c.n for c in voting)
-    return "; ".join(deciding or ["no invariant measure votes"]) + f"; {lean}; n = {n} runs"
+    return "; ".join(deciding or ["no invariant measure votes"]) + f"; {lean}; n = {n} run{'s' if n != 1 else ''}"
 
 
 def drop_floor_columns(table: pd.DataFrame, results, weights: str = "raw") -> pd.DataFrame:

@@ -235,6 +235,9 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
             dynamics = run_dynamics(run)
         except LandscapeError as e:  # the run's other results still count; the gap is said, not hidden
             problems.append(f"{str(e).rstrip('.')}. The run's accuracy curve and peak-to-final drop are left out.")
+    if not any(r.kind in ("hessian", "sharpness", "surface") for r in results):
+        problems.append(f"{path} has no Hessian, sharpness or surface results yet (landscape analyze ... {path}); "
+                        "its flatness measures are empty.")
     if dynamics is not None and "final_epoch" in dynamics and "planned_epochs" in dynamics.attrs:
         final, planned = int(dynamics["final_epoch"]), int(dynamics.attrs["planned_epochs"])
         if final < planned:  # said, since its "final" top-1 and drop are not the trained run's

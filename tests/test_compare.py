@@ -96,7 +96,7 @@ def test_compare_command_prints_dashes_and_writes_csv_and_figure(tmp_path):
     csv, png = tmp_path / "compare.csv", tmp_path / "compare.png"
     result = CliRunner().invoke(cli, ["compare", str(a.root), str(b.root), "--out", str(csv), "--figure", str(png)])
     assert result.exit_code == 0, result.output
-    header, _, row_a, row_b = result.output.splitlines()[:4]
+    header, _, row_a, row_b = result.stdout.splitlines()[:4]
     assert "trace" in header and "peak_to_final_drop" in header
     assert row_b.split()[-1] == "-"  # b has no peak-to-final drop
     table = pd.read_csv(csv)
