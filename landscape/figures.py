@@ -592,7 +592,7 @@ def surface_3d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
         ax.set_title(style.label, color=style.color if style.color != "#000000" else "black")
         ax.set_xlabel("direction 1", labelpad=-6)
         ax.set_ylabel("direction 2", labelpad=-6)
-        ax.set_zlabel("log₁₀ loss (nats)", labelpad=-4)
+        ax.set_zlabel("log₁₀(loss / nats)", labelpad=-4)
         ax.tick_params(labelsize=7, pad=-3)
         for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
             axis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
