@@ -784,7 +784,8 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
 
     \b
     The file names the dataset, recipe and overrides, the seeds, the variants (model and kwargs) and the analyses
-    (which measures at which checkpoints); landscape/studies/demo-digits.yaml is the demo's. Bad studies (an unknown
+    (which measures at which checkpoints). The studies shipped with landscape are named without a folder:
+    demo-digits (the demo's), demo-fashion-mnist, dynamics-digits. Bad studies (an unknown
     model, a variant without its baseline, a group size that does not divide the depth) are refused before anything
     trains. Re-running continues where an interrupted study stopped.
     """

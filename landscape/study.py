@@ -165,10 +165,15 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     import yaml
 
     path = Path(path)
+    bundled = STUDIES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if not path.exists() and path.parent == Path(".") and bundled.is_file():  # a study shipped with landscape
+        path = bundled
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"Study file {path} does not exist.") from None
+        names = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
+        raise ConfigError(f"Study file {path} does not exist (the studies shipped with landscape, named without a "
+                          f"folder: {names}).") from None
     except IsADirectoryError:
         raise ConfigError(f"{path} is a folder; give the study's YAML file.") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -363,3 +363,13 @@ def test_ctrl_c_stops_a_study_and_its_workers_at_once_with_one_sentence(tmp_path
     while workers & _descendants(1) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not workers & _descendants(1)
+
+
+def test_a_study_shipped_with_landscape_is_named_without_its_folder(tmp_path, monkeypatch):
+    from landscape.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # not the repository: the file is found in the package
+    assert load_study("dynamics-digits").name == load_study(STUDIES_DIR / "dynamics-digits.yaml").name
+    assert load_study("demo-digits.yaml").variants
+    with pytest.raises(ConfigError, match="named without a folder: demo-digits, demo-fashion-mnist, dynamics-digits"):
+        load_study("nosuch")
