@@ -367,6 +367,7 @@ def test_ctrl_c_stops_a_study_and_its_workers_at_once_with_one_sentence(tmp_path
 
 def test_a_study_shipped_with_landscape_is_named_without_its_folder(tmp_path, monkeypatch):
     from landscape.errors import ConfigError
+    from landscape.study import STUDIES_DIR, load_study
 
     monkeypatch.chdir(tmp_path)  # not the repository: the file is found in the package
     assert load_study("dynamics-digits").name == load_study(STUDIES_DIR / "dynamics-digits.yaml").name
