@@ -263,6 +263,15 @@ def test_hf_default_layer_norm_epsilon_is_kept(tmp_path, x):
     assert_same_logits(source, tmp_path / "run", x)
 
 
+
+def test_a_bare_hf_state_dict_without_config_json_takes_the_hf_layer_norm_epsilon(tmp_path, x):
+    source = tiny_hf()  # layer_norm_eps 1e-12, as every Hugging Face ViT unless its config says otherwise
+    torch.save(source.state_dict(), tmp_path / "vit.bin")  # no config.json beside it
+    result = import_checkpoint(tmp_path / "vit.bin", tmp_path / "run", model_args={"num_heads": 4})
+    assert result.format == "hf" and result.model_kwargs.get("norm_eps") == 1e-12
+    assert "ViTConfig's default" in result.facts["norm_eps"]["from"]
+    assert_same_logits(source, tmp_path / "run", x)  # timm's 1e-6 failed the logits check
+
 def test_non_vit_hf_config_is_refused(tmp_path):
     source = tiny_hf(layer_norm_eps=1e-6)
     source.save_pretrained(tmp_path / "hf")

@@ -54,6 +54,10 @@ class ForeignCheckpoint:
     weights_file: Path | None = None
 
 
+HF_LAYER_NORM_EPS = 1e-12
+"""``layer_norm_eps`` of a Hugging Face ViTConfig unless its config.json says otherwise."""
+
+
 def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) -> ForeignCheckpoint:
     """Read ``path`` (a weights file, or a Hugging Face model directory) and map its keys to timm names.
 
@@ -79,6 +83,9 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
         format = detect_format(raw, container=extra.get("container"), path=path)
     if config_file is not None:
         config_hints(_load_json(config_file), format, hints)
+    if format == "hf" and "layer_norm_eps" not in hints:  # a bare Hugging Face state dict: ViTConfig's default,
+        # not timm's 1e-6 (which changes the logits by about 1e-4 of their size)
+        _hint(hints, "layer_norm_eps", HF_LAYER_NORM_EPS, "Hugging Face ViTConfig's default (no config.json)")
     filter_fn = FILTERS[format]
     return ForeignCheckpoint(
         path, format, restore_shared_mlps(filter_fn(raw)),
