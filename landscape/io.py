@@ -28,6 +28,7 @@ import fcntl
 import os
 import re
 import tempfile
+import time
 import typing
 from pathlib import Path
 from typing import Any, Iterator
@@ -243,17 +244,26 @@ def pid_alive(pid: int) -> bool:
 _TEMP_PID = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
+STALE_AFTER_S = 3600.0
+"""A temporary file of a live pid untouched this long is not that process's write under way."""
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
     """Remove the temporary files (``.*.tmp``) in ``folder`` left by processes that are no longer running (an
-    interrupted write); those of a live process are kept. Returns the files removed."""
+    interrupted write); those of a live process are kept, unless untouched for :data:`STALE_AFTER_S` (the pid
+    then belongs to another process: a run copied from another machine, or a pid reused). Returns the files
+    removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
+    now = time.time()
     for tmp in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
         match = _TEMP_PID.match(tmp.name)
         if match and (int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1)))):
-            continue
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime < STALE_AFTER_S:
+                    continue  # a write under way (each write touches the file)
         with contextlib.suppress(OSError):
             tmp.unlink()
             removed.append(tmp)

@@ -130,8 +130,11 @@ def test_stale_temporary_files_of_dead_processes_go_and_a_live_writers_stay(tmp_
         alive = tmp_path / f".hessian.nc.{live.pid}.abcd.tmp"
         for p in (dead, old_style, alive):
             p.write_bytes(b"partial")
+        copied = tmp_path / ".epoch-0004.safetensors.1.abcd.tmp"  # pid 1 lives, but the file is a day old: a
+        copied.write_bytes(b"partial")  # run copied from another machine, or a reused pid
+        os.utime(copied, (time.time() - 86400, time.time() - 86400))
         removed = remove_stale_temporaries(tmp_path)
-        assert sorted(removed) == sorted([dead, old_style]) and alive.exists()
+        assert sorted(removed) == sorted([dead, old_style, copied]) and alive.exists()
     finally:
         live.kill()
         live.wait()
