@@ -142,7 +142,7 @@ class Run:
         """Every checkpoint of the run, sorted by step (then epoch, then name)."""
         if not self.checkpoints_dir.is_dir():
             return []
-        infos = [read_checkpoint_info(p) for p in self.checkpoints_dir.glob("*.safetensors")]
+        infos = [_named_as_it_says(read_checkpoint_info(p)) for p in self.checkpoints_dir.glob("*.safetensors")]
         return sorted(infos, key=lambda i: (i.step, i.epoch if i.epoch is not None else -1, i.path.name))
 
     def check_checkpoint_model(self, info: CheckpointInfo) -> None:
@@ -282,6 +282,23 @@ def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[Checkpoin
             f"{', '.join(map(str, avail[:30]))}{' ...' if len(avail) > 30 else ''}."
         )
     return [have[w] for w in sorted(set(numbers))]
+
+
+_CHECKPOINT_NAME = re.compile(r"^(epoch|step)-(\d+)$")
+
+
+def _named_as_it_says(info: CheckpointInfo) -> CheckpointInfo:
+    """``info``, refused when its file name (``epoch-0003``, ``step-00001234``) and its header disagree: a
+    checkpoint copied over another would otherwise be analysed as the one its name says."""
+    match = _CHECKPOINT_NAME.match(info.path.stem)
+    if match:
+        kind, number = match.group(1), int(match.group(2))
+        header = info.epoch if kind == "epoch" else info.step
+        if header != number:
+            raise CheckpointError(
+                f"{info.path} is named {kind} {number} but its header says {kind} {header}; it was copied or renamed "
+                "over another checkpoint: restore it, or move it out of checkpoints/.")
+    return info
 
 
 def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -82,3 +82,22 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path):
 def test_a_run_that_failed_before_saving_anything_can_be_retried(tmp_path):
     Run.create(tmp_path / "r")  # leaves checkpoints/ only, as a run failing on missing data does
     Run.create(tmp_path / "r")
+
+
+def test_a_checkpoint_copied_over_another_is_named_not_analysed_as_its_name_says(tmp_path):
+    import shutil
+
+    import torch
+
+    from landscape.checkpoints import save_checkpoint
+    from landscape.errors import CheckpointError
+    from landscape.runs import Run
+
+    run = Run.create(tmp_path / "run")
+    for epoch in (1, 2):
+        save_checkpoint(run.checkpoint_path(epoch=epoch), {"w": torch.full((2,), float(epoch))}, model="m",
+                        epoch=epoch, step=10 * epoch)
+    assert [i.epoch for i in run.checkpoints()] == [1, 2]
+    shutil.copy(run.checkpoint_path(epoch=1), run.checkpoint_path(epoch=2))
+    with pytest.raises(CheckpointError, match="epoch-0002.safetensors is named epoch 2 but its header says epoch 1"):
+        run.checkpoints()
