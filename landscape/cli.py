@@ -751,7 +751,8 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
 @click.option("--force", is_flag=True, help="Recompute every analysis (training is kept).")
 @click.option("--smoke", is_flag=True,
               help="The least that runs every stage (1 epoch unless --epochs, 128 training images, a few products "
-                   "per analysis): a check that the demo works (a few minutes at most with --seeds 1, most of it drawing the figures); not a result.")
+                   "per analysis): a check that the demo works (a few minutes at most with --seeds 1, most of it "
+                   "drawing the figures); not a result.")
 @DATA_DIR_OPTION
 def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
          force: bool, smoke: bool, data_dir: Path | None) -> None:
