@@ -783,7 +783,6 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
           data_dir: Path | None) -> None:
     """Run the study declared in STUDY.yaml: variants x seeds -> train -> analyses -> figures -> report.
 
-    \b
     The file names the dataset, recipe and overrides, the seeds, the variants (model and kwargs) and the analyses
     (which measures at which checkpoints). The studies shipped with landscape are named without a folder:
     demo-digits (the demo's), demo-fashion-mnist, dynamics-digits. Bad studies (an unknown
