@@ -633,7 +633,9 @@ def _flatness_scatter(results: Sequence[RunResults], styles: dict[str, VariantSt
         row_axes[0].set_ylabel(ylabel)
     for ax in list(axes.flat)[len(measures):]:
         ax.set_visible(False)
-    _figure_legend(fig, [s for s in styles.values()], lines=False, ncol=5)
+    finite = table[response].notna() & table[[m.name for m in measures]].notna().any(axis=1)
+    shown = set(table.loc[finite, "variant"])  # a variant without a point would be a legend entry for nothing
+    _figure_legend(fig, [s for key, s in styles.items() if key in shown], lines=False, ncol=5)
     fig.text(0.5, 0.0, f"{FLAG_REPARAMETERISATION} changes under reparameterisation;  {FLAG_SIZE} grows with the "
              "parameter count (not comparable between model sizes).\nr_s: Spearman rank correlation over the runs, "
              "with its 95% interval (Fisher z).", ha="center", va="bottom", fontsize=7)
