@@ -180,6 +180,11 @@ def test_a_loss_that_is_not_a_batch_mean_is_refused_and_label_smoothing_is_exact
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     xs, ys = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    # a mean over the targets kept (ignore_index: padding, void pixels) is measured, with a warning that batches
+    # are weighted by their examples, not their kept targets
+    ignored = torch.where(torch.arange(20) % 3 == 0, -100, ys)
+    with pytest.warns(UserWarning, match="mean over something other than the batch's examples"):
+        ls.hessian(net, (xs, ignored), top_k=1, batch_size=6)
     smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)
     exact = dense_eigenvalues(net, xs, ys, smoothed)
     ds = ls.hessian(net, (xs, ys), loss=smoothed, top_k=2, tol=1e-10, batch_size=6)

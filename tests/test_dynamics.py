@@ -108,3 +108,13 @@ def test_dynamics_file_is_written_by_the_results_writer_with_library_versions(tm
     assert {"created", "updated", "host", "settings"} <= set(on_disk.attrs)
     xr.testing.assert_identical(on_disk.drop_attrs(), ds.drop_attrs())
     assert not [p.name for p in path.parent.iterdir() if p.name != "dynamics.nc" and not p.name.startswith(".")]
+
+
+
+def test_a_masked_autoencoder_run_is_said_to_have_no_top1_curve(tmp_path):
+    run = Run.create(tmp_path / "mae")
+    run.save_config({"model": {"name": "mae_mlit_xxs", "kwargs": {}}, "data": {"name": "digits"}, "seed": 0,
+                     "task": "mae", "epochs": 1})
+    run.write_metrics([{"epoch": 1, "step": 10, "train_loss": 0.5, "val_loss": 0.4, "val_top1": None}])
+    with pytest.raises(LandscapeError, match="pre-trains a masked autoencoder: it has no top-1 curve"):
+        run_dynamics(run)

@@ -80,7 +80,11 @@ def run_dynamics(run: Run) -> xr.Dataset:
     epochs = table.index.to_numpy()
     weights = [w for w, col in WEIGHTS.items() if col in table and table[col].notna().any()]
     if not weights:
-        raise LandscapeError(f"metrics.csv of {run.root} has no val_top1 column.")
+        if str((run.load_config() or {}).get("task", "classify")) == "mae":
+            raise LandscapeError(f"{run.root} pre-trains a masked autoencoder: it has no top-1 curve, so no peak-to-final "
+                                 "drop (fine-tune it with --init to get one).")
+        what = "no val_top1 values" if "val_top1" in table else "no val_top1 column"
+        raise LandscapeError(f"metrics.csv of {run.root} has {what}, so the run has no accuracy curve.")
     try:
         curves = np.stack([table[WEIGHTS[w]].to_numpy(dtype=float) for w in weights])
     except (TypeError, ValueError):

@@ -249,6 +249,14 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
+NOT_A_MEAN = 0.05
+"""Relative gap between a criterion on a batch and the count-weighted mean of it on the batch's halves above which
+it is refused as not a mean (a sum gives 1, i.e. 100%)."""
+NEARLY_A_MEAN = 1e-4
+"""Above this gap (float32 rounding is about 1e-7) a criterion is a mean over something else than the examples:
+warned about."""
+
+
 def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> None:
     """Refuse a criterion that cannot take the model's outputs and the targets, or is not one number, the mean over
     the batch's examples.
@@ -280,11 +288,22 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
         k = n // 2
         halves = (k * criterion(outputs[:k], yb[:k]) + (n - k) * criterion(outputs[k:], yb[k:])) / n
     whole, halves = float(whole), float(halves)
-    if math.isfinite(whole) and math.isfinite(halves) and abs(whole - halves) > 1e-4 * max(abs(whole), abs(halves), 1e-6):
+    if not (math.isfinite(whole) and math.isfinite(halves)):
+        return
+    gap = abs(whole - halves) / max(abs(whole), abs(halves), 1e-6)
+    if gap > NOT_A_MEAN:  # a sum doubles it
         raise LandscapeError(
             f"The loss is not a mean over the batch's examples: on {n} examples it gives {whole:.6g}, while the mean "
-            f"of its values on their two halves is {halves:.6g}. A sum or a weighted mean would make every result "
-            "depend on the batch size; give a loss with reduction='mean' (per-example weights inside the mean).")
+            f"of its values on their two halves is {halves:.6g}. A sum would make every result scale with the batch "
+            "size; give a loss with reduction='mean'.")
+    if gap > NEARLY_A_MEAN:  # a mean over a varying count (ignore_index, class weights): batch_size matters a little
+        import warnings
+
+        warnings.warn(
+            f"The loss is a mean over something other than the batch's examples (ignore_index or class weights?): on "
+            f"{n} examples it gives {whole:.6g}, the count-weighted mean of its halves {halves:.6g}. Batches are "
+            "weighted by their number of examples, so results depend slightly on batch_size; for exact results give "
+            "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).", stacklevel=4)
 
 
 # -- the loss closure ---------------------------------------------------------------------------------------------
