@@ -27,7 +27,7 @@ import errno as _errno
 import fcntl
 import os
 import re
-import tempfile
+import secrets
 import time
 import typing
 from pathlib import Path
@@ -164,9 +164,15 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=temporary_name(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        while True:
+            # The name is held before the file exists, so a signal that lands just after the file is created
+            # (SIGTERM turned into an exception) still finds it below and removes it.
+            tmp = path.parent / f"{temporary_name(path)}{secrets.token_hex(6)}.tmp"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                break
+            except FileExistsError:
+                tmp = None
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600 files; runs are meant to be shared
         with open(tmp, "rb+") as f:
@@ -202,17 +208,16 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, kept: str | None = 
 def check_writable(folder: str | os.PathLike) -> Path:
     """Make ``folder`` and write (then remove) a small file in it, so that work whose results go there can be refused
     before it starts, not after: a read-only or permission-denied folder is one :class:`WriteError` sentence."""
-    import tempfile
-
     folder = make_dirs(folder)
+    name = folder / f"{temporary_name(folder / 'write-check')}{secrets.token_hex(6)}.tmp"
     try:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=temporary_name(folder / "write-check"), suffix=".tmp")
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
         raise WriteError(f"Cannot write in {folder} ({describe_os_error(e)}); nothing was computed.", path=folder,
                          error=e) from None
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(name)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
     return folder
 
 

@@ -140,6 +140,32 @@ def test_stale_temporary_files_of_dead_processes_go_and_a_live_writers_stay(tmp_
         live.wait()
 
 
+@pytest.mark.parametrize("where", ["atomic_write", "check_writable"])
+def test_an_interrupt_landing_just_after_a_temporary_file_is_created_leaves_no_file(tmp_path, monkeypatch, where):
+    """SIGTERM is raised as an exception between two bytecodes: it can land after the file exists but before the
+    writer knows its name."""
+    import landscape.io as lio
+
+    real_open = os.open
+
+    def open_then_interrupt(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_CREAT:
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(lio.os, "open", open_then_interrupt)
+    (tmp_path / "metrics.csv").write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        if where == "atomic_write":
+            lio.atomic_write_text(tmp_path / "metrics.csv", "new\n")
+        else:
+            lio.check_writable(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+    assert (tmp_path / "metrics.csv").read_text() == "old\n"
+
+
 def test_resume_applies_the_keep_policy_and_clears_temporaries_a_kill_left(tmp_path, monkeypatch):
     """A kill between the state write and the keep policy leaves one checkpoint too many; the resume removes it,
     along with the temporary files of the killed process."""
