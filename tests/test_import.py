@@ -73,6 +73,45 @@ def test_a_classifier_bias_without_its_matrix_is_named_as_incomplete(tmp_path):
         import_checkpoint(tmp_path / "nohead.pth", tmp_path / "run", model_args={"num_heads": 2})
     assert not (tmp_path / "run" / "checkpoints").exists()
 
+def test_copies_left_by_killed_imports_go_and_a_live_ones_stays(tmp_path, x):
+    import subprocess
+    import time
+
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        dead = tmp_path / ".run.999999999.ab12.importing"  # a SIGKILL before the rename
+        old_style = tmp_path / ".run.k3j2h1.importing"  # an older version's name (no pid), a day old
+        alive = tmp_path / f".run.{live.pid}.cd34.importing"  # another import under way
+        other = tmp_path / ".other.999999999.ef56.importing"  # another --out's: not this import's business
+        for folder in (dead, old_style, alive, other):
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "checkpoints" / "epoch-0000.safetensors").write_bytes(b"partial")
+        os.utime(old_style, (time.time() - 86400, time.time() - 86400))
+        source = tiny_timm()
+        torch.save(source.state_dict(), tmp_path / "vit.pth")
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "run", model_args={"num_heads": 2})
+        assert_same_logits(source, tmp_path / "run", x)
+        assert sorted(p.name for p in tmp_path.glob(".*")) == sorted([alive.name, other.name])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_interrupt_just_after_the_import_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    real_mkdir = os.mkdir
+
+    def mkdir_then_interrupt(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if str(path).endswith(".importing"):
+            raise KeyboardInterrupt  # SIGTERM, as the command line raises it
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_interrupt)
+    torch.save(tiny_timm().state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(KeyboardInterrupt):
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.pth"]
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_state_dict_imports_with_equal_logits(tmp_path, x, suffix):
     source = tiny_timm()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +20,7 @@ from landscape.checkpoints import load_state_dict_strict, save_checkpoint
 from landscape.config import config_hash
 from landscape.data import check_data_fits, dataset_names
 from landscape.errors import CheckpointError, LandscapeError
+from landscape.io import STALE_AFTER_S, pid_alive
 from landscape.importers.filters import StateDict
 from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
 from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
@@ -176,11 +181,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes a private (0700) directory; the run should get the permissions of a plain mkdir."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
+def _remove_interrupted_imports(out: Path) -> list[Path]:
+    """Remove the unfinished copies (``.OUT.PID.RANDOM.importing``) that imports into ``out`` killed before their
+    rename left next to it; a live process's copy stays unless untouched for :data:`landscape.io.STALE_AFTER_S`."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:(\d+)\.)?[^.]+\.importing$")
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*.importing"):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            pid = match.group(1)
+            if (pid is None or pid_alive(int(pid))) and time.time() - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 IMPORT_STAGES = ("reading the file", "building the model", "checking logits", "loading EMA weights", "writing the run")
@@ -281,9 +297,16 @@ def import_checkpoint(
 
     stage(IMPORT_STAGES[4])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".importing", dir=out.parent))
+    _remove_interrupted_imports(out)
+    tmp: Path | None = None
     try:
-        _chmod_like_mkdir(tmp)
+        while True:  # named before it exists, so that a SIGTERM just after the mkdir still finds it below
+            tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(6)}.importing"
+            try:
+                tmp.mkdir()
+                break
+            except FileExistsError:
+                tmp = None
         run = Run.create(tmp)
         run.save_config(config)
         checkpoint = run.checkpoint_path(epoch=0)
@@ -302,7 +325,8 @@ def import_checkpoint(
                                      "as that process wrote it: choose a new --out directory.") from None
             raise e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     run = Run(out)
     return ImportResult(
