@@ -270,13 +270,15 @@ def _mean_band(ax, x: np.ndarray, curves: list[np.ndarray], style: VariantStyle,
     """The mean over seeds as a line with markers, each seed as a thin line, and the band from the lowest to the
     highest seed (drawn in data space, so it stays visible on a symlog axis whatever the sign of the values)."""
     stack = np.vstack(curves)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a point no seed has (all NaN) stays a gap, without a warning on stderr
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(stack, axis=0)
+        low, high = np.nanmin(stack, axis=0), np.nanmax(stack, axis=0)
     ax.plot(x, mean, color=style.color, linestyle=style.linestyle, marker=style.marker, markersize=2.8, label=label)
     if len(curves) > 1:
         for curve in curves:
             ax.plot(x, curve, color=style.color, linestyle=style.linestyle, lw=0.5, alpha=0.55)
-        ax.fill_between(x, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=style.color, alpha=0.12, lw=0)
+        ax.fill_between(x, low, high, color=style.color, alpha=0.12, lw=0)
 
 
 def _value_scale(ax, values: np.ndarray) -> None:

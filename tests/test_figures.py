@@ -20,6 +20,7 @@ def study(analysed_study):
     return load_results(analysed_study)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a figure prints no numpy warning under the user's command
 def test_every_figure_is_written(study, tmp_path):
     written = write_figures(study, tmp_path, formats=("png",))
     assert set(written) == set(FIGURES)
