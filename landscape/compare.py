@@ -7,7 +7,8 @@ column                     source
 =========================  =================================================================================
 ``run``, ``model``         the run directory as given; the model name with its variant knobs (config.yaml)
 ``params``                 parameters of the final checkpoint, each shared tensor counted once
-``epoch``, ``step``        the final checkpoint
+``epoch``, ``step``        the final checkpoint (a run kept without its checkpoints, as a committed study is:
+                           the last row of ``metrics.csv``, and the parameters its Hessian was taken over)
 ``top1``, ``ema_top1``     saved with the final checkpoint, else its row of ``metrics.csv``
 ``top_eigenvalue``         largest Hessian eigenvalue :math:`\\lambda_1` at the final checkpoint (hessian.nc:
                            ``eigenvalue_largest`` at ``k = 1``)
@@ -38,7 +39,6 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from landscape.checkpoints import CheckpointInfo
 from landscape.io import atomic_write, atomic_write_text
 from landscape.errors import LandscapeError
 
@@ -90,34 +90,42 @@ def run_summary(path: Any) -> dict[str, Any]:
     summary = path if isinstance(path, RunResults) else load_run(path)
     path = summary.path
     infos = summary.run.checkpoints()
-    if not infos:
-        raise LandscapeError(f"Run {path} has no checkpoints to compare.")
-    final = infos[-1]
+    metrics = summary.run.read_metrics()
+    if infos:
+        final = infos[-1]
+        params, epoch, step, saved = final.num_params, final.epoch, final.step, final.metrics
+    elif summary.results or not metrics.empty:  # results kept without their checkpoints (a committed study)
+        last = metrics.iloc[-1] if not metrics.empty else {}
+        params, step, saved = summary.num_params, summary.final_step, {}
+        epoch = int(last["epoch"]) if _is_number(last.get("epoch")) else None
+    else:
+        raise LandscapeError(f"Run {path} has no checkpoints, results or metrics to compare.")
     row: dict[str, Any] = {
         "run": str(path),
         "model": summary.variant.name,
-        "params": final.num_params,
-        "epoch": final.epoch,
-        "step": final.step,
+        "params": params,
+        "epoch": epoch,
+        "step": step,
     }
-    row.update(accuracy(summary.run.read_metrics(), final))
-    row.update(_at_final("hessian", summary.hessian, final.step, hessian_measures))
-    row.update(_at_final("sharpness", summary.sharpness, final.step, sharpness_measures))
-    row.update(_at_final("adaptive_sharpness", summary.adaptive_sharpness, final.step,
+    row.update(accuracy(metrics, saved, step))
+    at = step if step is not None else -1
+    row.update(_at_final("hessian", summary.hessian, at, hessian_measures))
+    row.update(_at_final("sharpness", summary.sharpness, at, sharpness_measures))
+    row.update(_at_final("adaptive_sharpness", summary.adaptive_sharpness, at,
                          lambda entry: sharpness_measures(entry, "adaptive_sharpness")))
     row.update(dynamics_measures(summary.dynamics))
     return row
 
 
 # -- accuracy ---------------------------------------------------------------------------------------------------
-def accuracy(metrics: pd.DataFrame, final: CheckpointInfo) -> dict[str, float]:
-    """Top-1 (raw and EMA) of the final checkpoint: the metrics saved with it, else its row of ``metrics.csv``.
+def accuracy(metrics: pd.DataFrame, saved: dict[str, Any], step: int | None) -> dict[str, float]:
+    """Top-1 (raw and EMA) of the final checkpoint: the metrics ``saved`` with it, else its row of ``metrics.csv``.
 
-    The ``metrics.csv`` row is the last one at the checkpoint's step, else the last row of the file.
+    The ``metrics.csv`` row is the last one at the checkpoint's ``step``, else the last row of the file.
     """
-    source: Any = final.metrics
-    if not any(_is_number(final.metrics.get(key)) for key in ACCURACY_COLUMNS.values()) and not metrics.empty:
-        at_step = metrics[metrics["step"] == final.step] if "step" in metrics else metrics.iloc[:0]
+    source: Any = saved
+    if not any(_is_number(saved.get(key)) for key in ACCURACY_COLUMNS.values()) and not metrics.empty:
+        at_step = metrics[metrics["step"] == step] if "step" in metrics and step is not None else metrics.iloc[:0]
         source = (at_step if len(at_step) else metrics).iloc[-1].to_dict()
     return {column: float(source[key]) if _is_number(source.get(key)) else math.nan
             for column, key in ACCURACY_COLUMNS.items()}

@@ -367,7 +367,7 @@ def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantSty
         return None
     groups = _by_variant(runs, styles)
     fig, axes = _panel_grid(len(groups), PAGE_WIDTH if len(groups) > 1 else COLUMN_WIDTH, panel_height=1.55)
-    peak, linthresh = 0.0, []
+    peak, linthresh, ends, at_ends = 0.0, [], [], []
     seed_styles = ("-", "--", ":", "-.")
     for ax, (style, group) in zip(axes, groups):
         for i, r in enumerate(group):
@@ -379,13 +379,22 @@ def spectral_density(results: Sequence[RunResults], styles: dict[str, VariantSty
             peak = max(peak, float(np.nanmax(density)))
             if "density_linthresh" in entry:
                 linthresh.append(float(entry["density_linthresh"]))
+            # The extreme quadrature nodes are the outliers' Ritz values (lambda_1 among them): their bumps carry a
+            # weight of about 1/P each, far below the bulk's peak, and must stay on the axes.
+            nodes = entry["density_nodes"].values.ravel() if "density_nodes" in entry else np.array([])
+            nodes = nodes[np.isfinite(nodes)]
+            if nodes.size and keep.any():
+                ends.extend([float(nodes.min()), float(nodes.max())])
+                for node in (nodes.min(), nodes.max()):
+                    at_ends.append(float(density[keep][np.argmin(np.abs(grid[keep] - node))]))
         ax.set_title(style.label, color=style.color)
         if len(group) > 1:
             ax.legend(loc="upper right", handlelength=1.6)
-    floor = peak * 1e-7
+    positive = [d for d in at_ends if d > 0]
+    floor = max(peak * 1e-12, min([peak * 1e-7] + [0.3 * d for d in positive]))
     threshold = float(np.median(linthresh)) if linthresh else 1.0
     visible = np.concatenate([np.asarray(line.get_xdata())[np.asarray(line.get_ydata()) > floor]
-                              for ax in axes for line in ax.get_lines()])
+                              for ax in axes for line in ax.get_lines()] + [np.asarray(ends)])
     low, high = float(visible.min()), float(visible.max())
     ncols = min(len(groups), 3)
     for i, ax in enumerate(axes):

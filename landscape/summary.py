@@ -230,11 +230,18 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
     results = gather_results(run)
     dynamics = next((r.dataset for r in results if r.kind == "dynamics"), None)
     problems = []
-    if dynamics is None and run.metrics_path.exists():
+    if run.metrics_path.exists():
         try:
-            dynamics = run_dynamics(run)
+            current = run_dynamics(run)
         except LandscapeError as e:  # the run's other results still count; the gap is said, not hidden
-            problems.append(f"{str(e).rstrip('.')}. The run's accuracy curve and peak-to-final drop are left out.")
+            if dynamics is None:
+                problems.append(f"{str(e).rstrip('.')}. The run's accuracy curve and peak-to-final drop are left out.")
+        else:
+            if dynamics is not None and not _same_curves(dynamics, current):  # trained on since it was written
+                problems.append(f"{path}'s analysis/dynamics.nc is older than its metrics.csv (the run trained on "
+                                f"since); its dynamics are read from metrics.csv (landscape analyze dynamics {path} "
+                                "updates the file).")
+            dynamics = current
     if not any(r.kind in ("hessian", "sharpness", "surface") for r in results):
         problems.append(f"{path} has no Hessian, sharpness or surface results yet (landscape analyze ... {path}); "
                         "its flatness measures are empty.")
@@ -248,9 +255,54 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
         num_params, final_step = infos[-1].num_params, infos[-1].step
     else:  # results kept without their checkpoints (a committed study): read both from what was kept
         num_params, final_step = _whole_model_parameters(results), _last_step(run)
-    return RunResults(path=path, run=run, variant=variant, label=variant.label,
-                      seed=int(config.get("seed", 0) or 0), num_params=num_params, results=results,
-                      dynamics=dynamics, final_step=final_step, weights=weights, problems=problems)
+    loaded = RunResults(path=path, run=run, variant=variant, label=variant.label,
+                        seed=int(config.get("seed", 0) or 0), num_params=num_params, results=results,
+                        dynamics=dynamics, final_step=final_step, weights=weights, problems=problems)
+    loaded.problems.extend(_measured_elsewhere(loaded))
+    return loaded
+
+
+def _same_curves(stored, current) -> bool:
+    """Whether a stored dynamics result holds the same epochs and top-1 curves as one computed now."""
+    try:
+        return (list(stored["epoch"].values) == list(current["epoch"].values)
+                and list(stored["weights"].values) == list(current["weights"].values)
+                and np.allclose(stored["top1"].values, current["top1"].values, rtol=0, atol=1e-9, equal_nan=True))
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+def _measured_elsewhere(r: RunResults) -> list[str]:
+    """Sentences for the flatness measures of ``r`` that are not of its final checkpoint (analysed before the run
+    trained on) or that its grid cannot hold (a 1D surface that never rises enough for its width)."""
+    out = []
+    if r.final_step is not None:
+        late = []
+        used = {"Hessian": r.hessian, "sharpness": r.sharpness, "adaptive sharpness": r.adaptive_sharpness,
+                "1D surface": r.surfaces.get("surface-random-1d")}
+        for what, ds in used.items():
+            if ds is None or not ds.sizes.get("checkpoint", 0) or "step" not in ds.coords:
+                continue
+            steps = np.asarray(ds["step"].values, dtype=float)
+            if not (steps == r.final_step).any():
+                _, at = final_entry(ds, r.final_step)
+                epochs = np.asarray(ds["epoch"].values, dtype=float) if "epoch" in ds.coords else np.array([])
+                epoch = epochs[np.flatnonzero(steps == at)[-1]] if epochs.size and at is not None else math.nan
+                late.append(f"{what} (step {at}" + (f", epoch {int(epoch)})" if np.isfinite(epoch) else ")"))
+        if late:
+            out.append(f"{r.path}'s {', '.join(late)} results are of a checkpoint before its final one (step "
+                       f"{r.final_step}): its flatness measures there are that checkpoint's; analyse the final one "
+                       f"with landscape analyze ... {r.path} --checkpoints last.")
+    line = r.surfaces.get("surface-random-1d")
+    if line is not None and line.sizes.get("checkpoint", 0):
+        entry, _ = final_entry(line, r.final_step if r.final_step is not None else -1)
+        a, loss = np.asarray(entry["a"].values, dtype=float), np.asarray(entry["loss"].values, dtype=float)
+        if np.isnan(surface_width(a, loss)):
+            out.append(f"{r.path}'s 1D loss surface rises less than {SURFACE_WIDTH_RISE:g} nats within its grid "
+                       f"({a.min():g} to {a.max():g}) on at least one side, so its surface width lies beyond the grid "
+                       "and is left out; measure a wider slice with landscape analyze surface RUN --dims 1 --range "
+                       "START:STOP --force.")
+    return out
 
 
 def _whole_model_parameters(results: list[Result]) -> int | None:
@@ -480,7 +532,8 @@ def _analysis_measures(r: RunResults) -> list[tuple[Measure, float, float]]:
 
 def surface_width(a: np.ndarray, loss: np.ndarray, rise: float = SURFACE_WIDTH_RISE) -> float:
     """Length of the interval around ``a = 0`` on which ``loss - loss(0) < rise`` (linear interpolation between grid
-    points; where the loss stays below on one side, the interval runs to the end of the grid on that side)."""
+    points); NaN where the loss stays below on one side, since the width then lies beyond the grid (the end of the
+    grid would be a lower bound, not the width)."""
     a, loss = np.asarray(a, dtype=float), np.asarray(loss, dtype=float)
     centre = int(np.argmin(np.abs(a)))
     excess = loss - loss[centre] - rise
@@ -492,6 +545,6 @@ def surface_width(a: np.ndarray, loss: np.ndarray, rise: float = SURFACE_WIDTH_R
                 t = -excess[previous] / (excess[i] - excess[previous])
                 return float(a[previous] + t * (a[i] - a[previous]))
             previous = i
-        return float(a[previous])
+        return math.nan
 
     return edge(range(centre + 1, len(a))) - edge(range(centre - 1, -1, -1))

@@ -74,18 +74,24 @@ def test_latest_analysed_checkpoint_is_used_and_its_step_reported_when_the_final
     assert row["trace"] == 6.0 and row["hessian_step"] == 20
 
 
-def test_dynamics_file_is_preferred_over_the_history(tmp_path):
+def test_a_dynamics_file_older_than_the_history_gives_way_to_it_with_a_caveat(tmp_path):
     run = make_run(tmp_path / "a", top1=[50.0, 70.0, 65.0])
     run.analysis_dir.mkdir()
     xr.Dataset({"peak_to_final_drop": (("weights",), [1.5, 0.5])}, coords={"weights": ["raw", "ema"]}).to_netcdf(
         run.analysis_path("dynamics"), engine="h5netcdf")
-    row = compare_runs([run.root]).iloc[0]
-    assert row["peak_to_final_drop"] == 1.5 and row["ema_peak_to_final_drop"] == 0.5
+    table = compare_runs([run.root])
+    assert table.iloc[0]["peak_to_final_drop"] == 5.0  # 70 - 65, from metrics.csv: the record the file came from
+    assert any("dynamics.nc is older than its metrics.csv" in c for c in table.attrs["caveats"])
+    from landscape.analyses.dynamics import write_dynamics
+
+    write_dynamics(run)  # brought up to date: used as it is, no caveat
+    table = compare_runs([run.root])
+    assert table.iloc[0]["peak_to_final_drop"] == 5.0 and not any("dynamics.nc is older" in c for c in table.attrs["caveats"])
 
 
 def test_run_without_checkpoints_is_refused(tmp_path):
     Run.create(tmp_path / "empty")
-    with pytest.raises(LandscapeError, match="no checkpoints"):
+    with pytest.raises(LandscapeError, match="no checkpoints, results or metrics to compare"):
         compare_runs([tmp_path / "empty"])
 
 

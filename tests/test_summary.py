@@ -87,9 +87,56 @@ def test_surface_width_of_a_parabola_is_exact():
     # loss = 4 a^2 rises by 0.1 at |a| = sqrt(0.025); the grid is linear between points, so compare to the chord
     width = surface_width(a, 4 * a**2, rise=0.1)
     assert width == pytest.approx(2 * np.sqrt(0.025), abs=0.01)
-    assert surface_width(a, 1e-3 * a**2, rise=0.1) == 2.0  # never rises enough: the whole grid
-    asymmetric = np.where(a > 0, 10 * a, 0.0)  # rises only to the right, at a = 0.01
-    assert surface_width(a, asymmetric, rise=0.1) == pytest.approx(1.01)
+    assert np.isnan(surface_width(a, 1e-3 * a**2, rise=0.1))  # never rises enough: beyond the grid, not 2
+    asymmetric = np.where(a > 0, 10 * a, 0.0)  # rises only to the right, at a = 0.01: the left edge is unknown
+    assert np.isnan(surface_width(a, asymmetric, rise=0.1))
+    assert surface_width(a, np.where(a > 0, 10 * a, -10 * a), rise=0.1) == pytest.approx(0.02)
+
+
+def test_a_run_trained_on_after_its_analyses_is_read_from_metrics_and_its_older_measures_are_said(tmp_path):
+    import shutil
+
+    import torch
+
+    from landscape.analyses.dynamics import write_dynamics
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+    from landscape.analyses.surface import SurfaceSettings, run_surface_analysis
+    from landscape.checkpoints import save_checkpoint
+    from landscape.compare import compare_runs
+    from landscape.models import create_model
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY, 0)
+    run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, samples=16), checkpoints="last", device="cpu")
+    run_surface_analysis(run, SurfaceSettings(dims=1, range=(-1e-4, 1e-4), points=5, samples=16),
+                         checkpoints="last", device="cpu")  # far too narrow for the loss to rise 0.1 nats
+    write_dynamics(run)
+    assert not [p for p in load_run(run.root).problems if "dynamics.nc is older" in p or "before its final" in p]
+    # the run trains on (as --resume --extend-to 4 would): a 4th epoch whose top-1 falls 20 points
+    rows = run.read_metrics().to_dict("records")
+    rows.append({**rows[-1], "epoch": 4, "step": 40, "val_top1": rows[-1]["val_top1"] - 20})
+    run.write_metrics(rows)
+    state = create_model("vit_pico_patch4_32", **TINY).state_dict()
+    save_checkpoint(run.checkpoint_path(epoch=4), state, model="vit_pico_patch4_32", model_kwargs=TINY, epoch=4,
+                    step=40, metrics=rows[-1])
+
+    loaded = load_run(run.root)
+    assert int(loaded.dynamics["final_epoch"]) == 4
+    assert float(loaded.dynamics["peak_to_final_drop"].sel(weights="raw")) > 19
+    text = " ".join(loaded.problems)
+    assert "analysis/dynamics.nc is older than its metrics.csv" in text
+    assert "Hessian (step 30, epoch 3), 1D surface (step 30, epoch 3) results are of a checkpoint before its final "\
+           "one (step 40)" in text
+    assert "1D loss surface rises less than 0.1 nats within its grid" in text
+    (row,) = compare_runs([run.root]).to_dict("records")
+    assert row["step"] == 40 and row["hessian_step"] == 30 and row["peak_to_final_drop"] > 19
+
+    kept = tmp_path / "kept"  # a committed study keeps results without their checkpoints: compare still reads it
+    shutil.copytree(run.root, kept)
+    shutil.rmtree(kept / "checkpoints")
+    (row,) = compare_runs([kept]).to_dict("records")
+    assert row["step"] == 40 and row["epoch"] == 4 and row["params"] == loaded.num_params
+    assert row["top1"] == pytest.approx(rows[-1]["val_top1"]) and row["peak_to_final_drop"] > 19
+    assert torch.isfinite(torch.tensor(row["top_eigenvalue"]))
 
 
 def test_runs_measured_with_different_settings_are_said_and_left_out_of_the_verdicts(tmp_path):
