@@ -69,6 +69,7 @@ def test_block_eigenvalues_and_traces_match_the_dense_hessian_blocks(make):
         assert int(ds["group_num_parameters"].sel(group=g)) == len(i)
     # the group traces split the whole-model estimate exactly, sample by sample
     assert float(ds["block_trace"].sum()) == pytest.approx(float(ds["trace"]), rel=1e-10)
+    assert ds["block_trace"].attrs["units"] == ds["block_eigenvalue_largest"].attrs["units"] == "nats per squared weight"
 
 
 def _dense_problem(n=40, seed=0):

@@ -436,6 +436,11 @@ def test_hessian_dataset_has_the_documented_dimensions_and_attrs(tmp_path):
         for checkpoint in range(2):
             integral = np.trapezoid(ds["density"][checkpoint].values, ds["density_eigenvalue"][checkpoint].values)
             assert integral == pytest.approx(1.0, abs=2e-3)
+        curvature = ("eigenvalue_largest", "eigenvalue_smallest", "trace", "trace_standard_error", "density_eigenvalue")
+        assert all(ds[name].attrs["units"] == "nats per squared weight" for name in curvature)
+        assert ds["density"].attrs["units"] == "per (nats per squared weight)"
+        # the deflation basis differs between checkpoints: its size is a variable, not a number in a shared attr
+        assert "vector" not in ds["trace"].attrs["long_name"] and ds["trace_deflation_size"].dims == ("checkpoint",)
 
 
 def test_rerun_skips_finished_checkpoints_and_force_recomputes(tmp_path, monkeypatch):

@@ -270,7 +270,9 @@ def hessian_analysis(
                 trace = deflated_trace(op, result.basis, settings.trace_matvecs, basis_trace=result.basis_trace,
                                        seed=settings.seed + 1,  # probes from another stream than the start vector
                                        block_size=settings.vectors_per_pass)
-            method = f"Hutchinson deflated by the {len(result.basis)}-vector Lanczos basis of the eigenvalues"
+            method = "Hutchinson deflated by the Lanczos basis of the eigenvalues"  # its size varies by checkpoint
+            data["trace_deflation_size"] = ((), len(result.basis), {
+                "long_name": "vectors of the Lanczos basis whose exact part of the trace was taken out"})
             result.basis = None
         else:
             trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
@@ -322,8 +324,11 @@ def hessian_analysis(
     ds = xr.Dataset(data, coords=coords)
     for name in ds.data_vars:  # curvature in loss per squared parameter unit, the gradient per parameter unit
         if name.startswith(("eigenvalue_largest", "eigenvalue_smallest", "trace", "density_eigenvalue",
-                            "eigenvalue_per_batch")) and not name.endswith(("matvecs", "residual")):
+                            "eigenvalue_per_batch", "block_eigenvalue_largest", "block_trace")) \
+                and not name.endswith(("matvecs", "residual", "converged")):
             ds[name].attrs.setdefault("units", "nats per squared weight")
+    if "density" in ds:  # a density over the eigenvalue: it integrates to 1 in d(lambda)
+        ds["density"].attrs.setdefault("units", "per (nats per squared weight)")
     ds["gradient_norm"].attrs.setdefault("units", "nats per weight")
     if return_eigenvectors:
         return ds, vectors, dict(loss_fn.shapes)
