@@ -391,8 +391,9 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 @click.option("--per-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Also the largest eigenvalue on each batch of N examples (Park & Kim 2022).")
 @click.option("--save-eigenvectors", is_flag=True,
-              help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors, and "
-                   "record the gradient's share in their span and their overlap with the previous checkpoint's.")
+              help="Also write the eigenvectors to RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors "
+                   "(hessian-ema-eigenvectors/, hessian-ggn-eigenvectors/, ... for other weights, matrices, --params), "
+                   "and record the gradient's share in their span and their overlap with the previous checkpoint's.")
 @click.option("--per-block", is_flag=True,
               help="Also the top eigenvalue (and with --trace the trace) of the Hessian restricted to each parameter "
                    "group: patch embedding, each block's attention and MLP, norms, head.")

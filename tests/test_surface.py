@@ -289,6 +289,41 @@ def test_eigen_directions_are_the_saved_unit_hessian_eigenvectors(runs):
     assert float(ds["loss"].sel(a=0.0, b=0.0)) == _checkpoint_evaluation(c, c.checkpoints()[-1], x, y)[0]
 
 
+def test_eigenvectors_of_other_weights_and_matrices_live_apart_and_a_surface_takes_its_own(tmp_path):
+    import shutil
+
+    from conftest import make_tiny_run
+
+    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+
+    tiny = dict(img_size=8, in_chans=1, num_classes=10, patch_size=4, embed_dim=8, depth=1, num_heads=2,
+                mlp_ratio=2.0, class_token=False, global_pool="avg")
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", tiny, 0)  # its EMA weights differ from the raw
+    common = dict(top_k=2, samples=16, tol=1e-4)
+    found = {}
+    for weights, matrix in (("raw", "hessian"), ("ema", "hessian"), ("raw", "ggn")):
+        ds = run_hessian_analysis(run, HessianSettings(weights=weights, matrix=matrix, **common), checkpoints="last",
+                                  save_eigenvectors_to_disk=True)
+        found[weights, matrix] = ds["eigenvalue_largest"].isel(checkpoint=-1).values
+    folders = sorted(p.name for p in run.analysis_dir.iterdir() if p.is_dir())
+    assert folders == ["hessian-eigenvectors", "hessian-ema-eigenvectors", "hessian-ggn-eigenvectors"]
+    for weights in ("raw", "ema"):  # each surface runs along its own weights' Hessian eigenvectors
+        ds = run_surface_analysis(run, SurfaceSettings(directions="eigen", dims=1, points=3, samples=16,
+                                                       weights=weights), checkpoints="last").isel(checkpoint=0)
+        np.testing.assert_array_equal(ds["eigenvalue"].values, found[weights, "hessian"][:1])
+    assert not np.allclose(found["raw", "hessian"], found["ema", "hessian"])
+
+    # a file an older version wrote into the plain folder for the EMA weights is refused, not used as the raw's
+    plain = eigenvectors_path(run, "epoch-0003")
+    shutil.copy(eigenvectors_path(run, "epoch-0003", {"weights": "ema"}), plain)
+    assert load_eigenvectors(plain).metadata["settings"]["weights"] == "ema"
+    with pytest.raises(LandscapeError, match="holds the eigenvectors of another matrix .*weights ema.* than the "
+                                             "one asked for .*weights raw"):
+        run_surface_analysis(run, SurfaceSettings(directions="eigen", dims=1, points=3, samples=16), force=True,
+                             checkpoints="last")
+
+
 def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs):
     a, b = runs["a"], runs["b"]
     runner = CliRunner()

@@ -1,5 +1,6 @@
 """The Hessian eigenvectors an analysis keeps (``analyze hessian --save-eigenvectors``): one safetensors file per
-checkpoint in ``RUN/analysis/hessian-eigenvectors/``, read back without executing code, for the surfaces along
+checkpoint in ``RUN/analysis/hessian-eigenvectors/`` (``hessian-ema-eigenvectors/``, ... for other weights, matrices
+and ``--params``: :func:`eigenvectors_path`), read back without executing code, for the surfaces along
 eigenvectors and the overlap of the top subspace between checkpoints."""
 
 from __future__ import annotations
@@ -17,9 +18,43 @@ from landscape.errors import LandscapeError
 Tensor = torch.Tensor
 
 
-def eigenvectors_path(run: Any, checkpoint_name: str) -> Path:
-    """``RUN/analysis/hessian-eigenvectors/<checkpoint>.safetensors``."""
-    return Path(run.analysis_dir) / "hessian-eigenvectors" / f"{checkpoint_name}.safetensors"
+VECTOR_SETTINGS = ("matrix", "weights", "params")
+"""The settings that decide which vectors are the eigenvectors (each combination keeps a folder of its own)."""
+
+
+def eigenvectors_path(run: Any, checkpoint_name: str, settings: Any = None) -> Path:
+    """``RUN/analysis/<name>-eigenvectors/<checkpoint>.safetensors``: ``<name>`` is the results name of the Hessian
+    ``settings`` (an object or mapping) as far as they decide the vectors: ``hessian`` (the raw weights' Hessian,
+    also when ``settings`` is ``None``), ``hessian-ema``, ``hessian-ggn``, ``hessian-params-<pattern>``, ..."""
+    from landscape.analyses.results import results_name
+
+    return Path(run.analysis_dir) / f"{results_name('hessian', vector_settings(settings))}-eigenvectors" \
+        / f"{checkpoint_name}.safetensors"
+
+
+def vector_settings(settings: Any) -> dict[str, Any]:
+    """The :data:`VECTOR_SETTINGS` of ``settings`` (an object, a mapping or ``None``), defaults left out."""
+    get = settings.get if isinstance(settings, dict) else (lambda k: getattr(settings, k, None))
+    defaults = {"matrix": "hessian", "weights": "raw", "params": None}
+    return {k: get(k) for k in VECTOR_SETTINGS if get(k) not in (None, "", defaults[k])} if settings is not None \
+        else {}
+
+
+def check_vectors_of(saved: "HessianEigenvectors", path: Path, settings: Any) -> None:
+    """Refuse eigenvectors saved for other weights, another matrix or other parameters than ``settings`` ask for
+    (a file an older version wrote into the plain folder whatever its settings)."""
+    stored = saved.metadata.get("settings")
+    if not isinstance(stored, dict):
+        return
+    wanted, there = vector_settings(settings), vector_settings(stored)
+    if wanted != there:
+        def describe(s: dict[str, Any]) -> str:
+            return (f"matrix {s.get('matrix', 'hessian')}, weights {s.get('weights', 'raw')}, "
+                    f"params {s.get('params', 'all')}")
+
+        raise LandscapeError(f"{path} holds the eigenvectors of another matrix ({describe(there)}) than the one "
+                             f"asked for ({describe(wanted)}); compute these with landscape analyze hessian RUN "
+                             "--save-eigenvectors and the same settings.")
 
 
 def save_eigenvectors(path: str | Path, vectors: dict[str, Tensor], eigenvalues: dict[str, np.ndarray],

@@ -407,7 +407,7 @@ class HessianAnalysis(Analysis):
         self.warm = WarmStart() if self.contiguous else None  # each series starts cold
 
     def complete(self, run: Any, info: Any) -> bool:
-        return not self.save_eigenvectors or eigenvectors_path(run, info.name).exists()
+        return not self.save_eigenvectors or eigenvectors_path(run, info.name, self.settings).exists()
 
     def work(self, job: Job) -> int:
         return expected_products(self.settings)
@@ -432,12 +432,12 @@ class HessianAnalysis(Analysis):
         if "largest" in vectors:  # against the previous checkpoint's saved eigenvectors, before this one's are
             from landscape.analyses.subspace import overlap_with_previous_data
 
-            ds = ds.assign(overlap_with_previous_data(run, info, vectors["largest"], shapes))
+            ds = ds.assign(overlap_with_previous_data(run, info, vectors["largest"], shapes, settings))
         error = None
         if job.shard or job.world.is_main:
             eigenvalues = {end: ds[f"eigenvalue_{end}"].values for end in vectors}
             try:
-                save_eigenvectors(eigenvectors_path(run, info.name), vectors, eigenvalues, shapes, metadata={
+                save_eigenvectors(eigenvectors_path(run, info.name, settings), vectors, eigenvalues, shapes, metadata={
                     "checkpoint": info.name, "epoch": info.epoch, "step": info.step,
                     "settings": settings.determining(),
                 })

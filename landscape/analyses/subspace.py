@@ -41,22 +41,23 @@ def gradient_subspace_data(gradient: Tensor, vectors: Tensor) -> dict[str, Any]:
         "long_name": f"fraction of the squared gradient norm in the span of the top {len(vectors)} eigenvectors"})}
 
 
-def overlap_with_previous_data(run: Any, info: Any, vectors: Tensor, shapes: dict[str, tuple[int, ...]]
-                               ) -> dict[str, Any]:
+def overlap_with_previous_data(run: Any, info: Any, vectors: Tensor, shapes: dict[str, tuple[int, ...]],
+                               settings: Any = None) -> dict[str, Any]:
     """``top_subspace_overlap`` of checkpoint ``info``'s top eigenvectors with those saved for the nearest earlier
-    checkpoint of ``run`` that has them over the same parameters (NaN when there is none), and that checkpoint's
-    ``top_subspace_overlap_step`` (-1 when none)."""
-    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors
+    checkpoint of ``run`` that has them for the same Hessian (``settings``: weights, matrix, parameters; NaN when
+    there is none), and that checkpoint's ``top_subspace_overlap_step`` (-1 when none)."""
+    from landscape.analyses.eigenvectors import check_vectors_of, eigenvectors_path, load_eigenvectors
 
     overlap, previous_step = float("nan"), -1
     earlier = [c for c in run.checkpoints() if c.step < info.step]
     for candidate in reversed(earlier):
-        path = eigenvectors_path(run, candidate.name)
+        path = eigenvectors_path(run, candidate.name, settings)
         if not path.exists():
             continue
         try:
             saved = load_eigenvectors(path)
-        except Exception:  # an unreadable or foreign file is not an earlier subspace: look further back
+            check_vectors_of(saved, path, settings)
+        except Exception:  # an unreadable, foreign or other Hessian's file is not an earlier subspace: look back
             continue
         if "largest" not in saved.vectors or {n: tuple(s) for n, s in saved.shapes.items()} != {
                 n: tuple(s) for n, s in shapes.items()}:

@@ -635,7 +635,7 @@ class SurfaceAnalysis(Analysis):
                                             {"long_name": "fraction of the trajectory's variance along each direction"})
         else:
             directions, eigenvalues = _eigen_directions(job.run, info.name, self.shapes, settings.dims, job.device,
-                                                        job.dtype)
+                                                        job.dtype, weights=settings.weights)
             extras["eigenvalue"] = (("axis",), eigenvalues, {"long_name": "Hessian eigenvalue of each direction"})
         ds = surface_analysis(self.closure, center, directions, kind, self.axes, extra=extra, callback=callback,
                               world=job.world if job.shard == "grid" else None)
@@ -655,17 +655,21 @@ def run_surface_analysis(run: Any, settings: SurfaceSettings | None = None, *, c
 
 
 def _eigen_directions(run: Any, checkpoint: str, shapes: dict[str, tuple[int, ...]], count: int,
-                      device: torch.device, dtype: torch.dtype) -> tuple[list[ParamDict], np.ndarray]:
-    """The top ``count`` Hessian eigenvectors saved for ``checkpoint``, as full parameter dicts (zero outside the
-    parameters the Hessian was taken over), and their eigenvalues."""
-    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors
+                      device: torch.device, dtype: torch.dtype, weights: str = "raw"
+                      ) -> tuple[list[ParamDict], np.ndarray]:
+    """The top ``count`` eigenvectors of the whole model's Hessian at ``weights`` (raw or EMA) saved for
+    ``checkpoint``, as full parameter dicts, and their eigenvalues."""
+    from landscape.analyses.eigenvectors import check_vectors_of, eigenvectors_path, load_eigenvectors
 
-    path = eigenvectors_path(run, checkpoint)
+    wanted = {"weights": weights}
+    path = eigenvectors_path(run, checkpoint, wanted)
     if not path.exists():
+        ema = " --weights ema" if weights == "ema" else ""
         raise LandscapeError(
             f"No Hessian eigenvectors are saved for checkpoint {checkpoint} ({path}); compute them first with "
-            f"'landscape analyze hessian {run.root} --top-k {max(count, 2)} --save-eigenvectors'.")
+            f"'landscape analyze hessian {run.root} --top-k {max(count, 2)} --save-eigenvectors{ema}'.")
     saved = load_eigenvectors(path)
+    check_vectors_of(saved, path, wanted)
     have = saved.vectors.get("largest")
     if have is None or have.shape[0] < count:
         raise LandscapeError(
