@@ -146,6 +146,8 @@ def test_hessian_analysis_takes_the_matrix_and_per_batch_top_eigenvalues():
     (dict(fisher_samples=3), "--matrix fisher only"),
     (dict(per_batch=0), "--per-batch must be between 1"),
     (dict(per_batch=600), "--per-batch must be between 1"),
+    (dict(matrix="ggn", which="both"), "--matrix ggn is positive semi-definite .* use --which largest"),
+    (dict(matrix="empirical-fisher", which="smallest"), "smallest eigenvalues are 0"),
 ])
 def test_hessian_settings_refuse_bad_matrix_options_in_one_sentence(kwargs, message):
     from landscape.analyses.hessian import HessianSettings

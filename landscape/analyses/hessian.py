@@ -113,6 +113,11 @@ class HessianSettings(EvaluationSettings):
 
         if self.matrix not in MATRICES:
             raise ConfigError(f"Unknown curvature matrix {self.matrix!r}; accepted are {', '.join(MATRICES)}.")
+        if self.matrix != "hessian" and self.top_k and self.which != "largest":
+            raise ConfigError(
+                f"--matrix {self.matrix} is positive semi-definite and singular whenever the examples times the "
+                "classes are fewer than the parameters: its smallest eigenvalues are 0, which Lanczos cannot resolve "
+                "to a relative --tol (it would run to its product cap); use --which largest.")
         if self.fisher_samples is not None and (self.fisher_samples < 1 or self.matrix != "fisher"):
             raise ConfigError("--fisher-samples must be a positive integer and goes with --matrix fisher only.")
         if self.per_batch is not None and not 1 <= self.per_batch <= self.samples:
