@@ -161,6 +161,8 @@ def test_mse_loss_eigenvalues_match_the_dense_float64_hessian():
     np.testing.assert_allclose(ds["eigenvalue_largest"].values, exact[::-1][:2], rtol=1e-6)
     np.testing.assert_allclose(ds["eigenvalue_smallest"].values, exact[:2], rtol=1e-6, atol=1e-10)
     assert ds.attrs["loss_function"] == "mse_loss"
+    assert ds["loss"].attrs["long_name"] == "mean mse_loss on the evaluation set (the loss given)"
+    assert "units" not in ds["loss"].attrs  # not nats: a squared error has the targets' units squared
 
 
 

@@ -439,6 +439,7 @@ def test_hessian_dataset_has_the_documented_dimensions_and_attrs(tmp_path):
         curvature = ("eigenvalue_largest", "eigenvalue_smallest", "trace", "trace_standard_error", "density_eigenvalue")
         assert all(ds[name].attrs["units"] == "nats per squared weight" for name in curvature)
         assert ds["density"].attrs["units"] == "per (nats per squared weight)"
+        assert ds["loss"].attrs["long_name"] == "mean cross-entropy on the evaluation set (no label smoothing)"
         # the deflation basis differs between checkpoints: its size is a variable, not a number in a shared attr
         assert "vector" not in ds["trace"].attrs["long_name"] and ds["trace_deflation_size"].dims == ("checkpoint",)
 

@@ -200,7 +200,7 @@ def hessian_analysis(
     """
     import xarray as xr
 
-    from landscape.curvature.loss import LossFunction, left_out_variable
+    from landscape.curvature.loss import LossFunction, left_out_variable, loss_attrs
     from landscape.curvature.operators import curvature_operator
     from landscape.analyses.distributed import split_evaluation_set
 
@@ -217,7 +217,7 @@ def hessian_analysis(
     loss, top1 = loss_fn.evaluate()
     gradient = op.loss_and_gradient()[1]  # with a kept graph, the pass that builds it
     data: dict[str, Any] = {
-        "loss": ((), loss, {"long_name": "mean loss on the evaluation set", "units": "nats"}),
+        "loss": ((), loss, loss_attrs(loss_fn.criterion)),
         "top1": ((), top1, {"long_name": "top-1 accuracy on the evaluation set", "units": "%"}),
         "gradient_norm": ((), float(gradient.norm()), {"long_name": "Euclidean norm of the loss gradient"}),
         "num_parameters": ((), loss_fn.num_parameters, {"long_name": "parameters the Hessian is taken over"}),

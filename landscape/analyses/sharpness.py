@@ -122,7 +122,7 @@ def sharpness_analysis(
     import numpy as np
     import xarray as xr
 
-    from landscape.curvature.loss import LossFunction, left_out_variable, num_inputs, slice_inputs
+    from landscape.curvature.loss import LossFunction, left_out_variable, loss_attrs, num_inputs, slice_inputs
     from landscape.analyses.distributed import map_sharded, split_evaluation_set
 
     settings = settings or SharpnessSettings()
@@ -193,7 +193,7 @@ def sharpness_analysis(
     }
     for name in ("worst_case_iterations", "worst_case_restarts", "worst_case_still_rising"):
         data[name] = (("rho",), np.asarray(values[name], dtype=np.int64), {"long_name": described[name]})
-    data["loss"] = ((), float(loss0), {"long_name": "mean loss on the evaluation set", "units": "nats"})
+    data["loss"] = ((), float(loss0), loss_attrs(closure.criterion))
     data["top1"] = ((), float(top1), {"long_name": "top-1 accuracy on the evaluation set", "units": "%"})
     data["gradient_norm"] = ((), float(torch.linalg.vector_norm(grad0)),
                              {"long_name": "Euclidean norm of the gradient", "units": "nats per weight"})

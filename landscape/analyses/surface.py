@@ -92,6 +92,7 @@ import torch
 from landscape.analyses.distributed import SHARD_MODES
 from landscape.analyses.driver import Analysis, analyze
 from landscape.analyses.settings import EvaluationSettings
+from landscape.curvature.loss import loss_attrs
 from landscape.curvature.directions import (ONE_DIM_POLICIES, QKV_POLICIES, TOKEN_POLICIES, ParamDict, TrajectoryPCA,
                                             barrier, check_same_parameters, combine, filter_normalize, grid_axes,
                                             grid_coefficients, qkv_head_counts, random_directions,
@@ -381,7 +382,7 @@ def surface_analysis(
         steps = list(directions)
     norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in s.values()))) for s in steps]
     data: dict[str, Any] = {
-        "loss": (names, loss.reshape(shape), {"long_name": "mean loss on the evaluation set", "units": "nats"}),
+        "loss": (names, loss.reshape(shape), loss_attrs(getattr(closure, "criterion", None))),
         "top1": (names, top1.reshape(shape), {"long_name": "top-1 accuracy on the evaluation set", "units": "%"}),
         "direction_norm": (("axis",), np.asarray(norms), {"long_name": "Euclidean norm of one direction unit"}),
     }

@@ -249,6 +249,15 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
+def loss_attrs(criterion: Any) -> dict[str, str]:
+    """``long_name`` (and ``units``) of a measured mean loss: the default criterion is cross-entropy without label
+    smoothing, whatever the run trained with; another is named by its function name and has the loss's units."""
+    if criterion is None or criterion is cross_entropy:
+        return {"long_name": "mean cross-entropy on the evaluation set (no label smoothing)", "units": "nats"}
+    name = getattr(criterion, "__name__", None) or type(criterion).__name__
+    return {"long_name": f"mean {name} on the evaluation set (the loss given)"}
+
+
 NOT_A_MEAN = 0.05
 """Relative gap between a criterion on a batch and the count-weighted mean of it on the batch's halves above which
 it is refused as not a mean (a sum gives 1, i.e. 100%)."""
