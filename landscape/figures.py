@@ -59,6 +59,8 @@ STYLE = {
 _BLACK, _ORANGE, _SKY, _GREEN, _YELLOW, _BLUE, _VERMILLION, _PURPLE = (
     "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 _GROUP_COLORS = ("#E69F00", "#B07800", "#7A5200", "#4D3300")  # GroupedMLP: darker for larger groups
+_GROUP_MARKERS = ("^", "<", ">", "p")
+_GROUP_LINES = ("-", (0, (4, 1.5)), (0, (1.5, 1)), (0, (6, 1.5, 1.5, 1.5)))
 _OTHER_COLORS = (_GREEN, _VERMILLION, "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF")
 _FAMILY_ORDER = {"baseline": 0, "grouped": 1, "shallow": 2, "mlit": 3, "other": 4}
 
@@ -78,8 +80,9 @@ def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
     """``{variant key: VariantStyle}`` for every variant among ``results``.
 
     The colour follows the variant's family, so a variant keeps its colour whatever else is in the study: the
-    baseline black, GroupedMLP orange (darker for larger groups), ShallowMLP blue (sliced init dark blue and solid,
-    random init sky blue and dashed), mLiT purple, anything else from the remaining colours in name order.
+    baseline black, GroupedMLP orange (darker, with another marker and dash, for larger groups), ShallowMLP blue
+    (sliced init dark blue and solid, random init sky blue and dashed), mLiT purple, anything else from the
+    remaining colours in name order.
     """
     variants: dict[str, tuple[Variant, str]] = {}
     for r in results:
@@ -93,7 +96,8 @@ def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
         if info.family == "baseline":
             color, marker = _BLACK, "s"
         elif info.family == "grouped":
-            color, marker = _GROUP_COLORS[min(group_sizes.index(info.group_size), len(_GROUP_COLORS) - 1)], "^"
+            index = min(group_sizes.index(info.group_size), len(_GROUP_COLORS) - 1)  # told apart by shade,
+            color, marker, linestyle = _GROUP_COLORS[index], _GROUP_MARKERS[index], _GROUP_LINES[index]  # mark, dash
         elif info.family == "shallow":
             sliced = info.mlp_init == "sliced"
             color, marker, linestyle = (_BLUE, "v", "-") if sliced else (_SKY, "D", "--")
@@ -127,9 +131,20 @@ def _legend_handles(styles: Iterable[VariantStyle], *, markers: bool = True, lin
 
 
 def _figure_legend(fig: Figure, styles: Iterable[VariantStyle], *, ncol: int | None = None, **kwargs) -> None:
+    """A legend above the panels, in as many columns (at most ``ncol``, else 3) as fit the figure's width."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     handles = _legend_handles(styles, **kwargs)
-    fig.legend(handles=handles, loc="outside upper center", ncol=ncol or min(len(handles), 3), handlelength=2.2,
-               columnspacing=1.0)
+    renderer = FigureCanvasAgg(fig).get_renderer() if not hasattr(fig.canvas, "get_renderer") \
+        else fig.canvas.get_renderer()
+    ncol = max(1, ncol or min(len(handles), 3))
+    while True:
+        legend = fig.legend(handles=handles, loc="outside upper center", ncol=ncol, handlelength=2.2,
+                            columnspacing=1.0)
+        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return
+        legend.remove()  # wider than the figure: its ends would be cut off
+        ncol -= 1
 
 
 def _weights_label(weights: str) -> str:
@@ -332,9 +347,10 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
     if not runs:
         return None
     panels = [(v, label, fn) for v, label, fn in (
-        ("eigenvalue_largest", "top eigenvalue λ₁", None),
-        ("trace", "trace tr H", None),
-        ("trace", "mean eigenvalue\ntr H / P", lambda ds, v: v / ds["num_parameters"].values.astype(float)),
+        ("eigenvalue_largest", "top eigenvalue λ₁\n(nats / weight²)", None),
+        ("trace", "trace tr H\n(nats / weight²)", None),
+        ("trace", "mean eigenvalue tr H / P\n(nats / weight²)",
+         lambda ds, v: v / ds["num_parameters"].values.astype(float)),
     ) if all(v in r.hessian for r in runs) and (fn is None or all("num_parameters" in r.hessian for r in runs))]
     if not panels:
         return None
@@ -742,7 +758,7 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
                 break
     if not panels:
         return None
-    rows = [(v, label) for v, label in (("block_eigenvalue_largest", "top eigenvalue of H_gg"),
+    rows = [(v, label) for v, label in (("block_eigenvalue_largest", "top eigenvalue of H_gg\n(nats / weight²)"),
                                         ("block_trace", "share of tr H (%)")) if all(v in ds for _, _, ds in panels)]
     if not rows:
         return None

@@ -118,10 +118,17 @@ def format_estimate(mean: float, se: float) -> str:
         return "–"
     if not math.isfinite(se) or se <= 0:
         return f"{mean:.4g}"
-    digits = max(0, 1 - int(math.floor(math.log10(se))))
-    if abs(mean) >= 1e5 or (abs(mean) < 1e-3 and mean != 0):
-        return f"{mean:.3g} ± {se:.2g}"
-    return f"{mean:.{digits}f} ± {se:.{digits}f}" if digits < 8 else f"{mean:.3g} ± {se:.2g}"
+    exponent, size = 0, max(abs(mean), se)
+    if size >= 1e5 or size < 1e-3:  # one power of ten for both: (5.26 ± 0.30) × 10⁻⁴
+        exponent = int(math.floor(math.log10(size)))
+        mean, se = mean / 10.0**exponent, se / 10.0**exponent
+    digits = min(max(0, 1 - int(math.floor(math.log10(se)))), 6)
+    text = f"{mean:.{digits}f} ± {se:.{digits}f}"
+    return f"({text}) × 10{_superscript(exponent)}" if exponent else text
+
+
+def _superscript(n: int) -> str:
+    return str(n).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
 
 
 # == the hypotheses ==============================================================================================
@@ -291,7 +298,7 @@ def effect_text(d: Difference) -> str:
 
 
 def _number(x: float) -> str:
-    return "–" if not math.isfinite(x) else f"{x:+.3g}"
+    return "–" if not math.isfinite(x) else f"{x:+#.3g}"  # three digits, trailing zeros kept: +0.00100, not +0.001
 
 
 def hypothesis_h2(table: pd.DataFrame, measures: Sequence, *, response: str = "drop") -> Hypothesis:

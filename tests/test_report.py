@@ -196,6 +196,12 @@ def test_estimates_are_printed_to_the_precision_of_their_error():
     assert format_estimate(1.23456, 0.0123) == "1.235 ± 0.012"
     assert format_estimate(123.4, 25.0) == "123 ± 25"
     assert format_estimate(float("nan"), 1.0) == "–"
+    assert format_estimate(0.000526, 3e-5) == "(5.26 ± 0.30) × 10⁻⁴"  # one power of ten, not "0.000526 ± 3e-05"
+    assert format_estimate(-0.000426, 0.011) == "-0.000 ± 0.011"
+    assert format_estimate(2.5e6, 1.2e5) == "(2.50 ± 0.12) × 10⁶"
+    from landscape.report import _number
+
+    assert _number(0.001004) == "+0.00100" and _number(-0.00022) == "-0.000220"
 
 
 VARIANTS = [
