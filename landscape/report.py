@@ -298,7 +298,9 @@ def effect_text(d: Difference) -> str:
 
 
 def _number(x: float) -> str:
-    return "–" if not math.isfinite(x) else f"{x:+#.3g}"  # three digits, trailing zeros kept: +0.00100, not +0.001
+    if not math.isfinite(x):
+        return "–"
+    return f"{x:+#.3g}".removesuffix(".")  # three digits, trailing zeros kept: +0.00100, not +0.001; +114, not +114.
 
 
 def hypothesis_h2(table: pd.DataFrame, measures: Sequence, *, response: str = "drop") -> Hypothesis:

@@ -201,7 +201,7 @@ def test_estimates_are_printed_to_the_precision_of_their_error():
     assert format_estimate(2.5e6, 1.2e5) == "(2.50 ± 0.12) × 10⁶"
     from landscape.report import _number
 
-    assert _number(0.001004) == "+0.00100" and _number(-0.00022) == "-0.000220"
+    assert _number(0.001004) == "+0.00100" and _number(-0.00022) == "-0.000220" and _number(114.2) == "+114"
 
 
 VARIANTS = [
