@@ -201,6 +201,48 @@ def test_grouped_mlp_saved_once_per_group_by_safetensors_save_model_round_trips(
     assert_same_logits(source, tmp_path / "run", x)
 
 
+def test_equal_mlp_copies_are_built_shared_with_a_note_and_group_size_1_keeps_them_separate(tmp_path, x):
+    source = tiny_timm(depth=2)
+    source.blocks[1].mlp.load_state_dict(source.blocks[0].mlp.state_dict())  # copied (depth up-scaling), not shared
+    torch.save(source.state_dict(), tmp_path / "copied.pth")
+    result = import_checkpoint(tmp_path / "copied.pth", tmp_path / "guessed", model_args={"num_heads": 2})
+    assert result.model_kwargs["group_size"] == 2 and result.facts["group_size"]["how"] == "guessed"
+    assert any("if they are separate copies, import with --model-arg group_size=1" in n for n in result.notes)
+    separate = import_checkpoint(tmp_path / "copied.pth", tmp_path / "separate",
+                                 model_args={"num_heads": 2, "group_size": 1})
+    assert "grouped" not in separate.model and "group_size" not in separate.model_kwargs
+    assert separate.num_params == sum(p.numel() for p in source.parameters())
+    assert_same_logits(source, tmp_path / "separate", x)
+    shared = tiny_timm(depth=2)
+    shared.blocks[1].mlp = shared.blocks[0].mlp  # one module: stored once, read as shared, no note
+    torch.save(shared.state_dict(), tmp_path / "shared.pth")
+    result = import_checkpoint(tmp_path / "shared.pth", tmp_path / "read", model_args={"num_heads": 2})
+    assert result.facts["group_size"]["how"] == "read" and not any("separate copies" in n for n in result.notes)
+    with pytest.raises(CheckpointError, match="group_size=2 asks for one MLP per 2 blocks, but the blocks' MLP "
+                                              "weights differ"):
+        import_checkpoint(_saved(tmp_path, tiny_timm(depth=2)), tmp_path / "bad",
+                          model_args={"num_heads": 2, "group_size": 2})
+
+
+def _saved(folder: Path, model: torch.nn.Module) -> Path:
+    path = folder / "plain.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("arg, message", [
+    ({"act_layer": "gelu_tanh"}, "--model-arg act_layer cannot be recorded with an imported run"),
+    ({"norm_layer": "foo"}, "--model-arg norm_layer cannot be recorded"),
+    ({"num_heads": "abc"}, "--model-arg num_heads='abc' must be a whole number of at least 1"),
+    ({"num_heads": 0}, "--model-arg num_heads=0 must be a whole number"),
+    ({"img_size": 2.5}, "--model-arg img_size=2.5 must be a whole number"),
+])
+def test_model_args_a_run_cannot_record_are_refused_before_anything_is_written(tmp_path, arg, message):
+    with pytest.raises(LandscapeError, match=message):
+        import_checkpoint(_saved(tmp_path, tiny_timm()), tmp_path / "run", model_args=arg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unequal_groups_of_shared_mlps_are_refused(tmp_path):
     source = tiny_timm(depth=3)
     source.blocks[1].mlp = source.blocks[0].mlp

@@ -199,6 +199,31 @@ def _remove_interrupted_imports(out: Path) -> list[Path]:
     return removed
 
 
+_COUNT_ARGS = {"img_size": 1, "patch_size": 1, "in_chans": 1, "num_classes": 0, "embed_dim": 1, "depth": 1,
+               "num_heads": 1, "reg_tokens": 0, "group_size": 1}
+"""Model arguments that are counts, with their smallest value."""
+
+
+def check_model_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``--model-arg`` values an imported run can record and rebuild: architecture arguments only (what a checkpoint
+    header may hold, :data:`landscape.checkpoints.ARCHITECTURE_ARGS`), counts as whole numbers; else one sentence
+    before anything is read or written."""
+    from landscape.checkpoints import ARCHITECTURE_ARGS, architecture_kwargs
+
+    model_args = dict(model_args or {})
+    refused = sorted(k for k in model_args if k not in ARCHITECTURE_ARGS)
+    if refused:
+        raise LandscapeError(
+            f"--model-arg {', '.join(refused)} cannot be recorded with an imported run (its checkpoint would be "
+            "refused by every later command); accepted are the architecture arguments, for instance num_heads, "
+            "img_size, global_pool, group_size, norm_eps.")
+    for key, least in _COUNT_ARGS.items():
+        value = model_args.get(key)
+        if key in model_args and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise LandscapeError(f"--model-arg {key}={value!r} must be a whole number of at least {least}.")
+    return architecture_kwargs(model_args, source="--model-arg")
+
+
 IMPORT_STAGES = ("reading the file", "building the model", "checking logits", "loading EMA weights", "writing the run")
 
 
@@ -230,6 +255,7 @@ def import_checkpoint(
         raise LandscapeError(f"{out} already exists; choose a new --out directory for the imported run.")
     if data is not None:
         _check_dataset(data)
+    model_args = check_model_args(model_args)
 
     stage = progress or (lambda name: None)
     stage(IMPORT_STAGES[0])

@@ -127,6 +127,30 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
     global_pool = _global_pool(class_token, fc_norm, hints, sources, facts, notes)
     if hints.get("layer_norm_eps") is not None:
         facts["norm_eps"] = _read(float(hints["layer_norm_eps"]), sources.get("layer_norm_eps", "--model-arg"))
+    if hints.get("group_size") is not None:  # stated (--model-arg): equal MLPs may be separate copies
+        group_size = int(hints["group_size"])
+        if group_size < 1 or depth % group_size:
+            raise CheckpointError(f"group_size={group_size} does not divide the {depth} blocks.")
+        if group_size > 1:
+            try:
+                equal = mlp_group_size(state, depth) % group_size == 0
+            except CheckpointError:
+                equal = False
+            if not equal:  # a shared MLP would take one block's weights and drop the others' without a word
+                raise CheckpointError(f"group_size={group_size} asks for one MLP per {group_size} blocks, but the "
+                                      "blocks' MLP weights differ within those groups.")
+        facts["group_size"] = _read(group_size, sources.get("group_size", "--model-arg"))
+    else:
+        group_size = mlp_group_size(state, depth)
+    if "group_size" not in facts and group_size > 1 and not mlp_stored_once(state, depth, group_size):
+        # Equal values in separate tensors: a GroupedMLP written by a tool that cannot store shared tensors, or
+        # separate MLPs copied from each other (depth up-scaling) and not trained since: the curvature differs.
+        notes.append(f"blocks hold equal MLP weights in groups of {group_size} as separate tensors: built as "
+                     f"GroupedMLP g={group_size} (one MLP trained for each group); if they are separate copies, import "
+                     "with --model-arg group_size=1")
+        facts["group_size"] = _guessed(group_size, "adjacent blocks with equal MLP weights share one MLP")
+    elif "group_size" not in facts and group_size > 1:
+        facts["group_size"] = _read(group_size, "one MLP tensor stored for each group of blocks")
     arch = Architecture(
         depth=depth,
         embed_dim=embed_dim,
@@ -147,7 +171,7 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
         fc_norm=fc_norm,
         global_pool=global_pool,
         distilled=distilled,
-        group_size=mlp_group_size(state, depth),
+        group_size=group_size,
         norm_eps=float(hints["layer_norm_eps"]) if hints.get("layer_norm_eps") is not None else None,
         notes=notes,
         facts=facts,
@@ -294,6 +318,18 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return True
 
 
+def mlp_stored_once(state: StateDict, depth: int, group_size: int) -> bool:
+    """Whether each group's blocks hold the very same MLP tensors (one storage, as ``torch.save`` of a model with
+    shared modules and :func:`~landscape.importers.filters.restore_shared_mlps` leave them), not equal copies."""
+    for first in range(0, depth, group_size):
+        head = _mlp_tensors(state, first)
+        for block in range(first + 1, first + group_size):
+            other = _mlp_tensors(state, block)
+            if any(head[k].data_ptr() != other[k].data_ptr() for k in head):
+                return False
+    return True
+
+
 def mlp_group_size(state: StateDict, depth: int) -> int:
     """Size of the groups of adjacent blocks whose MLP tensors are all equal (1: no sharing).
 
@@ -337,7 +373,7 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
         return zoo_create_model(name, **kwargs)
     except LandscapeError:
         raise
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+    except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError, LookupError) as e:
         raise CheckpointError(
             f"Model {name} could not be built with {_kwargs_text(kwargs)} ({first_line(e)})."
         ) from None
@@ -449,14 +485,14 @@ def resolve_model(
     model_args = dict(model_args or {})
     hints = dict(foreign.hints)
     hints["sources"] = dict(hints.get("sources") or {})
-    for key in ("num_heads", "img_size", "global_pool"):
+    for key in ("num_heads", "img_size", "global_pool", "group_size"):
         if key in model_args:
             hints[key] = model_args[key]
             hints["sources"][key] = "--model-arg"
     if model is None:
         arch = recover_architecture(foreign.state_dict, hints)
         spec = model_spec(arch, hints)
-        spec.kwargs.update(model_args)
+        spec.kwargs.update({k: v for k, v in model_args.items() if k != "group_size"})  # the variant says it
         spec.facts = dict(arch.facts)
         for key, value in model_args.items():
             spec.facts[key] = _read(value, "--model-arg")
