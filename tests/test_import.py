@@ -333,6 +333,20 @@ def test_hf_pytorch_model_bin_with_in_memory_key_names_imports_with_equal_logits
     assert_same_logits(source, tmp_path / "run", x)
 
 
+def test_weights_disagreeing_with_the_sizes_config_json_states_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_hf(layer_norm_eps=1e-6)
+    source.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if ".layer.1." not in k}  # a block lost in transit
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"config.json num_hidden_layers states 2 but the weights have 1 "
+                                              r"\(blocks\)"):
+        import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_hf_default_layer_norm_epsilon_is_kept(tmp_path, x):
     source = tiny_hf()  # layer_norm_eps 1e-12
     source.save_pretrained(tmp_path / "hf")

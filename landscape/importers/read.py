@@ -245,6 +245,8 @@ def config_hints(config: dict, format: str, hints: dict[str, Any] | None = None)
             for key in ("num_heads", "global_pool", "img_size"):
                 if key in model_args:
                     _hint(hints, key, model_args[key], f"config.json model_args.{key}")
+            for key in STATED_SIZES:
+                _state_size(hints, key, model_args.get(key), f"config.json model_args.{key}")
         pretrained = config.get("pretrained_cfg")
         if "img_size" not in hints and isinstance(pretrained, dict):
             _hint(hints, "img_size", pretrained.get("input_size"), "config.json pretrained_cfg.input_size")
@@ -261,8 +263,23 @@ def config_hints(config: dict, format: str, hints: dict[str, Any] | None = None)
                         ("layer_norm_eps", "layer_norm_eps")):
         if config.get(hf_key) is not None:
             _hint(hints, key, config[hf_key], f"config.json {hf_key}")
+    for hf_key, key in (("num_hidden_layers", "depth"), ("hidden_size", "embed_dim"), ("num_channels", "in_chans"),
+                        ("patch_size", "patch_size"), ("intermediate_size", "mlp_hidden")):
+        _state_size(hints, key, config.get(hf_key), f"config.json {hf_key}")
     hints["hf_model_type"] = model_type
     return hints
+
+
+STATED_SIZES = ("depth", "embed_dim", "in_chans", "patch_size")
+"""Sizes a model folder's ``config.json`` may state, checked against the tensors after the architecture is read
+from them (:func:`landscape.importers.recover.check_stated_sizes`)."""
+
+
+def _state_size(hints: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Record a size ``config.json`` states (a positive whole number; anything else is ignored) under
+    ``hints["stated"]``, for the check against the weights."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        hints.setdefault("stated", {})[key] = (value, where)
 
 
 # -- a reference input and the source's logits on it ----------------------------------------------------------------------------------------

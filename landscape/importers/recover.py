@@ -473,6 +473,20 @@ def _base_name(arch: Architecture, hints: dict[str, Any], is_model: Callable[[st
     return BASE_MODEL
 
 
+def check_stated_sizes(arch: Architecture, hints: dict[str, Any]) -> None:
+    """Refuse weights whose sizes disagree with what the model folder's ``config.json`` states (a block missing
+    from the file, a config of another model): the weights alone would build a different network without a word."""
+    found = {"depth": arch.depth, "embed_dim": arch.embed_dim, "in_chans": arch.in_chans,
+             "patch_size": arch.patch_size, "mlp_hidden": arch.mlp_hidden}
+    names = {"depth": "blocks", "embed_dim": "width", "in_chans": "input channels", "patch_size": "patch size",
+             "mlp_hidden": "MLP width"}
+    for key, (value, where) in (hints.get("stated") or {}).items():
+        if key in found and found[key] != value:
+            raise CheckpointError(
+                f"{where} states {value} but the weights have {found[key]} ({names[key]}): the weights are "
+                "incomplete, or the config.json beside them belongs to another model.")
+
+
 def resolve_model(
     foreign: ForeignCheckpoint, model: str | None = None, model_args: dict[str, Any] | None = None
 ) -> ModelSpec:
@@ -491,6 +505,7 @@ def resolve_model(
             hints["sources"][key] = "--model-arg"
     if model is None:
         arch = recover_architecture(foreign.state_dict, hints)
+        check_stated_sizes(arch, hints)
         spec = model_spec(arch, hints)
         spec.kwargs.update({k: v for k, v in model_args.items() if k != "group_size"})  # the variant says it
         spec.facts = dict(arch.facts)
