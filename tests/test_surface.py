@@ -324,6 +324,22 @@ def test_eigenvectors_of_other_weights_and_matrices_live_apart_and_a_surface_tak
                              checkpoints="last")
 
 
+def test_interpolating_to_a_network_of_the_same_shapes_but_other_heads_is_refused(tmp_path):
+    from conftest import make_tiny_run
+
+    tiny = dict(img_size=8, in_chans=1, num_classes=10, patch_size=4, embed_dim=8, depth=1, mlp_ratio=2.0,
+                class_token=False, global_pool="avg")
+    two = make_tiny_run(tmp_path, "two", "vit_pico_patch4_32", {**tiny, "num_heads": 2}, 0)
+    four = make_tiny_run(tmp_path, "four", "vit_pico_patch4_32", {**tiny, "num_heads": 4}, 0)
+    same = make_tiny_run(tmp_path, "same", "vit_pico_patch4_32", {**tiny, "num_heads": 2}, 1)
+    settings = dict(dims=1, points=3, samples=16)
+    with pytest.raises(LandscapeError, match=r"is another architecture than .*blocks.0.attn: Attention "
+                                             r"\{'num_heads': 4.*against Attention \{'num_heads': 2"):
+        run_surface_analysis(two, SurfaceSettings(directions=f"interpolate:{four.root}", **settings))
+    ds = run_surface_analysis(two, SurfaceSettings(directions=f"interpolate:{same.root}", **settings))
+    assert np.isfinite(ds["loss"].values).all()
+
+
 def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs):
     a, b = runs["a"], runs["b"]
     runner = CliRunner()

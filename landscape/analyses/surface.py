@@ -601,6 +601,8 @@ class SurfaceAnalysis(Analysis):
         x, y, data_parallel = distributed.split_evaluation_set(job.x, job.y, job.data_parallel_world)
         self.closure = LossFunction(model, x, y, batch_size=settings.batch_size, skip_unused=False,
                                     data_parallel=data_parallel)
+        for target in self.targets():
+            check_same_architecture(model, build_model(target), what=f"{target.path}", reference=f"{todo[0].path}")
         self.others = [self.load_weights(job, t.path)[0] for t in self.targets()]
         self.raw = distributed.main_first(lambda: saved_random_directions(run, self.shapes, settings.seed),
                                           job.world) if kind == "random" else None
@@ -653,6 +655,38 @@ def run_surface_analysis(run: Any, settings: SurfaceSettings | None = None, *, c
     ``checkpoints`` says otherwise; ``options`` are the driver's (``force``, ``data_dir``, ``device``,
     ``progress``, ``shard``)."""
     return analyze(run, SurfaceAnalysis(settings), checkpoints=checkpoints, **options)
+
+
+_SIGNATURE_ATTRS = ("eps", "num_heads", "approximate", "global_pool", "num_prefix_tokens", "scale",
+                    "negative_slope")
+
+
+def architecture_signature(model: torch.nn.Module) -> list[tuple]:
+    """What makes a network compute what it does beyond its tensors' names and shapes: every module's path and
+    class with its plain settings (LayerNorm epsilon, attention heads, GELU approximation, pooling, prefix tokens)."""
+    out = []
+    for name, module in model.named_modules():
+        settings = tuple((a, v) for a in _SIGNATURE_ATTRS
+                         for v in [getattr(module, a, None)] if isinstance(v, (bool, int, float, str, tuple)))
+        out.append((name, type(module).__name__, settings))
+    return out
+
+
+def check_same_architecture(model: torch.nn.Module, other: torch.nn.Module, *, what: str, reference: str) -> None:
+    """Refuse a checkpoint ``what`` whose network differs from ``reference``'s in more than its weights: the
+    surface evaluates every point with ``reference``'s model, so the far end would not be ``what``'s network."""
+    mine, theirs = architecture_signature(model), architecture_signature(other)
+    if mine == theirs:
+        return
+    detail = f"{len(theirs)} modules against {len(mine)}"
+    for a, b in zip(mine, theirs):
+        if a != b:
+            detail = (f"{a[0] or 'the model'}: {b[1]} {dict(b[2])} against {a[1]} {dict(a[2])}" if a[0] == b[0]
+                      else f"module {b[0] or 'root'} against {a[0] or 'root'}")
+            break
+    raise LandscapeError(f"{what} is another architecture than {reference} ({detail}), though its tensors have the "
+                         f"same shapes: the surface would evaluate its weights in {reference}'s network, so the path "
+                         "would not end at its network; compare runs of one architecture.")
 
 
 def _eigen_directions(run: Any, checkpoint: str, shapes: dict[str, tuple[int, ...]], count: int,
