@@ -65,6 +65,34 @@ def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_
 
 
 
+def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_said(tmp_path):
+    source = tiny_timm().to(torch.bfloat16)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = source(x.to(torch.bfloat16))  # computed in bfloat16, as the source codebase ran it
+    torch.save(source.state_dict(), tmp_path / "bf16.pth")
+    torch.save({"input": x, "logits": logits}, tmp_path / "check.pt")
+    result = import_checkpoint(tmp_path / "bf16.pth", tmp_path / "run", model_args={"num_heads": 2},
+                               check_logits=tmp_path / "check.pt")
+    assert any("weights stored in bfloat16: analysed in float32" in n for n in result.notes)
+    assert Run.open(tmp_path / "run").load_config()["source"]["weights_dtype"] == "bfloat16"
+    wrong = tiny_timm(seed=5)  # another model entirely is still caught at bfloat16's tolerance
+    with torch.no_grad():
+        torch.save({"input": x, "logits": 10 * wrong(x)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"allowing for bfloat16 rounding"):
+        import_checkpoint(tmp_path / "bf16.pth", tmp_path / "run2", model_args={"num_heads": 2},
+                          check_logits=tmp_path / "other.pt")
+
+
+def test_weights_without_a_classifier_are_one_sentence(tmp_path):
+    state = {k: v for k, v in tiny_timm().state_dict().items() if not k.startswith("head.")}
+    torch.save(state, tmp_path / "backbone.pth")
+    for data in (None, "synthetic"):
+        with pytest.raises(CheckpointError, match="holds no classifier"):
+            import_checkpoint(tmp_path / "backbone.pth", tmp_path / "run", model_args={"num_heads": 2}, data=data)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_classifier_bias_without_its_matrix_is_named_as_incomplete(tmp_path):
     state = tiny_timm().state_dict()
     del state["head.weight"]  # read alone, the architecture would have no head and head.bias would be "unexpected"

@@ -136,13 +136,15 @@ TRIVIAL_LOGITS = 1e-6  # below this largest reference logit, a logits check tell
 
 
 def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor, *, source: str,
-                  facts: dict[str, dict[str, Any]] | None = None) -> float:
+                  facts: dict[str, dict[str, Any]] | None = None, weights_dtype: torch.dtype | None = None) -> float:
     """The largest absolute difference between ``model(x)`` and ``expected``; refused above the tolerance.
 
     The tolerance is :data:`LOGITS_RTOL` times the largest expected logit: float32 models from two codebases agree
     to about 1e-6 of that, a wrong head count or pooling differs by a good fraction of it (an untrained model's
-    logits are small, so a floor of 1 would let a wrong head count through). Logits that are all about zero (a
-    zero-initialised head) cannot tell models apart: the caller notes it.
+    logits are small, so a floor of 1 would let a wrong head count through). A source that computed in half
+    precision (its logits or ``weights_dtype`` float16/bfloat16) rounds at a far coarser level: the tolerance is
+    then :data:`HALF_LOGITS_ULPS` units of that precision. Logits that are all about zero (a zero-initialised
+    head) cannot tell models apart: the caller notes it.
     """
     if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0]:
         raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N, "
@@ -157,14 +159,29 @@ def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tenso
         raise CheckpointError(f"The imported model gives logits of shape {tuple(out.shape)}, but {source} holds "
                               f"{tuple(expected.shape)}.")
     diff = float((out.double() - expected.double()).abs().max())
-    tol = LOGITS_RTOL * float(expected.double().abs().max())
+    half = [d for d in (expected.dtype, weights_dtype) if d in (torch.float16, torch.bfloat16)]
+    rtol = max([LOGITS_RTOL] + [HALF_LOGITS_ULPS * torch.finfo(d).eps for d in half])
+    tol = rtol * float(expected.double().abs().max())
     if not diff <= tol:
         guessed = [f"{k}={f['value']!r}" for k, f in (facts or {}).items() if f.get("how") == "guessed"]
         hint = (f"the guessed {', '.join(guessed)} may be wrong: override with --model-arg KEY=VALUE" if guessed
                 else "check the --model-arg values and the format")
+        precision = (f" (allowing for {', '.join(str(d).removeprefix('torch.') for d in half)} rounding)"
+                     if half else "")
         raise CheckpointError(f"The imported model's logits differ from those in {source} by up to {diff:.3g} "
-                              f"(tolerance {tol:.3g}), so it is not the source's model; {hint}.")
+                              f"(tolerance {tol:.3g}{precision}), so it is not the source's model; {hint}.")
     return diff
+
+
+HALF_LOGITS_ULPS = 16
+"""The logits tolerance for a half-precision source, in units of its precision (bfloat16: 16 x 2^-7 = 1/8 of the
+largest logit; float16: 16 x 2^-10): rounding at every layer of a network adds up to a few units."""
+
+
+def weights_dtype(state: StateDict) -> torch.dtype | None:
+    """The floating-point dtype of a state dict's tensors (the lowest precision when mixed)."""
+    dtypes = {t.dtype for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=None) if dtypes else None
 
 
 def _check_dataset(name: str) -> None:
@@ -263,18 +280,29 @@ def import_checkpoint(
     stage(IMPORT_STAGES[1])
     spec = resolve_model(foreign, model, model_args)
     label = str(foreign.path)
+    if spec.kwargs.get("num_classes") == 0:
+        raise CheckpointError(
+            f"{label} holds no classifier (no head.weight, or classifier.weight in Hugging Face names): a backbone "
+            "alone has no classification loss to measure; import a checkpoint with its head.")
     raw_model = load_into_model(spec, foreign.state_dict, source=label)
     stage(IMPORT_STAGES[2])
     notes = list(spec.notes)
+    source_dtype = weights_dtype(foreign.state_dict)
+    if source_dtype is not None and source_dtype != torch.float32:
+        notes.append(f"weights stored in {str(source_dtype).removeprefix('torch.')}: analysed in float32 (or "
+                     "--dtype), to which they convert exactly" if torch.finfo(source_dtype).bits < 32 else
+                     f"weights stored in {str(source_dtype).removeprefix('torch.')}: kept in float32 (rounded)")
     checks = []
     if "reference" in foreign.extra:
         x, expected = foreign.extra.pop("reference")
-        diff = verify_logits(raw_model, x, expected, source=f"{label} (its reference_logits)", facts=spec.facts)
+        diff = verify_logits(raw_model, x, expected, source=f"{label} (its reference_logits)", facts=spec.facts,
+                             weights_dtype=source_dtype)
         checks.append({"against": "reference_logits in the file", "inputs": int(x.shape[0]), "max_abs_diff": diff,
                        "largest": float(expected.abs().max())})
     if check_logits is not None:
         x, expected = read_logits_pair(check_logits)
-        diff = verify_logits(raw_model, x, expected, source=str(check_logits), facts=spec.facts)
+        diff = verify_logits(raw_model, x, expected, source=str(check_logits), facts=spec.facts,
+                             weights_dtype=source_dtype)
         checks.append({"against": str(Path(check_logits).resolve()), "inputs": int(x.shape[0]), "max_abs_diff": diff,
                        "largest": float(expected.abs().max())})
     for check in checks:
@@ -304,6 +332,7 @@ def import_checkpoint(
         "format": foreign.format,
         "sha256": file_sha256(weights_file) if weights_file.is_file() else None,
         "weights": ["raw", "ema"] if ema_state is not None else ["raw"],
+        "weights_dtype": str(source_dtype).removeprefix("torch.") if source_dtype is not None else None,
         "architecture": spec.facts,
         **{k: v for k, v in foreign.extra.items() if k != "container"},
     }
