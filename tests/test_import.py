@@ -182,6 +182,17 @@ def test_timm_train_checkpoint_imports_raw_and_ema_weights_and_heads_from_its_ar
     assert source_info["source_epoch"] == 299 and source_info["format"] == "timm"
 
 
+@pytest.mark.parametrize("raw_key, ema_key", [("model", "ema"), ("state_dict", "ema_state_dict"),
+                                              ("model_state_dict", "ema_state_dict"), ("state_dict", "model_ema")])
+def test_ema_weights_under_the_names_training_loops_use_are_imported(tmp_path, x, raw_key, ema_key):
+    source, ema = tiny_timm(seed=0), tiny_timm(seed=1)
+    torch.save({raw_key: source.state_dict(), ema_key: ema.state_dict(), "epoch": 3}, tmp_path / "train.pth")
+    result = import_checkpoint(tmp_path / "train.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert result.has_ema
+    assert_same_logits(source, tmp_path / "run", x)
+    assert_same_logits(ema, tmp_path / "run", x, weights="ema")
+
+
 def test_register_tokens_without_class_position_embedding_are_recovered(tmp_path, x):
     source = tiny_timm(reg_tokens=2, no_embed_class=True)
     torch.save(source.state_dict(), tmp_path / "vit.pth")

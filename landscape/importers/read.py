@@ -100,6 +100,11 @@ def read_weights_file(path: Path) -> Any:
         return load_foreign_state(path)
 
 
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict", "model_ema_state_dict", "ema_model",
+            "ema_weights", "state_dict_ema_model")
+"""Where training checkpoints keep their EMA weights, beside the raw ones."""
+
+
 def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDict | None, dict, dict]:
     """Split a training checkpoint into ``(raw, ema, extra, hints)``; a bare state dict is returned as raw.
 
@@ -117,10 +122,15 @@ def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDi
     hints: dict[str, Any] = {"sources": {}}
     raw: Any = obj
     ema: Any = None
-    for raw_key, ema_key in (("state_dict", "state_dict_ema"), ("model", "model_ema"), ("model_state_dict", None)):
+    for raw_key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj.get(raw_key), dict):
             raw = obj[raw_key]
-            ema = obj.get(ema_key) if ema_key else None
+            # timm's, DeiT's and torchvision's names first, then those other training loops use
+            ema_key = next((k for k in EMA_KEYS if isinstance(obj.get(k), dict) and obj[k]
+                            and all(isinstance(v, torch.Tensor) for v in obj[k].values())), None)
+            ema = obj[ema_key] if ema_key else None
+            if ema_key:
+                extra["ema_key"] = ema_key
             extra["container"] = raw_key
             break
     if "container" in extra:
