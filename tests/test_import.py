@@ -193,6 +193,17 @@ def test_ema_weights_under_the_names_training_loops_use_are_imported(tmp_path, x
     assert_same_logits(ema, tmp_path / "run", x, weights="ema")
 
 
+@pytest.mark.parametrize("attribute, extra", [("model", {"criterion.weight": torch.ones(10)}), ("net", {})])
+def test_a_training_module_with_the_network_under_one_attribute_imports_it(tmp_path, x, attribute, extra):
+    source = tiny_timm()
+    state = {f"{attribute}.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": {**state, **extra}, "epoch": 3}, tmp_path / "lightning.ckpt")
+    result = import_checkpoint(tmp_path / "lightning.ckpt", tmp_path / "run", model_args={"num_heads": 2})
+    assert any(f"the network is the file's {attribute}.* tensors" in n for n in result.notes)
+    assert any("left out: criterion.*" in n for n in result.notes) == bool(extra)
+    assert_same_logits(source, tmp_path / "run", x)
+
+
 def test_register_tokens_without_class_position_embedding_are_recovered(tmp_path, x):
     source = tiny_timm(reg_tokens=2, no_embed_class=True)
     torch.save(source.state_dict(), tmp_path / "vit.pth")

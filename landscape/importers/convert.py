@@ -287,6 +287,10 @@ def import_checkpoint(
     raw_model = load_into_model(spec, foreign.state_dict, source=label)
     stage(IMPORT_STAGES[2])
     notes = list(spec.notes)
+    if foreign.extra.get("submodule"):
+        notes.append(f"the network is the file's {foreign.extra['submodule']}.* tensors" +
+                     (f"; left out: {', '.join(x + '.*' for x in foreign.extra['left_out'])}"
+                      if foreign.extra.get("left_out") else ""))
     source_dtype = weights_dtype(foreign.state_dict)
     if source_dtype is not None and source_dtype != torch.float32:
         notes.append(f"weights stored in {str(source_dtype).removeprefix('torch.')}: analysed in float32 (or "

@@ -23,6 +23,7 @@ from landscape.errors import CheckpointError, LandscapeError
 from landscape.importers.filters import (
     FILTERS,
     FORMATS,
+    PREFIXES,
     VIT_ONLY,
     StateDict,
     describe_hf_type,
@@ -79,6 +80,13 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
     raw, ema, extra, hints = unpack_training_checkpoint(obj, weights_file)
     raw = strip_prefixes(raw)
     ema = strip_prefixes(ema) if ema is not None else None
+    submodule, left_out = model_submodule(raw) if format is None else (None, [])
+    if submodule is not None:  # a Lightning-style module: the network under one attribute, other parts beside it
+        raw = strip_prefixes({k[len(submodule) + 1:]: v for k, v in raw.items() if k.startswith(submodule + ".")})
+        if ema is not None and any(k.startswith(submodule + ".") for k in ema):
+            ema = strip_prefixes({k[len(submodule) + 1:]: v for k, v in ema.items() if k.startswith(submodule + ".")})
+        extra["submodule"] = submodule
+        extra["left_out"] = left_out
     if format is None:
         format = detect_format(raw, container=extra.get("container"), path=path)
     if config_file is not None:
@@ -92,6 +100,29 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
         restore_shared_mlps(filter_fn(ema)) if ema is not None else None,
         hints=hints, extra=extra, weights_file=weights_file,
     )
+
+
+_VIT_KEYS = ("patch_embed.", "blocks.", "conv_proj.", "encoder.layers.encoder_layer_", "vit.embeddings.",
+             "deit.embeddings.", "embeddings.patch_embeddings.")
+
+
+def model_submodule(state: StateDict) -> tuple[str | None, list[str]]:
+    """``(attribute, other attributes)`` when the ViT's keys are not at the top but under exactly one attribute
+    (``net.``, ``model.`` beside ``criterion.``, ...) of a training module; ``(None, [])`` otherwise."""
+    if any(k.startswith(_VIT_KEYS) for k in state):
+        return None, []
+    groups: dict[str, list[str]] = {}
+    for key in state:
+        head, dot, rest = key.partition(".")
+        if dot:
+            groups.setdefault(head, []).append(rest)
+    vits = [g for g, keys in groups.items()
+            if any(k.startswith(_VIT_KEYS) or k.startswith(tuple(f"{p}{v}" for p in PREFIXES for v in _VIT_KEYS))
+                   for k in keys)]
+    if len(vits) != 1:
+        return None, []
+    others = sorted({k.partition(".")[0] if "." in k else k for k in state} - {vits[0]})
+    return vits[0], others
 
 
 def read_weights_file(path: Path) -> Any:
