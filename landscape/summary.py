@@ -403,7 +403,8 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
             "about ρ²/2 Σ wᵢ² Hᵢᵢ: a sum over parameters"),
     Measure("surface_width", f"1D surface width at +{SURFACE_WIDTH_RISE:g} nats", "direction units", True, False,
             f"length of the interval around the weights, along a filter-normalised random direction, where the "
-            f"loss rises by less than {SURFACE_WIDTH_RISE:g} nats; larger is flatter", smaller_is_flatter=False),
+            f"loss rises by less than {SURFACE_WIDTH_RISE:g} nats (left out where the grid ends first); larger is "
+            "flatter", smaller_is_flatter=False),
 )}
 
 

@@ -2,6 +2,8 @@
 force, the results file and its attrs from the driver; settings are checked once, when they are made."""
 
 import json
+import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -140,10 +142,14 @@ def test_an_analysis_whose_results_cannot_be_written_is_refused_before_it_measur
     measured = []
     monkeypatch.setattr(HessianAnalysis, "measure", lambda self, *a: measured.append(a) or None)
 
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system")
+    real_open = os.open
 
-    monkeypatch.setattr("tempfile.mkstemp", read_only)  # as on a read-only mount (chmod does not stop root)
+    def read_only(path, flags, *args, **kwargs):  # as on a read-only mount (chmod does not stop root)
+        if flags & os.O_CREAT and Path(path).parent == run.root / "analysis":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(WriteError, match="Cannot write in .*analysis.*read-only.*nothing was computed"):
         analyze(run, HessianAnalysis(HessianSettings(top_k=1, samples=8)), checkpoints="last")
     assert measured == []
