@@ -354,7 +354,8 @@ def _results_tables(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
 
 
 def _checkpoint_row(info: CheckpointInfo) -> dict[str, Any]:
-    sizes = {k: info.model_kwargs[k] for k in ("embed_dim", "depth", "num_heads") if k in info.model_kwargs}
+    sizes = {k: info.model_kwargs[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size")
+             if k in info.model_kwargs}
     row: dict[str, Any] = {
         "name": info.path.name,
         # the registered builder and the sizes it was called with (an import of a 2-block ViT is built by

@@ -558,6 +558,8 @@ def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
     assert_same_logits(source, out, x)
     inspected = CliRunner().invoke(cli, ["inspect", str(out)])
     assert inspected.exit_code == 0 and "vit(embed_dim=32" in inspected.output
+    # the checkpoint row names its builder with every size that makes it another model than the name says
+    assert "vit_base_patch16_224(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)" in inspected.output
 
 
 # -- architecture facts the files state, guesses they leave open --------------------------------------------
