@@ -841,10 +841,15 @@ def _setup_blocks(results) -> list[Block]:
     first = results[0]
     config = first.run.load_config()
     optim, schedule = config.get("optim") or {}, config.get("schedule") or {}
-    training = (f"Training (from `{first.path}/config.yaml`; every run has its own): {config.get('epochs', '?')} "
-                f"epochs of batch {config.get('batch_size', '?')}, {optim.get('opt', '?')} at learning rate "
-                f"{optim.get('lr', '?')} with weight decay {optim.get('weight_decay', '?')}, "
-                f"{schedule.get('sched', '?')} schedule, EMA decay {(config.get('ema') or {}).get('decay')}.")
+    source = config.get("source") if isinstance(config.get("source"), dict) else None
+    if source is not None and not optim:  # imported: trained elsewhere, by settings this file does not hold
+        training = (f"Weights (from `{first.path}/config.yaml`; every run has its own): imported from "
+                    f"`{source.get('file', '?')}` ({source.get('format', '?')} format), trained elsewhere.")
+    else:
+        training = (f"Training (from `{first.path}/config.yaml`; every run has its own): {config.get('epochs', '?')} "
+                    f"epochs of batch {config.get('batch_size', '?')}, {optim.get('opt', '?')} at learning rate "
+                    f"{optim.get('lr', '?')} with weight decay {optim.get('weight_decay', '?')}, "
+                    f"{schedule.get('sched', '?')} schedule, EMA decay {(config.get('ema') or {}).get('decay')}.")
     rows = []
     for result in first.results:  # what each file holds, from its attributes
         if result.kind == "dynamics" or not result.checkpoints():
