@@ -59,6 +59,12 @@ def compare_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
     loaded = [load_run(p) for p in paths]
     rows = [run_summary(r) for r in loaded]
+    keys_by_name: dict[str, set[str]] = {}
+    for r in loaded:
+        keys_by_name.setdefault(r.variant.name, set()).add(r.variant.key)
+    for r, row in zip(loaded, rows):  # two architectures under one short name: each shown by its full key
+        if len(keys_by_name[r.variant.name]) > 1:
+            row["model"] = r.variant.key
     if not rows:
         raise LandscapeError("Give at least one run directory to compare.")
     columns = list(ALWAYS_SHOWN)

@@ -89,6 +89,15 @@ def test_a_dynamics_file_older_than_the_history_gives_way_to_it_with_a_caveat(tm
     assert table.iloc[0]["peak_to_final_drop"] == 5.0 and not any("dynamics.nc is older" in c for c in table.attrs["caveats"])
 
 
+def test_two_architectures_under_one_short_name_are_told_apart(tmp_path):
+    plain = make_run(tmp_path / "plain", model="vit_pico_patch4_32", kwargs={"depth": 2})
+    normed = make_run(tmp_path / "normed", model="vit_pico_patch4_32", kwargs={"depth": 2, "qk_norm": True})
+    same = make_run(tmp_path / "same", model="vit_pico_patch4_32", kwargs={"depth": 2})
+    models = compare_runs([plain.root, normed.root, same.root])["model"].tolist()
+    assert models[0] == models[2] != models[1] and "qk_norm=True" in models[1]
+    assert compare_runs([plain.root, same.root])["model"].tolist() == ["vit_pico_patch4_32"] * 2
+
+
 def test_run_without_checkpoints_is_refused(tmp_path):
     Run.create(tmp_path / "empty")
     with pytest.raises(LandscapeError, match="no checkpoints, results or metrics to compare"):
