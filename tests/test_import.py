@@ -397,6 +397,12 @@ def test_weights_disagreeing_with_the_sizes_config_json_states_are_refused(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_a_head_count_that_does_not_divide_the_width_is_named_with_its_source(tmp_path):
+    torch.save(tiny_timm().state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(CheckpointError, match=r"3 attention heads \(--model-arg\) do not divide the width 32"):
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "run", model_args={"num_heads": 3})
+
+
 def test_hf_default_layer_norm_epsilon_is_kept(tmp_path, x):
     source = tiny_hf()  # layer_norm_eps 1e-12
     source.save_pretrained(tmp_path / "hf")

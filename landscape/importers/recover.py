@@ -276,7 +276,12 @@ def _image_size(
 def _num_heads(embed_dim: int, hints: dict[str, Any]) -> tuple[int, str]:
     """``(num_heads, how it was chosen)``; an empty rule means the source stated it."""
     if hints.get("num_heads"):
-        return int(hints["num_heads"]), ""
+        heads = int(hints["num_heads"])
+        if embed_dim % heads:
+            where = (hints.get("sources") or {}).get("num_heads", "--model-arg")
+            raise CheckpointError(f"{heads} attention heads ({where}) do not divide the width {embed_dim} of the "
+                                  "weights: the heads or the weights are another model's.")
+        return heads, ""
     if hints.get("arch") and _is_model(hints["arch"]):
         heads = _heads_of(hints["arch"])
         if heads is not None:
