@@ -368,6 +368,7 @@ def test_hf_vit_directory_imports_with_equal_logits_and_heads_from_config(tmp_pa
     source.save_pretrained(tmp_path / "hf")
     result = import_checkpoint(tmp_path / "hf", tmp_path / "run")
     assert result.format == "hf" and result.model_kwargs["num_heads"] == 4
+    assert result.facts["global_pool"]["how"] == "read"  # Hugging Face's classifier reads the class token: no guess
     assert Run.open(tmp_path / "run").load_config()["source"]["weights_file"].endswith("model.safetensors")
     assert_same_logits(source, tmp_path / "run", x)
 

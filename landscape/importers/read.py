@@ -91,6 +91,8 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
         format = detect_format(raw, container=extra.get("container"), path=path)
     if config_file is not None:
         config_hints(_load_json(config_file), format, hints)
+    if format in ("hf", "torchvision") and "global_pool" not in hints:  # both classify the class token's output
+        _hint(hints, "global_pool", "token", "the source library's classifier (the class token's output)")
     if format == "hf" and "layer_norm_eps" not in hints:  # a bare Hugging Face state dict: ViTConfig's default,
         # not timm's 1e-6 (which changes the logits by about 1e-4 of their size)
         _hint(hints, "layer_norm_eps", HF_LAYER_NORM_EPS, "Hugging Face ViTConfig's default (no config.json)")
