@@ -113,17 +113,28 @@ def rank_correlation(measure: str, x: Sequence[float], y: Sequence[float], *, pr
 
 
 def format_estimate(mean: float, se: float) -> str:
-    """``1.234 ± 0.056``: the mean to the precision its standard error supports (two significant digits of it)."""
+    """``1.234 ± 0.056``: the mean to the precision its standard error supports (two significant digits of it);
+    small or large values share one power of ten (``(5.26 ± 0.30) × 10⁻⁴``); an error far below the mean's fourth
+    digit is shown as it is (``0.0997 ± 1.4e-07``)."""
     if not math.isfinite(mean):
         return "–"
     if not math.isfinite(se) or se <= 0:
         return f"{mean:.4g}"
-    exponent, size = 0, max(abs(mean), se)
-    if size >= 1e5 or size < 1e-3:  # one power of ten for both: (5.26 ± 0.30) × 10⁻⁴
-        exponent = int(math.floor(math.log10(size)))
-        mean, se = mean / 10.0**exponent, se / 10.0**exponent
-    digits = min(max(0, 1 - int(math.floor(math.log10(se)))), 6)
-    text = f"{mean:.{digits}f} ± {se:.{digits}f}"
+    if se < 1e-4 * abs(mean):
+        return f"{mean:.4g} ± {se:.2g}"
+    size = max(abs(mean), se)
+    exponent = int(math.floor(math.log10(size))) if size >= 1e5 or size < 1e-3 else 0
+    for _ in range(2):  # once more when the mantissa rounds up to 10
+        m, e = mean / 10.0**exponent, se / 10.0**exponent
+        digits = max(0, 1 - int(math.floor(math.log10(e))))
+        text_m, text_e = f"{m:.{digits}f}", f"{e:.{digits}f}"
+        if exponent and max(abs(float(text_m)), abs(float(text_e))) >= 10:
+            exponent += 1
+            continue
+        break
+    if float(text_m) == 0:
+        text_m = text_m.lstrip("-")  # no "-0.000"
+    text = f"{text_m} ± {text_e}"
     return f"({text}) × 10{_superscript(exponent)}" if exponent else text
 
 
@@ -300,6 +311,8 @@ def effect_text(d: Difference) -> str:
 def _number(x: float) -> str:
     if not math.isfinite(x):
         return "–"
+    if x == 0:
+        return "0"
     return f"{x:+#.3g}".removesuffix(".")  # three digits, trailing zeros kept: +0.00100, not +0.001; +114, not +114.
 
 

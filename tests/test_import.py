@@ -66,7 +66,11 @@ def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_
 
 
 def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_said(tmp_path):
-    source = tiny_timm().to(torch.bfloat16)
+    source = tiny_timm()
+    with torch.no_grad():  # sharper attention than at initialisation, as after training: the head count matters
+        for block in source.blocks:
+            block.attn.qkv.weight.mul_(4)
+    source = source.to(torch.bfloat16)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = source(x.to(torch.bfloat16))  # computed in bfloat16, as the source codebase ran it
@@ -76,6 +80,9 @@ def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_sai
                                check_logits=tmp_path / "check.pt")
     assert any("weights stored in bfloat16: analysed in float32" in n for n in result.notes)
     assert Run.open(tmp_path / "run").load_config()["source"]["weights_dtype"] == "bfloat16"
+    with pytest.raises(CheckpointError, match=r"allowing for bfloat16 rounding\)"):  # a wrong head count is caught
+        import_checkpoint(tmp_path / "bf16.pth", tmp_path / "heads", model_args={"num_heads": 4},
+                          check_logits=tmp_path / "check.pt")
     wrong = tiny_timm(seed=5)  # another model entirely is still caught at bfloat16's tolerance
     with torch.no_grad():
         torch.save({"input": x, "logits": 10 * wrong(x)}, tmp_path / "other.pt")
@@ -201,6 +208,30 @@ def test_a_training_module_with_the_network_under_one_attribute_imports_it(tmp_p
     result = import_checkpoint(tmp_path / "lightning.ckpt", tmp_path / "run", model_args={"num_heads": 2})
     assert any(f"the network is the file's {attribute}.* tensors" in n for n in result.notes)
     assert any("left out: criterion.*" in n for n in result.notes) == bool(extra)
+    assert_same_logits(source, tmp_path / "run", x)
+
+
+def test_a_lightning_module_with_its_ema_copy_beside_the_network_imports_both(tmp_path, x):
+    source, ema = tiny_timm(seed=0), tiny_timm(seed=1)
+    state = {**{f"model.{k}": v for k, v in source.state_dict().items()},
+             **{f"model_ema.module.{k}": v for k, v in ema.state_dict().items()}}
+    torch.save({"state_dict": state}, tmp_path / "lightning.ckpt")
+    result = import_checkpoint(tmp_path / "lightning.ckpt", tmp_path / "run", model_args={"num_heads": 2})
+    assert result.has_ema
+    assert_same_logits(source, tmp_path / "run", x)
+    assert_same_logits(ema, tmp_path / "run", x, weights="ema")
+    two = {**{f"student.{k}": v for k, v in source.state_dict().items()},
+           **{f"teacher.{k}": v for k, v in ema.state_dict().items()}}
+    torch.save({"state_dict": two}, tmp_path / "distill.ckpt")
+    with pytest.raises(CheckpointError, match=r"holds 2 networks \(student.\*, teacher.\*\)"):
+        import_checkpoint(tmp_path / "distill.ckpt", tmp_path / "run2", model_args={"num_heads": 2})
+
+
+def test_a_stated_mlp_ratio_builds_the_plain_vit_of_that_ratio(tmp_path, x):
+    source = tiny_timm(mlp_ratio=2.0)
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    result = import_checkpoint(tmp_path / "vit.pth", tmp_path / "run", model_args={"num_heads": 2, "mlp_ratio": 2.0})
+    assert "shallow" not in result.model and result.model_kwargs["mlp_ratio"] == 2.0
     assert_same_logits(source, tmp_path / "run", x)
 
 

@@ -197,11 +197,14 @@ def test_estimates_are_printed_to_the_precision_of_their_error():
     assert format_estimate(123.4, 25.0) == "123 ± 25"
     assert format_estimate(float("nan"), 1.0) == "–"
     assert format_estimate(0.000526, 3e-5) == "(5.26 ± 0.30) × 10⁻⁴"  # one power of ten, not "0.000526 ± 3e-05"
-    assert format_estimate(-0.000426, 0.011) == "-0.000 ± 0.011"
+    assert format_estimate(-0.000426, 0.011) == "0.000 ± 0.011"  # no negative zero
+    assert format_estimate(0.000999, 1e-4) == "(1.00 ± 0.10) × 10⁻³"  # a mantissa rounding to 10 moves the power
+    assert format_estimate(0.0997, 1.4e-7) == "0.0997 ± 1.4e-07"  # an error below the fourth digit, as it is
     assert format_estimate(2.5e6, 1.2e5) == "(2.50 ± 0.12) × 10⁶"
     from landscape.report import _number
 
     assert _number(0.001004) == "+0.00100" and _number(-0.00022) == "-0.000220" and _number(114.2) == "+114"
+    assert _number(-0.0) == "0"
 
 
 VARIANTS = [

@@ -318,10 +318,15 @@ def test_eigenvectors_of_other_weights_and_matrices_live_apart_and_a_surface_tak
     plain = eigenvectors_path(run, "epoch-0003")
     shutil.copy(eigenvectors_path(run, "epoch-0003", {"weights": "ema"}), plain)
     assert load_eigenvectors(plain).metadata["settings"]["weights"] == "ema"
-    with pytest.raises(LandscapeError, match="holds the eigenvectors of another matrix .*weights ema.* than the "
+    with pytest.raises(LandscapeError, match="holds the eigenvectors of another Hessian .*weights ema.* than the "
                                              "one asked for .*weights raw"):
         run_surface_analysis(run, SurfaceSettings(directions="eigen", dims=1, points=3, samples=16), force=True,
                              checkpoints="last")
+    # as the sentence says: the raw Hessian's analysis measures that checkpoint again, and the surface then runs
+    run_hessian_analysis(run, HessianSettings(**common), checkpoints="last", save_eigenvectors_to_disk=True)
+    ds = run_surface_analysis(run, SurfaceSettings(directions="eigen", dims=1, points=3, samples=16), force=True,
+                              checkpoints="last").isel(checkpoint=0)
+    np.testing.assert_allclose(ds["eigenvalue"].values, found["raw", "hessian"][:1], rtol=1e-5)
 
 
 def test_interpolating_to_a_network_of_the_same_shapes_but_other_heads_is_refused(tmp_path):
@@ -338,6 +343,10 @@ def test_interpolating_to_a_network_of_the_same_shapes_but_other_heads_is_refuse
         run_surface_analysis(two, SurfaceSettings(directions=f"interpolate:{four.root}", **settings))
     ds = run_surface_analysis(two, SurfaceSettings(directions=f"interpolate:{same.root}", **settings))
     assert np.isfinite(ds["loss"].values).all()
+    dropping = make_tiny_run(tmp_path, "dropping", "vit_pico_patch4_32", {**tiny, "num_heads": 2,
+                                                                          "drop_path_rate": 0.1}, 2)
+    ds = run_surface_analysis(two, SurfaceSettings(directions=f"interpolate:{dropping.root}", **settings), force=True)
+    assert np.isfinite(ds["loss"].values).all()  # drop-path does nothing when evaluating: the same network
 
 
 def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs):

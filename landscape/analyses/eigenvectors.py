@@ -40,6 +40,21 @@ def vector_settings(settings: Any) -> dict[str, Any]:
         else {}
 
 
+def saved_for(path: Path, settings: Any) -> bool:
+    """Whether ``path`` holds eigenvectors of the Hessian ``settings`` ask for (its header only is read): a file an
+    older version wrote for other weights or another matrix into the plain folder is not."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("settings", "null"))
+    except Exception:  # unreadable: measured again, and rewritten
+        return False
+    return not isinstance(stored, dict) or vector_settings(stored) == vector_settings(settings)
+
+
 def check_vectors_of(saved: "HessianEigenvectors", path: Path, settings: Any) -> None:
     """Refuse eigenvectors saved for other weights, another matrix or other parameters than ``settings`` ask for
     (a file an older version wrote into the plain folder whatever its settings)."""
@@ -52,9 +67,9 @@ def check_vectors_of(saved: "HessianEigenvectors", path: Path, settings: Any) ->
             return (f"matrix {s.get('matrix', 'hessian')}, weights {s.get('weights', 'raw')}, "
                     f"params {s.get('params', 'all')}")
 
-        raise LandscapeError(f"{path} holds the eigenvectors of another matrix ({describe(there)}) than the one "
+        raise LandscapeError(f"{path} holds the eigenvectors of another Hessian ({describe(there)}) than the one "
                              f"asked for ({describe(wanted)}); compute these with landscape analyze hessian RUN "
-                             "--save-eigenvectors and the same settings.")
+                             "--save-eigenvectors and the same settings (that checkpoint is then measured again).")
 
 
 def save_eigenvectors(path: str | Path, vectors: dict[str, Tensor], eigenvalues: dict[str, np.ndarray],

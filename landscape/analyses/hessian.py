@@ -21,7 +21,7 @@ import torch
 
 from landscape.analyses import distributed
 from landscape.analyses.driver import Analysis, Job, analyze
-from landscape.analyses.eigenvectors import eigenvectors_path, save_eigenvectors
+from landscape.analyses.eigenvectors import eigenvectors_path, save_eigenvectors, saved_for
 from landscape.analyses.settings import EvaluationSettings
 from landscape.curvature.density import spectral_density
 from landscape.curvature.lanczos import WHICH, ritz_start, top_eigenvalues
@@ -412,7 +412,7 @@ class HessianAnalysis(Analysis):
         self.warm = WarmStart() if self.contiguous else None  # each series starts cold
 
     def complete(self, run: Any, info: Any) -> bool:
-        return not self.save_eigenvectors or eigenvectors_path(run, info.name, self.settings).exists()
+        return not self.save_eigenvectors or saved_for(eigenvectors_path(run, info.name, self.settings), self.settings)
 
     def work(self, job: Job) -> int:
         return expected_products(self.settings)

@@ -82,9 +82,15 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
     ema = strip_prefixes(ema) if ema is not None else None
     submodule, left_out = model_submodule(raw) if format is None else (None, [])
     if submodule is not None:  # a Lightning-style module: the network under one attribute, other parts beside it
-        raw = strip_prefixes({k[len(submodule) + 1:]: v for k, v in raw.items() if k.startswith(submodule + ".")})
+        whole = raw
+        raw = strip_prefixes({k[len(submodule) + 1:]: v for k, v in whole.items() if k.startswith(submodule + ".")})
         if ema is not None and any(k.startswith(submodule + ".") for k in ema):
             ema = strip_prefixes({k[len(submodule) + 1:]: v for k, v in ema.items() if k.startswith(submodule + ".")})
+        beside = next((g for g in left_out if "ema" in g.lower()), None)
+        if ema is None and beside is not None:  # its EMA copy under its own attribute (timm's ModelEmaV2: module.)
+            ema = strip_prefixes({k[len(beside) + 1:]: v for k, v in whole.items() if k.startswith(beside + ".")})
+            left_out = [g for g in left_out if g != beside]
+            extra["ema_key"] = beside
         extra["submodule"] = submodule
         extra["left_out"] = left_out
     if format is None:
@@ -121,7 +127,12 @@ def model_submodule(state: StateDict) -> tuple[str | None, list[str]]:
     vits = [g for g, keys in groups.items()
             if any(k.startswith(_VIT_KEYS) or k.startswith(tuple(f"{p}{v}" for p in PREFIXES for v in _VIT_KEYS))
                    for k in keys)]
-    if len(vits) != 1:
+    if len(vits) == 2 and sum("ema" in g.lower() for g in vits) == 1:  # model.* beside model_ema.* (ModelEmaV2)
+        vits = [g for g in vits if "ema" not in g.lower()]
+    if len(vits) > 1:
+        raise CheckpointError(f"The file holds {len(vits)} networks ({', '.join(g + '.*' for g in sorted(vits))}); "
+                              "save the one to import as a state dict of its own (torch.save(module.state_dict())).")
+    if not vits:
         return None, []
     others = sorted({k.partition(".")[0] if "." in k else k for k in state} - {vits[0]})
     return vits[0], others

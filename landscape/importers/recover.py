@@ -452,7 +452,7 @@ def model_spec(arch: Architecture, hints: dict[str, Any] | None = None) -> Model
 
     if arch.group_size > 1:
         return ModelSpec(variant("grouped"), {**kwargs, "group_size": arch.group_size}, notes)
-    if arch.mlp_hidden < TIMM_MLP_RATIO * arch.embed_dim:
+    if arch.mlp_hidden < TIMM_MLP_RATIO * arch.embed_dim and hints.get("mlp_ratio") is None:  # else a plain ViT
         notes.append(f"MLP width {arch.mlp_hidden} < 4 x {arch.embed_dim}: built as the ShallowMLP variant")
         return ModelSpec(variant("shallow"), {**kwargs, "mlp_ratio": TIMM_MLP_RATIO, "width_ratio": arch.width_ratio},
                          notes)
@@ -504,7 +504,7 @@ def resolve_model(
     model_args = dict(model_args or {})
     hints = dict(foreign.hints)
     hints["sources"] = dict(hints.get("sources") or {})
-    for key in ("num_heads", "img_size", "global_pool", "group_size"):
+    for key in ("num_heads", "img_size", "global_pool", "group_size", "mlp_ratio"):
         if key in model_args:
             hints[key] = model_args[key]
             hints["sources"][key] = "--model-arg"
