@@ -299,8 +299,8 @@ def test_equal_mlp_copies_are_built_shared_with_a_note_and_group_size_1_keeps_th
     torch.save(shared.state_dict(), tmp_path / "shared.pth")
     result = import_checkpoint(tmp_path / "shared.pth", tmp_path / "read", model_args={"num_heads": 2})
     assert result.facts["group_size"]["how"] == "read" and not any("separate copies" in n for n in result.notes)
-    with pytest.raises(CheckpointError, match="group_size=2 asks for one MLP per 2 blocks, but the blocks' MLP "
-                                              "weights differ"):
+    with pytest.raises(CheckpointError, match="give blocks.0.mlp.* and blocks.1.mlp.* different values, but the "
+                                              "model shares one parameter"):
         import_checkpoint(_saved(tmp_path, tiny_timm(depth=2)), tmp_path / "bad",
                           model_args={"num_heads": 2, "group_size": 2})
 

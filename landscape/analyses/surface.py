@@ -657,27 +657,11 @@ def run_surface_analysis(run: Any, settings: SurfaceSettings | None = None, *, c
     return analyze(run, SurfaceAnalysis(settings), checkpoints=checkpoints, **options)
 
 
-_NO_OP_AT_EVALUATION = {"Identity", "DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}
-_SIGNATURE_ATTRS = ("eps", "num_heads", "approximate", "global_pool", "num_prefix_tokens", "scale",
-                    "negative_slope")
-
-
-def architecture_signature(model: torch.nn.Module) -> list[tuple]:
-    """What makes a network compute what it does beyond its tensors' names and shapes: every module's path and
-    class with its plain settings (LayerNorm epsilon, attention heads, GELU approximation, pooling, prefix tokens)."""
-    out = []
-    for name, module in model.named_modules():
-        if type(module).__name__ in _NO_OP_AT_EVALUATION:  # drop-path and dropout do nothing when evaluating
-            continue
-        settings = tuple((a, v) for a in _SIGNATURE_ATTRS
-                         for v in [getattr(module, a, None)] if isinstance(v, (bool, int, float, str, tuple)))
-        out.append((name, type(module).__name__, settings))
-    return out
-
-
 def check_same_architecture(model: torch.nn.Module, other: torch.nn.Module, *, what: str, reference: str) -> None:
     """Refuse a checkpoint ``what`` whose network differs from ``reference``'s in more than its weights: the
     surface evaluates every point with ``reference``'s model, so the far end would not be ``what``'s network."""
+    from landscape.models import architecture_signature
+
     mine, theirs = architecture_signature(model), architecture_signature(other)
     if mine == theirs:
         return

@@ -18,6 +18,7 @@ import torch
 from landscape.errors import CheckpointError, LandscapeError
 from landscape.importers.filters import VIT_ONLY, StateDict, describe_non_vit
 from landscape.importers.read import ForeignCheckpoint
+from landscape.models import architecture_signature
 from landscape.models import create_model as zoo_create_model
 from landscape.models.variants import families, family_of
 from landscape.models.vit import VIT_ARGS
@@ -129,16 +130,8 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
         facts["norm_eps"] = _read(float(hints["layer_norm_eps"]), sources.get("layer_norm_eps", "--model-arg"))
     if hints.get("group_size") is not None:  # stated (--model-arg): equal MLPs may be separate copies
         group_size = int(hints["group_size"])
-        if group_size < 1 or depth % group_size:
+        if group_size < 1 or depth % group_size:  # unequal MLPs in a group: load_into_model's sharing check
             raise CheckpointError(f"group_size={group_size} does not divide the {depth} blocks.")
-        if group_size > 1:
-            try:
-                equal = mlp_group_size(state, depth) % group_size == 0
-            except CheckpointError:
-                equal = False
-            if not equal:  # a shared MLP would take one block's weights and drop the others' without a word
-                raise CheckpointError(f"group_size={group_size} asks for one MLP per {group_size} blocks, but the "
-                                      "blocks' MLP weights differ within those groups.")
         facts["group_size"] = _read(group_size, sources.get("group_size", "--model-arg"))
     else:
         group_size = mlp_group_size(state, depth)
@@ -556,7 +549,8 @@ def model_label(spec: ModelSpec) -> str | None:
 
 
 def _same_as_registered(spec: ModelSpec) -> bool:
-    """Whether ``spec.name`` at its defaults is the model ``spec`` builds (tensors, heads, pooling, epsilon)."""
+    """Whether ``spec.name`` at its defaults is the model ``spec`` builds (tensors, and every module's settings:
+    :func:`landscape.models.architecture_signature`)."""
     data_facing = {k: spec.kwargs[k] for k in ("num_classes", "in_chans") if k in spec.kwargs}
 
     def signature(kwargs: dict[str, Any]) -> tuple | None:
@@ -565,11 +559,8 @@ def _same_as_registered(spec: ModelSpec) -> bool:
                 model = create_model(spec.name, **kwargs)
         except Exception:  # noqa: BLE001  (a name that cannot be built on its own cannot name the model)
             return None
-        blocks = getattr(model, "blocks", None)
-        heads = getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks is not None else None
-        eps = next((m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)), None)
         shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-        return shapes, heads, getattr(model, "global_pool", None), eps
+        return shapes, architecture_signature(model)
 
     if "norm_eps" in spec.kwargs and spec.kwargs["norm_eps"] != TIMM_NORM_EPS:
         return False

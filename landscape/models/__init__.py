@@ -53,6 +53,7 @@ from landscape.models.mlit import MLiT, MixtureOfSwiGLUExperts, moe_aux_loss
 from landscape.models.shallow_mlp import narrow_mlps
 
 __all__ = [
+    "architecture_signature",
     "create_model",
     "list_variants",
     "model_table",
@@ -127,6 +128,24 @@ def _build_error(name: str, kwargs: dict[str, Any], error: Exception) -> ConfigE
     arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "its default arguments"
     reason = " ".join(str(error).split()).rstrip(".") or f"a check of its arguments failed ({type(error).__name__})"
     return ConfigError(f"Model {name} cannot be built with {arguments}: {reason}.")
+
+
+_NO_OP_AT_EVALUATION = {"Identity", "DropPath", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout"}
+_SIGNATURE_ATTRS = ("eps", "num_heads", "approximate", "global_pool", "num_prefix_tokens", "scale",
+                    "negative_slope")
+
+
+def architecture_signature(model: torch.nn.Module) -> list[tuple]:
+    """What makes a network compute what it does beyond its tensors' names and shapes: every module's path and
+    class with its plain settings (LayerNorm epsilon, attention heads, GELU approximation, pooling, prefix tokens)."""
+    out = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in _NO_OP_AT_EVALUATION:  # drop-path and dropout do nothing when evaluating
+            continue
+        settings = tuple((a, v) for a in _SIGNATURE_ATTRS
+                         for v in [getattr(module, a, None)] if isinstance(v, (bool, int, float, str, tuple)))
+        out.append((name, type(module).__name__, settings))
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:
