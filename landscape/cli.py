@@ -101,15 +101,18 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals() -> list[int]:
     """Turn SIGTERM and SIGHUP into :class:`Stopped` in this process (where they still have their default action:
-    a worker pool or a caller that set its own handler keeps it)."""
+    a worker pool or a caller that set its own handler keeps it); returns the signals it took."""
     def stop(signum, frame):
         raise Stopped(signum)
 
+    taken = []
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
             signal.signal(sig, stop)
+            taken.append(sig)
+    return taken
 
 
 @click.group(cls=LandscapeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -838,8 +841,13 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
 
 
 def main() -> None:
-    _stop_on_signals()
-    cli(prog_name="landscape")
+    taken = _stop_on_signals()
+    try:
+        cli(prog_name="landscape")
+    finally:  # the command has ended (click exits with its status): a signal from now on, while the interpreter
+        # shuts down, ends the process as it would without us, not by a `Stopped` that nothing is left to catch
+        for sig in taken:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

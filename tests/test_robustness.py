@@ -264,6 +264,21 @@ def test_a_full_disk_during_training_and_analysis_is_one_sentence_with_nothing_l
 
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_interpreter_shuts_down_after_a_command_prints_no_traceback(sig):
+    # the command has finished; the signal lands in an exit handler, where nothing is left to catch a `Stopped`
+    code = ("import atexit, os, sys\n"
+            f"atexit.register(lambda: os.kill(os.getpid(), {int(sig)}))\n"
+            "sys.argv = ['landscape', '--version']\n"
+            "from landscape.cli import main\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert "landscape" in done.stdout
+    assert done.stderr == "", done.stderr  # it was "Exception ignored in atexit callback ... Stopped"
+    assert done.returncode == -sig  # ended by the signal's default action, as a program without handlers is
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_a_closed_terminal_end_training_in_one_sentence_and_it_resumes(tmp_path, sig):
