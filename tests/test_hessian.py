@@ -383,6 +383,29 @@ def make_run(root, epochs=(1, 2, 3)):
     return run
 
 
+def test_subspace_overlaps_do_not_depend_on_the_order_the_checkpoints_were_measured_in(tmp_path):
+    # Two shards at once: the last checkpoint was measured before the one before it had its eigenvectors saved.
+    from landscape.cli import cli
+
+    args = ["--samples", "16", "--top-k", "2", "--tol", "1e-2", "--save-eigenvectors", "--device", "cpu"]
+    whole = make_run(tmp_path / "whole")
+    assert CliRunner().invoke(cli, ["analyze", "hessian", str(whole.root), *args]).exit_code == 0
+    sharded = make_run(tmp_path / "sharded")
+    for which in ("epochs:3", "epochs:1,2"):
+        out = CliRunner().invoke(cli, ["analyze", "hessian", str(sharded.root), *args, "--checkpoints", which])
+        assert out.exit_code == 0, out.output
+    with xr.open_dataset(whole.analysis_path("hessian")) as a, xr.open_dataset(sharded.analysis_path("hessian")) as b:
+        assert list(a["top_subspace_overlap_step"].values) == [-1, 5, 10]
+        assert list(b["top_subspace_overlap_step"].values) == [-1, 5, 10]  # it was [-1, 5, 5]
+        np.testing.assert_allclose(b["top_subspace_overlap"].values, a["top_subspace_overlap"].values, rtol=1e-6)
+    # vectors deleted to save space leave the overlaps taken with them as they are; nothing is rewritten
+    before = sharded.analysis_path("hessian").read_bytes()
+    (sharded.analysis_dir / "hessian-eigenvectors" / "epoch-0002.safetensors").unlink()
+    out = CliRunner().invoke(cli, ["analyze", "hessian", str(sharded.root), *args, "--checkpoints", "epochs:3"])
+    assert out.exit_code == 0, out.output
+    assert sharded.analysis_path("hessian").read_bytes() == before
+
+
 def test_cli_analyses_a_run_made_by_hand_and_saves_eigenvectors(tmp_path):
     from landscape.cli import cli
 

@@ -110,6 +110,11 @@ class Analysis:
         """Units of work (``unit``) one checkpoint takes, the length of its progress bar (``None``: unknown)."""
         return None
 
+    def finish(self, run: Any, results: Any) -> None:
+        """After the checkpoints (or when none was left to measure), on the process that writes ``results``
+        (:class:`~landscape.analyses.results.AnalysisResults`): bring entries that depend on other checkpoints up
+        to date."""
+
     def measure(self, job: Job, info: Any, loaded: Any, callback: Callable[[int], Any] | None) -> Any:
         """One checkpoint's results: an ``xarray.Dataset`` without the ``checkpoint`` dimension. ``callback(n)``
         is called after every ``n`` units of work."""
@@ -156,6 +161,8 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
     world, torch_device = distributed.join(device)
     results, todo = _plan(run, analysis, run.select_checkpoints(checkpoints), world, shard, force)
     if not todo:
+        if results is not None:
+            analysis.finish(run, results)
         return results.dataset if results is not None else None
     if on_plan is not None and world.is_main:
         on_plan(len(todo))
@@ -177,6 +184,8 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
 
     distributed.for_each_checkpoint(todo, measure, append, world, shard=shard == "checkpoints",
                                     contiguous=analysis.contiguous)
+    if results is not None:
+        analysis.finish(run, results)
     return results.dataset if results is not None else None
 
 

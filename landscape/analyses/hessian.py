@@ -417,6 +417,17 @@ class HessianAnalysis(Analysis):
     def work(self, job: Job) -> int:
         return expected_products(self.settings)
 
+    def finish(self, run: Any, results: Any) -> None:
+        """Overlaps taken before an earlier checkpoint's eigenvectors were saved (another process measured it
+        meanwhile) are taken again: the file does not depend on the order or sharding of the checkpoints."""
+        if not self.save_eigenvectors or not self.settings.top_k:
+            return
+        from landscape.analyses.results import read_results
+        from landscape.analyses.subspace import refreshed_overlaps
+
+        if refreshed_overlaps(run, read_results(results.path), self.settings) is not None:  # the lock only if so
+            results.revise(lambda ds: refreshed_overlaps(run, ds, self.settings))
+
     def measure(self, job: Job, info: Any, model: torch.nn.Module, callback: Callable[[int], Any] | None):
         settings, run, warm = self.settings, job.run, self.warm
         preconditioner = None

@@ -294,6 +294,23 @@ class AnalysisResults:
     def is_finished(self, checkpoint_name: str) -> bool:
         return checkpoint_name in self.finished
 
+    def revise(self, change: Any) -> xr.Dataset | None:
+        """Rewrite the file as ``change(dataset)`` returns it (``None``: as it is), under the lock of
+        :meth:`append`, from the file as it is on disk then (other processes may have appended meanwhile)."""
+        with exclusive_file_lock(self.path.parent):
+            on_disk = read_results(self.path)
+            if on_disk is None or not self._same_settings(on_disk.attrs):
+                return self.dataset
+            revised = change(on_disk)
+            if revised is not None:
+                revised.attrs = dict(on_disk.attrs)
+                revised.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                write_results(revised, self.path)
+                self._seen = _file_signature(self.path)
+                on_disk = revised
+        self.dataset = on_disk
+        return on_disk
+
     def append(self, entry: xr.Dataset, *, name: str, epoch: int | None, step: int) -> xr.Dataset:
         """Add one checkpoint's results (a Dataset without the ``checkpoint`` dimension) and write the file."""
         new = checkpoint_entry(entry, name=name, epoch=epoch, step=step)

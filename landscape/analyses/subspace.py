@@ -71,3 +71,39 @@ def overlap_with_previous_data(run: Any, info: Any, vectors: Tensor, shapes: dic
         "top_subspace_overlap_step": ((), np.int64(previous_step), {
             "long_name": "step of the checkpoint the overlap is taken with (-1: none)"}),
     }
+
+
+def refreshed_overlaps(run: Any, ds: Any, settings: Any) -> Any:
+    """``ds`` (a results file's Dataset) with each checkpoint's ``top_subspace_overlap`` taken again where an
+    earlier checkpoint nearer than the one it was taken with now has saved eigenvectors (``None`` when none has).
+    Only the files of the checkpoints to change are read; an overlap whose vectors were deleted since is left."""
+    from landscape.analyses.eigenvectors import eigenvectors_path, load_eigenvectors, saved_for
+
+    if ds is None or "top_subspace_overlap" not in ds or "top_subspace_overlap_step" not in ds:
+        return None
+    checkpoints = sorted(run.checkpoints(), key=lambda c: c.step)
+    by_name = {c.name: c for c in checkpoints}
+    with_vectors = [c.step for c in checkpoints if saved_for(eigenvectors_path(run, c.name, settings), settings)]
+    changed = ds.copy(deep=True)
+    overlap, step = changed["top_subspace_overlap"].values, changed["top_subspace_overlap_step"].values
+    any_change = False
+    for i, name in enumerate(str(c) for c in ds["checkpoint"].values):
+        info = by_name.get(name)
+        if info is None or info.step not in with_vectors:
+            continue
+        nearest = max((s for s in with_vectors if s < info.step), default=-1)
+        before = int(step[i]) if np.isfinite(step[i]) else None  # NaN: an entry measured without eigenvectors
+        if before is None or nearest <= before:  # a nearer one has appeared; one deleted since leaves it as it is
+            continue
+        try:
+            own = load_eigenvectors(eigenvectors_path(run, name, settings))
+        except Exception:  # unreadable now: leave the overlap as it was measured
+            continue
+        if "largest" not in own.vectors:
+            continue
+        data = overlap_with_previous_data(run, info, own.vectors["largest"], own.shapes, settings)
+        new_overlap, new_step = data["top_subspace_overlap"][1], int(data["top_subspace_overlap_step"][1])
+        if new_step == before:
+            continue
+        overlap[i], step[i], any_change = new_overlap, new_step, True
+    return changed if any_change else None
