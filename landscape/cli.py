@@ -121,6 +121,11 @@ def cli() -> None:
     """Train Vision Transformer variants with dense checkpoints and measure the geometry of their loss landscape."""
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 seed``, ``2 seeds``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     """Print dicts as an aligned plain-text table."""
     if not rows:
@@ -308,7 +313,8 @@ WEIGHTS_OPTION = click.option("--weights", type=click.Choice(["raw", "ema"]), de
                               help="Raw or EMA weights of each checkpoint.")
 SAMPLES_OPTION = click.option("--samples", type=click.IntRange(min=1), default=512, show_default=True,
                               help="Examples of the training set in the fixed evaluation set.")
-DTYPE_OPTION = click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+DTYPE_OPTION = click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+                            help="Precision of the model and every product (float64: slower, for checks).")
 DEVICE_OPTION = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K.")
 
 
@@ -373,7 +379,13 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 @click.option("--trace", is_flag=True, help="Estimate the trace, with a standard error (see --trace-method).")
 @click.option("--trace-method", type=click.Choice(["lanczos", "hutch++"]), default="lanczos", show_default=True,
               help="lanczos: Hutchinson deflated by the eigenvalues' Krylov basis (Hutch++ with --top-k 0).")
+@click.option("--trace-matvecs", type=click.IntRange(min=1), default=99, show_default=True,
+              help="Products the trace estimate takes (its error shrinks as one over their square root).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
+@click.option("--density-probes", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Random start vectors of the density, averaged.")
+@click.option("--density-steps", type=click.IntRange(min=1), default=80, show_default=True,
+              help="Lanczos steps (products) per density probe: the resolution of the density.")
 @SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'.")
@@ -413,7 +425,7 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, trace_method: str, density: bool,
                     params: str | None, product: str, matrix: str, fisher_samples: int | None, per_batch: int | None,
                     save_eigenvectors: bool, per_block: bool = False, preconditioned: bool = False, warm: bool = False,
-                    **options) -> None:
+                    trace_matvecs: int = 99, density_probes: int = 4, density_steps: int = 80, **options) -> None:
     """Top eigenvalues, trace and spectral density of the loss Hessian at each checkpoint.
 
     \b
@@ -422,7 +434,8 @@ def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, 
     from landscape.analyses.hessian import HessianAnalysis, HessianSettings, describe_plan, hessian_summary
 
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
-                               density=density, params=params, product=product, matrix=matrix,
+                               trace_matvecs=trace_matvecs, density=density, density_probes=density_probes,
+                               density_steps=density_steps, params=params, product=product, matrix=matrix,
                                fisher_samples=fisher_samples, per_batch=per_batch, per_block=per_block,
                                preconditioned=preconditioned, **_evaluation(options))
     analysis = HessianAnalysis(settings, save_eigenvectors=save_eigenvectors, warm_start=warm)
@@ -689,8 +702,9 @@ def _write_figures_with_progress(results, out: Path, *, formats, names=None) -> 
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "pdf", "svg"]),
               help="File format (repeatable); default: png and pdf.")
 def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: tuple[str, ...]) -> None:
-    """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF."""
-    from landscape.figures import FORMATS
+    """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF; a
+    figure whose results the runs do not have yet is named on stderr with the command that makes them."""
+    from landscape.figures import FIGURE_NEEDS, FIGURES, FORMATS
     from landscape.io import folder_lock
     from landscape.summary import load_results
 
@@ -700,6 +714,12 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
         written = _write_figures_with_progress(results, out, formats=formats or FORMATS, names=only or None)
     for name, paths in written.items():
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
+    left = [name for name in dict.fromkeys(only or FIGURES) if name not in written]
+    why = "; ".join(f"{name} ({FIGURE_NEEDS[name]})" for name in left)
+    if only and not written:
+        raise LandscapeError(f"No figure was drawn: the runs have nothing yet for {why}.")
+    if left:
+        click.echo(f"Not drawn, nothing in the runs for them yet: {why}.", err=True)
 
 
 def _warn_problems(results) -> None:
@@ -799,7 +819,8 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
     if check:
         check_study(spec)
         print_table([{"run": name, "model": v.model, "seed": s} for v, s, name in spec.run_names()])
-        click.echo(f"{study_file}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data}: fine.")
+        size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
+        click.echo(f"{study_file}: {size} on {spec.data}: fine.")
         return
     _run_study(spec, out or Path("runs") / spec.name, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what=f"landscape study {study_file}")
@@ -825,10 +846,11 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
         elapsed = time.perf_counter() - start
         left = ""
         if event.run and done and len(done) < total:
-            left = f"  ~{elapsed / len(done) * (total - len(done)) / 60:.0f} min left"
+            left = f"  ~{elapsed / len(done) * (total - len(done)) / 60:.0f} min of runs left, then figures"
         click.echo(f"{elapsed:6.0f}s  {where:<26} {event.stage:<9} {event.message}{took}{left}", err=True)
 
-    click.echo(f"{what}: {len(spec.variants)} variants x {len(spec.seeds)} seeds on {spec.data} into {out}", err=True)
+    size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
+    click.echo(f"{what}: {size} on {spec.data} into {out}", err=True)
     command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
                         figures_out=figures_out, force=force, command=command, progress=sys.stderr.isatty())

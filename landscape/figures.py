@@ -346,10 +346,11 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
     runs = [r for r in results if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0)]
     if not runs:
         return None
+    unit = _loss_unit([r.hessian for r in runs])
     panels = [(v, label, fn) for v, label, fn in (
-        ("eigenvalue_largest", "top eigenvalue λ₁\n(nats / weight²)", None),
-        ("trace", "trace tr H\n(nats / weight²)", None),
-        ("trace", "mean eigenvalue tr H / P\n(nats / weight²)",
+        ("eigenvalue_largest", f"top eigenvalue λ₁\n({unit} / weight²)", None),
+        ("trace", f"trace tr H\n({unit} / weight²)", None),
+        ("trace", f"mean eigenvalue tr H / P\n({unit} / weight²)",
          lambda ds, v: v / ds["num_parameters"].values.astype(float)),
     ) if all(v in r.hessian for r in runs) and (fn is None or all("num_parameters" in r.hessian for r in runs))]
     if not panels:
@@ -437,6 +438,17 @@ def _symlog_ticks(ax, linthresh: float, largest: float) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
+def _loss_unit(datasets: Sequence[Any]) -> str:
+    """The unit of the loss the figure's results measured: ``nats`` for cross-entropy (every file ``landscape
+    analyze`` writes), ``loss`` when any of them measured another loss given through the API (its ``loss``
+    variable then carries no unit)."""
+    for ds in datasets:
+        loss = ds["loss"] if ds is not None and "loss" in ds else None
+        if loss is not None and "long_name" in loss.attrs and loss.attrs.get("units") != "nats":
+            return "loss"
+    return "nats"
+
+
 # == sharpness ===================================================================================================
 def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -> Figure | None:
     """Worst-case and average-case sharpness against the radius ρ at the final checkpoint, plain and adaptive:
@@ -452,8 +464,9 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
              if any(getattr(r, attr) is not None for r in results)]
     if not kinds:
         return None
-    measures = [("worst_case", "worst-case rise (nats)\nmax over the ball of ρ"),
-                ("average_case", "average rise (nats)\nδ ~ Gaussian of scale ρ")]
+    unit = _loss_unit([getattr(r, attr) for r in results for attr, _ in kinds])
+    measures = [("worst_case", f"worst-case rise ({unit})\nmax over the ball of ρ"),
+                ("average_case", f"average rise ({unit})\nδ ~ Gaussian of scale ρ")]
     fig = _figure(COLUMN_WIDTH, 1.45 * len(measures) + 0.9)
     axes = fig.subplots(len(measures), len(kinds), squeeze=False, sharex="col", sharey="row")
     used, plotted = [], [[] for _ in measures]
@@ -527,7 +540,7 @@ def surface_1d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("position along a filter-normalised random direction\n(direction units; 0 = final weights)")
-    ax.set_ylabel("training-subset loss (nats)")
+    ax.set_ylabel(f"training-subset loss ({_loss_unit([e for _, e in runs])})")
     _figure_legend(fig, [s for s, _ in groups], markers=False)
     return fig
 
@@ -598,7 +611,7 @@ def surface_2d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
         bar = fig.colorbar(filled, ax=axes, shrink=0.9, pad=0.02, ticks=levels[::2])
         bar.ax.set_yticklabels(distinct_labels(levels[::2]))
         bar.ax.minorticks_off()
-        bar.set_label("training-subset loss (nats, log scale)")
+        bar.set_label(f"training-subset loss ({_loss_unit([e for _, e in planes])}, log scale)")
     return fig
 
 
@@ -619,7 +632,7 @@ def surface_3d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
         ax.set_title(style.label, color=style.color if style.color != "#000000" else "black")
         ax.set_xlabel("direction 1", labelpad=-6)
         ax.set_ylabel("direction 2", labelpad=-6)
-        ax.set_zlabel("log₁₀(loss / nats)", labelpad=-4)
+        ax.set_zlabel("log₁₀(loss / nats)" if _loss_unit([e]) == "nats" else "log₁₀ loss", labelpad=-4)
         ax.tick_params(labelsize=7, pad=-3)
         for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
             axis.set_major_locator(matplotlib.ticker.MaxNLocator(3))
@@ -758,7 +771,8 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
                 break
     if not panels:
         return None
-    rows = [(v, label) for v, label in (("block_eigenvalue_largest", "top eigenvalue of H_gg\n(nats / weight²)"),
+    rows = [(v, label) for v, label in (("block_eigenvalue_largest",
+                                         f"top eigenvalue of H_gg\n({_loss_unit([d for _, _, d in panels])} / weight²)"),
                                         ("block_trace", "share of tr H (%)")) if all(v in ds for _, _, ds in panels)]
     if not rows:
         return None
@@ -869,6 +883,27 @@ FIGURES: dict[str, Callable[[Sequence[RunResults], dict[str, VariantStyle]], Fig
     "edge_of_stability": edge_of_stability,
     "subspace_dynamics": subspace_dynamics,
 }
+
+
+FIGURE_NEEDS: dict[str, str] = {
+    "per_batch_eigenvalues": "landscape analyze hessian --per-batch N",
+    "accuracy_curves": "a validation top-1 in metrics.csv (landscape train)",
+    "peak_to_final_drop": "a validation top-1 in metrics.csv (landscape train)",
+    "drop_from_best": "a validation top-1 in metrics.csv (landscape train)",
+    "generalization_gap": "training and validation losses in metrics.csv (landscape train)",
+    "hessian_vs_epoch": "landscape analyze hessian --top-k 1 --trace",
+    "spectral_density": "landscape analyze hessian --density",
+    "sharpness_vs_rho": "landscape analyze sharpness",
+    "surface_1d": "landscape analyze surface --dims 1",
+    "surface_2d": "landscape analyze surface --dims 2",
+    "surface_3d": "landscape analyze surface --dims 2",
+    "flatness_vs_drop": "a flatness measure (analyze hessian, sharpness or surface) and a top-1 drop",
+    "flatness_vs_gap": "a flatness measure (analyze hessian, sharpness or surface) and a generalisation gap",
+    "block_curvature": "landscape analyze hessian --per-block",
+    "edge_of_stability": "landscape analyze hessian --preconditioned",
+    "subspace_dynamics": "landscape analyze hessian --save-eigenvectors",
+}
+"""What each figure of :data:`FIGURES` draws from, said when a figure is left out for want of it."""
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:

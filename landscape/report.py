@@ -859,8 +859,9 @@ def _setup_blocks(results) -> list[Block]:
         training = (f"Weights (from `{first.path}/config.yaml`; every run has its own): imported from "
                     f"`{source.get('file', '?')}` ({source.get('format', '?')} format), trained elsewhere.")
     else:
-        training = (f"Training (from `{first.path}/config.yaml`; every run has its own): {config.get('epochs', '?')} "
-                    f"epochs of batch {config.get('batch_size', '?')}, {optim.get('opt', '?')} at learning rate "
+        epochs = config.get('epochs', '?')
+        training = (f"Training (from `{first.path}/config.yaml`; every run has its own): {epochs} "
+                    f"epoch{'' if epochs == 1 else 's'} of batch {config.get('batch_size', '?')}, {optim.get('opt', '?')} at learning rate "
                     f"{optim.get('lr', '?')} with weight decay {optim.get('weight_decay', '?')}, "
                     f"{schedule.get('sched', '?')} schedule, EMA decay {(config.get('ema') or {}).get('decay')}.")
     rows = []

@@ -849,7 +849,8 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     from landscape.analyses.hessian import HessianAnalysis, HessianSettings
 
     common = dict(samples=settings.samples, seed=settings.seed)
-    options = dict(data_dir=data_dir, force=force, device=settings.device)
+    measured: list[int] = []
+    options = dict(data_dir=data_dir, force=force, device=settings.device, on_plan=measured.append)
     curvature = HessianSettings(top_k=settings.top_k, tol=settings.tol, trace=True,
                                 trace_matvecs=settings.trace_matvecs, per_block=settings.per_block,
                                 preconditioned=settings.preconditioned, **common)
@@ -861,14 +862,16 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     analyze(run, HessianAnalysis(density), checkpoints=settings.at_checkpoints(run), **options)
     last = ds.isel(checkpoint=-1)
     return (f"{ds.sizes['checkpoint']} checkpoints; final top eigenvalue {float(last['eigenvalue_largest'][0]):.3g}, "
-            f"trace {float(last['trace']):.3g}")
+            f"trace {float(last['trace']):.3g}{_already(measured)}")
 
 
 def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
     from landscape.analyses.driver import analyze
     from landscape.analyses.sharpness import SharpnessAnalysis, SharpnessSettings
 
-    options = dict(checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force, device=settings.device)
+    measured: list[int] = []
+    options = dict(checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force, device=settings.device,
+                   on_plan=measured.append)
     plain = SharpnessSettings(rhos=settings.rhos, steps=settings.sharpness_steps, draws=settings.sharpness_draws,
                               samples=settings.samples, seed=settings.seed)
     ds = analyze(run, SharpnessAnalysis(plain), **options)
@@ -876,7 +879,7 @@ def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = Fal
     ads = analyze(run, SharpnessAnalysis(adaptive), **options)
     last, alast = ds.isel(checkpoint=-1), ads.isel(checkpoint=-1)
     return (f"worst case at rho={settings.rhos[-1]:g}: {float(last['worst_case'][-1]):.3g} nats, adaptive at "
-            f"rho={settings.adaptive_rhos[-1]:g}: {float(alast['worst_case'][-1]):.3g} nats")
+            f"rho={settings.adaptive_rhos[-1]:g}: {float(alast['worst_case'][-1]):.3g} nats{_already(measured)}")
 
 
 def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
@@ -884,12 +887,20 @@ def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
     from landscape.analyses.surface import SurfaceAnalysis, SurfaceSettings
 
     span = (-settings.surface_range, settings.surface_range)
+    measured: list[int] = []
     for dims, points in ((1, settings.surface_points), (2, settings.surface_points_2d)):
         surface = SurfaceSettings(directions="random", dims=dims, range=span, points=points,
                                   samples=settings.samples, seed=settings.seed)
         analyze(run, SurfaceAnalysis(surface), checkpoints=settings.at_checkpoints(run), data_dir=data_dir,
-                force=force, device=settings.device)
-    return f"1D line of {settings.surface_points} points, 2D plane of {settings.surface_points_2d}² points"
+                force=force, device=settings.device, on_plan=measured.append)
+    return (f"1D line of {settings.surface_points} points, 2D plane of {settings.surface_points_2d}² points"
+            f"{_already(measured)}")
+
+
+def _already(measured: list[int]) -> str:
+    """What a stage's line adds when its analyses found every checkpoint already in their results files (the
+    driver's ``on_plan`` is called only when there is something to measure)."""
+    return "" if measured else " (already measured: read from the results files)"
 
 
 _ANALYSES: dict[str, Callable[..., str]] = {

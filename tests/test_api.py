@@ -241,6 +241,16 @@ def test_figures_draw_datasets_in_memory():
         ls.figure("nope", run)
     with pytest.raises(LandscapeError, match="sharpness_vs_rho has nothing to draw: the results given hold surface"):
         ls.figure("sharpness_vs_rho", ls.results(surface))  # it returned None, and fig.savefig failed later
+    assert "(nats)" in ls.figure("sharpness_vs_rho", run).axes[0].get_ylabel()
+    # another loss given: its values are not nats, and the axes say only "loss"
+    target = torch.nn.functional.one_hot(y, 3).float()
+    mse = dict(loss=torch.nn.functional.mse_loss)
+    other = ls.results(ls.hessian(model, (x, target), top_k=1, **mse),
+                       ls.sharpness(model, (x, target), rho=[0.01, 0.1], steps=2, draws=2, **mse),
+                       ls.surface(model, (x, target), dims=1, points=5, **mse), label="mse")
+    labels = {name: " ".join(ax.get_ylabel() for ax in ls.figure(name, other).axes)
+              for name in ("sharpness_vs_rho", "surface_1d", "hessian_vs_epoch")}
+    assert all("nats" not in text and "loss" in text for text in labels.values()), labels
 
 
 def test_import_landscape_loads_neither_torch_nor_matplotlib():

@@ -97,3 +97,21 @@ def test_progress_bars_draw_on_a_terminal_that_reports_no_size():
         drawn = os.read(master, 65536).decode()
     os.close(master)
     assert "work: 100%" in drawn and "3/3" in drawn, drawn
+
+
+def test_figures_left_out_for_want_of_results_are_named_with_the_command_that_makes_them(tmp_path):
+    from conftest import STUDY_VARIANTS, make_tiny_run
+
+    name, model, kwargs = STUDY_VARIANTS[0]
+    run = make_tiny_run(tmp_path, name, model, kwargs, 0).root  # trained, nothing analysed
+    out = tmp_path / "figures"
+    asked = CliRunner().invoke(cli, ["figures", str(run), "--out", str(out), "--format", "png",
+                                     "--only", "hessian_vs_epoch", "--only", "surface_1d"])
+    assert asked.exit_code == 1 and "Traceback" not in asked.output
+    assert ("No figure was drawn: the runs have nothing yet for hessian_vs_epoch (landscape analyze hessian "
+            "--top-k 1 --trace); surface_1d (landscape analyze surface --dims 1).") in asked.output
+    some = CliRunner().invoke(cli, ["figures", str(run), "--out", str(out), "--format", "png",
+                                    "--only", "accuracy_curves", "--only", "sharpness_vs_rho"])
+    assert some.exit_code == 0, some.output
+    assert (out / "accuracy_curves.png").is_file() and not (out / "sharpness_vs_rho.png").exists()
+    assert "Not drawn, nothing in the runs for them yet: sharpness_vs_rho (landscape analyze sharpness)." in some.output

@@ -406,6 +406,28 @@ def test_subspace_overlaps_do_not_depend_on_the_order_the_checkpoints_were_measu
     assert sharded.analysis_path("hessian").read_bytes() == before
 
 
+def test_the_trace_and_density_budgets_are_command_line_options(tmp_path):
+    from landscape.analyses.hessian import HessianSettings
+    from landscape.cli import cli
+    from landscape.errors import ConfigError
+
+    run = make_run(tmp_path / "run", epochs=(1,))
+    out = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "0", "--trace",
+                                   "--trace-matvecs", "12", "--density", "--density-probes", "2", "--density-steps",
+                                   "7", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "trace 12" in out.output and "density 2 x 7" in out.output  # the plan
+    with xr.open_dataset(run.analysis_path("hessian")) as ds:
+        assert int(ds["trace_matvecs"][0]) == 12 and ds.sizes["probe"] == 2
+        assert int(ds["density_matvecs"][0]) == 14
+    bad = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--trace", "--trace-matvecs", "0"])
+    assert bad.exit_code == 2 and "--trace-matvecs" in bad.output
+    for field in ("trace_matvecs", "density_probes", "density_steps"):  # the API's NaN trace and crashes
+        for value in (0, -3, 2.5, True):
+            with pytest.raises(ConfigError, match=field.replace("_", "-")):
+                HessianSettings(top_k=0, trace=True, density=True, **{field: value})
+
+
 def test_cli_analyses_a_run_made_by_hand_and_saves_eigenvectors(tmp_path):
     from landscape.cli import cli
 

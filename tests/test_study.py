@@ -58,6 +58,11 @@ def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path
     run_study(_tiny_spec(), tmp_path, jobs=1, on_event=again.append, formats=("png",))
     assert [e.message for e in again if e.stage == "train"] == ["already trained"] * 2
     assert hessian.stat().st_mtime_ns == stamp
+    for stage in ("hessian", "sharpness", "surface"):  # not told as if measured again
+        assert [e.message.endswith("(already measured: read from the results files)")
+                for e in again if e.stage == stage] == [True] * 2, stage
+        assert not any(e.message.endswith("(already measured: read from the results files)")
+                       for e in events if e.stage == stage), stage
 
 
 @pytest.mark.slow

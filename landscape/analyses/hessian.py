@@ -103,6 +103,11 @@ class HessianSettings(EvaluationSettings):
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol <= 1):  # NaN fails every comparison
             raise ConfigError(f"--tol must be a relative accuracy in (0, 1], not {self.tol}.")
         self.check_evaluation()
+        for name, option in (("trace_matvecs", "--trace-matvecs"), ("density_probes", "--density-probes"),
+                             ("density_steps", "--density-steps")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{option} must be a whole number of at least 1, not {value!r}.")
         from landscape.curvature.operators import PRODUCTS
 
         if self.trace_method not in ("lanczos", "hutch++"):
