@@ -522,13 +522,21 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
             _run_parallel(pool, events, tasks, record)
         runs_wall = time.perf_counter() - start
         t0 = time.perf_counter()
+        inputs = _figure_inputs(run_dirs, formats)
+        figures = _drawn_from(out / "figures", inputs)
+        drawn = "already drawn from these results" if figures is not None else ""
         if jobs <= 1:
             results = load_results(run_dirs)
-            figures = write_figures(results, out / "figures", formats=formats)
+            if figures is None:
+                figures = write_figures(results, out / "figures", formats=formats)
         else:  # the runs' results read and the figures drawn by the workers, several at once
             results = load_results(run_dirs, loader=pool.map)
-            figures = _parallel_figures(pool, results, out / "figures", formats)
-    record(StudyEvent("figures", "", f"{len(figures)} figures in {out / 'figures'}", time.perf_counter() - t0))
+            if figures is None:
+                figures = _parallel_figures(pool, results, out / "figures", formats)
+        if not drawn:
+            _record_drawn(out / "figures", inputs, figures)
+    record(StudyEvent("figures", "", f"{len(figures)} figures in {out / 'figures'}{f' ({drawn})' if drawn else ''}",
+                      time.perf_counter() - t0))
     if figures_out is not None:  # the gallery a repository shows: the PNGs
         import shutil
 
@@ -547,6 +555,54 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     _write_timings(out / "timings.csv", timings, runs_wall, wall, len(run_dirs), jobs)
     return StudyOutcome(out=out, runs=run_dirs, figures=figures, report=report_path, timings=timings,
                         wall_time=wall)
+
+
+_DRAWN = ".drawn-from.json"
+"""The record, in a study's figures folder, of what its figures were drawn from."""
+
+
+def _figure_inputs(run_dirs: Sequence[Path], formats: Sequence[str]) -> dict[str, Any]:
+    """What a study's figures are drawn from: each run's config, metrics and results files (size and time of the
+    last change), the formats, and the figure code itself."""
+    import landscape.figures
+
+    files = []
+    for run_dir in run_dirs:
+        for path in sorted([run_dir / "config.yaml", run_dir / "metrics.csv", *(run_dir / "analysis").glob("*.nc")]):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            files.append([str(path), st.st_size, st.st_mtime_ns])
+    code = Path(landscape.figures.__file__).stat()
+    return {"files": files, "formats": sorted(formats), "code": [code.st_size, code.st_mtime_ns]}
+
+
+def _drawn_from(folder: Path, inputs: dict[str, Any]) -> dict[str, list[Path]] | None:
+    """The figures of ``folder`` when they were drawn from exactly ``inputs`` and are all still there (a re-run
+    of a finished study need not draw them again); ``None`` otherwise."""
+    import json
+
+    try:
+        record = json.loads((folder / _DRAWN).read_text())
+        if record["inputs"] != json.loads(json.dumps(inputs)):
+            return None
+        figures = {name: [folder / p for p in paths] for name, paths in record["figures"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not all(p.is_file() for paths in figures.values() for p in paths):
+        return None
+    return figures
+
+
+def _record_drawn(folder: Path, inputs: dict[str, Any], figures: dict[str, list[Path]]) -> None:
+    import json
+
+    from landscape.io import atomic_write_text
+
+    record = {"inputs": inputs, "figures": {name: [Path(p).name for p in paths] for name, paths in figures.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / _DRAWN, json.dumps(record))
 
 
 def _write_yaml(path: Path, data: dict[str, Any]) -> None:

@@ -108,6 +108,13 @@ def test_dynamics_file_is_written_by_the_results_writer_with_library_versions(tm
     assert {"created", "updated", "host", "settings"} <= set(on_disk.attrs)
     xr.testing.assert_identical(on_disk.drop_attrs(), ds.drop_attrs())
     assert not [p.name for p in path.parent.iterdir() if p.name != "dynamics.nc" and not p.name.startswith(".")]
+    # written again with nothing new: the file stays as it was
+    stamp = path.stat().st_mtime_ns, path.stat().st_ino
+    write_dynamics(run)
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp
+    path.write_bytes(path.read_bytes()[:100])  # damaged: written whole again
+    write_dynamics(run)
+    xr.testing.assert_identical(read_results(path).drop_attrs(), ds.drop_attrs())
 
 
 

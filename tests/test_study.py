@@ -58,6 +58,14 @@ def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path
     run_study(_tiny_spec(), tmp_path, jobs=1, on_event=again.append, formats=("png",))
     assert [e.message for e in again if e.stage == "train"] == ["already trained"] * 2
     assert hessian.stat().st_mtime_ns == stamp
+    figure = tmp_path / "figures" / "accuracy_curves.png"
+    assert [e.message.endswith("(already drawn from these results)") for e in again if e.stage == "figures"] == [True]
+    stamp = figure.stat().st_mtime_ns
+    figure.unlink()  # one figure gone: the gallery is drawn again
+    third = []
+    run_study(_tiny_spec(), tmp_path, jobs=1, on_event=third.append, formats=("png",))
+    assert figure.is_file() and not any("already drawn" in e.message for e in third)
+    assert (tmp_path / "figures" / "hessian_vs_epoch.png").stat().st_mtime_ns > stamp
     for stage in ("hessian", "sharpness", "surface"):  # not told as if measured again
         assert [e.message.endswith("(already measured: read from the results files)")
                 for e in again if e.stage == stage] == [True] * 2, stage

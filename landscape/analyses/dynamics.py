@@ -175,5 +175,27 @@ def write_dynamics(run: Run) -> tuple[xr.Dataset, Path]:
     ds.attrs = {**analysis_attrs("dynamics", {}, int(ds.attrs["seed"])), **ds.attrs}
     path = results_path(run, "dynamics", {})
     with RunLock(run.root, shared=True), exclusive_file_lock(path.parent):  # no training writes the run meanwhile
-        write_results(ds, path)
+        if not _unchanged(ds, path):  # a re-run leaves an equal file as it is (figures and copies need not redo)
+            write_results(ds, path)
     return ds, path
+
+
+def _unchanged(ds: xr.Dataset, path: Path) -> bool:
+    """Whether ``path`` already holds ``ds``: the same values and attributes but for when and where it was written
+    (a damaged or unreadable file is not)."""
+    from landscape.analyses.results import read_results
+
+    try:
+        old = read_results(path)
+    except Exception:
+        return False
+    if old is None:
+        return False
+    moment = ("created", "updated", "host", "library_versions")
+    probe = ds.copy()
+    probe.attrs = {**{k: v for k, v in ds.attrs.items() if k not in moment},
+                   **{k: old.attrs[k] for k in moment if k in old.attrs}}
+    try:
+        return bool(old.identical(probe))
+    except Exception:
+        return False
