@@ -260,6 +260,7 @@ def test_the_hessian_runs_at_the_checkpoints_of_every_n_and_at_the_peak_when_the
     import xarray as xr
 
     import landscape.analyses.driver as driver
+    import landscape.analyses.hessian  # noqa: F401 -- imported before the patch, or it would keep the fake analyze
     from landscape.checkpoints import save_checkpoint
     from landscape.runs import Run
     from landscape.study import _hessian
