@@ -163,6 +163,8 @@ def test_mse_loss_eigenvalues_match_the_dense_float64_hessian():
     assert ds.attrs["loss_function"] == "mse_loss"
     assert ds["loss"].attrs["long_name"] == "mean mse_loss on the evaluation set (the loss given)"
     assert "units" not in ds["loss"].attrs  # not nats: a squared error has the targets' units squared
+    assert ds["eigenvalue_largest"].attrs["units"] == "loss units per squared weight"
+    assert ds["gradient_norm"].attrs["units"] == "loss units per weight"
 
 
 

@@ -412,13 +412,15 @@ def test_the_trace_and_density_budgets_are_command_line_options(tmp_path):
     from landscape.errors import ConfigError
 
     run = make_run(tmp_path / "run", epochs=(1,))
-    out = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "0", "--trace",
-                                   "--trace-matvecs", "12", "--density", "--density-probes", "2", "--density-steps",
+    out = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "1", "--trace",
+                                   "--tol", "1e-2", "--trace-matvecs", "12", "--density", "--density-probes", "2", "--density-steps",
                                    "7", "--device", "cpu"])
     assert out.exit_code == 0, out.output
     assert "trace 12" in out.output and "density 2 x 7" in out.output  # the plan
     with xr.open_dataset(run.analysis_path("hessian")) as ds:
         assert int(ds["trace_matvecs"][0]) == 12 and ds.sizes["probe"] == 2
+        assert ds["trace"].attrs["units"] == "nats per squared weight"
+        assert "units" not in ds["trace_deflation_size"].attrs  # a count of vectors
         assert int(ds["density_matvecs"][0]) == 14
     bad = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--trace", "--trace-matvecs", "0"])
     assert bad.exit_code == 2 and "--trace-matvecs" in bad.output

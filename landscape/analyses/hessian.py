@@ -332,14 +332,15 @@ def hessian_analysis(
                                      {"long_name": "matrix-vector products for the per-batch eigenvalues"})
     data["seconds"] = ((), time.perf_counter() - started, {"long_name": "wall time", "units": "s"})
     ds = xr.Dataset(data, coords=coords)
+    loss_unit = ds["loss"].attrs.get("units", "loss units")  # nats for cross-entropy; a given loss has its own
     for name in ds.data_vars:  # curvature in loss per squared parameter unit, the gradient per parameter unit
         if name.startswith(("eigenvalue_largest", "eigenvalue_smallest", "trace", "density_eigenvalue",
                             "eigenvalue_per_batch", "block_eigenvalue_largest", "block_trace")) \
-                and not name.endswith(("matvecs", "residual", "converged")):
-            ds[name].attrs.setdefault("units", "nats per squared weight")
+                and not name.endswith(("matvecs", "residual", "converged", "size")):
+            ds[name].attrs.setdefault("units", f"{loss_unit} per squared weight")
     if "density" in ds:  # a density over the eigenvalue: it integrates to 1 in d(lambda)
-        ds["density"].attrs.setdefault("units", "per (nats per squared weight)")
-    ds["gradient_norm"].attrs.setdefault("units", "nats per weight")
+        ds["density"].attrs.setdefault("units", f"per ({loss_unit} per squared weight)")
+    ds["gradient_norm"].attrs.setdefault("units", f"{loss_unit} per weight")
     if return_eigenvectors:
         return ds, vectors, dict(loss_fn.shapes)
     return ds

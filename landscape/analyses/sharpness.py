@@ -187,8 +187,9 @@ def sharpness_analysis(
         "m_sharpness": f"mean over batches of {settings.m} examples of each batch's worst case",
         "m_sharpness_standard_error": "standard error of m_sharpness over the batches",
     }
+    unit = loss_attrs(closure.criterion).get("units", "loss units")  # nats for cross-entropy
     data: dict[str, tuple] = {
-        name: (("rho",), np.asarray(v, dtype=np.float64), {"long_name": described[name], "units": "nats"})
+        name: (("rho",), np.asarray(v, dtype=np.float64), {"long_name": described[name], "units": unit})
         for name, v in values.items()
     }
     for name in ("worst_case_iterations", "worst_case_restarts", "worst_case_still_rising"):
@@ -196,7 +197,7 @@ def sharpness_analysis(
     data["loss"] = ((), float(loss0), loss_attrs(closure.criterion))
     data["top1"] = ((), float(top1), {"long_name": "top-1 accuracy on the evaluation set", "units": "%"})
     data["gradient_norm"] = ((), float(torch.linalg.vector_norm(grad0)),
-                             {"long_name": "Euclidean norm of the gradient", "units": "nats per weight"})
+                             {"long_name": "Euclidean norm of the gradient", "units": f"{unit} per weight"})
     data["num_parameters"] = ((), int(closure.num_parameters), {"long_name": "parameters perturbed"})
     data["num_parameters_left_out"] = left_out_variable(closure)
     data["m_batches"] = ((), len(parts), {"long_name": "batches of the m-sharpness average"})

@@ -388,7 +388,8 @@ def surface_analysis(
     }
     if kind == "interpolate":
         data["loss_barrier"] = ((), barrier(loss, axes[0]),
-                                {"long_name": "max loss on [0, 1] minus the endpoints' mean", "units": "nats"})
+                                {"long_name": "max loss on [0, 1] minus the endpoints' mean",
+                                 "units": data["loss"][2].get("units", "loss units")})
         data["error_barrier"] = ((), barrier(100.0 - top1, axes[0]),
                                  {"long_name": "max top-1 error on [0, 1] minus the endpoints' mean", "units": "%"})
     if kind == "plane":
