@@ -91,6 +91,31 @@ def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_sai
                           check_logits=tmp_path / "other.pt")
 
 
+def test_check_logits_of_another_image_size_or_of_no_examples_is_one_sentence(tmp_path):
+    source = tiny_timm()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    bad = {"size": ({"input": torch.zeros(2, 3, 64, 64), "logits": torch.ones(2, 10)},
+                    "is 64x64 pixels but the imported model takes 32x32 images"),
+           "empty": ({"input": torch.zeros(0, 3, 32, 32), "logits": torch.ones(0, 10)}, "of the same N of at least 1"),
+           "ints": ({"input": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "logits": torch.ones(2, 10)},
+                    "must hold floating-point input and logits")}
+    for name, (content, sentence) in bad.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=sentence):
+            import_checkpoint(tmp_path / "w.pth", tmp_path / name, model_args={"num_heads": 2},
+                              check_logits=tmp_path / f"{name}.pt")
+        assert not (tmp_path / name).exists()
+
+
+def test_an_averaged_model_counter_that_is_not_one_number_is_left_out(tmp_path):
+    state = tiny_timm().state_dict()
+    for name, counter in (("empty", torch.zeros(0)), ("nan", torch.tensor(float("nan")))):
+        ema = {"n_averaged": counter, **{f"module.{k}": v + 0.01 for k, v in state.items()}}
+        torch.save({"model": state, "model_ema": ema}, tmp_path / f"{name}.pth")
+        result = import_checkpoint(tmp_path / f"{name}.pth", tmp_path / name, model_args={"num_heads": 2})
+        assert result.has_ema and "source_ema_n_averaged" not in result.run.load_config()["source"]
+
+
 def test_weights_without_a_classifier_are_one_sentence(tmp_path):
     state = {k: v for k, v in tiny_timm().state_dict().items() if not k.startswith("head.")}
     torch.save(state, tmp_path / "backbone.pth")

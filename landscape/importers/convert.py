@@ -146,13 +146,22 @@ def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tenso
     then :data:`HALF_LOGITS_ULPS` units of that precision. Logits that are all about zero (a zero-initialised
     head) cannot tell models apart: the caller notes it.
     """
-    if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0]:
-        raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N, "
-                              f"not {tuple(x.shape)} and {tuple(expected.shape)}.")
+    if x.ndim != 4 or expected.ndim != 2 or x.shape[0] != expected.shape[0] or x.shape[0] == 0:
+        raise CheckpointError(f"{source} must hold an input (N, C, H, W) and logits (N, classes) of the same N of at "
+                              f"least 1, not {tuple(x.shape)} and {tuple(expected.shape)}.")
+    if not (x.is_floating_point() and expected.is_floating_point()):
+        raise CheckpointError(f"{source} must hold floating-point input and logits, not {str(x.dtype)[6:]} and "
+                              f"{str(expected.dtype)[6:]}.")
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size) and not getattr(model.patch_embed, "dynamic_img_size",
+                                                                                 False):
+        raise CheckpointError(f"The input in {source} is {x.shape[-2]}x{x.shape[-1]} pixels but the imported model "
+                              f"takes {size[0]}x{size[1]} images; save the source's logits at that size, or give the "
+                              "source's size with --model-arg img_size=N.")
     try:
         with torch.no_grad():
             out = model.eval()(x.float())
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:  # timm's patch embedding asserts its size
         raise CheckpointError(f"The imported model cannot take the input in {source} ({first_line(e)}).") from None
     out = getattr(out, "logits", out)
     if tuple(out.shape) != tuple(expected.shape):

@@ -191,7 +191,9 @@ def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDi
         if all(isinstance(v, torch.Tensor) for v in reference.values()):
             extra["reference"] = (reference["reference_input"], reference["reference_logits"])
     if isinstance(ema, dict) and isinstance(ema.get("n_averaged"), torch.Tensor):
-        extra["source_ema_n_averaged"] = int(ema["n_averaged"].reshape(-1)[0])  # torchvision's AveragedModel
+        count = ema["n_averaged"].reshape(-1)  # torchvision's AveragedModel: a counter, kept when it is one number
+        if count.numel() == 1 and bool(torch.isfinite(count.double()).all()):
+            extra["source_ema_n_averaged"] = int(count[0])
         ema = {k: v for k, v in ema.items() if k != "n_averaged"}
     if isinstance(ema, dict) and not ema:
         ema = None
