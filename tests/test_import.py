@@ -116,6 +116,24 @@ def test_an_averaged_model_counter_that_is_not_one_number_is_left_out(tmp_path):
         assert result.has_ema and "source_ema_n_averaged" not in result.run.load_config()["source"]
 
 
+def test_pooling_without_a_class_token_is_a_stated_guess_that_check_logits_catches(tmp_path, x):
+    # average, max and avg+max pooling have the same weights: "avg" is guessed and said, never "read"
+    source = tiny_timm(class_token=False, global_pool="max", fc_norm=False)
+    torch.save(source.state_dict(), tmp_path / "max.pth")
+    with torch.no_grad():
+        torch.save({"input": x, "logits": source(x)}, tmp_path / "pair.pt")
+    guessed = import_checkpoint(tmp_path / "max.pth", tmp_path / "guessed", model_args={"num_heads": 2})
+    assert guessed.facts["global_pool"]["how"] == "guessed"
+    assert any("global_pool='avg' guessed (no class token" in n and "global_pool=max or avgmax" in n
+               for n in guessed.notes)
+    with pytest.raises(CheckpointError, match=r"logits differ .* guessed global_pool='avg'"):
+        import_checkpoint(tmp_path / "max.pth", tmp_path / "checked", model_args={"num_heads": 2},
+                          check_logits=tmp_path / "pair.pt")
+    import_checkpoint(tmp_path / "max.pth", tmp_path / "stated", model_args={"num_heads": 2, "global_pool": "max"},
+                      check_logits=tmp_path / "pair.pt")
+    assert_same_logits(source, tmp_path / "stated", x)
+
+
 def test_weights_without_a_classifier_are_one_sentence(tmp_path):
     state = {k: v for k, v in tiny_timm().state_dict().items() if not k.startswith("head.")}
     torch.save(state, tmp_path / "backbone.pth")

@@ -184,9 +184,9 @@ def _global_pool(class_token: bool, fc_norm: bool, hints: dict[str, Any], source
                  facts: dict[str, dict[str, Any]], notes: list[str]) -> str:
     """The pooling of the classifier: stated by the source, else guessed from the tensors where they allow two.
 
-    The tensors decide it only without a class token (average pooling). With a class token and no ``fc_norm``,
-    token pooling and average pooling without ``fc_norm`` have the same weights; with ``fc_norm``, average, max
-    and avg+max pooling do. The common choice is taken and said.
+    The tensors never decide it: without a class token, average, max and avg+max pooling have the same weights;
+    with a class token and no ``fc_norm``, token pooling and average pooling without ``fc_norm`` do; with
+    ``fc_norm``, average, max, avg+max and token pooling do. The common choice is taken and said.
     """
     stated = hints.get("global_pool")
     if stated is not None:
@@ -196,13 +196,16 @@ def _global_pool(class_token: bool, fc_norm: bool, hints: dict[str, Any], source
         facts["global_pool"] = _read(stated, sources.get("global_pool", "--model-arg"))
         return stated
     if not class_token:
-        facts["global_pool"] = _read("avg", "the weights (no class token)")
-        return "avg"
-    pool = "avg" if fc_norm else "token"
-    rule = ("fc_norm present: average pooling is the usual choice over max and avgmax" if fc_norm else
-            "class token and no fc_norm: token pooling is the usual choice, but average pooling without fc_norm "
-            "has the same weights")
-    other = "max" if fc_norm else "avg"
+        pool, other = "avg", "max or avgmax"
+        rule = "no class token: average pooling is the usual choice, but max and avg+max pooling have the same weights"
+    elif fc_norm:
+        pool, other = "avg", "max, avgmax or token"
+        rule = ("fc_norm present: average pooling is the usual choice, but max, avg+max and token pooling have the "
+                "same weights")
+    else:
+        pool, other = "token", "avg"
+        rule = ("class token and no fc_norm: token pooling is the usual choice, but average pooling without fc_norm "
+                "has the same weights")
     notes.append(f"global_pool={pool!r} guessed ({rule}); pass --model-arg global_pool={other} if the source "
                  "pooled otherwise, or --check-logits FILE to verify")
     facts["global_pool"] = _guessed(pool, rule)
