@@ -134,6 +134,22 @@ def test_pooling_without_a_class_token_is_a_stated_guess_that_check_logits_catch
     assert_same_logits(source, tmp_path / "stated", x)
 
 
+@pytest.mark.parametrize("options, stated", [
+    ({"pos_embed": "none"}, {"img_size": 32}),  # no position embedding: only the image size must be given
+    ({"proj_bias": False}, {}),  # no biases on the attention output and the MLP
+    ({"qk_norm": True, "embed_dim": 64, "num_heads": 8}, {}),  # the query norm is one head dimension long
+])
+def test_what_the_weights_tell_of_the_architecture_is_read_from_them(tmp_path, x, options, stated):
+    source = tiny_timm(**options)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    heads = {} if "qk_norm" in options else {"num_heads": 2}
+    result = import_checkpoint(tmp_path / "w.pth", tmp_path / "run", model_args={**heads, **stated})
+    assert_same_logits(source, tmp_path / "run", x)
+    if "qk_norm" in options:
+        assert result.facts["num_heads"] == {"value": 8, "how": "read",
+                                             "from": "the query norm's length (one head dimension)"}
+
+
 def test_weights_without_a_classifier_are_one_sentence(tmp_path):
     state = {k: v for k, v in tiny_timm().state_dict().items() if not k.startswith("head.")}
     torch.save(state, tmp_path / "backbone.pth")

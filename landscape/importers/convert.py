@@ -175,6 +175,8 @@ def verify_logits(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tenso
         guessed = [f"{k}={f['value']!r}" for k, f in (facts or {}).items() if f.get("how") == "guessed"]
         hint = (f"the guessed {', '.join(guessed)} may be wrong: override with --model-arg KEY=VALUE" if guessed
                 else "check the --model-arg values and the format")
+        hint += (" (the weights cannot tell the activation or the kind of norm either: the model is built with "
+                 "timm's exact GELU and LayerNorm, and a source with others cannot be imported)")
         precision = (f" (allowing for {', '.join(str(d).removeprefix('torch.') for d in half)} rounding)"
                      if half else "")
         raise CheckpointError(f"The imported model's logits differ from those in {source} by up to {diff:.3g} "

@@ -48,6 +48,8 @@ class Architecture:
     reg_tokens: int = 0
     no_embed_class: bool = False
     qkv_bias: bool = True
+    proj_bias: bool = True
+    pos_embed: bool = True
     qk_norm: bool = False
     layer_scale: bool = False
     pre_norm: bool = False
@@ -116,14 +118,15 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
         raise CheckpointError("The weights have a classifier bias (head.bias) but no classifier matrix "
                               "(head.weight); the file is incomplete.")
     fc_norm = "fc_norm.weight" in state
-    num_heads, rule = _num_heads(embed_dim, hints)
+    num_heads, rule = _num_heads(embed_dim, hints, state)
     if rule:
         notes.append(f"num_heads={num_heads} {rule} (the weights cannot tell); pass --model-arg num_heads=N "
                      "if the source used another")
         facts["num_heads"] = _guessed(num_heads, rule)
     else:
         where = sources.get("num_heads") or (f"the named architecture {hints.get('arch')}" if "arch" in hints else
-                                             "--model-arg")
+                                             "--model-arg" if hints.get("num_heads") else
+                                             "the query norm's length (one head dimension)")
         facts["num_heads"] = _read(num_heads, where)
     global_pool = _global_pool(class_token, fc_norm, hints, sources, facts, notes)
     if hints.get("layer_norm_eps") is not None:
@@ -157,6 +160,8 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
         reg_tokens=reg_tokens,
         no_embed_class=no_embed_class,
         qkv_bias="blocks.0.attn.qkv.bias" in state,
+        proj_bias="blocks.0.attn.proj.bias" in state or "blocks.0.mlp.fc1.bias" in state,  # timm drops both together
+        pos_embed="pos_embed" in state,
         qk_norm="blocks.0.attn.q_norm.weight" in state,
         layer_scale="blocks.0.ls1.gamma" in state,
         pre_norm="norm_pre.weight" in state,
@@ -250,10 +255,10 @@ def _image_size(
     default), or ``L`` itself when they are not (``no_embed_class``). A stated image size picks between the two.
     """
     pos = state.get("pos_embed")
-    if pos is None:
+    if pos is None:  # built with pos_embed='none'
         if hinted is None:
             raise CheckpointError("The weights have no position embedding, so the image size is unknown; "
-                                  "give it with --model-arg img_size=N.")
+                                  "give it with --model-arg img_size=N (the model is built without one).")
         return int(hinted), False
     length = int(pos.shape[1])
     layouts = [(length - prefix_tokens, False)] + ([(length, True)] if prefix_tokens else [])
@@ -269,8 +274,9 @@ def _image_size(
     return (stated or fits)[0]
 
 
-def _num_heads(embed_dim: int, hints: dict[str, Any]) -> tuple[int, str]:
-    """``(num_heads, how it was chosen)``; an empty rule means the source stated it."""
+def _num_heads(embed_dim: int, hints: dict[str, Any], state: StateDict | None = None) -> tuple[int, str]:
+    """``(num_heads, how it was chosen)``; an empty rule means the source stated it or the weights tell it (the
+    per-head query norm of ``qk_norm`` is one head dimension long)."""
     if hints.get("num_heads"):
         heads = int(hints["num_heads"])
         if embed_dim % heads:
@@ -282,6 +288,9 @@ def _num_heads(embed_dim: int, hints: dict[str, Any]) -> tuple[int, str]:
         heads = _heads_of(hints["arch"])
         if heads is not None:
             return heads, ""
+    q_norm = (state or {}).get("blocks.0.attn.q_norm.weight")
+    if q_norm is not None and q_norm.ndim == 1 and 0 < q_norm.numel() and embed_dim % q_norm.numel() == 0:
+        return embed_dim // q_norm.numel(), ""
     if embed_dim in CONVENTIONAL_HEADS:
         return CONVENTIONAL_HEADS[embed_dim], f"by the convention for width {embed_dim}"
     for head_dim in (64, 32):
@@ -414,6 +423,10 @@ def vit_kwargs(arch: Architecture) -> dict[str, Any]:
         kwargs.update({k: v for k, (v, default) in optional.items() if v != default})
     if not arch.qkv_bias:
         kwargs["qkv_bias"] = False
+    if not arch.proj_bias:
+        kwargs["proj_bias"] = False
+    if not arch.pos_embed:
+        kwargs["pos_embed"] = "none"
     if arch.qk_norm:
         kwargs["qk_norm"] = True
     if arch.layer_scale:
