@@ -142,6 +142,7 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
         )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file.")
+    _refuse_special(path, "a checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -152,6 +153,14 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
             f"{path} is not a readable safetensors checkpoint (truncated or corrupt: {_short(e)})."
         ) from None
     return meta, keys, shapes
+
+
+def _refuse_special(path: Path, wanted: str) -> None:
+    from landscape.io import special_file
+
+    what = special_file(path)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not {wanted}.")
 
 
 def _short(e: BaseException) -> str:
@@ -170,7 +179,7 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         )
     try:
         values = {k: json.loads(meta[k]) for k in _META_KEYS if k in meta}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested beyond any real header's depth
         raise CheckpointError(f"{path} has corrupt metadata in its header.") from None
     kinds = {"model": str, "model_kwargs": dict, "metrics": dict, "aliases": dict, "extra": dict}
     wrong = [k for k, kind in kinds.items() if values.get(k) is not None and not isinstance(values[k], kind)]
@@ -359,6 +368,7 @@ def load_foreign_state(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"File {path} does not exist.")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a weights file.")
+    _refuse_special(path, "a weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -70,13 +70,18 @@ def _dataclass_type(hint: Any) -> type | None:
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a :class:`ConfigError`."""
+    from landscape.io import special_file
+
     path = Path(path)
+    what = special_file(path)
+    if what is not None:
+        raise ConfigError(f"Config file {path} is {what}, not a file.")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:  # nested past the parser's depth
         raise ConfigError(f"Config file {path} is not valid YAML ({e.__class__.__name__}).") from None
     except IsADirectoryError:
         raise ConfigError(f"Config file {path} is a folder, not a file.") from None

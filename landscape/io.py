@@ -390,3 +390,22 @@ def exclusive_file_lock(folder: str | os.PathLike) -> Iterator[None]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is no regular file or folder (``"a named pipe (FIFO)"``, ``"a socket"``,
+    ``"a device"``), else ``None``: reading a pipe would wait for a writer forever, beyond Ctrl-C's reach in
+    libraries that read it natively."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # missing or unreadable: the reader says so in its own words
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None

@@ -102,9 +102,12 @@ class Run:
     @classmethod
     def open(cls, root: str | os.PathLike) -> "Run":
         """Open an existing run directory, or refuse with a sentence saying what a run directory is."""
+        from landscape.io import special_file
+
         root = Path(root)
         if root.exists() and not root.is_dir():
-            raise CheckpointError(f"{root} is a file, not a run directory; give the folder that holds config.yaml "
+            what = special_file(root) or "a file"
+            raise CheckpointError(f"{root} is {what}, not a run directory; give the folder that holds config.yaml "
                                   "and checkpoints/.")
         if not root.is_dir():
             raise CheckpointError(f"Run directory {root} does not exist.")
@@ -169,6 +172,10 @@ class Run:
 
         if not self.metrics_path.exists():
             return pd.DataFrame()
+        from landscape.io import special_file
+
+        if special_file(self.metrics_path) is not None:
+            raise CheckpointError(f"{self.metrics_path} is {special_file(self.metrics_path)}, not a file.")
         damaged = f"{self.metrics_path} is damaged"
         advice = "restore it, or delete it and resume the run to write it again"
         try:

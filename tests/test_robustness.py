@@ -455,6 +455,38 @@ def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one
         gather_results(run)
 
 
+def test_pipes_and_headers_or_configs_nested_past_any_parser_are_one_sentence(tmp_path):
+    # a named pipe would block the reader forever (safetensors' native open is beyond Ctrl-C's reach)
+    from conftest import TINY_VIT, make_tiny_run
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run = make_tiny_run(tmp_path, "r", "vit_pico_patch4_32", TINY_VIT, 0)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    os.mkfifo(tmp_path / "pipe.pth")
+    os.mkfifo(run.root / "checkpoints" / "epoch-0009.safetensors")
+    for args in (["inspect", str(tmp_path / "pipe.safetensors")], ["inspect", str(run.root)],
+                 ["import", str(tmp_path / "pipe.pth"), "--out", str(tmp_path / "imported")]):
+        done = _landscape(args)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "is a named pipe (FIFO), not a" in done.stderr.strip().splitlines()[-1], done.stderr
+    (run.root / "checkpoints" / "epoch-0009.safetensors").unlink()
+
+    path = run.checkpoints()[-1].path
+    original = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    meta["extra"] = "[" * 100_000 + "]" * 100_000  # valid JSON, nested past the decoder's recursion limit
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    deep = _landscape(["inspect", str(path)])
+    assert deep.returncode == 1 and "corrupt metadata" in deep.stderr and "Traceback" not in deep.stderr, deep.stderr
+    path.write_bytes(original)
+    config = run.config_path.read_text()
+    run.config_path.write_text(config + "nested: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    nested = _landscape(["inspect", str(run.root)])
+    assert nested.returncode == 1 and "not valid YAML (RecursionError)" in nested.stderr, nested.stderr[-2000:]
+
+
 def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
     import json
 
