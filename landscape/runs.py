@@ -347,7 +347,7 @@ def _results_tables(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
     ds = read_results(path)
     try:
         settings = json.loads(ds.attrs.get("settings") or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         settings = {}
     checkpoints = [str(c) for c in ds["checkpoint"].values] if "checkpoint" in ds.dims else []
     header = [{"results": str(path), "analysis": ds.attrs.get("analysis", "-"),

@@ -81,7 +81,7 @@ def read_settings(ds) -> dict[str, Any]:
     """The settings stored in a results Dataset's attributes (empty when absent or unreadable)."""
     try:
         settings = json.loads(ds.attrs.get("settings") or "{}")
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, ValueError, RecursionError):
         return {}
     return settings if isinstance(settings, dict) else {}
 

@@ -487,6 +487,29 @@ def test_pipes_and_headers_or_configs_nested_past_any_parser_are_one_sentence(tm
     assert nested.returncode == 1 and "not valid YAML (RecursionError)" in nested.stderr, nested.stderr[-2000:]
 
 
+def test_damaged_eigenvector_files_and_results_attributes_are_one_sentence(tmp_path):
+    import xarray as xr
+    from safetensors.torch import save_file
+
+    from landscape.analyses.eigenvectors import load_eigenvectors
+    from landscape.analyses.results import AnalysisResults
+    from landscape.errors import LandscapeError
+
+    bad = tmp_path / "epoch-0001.safetensors"
+    for meta in ({"format": "landscape-hessian-eigenvectors/1", "eigenvalues": "{", "parameters": "[]"},
+                 {"format": "landscape-hessian-eigenvectors/1", "eigenvalues": "{}", "parameters": "[[1, 2, 3]]"},
+                 {"format": "landscape-hessian-eigenvectors/1", "eigenvalues": "{}", "parameters": "[]",
+                  "settings": "[" * 100_000 + "]" * 100_000}):
+        save_file({"largest": torch.zeros(1, 3)}, str(bad), metadata=meta)
+        with pytest.raises(LandscapeError, match="is not a readable Hessian eigenvector file"):
+            load_eigenvectors(bad)
+    results = tmp_path / "hessian.nc"
+    xr.Dataset(attrs={"analysis": "hessian", "settings": "[" * 5000, "seed": "abc"}).to_netcdf(results,
+                                                                                              engine="h5netcdf")
+    with pytest.raises(LandscapeError, match="was computed with other settings"):
+        AnalysisResults(results, "hessian", {"top_k": 1}, 0)
+
+
 def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
     import json
 

@@ -125,12 +125,22 @@ def load_eigenvectors(path: str | Path) -> HessianEigenvectors:
         raise LandscapeError(
             f"{path} does not exist; compute it with 'landscape analyze hessian RUN --save-eigenvectors'."
         )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        vectors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("format") != "landscape-hessian-eigenvectors/1":
-        raise LandscapeError(f"{path} is not a Hessian eigenvector file.")
-    eigenvalues = {k: np.asarray(v) for k, v in json.loads(meta["eigenvalues"]).items()}
-    shapes = {n: tuple(s) for n, s in json.loads(meta["parameters"])}
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "eigenvalues", "parameters")}
+    from landscape.io import special_file
+
+    if special_file(path) is not None:
+        raise LandscapeError(f"{path} is {special_file(path)}, not a Hessian eigenvector file; delete it.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vectors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != "landscape-hessian-eigenvectors/1":
+            raise LandscapeError(f"{path} is not a Hessian eigenvector file.")
+        eigenvalues = {k: np.asarray(v) for k, v in json.loads(meta["eigenvalues"]).items()}
+        shapes = {n: tuple(int(d) for d in s) for n, s in json.loads(meta["parameters"])}
+        extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "eigenvalues", "parameters")}
+    except LandscapeError:
+        raise
+    except Exception as e:  # safetensors', JSON's and unpacking's own errors: a damaged file
+        raise LandscapeError(f"{path} is not a readable Hessian eigenvector file ({e.__class__.__name__}); delete "
+                             "it and run the Hessian analysis with --save-eigenvectors again.") from None
     return HessianEigenvectors(vectors, eigenvalues, shapes, extra)

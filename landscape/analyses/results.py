@@ -240,6 +240,15 @@ def _file_signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def _stored_seed(attrs: Mapping[str, Any]) -> int | None:
+    """A results file's ``seed`` attribute as a whole number (``None`` when absent or damaged)."""
+    try:
+        seed = attrs["seed"]
+        return int(seed) if float(seed) == int(seed) else None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
 class AnalysisResults:
     """The results file of one analysis of one run, appended one finished checkpoint at a time.
 
@@ -273,14 +282,15 @@ class AnalysisResults:
         remove_stale_temporaries(self.path.parent)
 
     def _same_settings(self, attrs: Mapping[str, Any]) -> bool:
-        return attrs.get("settings") == settings_json(self.settings) and int(attrs.get("seed", -1)) == self.seed
+        return attrs.get("settings") == settings_json(self.settings) and _stored_seed(attrs) == self.seed
 
     def _differences(self, attrs: Mapping[str, Any]) -> str:
         try:
             stored = json.loads(attrs.get("settings", "{}"))
-        except json.JSONDecodeError:
+            stored = stored if isinstance(stored, dict) else {}
+        except (TypeError, ValueError, RecursionError):
             stored = {}
-        stored["seed"] = int(attrs["seed"]) if "seed" in attrs else None
+        stored["seed"] = _stored_seed(attrs)
         current = json.loads(settings_json(self.settings))
         current["seed"] = self.seed
         keys = sorted(set(stored) | set(current))

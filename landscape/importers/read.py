@@ -279,7 +279,7 @@ def _read_sharded(index_file: Path) -> StateDict:
 def _load_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{path} is not readable JSON ({e.__class__.__name__}).") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object.")
