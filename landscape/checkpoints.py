@@ -16,6 +16,7 @@ code from a file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -184,10 +185,15 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     kinds = {"model": str, "model_kwargs": dict, "metrics": dict, "aliases": dict, "extra": dict}
     wrong = [k for k, kind in kinds.items() if values.get(k) is not None and not isinstance(values[k], kind)]
     epoch, step = values.get("epoch"), values.get("step")
-    if wrong or not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-                        for v in (epoch, step)):
-        what = wrong[0] if wrong else ("epoch" if epoch is not None and not (isinstance(epoch, int) and epoch >= 0)
-                                       else "step")
+    def count(v: Any) -> bool:  # a whole number a results file can hold (int64)
+        return v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63)
+
+    aliases = values.get("aliases") or {}
+    if not wrong and not all(isinstance(a, str) and isinstance(c, str) and c in keys and a not in keys
+                             for a, c in aliases.items()):
+        wrong = ["aliases"]  # each a name for a tensor the file holds
+    if wrong or not all(count(v) for v in (epoch, step)):
+        what = wrong[0] if wrong else ("epoch" if not count(epoch) else "step")
         raise CheckpointError(f"{path} has corrupt metadata in its header ({what} is not what a checkpoint "
                               "records).")
     num_params = sum(_numel(shapes[k]) for k in keys if not k.startswith(EMA_PREFIX))
@@ -314,6 +320,11 @@ def header_kwargs(info: CheckpointInfo) -> dict[str, Any]:
     numbers, tensors = max(info.num_params, 4096), max(info.num_tensors, 1)
     for key, value in kwargs.items():
         values = value if isinstance(value, (list, tuple)) else [value]
+        ratios = [v for v in values if isinstance(v, float)]  # mlp_ratio, width_ratio, rates: a ratio of sizes
+        if any(not math.isfinite(v) or abs(v) > numbers for v in ratios):
+            raise CheckpointError(
+                f"The header of {info.path} asks for {key}={value!r}, which no network of the {info.num_params:,} "
+                "numbers the file holds has; the header is damaged or belongs to other weights.")
         sizes = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
         limit, what = (tensors, "tensors") if key in _LAYER_COUNTS else (numbers, "numbers")
         if any(v > limit for v in sizes):

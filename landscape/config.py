@@ -89,7 +89,29 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of field names to values.")
+    if expanded_size(data, YAML_VALUES) > YAML_VALUES:
+        raise ConfigError(f"Config file {path} expands to more than {YAML_VALUES:,} values (aliases of aliases, "
+                          "a 'billion laughs'); no config is that large: write it out without them.")
     return data
+
+
+YAML_VALUES = 1_000_000
+"""The most values a YAML file read by :func:`load_yaml` may expand to, its aliases counted at every use."""
+
+
+def expanded_size(data: Any, limit: int) -> int:
+    """The number of values ``data`` holds with every shared list or mapping counted at each place it is used (what
+    printing or hashing it would visit), counted up to just past ``limit``."""
+    seen, stack = 0, [data]
+    while stack and seen <= limit:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return seen
 
 
 def save_yaml(data: dict[str, Any] | Any, path: str | os.PathLike) -> None:

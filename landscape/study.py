@@ -184,6 +184,13 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"Study file {path} is not valid YAML{at}.") from None
+    except (RecursionError, ValueError) as e:  # nested past the parser's depth; a number YAML cannot convert
+        raise ConfigError(f"Study file {path} is not valid YAML ({e.__class__.__name__}).") from None
+    from landscape.config import YAML_VALUES, expanded_size
+
+    if expanded_size(raw, YAML_VALUES) > YAML_VALUES:
+        raise ConfigError(f"Study file {path} expands to more than {YAML_VALUES:,} values (aliases of aliases); "
+                          "no study is that large: write it out without them.")
     return study_from_dict(raw, source=str(path))
 
 

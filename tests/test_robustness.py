@@ -510,6 +510,45 @@ def test_damaged_eigenvector_files_and_results_attributes_are_one_sentence(tmp_p
         AnalysisResults(results, "hessian", {"top_k": 1}, 0)
 
 
+def test_a_billion_laughs_config_and_tampered_header_values_are_one_sentence(tmp_path):
+    import json
+
+    from conftest import TINY_VIT, make_tiny_run
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from landscape.checkpoints import build_model, load_checkpoint
+    from landscape.config import load_yaml
+    from landscape.errors import CheckpointError, ConfigError, LandscapeError
+    from landscape.models import create_model
+
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefghi", "bcdefghij"):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    bomb.write_text("model:\n  kwargs:\n" + "".join(f"    {line}\n" for line in levels))  # 9^10 values, 1 KB
+    with pytest.raises(ConfigError, match="expands to more than 1,000,000 values"):
+        load_yaml(bomb)
+
+    run = make_tiny_run(tmp_path, "r", "vit_pico_patch4_32", TINY_VIT, 0)
+    path = run.checkpoints()[-1].path
+    original = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    for key, value, sentence in (
+            ("step", json.dumps(2 ** 70), r"corrupt metadata in its header \(step"),
+            ("aliases", json.dumps({"x": "nonexistent"}), r"corrupt metadata in its header \(aliases"),
+            ("aliases", json.dumps({"x": ["a"]}), r"corrupt metadata in its header \(aliases"),
+            ("model_kwargs", json.dumps({**json.loads(meta["model_kwargs"]), "mlp_ratio": 1e6}),
+             "mlp_ratio=1000000.0, which no network of the")):
+        path.write_bytes(original)
+        save_file(load_file(str(path)), str(path), metadata={**meta, key: value})
+        with pytest.raises(CheckpointError, match=sentence):
+            build_model(*load_checkpoint(path))  # the header is read, then the model built from it
+    with pytest.raises(LandscapeError):  # a zero head count: a sentence, not a ZeroDivisionError
+        create_model("vit_pico_patch4_32", **{**TINY_VIT, "num_heads": 0})
+
+
 def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
     import json
 

@@ -115,7 +115,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         # Models check their arguments with asserts and conversions (num_heads dividing the width, a number
         # for init_scale): to the user these are configuration errors, not crashes.
         raise _build_error(name, given, e) from e
-    except (RuntimeError, MemoryError, OverflowError) as e:  # a negative or enormous size reaching torch
+    except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError) as e:  # a zero, negative or enormous size
         raise _build_error(name, given, e) from None
 
 
