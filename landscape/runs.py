@@ -127,6 +127,7 @@ class Run:
         if not config:  # an emptied file: read as defaults, it would describe another run than the one trained
             raise LandscapeError(f"{self.config_path} is empty; the run's settings are lost (copy them from another "
                                  "run's config.yaml or train it again).")
+        check_run_config(config, self.config_path)
         return config
 
     def save_config(self, config: Any) -> None:
@@ -178,6 +179,9 @@ class Run:
             raise CheckpointError(f"{self.metrics_path} is {special_file(self.metrics_path)}, not a file.")
         damaged = f"{self.metrics_path} is damaged"
         advice = "restore it, or delete it and resume the run to write it again"
+        problem = _csv_layout_problem(self.metrics_path)
+        if problem:
+            raise CheckpointError(f"{damaged} ({problem}); {advice}.")
         try:
             table = pd.read_csv(self.metrics_path)
         except pd.errors.EmptyDataError:
@@ -186,11 +190,17 @@ class Run:
             raise CheckpointError(f"{damaged} (not a CSV table: {type(e).__name__}); {advice}.") from None
         except OSError as e:
             raise CheckpointError(f"{self.metrics_path} cannot be read ({e.strerror or e}).") from None
-        for column in ("epoch", "step"):
-            if column == "epoch" and column not in table:
-                raise CheckpointError(f"{damaged} (it has no {column} column); {advice}.")
-            if column in table and len(table) and not pd.api.types.is_numeric_dtype(table[column]):
+        if "epoch" not in table:
+            raise CheckpointError(f"{damaged} (it has no epoch column); {advice}.")
+        for column in table.columns:  # every column a trainer writes is a number
+            if len(table) and not pd.api.types.is_numeric_dtype(table[column]):
                 raise CheckpointError(f"{damaged} (its {column} column holds values that are not numbers); {advice}.")
+        import numpy as np
+
+        for column in ("epoch", "step"):
+            values = table[column].to_numpy(dtype=float) if column in table else np.array([])
+            if np.any(np.abs(values[np.isfinite(values)]) >= 2.0 ** 63):
+                raise CheckpointError(f"{damaged} (its {column} column holds a count no run reaches); {advice}.")
         return table
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -306,6 +316,44 @@ def _named_as_it_says(info: CheckpointInfo) -> CheckpointInfo:
                 f"{info.path} is named {kind} {number} but its header says {kind} {header}; it was copied or renamed "
                 "over another checkpoint: restore it, or move it out of checkpoints/.")
     return info
+
+
+def _csv_layout_problem(path: Path) -> str | None:
+    """What makes ``path`` no table pandas would read as written (``None`` when it is one): a column name given
+    twice (pandas renames the second, and a reader takes the wrong one) or a row longer than the header (pandas
+    takes the extra fields as an index, shifting every column)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None:
+                return None
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                return f"its column {repeated[0]!r} is named twice"
+            for number, row in enumerate(rows, start=2):
+                if len(row) > len(header):
+                    return f"line {number} has {len(row)} fields for {len(header)} columns"
+    except (UnicodeDecodeError, csv.Error, OSError, ValueError):
+        return None  # pandas says what it makes of it
+    return None
+
+
+def check_run_config(config: dict[str, Any], path: Any) -> None:
+    """Refuse a run's config.yaml whose sections or counts have the wrong type: every reader would fail on it later
+    in its own way (or, for counts, write what no results file can hold)."""
+    for section in ("model", "data", "optim", "schedule", "ema", "augment", "checkpoint"):
+        if section in config and config[section] is not None and not isinstance(config[section], dict):
+            raise LandscapeError(f"{path} is damaged: its {section} section is {config[section]!r}, not a mapping of "
+                                 "settings; restore it from another run's config.yaml or train the run again.")
+    for key in ("seed", "epochs", "batch_size"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not
+                                  (-(2 ** 63) if key == "seed" else 1) <= value < 2 ** 63):
+            raise LandscapeError(f"{path} is damaged: its {key} is {value!r}, not a whole number a run can have; "
+                                 "restore it from another run's config.yaml or train the run again.")
 
 
 def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any]]]]:

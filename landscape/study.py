@@ -134,6 +134,8 @@ STUDIES_DIR = Path(__file__).parent / "studies"
 _STUDY_KEYS = ("name", "description", "data", "recipe", "seeds", "overrides", "variants", "analysis", "templates",
                "train")
 _VARIANT_KEYS = ("name", "model", "kwargs")
+MAX_SEEDS = 10_000
+"""The most seeds a study file may count (a run folder each)."""
 
 
 def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = None, smoke: bool = False) -> StudySpec:
@@ -238,11 +240,17 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
     if isinstance(seeds, bool) or not (isinstance(seeds, int) or (isinstance(seeds, list) and seeds)):
         raise ConfigError(f"{source}: 'seeds' must be a count or a non-empty list of integers, not {seeds!r}.")
     if isinstance(seeds, int):
-        if seeds < 1:
-            raise ConfigError(f"{source}: 'seeds' must be at least 1, not {seeds}.")
+        if not 1 <= seeds <= MAX_SEEDS:
+            raise ConfigError(f"{source}: 'seeds' must be a count from 1 to {MAX_SEEDS:,}, not {seeds}.")
         seeds = list(range(seeds))
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds) or \
+            len(set(seeds)) < len(seeds):
         raise ConfigError(f"{source}: 'seeds' must be distinct non-negative integers, not {seeds!r}.")
+    study_name = raw.get("name")
+    if study_name is not None and (not isinstance(study_name, (str, int)) or not str(study_name).strip() or any(
+            c in str(study_name) for c in "/\\") or str(study_name).startswith(".")):
+        raise ConfigError(f"{source}: the study name {study_name!r} cannot name a folder under runs/ (it names the "
+                          "default output folder); use letters, digits and -.")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: 'overrides' must be a mapping of config fields to values.")

@@ -110,6 +110,11 @@ def gather_results(run: Run) -> list[Result]:
             if missing:
                 raise LandscapeError(f"{path} says it holds {kind} results but has no {missing[0]!r}; delete it or "
                                      "recompute it with --force.")
+            shapes = {**_DIMS.get(kind, {}), "step": {"checkpoint"}, "epoch": {"checkpoint", "epoch"}}
+            odd = [name for name, dims in shapes.items() if name in ds.variables and not set(ds[name].dims) <= dims]
+            if odd:
+                raise LandscapeError(f"{path} has {odd[0]!r} over {tuple(ds[odd[0]].dims)}, which no {kind} results "
+                                     "file holds; delete it or recompute it with --force.")
             out.append(Result(path=path, kind=kind, settings=read_settings(ds), dataset=ds))
     return out
 
@@ -117,6 +122,19 @@ def gather_results(run: Run) -> list[Result]:
 _REQUIRED = {"sharpness": ("rho",), "surface": ("loss",),
              "dynamics": ("peak_to_final_drop",)}
 """Variables without which a results file of each kind cannot be read (the readers index by them)."""
+
+_DIMS = {
+    "hessian": {"eigenvalue_largest": {"checkpoint", "k"}, "eigenvalue_smallest": {"checkpoint", "k"},
+                "trace": {"checkpoint"}, "trace_standard_error": {"checkpoint"}, "num_parameters": {"checkpoint"},
+                "density": {"checkpoint", "grid"}, "density_eigenvalue": {"checkpoint", "grid"},
+                "block_eigenvalue_largest": {"checkpoint", "group"}, "block_trace": {"checkpoint", "group"}},
+    "sharpness": {"rho": {"rho"}, "worst_case": {"checkpoint", "rho"}, "average_case": {"checkpoint", "rho"},
+                  "average_case_standard_error": {"checkpoint", "rho"}},
+    "surface": {"a": {"a"}, "b": {"b"}, "loss": {"checkpoint", "a", "b"}},
+    "dynamics": {"peak_to_final_drop": {"weights"}, "top1": {"weights", "epoch"}},
+}
+"""The dimensions each variable the readers use may have, by kind of results file (a value on others would be
+read as something else, or fail inside a reader)."""
 
 
 def final_entry(ds, step: int) -> tuple[Any, int | None]:

@@ -549,6 +549,64 @@ def test_a_billion_laughs_config_and_tampered_header_values_are_one_sentence(tmp
         create_model("vit_pico_patch4_32", **{**TINY_VIT, "num_heads": 0})
 
 
+def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_not_wrong_numbers(tmp_path):
+    import xarray as xr
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.analyses.dynamics import run_dynamics
+    from landscape.analyses.results import AnalysisResults
+    from landscape.checkpoints import load_checkpoint, save_checkpoint
+    from landscape.errors import LandscapeError
+    from landscape.summary import gather_results
+
+    run = make_tiny_run(tmp_path, "r", "vit_pico_patch4_32", TINY_VIT, 0)
+    metrics = run.root / "metrics.csv"
+    good = metrics.read_text()
+    header, *rows = good.splitlines()
+    for text, sentence in (
+            (good.replace("val_loss", "val_top1", 1), "its column 'val_top1' is named twice"),  # pandas renamed it
+            ("\n".join([header, *(r + ",1,2,3" for r in rows)]) + "\n", "line 2 has"),  # pandas shifted columns
+            (good.replace(rows[0].split(",")[3], "1\x002", 1), "holds values that are not numbers")):
+        metrics.write_text(text)
+        with pytest.raises(LandscapeError, match=sentence):
+            run_dynamics(run)
+    metrics.write_text(good)
+    config = run.config_path.read_text()
+    for change, sentence in (("model: vit_pico_patch4_32", "its model section is"), ("seed: zero", "its seed is"),
+                             (f"seed: {2 ** 70}", "its seed is"), ("epochs: three", "its epochs is")):
+        key = change.split(":")[0]
+        lines = [line for line in config.splitlines() if not line.startswith(key + ":")]
+        if key == "model":  # the section and its indented settings
+            lines = [line for line in config.splitlines() if not line.startswith(("model:", "  "))]
+        run.config_path.write_text("\n".join([*lines, change]) + "\n")
+        with pytest.raises(LandscapeError, match=sentence):
+            run.load_config()
+    run.config_path.write_text(config)
+
+    run.analysis_dir.mkdir(exist_ok=True)
+    foreign = run.analysis_dir / "sharpness.nc"
+    xr.Dataset({"x": ("n", [1.0])}, attrs={"title": "another tool's file"}).to_netcdf(foreign, engine="h5netcdf")
+    with pytest.raises(LandscapeError, match="is not a landscape sharpness results file"):
+        AnalysisResults(foreign, "sharpness", {}, 0)
+    odd = xr.Dataset({"rho": ("rho", [0.1]), "worst_case": (("foo", "bar"), [[1.0]])},
+                     attrs={"analysis": "sharpness", "settings": "{}", "seed": 0})
+    odd.to_netcdf(foreign, engine="h5netcdf")
+    with pytest.raises(LandscapeError, match=r"has 'worst_case' over \('foo', 'bar'\), which no sharpness"):
+        gather_results(run)
+    foreign.unlink()
+
+    info = run.checkpoints()[-1]
+    _, state = load_checkpoint(info.path)
+    state = {k: v.clone() for k, v in state.items()}
+    next(v for v in state.values() if v.is_floating_point())[0] = float("nan")
+    save_checkpoint(info.path, state, model=info.model, model_kwargs=info.model_kwargs, epoch=info.epoch,
+                    step=info.step)
+    done = _landscape(["analyze", "sharpness", str(run.root), "--checkpoints", "last", "--samples", "8",
+                       "--steps", "1", "--draws", "1", "--device", "cpu"])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "has NaN or infinite raw weights" in done.stderr and "--checkpoints" in done.stderr, done.stderr
+
+
 def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
     import json
 

@@ -31,6 +31,7 @@ import torch
 
 from landscape.analyses import distributed
 from landscape.analyses.distributed import Distributed
+from landscape.errors import LandscapeError
 
 __all__ = ["Analysis", "Job", "ProgressBar", "analyze"]
 
@@ -66,6 +67,12 @@ class Job:
 
         self.run.check_checkpoint_model(info)
         _, state = load_checkpoint(info.path, weights=self.settings.weights)
+        broken = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())),
+                      None)
+        if broken is not None:  # a diverged run: no loss, gradient or curvature to measure there
+            raise LandscapeError(f"Checkpoint {info.path} has NaN or infinite {self.settings.weights} weights "
+                                 f"({broken}): the training diverged before it, and nothing can be measured there; "
+                                 "select earlier checkpoints with --checkpoints.")
         return build_model(info, state).to(device=self.device, dtype=self.dtype)
 
 

@@ -267,6 +267,10 @@ class AnalysisResults:
         self.attrs = analysis_attrs(name, self.settings, self.seed)
         self._seen = _file_signature(self.path)  # taken before the read: a write in between only costs a re-read
         self.dataset: xr.Dataset | None = read_results(self.path)
+        kind = self.dataset.attrs.get("analysis") if self.dataset is not None else name
+        if kind != name and not force:
+            raise LandscapeError(f"{self.path} is not a landscape {name} results file (its 'analysis' attribute is "
+                                 f"{kind!r}); move it away, or add --force to replace it with these results.")
         if self.dataset is not None and not self._same_settings(self.dataset.attrs):
             if not force:
                 raise LandscapeError(
@@ -282,7 +286,8 @@ class AnalysisResults:
         remove_stale_temporaries(self.path.parent)
 
     def _same_settings(self, attrs: Mapping[str, Any]) -> bool:
-        return attrs.get("settings") == settings_json(self.settings) and _stored_seed(attrs) == self.seed
+        stored = attrs.get("settings")
+        return isinstance(stored, str) and stored == settings_json(self.settings) and _stored_seed(attrs) == self.seed
 
     def _differences(self, attrs: Mapping[str, Any]) -> str:
         try:
