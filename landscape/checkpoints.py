@@ -136,7 +136,9 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
     from safetensors import safe_open
 
     if not path.exists():
-        raise CheckpointError(f"Checkpoint {path} does not exist.")
+        from landscape.io import dangling
+
+        raise CheckpointError(f"Checkpoint {path} does not exist{dangling(path)}.")
     if path.suffix in (".pt", ".pth", ".bin", ".tar", ".ckpt"):
         raise CheckpointError(
             f"{path} is a PyTorch file, not a landscape checkpoint; bring it in with 'landscape import {path} --out runs/NAME'."
@@ -376,7 +378,9 @@ def load_foreign_state(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"File {path} does not exist.")
+        from landscape.io import dangling
+
+        raise CheckpointError(f"File {path} does not exist{dangling(path)}.")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a weights file.")
     _refuse_special(path, "a weights file")

@@ -409,3 +409,9 @@ def special_file(path: str | os.PathLike) -> str | None:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return None
+
+
+def dangling(path: str | os.PathLike) -> str:
+    """`` (a symbolic link to nowhere: a loop or a missing target)`` for such a link, else ``""``: what to add to
+    "does not exist" so that the sentence names what is there."""
+    return " (a symbolic link to nowhere: a loop or a missing target)" if os.path.islink(path) else ""

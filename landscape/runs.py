@@ -110,7 +110,9 @@ class Run:
             raise CheckpointError(f"{root} is {what}, not a run directory; give the folder that holds config.yaml "
                                   "and checkpoints/.")
         if not root.is_dir():
-            raise CheckpointError(f"Run directory {root} does not exist.")
+            from landscape.io import dangling
+
+            raise CheckpointError(f"Run directory {root} does not exist{dangling(root)}.")
         run = cls(root)
         if not run.config_path.exists() and not run.checkpoints_dir.is_dir():
             raise CheckpointError(
@@ -360,7 +362,9 @@ def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any
     """What ``landscape inspect`` shows: titled tables for a checkpoint file or a run directory."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; give a checkpoint file or a run directory.")
+        from landscape.io import dangling
+
+        raise CheckpointError(f"{path} does not exist{dangling(path)}; give a checkpoint file or a run directory.")
     if path.is_file() and path.suffix == ".nc":
         return _results_tables(path)
     if path.is_file():

@@ -606,6 +606,11 @@ def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_no
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "has NaN or infinite raw weights" in done.stderr and "--checkpoints" in done.stderr, done.stderr
 
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    looped = _landscape(["inspect", str(tmp_path / "loop-a")])
+    assert looped.returncode == 1 and "(a symbolic link to nowhere: a loop or a missing target)" in looped.stderr
+
 
 def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_in_a_report(tmp_path):
     import json
