@@ -159,11 +159,9 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
 
 
 def _refuse_special(path: Path, wanted: str) -> None:
-    from landscape.io import special_file
+    from landscape.io import refuse_special
 
-    what = special_file(path)
-    if what is not None:
-        raise CheckpointError(f"{path} is {what}, not {wanted}.")
+    refuse_special(path, wanted, error=CheckpointError)
 
 
 def _short(e: BaseException) -> str:

@@ -70,12 +70,10 @@ def _dataclass_type(hint: Any) -> type | None:
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a :class:`ConfigError`."""
-    from landscape.io import special_file
+    from landscape.io import refuse_special
 
     path = Path(path)
-    what = special_file(path)
-    if what is not None:
-        raise ConfigError(f"Config file {path} is {what}, not a file.")
+    refuse_special(path, "a config file", error=ConfigError)
     try:
         with open(path) as f:
             data = yaml.safe_load(f)

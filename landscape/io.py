@@ -411,6 +411,15 @@ def special_file(path: str | os.PathLike) -> str | None:
     return None
 
 
+def refuse_special(path: str | os.PathLike, wanted: str, *, error: type[LandscapeError] = LandscapeError,
+                   advice: str = "") -> None:
+    """Raise ``error("PATH is a named pipe (FIFO), not WANTED[; ADVICE].")`` when ``path`` is a pipe, a socket or a
+    device (see :func:`special_file`): every reader calls this before it opens a file a user named."""
+    what = special_file(path)
+    if what is not None:
+        raise error(f"{path} is {what}, not {wanted}{'; ' + advice if advice else ''}.")
+
+
 def dangling(path: str | os.PathLike) -> str:
     """`` (a symbolic link to nowhere: a loop or a missing target)`` for such a link, else ``""``: what to add to
     "does not exist" so that the sentence names what is there."""

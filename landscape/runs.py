@@ -175,10 +175,9 @@ class Run:
 
         if not self.metrics_path.exists():
             return pd.DataFrame()
-        from landscape.io import special_file
+        from landscape.io import refuse_special
 
-        if special_file(self.metrics_path) is not None:
-            raise CheckpointError(f"{self.metrics_path} is {special_file(self.metrics_path)}, not a file.")
+        refuse_special(self.metrics_path, "a metrics table", error=CheckpointError)
         damaged = f"{self.metrics_path} is damaged"
         advice = "restore it, or delete it and resume the run to write it again"
         problem = _csv_layout_problem(self.metrics_path)
@@ -365,6 +364,9 @@ def describe_path(path: str | os.PathLike) -> list[tuple[str, list[dict[str, Any
         from landscape.io import dangling
 
         raise CheckpointError(f"{path} does not exist{dangling(path)}; give a checkpoint file or a run directory.")
+    from landscape.io import refuse_special
+
+    refuse_special(path, "a checkpoint file or a run directory", error=CheckpointError)
     if path.is_file() and path.suffix == ".nc":
         return _results_tables(path)
     if path.is_file():

@@ -125,10 +125,9 @@ def load_eigenvectors(path: str | Path) -> HessianEigenvectors:
         raise LandscapeError(
             f"{path} does not exist; compute it with 'landscape analyze hessian RUN --save-eigenvectors'."
         )
-    from landscape.io import special_file
+    from landscape.io import refuse_special
 
-    if special_file(path) is not None:
-        raise LandscapeError(f"{path} is {special_file(path)}, not a Hessian eigenvector file; delete it.")
+    refuse_special(path, "a Hessian eigenvector file", advice="delete it")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

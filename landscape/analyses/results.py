@@ -161,13 +161,12 @@ def results_path(run: Any, kind: str, settings: Mapping[str, Any]) -> Path:
 # -- reading ------------------------------------------------------------------------------------------------------
 def read_results(path: str | os.PathLike) -> xr.Dataset | None:
     """The Dataset stored at ``path``, loaded into memory (the file is closed again), or ``None`` if absent."""
-    from landscape.io import special_file
+    from landscape.io import refuse_special
 
     path = Path(path)
     if not path.exists():
         return None
-    if special_file(path) is not None:
-        raise LandscapeError(f"{path} is {special_file(path)}, not an analysis file; delete it.")
+    refuse_special(path, "an analysis file", advice="delete it")
     try:
         with xr.open_dataset(path, engine=ENGINE) as ds:
             return ds.load()
