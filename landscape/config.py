@@ -365,3 +365,37 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"{name} must be a mapping of names to values, not {value!r}.")
         return dict(value)
     return value
+
+
+_RESOLVED_KWARGS = ("num_classes", "in_chans", "img_size", "drop_path_rate", "mask_ratio", "norm_pix_loss")
+"""Model arguments training fills in from other config fields (the data, ``model.drop_path``, ``mae``), which are
+compared themselves: a saved run's config has them where the study's does not."""
+
+
+def config_differences(saved: dict[str, Any], wanted: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings (dotted keys, less ``ignore``) in which a run's saved config.yaml differs from a wanted
+    :class:`TrainConfig` dict, as ``"KEY SAVED, not WANTED"``; empty when it is that run. Every training setting
+    counts (model, data and its subset, optimiser, schedule, augmentation, EMA, checkpoints, seed...): a study never
+    reuses a run trained otherwise, and a report says when runs of one variant differ. A config written by an
+    older version is read with the defaults of the fields it lacks."""
+    try:
+        saved = to_dict(from_dict(TrainConfig, saved, where="config.yaml"))
+    except (ConfigError, TypeError, ValueError):
+        pass  # compared as it is: the differences name what is wrong
+    saved_kwargs = dict(((saved.get("model") or {}).get("kwargs") or {}))
+    wanted_kwargs = dict(((wanted.get("model") or {}).get("kwargs") or {}))
+    for key in _RESOLVED_KWARGS:
+        if key not in wanted_kwargs:
+            saved_kwargs.pop(key, None)
+
+    def flat(c: Any, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in c.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a = flat({**saved, "model": {**(saved.get("model") or {}), "kwargs": saved_kwargs}})
+    b = flat({**wanted, "model": {**(wanted.get("model") or {}), "kwargs": wanted_kwargs}})
+    missing = object()
+    return [f"{key} {a.get(key, 'unset')}, not {b.get(key, 'unset')}" for key in sorted(set(a) | set(b))
+            if key not in ignore and a.get(key, missing) != b.get(key, missing)]

@@ -411,15 +411,14 @@ def train_config(spec: StudySpec, variant: StudyVariant, seed: int):
                         options={"seed": seed}, overrides=spec.overrides)
 
 
-def _same_run(saved: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether a run directory's config.yaml is the run the study asks for (the fields a study sets)."""
-    def pick(c: dict[str, Any]) -> tuple:
-        model = c.get("model") or {}
-        asked = (wanted.get("model") or {}).get("kwargs", {})
-        kwargs = {k: v for k, v in (model.get("kwargs") or {}).items() if k in asked}
-        return (model.get("name"), kwargs, c.get("seed"), c.get("epochs"), (c.get("data") or {}).get("name"),
-                c.get("optim"), c.get("batch_size"))
-    return pick(saved) == pick(wanted)
+def _refuse_other_run(run_dir: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
+    from landscape.config import config_differences
+
+    differences = config_differences(saved, wanted)
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise LandscapeError(f"{run_dir} holds a run trained with other settings than the study asks for ({shown}); "
+                             "delete it or give another --out.")
 
 
 def ensure_trained(config, run_dir: Path, *, data_dir=None, emit: Emit | None = None) -> str:
@@ -436,9 +435,7 @@ def ensure_trained(config, run_dir: Path, *, data_dir=None, emit: Emit | None = 
     wanted = to_dict(config)
     if run.config_path.exists():
         saved = run.load_config()
-        if not _same_run(saved, wanted):
-            raise LandscapeError(
-                f"{run_dir} holds a run with other settings than the study asks for; delete it or give another --out.")
+        _refuse_other_run(run_dir, saved, wanted)
         if _finished(run, int(saved.get("epochs", config.epochs))):
             return "skipped"
         if run.state_path.exists():
@@ -721,9 +718,7 @@ def ensure_trained_stacked(configs, run_dirs: list[Path], *, data_dir=None, emit
         run = Run(run_dir)
         if run.config_path.exists():
             saved = run.load_config()
-            if not _same_run(saved, to_dict(config)):
-                raise LandscapeError(f"{run_dir} holds a run with other settings than the study asks for; delete it "
-                                     "or give another --out.")
+            _refuse_other_run(run_dir, saved, to_dict(config))
             if _finished(run, int(saved.get("epochs", config.epochs))):
                 emit(StudyEvent("train", run.root.name, "already trained", 0.0))
                 continue
@@ -831,6 +826,27 @@ def _worker(task) -> None:
 
 
 @contextlib.contextmanager
+def _quiet_broken_pool():
+    """Leave out the traceback that the pool's management thread prints when it finds its workers killed: before
+    Python 3.12 it sets a "broken pool" error on futures that are already cancelled and dies of InvalidStateError
+    (harmless: the study has already failed with its own sentence)."""
+    import threading
+    from concurrent.futures import InvalidStateError
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not issubclass(args.exc_type, InvalidStateError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+@contextlib.contextmanager
 def _worker_pool(context, jobs: int):
     """``jobs`` worker processes and the queue on which their :class:`StudyEvent` come back."""
     from concurrent.futures import ProcessPoolExecutor
@@ -842,10 +858,14 @@ def _worker_pool(context, jobs: int):
         yield pool, events
     except BaseException:  # Ctrl-C or a failed run: stop now, not after the tasks already handed out
         workers = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for worker in workers:  # every write is atomic: a killed worker loses nothing saved
-            worker.kill()
-        pool.shutdown(wait=True)
+        manager = getattr(pool, "_executor_manager_thread", None)  # shutdown(wait=False) forgets it
+        with _quiet_broken_pool():
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:  # every write is atomic: a killed worker loses nothing saved
+                worker.kill()
+            pool.shutdown(wait=True)
+            if manager is not None:
+                manager.join(timeout=30)
         raise
     else:
         pool.shutdown(wait=True)

@@ -469,7 +469,37 @@ def settings_disagreements(results: Sequence[RunResults]) -> dict[str, str]:
 def caveats(results: Sequence[RunResults]) -> list[str]:
     """What a reader of a summary of ``results`` must know: each run's :attr:`RunResults.problems`, and the kinds of
     results measured with different settings across runs (:func:`settings_disagreements`)."""
-    return [p for r in results for p in r.problems] + list(settings_disagreements(results).values())
+    return ([p for r in results for p in r.problems] + list(settings_disagreements(results).values())
+            + training_disagreements(results))
+
+
+def training_disagreements(results: Sequence[RunResults]) -> list[str]:
+    """One sentence per variant whose runs were trained with other settings than their seed (a run retrained with
+    another data subset, schedule or EMA beside the others): their spread then mixes settings with seeds.
+    Imported runs are left out (their config.yaml records where the weights came from, not how they were
+    trained)."""
+    from landscape.config import config_differences
+
+    groups: dict[str, list[tuple[RunResults, dict]]] = {}
+    for r in results:
+        try:
+            config = r.run.load_config()
+        except Exception:  # an unreadable config is reported where it is read
+            continue
+        if isinstance(config.get("source"), dict) or not config:
+            continue
+        groups.setdefault(r.variant.key, []).append((r, config))
+    out = []
+    for members in groups.values():
+        (first, reference), others = members[0], members[1:]
+        for r, config in others:
+            differences = config_differences(config, reference, ignore=("seed",))
+            if differences:
+                shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more"
+                                                      if len(differences) > 3 else "")
+                out.append(f"Runs of {r.label or r.variant.label} were trained with different settings: {r.path.name} has {shown} "
+                           f"(as in {first.path.name}); their spread mixes those settings with the seeds.")
+    return out
 
 
 def final_measures(results: Sequence[RunResults], *, weights: str = "raw") -> tuple[Any, list[Measure]]:

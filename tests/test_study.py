@@ -125,6 +125,80 @@ def test_a_run_directory_with_other_settings_is_refused(tmp_path):
         run_study(_tiny_spec(), tmp_path, jobs=1)
 
 
+def test_a_run_trained_with_any_other_training_setting_is_refused_and_named(tmp_path):
+    # a study file edited after its runs were trained (another data subset, EMA, warm-up) must not reuse them
+    import copy
+
+    from landscape.config import config_differences, to_dict
+    from landscape.errors import LandscapeError
+    from landscape.runs import Run
+    from landscape.study import train_config
+
+    spec = _tiny_spec()
+    wanted = to_dict(train_config(spec, spec.variants[0], 0))
+    trained = copy.deepcopy(wanted)
+    trained["model"]["kwargs"].update(num_classes=10, in_chans=1, img_size=8)  # what training fills in
+    assert config_differences(trained, wanted) == []
+    older = copy.deepcopy(trained)
+    del older["save_preconditioner"]  # a config written before that field existed: its default
+    assert config_differences(older, wanted) == []
+    for key, value in (("data", "train_size"), ("ema", "decay"), ("schedule", "warmup_epochs")):
+        other = copy.deepcopy(trained)
+        other[key][value] = {"train_size": 128, "decay": 0.5, "warmup_epochs": 1}[value]
+        assert config_differences(other, wanted) == [f"{key}.{value} {other[key][value]}, not {wanted[key][value]}"]
+    other["model"]["kwargs"]["depth"] = 3
+    assert "model.kwargs.depth 3, not 2" in config_differences(other, wanted)
+    assert config_differences(other, wanted, ignore=("model.kwargs.depth", "data.train_size", "ema.decay",
+                                                     "schedule.warmup_epochs")) == []
+
+    run = Run.create(tmp_path / "runs" / "baseline-s0")
+    run.save_config(other)
+    with pytest.raises(LandscapeError, match=r"trained with other settings than the study asks for \(model.kwargs.depth "
+                                             r"3, not 2; schedule.warmup_epochs 1, not 0\); delete it"):
+        run_study(spec, tmp_path, jobs=1)
+
+
+@pytest.mark.slow
+def test_a_run_refused_in_a_worker_stops_the_study_with_one_sentence_and_no_thread_traceback(tmp_path):
+    # the pool's management thread, finding its workers killed, used to print an InvalidStateError traceback
+    import subprocess
+    import sys
+
+    from landscape.runs import Run
+
+    study = _write(tmp_path, _TINY_YAML.replace("seeds: 2", "seeds: 3"))  # tasks left waiting when one fails
+    Run.create(tmp_path / "out" / "runs" / "baseline-s0").save_config(
+        {"model": {"name": "vit_pico_patch4_32", "kwargs": {"embed_dim": 64}}, "seed": 0, "epochs": 9})
+    for _ in range(4):  # a race: it printed in 3 of 5 tries
+        done = subprocess.run([sys.executable, "-m", "landscape", "study", str(study), "--out", str(tmp_path / "out"),
+                               "--jobs", "2"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "trained with other settings than the study asks for" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_report_says_when_runs_of_one_variant_were_trained_with_other_settings(tmp_path):
+    import copy
+    from types import SimpleNamespace
+
+    from landscape.config import to_dict
+    from landscape.runs import Run
+    from landscape.study import train_config
+    from landscape.summary import training_disagreements
+
+    spec = _tiny_spec()
+    runs = []
+    for seed, train_size in ((0, 256), (1, 256), (2, 128)):
+        config = copy.deepcopy(to_dict(train_config(spec, spec.variants[0], seed)))
+        config["data"]["train_size"] = train_size
+        run = Run.create(tmp_path / f"baseline-s{seed}")
+        run.save_config(config)
+        runs.append(SimpleNamespace(run=run, path=run.root, variant=SimpleNamespace(key="vit", label="ViT"), label=None))
+    assert training_disagreements(runs[:2]) == []  # seeds apart, nothing else
+    (sentence,) = training_disagreements(runs)
+    assert sentence.startswith("Runs of ViT were trained with different settings: baseline-s2 has data.train_size "
+                               "128, not 256 (as in baseline-s0)"), sentence
+
+
 # -- study files ------------------------------------------------------------------------------------------------
 _TINY_YAML = """
 name: tiny
