@@ -42,11 +42,11 @@ class WriteError(LandscapeError):
     """A file could not be written for a reason of the machine; ``path``, ``errno`` and ``strerror`` say which
     file and why. Nothing that was saved before is changed."""
 
-    def __init__(self, message: str, *, path: Path, error: OSError):
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Path | None = None, error: OSError | None = None):
+        super().__init__(message)  # the keywords are optional so that it can be unpickled (from a study's worker)
         self.path = path
-        self.errno = error.errno
-        self.strerror = error.strerror or str(error)
+        self.errno = error.errno if error is not None else None
+        self.strerror = (error.strerror or str(error)) if error is not None else None
 
 
 # -- what went wrong ----------------------------------------------------------------------------------------------

@@ -661,3 +661,20 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
     assert "Warning: " in result.output and "metrics.csv is damaged" in result.output
     text = (tmp_path / "r.md").read_text()
     assert "Read with care" in text and "metrics.csv is damaged" in text
+
+
+def test_every_error_a_study_worker_can_raise_comes_back_whole_through_pickle():
+    # a worker's exception is pickled back to the study; one that cannot be unpickled became a 60-line traceback
+    import errno
+    import pickle
+
+    from landscape.errors import CheckpointError, ConfigError, DataError, LandscapeError
+    from landscape.io import RunBusy, WriteError, write_error
+
+    error = write_error("/ro/runs/a/analysis/hessian.nc", OSError(errno.EROFS, "Read-only file system"))
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is WriteError and str(back) == str(error) and "Read-only file system" in str(back)
+    assert (back.path, back.errno, back.strerror) == (error.path, errno.EROFS, "Read-only file system")
+    for cls in (LandscapeError, CheckpointError, ConfigError, DataError, RunBusy):
+        back = pickle.loads(pickle.dumps(cls("one sentence.")))
+        assert type(back) is cls and str(back) == "one sentence."
