@@ -245,8 +245,11 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
       them as given (e.g. Hessian eigenvectors).
 
     ``dims`` (1 or 2; by default 2 for random, the number of directions otherwise), ``range`` ``(start, stop)``
-    and ``points`` per axis define the grid. Returns the Dataset of
-    :func:`~landscape.analyses.surface.surface_analysis`.
+    and ``points`` per axis define the grid. Random and given directions move the parameters the other measures
+    take (frozen ones, ``requires_grad=False``, are held and named in the ``parameters_left_out`` attribute) and
+    hold the buffers; a line or plane between models moves every parameter and the floating-point buffers (e.g.
+    BatchNorm running statistics), so that it ends at the other model itself (the ``buffers`` attribute). Returns
+    the Dataset of :func:`~landscape.analyses.surface.surface_analysis`.
     """
     from landscape.curvature.loss import LossFunction
     from landscape.analyses.surface import DEFAULT_RANGES, SurfaceSettings, normalization_policies, surface_analysis
@@ -268,7 +271,13 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     policies = normalization_policies(config)  # as random directions; non-random ones are not normalised
     config.directions = kind
     first = next(iter(measured.parameters()))
-    center = {n: p.detach().clone(memory_format=torch.contiguous_format) for n, p in measured.named_parameters()}
+    moved = kind in ("interpolate", "plane")  # a line or plane between models moves every tensor to the other's
+    center = {n: p.detach().clone(memory_format=torch.contiguous_format) for n, p in measured.named_parameters()
+              if moved or p.requires_grad}
+    frozen = {n: p.numel() for n, p in measured.named_parameters() if not (moved or p.requires_grad)}
+    if not center:
+        raise ConfigError("Every parameter of the model is frozen (requires_grad=False), so a slice along "
+                          "directions has nothing to move; unfreeze the parameters to slice along.")
     extra = {n: b.detach().clone() for n, b in measured.named_buffers()}
     if kind == "random":
         heads = qkv_head_counts(measured)
@@ -281,7 +290,9 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     axes = [grid_axes(config.range, config.points, anchors) for _ in builtins.range(dims)]
     closure = LossFunction(measured, x, y, batch_size=config.batch_size, skip_unused=False,
                            **({"criterion": loss} if loss is not None else {}))
-    ds = surface_analysis(closure, center, chosen, kind, axes, extra=extra)
+    targets = [_buffer_dict(d, extra) for d, _ in given] if moved else None
+    ds = surface_analysis(closure, center, chosen, kind, axes, extra=extra, extra_targets=targets)
+    buffers = ds.attrs.get("buffers")
     determining = config.determining()
     determining["targets"] = [f"in-memory {what} {i + 1}" for i, (_, what) in enumerate(given)
                               if kind in ("interpolate", "plane")]
@@ -289,7 +300,18 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     if kind != "random":
         policies["normalization_applies_to"] = "nothing: these directions are not filter-normalised"
     ds.attrs.update(policies)
+    if buffers is not None:
+        ds.attrs["buffers"] = buffers
+    if frozen:
+        ds.attrs["parameters_left_out"] = (f"{sum(frozen.values())} frozen (requires_grad False), held at the "
+                                           f"model's values: {', '.join(frozen)}")
     return ds
+
+
+def _buffer_dict(source: Any, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The buffers of a model (or state dict) given as the end of a line or plane, for those of ``extra``."""
+    tensors = dict(source.named_buffers()) if isinstance(source, nn.Module) else dict(source)
+    return {n: tensors[n].detach() for n in extra if isinstance(tensors.get(n), torch.Tensor)}
 
 
 def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:

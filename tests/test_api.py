@@ -278,3 +278,58 @@ def test_frozen_and_unused_parameters_left_out_are_named_in_the_results():
         left_out = ds["num_parameters_left_out"]
         assert int(left_out) == 6 * 4 + 4 + 2 * 2 + 2 and int(ds["num_parameters"]) == 4 * 3 + 3
         assert left_out.attrs["names"] == "body.weight, body.bias, unused.weight, unused.bias"
+
+
+def test_a_line_between_models_with_batchnorm_ends_at_the_other_model_running_statistics_included():
+    # the running statistics move with the weights: a=0 is the first model, a=1 the second, both in eval mode
+    torch.manual_seed(0)
+
+    def cnn():
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).double()
+
+    x, y = torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    m0, m1, m2 = cnn(), cnn(), cnn()
+    with torch.no_grad():
+        for m, shift in ((m0, 0.0), (m1, 2.0), (m2, -1.0)):
+            m.train()(x * 3 + shift)
+            m.eval()
+
+    def loss(m):
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(m(x), y))
+
+    half = cnn().eval()
+    half.load_state_dict({n: (t + m1.state_dict()[n]) / 2 if t.is_floating_point() else t
+                          for n, t in m0.state_dict().items()})
+    for given in (m1, m1.state_dict()):
+        ds = ls.surface(m0, (x, y), directions=given, points=3, range=(0, 1))
+        np.testing.assert_allclose(ds["loss"].values, [loss(m0), loss(half), loss(m1)], rtol=1e-12)
+        assert "moved with the weights (1.running_mean, 1.running_var)" in ds.attrs["buffers"]
+    plane = ls.surface(m0, (x, y), directions=[m1, m2], points=3, range=(0, 1))
+    np.testing.assert_allclose([plane["loss"].sel(a=0, b=0), plane["loss"].sel(a=1, b=0), plane["loss"].sel(a=0, b=1)],
+                               [loss(m0), loss(m1), loss(m2)], rtol=1e-12)
+    random = ls.surface(m0, (x, y), dims=1, points=3)  # a random slice holds the statistics
+    assert random.attrs["buffers"].startswith("held at the centre's values")
+    assert m0.training is False and loss(m0) == float(ds["loss"][0])
+
+
+def test_a_slice_along_directions_moves_only_the_parameters_the_other_measures_take():
+    # frozen parameters are held (as hessian() and sharpness() leave them out) and named in the attrs
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    m[0].weight.requires_grad_(False)
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    only_frozen = {n: (torch.ones_like(p) if n == "0.weight" else torch.zeros_like(p)) for n, p in m.named_parameters()}
+    flat = ls.surface(m, (x, y), directions=[only_frozen], points=3, range=(-1, 1))
+    assert np.ptp(flat["loss"].values) == 0.0  # the frozen tensor does not move
+    assert flat.attrs["parameters_left_out"] == "30 frozen (requires_grad False), held at the model's values: 0.weight"
+    d = {n: torch.randn_like(p) for n, p in m.named_parameters() if p.requires_grad}  # as ls.hessian's vectors
+    ds = ls.surface(m, (x, y), directions=[d], points=3, range=(-1, 1))
+    for a, value in zip((-1.0, 0.0, 1.0), ds["loss"].values):
+        moved = {n: t + a * d[n] if n in d else t for n, t in before.items()}
+        out = torch.func.functional_call(m, moved, (x,))
+        assert abs(float(nn.functional.cross_entropy(out, y)) - value) < 1e-12
+    ls.surface(m, (x, y), dims=1, points=3)
+    assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+    assert not m[0].weight.requires_grad

@@ -212,6 +212,7 @@ def evaluate_grid(
     coefficients: np.ndarray,
     *,
     extra: ParamDict | None = None,
+    extra_bases: Sequence[ParamDict] | None = None,
     progress: Any = None,
     world: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +220,9 @@ def evaluate_grid(
 
     ``closure`` is a :class:`landscape.curvature.loss.LossFunction` (its ``evaluate`` defines the loss: the
     batch-size-weighted mean over the analysis subset, eval mode); ``extra`` holds tensors passed unchanged at
-    every point (buffers). Point :math:`i` is evaluated at ``combine(bases, coefficients[i])``. ``progress(1)`` is
+    every point (buffers), except those of ``extra_bases`` (one dict per base: the floating-point buffers of a
+    line's or plane's checkpoints), combined with the same coefficients as the weights. Point :math:`i` is evaluated
+    at ``combine(bases, coefficients[i])``. ``progress(1)`` is
     called after each point. With ``world`` (several processes, each calling this alike) the points are cut into
     contiguous blocks, one per process (:func:`landscape.analyses.distributed.map_sharded`), and every process
     returns all of them.
@@ -228,6 +231,8 @@ def evaluate_grid(
 
     def evaluate(i: int) -> tuple[float, float]:
         params = combine(bases, coefficients[i])
+        if extra_bases:
+            params = {**combine(extra_bases, coefficients[i]), **params}
         if extra:
             params = {**extra, **params}
         value = closure.evaluate(params)
@@ -348,6 +353,7 @@ def surface_analysis(
     axes: Sequence[np.ndarray],
     *,
     extra: ParamDict | None = None,
+    extra_targets: Sequence[ParamDict] | None = None,
     callback: Any = None,
     world: Any = None,
 ):
@@ -356,8 +362,11 @@ def surface_analysis(
     For ``kind`` in random, pca, eigen, ``directions`` are :math:`d_1 (, d_2)` and the weights
     :math:`w_0 + a d_1 + b d_2`; for interpolate and plane they are the other checkpoints :math:`w_1 (, w_2)` and
     the weights :math:`(1 - a - b) w_0 + a w_1 + b w_2`. ``closure`` is a
-    :class:`~landscape.curvature.loss.LossFunction`; ``extra`` tensors (buffers) are passed unchanged. With
-    ``world`` the grid points are shared out between processes (:func:`evaluate_grid`).
+    :class:`~landscape.curvature.loss.LossFunction`; ``extra`` tensors (buffers) are passed unchanged, except on
+    a line or plane whose checkpoints' buffers are given as ``extra_targets``: there the floating-point ones (e.g.
+    BatchNorm running statistics) move with the weights, so that the line ends at the other checkpoint itself (the
+    ``buffers`` attribute says which). With ``world`` the grid points are shared out between processes
+    (:func:`evaluate_grid`).
 
     Returns an ``xarray.Dataset`` (no checkpoint dimension): ``loss``/``top1`` over ``a`` (and ``b``),
     ``direction_norm`` over ``axis`` (the Euclidean norm of each direction, :math:`w_k - w_0` for checkpoints),
@@ -373,8 +382,16 @@ def surface_analysis(
         raise ValueError(f"{dims} axes need {dims} directions, got {len(directions)}")
     names = ["a", "b"][:dims]
     coefficients = grid_coefficients(kind, axes)
-    loss, top1 = evaluate_grid(closure, [center, *directions], coefficients, extra=extra, progress=callback,
-                               world=world)
+    moving = [n for n, t in (extra or {}).items() if t.is_floating_point() and extra_targets
+              and all(n in o and tuple(o[n].shape) == tuple(t.shape) for o in extra_targets)]
+    if kind in ("interpolate", "plane") and moving:
+        extra_bases = [{n: extra[n] for n in moving},
+                       *[{n: o[n].to(device=extra[n].device, dtype=extra[n].dtype) for n in moving}
+                         for o in extra_targets]]
+    else:
+        extra_bases = None
+    loss, top1 = evaluate_grid(closure, [center, *directions], coefficients, extra=extra, extra_bases=extra_bases,
+                               progress=callback, world=world)
     shape = tuple(len(a) for a in axes)
     if kind in ("interpolate", "plane"):
         steps = [{n: d[n] - center[n] for n in center} for d in directions]
@@ -400,7 +417,15 @@ def surface_analysis(
                                                        "units": "direction units"})
               for k, (n, a) in enumerate(zip(names, axes))}
     coords["axis"] = names
-    return xr.Dataset(data, coords=coords)
+    ds = xr.Dataset(data, coords=coords)
+    floating = [n for n, t in (extra or {}).items() if t.is_floating_point()]
+    if extra_bases:
+        ds.attrs["buffers"] = (f"moved with the weights ({', '.join(moving)}); others held at the centre's values"
+                               if len(moving) < len(floating) else
+                               f"moved with the weights ({', '.join(moving)})")
+    elif floating:
+        ds.attrs["buffers"] = f"held at the centre's values ({', '.join(floating)})"
+    return ds
 
 
 # -- a run --------------------------------------------------------------------------------------------------------
@@ -604,7 +629,9 @@ class SurfaceAnalysis(Analysis):
                                     data_parallel=data_parallel)
         for target in self.targets():
             check_same_architecture(model, build_model(target), what=f"{target.path}", reference=f"{todo[0].path}")
-        self.others = [self.load_weights(job, t.path)[0] for t in self.targets()]
+        loaded = [self.load_weights(job, t.path) for t in self.targets()]
+        self.others = [weights for weights, _ in loaded]
+        self.other_buffers = [buffers for _, buffers in loaded]  # running statistics move along a line or plane
         self.raw = distributed.main_first(lambda: saved_random_directions(run, self.shapes, settings.seed),
                                           job.world) if kind == "random" else None
         self.pca = distributed.main_first(lambda: saved_trajectory_pca(run, self.shapes, settings.weights),
@@ -641,8 +668,9 @@ class SurfaceAnalysis(Analysis):
             directions, eigenvalues = _eigen_directions(job.run, info.name, self.shapes, settings.dims, job.device,
                                                         job.dtype, weights=settings.weights)
             extras["eigenvalue"] = (("axis",), eigenvalues, {"long_name": "Hessian eigenvalue of each direction"})
-        ds = surface_analysis(self.closure, center, directions, kind, self.axes, extra=extra, callback=callback,
-                              world=job.world if job.shard == "grid" else None)
+        ds = surface_analysis(self.closure, center, directions, kind, self.axes, extra=extra,
+                              extra_targets=self.other_buffers if kind in ("interpolate", "plane") else None,
+                              callback=callback, world=job.world if job.shard == "grid" else None)
         for name, value in extras.items():
             ds[name] = value
         if pca is not None:
