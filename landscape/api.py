@@ -25,7 +25,10 @@ directly:
 - ``loss``: any ``loss(outputs, targets) -> mean over the batch`` (cross-entropy by default; e.g.
   :func:`torch.nn.functional.mse_loss` for regression).
 - a bfloat16 or float16 model is measured in float32 (a copy; the model is not changed) with a warning and the
-  attr ``precision_note``: second-order quantities in 8 mantissa bits are mostly rounding noise.
+  attr ``precision_note``: second-order quantities in 8 mantissa bits are mostly rounding noise. A model whose
+  parameters mix precisions is measured as a copy in the widest of them (float64 if any), with the same note.
+- the loss given is recorded with its settings (``CrossEntropyLoss(..., label_smoothing=0.1)``) in the attrs and
+  in ``settings``, so that results of two losses are told apart.
 
 Settings that cannot apply are refused in one sentence (:class:`~landscape.errors.LandscapeError`).
 """
@@ -53,10 +56,10 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
     ``samples`` keeps the first ``samples`` examples."""
     from landscape.curvature.loss import num_inputs, slice_inputs
 
-    if samples is not None and samples < 1:
-        raise ConfigError(f"samples must be a positive number of examples, not {samples}.")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ConfigError(f"samples must be a positive whole number of examples, not {samples!r}.")
     if _is_pair(data):
-        x, y = data
+        x, y = _tensor(data[0], "inputs"), data[1]
     else:
         if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
             raise LandscapeError(
@@ -72,10 +75,13 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
                 break
         if not inputs:
             raise LandscapeError("data holds no batches; give at least one example.")
-        x, y = _concatenate(inputs), torch.cat([torch.as_tensor(t) for t in targets])
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
+        x, y = _concatenate(inputs), torch.cat([_tensor(t, "targets").reshape(-1) for t in targets])
+    y = _tensor(y, "targets")
+    if y.dim() == 0:
+        raise LandscapeError("The targets are one number; give one target per example.")
     n = num_inputs(x)
+    if n == 0:
+        raise LandscapeError("data holds no examples; give at least one.")
     if n != len(y):
         raise LandscapeError(f"data has {n} inputs but {len(y)} targets; give one target per example.")
     if samples is not None and samples < n:
@@ -84,8 +90,23 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
 
 
 def _is_pair(data: Any) -> bool:
+    import numpy as np
+
     return (isinstance(data, (tuple, list)) and len(data) == 2
-            and isinstance(data[0], (torch.Tensor, Mapping)) and isinstance(data[1], torch.Tensor))
+            and isinstance(data[0], (torch.Tensor, Mapping, np.ndarray))
+            and isinstance(data[1], (torch.Tensor, np.ndarray)))
+
+
+def _tensor(value: Any, what: str) -> Any:
+    """``value`` as a tensor (numpy arrays and lists converted), a dict of them kept a dict."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        return {k: _tensor(v, f"{what} {k!r}") for k, v in value.items()}
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise LandscapeError(f"The {what} are a {type(value).__name__}, not a tensor or an array of numbers.") from None
 
 
 def _split_batch(batch: Any, index: int) -> tuple[Any, torch.Tensor]:
@@ -103,6 +124,7 @@ def _split_batch(batch: Any, index: int) -> tuple[Any, torch.Tensor]:
 
 
 def _concatenate(parts: list[Any]) -> Any:
+    parts = [_tensor(p, "inputs") for p in parts]
     if isinstance(parts[0], Mapping):
         keys = list(parts[0])
         if any(list(p) != keys for p in parts):
@@ -117,46 +139,165 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str 
     float32 copy is measured instead."""
     if not isinstance(model, nn.Module):
         raise LandscapeError(f"model is a {type(model).__name__}, not a torch.nn.Module.")
-    first = next(iter(model.parameters()), None)
-    if first is None:
+    if torch.is_inference_mode_enabled():
+        raise LandscapeError("torch.inference_mode() is on, which turns off the autograd every measure needs; call "
+                             "landscape outside the inference_mode block.")
+    parameters = list(model.parameters())
+    if not parameters:
         raise LandscapeError("The model has no parameters, so there is nothing to measure.")
+    if any(p.is_meta for p in parameters):
+        raise LandscapeError("The model's parameters are on the meta device, so they hold no values; load its weights "
+                             "(e.g. model.to_empty(device='cpu') then load_state_dict) before measuring it.")
+    first = parameters[0]
     note = None
-    target = None if device is None else torch.device(device)
-    dtype = first.dtype
-    if dtype in LOW_PRECISION:
-        note = (f"The model's parameters are {str(dtype).replace('torch.', '')}; it was measured in float32 (a copy), "
-                "since second derivatives in 8 or 11 mantissa bits are mostly rounding error.")
+    target = None if device is None else _device(device)
+    kinds = sorted({p.dtype for p in parameters}, key=str)
+    wrong = [d for d in kinds if not d.is_floating_point or d.is_complex]
+    if wrong:
+        raise LandscapeError(f"The model's parameters are {wrong[0]}; give a floating-point model.")
+    dtype = torch.float64 if torch.float64 in kinds else torch.float32
+    if kinds != [dtype]:  # low precision, or a mixture: a copy in one precision
+        names = " and ".join(str(d).replace("torch.", "") for d in kinds)
+        note = (f"The model's parameters are {names}; it was measured in {str(dtype).replace('torch.', '')} (a copy)"
+                + (", since second derivatives in 8 or 11 mantissa bits are mostly rounding error."
+                   if any(d in LOW_PRECISION for d in kinds) else ", so that every product runs in one precision."))
         warnings.warn(note, stacklevel=3)
-        model = copy.deepcopy(model).to(dtype=torch.float32)
-        dtype = torch.float32
-    elif dtype not in (torch.float32, torch.float64):
-        raise LandscapeError(f"The model's parameters are {dtype}; give a floating-point model.")
+        model = copy.deepcopy(model).to(dtype=dtype)
     if target is not None and target != first.device:
         model = copy.deepcopy(model) if note is None else model
         model = model.to(target)
+    _check_finite_weights(model)
     return model, ("float64" if dtype == torch.float64 else "float32"), note
+
+
+def _device(device: Any) -> torch.device:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={device!r} is not a device torch knows; give e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} was asked for, but torch finds no CUDA device here; give device='cpu' "
+                          "or leave device out.")
+    return target
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LandscapeError(f"The model's {name} holds NaN or infinite values, so every measure of it would be "
+                                 "NaN; give finite weights.")
+
+
+def _check_finite_inputs(x: Any) -> None:
+    parts = x.items() if isinstance(x, Mapping) else [("inputs", x)]
+    for name, tensor in parts:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            where = "The inputs hold" if name == "inputs" else f"The input {name!r} holds"
+            raise LandscapeError(f"{where} NaN or infinite values, so the loss would be NaN; give finite data.")
+
+
+def _check_trainable(model: nn.Module) -> None:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise LandscapeError("Every parameter of the model is frozen (requires_grad=False), so there is nothing to "
+                             "measure; unfreeze those to measure (the measures take the parameters that require grad).")
 
 
 def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None) -> None:
     """The loss (cross-entropy by default) must take the model's outputs and the targets and be the mean over a
     batch (results weight batches by their size): checked once, on a few examples."""
-    from landscape.curvature.loss import check_mean_criterion, cross_entropy
+    from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
 
-    check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
+    _check_finite_inputs(x)
+    try:
+        check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
+    except LandscapeError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:  # the model's forward
+        shape = ({k: tuple(v.shape) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape)
+                 if isinstance(x, torch.Tensor) else type(x).__name__)
+        reason = " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
+        raise LandscapeError(f"The model cannot take the inputs ({num_inputs(x)} examples, {shape}): {reason}.") from None
+
+
+_RUN_ONLY = {"samples", "dtype", "split", "dataset", "weights", "img_size", "classes", "preconditioned"}
+"""Settings of an analysis of a run's checkpoints that have no meaning for a model and data given directly: the
+evaluation set is the data, the precision the model's, and there is no optimizer state to precondition by."""
 
 
 def _settings(cls: type, options: dict[str, Any], *, samples: int, dtype: str, what: str):
-    names = {f.name for f in dataclasses.fields(cls)} - {"samples", "dtype", "split", "dataset", "weights"}
+    import re
+    import typing
+
+    names = {f.name for f in dataclasses.fields(cls)} - _RUN_ONLY
     unknown = sorted(set(options) - names)
     if unknown:
-        raise ConfigError(f"{what} has no setting {unknown[0]!r}; accepted are {', '.join(sorted(names))}.")
-    return cls(**options, samples=samples, dtype=dtype)
+        why = (" (there is no optimizer state here; use 'landscape analyze hessian RUN --preconditioned')"
+               if unknown[0] == "preconditioned" else "")
+        raise ConfigError(f"{what} has no setting {unknown[0]!r}{why}; accepted are {', '.join(sorted(names))}.")
+    hints = typing.get_type_hints(cls)
+    checked = {k: _checked_value(v, hints[k], k, what) for k, v in options.items()}
+    try:
+        return cls(**checked, samples=samples, dtype=dtype)
+    except ConfigError as e:  # the settings' sentences name command-line options; here they are keywords
+        text = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), str(e))
+        raise ConfigError(text) from None
+
+
+def _checked_value(value: Any, hint: Any, name: str, what: str) -> Any:
+    """``value`` as the type ``hint`` of the setting ``name`` says (numpy and 0-d tensor numbers taken as
+    numbers), or one sentence."""
+    import numbers
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked_value(value, option, name, what)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and origin in (int, float, bool):
+        value = value.item()
+    if origin is bool:
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            return bool(value)
+        raise ConfigError(f"{what}: {name} must be True or False, not {value!r}.")
+    if origin is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(f"{what}: {name} must be a whole number, not {value!r}.")
+    if origin is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{what}: {name} must be a number, not {value!r}.")
+    if origin is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{what}: {name} must be a text value, not {value!r}.")
+    if origin is tuple:
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise ConfigError(f"{what}: {name} must be a sequence of numbers such as (0.0, 1.0), not {value!r}.")
+        items = list(value)
+        inner = args[:1] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(inner) != len(items):
+            raise ConfigError(f"{what}: {name} must hold {len(inner)} values, not {len(items)} ({value!r}).")
+        return tuple(_checked_value(v, t, name, what) for v, t in zip(items, inner))
+    return value
 
 
 def _finish(ds, name: str, settings: Any, determining: dict[str, Any], loss: Callable | None,
             note: str | None):
     from landscape.analyses.results import analysis_attrs, netcdf_attrs
 
+    if loss is not None:  # part of the settings, so that results of two losses are told apart
+        determining = {**determining, "loss_function": _loss_name(loss)}
     attrs = analysis_attrs(name, determining, settings.seed)
     attrs.update(netcdf_attrs({"loss_function": _loss_name(loss)}))
     if note is not None:
@@ -166,9 +307,9 @@ def _finish(ds, name: str, settings: Any, determining: dict[str, Any], loss: Cal
 
 
 def _loss_name(loss: Callable | None) -> str:
-    if loss is None:
-        return "cross_entropy"
-    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", None) or type(loss).__name__
+    from landscape.curvature.loss import describe_criterion
+
+    return describe_criterion(loss)
 
 
 def _trainable_count(model: nn.Module) -> int:
@@ -190,6 +331,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
 
     x, y = evaluation_data(data, samples)
     measured, dtype, note = _measured_model(model, device)
+    _check_trainable(measured)
     _check_loss(measured, x, y, loss)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
     if config.top_k and config.params is None:
@@ -217,13 +359,15 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     if rho is not None:
         if "rhos" in settings:
             raise ConfigError("Give the radii once, as rho=, not also as rhos=.")
-        settings["rhos"] = (rho,) if isinstance(rho, (int, float)) else tuple(rho)
+        settings["rhos"] = ((rho,) if isinstance(rho, (int, float)) or getattr(rho, "ndim", None) == 0
+                            or (isinstance(rho, torch.Tensor) and rho.numel() == 1 and rho.dim() == 0) else rho)
     x, y = evaluation_data(data, samples)
-    m = settings.get("m")
+    measured, dtype, note = _measured_model(model, device)
+    _check_trainable(measured)
+    m = _checked_value(settings.get("m"), int | None, "m", "sharpness()")
     if m is not None and m > len(y):
         raise ConfigError(f"m={m} is larger than the {len(y)} examples given, so m-sharpness has no batch of m; "
                           f"give m at most {len(y)} or more data.")
-    measured, dtype, note = _measured_model(model, device)
     _check_loss(measured, x, y, loss)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
@@ -372,9 +516,18 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
     from landscape.runs import Run
     from landscape.summary import Result, RunResults, classify, read_settings
 
+    import xarray as xr
+
+    if not isinstance(label, str) or not label:
+        raise ConfigError(f"label must be a name (a non-empty text), not {label!r}.")
+    seed = _checked_value(seed, int, "seed", "results()")
     found, dynamics = [], None
     for i, ds in enumerate(datasets):
-        kind = classify(ds) if hasattr(ds, "attrs") else None
+        if not isinstance(ds, xr.Dataset):
+            what = ("a DataArray (one variable); give the whole Dataset the measure returned"
+                    if isinstance(ds, xr.DataArray) else f"a {type(ds).__name__}, not an xarray Dataset")
+            raise LandscapeError(f"Argument {i + 1} of results() is {what}.")
+        kind = classify(ds)
         if kind is None:
             raise LandscapeError(f"Dataset {i + 1} has no 'analysis' attr (hessian, sharpness, surface, dynamics), "
                                  "so no figure knows what it holds.")

@@ -1,5 +1,7 @@
 """The notebook API (``import landscape as ls``): same numbers as the command line, any data form, any loss."""
 
+import copy
+import json
 import subprocess
 import sys
 import warnings
@@ -160,8 +162,9 @@ def test_mse_loss_eigenvalues_match_the_dense_float64_hessian():
     ds = ls.hessian(model, (x, y), loss=torch.nn.functional.mse_loss, top_k=2, which="both", tol=1e-8)
     np.testing.assert_allclose(ds["eigenvalue_largest"].values, exact[::-1][:2], rtol=1e-6)
     np.testing.assert_allclose(ds["eigenvalue_smallest"].values, exact[:2], rtol=1e-6, atol=1e-10)
-    assert ds.attrs["loss_function"] == "mse_loss"
-    assert ds["loss"].attrs["long_name"] == "mean mse_loss on the evaluation set (the loss given)"
+    assert ds.attrs["loss_function"] == "torch.nn.functional.mse_loss"
+    assert ds["loss"].attrs["long_name"] == "mean torch.nn.functional.mse_loss on the evaluation set (the loss given)"
+    assert '"loss_function": "torch.nn.functional.mse_loss"' in ds.attrs["settings"]
     assert "units" not in ds["loss"].attrs  # not nats: a squared error has the targets' units squared
     assert ds["eigenvalue_largest"].attrs["units"] == "loss units per squared weight"
     assert ds["gradient_norm"].attrs["units"] == "loss units per weight"
@@ -333,3 +336,93 @@ def test_a_slice_along_directions_moves_only_the_parameters_the_other_measures_t
     ls.surface(m, (x, y), dims=1, points=3)
     assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
     assert not m[0].weight.requires_grad
+
+
+def test_a_loss_given_is_recorded_with_its_settings_and_cross_entropy_keeps_its_unit():
+    import functools
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    smoothed = ls.hessian(model, (x, y), top_k=1, loss=nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert smoothed.attrs["loss_function"] == ("CrossEntropyLoss(reduction='mean', ignore_index=-100, "
+                                               "label_smoothing=0.1)")
+    assert smoothed["loss"].attrs["units"] == "nats" and "label_smoothing=0.1" in smoothed.attrs["settings"]
+    partial = ls.hessian(model, (x, y), top_k=1, loss=functools.partial(F.cross_entropy, label_smoothing=0.1))
+    assert partial.attrs["loss_function"] == "torch.nn.functional.cross_entropy(label_smoothing=0.1)"
+    plain = ls.hessian(model, (x, y), top_k=1)
+    assert plain.attrs["settings"] != smoothed.attrs["settings"]  # two losses are two settings
+    assert float(plain["loss"]) != float(smoothed["loss"])
+
+
+def _bad_api_calls():
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    nan_x = x.clone()
+    nan_x[3, 1] = float("nan")
+    nan_m = copy.deepcopy(m)
+    with torch.no_grad():
+        nan_m[2].weight[0, 0] = float("nan")
+    frozen = copy.deepcopy(m).requires_grad_(False)
+    meta = nn.Linear(4, 3, device="meta")
+    return [
+        (lambda: ls.sharpness(m, (nan_x, y), rho=0.1, steps=2, draws=1), "The inputs hold NaN or infinite values"),
+        (lambda: ls.surface(m, (nan_x, y), dims=1, points=3), "The inputs hold NaN or infinite values"),
+        (lambda: ls.sharpness(nan_m, (x, y), rho=0.1, p="inf"), "The model's 2.weight holds NaN or infinite values"),
+        (lambda: ls.hessian(meta, (x, y)), "on the meta device"),
+        (lambda: ls.hessian(frozen, (x, y)), "Every parameter of the model is frozen"),
+        (lambda: ls.sharpness(frozen, (x, y), rho=0.1), "Every parameter of the model is frozen"),
+        (lambda: ls.hessian(m, (x, y), top_k="2"), "hessian(): top_k must be a whole number, not '2'"),
+        (lambda: ls.surface(m, (x, y), dims=1, points=2.5), "surface(): points must be a whole number, not 2.5"),
+        (lambda: ls.surface(m, (x, y), dims=1, range=1.0), "surface(): range must be a sequence of numbers"),
+        (lambda: ls.surface(m, (x, y), dims=1, range=(0, 1, 2)), "range must hold 2 values, not 3"),
+        (lambda: ls.hessian(m, (x, y), device="gpu0"), "device='gpu0' is not a device torch knows"),
+        (lambda: ls.hessian(m, (x, y), top_k=-1), "top_k must be 0 or more"),  # not the option --top-k
+        (lambda: ls.hessian(m, (x, y), preconditioned=True), "there is no optimizer state here"),
+        (lambda: ls.hessian(m, (x, y), img_size=999), "hessian() has no setting 'img_size'"),
+        (lambda: ls.hessian(m, (x[:0], y[:0])), "data holds no examples"),
+        (lambda: ls.hessian(m, (torch.randn(12, 7), y)), "The model cannot take the inputs (12 examples, (12, 7))"),
+        (lambda: ls.results(ls.hessian(m, (x, y), top_k=1)["loss"]), "is a DataArray"),
+        (lambda: ls.results(ls.hessian(m, (x, y), top_k=1), label=3), "label must be a name"),
+        (lambda: ls.sharpness(m, (x, y), rho=np.float64(-0.1)), "rho"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(19))
+def test_notebook_mistakes_are_one_sentence_naming_the_keyword_not_a_traceback(case):
+    call, message = _bad_api_calls()[case]
+    with pytest.raises(LandscapeError) as error:
+        call()
+    assert message in str(error.value), str(error.value)
+    if "landscape analyze" not in str(error.value):  # a command named as the alternative keeps its options
+        assert "--" not in str(error.value), str(error.value)
+
+
+def test_numpy_data_zero_dim_numbers_and_mixed_precision_models_are_measured():
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    reference = ls.hessian(m, (x, y), top_k=2, tol=1e-10)
+    from_numpy = ls.hessian(m, (x.numpy(), y.numpy()), top_k=2, tol=1e-10)
+    np.testing.assert_allclose(from_numpy["eigenvalue_largest"], reference["eigenvalue_largest"], rtol=1e-12)
+    s = ls.sharpness(m, (x, y), rho=torch.tensor(0.05, dtype=torch.float64), steps=2, draws=1)
+    assert list(s["rho"].values) == [0.05]
+    mixed = copy.deepcopy(m)
+    mixed[0].float()  # a float32 first layer, the rest float64: measured as one float64 copy, with a note
+    with pytest.warns(UserWarning, match="float32 and float64; it was measured in float64"):
+        ds = ls.hessian(mixed, (x, y), top_k=2, tol=1e-10)
+    assert "float32 and float64" in ds.attrs["precision_note"] and mixed[0].weight.dtype == torch.float32
+    low = copy.deepcopy(m).float()
+    low[2].bfloat16()  # bfloat16 behind a float32 first layer: upcast, not measured in bfloat16
+    with pytest.warns(UserWarning, match="bfloat16 and float32; it was measured in float32"):
+        ds = ls.hessian(low, (x.float(), y), top_k=1)
+    assert json.loads(ds.attrs["settings"])["dtype"] == "float32"
+    with torch.inference_mode(), pytest.raises(LandscapeError, match="inference_mode"):
+        ls.hessian(m, (x, y), top_k=1)

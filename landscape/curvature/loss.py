@@ -249,13 +249,46 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, targets)
 
 
+def describe_criterion(criterion: Any) -> str:
+    """A criterion in words precise enough to tell two apart: ``cross_entropy`` for the default, a loss module
+    with its settings (``CrossEntropyLoss(reduction='mean', ignore_index=-100, label_smoothing=0.1)``), a
+    ``functools.partial`` with its arguments, a function by its module and name."""
+    import functools
+
+    if criterion is None or criterion is cross_entropy:
+        return "cross_entropy"
+    if isinstance(criterion, functools.partial):
+        arguments = [repr(a) for a in criterion.args] + [f"{k}={v!r}" for k, v in criterion.keywords.items()]
+        return f"{describe_criterion(criterion.func)}({', '.join(arguments)})"
+    if isinstance(criterion, nn.Module):
+        fields = [f"{k}={v!r}" for k, v in vars(criterion).items()
+                  if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))]
+        tensors = [f"{n}=<tensor of {b.numel()}>" for n, b in criterion.named_buffers() if b is not None]
+        return f"{type(criterion).__name__}({', '.join(fields + tensors)})"
+    name = getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", None) or type(criterion).__name__
+    module = getattr(criterion, "__module__", None)
+    return f"{module}.{name}" if module and module not in ("__main__", "builtins") else name
+
+
+def _is_cross_entropy(criterion: Any) -> bool:
+    import functools
+
+    if isinstance(criterion, functools.partial):
+        return _is_cross_entropy(criterion.func)
+    return (criterion is None or criterion is cross_entropy or criterion is torch.nn.functional.cross_entropy
+            or isinstance(criterion, torch.nn.CrossEntropyLoss))
+
+
 def loss_attrs(criterion: Any) -> dict[str, str]:
     """``long_name`` (and ``units``) of a measured mean loss: the default criterion is cross-entropy without label
-    smoothing, whatever the run trained with; another is named by its function name and has the loss's units."""
+    smoothing, whatever the run trained with; another is named by :func:`describe_criterion`, in nats when it is a
+    cross-entropy (smoothed or weighted too), else in the loss's own units."""
     if criterion is None or criterion is cross_entropy:
         return {"long_name": "mean cross-entropy on the evaluation set (no label smoothing)", "units": "nats"}
-    name = getattr(criterion, "__name__", None) or type(criterion).__name__
-    return {"long_name": f"mean {name} on the evaluation set (the loss given)"}
+    attrs = {"long_name": f"mean {describe_criterion(criterion)} on the evaluation set (the loss given)"}
+    if _is_cross_entropy(criterion):
+        attrs["units"] = "nats"
+    return attrs
 
 
 NOT_A_MEAN = 0.05
