@@ -415,13 +415,13 @@ def _results_tables(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
 
 
 def _checkpoint_row(info: CheckpointInfo) -> dict[str, Any]:
-    sizes = {k: info.model_kwargs[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size")
-             if k in info.model_kwargs}
+    sizes = dict(info.model_kwargs)
     row: dict[str, Any] = {
         "name": info.path.name,
-        # the registered builder and the sizes it was called with (an import of a 2-block ViT is built by
-        # vit_base_patch16_224 with depth=2: the name alone would describe another model)
-        "model": info.model + (f"({', '.join(f'{k}={v}' for k, v in sizes.items())})" if sizes else ""),
+        # the registered builder and every argument it was called with, so that the call builds this network (an
+        # import of a 2-block ViT is built by vit_base_patch16_224 with depth=2; mlp_ratio, group_size, mlp_init
+        # tell variants apart: the name alone would describe another model)
+        "model": info.model + (f"({', '.join(f'{k}={v!r}' for k, v in sizes.items())})" if sizes else ""),
         "epoch": info.epoch,
         "step": info.step,
         "params": info.num_params,

@@ -115,3 +115,23 @@ def test_figures_left_out_for_want_of_results_are_named_with_the_command_that_ma
     assert some.exit_code == 0, some.output
     assert (out / "accuracy_curves.png").is_file() and not (out / "sharpness_vs_rho.png").exists()
     assert "Not drawn, nothing in the runs for them yet: sharpness_vs_rho (landscape analyze sharpness)." in some.output
+
+
+@pytest.mark.parametrize("variant", [1, 3])  # GroupedMLP at mlp_ratio 2, ShallowMLP with random initialisation
+def test_inspect_names_the_call_that_builds_the_network_it_shows(tmp_path, variant):
+    # the model column used to keep only the sizes: mlp_ratio, group_size, mlp_init... built another network
+    import ast
+
+    import timm
+
+    import landscape.models  # noqa: F401  (registers the variants with timm)
+    from conftest import STUDY_VARIANTS, make_tiny_run
+    from landscape.runs import describe_path
+
+    name, model, kwargs = STUDY_VARIANTS[variant]
+    run = make_tiny_run(tmp_path, name, model, kwargs, 0)
+    rows = dict(describe_path(run.root))["checkpoints"]
+    call = ast.parse(rows[-1]["model"], mode="eval").body
+    built = timm.create_model(call.func.id, **{k.arg: ast.literal_eval(k.value) for k in call.keywords})
+    assert sum(p.numel() for p in built.parameters()) == rows[-1]["params"]
+    assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == kwargs

@@ -430,6 +430,14 @@ def test_the_trace_and_density_budgets_are_command_line_options(tmp_path):
                 HessianSettings(top_k=0, trace=True, density=True, **{field: value})
 
 
+@pytest.mark.parametrize("matrix", ["ggn", "fisher", "empirical-fisher"])
+def test_the_edge_of_stability_is_refused_for_another_matrix_than_the_hessian(matrix):
+    # its threshold (2/lr, Cohen et al.) is the Hessian's, and its variables are labelled H: a GGN was labelled H
+    with pytest.raises(ConfigError, match=f"edge of stability of the Hessian .* not of --matrix {matrix}"):
+        HessianSettings(top_k=1, matrix=matrix, preconditioned=True)
+    HessianSettings(top_k=1, preconditioned=True)
+
+
 def test_cli_analyses_a_run_made_by_hand_and_saves_eigenvectors(tmp_path):
     from landscape.cli import cli
 

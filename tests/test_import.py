@@ -656,7 +656,8 @@ def test_import_command_writes_a_run_that_inspect_reads(tmp_path, x):
     inspected = CliRunner().invoke(cli, ["inspect", str(out)])
     assert inspected.exit_code == 0 and "vit(embed_dim=32" in inspected.output
     # the checkpoint row names its builder with every size that makes it another model than the name says
-    assert "vit_base_patch16_224(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32)" in inspected.output
+    assert "vit_base_patch16_224(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=2, " \
+           "num_heads=2, mlp_ratio=4.0)" in inspected.output
     analysed = CliRunner().invoke(cli, ["analyze", "hessian", str(out), "--data", "synthetic", "--samples", "8",
                                         "--top-k", "1", "--tol", "0.1", "--device", "cpu"])
     assert analysed.exit_code == 0, analysed.output

@@ -118,6 +118,9 @@ class HessianSettings(EvaluationSettings):
 
         if self.matrix not in MATRICES:
             raise ConfigError(f"Unknown curvature matrix {self.matrix!r}; accepted are {', '.join(MATRICES)}.")
+        if self.preconditioned and self.matrix != "hessian":
+            raise ConfigError(f"--preconditioned measures the edge of stability of the Hessian (its threshold is "
+                              f"defined for the Hessian), not of --matrix {self.matrix}; measure the two in two calls.")
         if self.matrix != "hessian" and self.top_k and self.which != "largest":
             raise ConfigError(
                 f"--matrix {self.matrix} is positive semi-definite and singular whenever the examples times the "
