@@ -168,6 +168,23 @@ def test_saved_adamw_preconditioner_reproduces_the_update_it_took(tmp_path):
     assert torch.allclose(update, -1e-2 * scale ** 2 * m, rtol=1e-4, atol=1e-9)
 
 
+def test_an_optimizer_without_a_step_count_records_the_trainers_updates():
+    # SGD keeps no "step" in its state: the saved preconditioner said optimizer step 0 after 44 updates
+    model = tiny_mlp()
+    x, y = data(10)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    tensors, meta = optimizer_preconditioner(model, opt, updates=3)
+    assert tensors == {} and meta["step"] == 3 and meta["nesterov"] and meta["momentum"] == 0.9
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    adam.step()
+    assert optimizer_preconditioner(model, adam, updates=99)[1]["step"] == 1  # its own count wins
+
+
 # -- the top subspace ----------------------------------------------------------------------------------------------
 def test_subspace_overlap_and_gradient_fraction_match_dense_eigenvectors():
     x, y = data(10)

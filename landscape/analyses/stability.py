@@ -51,22 +51,26 @@ def preconditioner_path(run_root: str | Path, checkpoint_name: str) -> Path:
     return Path(run_root) / "preconditioner" / f"{checkpoint_name}.safetensors"
 
 
-def optimizer_preconditioner(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+def optimizer_preconditioner(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, updates: int | None = None
                              ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Adam's second moments by parameter name (``{}`` for an optimizer without them, or before the first update)
-    and the hyperparameters the threshold needs: ``(tensors, metadata)``.
+    and the hyperparameters the threshold needs: ``(tensors, metadata)``. The metadata's ``step`` is the optimizer
+    state's own count; an optimizer that keeps none (SGD) records ``updates``, the trainer's count, when given.
 
     Learning rates must agree across the parameter groups (``lr_uniform`` records whether they do; a per-group rate
     would need a per-parameter :math:`\\eta` in the threshold)."""
     groups = optimizer.param_groups
     first = groups[0]
     tensors: dict[str, Tensor] = {}
-    step = 0
+    step, counted = 0, False
     for name, p in model.named_parameters():  # first names: one entry per shared tensor
         state = optimizer.state.get(p, {})
+        if "step" in state:
+            step, counted = max(step, int(float(state["step"]))), True
         if "exp_avg_sq" in state:
             tensors[name] = state["exp_avg_sq"].detach().to("cpu", torch.float32).contiguous().clone()
-            step = max(step, int(float(state.get("step", 0))))
+    if not counted and updates is not None:
+        step = int(updates)
     betas = first.get("betas")
     meta = {
         "optimizer": type(optimizer).__name__,

@@ -712,7 +712,7 @@ def _save_preconditioner(run: Run, checkpoint: Path, model, optimizer, step: int
     from landscape.analyses.stability import optimizer_preconditioner, preconditioner_path, save_preconditioner
 
     path = preconditioner_path(run.root, checkpoint.stem)
-    tensors, meta = optimizer_preconditioner(model, optimizer)
+    tensors, meta = optimizer_preconditioner(model, optimizer, updates=step)
     try:
         save_preconditioner(path, tensors, meta, checkpoint_step=step, config_hash=chash)
     except (OSError, WriteError) as e:
