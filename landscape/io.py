@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import fcntl
+import glob
 import os
 import re
 import secrets
@@ -159,6 +160,7 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
     fails, leaving any previous ``path`` untouched. A failure of the machine (full disk, read-only folder, quota,
     permissions; also as wrapped by safetensors, torch or h5py) is raised as one :class:`WriteError` sentence;
     ``kept`` replaces its last clause (what is still safe). Other exceptions (programming errors) pass unchanged.
+    Once written, the temporary files of ``path`` that killed writers left behind are removed.
     """
     path = Path(path)
     tmp: Path | None = None
@@ -178,6 +180,8 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # what a killed writer of this same file left (a figure, a report, outside any run's own sweep)
+        _remove_stale(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -261,9 +265,13 @@ def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = Fal
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    return _remove_stale(folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
+
+
+def _remove_stale(candidates: typing.Iterable[Path]) -> list[Path]:
     removed = []
     now = time.time()
-    for tmp in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")):
+    for tmp in candidates:
         match = _TEMP_PID.match(tmp.name)
         if match and (int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1)))):
             with contextlib.suppress(OSError):

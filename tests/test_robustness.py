@@ -140,6 +140,25 @@ def test_stale_temporary_files_of_dead_processes_go_and_a_live_writers_stay(tmp_
         live.wait()
 
 
+def test_writing_a_file_again_removes_what_killed_writers_of_it_left(tmp_path):
+    # a study's figures and a report --out folder are no run: no sweep of the run reached them
+    from landscape.io import atomic_write_bytes
+
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        dead = tmp_path / ".peak_to_final_drop.pdf.999999999.abcd.tmp"
+        other = tmp_path / ".accuracy_curves.pdf.999999999.abcd.tmp"  # another file's: left to its own writer
+        alive = tmp_path / f".peak_to_final_drop.pdf.{live.pid}.abcd.tmp"
+        for p in (dead, other, alive):
+            p.write_bytes(b"")
+        atomic_write_bytes(tmp_path / "peak_to_final_drop.pdf", b"%PDF")
+        assert not dead.exists() and other.exists() and alive.exists()
+        assert (tmp_path / "peak_to_final_drop.pdf").read_bytes() == b"%PDF"
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.parametrize("where", ["atomic_write", "check_writable"])
 def test_an_interrupt_landing_just_after_a_temporary_file_is_created_leaves_no_file(tmp_path, monkeypatch, where):
     """SIGTERM is raised as an exception between two bytecodes: it can land after the file exists but before the
