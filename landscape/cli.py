@@ -73,6 +73,17 @@ class LandscapeGroup(click.Group):
         except LandscapeError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
+        except MemoryError:  # the machine's memory, not a bug: what was asked does not fit
+            click.echo("Error: the machine ran out of memory; ask for less (fewer --samples, a smaller --batch-size "
+                       "or --img-size, a smaller model); everything saved before stays as it was.", err=True)
+            ctx.exit(1)
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            click.echo("Error: the machine ran out of memory (torch could not allocate a tensor); ask for less "
+                       "(fewer --samples, a smaller --batch-size or --img-size, a smaller model); everything saved "
+                       "before stays as it was.", err=True)
+            ctx.exit(1)
         except OSError as e:  # the machine's failures that no write path caught: still one sentence, no traceback
             from landscape.io import describe_os_error
 

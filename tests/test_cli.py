@@ -135,3 +135,18 @@ def test_inspect_names_the_call_that_builds_the_network_it_shows(tmp_path, varia
     built = timm.create_model(call.func.id, **{k.arg: ast.literal_eval(k.value) for k in call.keywords})
     assert sum(p.numel() for p in built.parameters()) == rows[-1]["params"]
     assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == kwargs
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:121] . "
+                                                               "DefaultCPUAllocator: can't allocate memory: you "
+                                                               "tried to allocate 768000000000 bytes.")])
+def test_running_out_of_memory_is_one_sentence(tmp_path, monkeypatch, error):
+    # --img-size 4000 or a huge --samples: an allocator traceback
+    import landscape.runs
+
+    def too_big(path):
+        raise error
+
+    monkeypatch.setattr(landscape.runs, "describe_path", too_big)
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "ran out of memory" in result.output and "Traceback" not in result.output

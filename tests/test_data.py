@@ -267,11 +267,34 @@ def test_corrupt_idx_file_is_one_error_naming_the_file(tmp_path, damage, message
     assert str(path) in str(e.value)
 
 
+def test_an_empty_split_is_refused_naming_its_file(tmp_path):
+    # an empty validation split trained to the end with exit 0 and empty val columns
+    write_tiny_mnist(tmp_path / "mnist")
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 28, 28)))
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros(0))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz holds no images"):
+        D.load_arrays("mnist", "val", data_dir=tmp_path)
+
+
 def test_mismatched_image_and_label_counts_are_refused(tmp_path):
     write_tiny_mnist(tmp_path / "mnist")
     write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", np.zeros(5))
     with pytest.raises(DataError, match="holds 12 images but .* holds 5 labels"):
         D.load_arrays("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("split_stem", ["train-images-idx3-ubyte", "t10k-images-idx3-ubyte"])
+def test_idx_images_of_another_size_are_refused_and_not_listed_as_found(tmp_path, split_stem):
+    # 32x32 files passed every check, trained an epoch, then crashed in evaluation; 28x20 ones were stretched
+    write_tiny_mnist(tmp_path / "mnist")
+    write_idx(tmp_path / "mnist" / f"{split_stem}.gz", np.zeros((12 if "train" in split_stem else 6, 32, 32)))
+    split = "train" if "train" in split_stem else "val"
+    with pytest.raises(DataError, match="holds 32x32 images, but mnist images are 28x28"):
+        D.load_arrays("mnist", split, data_dir=tmp_path)
+    from landscape.data.datasets import dataset_status
+
+    row = next(r for r in dataset_status(tmp_path) if r.get("name") == "mnist")
+    assert row.get("found") != "yes" and "32x32 images, not 28x28" in str(row.get("location")), row
 
 
 # -- CIFAR ----------------------------------------------------------------------------------------------------
@@ -529,6 +552,30 @@ def test_download_checks_md5_and_keeps_nothing_on_mismatch(tmp_path, monkeypatch
         D.download_dataset("mnist", other)
     assert "t10k-images-idx3-ubyte.gz" not in [p.name for p in (other / "mnist").iterdir()]
     assert not [p for p in (other / "mnist").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_mirror_the_network_cannot_reach_is_passed_over_for_the_next(tmp_path):
+    # the first mirror's network error became a "Could not write" sentence and the second was never tried
+    import urllib.error
+
+    mirror = tmp_path / "mirror"
+    write_tiny_mnist(mirror)
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in mirror.iterdir()}
+    real = registry.urllib.request.urlopen
+
+    def offline_first(url, *args, **kwargs):
+        if url.startswith("http://unreachable.invalid/"):
+            raise urllib.error.URLError("Name or service not known")
+        return real(url, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry.urllib.request, "urlopen", offline_first)
+        patch.setitem(registry.DOWNLOADS, "mnist", (("http://unreachable.invalid/", mirror.as_uri() + "/"), md5))
+        D.download_dataset("mnist", tmp_path / "root")
+        assert sorted(p.name for p in (tmp_path / "root" / "mnist").iterdir()) == sorted(md5)
+        patch.setitem(registry.DOWNLOADS, "mnist", (("http://unreachable.invalid/",), md5))
+        with pytest.raises(DataError, match=r"Could not download .*unreachable.invalid.*Name or service not known"):
+            D.download_dataset("mnist", tmp_path / "none")
 
 
 # -- transforms -----------------------------------------------------------------------------------------------

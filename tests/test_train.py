@@ -96,10 +96,48 @@ def test_config_layers_apply_in_order_and_short_keys_resolve():
     ("lr=fast", "optim.lr must be a number"),
     ("every=weekly", "Unknown checkpoint schedule"),
     ("amp=fp32", "amp must be auto, bf16, fp16 or off"),
+    # values torch or timm took and then failed on (a traceback), or trained on silently (a negative clip norm
+    # turned every update around; 0 froze the weights)
+    ("optim.grad_clip=-1", "optim.grad_clip must be a positive finite gradient norm"),
+    ("optim.grad_clip=0", "optim.grad_clip must be a positive finite gradient norm"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("seed=100000000000000000000", "seed must be a whole number between"),
+    ("augment.auto_augment=nosuch", "'nosuch' is not a timm policy"),
+    ("augment.interpolation=nosuch", "augment.interpolation must be bilinear"),
+    ("augment.crop_scale=[0.5]", "augment.crop_scale must be two areas"),
+    ("augment.re_mode=nosuch", "augment.re_mode must be const, rand or pixel"),
+    ("data.num_workers=-1", "data.num_workers must be 0 or more"),
+    ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\)"),
+    ("optim.momentum=1", r"optim.momentum must be in \[0, 1\)"),
+    ("augment.hflip=2", r"augment.hflip must be in \[0, 1\]"),
+    ("data.train_size=-5", "data.train_size must be a number of images, 1 or more"),  # trained on all of them
+    ("data.val_size=0", "data.val_size must be a number of images, 1 or more"),
+    ("epochs=1e9", "epochs must be between 1 and 1,000,000"),  # a MemoryError listing the checkpoint steps
 ])
 def test_bad_overrides_are_one_sentence_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("digits", overrides=[override])
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("num_classes=5", "The model takes 1-channel 8x8 images of 5 classes, but digits gives 1-channel 8x8 images of 10"),
+    ("img_size=30", "to fit, use --img-size 30"),
+    ("in_chans=3", "The model takes 3-channel"),
+    ("patch_size=16", "patch_size 16 is larger than the 8x8 images"),
+])
+def test_model_arguments_that_do_not_fit_the_data_are_refused_before_the_run_is_made(tmp_path, arg, message):
+    # they failed inside the loop with a traceback, leaving config.yaml and an empty checkpoints/ behind
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    out = tmp_path / "runs" / "x"
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--model-arg",
+                                          "depth=1", "--model-arg", arg, "--set", "epochs=1", "--no-progress",
+                                          "--out", str(out), *dry])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not out.exists()
 
 
 def test_paper_recipe_is_the_published_one():

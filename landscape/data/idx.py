@@ -104,10 +104,16 @@ def load_idx_pair(name: str, images_path: Path, labels_path: Path) -> tuple[np.n
     labels = read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"{images_path} must hold N x H x W images and {labels_path} N labels.")
+    if len(images) == 0:
+        raise DataError(f"{images_path} holds no images; give the official files.")
     if len(images) != len(labels):
         raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels.")
     if labels.size and labels.max() >= lookup(name).num_classes:
         raise DataError(f"{labels_path} holds label {labels.max()}, outside 0..{lookup(name).num_classes - 1}.")
+    side = lookup(name).img_size
+    if side and images.shape[1:3] != (side, side):
+        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, but {name} images are "
+                        f"{side}x{side}; give the official files.")
     return images[:, :, :, None].copy(), labels.astype(np.int64)
 
 
@@ -126,4 +132,7 @@ def idx_status(info: DatasetInfo, root: Path) -> dict[str, Any]:
     except DataError:
         return {"location": f"{folder} (unreadable files)"}
     h, w = sizes["train"][1:3]
+    if info.img_size and any(tuple(shape[1:3]) != (info.img_size, info.img_size) for shape in sizes.values()):
+        odd = next(tuple(shape[1:3]) for shape in sizes.values() if tuple(shape[1:3]) != (info.img_size,) * 2)
+        return {"location": f"{folder} ({odd[0]}x{odd[1]} images, not {info.img_size}x{info.img_size})"}
     return dict(found="yes", train=sizes["train"][0], val=sizes["val"][0], shape=f"1x{h}x{w}", location=str(folder))

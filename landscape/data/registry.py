@@ -300,9 +300,23 @@ def _fetch(urls: list[str], dest: Path, md5: str) -> None:
     failures = []
     for url in urls:
         def write(tmp: Path) -> None:
+            import http.client
+
+            # a failure of the network is this mirror's (the next one is tried); one of the disk stops the download
+            network = (OSError, http.client.HTTPException)
             digest = hashlib.md5(usedforsecurity=False)
-            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-                while chunk := response.read(1 << 20):
+            try:
+                response = urllib.request.urlopen(url, timeout=60)
+            except network as e:
+                raise DataError(str(getattr(e, "reason", None) or e)) from None
+            with response, open(tmp, "wb") as f:
+                while True:
+                    try:
+                        chunk = response.read(1 << 20)
+                    except network as e:
+                        raise DataError(f"the connection broke: {e}") from None
+                    if not chunk:
+                        break
                     digest.update(chunk)
                     f.write(chunk)
             if digest.hexdigest() != md5:
@@ -311,6 +325,6 @@ def _fetch(urls: list[str], dest: Path, md5: str) -> None:
         try:
             atomic_write(dest, write)
             return
-        except (OSError, urllib.error.URLError, DataError) as e:
+        except DataError as e:
             failures.append(f"{url} ({e})")
     raise DataError(f"Could not download {dest.name}: {'; '.join(failures)}.")

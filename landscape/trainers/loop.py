@@ -156,6 +156,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = _create_model(config.model.name, config.model.kwargs)
     mae = _check_task(config, model)
+    if not mae and not resume:
+        check_model_fits_data(config, config.model.kwargs, data_dir)
     # The mixture-of-experts layers of an mLiT leave a load-balancing loss after every forward.
     has_moe = any(isinstance(m, MixtureOfSwiGLUExperts) for m in model.modules())
     if config.init and saved is None:
@@ -548,9 +550,33 @@ def check_config(config: TrainConfig) -> None:
     from landscape import data
 
     info = data.get_dataset_info(config.data.name, **config.data.options)
+    kwargs = resolve_model_kwargs(config, info)
     with torch.device("meta"):
-        model = _create_model(config.model.name, resolve_model_kwargs(config, info))
-    _check_task(config, model)
+        model = _create_model(config.model.name, kwargs)
+    if not _check_task(config, model):
+        check_model_fits_data(config, kwargs)
+
+
+def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=None) -> None:
+    """The model arguments given (``--model-arg num_classes=5``, ``img_size``, ``in_chans``, ``patch_size``) must
+    fit the images and classes of the data, before the run directory is made (they failed inside the loop)."""
+    from landscape import data
+
+    side = _square_side(kwargs.get("img_size"))
+    patch = _square_side(kwargs.get("patch_size"))
+    if side is not None and patch is not None and patch > side:
+        raise ConfigError(f"patch_size {patch} is larger than the {side}x{side} images; give --model-arg "
+                          f"patch_size={max(1, side // 4)} or a larger --img-size.")
+    data.check_data_fits(config.data.name, model_in_chans=kwargs.get("in_chans"), model_img_size=side,
+                         model_classes=kwargs.get("num_classes"), img_size=config.data.img_size,
+                         options=config.data.options, data_dir=data_dir)
+
+
+def _square_side(size: Any) -> int | None:
+    """A square image or patch size given as ``N`` or ``(N, N)``; ``None`` for anything else."""
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _check_task(config: TrainConfig, model: torch.nn.Module) -> bool:

@@ -95,11 +95,34 @@ def build_config(
     return validate(coerce_types(from_dict(TrainConfig, layers)))
 
 
+def _check_augment_names(augment) -> None:
+    """The interpolation and auto-augment policy names, checked by the timm functions that read them."""
+    if augment.interpolation is not None and augment.interpolation != "random":
+        from timm.data.transforms import str_to_interp_mode
+
+        try:
+            str_to_interp_mode(augment.interpolation)
+        except (KeyError, ValueError):
+            raise ConfigError(f"The config is invalid: augment.interpolation must be bilinear, bicubic, nearest, "
+                              f"random or null, not {augment.interpolation!r}.") from None
+    if augment.auto_augment:
+        from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+        policy = augment.auto_augment
+        build = (rand_augment_transform if policy.startswith("rand") else
+                 augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+        try:
+            build(policy, {"translate_const": 10, "img_mean": (128, 128, 128)})
+        except Exception:  # timm asserts, indexes and looks up names in the policy string
+            raise ConfigError(f"The config is invalid: augment.auto_augment {policy!r} is not a timm policy (e.g. "
+                              "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original or v0).") from None
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Refuse values that would fail later, each with one sentence (names are checked where they are used)."""
     checks = [
         (config.task in ("classify", "mae"), f"task must be classify or mae, not {config.task!r}"),
-        (config.epochs >= 1, "epochs must be at least 1"),
+        (1 <= config.epochs <= 1_000_000, "epochs must be between 1 and 1,000,000"),
         (config.batch_size >= 1, "batch_size must be at least 1"),
         (config.data.img_size is None or config.data.img_size >= 1, "data.img_size must be at least 1 (or unset)"),
         (config.optim.accum_steps >= 1, "optim.accum_steps must be at least 1"),
@@ -111,10 +134,43 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.augment.mixup_mode in ("batch", "pair", "elem"), "augment.mixup_mode must be batch, pair or elem"),
         (config.ema.decay is None or 0 <= config.ema.decay < 1, "ema.decay must be in [0, 1) or null"),
         (0 < config.mae.mask_ratio < 1, "mae.mask_ratio must be in (0, 1)"),
+        (-(2 ** 63) <= config.seed < 2 ** 63, "seed must be a whole number between -2**63 and 2**63 - 1"),
+        (config.optim.grad_clip is None or 0 < config.optim.grad_clip < float("inf"),
+         "optim.grad_clip must be a positive finite gradient norm, or null for no clipping (0 would freeze the "
+         "weights, a negative one turn every update around)"),
+        (0 <= config.optim.weight_decay < float("inf"), "optim.weight_decay must be a finite number, 0 or more"),
+        (0 <= config.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (config.optim.betas is None or (len(config.optim.betas) == 2 and all(0 <= b < 1 for b in config.optim.betas)),
+         "optim.betas must be two numbers in [0, 1) such as [0.9, 0.999], or null"),
+        (config.optim.eps is None or 0 < config.optim.eps < float("inf"), "optim.eps must be a positive number or null"),
+        (config.optim.lr_base_batch is None or config.optim.lr_base_batch >= 1,
+         "optim.lr_base_batch must be at least 1, or null"),
+        (config.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be 0 or more"),
+        (0 <= config.schedule.warmup_lr < float("inf") and 0 <= config.schedule.min_lr < float("inf"),
+         "schedule.warmup_lr and schedule.min_lr must be finite numbers, 0 or more"),
+        (0 <= config.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
+        (config.data.num_workers >= 0, "data.num_workers must be 0 or more"),
+        (config.data.train_size is None or config.data.train_size >= 1,
+         "data.train_size must be a number of images, 1 or more, or null for the whole training split"),
+        (config.data.val_size is None or config.data.val_size >= 1,
+         "data.val_size must be a number of images, 1 or more, or null for the whole validation split"),
+        (config.augment.crop_padding >= 0, "augment.crop_padding must be 0 or more"),
+        (config.augment.crop_scale is None or (len(config.augment.crop_scale) == 2
+                                               and 0 < config.augment.crop_scale[0] <= config.augment.crop_scale[1] <= 1),
+         "augment.crop_scale must be two areas 0 < low <= high <= 1 such as [0.35, 1.0], or null"),
+        (config.augment.hflip is None or 0 <= config.augment.hflip <= 1, "augment.hflip must be in [0, 1] or null"),
+        (0 <= config.augment.re_prob <= 1, "augment.re_prob must be in [0, 1]"),
+        (config.augment.re_mode in ("const", "rand", "pixel"),
+         f"augment.re_mode must be const, rand or pixel, not {config.augment.re_mode!r}"),
+        (0 <= config.augment.mixup < float("inf") and 0 <= config.augment.cutmix < float("inf"),
+         "augment.mixup and augment.cutmix must be finite alphas, 0 or more (0 = off)"),
+        (0 <= config.augment.mixup_prob <= 1 and 0 <= config.augment.switch_prob <= 1,
+         "augment.mixup_prob and augment.switch_prob must be in [0, 1]"),
     ]
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(f"The config is invalid: {sentence}.")
+    _check_augment_names(config.augment)
     checkpoint_steps(config.checkpoint.every, updates_per_epoch=1, epochs=1)
     checkpoints_to_delete(config.checkpoint.keep, [])
     return config
