@@ -278,6 +278,25 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, reference
 
 
 # -- failures ----------------------------------------------------------------------------------------------------
+def test_a_diverged_run_calls_good_only_a_checkpoint_whose_validation_loss_is_finite(monkeypatch):
+    # with a checkpoint every step, the last one kept already had a NaN validation loss and was called "good"
+    from types import SimpleNamespace
+
+    import landscape.trainers.loop as loop
+
+    losses = {"step-00000001.safetensors": 2.3, "step-00000002.safetensors": float("nan"),
+              "step-00000003.safetensors": float("inf")}
+    monkeypatch.setattr(loop, "read_checkpoint_info", lambda p: SimpleNamespace(metrics={"val_loss": losses[p.name]}))
+    saved = {i: Path(f"step-{i:08d}.safetensors") for i in (1, 2, 3)}
+    text = loop._divergence_message(float("nan"), 1.0, 4, 1, saved)
+    assert ("step-00000003.safetensors already has a non-finite validation loss: step-00000001.safetensors is the "
+            "last good one") in text
+    assert "every checkpoint kept already has a non-finite" in loop._divergence_message(float("nan"), 1.0, 4, 1,
+                                                                                       {2: saved[2], 3: saved[3]})
+    assert "the last good checkpoint step-00000001.safetensors is kept" in loop._divergence_message(
+        float("nan"), 1.0, 4, 1, {1: saved[1]})
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = build_config("digits", overrides=["epochs=3", "data.train_size=256"])
     model_holder = {}

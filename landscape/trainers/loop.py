@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from landscape.checkpoints import load_checkpoint, save_checkpoint
+from landscape.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
 from landscape.config import TrainConfig, coerce_types, config_hash, from_dict, to_dict
 from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
@@ -645,10 +645,34 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 def _divergence_message(loss: float, grad_norm: float, step: int, epoch: int, saved: dict[int, Path],
                         run_dir: Path | None = None) -> str:
     what = f"the training loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
-    last = f"the last good checkpoint {saved[max(saved)].name} is kept" if saved else "no checkpoint had been written"
+    last = _kept_checkpoints(saved)
     where = f" in {run_dir}" if run_dir is not None else ""
     return (f"Training diverged at step {step} (epoch {epoch}){where}: {what}; {last}; "
             "lower optim.lr or set optim.grad_clip and train again.")
+
+
+def _kept_checkpoints(saved: dict[int, Path]) -> str:
+    """What a diverged run keeps: its last checkpoint, called good only when its validation loss (recorded in its
+    header) is finite, else the last one that is."""
+    if not saved:
+        return "no checkpoint had been written"
+
+    def finite(path: Path) -> bool:
+        try:
+            value = read_checkpoint_info(path).metrics.get("val_loss")
+        except LandscapeError:
+            return False
+        return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+
+    steps = sorted(saved, reverse=True)
+    last = saved[steps[0]]
+    good = next((saved[s] for s in steps if finite(saved[s])), None)
+    if good == last:
+        return f"the last good checkpoint {last.name} is kept"
+    if good is None:
+        return f"every checkpoint kept already has a non-finite validation loss (the last is {last.name})"
+    return (f"the checkpoints are kept, but {last.name} already has a non-finite validation loss: {good.name} is the "
+            "last good one")
 
 
 def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, overwrite: bool) -> None:
