@@ -390,7 +390,7 @@ def drop_floor_columns(table: pd.DataFrame, results, weights: str = "raw") -> pd
             continue
         n = ds.attrs.get("val_size")
         if n is None:
-            n = validation_size(r.run.load_config())
+            n = validation_size(r.run.load_config(), r.run.load_data_record())
         curve = ds["top1"].sel(weights=weights).values
         floor = drop_noise_floor(float(ds["peak_top1"].sel(weights=weights)), float(ds["final_top1"].sel(
             weights=weights)), n, int(np.isfinite(curve).sum()))

@@ -17,6 +17,7 @@ becomes a run with one checkpoint and no metrics.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -135,6 +136,33 @@ class Run:
     def save_config(self, config: Any) -> None:
         save_yaml(config, self.config_path)
 
+    # -- the data it was trained on ---------------------------------------------------------------------------
+    @property
+    def data_record_path(self) -> Path:
+        """``RUN/data.json``: the dataset and a fingerprint of each split (:func:`landscape.data.data_record`)."""
+        return self.root / "data.json"
+
+    def save_data_record(self, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            atomic_write_text(self.data_record_path, json.dumps(record, indent=1) + "\n")
+
+    def load_data_record(self) -> dict[str, Any] | None:
+        """The saved record, or ``None`` (a run from before records, an imported run, data read file by file); a
+        damaged one is one sentence."""
+        from landscape.io import refuse_special
+
+        path = self.data_record_path
+        if not path.exists():
+            return None
+        refuse_special(path, "a data record", error=CheckpointError)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise CheckpointError(f"{path} is damaged; delete it (the data will then not be checked).") from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path} is damaged; delete it (the data will then not be checked).")
+        return record
+
     # -- checkpoints -----------------------------------------------------------------------------------------
     def checkpoint_path(self, *, epoch: int | None = None, step: int | None = None) -> Path:
         """``epoch-0001.safetensors`` for end-of-epoch checkpoints, ``step-00001234.safetensors`` otherwise."""
@@ -221,7 +249,7 @@ class Run:
         atomic_write_text(self.metrics_path, buf.getvalue())
 
 
-_RUN_ENTRIES = {"config.yaml", "metrics.csv", "checkpoints", "state", "preconditioner", "analysis", "figures",
+_RUN_ENTRIES = {"config.yaml", "data.json", "metrics.csv", "checkpoints", "state", "preconditioner", "analysis", "figures",
                 "report.md", "report.html"}
 
 

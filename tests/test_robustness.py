@@ -62,7 +62,7 @@ def one_sentence(result) -> str:
 def test_a_second_training_into_a_locked_run_is_one_sentence_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     with RunLock(out, create=True):  # stands for a training in another process (flock is per open file)
-        result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress"])
+        result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out)])
         message = one_sentence(result)
         assert f"is in use by another landscape process (pid {os.getpid()}); wait for it to finish" in message
         assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused training wrote into the run"
@@ -82,7 +82,7 @@ def test_an_analysis_of_a_run_being_trained_is_refused_and_analyses_may_share_it
 def test_resume_without_a_training_state_refuses_and_deletes_nothing(tmp_path):
     run = make_run(tmp_path / "run", epochs=(1, 2))
     before = sorted(p.name for p in run.checkpoints_dir.iterdir())
-    message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run.root), "--no-progress"]))
+    message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run.root)]))
     assert "cannot be resumed because its training state" in message and "nothing was changed" in message
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == before
 
@@ -316,7 +316,7 @@ def test_sigterm_and_a_closed_terminal_end_training_in_one_sentence_and_it_resum
         "landscape train --resume RUN."), err
     assert not list(out.rglob(".*.tmp"))
     saved = len(Run(out).checkpoints())
-    done = _landscape(["train", "--resume", str(out), "--no-progress"])
+    done = _landscape(["train", "--resume", str(out)])
     assert done.returncode == 0, done.stderr
     assert len(Run(out).checkpoints()) > saved
 
@@ -697,3 +697,41 @@ def test_every_error_a_study_worker_can_raise_comes_back_whole_through_pickle():
     for cls in (LandscapeError, CheckpointError, ConfigError, DataError, RunBusy):
         back = pickle.loads(pickle.dumps(cls("one sentence.")))
         assert type(back) is cls and str(back) == "one sentence."
+
+
+def test_a_run_keeps_what_it_was_trained_on_and_its_analyses_refuse_other_data(tmp_path):
+    # with LANDSCAPE_DATA_DIR pointing at other files, analyses measured other data silently (same config, same hash)
+    import json
+
+    from click.testing import CliRunner
+    from test_data import write_tiny_mnist
+
+    from landscape.analyses.dynamics import run_dynamics
+    from landscape.cli import cli
+    from landscape.runs import Run
+
+    write_tiny_mnist(tmp_path / "data" / "mnist", n_train=32, n_val=12, seed=0)
+    write_tiny_mnist(tmp_path / "other" / "mnist", n_train=32, n_val=12, seed=1)
+    out = tmp_path / "runs" / "m"
+    trained = CliRunner().invoke(cli, [
+        "train", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--model", "vit_pico_patch4_32",
+        "--model-arg", "depth=1", "--model-arg", "embed_dim=8", "--model-arg", "num_heads=2", "--model-arg",
+        "patch_size=7", "--recipe", "digits", "--set", "epochs=1", "--batch-size", "16", "--no-progress",
+        "--out", str(out)])
+    assert trained.exit_code == 0, trained.output
+    record = json.loads((out / "data.json").read_text())
+    assert record["name"] == "mnist" and record["splits"]["train"]["examples"] == 32
+    assert record["splits"]["val"]["examples"] == 12 and len(record["splits"]["val"]["sha256"]) == 64
+    assert run_dynamics(Run(out)).attrs["val_size"] == 12  # the split it had, not the registry's 10,000
+    analyse = ["analyze", "hessian", str(out), "--top-k", "1", "--samples", "8", "--tol", "1e-2"]
+    same = CliRunner().invoke(cli, [*analyse, "--data-dir", str(tmp_path / "data")])
+    assert same.exit_code == 0, same.output
+    other = CliRunner().invoke(cli, [*analyse, "--data-dir", str(tmp_path / "other"), "--force"])
+    assert other.exit_code == 1 and "The train split of mnist found now (32 examples) is not the one" in other.output
+    assert "point --data-dir or LANDSCAPE_DATA_DIR at the data it was trained on" in other.output
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(out), "--extend-to", "2", "--data-dir",
+                                       str(tmp_path / "other"), "--no-progress"])
+    assert resumed.exit_code == 1 and "is not the one" in resumed.output and len(Run(out).checkpoints()) == 1
+    (out / "data.json").write_text("{")  # damaged: one sentence
+    damaged = CliRunner().invoke(cli, [*analyse, "--data-dir", str(tmp_path / "data"), "--force"])
+    assert damaged.exit_code == 1 and "data.json is damaged" in damaged.output

@@ -121,7 +121,7 @@ def run_dynamics(run: Run) -> xr.Dataset:
         run=str(run.root), variant=describe_variant(config, run.name).key, seed=int(config.get("seed", -1)),
         definition="peak_to_final_drop = max_e top1_e - top1_E (percentage points); first epoch attaining the max",
     )
-    size = validation_size(config)
+    size = validation_size(config, run.load_data_record())
     if size is not None:
         ds.attrs["val_size"] = size
     planned = config.get("epochs")
@@ -130,17 +130,21 @@ def run_dynamics(run: Run) -> xr.Dataset:
     return ds
 
 
-def validation_size(config: dict) -> int | None:
+def validation_size(config: dict, record: dict | None = None) -> int | None:
     """How many validation images a run's top-1 is measured on: ``data.val_size`` of its config when set, capped
-    by the size of the dataset's validation split where the registry knows it; ``None`` where neither is known.
-    Reads no data files."""
+    by the size of the validation split it was trained with (its ``data.json`` record), or else the registry's;
+    ``None`` where none is known. Reads no data files."""
     from landscape.data import get_dataset_info
 
     data = config.get("data") or {}
-    try:
-        full = get_dataset_info(data.get("name", "digits"), **(data.get("options") or {})).val_size
-    except (LandscapeError, TypeError, ValueError):
-        full = None
+    kept = ((record or {}).get("splits") or {}).get("val") if isinstance(record, dict) else None
+    if isinstance(kept, dict) and isinstance(kept.get("examples"), int) and kept["examples"] > 0:
+        full = kept["examples"]
+    else:
+        try:
+            full = get_dataset_info(data.get("name", "digits"), **(data.get("options") or {})).val_size
+        except (LandscapeError, TypeError, ValueError):
+            full = None
     sizes = [int(s) for s in (data.get("val_size"), full) if s]
     return min(sizes) if sizes else None
 

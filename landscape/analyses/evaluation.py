@@ -39,8 +39,13 @@ def analysis_data_for_run(
     """
     from landscape.data import analysis_subset, check_data_fits
 
+    from landscape.data import check_data_record
+    from landscape.runs import Run
+
+    run = run if isinstance(run, Run) else Run.open(run)
     name, img_size, options, facts = _resolve_analysis_data(run, dataset, img_size, classes)
     check_data_fits(name, img_size=img_size, options=options, data_dir=data_dir, **facts)
+    check_data_record(run.load_data_record(), name, split, where=str(run.root), data_dir=data_dir, **options)
     if name == "synthetic":
         options.setdefault("count", max(samples, 1024))
     x, y = analysis_subset(name, samples, seed=seed, split=split, data_dir=data_dir, img_size=img_size, **options)

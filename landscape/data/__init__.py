@@ -21,7 +21,8 @@ Nothing is downloaded unless asked (:func:`download_dataset`, ``landscape datase
 from __future__ import annotations
 
 from landscape.data.cifar import RefusedPickle
-from landscape.data.datasets import ArrayDataset, build_dataset, check_data_fits, dataset_status, load_arrays
+from landscape.data.datasets import (ArrayDataset, build_dataset, check_data_fits, check_data_record, data_record,
+                                     dataset_status, load_arrays)
 from landscape.data.generated import DIGITS_SPLIT_SEED, DIGITS_VAL_SIZE, digits_val_indices
 from landscape.data.idx import read_idx, read_idx_shape
 from landscape.data.registry import (
@@ -53,6 +54,8 @@ __all__ = [
     "get_dataset_info",
     "data_root",
     "check_data_fits",
+    "check_data_record",
+    "data_record",
     "build_dataset",
     "load_arrays",
     "digits_val_indices",

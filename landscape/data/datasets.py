@@ -193,6 +193,52 @@ def arrays(name: str, split: str, root: Path | None, download: bool, options: di
     return _cached(load_cifar, name, (location, split), watch)
 
 
+DATA_RECORD_FORMAT = "landscape-data/1"
+
+
+def data_record(name: str, *, data_dir: str | os.PathLike | None = None, **options) -> dict[str, Any] | None:
+    """What a run was trained on, to be kept beside it (``RUN/data.json``): the dataset's name and, per split, the
+    number of examples and a SHA-256 of their pixels and labels. ``None`` for data read file by file
+    (``imagefolder``). An analysis compares it with the data it finds (:func:`check_data_record`), so that a
+    ``--data-dir`` or ``LANDSCAPE_DATA_DIR`` pointing at other files is not measured silently."""
+    if not get_dataset_info(name, **options).in_memory:
+        return None
+    splits = {}
+    for split in ("train", "val"):
+        images, labels = arrays(name, split, data_root(data_dir), False, options)
+        splits[split] = {"examples": int(len(labels)), "sha256": _fingerprint(images, labels)}
+    return {"format": DATA_RECORD_FORMAT, "name": name, "splits": splits}
+
+
+def check_data_record(record: Any, name: str, split: str, *, where: str, data_dir: str | os.PathLike | None = None,
+                      **options) -> None:
+    """Refuse, in one sentence, a ``split`` of ``name`` whose examples are not those of ``record`` (see
+    :func:`data_record`); a record of another dataset, or none, checks nothing."""
+    if not isinstance(record, dict) or record.get("name") != name or not isinstance(record.get("splits"), dict):
+        return
+    saved = record["splits"].get(split)
+    if not isinstance(saved, dict) or not get_dataset_info(name, **options).in_memory:
+        return
+    images, labels = arrays(name, split, data_root(data_dir), False, options)
+    if _fingerprint(images, labels) != saved.get("sha256"):
+        found = f"{len(labels):,} examples" + (f", {saved['examples']:,} then" if isinstance(saved.get("examples"), int)
+                                               and saved["examples"] != len(labels) else "")
+        raise DataError(f"The {split} split of {name} found now ({found}) is not the one {where} was trained on "
+                        "(its data.json keeps a fingerprint of it); point --data-dir or LANDSCAPE_DATA_DIR at the data "
+                        "it was trained on.")
+
+
+def _fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of a split's pixels and labels (their dtype and shape included): a tenth of a second for MNIST."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for a in (images, labels):
+        digest.update(repr((a.dtype.str, a.shape)).encode())
+        digest.update(np.ascontiguousarray(a).data)
+    return digest.hexdigest()
+
+
 def _cached(loader: Callable, name: str, args: tuple, watch: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """``loader(name, *args)``, remembered until one of the ``watch`` files changes (path, mtime or size)."""
     signature = tuple((str(p.resolve()), p.stat().st_mtime_ns, p.stat().st_size) for p in watch)

@@ -145,6 +145,12 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     saved = load_state(run.state_path) if resume and run.state_path.exists() else None
 
     # -- data ------------------------------------------------------------------------------------------------
+    if resume:  # the data it started on, not other files found through another --data-dir
+        from landscape.data import check_data_record
+
+        for split in ("train", "val"):
+            check_data_record(run.load_data_record(), config.data.name, split, where=str(run.root),
+                              data_dir=data_dir, **config.data.options)
     train_data = TrainBatches(config, dist, data_dir=data_dir)
     val_data = validation_batches(config, dist, data_dir=data_dir, batch_size=max(256, train_data.micro_batch_size))
     updates_per_epoch = train_data.updates_per_epoch
@@ -185,7 +191,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
 
     if not resume:  # only now that data, model, init weights, optimizer and schedule are known to work, so that
         # a typo leaves nothing behind
-        _on_main(dist, lambda: Run.create(run.root, overwrite=overwrite).save_config(config))
+        _on_main(dist, lambda: create_run(run, config, overwrite=overwrite, data_dir=data_dir))
 
     # -- where to start: the beginning, or the position saved in state/last.pt ----------------------------------
     state = TrainState(model, optimizer, scheduler, scaler, ema)
@@ -649,6 +655,15 @@ def _divergence_message(loss: float, grad_norm: float, step: int, epoch: int, sa
     where = f" in {run_dir}" if run_dir is not None else ""
     return (f"Training diverged at step {step} (epoch {epoch}){where}: {what}; {last}; "
             "lower optim.lr or set optim.grad_clip and train again.")
+
+
+def create_run(run: Run, config: TrainConfig, *, overwrite: bool, data_dir=None) -> None:
+    """The run directory with its config.yaml and data.json (what it is trained on, checked by its analyses)."""
+    from landscape.data import data_record
+
+    created = Run.create(run.root, overwrite=overwrite)
+    created.save_config(config)
+    created.save_data_record(data_record(config.data.name, data_dir=data_dir, **config.data.options))
 
 
 def _kept_checkpoints(saved: dict[int, Path]) -> str:

@@ -54,6 +54,7 @@ from landscape.trainers.batches import BatchAugment, derive_seed, epoch_order, f
 from landscape.trainers.ema import ModelEma
 from landscape.trainers.loop import (
     Stopwatch,
+    create_run,
     TrainResult,
     after_update,
     apply_keep_policy,
@@ -416,7 +417,7 @@ def _train_stacked(configs, outs: list[Path], device: torch.device, *, resume, o
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # saved for the state file's format; fp16 is refused
     if not resume:
         for run, c in zip(runs, configs):
-            Run.create(run.root, overwrite=overwrite).save_config(c)
+            create_run(run, c, overwrite=overwrite, data_dir=data_dir)
 
     # -- where to start: each run's TrainState (its module holds its weights whenever they are written) -----------
     states = [TrainState(modules[k], RunOptimizer(optimizer, model, k), scheduler, scaler,
