@@ -15,11 +15,22 @@ import click
 from landscape.version import __version__
 from landscape.errors import LandscapeError
 
+def _data_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A data folder that is not a file; named as the environment variable when it came from there."""
+    if value is not None and value.exists() and not value.is_dir():
+        source = ctx.get_parameter_source(param.name)
+        given = ("LANDSCAPE_DATA_DIR" if source == click.core.ParameterSource.ENVIRONMENT else "--data-dir")
+        raise click.BadParameter(f"{value} is a file, not a folder of datasets.", ctx=ctx,
+                                 param_hint=f"'{given}'")
+    return value
+
+
 DATA_DIR_OPTION = click.option(
     "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     envvar="LANDSCAPE_DATA_DIR",
     default=None,
+    callback=_data_dir,
     help="Folder holding the datasets' official files (default: $LANDSCAPE_DATA_DIR).",
 )
 

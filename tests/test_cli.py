@@ -150,3 +150,13 @@ def test_running_out_of_memory_is_one_sentence(tmp_path, monkeypatch, error):
     monkeypatch.setattr(landscape.runs, "describe_path", too_big)
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
     assert result.exit_code == 1 and "ran out of memory" in result.output and "Traceback" not in result.output
+
+
+def test_a_data_folder_that_is_a_file_is_named_where_it_was_given(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("LANDSCAPE_DATA_DIR", str(afile))
+    from_env = CliRunner().invoke(cli, ["train", "--data", "mnist", "--dry-run"])
+    assert from_env.exit_code == 2 and "'LANDSCAPE_DATA_DIR': " in from_env.output and "is a file" in from_env.output
+    given = CliRunner().invoke(cli, ["train", "--data", "mnist", "--dry-run", "--data-dir", str(afile)])
+    assert given.exit_code == 2 and "'--data-dir': " in given.output

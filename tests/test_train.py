@@ -93,6 +93,7 @@ def test_config_layers_apply_in_order_and_short_keys_resolve():
 @pytest.mark.parametrize("override, message", [
     ("name=x", "ambiguous; write one of model.name, data.name"),
     ("lrr=1", "Unknown config field"),
+    ("wieght_decay=1", "Unknown config field 'wieght_decay'; did you mean optim.weight_decay"),
     ("lr=fast", "optim.lr must be a number"),
     ("every=weekly", "Unknown checkpoint schedule"),
     ("amp=fp32", "amp must be auto, bf16, fp16 or off"),

@@ -64,6 +64,15 @@ def resolve_key(key: str) -> str:
     if len(owners) > 1:
         choices = ", ".join(f"{s}.{key}" for s in owners)
         raise ConfigError(f"Override key {key!r} is ambiguous; write one of {choices}.")
+    if not owners:  # a typo: name the field meant, whichever section it is in
+        import difflib
+
+        names = {f"{s}.{g.name}": g.name for s, f in sections.items() for g in dataclasses.fields(f.default_factory)}
+        names.update({t: t for t in top if t not in sections})
+        close = difflib.get_close_matches(key, list(set(names.values())), n=1, cutoff=0.75)
+        if close:
+            meant = next(full for full, short in names.items() if short == close[0])
+            raise ConfigError(f"Unknown config field {key!r}; did you mean {meant}?")
     return f"{owners[0]}.{key}" if owners else key
 
 
