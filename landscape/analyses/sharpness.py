@@ -176,7 +176,8 @@ def sharpness_analysis(
     radius = "radius" + (" in units of |w| + eta" if settings.adaptive else "")
     described = {
         "worst_case": f"max over ||delta/c||_{settings.p} <= rho of L(w + delta) - L(w)"
-                      + (", secant Lanczos model then Auto-PGD" if settings.p == "2" else ", Auto-PGD"),
+                      + (", secant Lanczos model then Auto-PGD" if settings.p == "2" else
+                         ", Auto-PGD: the best point found, a local maximum (raise --restarts with --random-start)"),
         "worst_case_iterations": "points the worst-case search evaluated (one gradient each)",
         "worst_case_restarts": "Auto-PGD runs from random starts after the first",
         "worst_case_still_rising": "1 if the best rise grew by more than 0.1% in the last tenth of the steps",
