@@ -378,10 +378,13 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any], *, ignore:
     counts (model, data and its subset, optimiser, schedule, augmentation, EMA, checkpoints, seed...): a study never
     reuses a run trained otherwise, and a report says when runs of one variant differ. A config written by an
     older version is read with the defaults of the fields it lacks."""
-    try:
-        saved = to_dict(from_dict(TrainConfig, saved, where="config.yaml"))
-    except (ConfigError, TypeError, ValueError):
-        pass  # compared as it is: the differences name what is wrong
+    def filled(config: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return to_dict(from_dict(TrainConfig, config, where="config.yaml"))
+        except (ConfigError, TypeError, ValueError):
+            return config  # compared as it is: the differences name what is wrong
+
+    saved, wanted = filled(saved), filled(wanted)
     saved_kwargs = dict(((saved.get("model") or {}).get("kwargs") or {}))
     wanted_kwargs = dict(((wanted.get("model") or {}).get("kwargs") or {}))
     for key in _RESOLVED_KWARGS:

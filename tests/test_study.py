@@ -194,6 +194,12 @@ def test_a_report_says_when_runs_of_one_variant_were_trained_with_other_settings
         run.save_config(config)
         runs.append(SimpleNamespace(run=run, path=run.root, variant=SimpleNamespace(key="vit", label="ViT"), label=None))
     assert training_disagreements(runs[:2]) == []  # seeds apart, nothing else
+    older = Run.create(tmp_path / "older")  # a config written before save_preconditioner existed: its default
+    config = copy.deepcopy(to_dict(train_config(spec, spec.variants[0], 3)))
+    del config["save_preconditioner"]
+    older.save_config(config)
+    first = SimpleNamespace(run=older, path=older.root, variant=SimpleNamespace(key="vit", label="ViT"), label=None)
+    assert training_disagreements([first, runs[0]]) == training_disagreements([runs[0], first]) == []
     (sentence,) = training_disagreements(runs)
     assert sentence.startswith("Runs of ViT were trained with different settings: baseline-s2 has data.train_size "
                                "128, not 256 (as in baseline-s0)"), sentence
