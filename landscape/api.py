@@ -553,6 +553,7 @@ def figure(name: str, runs: Any):
     sentence (a :class:`~landscape.errors.LandscapeError`).
     """
     import matplotlib
+    import numpy as np
 
     from landscape.figures import FIGURES, STYLE, variant_styles
     from landscape.models.variants import unique_labels
@@ -581,6 +582,10 @@ def figure(name: str, runs: Any):
     if fig is None:
         held = sorted({res.kind for r in loaded for res in r.results} | ({"dynamics"} if any(
             r.dynamics is not None for r in loaded) else set()))
+        undated = all(not any(np.isfinite(np.asarray(res.dataset["epoch"].values, dtype=float)).any()
+                              for res in r.results if "epoch" in res.dataset.coords) for r in loaded)
+        why = (" (figures over epochs need a run's checkpoints, ls.load_run(PATH); a measure of a model in memory "
+               "is one checkpoint without an epoch)" if undated and "epoch" in name else "")
         raise LandscapeError(f"Figure {name} has nothing to draw: the results given hold "
-                             f"{', '.join(held) or 'no analysis'}, not the ones it draws (see landscape.figures).")
+                             f"{', '.join(held) or 'no analysis'}, not the ones it draws{why or ' (see landscape.figures)'}.")
     return fig

@@ -343,7 +343,8 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
     """Top Hessian eigenvalue, trace and trace per parameter against epoch: the mean over seeds, each seed, and the
     band from the lowest to the highest seed; log scale, or symlog where an estimate is at or below zero.
     Eigenvalues carry the units of the loss per squared parameter, so the axes name the quantity only."""
-    runs = [r for r in results if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0)]
+    runs = [r for r in results if r.hessian is not None and r.hessian.sizes.get("checkpoint", 0)
+            and np.isfinite(r.hessian["epoch"].values.astype(float)).any()]  # drawn against epochs: needs some
     if not runs:
         return None
     unit = _loss_unit([r.hessian for r in runs])
@@ -479,10 +480,17 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
             for i, (variable, _) in enumerate(measures):
                 if not all(variable in e for e in entries):
                     continue
-                rho = entries[0]["rho"].values
-                stack = np.vstack([e[variable].values for e in entries])
-                mean = stack.mean(axis=0)
-                sd = stack.std(axis=0, ddof=1) if len(entries) > 1 else np.zeros_like(mean)
+                # seeds measured on other radii are aligned by ρ: each radius is the mean of the seeds that have it
+                rho = np.array(sorted({float(v) for e in entries for v in e["rho"].values}))
+                stack = np.full((len(entries), len(rho)), np.nan)
+                for k, e in enumerate(entries):
+                    at = np.searchsorted(rho, e["rho"].values.astype(float))
+                    stack[k, at] = e[variable].values
+                counts = np.isfinite(stack).sum(axis=0)
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a radius only one seed has: no spread
+                    mean = np.nanmean(stack, axis=0)
+                    sd = np.where(counts > 1, np.nanstd(stack, axis=0, ddof=1), 0.0)
                 axes[i, j].errorbar(rho, mean, yerr=sd, color=style.color, linestyle=style.linestyle,
                                     marker=style.marker, markersize=2.8, capsize=1.5, elinewidth=0.6)
                 plotted[i].append(mean)
