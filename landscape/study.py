@@ -450,10 +450,14 @@ def ensure_trained(config, run_dir: Path, *, data_dir=None, emit: Emit | None = 
 
 
 def _finished(run: Run, epochs: int) -> bool:
+    """Whether the run was trained to ``epochs``: its last checkpoint is there, or its metrics reach that epoch
+    and its checkpoints were not kept (a folder of results: never trained again over its analyses)."""
     metrics = run.read_metrics()
     if metrics.empty or "epoch" not in metrics or not (metrics["epoch"] == epochs).any():
         return False
-    return run.checkpoint_path(epoch=epochs).exists()
+    if run.checkpoint_path(epoch=epochs).exists():
+        return True
+    return not run.checkpoints() and not run.state_path.exists()
 
 
 def _train_message(rows: list[dict[str, Any]], verb: str) -> str:
@@ -924,8 +928,15 @@ def analyze_run(run: Run, settings: AnalysisSettings, *, data_dir=None, emit: Em
     from landscape.analyses.dynamics import write_dynamics
 
     emit = emit or (lambda e: None)
+    kept_results = not run.checkpoints() and any(run.analysis_dir.glob("*.nc"))
+    if kept_results and force:
+        raise LandscapeError(f"{run.root} keeps its results but not its checkpoints, so --force cannot measure them "
+                             "again; train the study into another --out to measure anew.")
     for stage, analysis in _ANALYSES.items():
         t0 = time.perf_counter()
+        if kept_results:  # a folder of results (checkpoints not kept): what it holds is what the study reports
+            emit(StudyEvent(stage, run.root.name, "checkpoints not kept: read from the results files", 0.0))
+            continue
         message = analysis(run, settings, data_dir, force)
         emit(StudyEvent(stage, run.root.name, message, time.perf_counter() - t0))
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from landscape.errors import ConfigError
+from landscape.errors import ConfigError, LandscapeError
 from landscape.study import (
     AnalysisSettings,
     StudySpec,
@@ -71,6 +71,25 @@ def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path
                 for e in again if e.stage == stage] == [True] * 2, stage
         assert not any(e.message.endswith("(already measured: read from the results files)")
                        for e in events if e.stage == stage), stage
+
+    # a folder of results, its checkpoints not kept (as committed in results/): never trained again over its
+    # analyses (it was wiped and retrained), its report drawn again from what it holds
+    import shutil
+
+    report = outcome.report.read_text()
+    for name in ("baseline-s0", "grouped-g2-s0"):
+        shutil.rmtree(tmp_path / "runs" / name / "checkpoints")
+        shutil.rmtree(tmp_path / "runs" / name / "state")
+    kept = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("analysis/*.nc")}
+    fourth = []
+    run_study(_tiny_spec(), tmp_path, jobs=1, on_event=fourth.append, formats=("png",))
+    assert [e.message for e in fourth if e.stage == "train"] == ["already trained"] * 2
+    assert {e.message for e in fourth if e.stage in ("hessian", "sharpness", "surface")} == {
+        "checkpoints not kept: read from the results files"}
+    assert {p: p.read_bytes() for p in (tmp_path / "runs").rglob("analysis/*.nc")} == kept
+    assert outcome.report.read_text() == report
+    with pytest.raises(LandscapeError, match="keeps its results but not its checkpoints, so --force cannot"):
+        run_study(_tiny_spec(), tmp_path, jobs=1, force=True, formats=("png",))
 
 
 @pytest.mark.slow
