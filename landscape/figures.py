@@ -296,6 +296,17 @@ def _mean_band(ax, x: np.ndarray, curves: list[np.ndarray], style: VariantStyle,
         ax.fill_between(x, low, high, color=style.color, alpha=0.12, lw=0)
 
 
+BAND_CAPTION = "markers: mean over seeds; thin lines: each seed; shaded: lowest to highest seed"
+
+
+def _caption(fig: Figure, text: str) -> None:
+    """A line (wrapped to the figure's width) under the panels saying how to read them (what a band or a bar
+    is)."""
+    import textwrap
+
+    fig.supxlabel(textwrap.fill(text, width=int(fig.get_figwidth() * 15)), fontsize=6.5, color="0.35")
+
+
 def _value_scale(ax, values: np.ndarray) -> None:
     """A log axis when every value is positive; otherwise symlog, linear within the smallest decade of the
     magnitudes, so that a value at or below zero (a negative trace estimate) stays on the axis."""
@@ -369,6 +380,8 @@ def hessian_vs_epoch(results: Sequence[RunResults], styles: dict[str, VariantSty
         ax.set_ylabel(label)
     axes[-1].set_xlabel("epoch")
     _figure_legend(fig, [s for s, _ in groups], ncol=2)
+    if any(len(group) > 1 for _, group in groups):
+        _caption(fig, BAND_CAPTION)
     return fig
 
 
@@ -516,6 +529,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
         axes[i, 0].set_ylabel(label)
     unique = {s.label: s for s in used}
     _figure_legend(fig, unique.values(), ncol=3)
+    _caption(fig, "markers: mean over the seeds measured at that ρ; bars: ± 1 standard deviation")
     return fig
 
 
@@ -559,8 +573,9 @@ def _planes(results: Sequence[RunResults], styles) -> list[tuple[VariantStyle, A
     for style, group in _by_variant(results, styles):
         for r in group:
             e = _final_surface(r, "surface-random-2d")
-            if e is not None:
-                out.append((style, e))
+            if e is not None:  # one seed of the variant, named in the panel's title
+                seed = f" (seed {r.seed})" if len(group) > 1 and r.seed is not None else ""
+                out.append((dataclasses.replace(style, label=style.label + seed), e))
                 break
     return out
 
@@ -568,18 +583,25 @@ def _planes(results: Sequence[RunResults], styles) -> list[tuple[VariantStyle, A
 def _panel_grid(count: int, width: float, *, panel_height: float, projection: str | None = None):
     ncols = min(count, 3)
     nrows = math.ceil(count / ncols)
+    if ncols == 1:  # one panel: a column wide, not a page with the panel in a corner
+        width = min(width, COLUMN_WIDTH)
     if projection is None:
         fig = _figure(width, panel_height * nrows + 0.5)
         return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(count)]
-    # The constrained layout does not know the extent of 3D axes labels: place the panels by hand.
-    fig = Figure(figsize=(width, panel_height * nrows + 0.2))
-    fig.subplots_adjust(left=0.0, right=0.94, bottom=0.02, top=0.94, wspace=0.12, hspace=0.12)
+    # The constrained layout does not know the extent of 3D axes labels: place the panels by hand, with room above
+    # each for its title.
+    fig = Figure(figsize=(width, panel_height * nrows + 0.4))
+    fig.subplots_adjust(left=0.0, right=0.94, bottom=0.02, top=0.9, wspace=0.12, hspace=0.2)
     return fig, [fig.add_subplot(nrows, ncols, i + 1, projection=projection) for i in range(count)]
 
 
 def _log_levels(planes) -> np.ndarray:
-    low = min(float(np.nanmin(e["loss"].values)) for _, e in planes)
-    high = max(float(np.nanmax(e["loss"].values)) for _, e in planes)
+    """Twelve logarithmic levels over the finite losses of the planes (an infinite or NaN point is clipped to the
+    top or left blank, never a level)."""
+    finite = [v[np.isfinite(v)] for v in (np.asarray(e["loss"].values, dtype=float) for _, e in planes)]
+    finite = [v for v in finite if v.size]
+    low = min(float(v.min()) for v in finite) if finite else 1e-4
+    high = max(float(v.max()) for v in finite) if finite else 1e-3
     return np.geomspace(max(low, 1e-4), max(high, low * 1.01, 1e-3), 12)
 
 
@@ -846,6 +868,8 @@ def edge_of_stability(results: Sequence[RunResults], styles: dict[str, VariantSt
     bottom.set_ylabel("learning rate")
     bottom.set_xlabel("epoch")
     _figure_legend(fig, [s for s, _ in groups])
+    if any(len(group) > 1 for _, group in groups):
+        _caption(fig, BAND_CAPTION)
     return fig
 
 
@@ -870,6 +894,10 @@ def subspace_dynamics(results: Sequence[RunResults], styles: dict[str, VariantSt
         ax.set_ylabel(label)
     axes[-1].set_xlabel("epoch")
     _figure_legend(fig, [s for s, _ in groups])
+    ks = sorted({int(h.sizes["k"]) for _, group in groups for r in group
+                 for h in [_hessian_with(r, panels[0][0])] if h is not None and "k" in h.sizes})
+    k = f"k = {', '.join(map(str, ks))} eigenvectors" if ks else ""
+    _caption(fig, "; ".join(t for t in (k, BAND_CAPTION if any(len(g) > 1 for _, g in groups) else "") if t))
     return fig
 
 

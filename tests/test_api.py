@@ -455,3 +455,25 @@ def test_a_figure_over_epochs_of_a_model_in_memory_says_why_it_has_nothing_to_dr
     for runs in (ls.results(h), [ls.results(h, label="A", seed=0), ls.results(h, label="A", seed=1)]):
         with pytest.raises(LandscapeError, match="figures over epochs need a run's checkpoints, ls.load_run"):
             ls.figure("hessian_vs_epoch", runs)
+
+
+def test_surface_figures_with_an_infinite_loss_draw_and_one_panel_is_a_column_wide():
+    # an infinite point set the log colour scale to inf (savefig: "Invalid vmin or vmax"); one panel took a page
+    import io
+
+    from landscape.figures import COLUMN_WIDTH
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ds = ls.surface(model, (x, y), dims=2, points=5)
+    loss = ds["loss"].values.copy()
+    loss[0, 0] = np.inf
+    ds["loss"] = (ds["loss"].dims, loss, ds["loss"].attrs)
+    for name in ("surface_2d", "surface_3d"):
+        fig = ls.figure(name, ls.results(ds))
+        fig.savefig(io.BytesIO(), format="png")
+        assert fig.get_figwidth() == COLUMN_WIDTH, name
+    sharp = ls.sharpness(model, (x, y), rho=[0.01, 0.1], steps=2, draws=2)
+    fig = ls.figure("sharpness_vs_rho", [ls.results(sharp, label="m", seed=s) for s in (0, 1)])
+    assert "bars: ± 1 standard deviation" in fig._supxlabel.get_text()  # what the bars are, on the figure
