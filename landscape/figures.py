@@ -803,7 +803,8 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
         return None
     rows = [(v, label) for v, label in (("block_eigenvalue_largest",
                                          f"top eigenvalue of H_gg\n({_loss_unit([d for _, _, d in panels])} / weight²)"),
-                                        ("block_trace", "share of tr H (%)")) if all(v in ds for _, _, ds in panels)]
+                                        ("block_trace", "share of tr H (%)\n(blank: tr H ≤ 2 s.e.)"))
+            if all(v in ds for _, _, ds in panels)]
     if not rows:
         return None
     groups = max(ds.sizes["group"] for _, _, ds in panels)
@@ -813,8 +814,12 @@ def block_curvature(results: Sequence[RunResults], styles: dict[str, VariantStyl
         matrices = []
         for _, _, ds in panels:
             values = ds[variable].transpose("group", "checkpoint").values.astype(float)
-            if variable == "block_trace":
-                values = 100 * values / ds["trace"].values.astype(float)[None, :]
+            if variable == "block_trace":  # a share of a trace indistinguishable from 0 (or negative) is noise
+                trace = ds["trace"].values.astype(float)
+                se = (ds["trace_standard_error"].values.astype(float) if "trace_standard_error" in ds
+                      else np.zeros_like(trace))
+                trace = np.where((trace > 0) & (trace > 2 * se), trace, np.nan)
+                values = 100 * values / trace[None, :]
             matrices.append(values)
         finite = np.concatenate([m[np.isfinite(m)].ravel() for m in matrices]) if matrices else np.zeros(0)
         log = variable == "block_eigenvalue_largest" and finite.size and (finite > 0).all()

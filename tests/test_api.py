@@ -477,3 +477,17 @@ def test_surface_figures_with_an_infinite_loss_draw_and_one_panel_is_a_column_wi
     sharp = ls.sharpness(model, (x, y), rho=[0.01, 0.1], steps=2, draws=2)
     fig = ls.figure("sharpness_vs_rho", [ls.results(sharp, label="m", seed=s) for s in (0, 1)])
     assert "bars: ± 1 standard deviation" in fig._supxlabel.get_text()  # what the bars are, on the figure
+
+
+def test_block_curvature_leaves_blank_the_shares_of_a_trace_within_its_noise():
+    # a trace of -2.79 ± 18.8 gave block shares from -623% to +502%
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ds = ls.hessian(model, (x, y), top_k=1, trace=True, trace_matvecs=4, per_block=True)
+    noisy = ds.expand_dims(checkpoint=["epoch-0001"]).assign_coords(epoch=("checkpoint", [1.0]),
+                                                                      step=("checkpoint", [10]))
+    noisy["trace_standard_error"] = noisy["trace"].copy(data=np.abs(noisy["trace"].values) * 10)
+    fig = ls.figure("block_curvature", ls.results(noisy))
+    shares = fig.axes[1].images[0].get_array()
+    assert np.ma.getmaskarray(shares).all() or np.isnan(np.ma.filled(shares, np.nan)).all()
