@@ -307,12 +307,22 @@ def _caption(fig: Figure, text: str) -> None:
     fig.supxlabel(textwrap.fill(text, width=int(fig.get_figwidth() * 15)), fontsize=6.5, color="0.35")
 
 
+def _readable_log_ticks(axis) -> None:
+    """Ticks of a log axis spanning about a decade at 1, 2 and 5 times the powers of ten, written as plain
+    numbers (75, 100, 200, 500), not "10²" alone or "4.2×10⁰"."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _value_scale(ax, values: np.ndarray) -> None:
     """A log axis when every value is positive; otherwise symlog, linear within the smallest decade of the
     magnitudes, so that a value at or below zero (a negative trace estimate) stays on the axis."""
     finite = values[np.isfinite(values)]
     if finite.size == 0 or np.all(finite > 0):
         ax.set_yscale("log")
+        if finite.size and finite.max() / finite.min() < 30:  # within a decade or so: plain numbers at 1, 2, 5
+            _readable_log_ticks(ax.yaxis)
         return
     magnitudes = np.abs(finite[finite != 0])
     linthresh = 10.0 ** math.floor(math.log10(np.percentile(magnitudes, 10))) if magnitudes.size else 1.0
@@ -526,6 +536,8 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
             label += "\n(symlog axis: some ≤ 0)"
         elif values.size:
             axes[i, 0].set_yscale("log")
+            if values.max() / values.min() < 30:
+                _readable_log_ticks(axes[i, 0].yaxis)
         axes[i, 0].set_ylabel(label)
     unique = {s.label: s for s in used}
     _figure_legend(fig, unique.values(), ncol=3)
@@ -558,9 +570,7 @@ def surface_1d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
             e = entries[id(r)]
             ax.plot(e["a"].values, e["loss"].values, color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _readable_log_ticks(ax.yaxis)
     ax.set_xlabel("position along a filter-normalised random direction\n(direction units; 0 = final weights)")
     ax.set_ylabel(f"training-subset loss ({_loss_unit([e for _, e in runs])})")
     _figure_legend(fig, [s for s, _ in groups], markers=False)
