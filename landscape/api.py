@@ -56,8 +56,10 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
     ``samples`` keeps the first ``samples`` examples."""
     from landscape.curvature.loss import num_inputs, slice_inputs
 
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ConfigError(f"samples must be a positive whole number of examples, not {samples!r}.")
+    if samples is not None:
+        samples = _checked_value(samples, int, "samples", "data")
+        if samples < 1:
+            raise ConfigError(f"samples must be a positive whole number of examples, not {samples!r}.")
     if _is_pair(data):
         x, y = _tensor(data[0], "inputs"), data[1]
     else:
@@ -278,6 +280,8 @@ def _checked_value(value: Any, hint: Any, name: str, what: str) -> Any:
     if origin is str:
         if isinstance(value, str):
             return value
+        if name == "params" and isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # a list of parameter names or patterns: the comma-separated form
         raise ConfigError(f"{what}: {name} must be a text value, not {value!r}.")
     if origin is tuple:
         if isinstance(value, torch.Tensor):

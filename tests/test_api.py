@@ -412,6 +412,9 @@ def test_numpy_data_zero_dim_numbers_and_mixed_precision_models_are_measured():
     reference = ls.hessian(m, (x, y), top_k=2, tol=1e-10)
     from_numpy = ls.hessian(m, (x.numpy(), y.numpy()), top_k=2, tol=1e-10)
     np.testing.assert_allclose(from_numpy["eigenvalue_largest"], reference["eigenvalue_largest"], rtol=1e-12)
+    listed = ls.hessian(m, (x, y), top_k=1, samples=np.int64(10), params=["0.weight", "2.weight"], tol=1e-10)
+    joined = ls.hessian(m, (x, y), top_k=1, samples=10, params="0.weight,2.weight", tol=1e-10)
+    assert float(listed["eigenvalue_largest"][0]) == float(joined["eigenvalue_largest"][0])
     s = ls.sharpness(m, (x, y), rho=torch.tensor(0.05, dtype=torch.float64), steps=2, draws=1)
     assert list(s["rho"].values) == [0.05]
     mixed = copy.deepcopy(m)

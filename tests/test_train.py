@@ -114,10 +114,34 @@ def test_config_layers_apply_in_order_and_short_keys_resolve():
     ("data.train_size=-5", "data.train_size must be a number of images, 1 or more"),  # trained on all of them
     ("data.val_size=0", "data.val_size must be a number of images, 1 or more"),
     ("epochs=1e9", "epochs must be between 1 and 1,000,000"),  # a MemoryError listing the checkpoint steps
+    ("optim.momentum=0", "for plain SGD give --set optim.opt=momentum"),  # with opt sgd below
 ])
 def test_bad_overrides_are_one_sentence_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        build_config("digits", overrides=[override])
+        build_config("digits", overrides=[override, *(["optim.opt=sgd"] if "momentum=0" in override else [])])
+
+
+def test_synthetic_training_data_is_generated_at_its_size_and_the_advice_to_use_it_works(tmp_path):
+    # --img-size 16 passed the size check and crashed in the loop (8x8 images generated), data.options.img_size
+    # crashed on a duplicate argument; the advice "--data synthetic (takes the model's shape)" was refused by train
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+    from landscape.runs import Run
+
+    base = ["train", "--data", "synthetic", "--model", "vit_pico_patch4_32", "--model-arg", "depth=1", "--set",
+            "epochs=1", "--set", "data.options.count=64", "--batch-size", "16", "--no-progress"]
+    for i, size in enumerate((["--img-size", "16"], ["--set", "data.options.img_size=16"])):
+        done = CliRunner().invoke(cli, [*base, *size, "--out", str(tmp_path / f"s{i}")])
+        assert done.exit_code == 0, done.output
+        assert Run(tmp_path / f"s{i}").checkpoints()[-1].model_kwargs["img_size"] == 16
+    refused = CliRunner().invoke(cli, [*base[:2], "digits", *base[3:7], "--model-arg", "num_classes=100", "--out",
+                                       str(tmp_path / "x")])
+    advice = refused.output.split("to fit, use ")[1].strip().rstrip(".")
+    assert advice.startswith("--data synthetic --set data.options."), refused.output
+    followed = CliRunner().invoke(cli, [*base[:2], *advice.split()[1:2], *base[3:], "--model-arg", "num_classes=100",
+                                        *advice.split()[2:], "--out", str(tmp_path / "y")])
+    assert followed.exit_code == 0, followed.output
 
 
 @pytest.mark.parametrize("arg, message", [

@@ -47,9 +47,8 @@ def check_data_fits(
     img_size: int | None = None,
     options: dict[str, Any] | None = None,
     data_dir: str | os.PathLike | None = None,
+    training: bool = False,
 ) -> None:
-
-
     """Refuse, in one sentence naming what would fit, data whose images or classes the model cannot take.
 
     The images reach the model with ``img_size`` (default: the dataset's native size) and the dataset's
@@ -82,8 +81,14 @@ def check_data_fits(
                    and (model_classes is None or i.num_classes == model_classes)]
         if model_in_chans in (None, 3):
             fitting.append(f"imagefolder with {model_classes} class folders" if model_classes else "imagefolder")
-        synthetic = "--data synthetic (takes the model's shape)" if name != "synthetic" else \
-            "--data synthetic without --classes"
+        if training:  # synthetic training data is shaped by its options, not by the model
+            shaped = " ".join(f"--set data.options.{k}={v}" for k, v in (("in_chans", model_in_chans),
+                                                                       ("num_classes", model_classes),
+                                                                       ("img_size", model_img_size)) if v is not None)
+            synthetic = f"--data synthetic {shaped}"
+        else:
+            synthetic = "--data synthetic (takes the model's shape)" if name != "synthetic" else \
+                "--data synthetic without --classes"
         fixes.append(f"{' or '.join(f'--data {f}' for f in fitting)} or {synthetic}" if fitting else synthetic)
     raise DataError(
         f"The model takes {shape(model_in_chans, model_img_size, model_classes)}, but {name} gives "
@@ -198,11 +203,12 @@ DATA_RECORD_FORMAT = "landscape-data/1"
 
 def data_record(name: str, *, data_dir: str | os.PathLike | None = None, **options) -> dict[str, Any] | None:
     """What a run was trained on, to be kept beside it (``RUN/data.json``): the dataset's name and, per split, the
-    number of examples and a SHA-256 of their pixels and labels. ``None`` for data read file by file
-    (``imagefolder``). An analysis compares it with the data it finds (:func:`check_data_record`), so that a
-    ``--data-dir`` or ``LANDSCAPE_DATA_DIR`` pointing at other files is not measured silently."""
-    if not get_dataset_info(name, **options).in_memory:
-        return None
+    number of examples and a SHA-256 of their pixels and labels. ``None`` for data generated from the config
+    (``digits``, ``synthetic``) and data read file by file (``imagefolder``). An analysis compares it with the
+    data it finds (:func:`check_data_record`), so that a ``--data-dir`` or ``LANDSCAPE_DATA_DIR`` pointing at
+    other files is not measured silently."""
+    if name in ("digits", "synthetic") or not get_dataset_info(name, **options).in_memory:
+        return None  # generated from the config alone (nothing found elsewhere), or read file by file
     splits = {}
     for split in ("train", "val"):
         images, labels = arrays(name, split, data_root(data_dir), False, options)

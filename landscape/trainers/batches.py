@@ -93,6 +93,17 @@ class BatchAugment:
         return x
 
 
+def _data_options(config: TrainConfig) -> tuple[str, int | None, dict]:
+    """``(name, img_size, options)`` of the training data. Synthetic images are generated at their size (given as
+    ``img_size`` or as the option ``data.options.img_size``), not generated at 8 px and resized: the size is
+    passed as ``img_size``, which the data functions turn into the generator's option."""
+    name, img_size, options = config.data.name, config.data.img_size, dict(config.data.options)
+    if name == "synthetic" and "img_size" in options:
+        size = options.pop("img_size")
+        img_size = img_size if img_size is not None else size
+    return name, img_size, options
+
+
 class TrainBatches:
     """This process's micro-batches, update by update, for any epoch and any starting update."""
 
@@ -104,8 +115,8 @@ class TrainBatches:
         self.accum_steps = config.optim.accum_steps
         self.repeats = config.augment.repeated_aug
         self.dist = dist
-        name, img_size, options = config.data.name, config.data.img_size, config.data.options
-        self.info = info = data.get_dataset_info(name, **options)
+        name, img_size, options = _data_options(config)
+        self.info = info = data.get_dataset_info(name, **data.dataset_options(name, img_size, options))
         aug = config.augment
         hflip = aug.hflip if aug.hflip is not None else (0.5 if info.hflip else 0.0)
         self.image_by_image = (not info.in_memory) or aug.crop == "rrc" or bool(aug.auto_augment)
@@ -138,7 +149,8 @@ class TrainBatches:
             self.info = getattr(dataset, "info", info)  # imagefolder learns its classes from the folders
             self.augment = BatchAugment() if rrc else self._batch_augment(aug, hflip, info)
         else:
-            images, labels = data.load_arrays(name, "train", data_dir=data_dir, **options)
+            images, labels = data.load_arrays(name, "train", data_dir=data_dir,
+                                              **data.dataset_options(name, img_size, options))
             keep = fixed_subset(len(labels), config.data.train_size)
             self.x = data.to_eval_tensor(images[keep], name, img_size, **options)
             self.y = torch.from_numpy(labels[keep])
@@ -258,9 +270,9 @@ def validation_batches(config: TrainConfig, dist: Distributed, *, data_dir=None,
     """This process's share of the validation set in batches (every ``W``-th image from image ``k`` on)."""
     from landscape import data
 
-    name, img_size, options = config.data.name, config.data.img_size, config.data.options
+    name, img_size, options = _data_options(config)
     n = config.data.val_size or 10**12
-    info = data.get_dataset_info(name, **options)
+    info = data.get_dataset_info(name, **data.dataset_options(name, img_size, options))
     if info.in_memory:
         x, y = data.analysis_subset(name, n, seed=0, split="val", data_dir=data_dir, img_size=img_size, **options)
         x, y = x[dist.rank::dist.world_size], y[dist.rank::dist.world_size]

@@ -575,7 +575,7 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
                           f"patch_size={max(1, side // 4)} or a larger --img-size.")
     data.check_data_fits(config.data.name, model_in_chans=kwargs.get("in_chans"), model_img_size=side,
                          model_classes=kwargs.get("num_classes"), img_size=config.data.img_size,
-                         options=config.data.options, data_dir=data_dir)
+                         options=config.data.options, data_dir=data_dir, training=True)
 
 
 def _square_side(size: Any) -> int | None:

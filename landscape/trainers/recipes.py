@@ -179,6 +179,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(f"The config is invalid: {sentence}.")
+    if config.optim.opt.lower() in ("sgd", "nesterov") and config.optim.momentum == 0:
+        raise ConfigError("The config is invalid: timm's sgd is Nesterov momentum, which needs a momentum; for plain "
+                          "SGD give --set optim.opt=momentum --set optim.momentum=0.")
     _check_augment_names(config.augment)
     checkpoint_steps(config.checkpoint.every, updates_per_epoch=1, epochs=1)
     checkpoints_to_delete(config.checkpoint.keep, [])
