@@ -286,7 +286,8 @@ def test_a_full_disk_during_training_and_analysis_is_one_sentence_with_nothing_l
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_while_the_interpreter_shuts_down_after_a_command_prints_no_traceback(sig):
     # the command has finished; the signal lands in an exit handler, where nothing is left to catch a `Stopped`
-    code = ("import atexit, os, sys\n"
+    code = ("import atexit, os, signal, sys\n"
+            f"signal.signal({int(sig)}, signal.SIG_DFL)\n"  # as a terminal gives it (nohup would pass it ignored)
             f"atexit.register(lambda: os.kill(os.getpid(), {int(sig)}))\n"
             "sys.argv = ['landscape', '--version']\n"
             "from landscape.cli import main\n"
@@ -304,7 +305,8 @@ def test_sigterm_and_a_closed_terminal_end_training_in_one_sentence_and_it_resum
     out = tmp_path / "run"
     args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress",
             "--set", "epochs=4", "--set", "every=steps:5"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))  # as a terminal gives it
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "checkpoints").glob("*.safetensors"))) < 3:
         time.sleep(0.2)
