@@ -304,7 +304,7 @@ def _caption(fig: Figure, text: str) -> None:
     is)."""
     import textwrap
 
-    fig.supxlabel(textwrap.fill(text, width=int(fig.get_figwidth() * 15)), fontsize=6.5, color="0.35")
+    fig.supxlabel(textwrap.fill(text, width=int(fig.get_figwidth() * 14)), fontsize=7, color="0.35")
 
 
 def _readable_log_ticks(axis) -> None:
