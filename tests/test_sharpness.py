@@ -258,6 +258,60 @@ def test_linf_search_climbs_past_the_sam_vertex_toward_the_best_vertex_of_a_conv
     assert result.sharpness >= 0.95 * best
 
 
+def _tanh_mlp(seed):
+    """A 3-3-2 tanh MLP under cross-entropy on 16 points: w0, loss_and_grad in torch and in numpy, the data."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    w0 = 0.5 * torch.randn(20, generator=g, dtype=F64)
+    xn, onehot = x.numpy(), np.eye(2)[y.numpy()]
+
+    def numpy_loss_and_grad(w):  # by hand, so that 60 L-BFGS-B runs take a second
+        w1, b1, w2, b2 = w[:9].reshape(3, 3), w[9:12], w[12:18].reshape(2, 3), w[18:20]
+        h = np.tanh(xn @ w1.T + b1)
+        z = h @ w2.T + b2
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        dz = (np.exp(logp) - onehot) / len(xn)
+        dh = (dz @ w2) * (1 - h ** 2)
+        grad = np.concatenate([(dh.T @ xn).ravel(), dh.sum(0), (dz.T @ h).ravel(), dz.sum(0)])
+        return float(-(onehot * logp).sum() / len(xn)), grad
+
+    def loss_and_grad(w):
+        loss, grad = numpy_loss_and_grad(w.numpy())
+        return loss, torch.from_numpy(grad)
+
+    return w0, loss_and_grad, numpy_loss_and_grad, (x, y)
+
+
+def test_linf_search_on_a_small_mlp_finds_a_local_maximum_that_restarts_raise():
+    # The README's example (section on sharpness) of why p = inf values are compared at equal settings: the numbers
+    # it quotes are the ones asserted here.
+    w0, loss_and_grad, numpy_loss_and_grad, inputs = _tanh_mlp(5)
+    rho = 1.0
+    loss0 = numpy_loss_and_grad(w0.numpy())[0]
+    w1, b1, w2, b2 = w0[:9].view(3, 3), w0[9:12], w0[12:18].view(2, 3), w0[18:20]
+    x, y = inputs
+    assert loss0 == pytest.approx(float(torch.nn.functional.cross_entropy(torch.tanh(x @ w1.T + b1) @ w2.T + b2, y)),
+                                  rel=1e-12)  # the hand-written loss and gradient are right
+    numeric = scipy.optimize.approx_fprime(w0.numpy(), lambda v: numpy_loss_and_grad(v)[0], 1e-7)
+    np.testing.assert_allclose(numpy_loss_and_grad(w0.numpy())[1], numeric, atol=1e-6)
+    rng = np.random.default_rng(0)
+    box = []
+    for _ in range(60):
+        start = w0.numpy() + rng.uniform(-rho, rho, 20)
+        found = scipy.optimize.minimize(lambda v: tuple(-t for t in numpy_loss_and_grad(v)), start, jac=True,
+                                        method="L-BFGS-B", bounds=[(float(c) - rho, float(c) + rho) for c in w0])
+        box.append(-found.fun - loss0)
+    best = max(box)
+    default = worst_case_sharpness(loss_and_grad, w0, rho, p="inf")
+    restarted = worst_case_sharpness(loss_and_grad, w0, rho, p="inf", restarts=4)
+    assert float(default.delta.abs().max()) <= rho and float(restarted.delta.abs().max()) <= rho
+    assert default.sharpness < 0.85 * best  # a local maximum, well below the box's best
+    assert default.sharpness < restarted.sharpness <= best * (1 + 1e-9)
+    assert (round(default.sharpness, 2), round(best, 2), round(restarted.sharpness, 2)) == (3.71, 4.57, 4.51)
+
+
 def test_results_record_iterations_restarts_and_whether_the_loss_was_still_rising():
     g, h, rho = _indefinite_quadratic(20, 1e2, seed=5)
     converged = _search_quadratic(g, h, rho, restarts=2, random_start=True, seed=1)
