@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from landscape.io import atomic_write
+from landscape.io import atomic_write, refuse_special
 from landscape.errors import CheckpointError
 
 FORMAT = "landscape-checkpoint/1"
@@ -145,7 +145,7 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
         )
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file.")
-    _refuse_special(path, "a checkpoint file")
+    refuse_special(path, "a checkpoint file", error=CheckpointError)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -156,12 +156,6 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
             f"{path} is not a readable safetensors checkpoint (truncated or corrupt: {_short(e)})."
         ) from None
     return meta, keys, shapes
-
-
-def _refuse_special(path: Path, wanted: str) -> None:
-    from landscape.io import refuse_special
-
-    refuse_special(path, wanted, error=CheckpointError)
 
 
 def _short(e: BaseException) -> str:
@@ -381,7 +375,7 @@ def load_foreign_state(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"File {path} does not exist{dangling(path)}.")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a weights file.")
-    _refuse_special(path, "a weights file")
+    refuse_special(path, "a weights file", error=CheckpointError)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
