@@ -27,6 +27,10 @@ directly:
 - a bfloat16 or float16 model is measured in float32 (a copy; the model is not changed) with a warning and the
   attr ``precision_note``: second-order quantities in 8 mantissa bits are mostly rounding noise. A model whose
   parameters mix precisions is measured as a copy in the widest of them (float64 if any), with the same note.
+- the model is measured in eval mode, as every analysis of a checkpoint is, so that the loss is one function of
+  the weights: BatchNorm uses its running statistics and dropout (and drop-path) is off. A model given in train
+  mode with such layers gets a warning and the attr ``mode_note``; its train flags and running statistics are left
+  as they were.
 - the loss given is recorded with its settings (``CrossEntropyLoss(..., label_smoothing=0.1)``) in the attrs and
   in ``settings``, so that results of two losses are told apart.
 
@@ -136,9 +140,29 @@ def _concatenate(parts: list[Any]) -> Any:
 
 
 # -- the model ------------------------------------------------------------------------------------------------------
-def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str | None]:
-    """The module to measure, its dtype name (float32/float64) and, for a low-precision model, the note why a
-    float32 copy is measured instead."""
+def _mode_note(model: nn.Module) -> str | None:
+    """For a model in train mode whose layers act otherwise in eval mode (BatchNorm, dropout, drop-path), the note
+    that it is measured in eval mode; ``None`` otherwise."""
+    if not model.training:
+        return None
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            kinds.add("BatchNorm uses its running statistics, not the batch's")
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            kinds.add("dropout is off")
+        elif type(m).__name__ == "DropPath" and float(getattr(m, "drop_prob", 0) or 0) > 0:
+            kinds.add("drop-path is off")
+    if not kinds:
+        return None
+    return (f"The model was given in train mode; it was measured in eval mode ({', '.join(sorted(kinds))}), so that "
+            "the loss is one function of the weights, as in every landscape analysis.")
+
+
+def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict[str, str]]:
+    """The module to measure, its dtype name (float32/float64) and the notes to record: ``precision_note``, why a
+    float32 copy of a low-precision model is measured instead, and ``mode_note``, that a model in train mode is
+    measured in eval mode."""
     if not isinstance(model, nn.Module):
         raise LandscapeError(f"model is a {type(model).__name__}, not a torch.nn.Module.")
     if torch.is_inference_mode_enabled():
@@ -169,7 +193,12 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, str 
         model = copy.deepcopy(model) if note is None else model
         model = model.to(target)
     _check_finite_weights(model)
-    return model, ("float64" if dtype == torch.float64 else "float32"), note
+    notes = {"precision_note": note} if note is not None else {}
+    mode = _mode_note(model)
+    if mode is not None:
+        warnings.warn(mode, stacklevel=3)
+        notes["mode_note"] = mode
+    return model, ("float64" if dtype == torch.float64 else "float32"), notes
 
 
 def _device(device: Any) -> torch.device:
@@ -297,15 +326,14 @@ def _checked_value(value: Any, hint: Any, name: str, what: str) -> Any:
 
 
 def _finish(ds, name: str, settings: Any, determining: dict[str, Any], loss: Callable | None,
-            note: str | None):
+            notes: dict[str, str]):
     from landscape.analyses.results import analysis_attrs, netcdf_attrs
 
     if loss is not None:  # part of the settings, so that results of two losses are told apart
         determining = {**determining, "loss_function": _loss_name(loss)}
     attrs = analysis_attrs(name, determining, settings.seed)
     attrs.update(netcdf_attrs({"loss_function": _loss_name(loss)}))
-    if note is not None:
-        attrs["precision_note"] = note
+    attrs.update(notes)
     ds.attrs = attrs
     return ds
 
@@ -334,7 +362,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     from landscape.analyses.hessian import HessianSettings, hessian_analysis
 
     x, y = evaluation_data(data, samples)
-    measured, dtype, note = _measured_model(model, device)
+    measured, dtype, notes = _measured_model(model, device)
     _check_trainable(measured)
     _check_loss(measured, x, y, loss)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
@@ -346,7 +374,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
             raise ConfigError(f"top_k={config.top_k}{both} asks for more eigenvalues than the model's {count} "
                               "trainable parameters have.")
     ds = hessian_analysis(measured, x, y, config, criterion=loss)
-    return _finish(ds, "hessian", config, config.determining(), loss, note)
+    return _finish(ds, "hessian", config, config.determining(), loss, notes)
 
 
 def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
@@ -366,7 +394,7 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
         settings["rhos"] = ((rho,) if isinstance(rho, (int, float)) or getattr(rho, "ndim", None) == 0
                             or (isinstance(rho, torch.Tensor) and rho.numel() == 1 and rho.dim() == 0) else rho)
     x, y = evaluation_data(data, samples)
-    measured, dtype, note = _measured_model(model, device)
+    measured, dtype, notes = _measured_model(model, device)
     _check_trainable(measured)
     m = _checked_value(settings.get("m"), int | None, "m", "sharpness()")
     if m is not None and m > len(y):
@@ -375,7 +403,7 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     _check_loss(measured, x, y, loss)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
-    return _finish(ds, "sharpness", config, config.determining(), loss, note)
+    return _finish(ds, "sharpness", config, config.determining(), loss, notes)
 
 
 def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: int | None = None,
@@ -404,7 +432,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     from landscape.curvature.directions import filter_normalize, grid_axes, qkv_head_counts, random_directions
 
     x, y = evaluation_data(data, samples)
-    measured, dtype, note = _measured_model(model, device)
+    measured, dtype, notes = _measured_model(model, device)
     _check_loss(measured, x, y, loss)
     kind, given = _direction_kind(directions)
     if dims is None:
@@ -430,8 +458,8 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     if kind == "random":
         heads = qkv_head_counts(measured)
         raw = random_directions(center, 2, seed=config.seed)
-        chosen = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=config.one_dim, qkv=config.qkv)
-                  for k in builtins.range(dims)]
+        chosen = [filter_normalize(raw[k], center, qkv_heads=heads, one_dim=config.one_dim, qkv=config.qkv,
+                                   tokens=config.tokens) for k in builtins.range(dims)]
     else:
         chosen = [_parameter_dict(d, center, first, what) for d, what in given]
     anchors = (0.0, 1.0) if kind in ("interpolate", "plane") else (0.0,)
@@ -444,7 +472,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     determining = config.determining()
     determining["targets"] = [f"in-memory {what} {i + 1}" for i, (_, what) in enumerate(given)
                               if kind in ("interpolate", "plane")]
-    ds = _finish(ds, "surface", config, determining, loss, note)
+    ds = _finish(ds, "surface", config, determining, loss, notes)
     if kind != "random":
         policies["normalization_applies_to"] = "nothing: these directions are not filter-normalised"
     ds.attrs.update(policies)

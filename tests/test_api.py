@@ -91,11 +91,20 @@ def test_sharpness_from_a_dataloader_equals_the_cli(run):
     assert int(api["m_batches"]) == 3
 
 
-def test_one_surface_call_equals_the_cli_random_slice(run):
-    cli = cli_result(run, "surface", "--dims", "1", "--points", "5")
+@pytest.mark.parametrize("policies", [{}, {"tokens": "tensor", "one_dim": "filter", "qkv": "row"}],
+                         ids=["ours", "li-et-al"])
+def test_one_surface_call_equals_the_cli_random_slice(run, policies):
+    # each normalisation switch changes the numbers (the ViT has a class token, a position table and a fused qkv)
+    options = [a for key, value in policies.items() for a in (f"--{key.replace('_', '-')}", value)]
+    options += ["--force"] if policies else []  # the module's run may hold the default slice already
+    cli = cli_result(run, "surface", "--dims", "1", "--points", "5", *options)
     model, x, y = checkpoint_model_and_data(run)
-    api = ls.surface(model, (x, y), dims=1, points=5)
+    api = ls.surface(model, (x, y), dims=1, points=5, **policies)
     assert_same_numbers(api, cli)
+    for key, value in policies.items():
+        alone = ls.surface(model, (x, y), dims=1, points=5, **{key: value})
+        default = ls.surface(model, (x, y), dims=1, points=5)
+        assert not np.allclose(alone["loss"].values, default["loss"].values, rtol=0, atol=1e-7), key
 
 
 def test_m_larger_than_the_examples_is_refused_in_one_sentence():
@@ -314,6 +323,46 @@ def test_a_line_between_models_with_batchnorm_ends_at_the_other_model_running_st
     random = ls.surface(m0, (x, y), dims=1, points=3)  # a random slice holds the statistics
     assert random.attrs["buffers"].startswith("held at the centre's values")
     assert m0.training is False and loss(m0) == float(ds["loss"][0])
+
+
+def test_a_model_given_in_train_mode_is_measured_in_eval_mode_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Dropout(0.3),
+                          nn.Linear(32, 3)).double()
+    x, y = torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    with torch.no_grad():
+        model(x * 3 + 1)  # running statistics unlike the batch's
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    named = dict(model.named_parameters())
+
+    def loss(flat):
+        pieces = torch.split(flat, [p.numel() for p in named.values()])
+        weights = {n: t.view_as(p) for (n, p), t in zip(named.items(), pieces)}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, weights, (x,)), y)
+
+    model.eval()
+    dense = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, params))
+    model.train()
+    for measure in (lambda: ls.hessian(model, (x, y), top_k=2), lambda: ls.sharpness(model, (x, y), rho=0.05),
+                    lambda: ls.surface(model, (x, y), dims=1, points=3)):
+        with pytest.warns(UserWarning, match="measured in eval mode") as caught:
+            ds = measure()
+        note = ds.attrs["mode_note"]
+        assert note == str(caught[0].message)
+        assert "BatchNorm uses its running statistics" in note and "dropout is off" in note
+        assert model.training and all(torch.equal(b, stats[n]) for n, b in model.named_buffers())
+        if "eigenvalue" in ds:  # eval mode's Hessian, deterministic
+            np.testing.assert_allclose(ds["eigenvalue"].values, dense.flip(0)[:2].numpy(), rtol=1e-6)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "mode_note" not in ls.hessian(model, (x, y), top_k=1).attrs
+    plain = nn.Sequential(nn.Flatten(), nn.Dropout(0.0), nn.Linear(36, 3)).double().train()  # nothing changes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "mode_note" not in ls.hessian(plain, (x, y), top_k=1).attrs
 
 
 def test_a_slice_along_directions_moves_only_the_parameters_the_other_measures_take():
