@@ -447,9 +447,10 @@ def settings_disagreements(results: Sequence[RunResults]) -> dict[str, str]:
         for r in results:
             ds = r.surfaces.get(source) if source.startswith("surface") else getattr(r, source)
             if ds is not None and ds.sizes.get("checkpoint", 0):
-                per_run.append((r.run.name, read_settings(ds)))
+                per_run.append((r.run.name, read_settings(ds), ds.attrs))
         if len(per_run) < 2:
             continue
+        per_run = _measured_data(per_run)
         keys = sorted(set().union(*(set(s) for _, s in per_run)) - _INCIDENTAL_SETTINGS)
         parts = []
         for key in keys:
@@ -464,6 +465,43 @@ def settings_disagreements(results: Sequence[RunResults]) -> dict[str, str]:
                            f"({'; '.join(parts[:3])}{'; ...' if len(parts) > 3 else ''}), so their measures do not "
                            "compare like with like.")
     return out
+
+
+_DATA_ATTRS = ("data", "data_img_size", "data_options")
+"""The attrs naming the data a result was measured on (:func:`landscape.analyses.evaluation.analysis_data_attrs`)."""
+
+
+def _measured_data(per_run: list[tuple[str, dict, Any]]) -> list[tuple[str, dict]]:
+    """``(name, settings)`` with the data each result was measured on in place of the options that named it: the
+    settings' ``dataset``/``img_size``/``classes`` are overrides (``null`` is "the run's own data"), so two runs on
+    other data can agree on them and two on the same data can differ. Kept as they are where a result does not
+    record its data (results of the notebook API)."""
+    if not all(_DATA_ATTRS[0] in attrs for _, _, attrs in per_run):
+        return [(name, settings) for name, settings, _ in per_run]
+    out = []
+    for name, settings, attrs in per_run:
+        settings = {k: v for k, v in settings.items() if k not in ("dataset", "img_size", "classes")}
+        for key in _DATA_ATTRS:
+            value = attrs.get(key)
+            if key == "data_options" and isinstance(value, str):
+                try:
+                    value = json.loads(value or "{}")
+                except ValueError:
+                    pass
+            settings[key] = value.item() if hasattr(value, "item") else value
+        if settings["data_img_size"] in ("", None):  # the dataset's own size
+            settings["data_img_size"] = _native_size(settings["data"])
+        out.append((name, settings))
+    return out
+
+
+def _native_size(name: Any) -> int | None:
+    from landscape.data.registry import get_dataset_info
+
+    try:
+        return int(get_dataset_info(str(name)).img_size)
+    except Exception:  # noqa: BLE001  (a dataset this version does not know: compared by name only)
+        return None
 
 
 def caveats(results: Sequence[RunResults]) -> list[str]:

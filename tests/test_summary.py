@@ -165,3 +165,23 @@ def test_runs_measured_with_different_settings_are_said_and_left_out_of_the_verd
         run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, trace=True, trace_matvecs=2, samples=16),
                              checkpoints="last", device="cpu")
     assert settings_disagreements(load_results([r.root for r in same])) == {}
+
+
+def test_runs_are_compared_on_the_data_they_were_measured_on_not_on_how_it_was_named(tmp_path):
+    # --data digits on a digits run is the run's own data; --data synthetic on another is not, though neither run
+    # names data in the same way
+    from conftest import TINY_VIT
+
+    from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+    from landscape.summary import settings_disagreements
+
+    runs = [make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, seed) for seed in (0, 1, 2)]
+    for run, dataset in zip(runs, (None, "digits", "synthetic")):
+        run_hessian_analysis(run, HessianSettings(top_k=1, tol=1e-2, samples=16, dataset=dataset),
+                             checkpoints="last", device="cpu")
+    assert settings_disagreements(load_results([r.root for r in runs[:2]])) == {}
+    unlike = settings_disagreements(load_results([runs[0].root, runs[2].root]))["hessian"]
+    assert 'data "digits" (baseline-s0) vs "synthetic" (baseline-s2)' in unlike
+    assert "dataset" not in unlike
+    output = _cli("compare", runs[0].root, runs[2].root)
+    assert 'data "digits" (baseline-s0) vs "synthetic" (baseline-s2)' in output
