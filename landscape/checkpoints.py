@@ -341,6 +341,15 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     )
     if missing or unexpected or mismatched:
         raise CheckpointError(describe_key_mismatch(source, missing, unexpected, mismatched))
+    kinds = [k for k in own if own[k].is_floating_point() and not state_dict[k].is_floating_point()]
+    if kinds:  # integers, booleans or complex numbers, which loading would cast without a word
+        dtype = state_dict[kinds[0]].dtype
+        raise CheckpointError(
+            f"The weights in {source} hold {kinds[0]} as {str(dtype).removeprefix('torch.')}"
+            f"{f' (and {len(kinds) - 1} more tensors not real floating-point)' if len(kinds) > 1 else ''}, where the "
+            "model takes real floating-point values" + (", so loading would drop the imaginary part" if
+                                                         dtype.is_complex else "") +
+            "; give a checkpoint of floating-point weights.")
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -65,6 +65,20 @@ def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_
 
 
 
+@pytest.mark.parametrize("kind", ["complex", "int", "bool"])
+def test_weights_that_are_not_real_floats_are_refused_in_one_sentence(tmp_path, kind):
+    state = tiny_timm().state_dict()
+    w = state["head.weight"]
+    state["head.weight"] = {"complex": torch.complex(w, torch.ones_like(w)), "int": (10 * w).long(),
+                            "bool": w > 0}[kind]
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"hold head\.weight as (complex64|int64|bool), where the model takes "
+                                              r"real floating-point values") as error:
+        import_checkpoint(tmp_path / "odd.pth", tmp_path / "run", model_args={"num_heads": 2})
+    assert ("imaginary part" in str(error.value)) == (kind == "complex")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_said(tmp_path):
     source = tiny_timm()
     with torch.no_grad():  # sharper attention than at initialisation, as after training: the head count matters
