@@ -79,6 +79,22 @@ def test_weights_that_are_not_real_floats_are_refused_in_one_sentence(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_position_embedding_that_fits_two_image_sizes_is_a_guess_said_and_a_stated_size_picks(tmp_path):
+    # a class token and 4 registers not embedded on a 3x3 grid: 9 tokens, also 4 patches (2x2) + 5 embedded tokens
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    source = VisionTransformer(img_size=6, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                               num_heads=2, reg_tokens=4, no_embed_class=True).eval()
+    torch.save(source.state_dict(), tmp_path / "reg.pth")
+    guessed = import_checkpoint(tmp_path / "reg.pth", tmp_path / "guessed", model_args={"num_heads": 2})
+    assert guessed.facts["img_size"]["how"] == "guessed" and guessed.model_kwargs["img_size"] == 4
+    assert any("img_size=4 guessed" in n and "--model-arg img_size=6" in n for n in guessed.notes)
+    stated = import_checkpoint(tmp_path / "reg.pth", tmp_path / "stated", model_args={"num_heads": 2, "img_size": 6})
+    assert stated.facts["img_size"]["how"] == "read" and stated.model_kwargs["no_embed_class"] is True
+    assert_same_logits(source, tmp_path / "stated", torch.randn(2, 1, 6, 6))
+
+
 def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_said(tmp_path):
     source = tiny_timm()
     with torch.no_grad():  # sharper attention than at initialisation, as after training: the head count matters

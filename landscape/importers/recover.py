@@ -108,9 +108,11 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
     distilled = "dist_token" in state
     prefix_tokens = int(class_token) + reg_tokens + int(distilled)
 
-    img_size, no_embed_class = _image_size(state, ph, prefix_tokens, hints.get("img_size"), notes)
+    img_size, no_embed_class, size_rule = _image_size(state, ph, prefix_tokens, hints.get("img_size"), notes)
     if "img_size" in sources and img_size == hints.get("img_size"):
         facts["img_size"] = _read(img_size, sources["img_size"])
+    elif size_rule:
+        facts["img_size"] = _guessed(img_size, size_rule)
     else:
         facts["img_size"] = {"value": img_size, "how": "read", "from": "the position embedding's length"}
     head = state.get("head.weight")
@@ -248,18 +250,19 @@ def _mlp_hidden(state: StateDict, depth: int) -> int:
 
 def _image_size(
     state: StateDict, patch: int, prefix_tokens: int, hinted: Any, notes: list[str]
-) -> tuple[int | None, bool]:
-    """``(img_size, no_embed_class)`` from ``pos_embed``'s length ``L``.
+) -> tuple[int | None, bool, str]:
+    """``(img_size, no_embed_class, rule)`` from ``pos_embed``'s length ``L``.
 
     ``L - T`` must be a square number of patches ``(h/p)^2`` with the ``T`` prefix tokens embedded (timm's
-    default), or ``L`` itself when they are not (``no_embed_class``). A stated image size picks between the two.
+    default), or ``L`` itself when they are not (``no_embed_class``). A stated image size picks between the two;
+    when both fit and none is stated, timm's default is taken and ``rule`` says it was guessed (else ``""``).
     """
     pos = state.get("pos_embed")
     if pos is None:  # built with pos_embed='none'
         if hinted is None:
             raise CheckpointError("The weights have no position embedding, so the image size is unknown; "
                                   "give it with --model-arg img_size=N (the model is built without one).")
-        return int(hinted), False
+        return int(hinted), False, ""
     length = int(pos.shape[1])
     layouts = [(length - prefix_tokens, False)] + ([(length, True)] if prefix_tokens else [])
     fits = [(math.isqrt(n) * patch, no_embed) for n, no_embed in layouts if n > 0 and math.isqrt(n) ** 2 == n]
@@ -271,7 +274,14 @@ def _image_size(
     stated = [f for f in fits if hinted is not None and f[0] == int(hinted)]
     if hinted is not None and not stated:
         notes.append(f"the source states image size {hinted}, but the position embedding fits {fits[0][0]}")
-    return (stated or fits)[0]
+    if len(fits) == 2 and not stated:  # both layouts fit: timm's default (prefix tokens embedded) is taken
+        (size, _), (other, _) = fits
+        rule = (f"the position embedding's {length} tokens fit img_size={size} with the {prefix_tokens} prefix tokens "
+                f"embedded (timm's default, taken) and img_size={other} with them not embedded (no_embed_class)")
+        notes.append(f"img_size={size} guessed: {rule}; pass --model-arg img_size={other} if the source took "
+                     f"{other}-pixel images")
+        return size, False, rule
+    return (*(stated or fits)[0], "")
 
 
 def _num_heads(embed_dim: int, hints: dict[str, Any], state: StateDict | None = None) -> tuple[int, str]:
