@@ -6,6 +6,7 @@ usage errors exit with 2. Nothing here computes anything.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ class LandscapeGroup(click.Group):
                        "(fewer --samples, a smaller --batch-size or --img-size, a smaller model); everything saved "
                        "before stays as it was.", err=True)
             ctx.exit(1)
+        except BrokenPipeError:  # the reader of the output left (`landscape inspect RUN | head`): nothing to say,
+            # and nobody to say it to; exit as a program killed by SIGPIPE does, with stdout closed quietly
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            ctx.exit(128 + signal.SIGPIPE)
         except OSError as e:  # the machine's failures that no write path caught: still one sentence, no traceback
             from landscape.io import describe_os_error
 
@@ -289,6 +297,11 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             raise LandscapeError("--extend-to raises the epochs of an existing run; give it with --resume RUN.")
         if recipe is None:
             recipe = "digits" if data in (None, "digits", "synthetic") else "small-images"
+        elif not recipe.strip():
+            raise LandscapeError(f"--recipe is empty; give a recipe name ({', '.join(recipe_names())}) or a YAML file.")
+        recorded = [k for k in _key_values(overrides) if k in ("extended_from", "extended_at")]
+        if recorded:
+            raise LandscapeError(f"{recorded[0]} is a record --resume RUN --extend-to N writes, not a setting.")
         options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "img_size": img_size}
         extra = {"init": str(init)} if init is not None else {}
         config = build_config(recipe, model=model, model_kwargs=_key_values(model_args), data=data,
@@ -683,7 +696,12 @@ def import_command(source: Path, out: Path, format_: str | None, model: str | No
 def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> None:
     """The final-checkpoint measures of several runs side by side ('-' where a run has no such result)."""
     from landscape.compare import compare_runs, write_compare_csv
+    from landscape.io import refuse_overwrite
 
+    if out is not None:
+        refuse_overwrite(out, "a CSV table", (".csv", ".txt", ".tsv"))
+    if figure is not None:
+        refuse_overwrite(figure, "a figure", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
     table = compare_runs(runs)
     for caveat in table.attrs.get("caveats", ()):
         click.echo(f"Warning: {caveat}", err=True)
@@ -763,9 +781,13 @@ def _warn_problems(results) -> None:
 @click.option("--no-figures", is_flag=True, help="Write the report without drawing or linking figures.")
 def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path | None, no_figures: bool) -> None:
     """The hypotheses H1-H4 on RUNS, each with its evidence and a verdict by the rule stated in the report."""
+    from landscape.io import refuse_overwrite
     from landscape.report import write_report
     from landscape.summary import load_results
 
+    refuse_overwrite(out, "a Markdown report", (".md", ".markdown", ".txt"))
+    if with_html:
+        refuse_overwrite(out.with_suffix(".html"), "an HTML report", (".html", ".htm"))
     results = load_results(runs)
     _warn_problems(results)
     written = {}

@@ -428,6 +428,30 @@ def refuse_special(path: str | os.PathLike, wanted: str, *, error: type[Landscap
         raise error(f"{path} is {what}, not {wanted}{'; ' + advice if advice else ''}.")
 
 
+_RUN_FILES = ("config.yaml", "metrics.csv", "data.json")
+_RUN_FOLDERS = ("checkpoints", "state", "analysis", "preconditioner")
+
+
+def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], *,
+                     error: type[LandscapeError] = LandscapeError) -> None:
+    """Raise ``error`` when writing ``what`` to ``path`` would replace a file it must not: one of a run's own
+    files (its config, metrics, data record, a checkpoint, its state or an analysis result), or an existing file
+    of another kind than ``suffixes`` (``--out ~/.bashrc``). A new path, or an earlier output of the same kind,
+    passes."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    resolved = path.resolve()
+    for parent in list(resolved.parents)[:3]:
+        inside = resolved.relative_to(parent).parts
+        if (parent / "config.yaml").is_file() and ((parent / "checkpoints").is_dir() or (parent / "metrics.csv").is_file()) \
+                and (inside[0] in _RUN_FOLDERS or (len(inside) == 1 and inside[0] in _RUN_FILES)):
+            raise error(f"{path} is a file of the run {parent}, which {what} would replace; give --out another path.")
+    if path.suffix.lower() not in suffixes:
+        raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give --out a "
+                    f"new path or one ending in {suffixes[0]}.")
+
+
 def dangling(path: str | os.PathLike) -> str:
     """`` (a symbolic link to nowhere: a loop or a missing target)`` for such a link, else ``""``: what to add to
     "does not exist" so that the sentence names what is there."""

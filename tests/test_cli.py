@@ -160,3 +160,36 @@ def test_a_data_folder_that_is_a_file_is_named_where_it_was_given(tmp_path, monk
     assert from_env.exit_code == 2 and "'LANDSCAPE_DATA_DIR': " in from_env.output and "is a file" in from_env.output
     given = CliRunner().invoke(cli, ["train", "--data", "mnist", "--dry-run", "--data-dir", str(afile)])
     assert given.exit_code == 2 and "'--data-dir': " in given.output
+
+
+def test_report_and_compare_never_write_over_a_runs_own_files_or_a_file_of_another_kind(tmp_path):
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    checkpoint = sorted(run.checkpoints_dir.glob("*.safetensors"))[-1]
+    (tmp_path / "notes.yaml").write_text("mine\n")
+    kept = {p: p.read_bytes() for p in (run.config_path, checkpoint, run.metrics_path, tmp_path / "notes.yaml")}
+    for args in (["report", run.root, "--no-figures", "--out", run.config_path],
+                 ["report", run.root, "--no-figures", "--out", run.metrics_path],
+                 ["compare", run.root, "--out", checkpoint],
+                 ["compare", run.root, "--out", tmp_path / "notes.yaml"],
+                 ["compare", run.root, "--figure", run.config_path]):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1, (args, result.output)
+        assert result.output.startswith("Error: ") and "--out" in result.output, result.output
+    assert {p: p.read_bytes() for p in kept} == kept
+    for args in (["report", run.root, "--no-figures", "--html", "--out", run.root / "report.md"],  # beside the run
+                 ["compare", run.root, "--out", tmp_path / "table.csv"]):
+        for _ in range(2):  # and over its own earlier output
+            result = CliRunner().invoke(cli, [str(a) for a in args])
+            assert result.exit_code == 0, result.output
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    # `true` leaves before the command writes (its imports take seconds): every write meets a closed pipe
+    shell = f"{sys.executable} -m landscape inspect {run.root} | true; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stderr == "" and done.stdout.strip() in ("0", "141"), (done.stdout, done.stderr)

@@ -117,3 +117,24 @@ def test_extend_refusals_are_one_sentence_and_change_nothing(finished_run, tmp_p
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
     assert (run_dir / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("total", ["1000001", str(2 ** 64)])
+def test_a_total_no_run_can_have_is_refused_before_the_config_is_rewritten(finished_run, tmp_path, total):
+    run_dir = copy_of(finished_run, tmp_path)
+    before = (run_dir / "config.yaml").read_bytes()
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "--extend-to", total])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: --extend-to {total}: epochs must be between 1 and 1,000,000."
+    assert (run_dir / "config.yaml").read_bytes() == before
+    again = CliRunner().invoke(cli, ["train", "--resume", str(run_dir)])  # the run is as it was: finished
+    assert again.exit_code == 0, again.output
+
+
+def test_the_extension_record_is_not_a_setting_and_an_empty_recipe_is_no_recipe(tmp_path):
+    for args, message in ((["--set", "extended_from=5"], "extended_from is a record --resume RUN --extend-to N "
+                                                         "writes, not a setting."),
+                          (["--recipe", ""], "--recipe is empty; give a recipe name")):
+        result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "run"), *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert not (tmp_path / "run").exists()

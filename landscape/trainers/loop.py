@@ -759,6 +759,10 @@ def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist
         previous = config.extended_from
     extended = dataclasses.replace(config, epochs=epochs, extended_from=previous,
                                    extended_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    try:  # checked before the run's config is rewritten: a total no run can have would leave it unusable
+        validate(extended)
+    except ConfigError as e:
+        raise ConfigError(f"--extend-to {epochs}: {str(e).removeprefix('The config is invalid: ')}") from None
     error = None
     if dist.is_main:
         try:
