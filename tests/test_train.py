@@ -165,6 +165,24 @@ def test_model_arguments_that_do_not_fit_the_data_are_refused_before_the_run_is_
     assert not out.exists()
 
 
+def test_a_model_whose_name_sets_a_patch_larger_than_the_images_is_refused_before_the_run_is_made(tmp_path):
+    # the patch of 16 comes from the name, not from --model-arg: the first step failed with a traceback
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    out = tmp_path / "runs" / "x"
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_small_patch16_224", "--set",
+                                          "epochs=1", "--no-progress", "--out", str(out), *dry])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: vit_small_patch16_224 cannot take the 1-channel 8x8 images of "
+                                        "digits (") and "give --model-arg patch_size=2" in result.output
+    assert not out.exists()
+    fits = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "mlit_xxs", "--dry-run"])
+    assert fits.exit_code == 0, fits.output  # a mixture's routing the meta device cannot run is left to training
+
+
 def test_paper_recipe_is_the_published_one():
     c = build_config("paper-a-imagenet")
     assert (c.batch_size, c.epochs, c.seed, c.model.drop_path) == (1024, 300, 42, 0.1)

@@ -576,6 +576,35 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
     data.check_data_fits(config.data.name, model_in_chans=kwargs.get("in_chans"), model_img_size=side,
                          model_classes=kwargs.get("num_classes"), img_size=config.data.img_size,
                          options=config.data.options, data_dir=data_dir, training=True)
+    _check_forward(config, kwargs)
+
+
+def _check_forward(config: TrainConfig, kwargs: dict[str, Any]) -> None:
+    """One forward pass of the model on the meta device (no memory, no arithmetic) with a batch of the data's
+    shape: what the arguments leave to the model's name (``vit_small_patch16_224``'s patch of 16 on 8x8 digits)
+    fails here in one sentence, not in the first training step."""
+    from landscape import data
+
+    info = data.get_dataset_info(config.data.name, **data.dataset_options(config.data.name, config.data.img_size,
+                                                                          config.data.options))
+    side = config.data.img_size or info.img_size
+    try:
+        with torch.device("meta"):
+            model = _create_model(config.model.name, kwargs)
+            with torch.no_grad():
+                model.eval()(torch.empty(1, info.in_chans, side, side))
+    except LandscapeError:
+        raise
+    except Exception as e:  # noqa: BLE001  (timm asserts, convolutions refuse, shapes do not multiply)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
+            return  # an operation the meta device cannot run (an mLiT's routing): the first step will tell
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) if "model" in locals() else None
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        hint = (f"its patch of {patch} is larger than the images; give --model-arg patch_size={max(1, side // 4)}"
+                if isinstance(patch, int) and patch > side else "give model arguments that fit them")
+        raise ConfigError(f"{config.model.name} cannot take the {info.in_chans}-channel {side}x{side} images of "
+                          f"{config.data.name} ({reason[:200]}); {hint}, or another --img-size.") from None
 
 
 def _square_side(size: Any) -> int | None:
