@@ -193,3 +193,23 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
     shell = f"{sys.executable} -m landscape inspect {run.root} | true; echo ${{PIPESTATUS[0]}}"
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
     assert done.stderr == "" and done.stdout.strip() in ("0", "141"), (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hessian", "--top-k", "1", "--seed", "-1"], "--seed must be between 0 and 4294967295 (2**32 - 1), not -1."),
+    (["sharpness", "--seed", str(2 ** 32)], "--seed must be between 0 and 4294967295"),
+    (["sharpness", "--rho", "1e30"], "--rho must be radii between 1e-12 and 1e6"),
+    (["sharpness", "--rho", "0.05,1e-300"], "--rho must be radii between 1e-12 and 1e6"),
+    (["surface", "--range", "-1e308:1e308"], "Range '-1e308:1e308' reaches past 1,000,000 times the directions"),
+    (["surface", "--range", "1e30:1e31"], "reaches past 1,000,000 times"),
+])
+def test_values_past_what_an_analysis_can_measure_are_one_sentence_and_write_nothing(tmp_path, args, message):
+    # a traceback each (numpy's seed range, a NaN in the trust-region solver, an overflowing grid step), and the
+    # overflowing surface was saved, NaN coordinates and all
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    result = CliRunner().invoke(cli, ["analyze", args[0], str(run.root), *args[1:], "--samples", "16",
+                                      "--checkpoints", "last"])
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
+    assert not list(run.analysis_dir.glob("*.nc"))

@@ -57,6 +57,8 @@ class EvaluationSettings:
                 raise ConfigError(f"{name} must be a positive integer, not {value}.")
         if self.classes is not None and self.dataset not in (None, "synthetic"):
             raise ConfigError(f"--classes sets the classes of synthetic data only; {self.dataset} has its own.")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"--seed must be between 0 and 4294967295 (2**32 - 1), not {self.seed}.")
 
     @property
     def torch_dtype(self):

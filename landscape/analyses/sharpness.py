@@ -59,6 +59,9 @@ class SharpnessSettings(EvaluationSettings):
         self.rhos = tuple(float(r) for r in self.rhos)
         if not self.rhos or any(not math.isfinite(r) or r <= 0 for r in self.rhos):
             raise ConfigError(f"--rho must be positive numbers, not {', '.join(map(str, self.rhos)) or 'nothing'}.")
+        if any(not 1e-12 <= r <= 1e6 for r in self.rhos):
+            raise ConfigError(f"--rho must be radii between 1e-12 and 1e6 (a radius is measured against weights of "
+                              f"size about 1), not {', '.join(f'{r:g}' for r in self.rhos)}.")
         if len(set(self.rhos)) != len(self.rhos):
             raise ConfigError(f"--rho must be distinct radii; {', '.join(map(str, self.rhos))} repeats one.")
         if self.steps < 1:

@@ -333,15 +333,25 @@ def parse_range(text: str | Sequence[float] | None, kind: str = "random") -> tup
         return DEFAULT_RANGES[kind]
     if not isinstance(text, str):
         start, stop = (float(v) for v in text)
-        return start, stop
-    try:
-        start_text, stop_text = text.split(":")
-        start, stop = float(start_text), float(stop_text)
-    except ValueError:
-        raise LandscapeError(f"Range {text!r} must have the form START:STOP, e.g. -1:1 or 0:1.") from None
+        shown = f"({start:g}, {stop:g})"
+    else:
+        try:
+            start_text, stop_text = text.split(":")
+            start, stop = float(start_text), float(stop_text)
+        except ValueError:
+            raise LandscapeError(f"Range {text!r} must have the form START:STOP, e.g. -1:1 or 0:1.") from None
+        shown = repr(text)
     if not (math.isfinite(start) and math.isfinite(stop)) or start >= stop:
-        raise LandscapeError(f"Range {text!r} must have finite START < STOP.")
+        raise LandscapeError(f"Range {shown} must have finite START < STOP.")
+    if max(abs(start), abs(stop)) > MAX_COORDINATE:
+        raise LandscapeError(f"Range {shown} reaches past {MAX_COORDINATE:,.0f} times the directions, which moves the "
+                             "weights a million times their own size (every loss there is overflow); give e.g. -1:1.")
     return start, stop
+
+
+MAX_COORDINATE = 1e6
+"""The largest surface coordinate taken: a random direction is as large as the weights (filter-normalised), so
+coordinates beyond it measure overflow, not the landscape."""
 
 
 # -- one checkpoint -------------------------------------------------------------------------------------------------
