@@ -595,8 +595,11 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
     from landscape.analyses.dynamics import SCALARS, across_seeds, write_dynamics
     from landscape.runs import Run
 
+    named = {}
+    for path in runs:  # a run named twice (`RUN RUN`, `runs/x runs/./x`) is one run, not two seeds of it
+        named.setdefault(path.resolve(), path)
     datasets, rows = [], []
-    for path in runs:
+    for path in named.values():
         ds, written = write_dynamics(Run.open(path))
         datasets.append(ds)
         for w in ds["weights"].values:
@@ -605,6 +608,13 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
                          "final gap": float(ds["generalization_gap"][-1])})
         click.echo(f"wrote {written}", err=True)
     print_table(rows)
+    seen: dict[tuple[str, object], str] = {}
+    for ds, path in zip(datasets, named.values()):
+        key = (str(ds.attrs["variant"]), ds.attrs.get("seed"))
+        if key in seen:
+            click.echo(f"Warning: {seen[key]} and {path} are both seed {key[1]} of {key[0]}; the spread below counts "
+                       "them as two seeds.", err=True)
+        seen.setdefault(key, str(path))
     if len(datasets) > 1:
         summary = across_seeds(datasets).to_dataframe().dropna(subset=["n_seeds"]).reset_index()
         click.echo("\nacross seeds (mean, standard deviation)")

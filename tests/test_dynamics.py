@@ -125,3 +125,21 @@ def test_a_masked_autoencoder_run_is_said_to_have_no_top1_curve(tmp_path):
     run.write_metrics([{"epoch": 1, "step": 10, "train_loss": 0.5, "val_loss": 0.4, "val_top1": None}])
     with pytest.raises(LandscapeError, match="pre-trains a masked autoencoder: it has no top-1 curve"):
         run_dynamics(run)
+
+
+def test_a_run_named_twice_is_one_run_and_two_runs_of_one_seed_are_said(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+    from conftest import TINY_VIT, make_tiny_run
+
+    from landscape.cli import cli
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    twice = CliRunner().invoke(cli, ["analyze", "dynamics", str(run.root), str(run.root / ".." / run.root.name)])
+    assert twice.exit_code == 0, twice.output
+    assert "across seeds" not in twice.output and twice.output.count(f"{run.root}  ") == 2  # raw and EMA rows
+    copy = shutil.copytree(run.root, tmp_path / "copy")
+    same_seed = CliRunner().invoke(cli, ["analyze", "dynamics", str(run.root), str(copy)])
+    assert same_seed.exit_code == 0, same_seed.output
+    assert f"Warning: {run.root} and {copy} are both seed 0 of " in same_seed.output
