@@ -67,6 +67,11 @@ def test_checkpoint_schedules_give_the_documented_steps():
     gaps = [b - a for a, b in zip(log, log[1:])]
     assert gaps == sorted(gaps), "log spacing must be dense early and sparse late"
     assert log_spaced_steps(50, 10) == list(range(1, 11))
+    for total, n in ((37, 40), (37, 90), (1000, 1500), (1000, 2999)):  # more points than steps: one pass over
+        # the steps gives the points' own steps (log:1000000000 looped a billion times)
+        ratio = math.log(total) / (n - 1)
+        assert log_spaced_steps(n, total) == sorted({round(math.exp(i * ratio)) for i in range(n)})
+    assert log_spaced_steps(10 ** 9, 5000) == list(range(1, 5001))
     with pytest.raises(ConfigError, match="Unknown checkpoint schedule 'weekly'"):
         checkpoint_steps("weekly", updates_per_epoch=5, epochs=1)
 

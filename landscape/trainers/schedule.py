@@ -48,7 +48,20 @@ def log_spaced_steps(n: int, total: int) -> list[int]:
     if n == 1 or total == 1:
         return [total]
     ratio = math.log(total) / (n - 1)
-    return sorted({min(total, max(1, round(math.exp(i * ratio)))) for i in range(n)})
+    if n <= total:
+        return sorted({min(total, max(1, round(math.exp(i * ratio)))) for i in range(n)})
+    # more points than steps (log:1000000000 looped a billion times): step k is taken when some i lands in it,
+    # i.e. the first i with exp(i * ratio) >= k - 1/2 is still below k + 1/2; one pass over the steps
+    taken = []
+    for k in range(1, total + 1):
+        i = 0 if k == 1 else max(0, math.ceil(math.log(k - 0.5) / ratio))
+        while i > 0 and math.exp((i - 1) * ratio) >= k - 0.5:  # rounding in the logarithm, either way
+            i -= 1
+        while math.exp(i * ratio) < k - 0.5:
+            i += 1
+        if i <= n - 1 and round(math.exp(i * ratio)) == k:
+            taken.append(k)
+    return taken
 
 
 def checkpoints_to_delete(keep: str, steps_on_disk: list[int]) -> list[int]:
