@@ -129,9 +129,14 @@ def tmp_path_like():
 def test_a_damaged_file_is_one_clear_error(tmp_path):
     path = tmp_path / "hessian.nc"
     path.write_bytes(b"not netcdf")
-    with pytest.raises(LandscapeError, match="not a readable analysis file"):
+    with pytest.raises(LandscapeError, match=r"not a readable analysis file \(\w+\); delete it, or recompute it "
+                                             r"with landscape analyze \.\.\. --force\."):
         AnalysisResults(path, "hessian", SETTINGS, seed=0)
     assert read_results(tmp_path / "absent.nc") is None and finished_checkpoints(tmp_path / "absent.nc") == []
+    forced = AnalysisResults(path, "hessian", SETTINGS, seed=0, force=True)  # as the advice says: replaced
+    assert forced.dataset is None
+    forced.append(entry(1.0), name="epoch-0001", epoch=1, step=10)
+    assert finished_checkpoints(path) == ["epoch-0001"]
 
 
 def test_two_processes_appending_to_one_file_keep_every_checkpoint(tmp_path):

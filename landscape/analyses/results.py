@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 import xarray as xr
 
-from landscape.io import RunLock, atomic_write_bytes, exclusive_file_lock, remove_stale_temporaries
+from landscape.io import RunLock, atomic_write_bytes, exclusive_file_lock, remove_stale_temporaries, special_file
 from landscape.errors import LandscapeError
 
 ENGINE = "h5netcdf"
@@ -172,7 +172,8 @@ def read_results(path: str | os.PathLike) -> xr.Dataset | None:
             return ds.load()
     except Exception as e:  # h5py/h5netcdf raise several types for a damaged file
         raise LandscapeError(
-            f"{path} is not a readable analysis file ({type(e).__name__}); delete it or recompute with --force."
+            f"{path} is not a readable analysis file ({type(e).__name__}); delete it, or recompute it with "
+            "landscape analyze ... --force."
         ) from None
 
 
@@ -265,7 +266,12 @@ class AnalysisResults:
         self.force = force
         self.attrs = analysis_attrs(name, self.settings, self.seed)
         self._seen = _file_signature(self.path)  # taken before the read: a write in between only costs a re-read
-        self.dataset: xr.Dataset | None = read_results(self.path)
+        try:
+            self.dataset: xr.Dataset | None = read_results(self.path)
+        except LandscapeError:
+            if not force or special_file(self.path) is not None:
+                raise
+            self.dataset = None  # damaged: --force replaces it with these results at the first write
         kind = self.dataset.attrs.get("analysis") if self.dataset is not None else name
         if kind != name and not force:
             raise LandscapeError(f"{self.path} is not a landscape {name} results file (its 'analysis' attribute is "
