@@ -120,10 +120,32 @@ def test_config_layers_apply_in_order_and_short_keys_resolve():
     ("data.val_size=0", "data.val_size must be a number of images, 1 or more"),
     ("epochs=1e9", "epochs must be between 1 and 1,000,000"),  # a MemoryError listing the checkpoint steps
     ("optim.momentum=0", "for plain SGD give --set optim.opt=momentum"),  # with opt sgd below
+    # trained without a word: no blocks, MLPs of width 0, a "decay" that raised the learning rate a thousandfold
+    ("model.kwargs.depth=0", "model.kwargs.depth must be at least 1 block, not 0"),
+    ("model.kwargs.mlp_ratio=0", "model.kwargs.mlp_ratio must be more than 0"),
+    ("schedule.min_lr=1", "schedule.min_lr 1 is above the peak learning rate"),
 ])
 def test_bad_overrides_are_one_sentence_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("digits", overrides=[override, *(["optim.opt=sgd"] if "momentum=0" in override else [])])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "data.train_size=10000"], "data.train_size 10000 is more than the 1437 training images of digits"),
+    (["--set", "data.val_size=361"], "data.val_size 361 is more than the 360 validation images of digits"),
+    (["--data", "synthetic", "--set", "data.train_size=2000"], "generate more with --set data.options.count=2000"),
+])
+def test_a_subset_larger_than_the_split_is_refused_before_the_run_is_made(tmp_path, args, message):
+    # it was recorded in config.yaml and the whole (smaller) split trained
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", *args, "--set", "epochs=1", "--no-progress",
+                                      "--out", str(out)])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not out.exists()
 
 
 def test_synthetic_training_data_is_generated_at_its_size_and_the_advice_to_use_it_works(tmp_path):
@@ -425,6 +447,28 @@ def test_mae_pretraining_then_fine_tuning_starts_from_the_encoder(tmp_path):
     different = [k for k in encoder if not torch.equal(encoder[k], start[k])]
     assert not different, f"weights not taken from the pre-trained encoder: {different[:5]}"
     assert fine.final["moe_aux_loss"] > 0, "an mLiT reports its load-balancing loss"
+
+
+def test_init_from_another_architecture_is_refused_before_the_run_is_made(tmp_path):
+    # only head.bias fitted (1 of 44 tensors) and the run trained from scratch without a word
+    from conftest import TINY_VIT
+
+    from landscape.checkpoints import save_checkpoint
+    from landscape.models import create_model
+    from landscape.trainers.loop import load_init_weights
+
+    small = create_model("vit_pico_patch4_32", **{**TINY_VIT, "embed_dim": 16, "depth": 1})
+    path = tmp_path / "small.safetensors"
+    save_checkpoint(path, small.state_dict(), model="vit_pico_patch4_32", model_kwargs={}, epoch=1, step=1)
+    large = create_model("vit_pico_patch4_32", **{**TINY_VIT, "embed_dim": 32, "depth": 3})
+    before = {k: v.clone() for k, v in large.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"Only 1 of the model's \d+ tensors \(0\.\d% of its weights\) fit"):
+        load_init_weights(large, path)
+    assert all(torch.equal(v, before[k]) for k, v in large.state_dict().items())
+    headless = {k: v for k, v in small.state_dict().items() if not k.startswith("head.")}  # a new head: fine
+    save_checkpoint(path, headless, model="vit_pico_patch4_32", model_kwargs={}, epoch=1, step=1)
+    same = create_model("vit_pico_patch4_32", **{**TINY_VIT, "embed_dim": 16, "depth": 1})
+    assert sorted(load_init_weights(same, path)["skipped"]) == ["head.bias", "head.weight"]
 
 
 # -- data parallel ----------------------------------------------------------------------------------------------

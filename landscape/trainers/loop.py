@@ -577,6 +577,16 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
                          model_classes=kwargs.get("num_classes"), img_size=config.data.img_size,
                          options=config.data.options, data_dir=data_dir, training=True)
     _check_forward(config, kwargs)
+    info = data.get_dataset_info(config.data.name, **data.dataset_options(config.data.name, config.data.img_size,
+                                                                          config.data.options))
+    for split, asked, has, option in (("train", config.data.train_size, info.train_size, "count"),
+                                      ("val", config.data.val_size, info.val_size, "val_count")):
+        if asked is not None and has is not None and asked > has:
+            more = (f" (or generate more with --set data.options.{option}={asked})"
+                    if config.data.name == "synthetic" else "")
+            what = "training" if split == "train" else "validation"
+            raise ConfigError(f"data.{split}_size {asked} is more than the {has} {what} images of {config.data.name}; "
+                              f"give at most {has}, or leave it out for all of them{more}.")
 
 
 def _check_forward(config: TrainConfig, kwargs: dict[str, Any]) -> None:
@@ -639,6 +649,11 @@ def load_init_weights(model: torch.nn.Module, source: str | os.PathLike) -> dict
     loaded = [k for k in own if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
     if not loaded:
         raise CheckpointError(f"No weights in {path} fit the model (no tensor with a matching name and shape).")
+    share = sum(own[k].numel() for k in loaded) / max(1, sum(t.numel() for t in own.values()))
+    if share < 0.5:  # another architecture: a start from a few matching biases is a start from scratch
+        raise CheckpointError(f"Only {len(loaded)} of the model's {len(own)} tensors ({share:.1%} of its weights) fit "
+                              f"the weights in {path} by name and shape; --init starts from weights of the same "
+                              "architecture (a new head may differ), so give a run of this model.")
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return {"loaded": loaded, "skipped": [k for k in own if k not in loaded]}
 

@@ -176,6 +176,18 @@ def validate(config: TrainConfig) -> TrainConfig:
         (0 <= config.augment.mixup_prob <= 1 and 0 <= config.augment.switch_prob <= 1,
          "augment.mixup_prob and augment.switch_prob must be in [0, 1]"),
     ]
+    kwargs = config.model.kwargs if isinstance(config.model.kwargs, dict) else {}
+    depth, ratio = kwargs.get("depth"), kwargs.get("mlp_ratio")
+    scale = config.batch_size / config.optim.lr_base_batch if config.optim.lr_base_batch else 1.0
+    checks += [
+        (not isinstance(depth, (int, float)) or isinstance(depth, bool) or depth >= 1,
+         f"model.kwargs.depth must be at least 1 block, not {depth}"),
+        (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio > 0,
+         f"model.kwargs.mlp_ratio must be more than 0 (an MLP of hidden width 0 is no MLP), not {ratio}"),
+        (config.schedule.min_lr <= config.optim.lr * scale,
+         f"schedule.min_lr {config.schedule.min_lr:g} is above the peak learning rate {config.optim.lr * scale:g}, "
+         "so the decay would raise it; give a min_lr below the lr"),
+    ]
     for ok, sentence in checks:
         if not ok:
             raise ConfigError(f"The config is invalid: {sentence}.")
