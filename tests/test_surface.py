@@ -245,6 +245,23 @@ def test_plane_passes_through_the_three_checkpoints_exactly(runs):
     assert float(ds["axis_cosine"]) == pytest.approx(float(u @ v / (u.norm() * v.norm())), rel=1e-6)
 
 
+def test_a_line_to_itself_and_a_plane_of_one_line_are_refused_before_the_grid(runs, tmp_path):
+    # they were saved as results: a line of length 0 (barrier 0) and a "plane" with axis cosine 1
+    from landscape.errors import LandscapeError
+
+    a, b = runs["a"], runs["b"]
+    last = a.checkpoints()[-1]
+    before = sorted(a.analysis_dir.glob("*.nc"))
+    for directions, message in ((f"interpolate:{a.root}", r"The line's target 1 has the very weights of the "
+                                                          r"checkpoint it starts from"),
+                                (f"plane:{b.root}@3,{b.root}@3", r"The plane's two targets lie on one line through "
+                                                                 r"the checkpoint \(cosine 1\.000000\)")):
+        settings = SurfaceSettings(directions=directions, points=3, samples=SAMPLES)
+        with pytest.raises(LandscapeError, match=message):
+            run_surface_analysis(a, settings, checkpoints=f"epochs:{last.epoch}")
+    assert sorted(a.analysis_dir.glob("*.nc")) == before
+
+
 def test_random_directions_are_saved_once_and_reused_by_later_checkpoints(runs):
     a = runs["a"]
     settings = SurfaceSettings(directions="random", dims=1, points=3, samples=SAMPLES, seed=7)

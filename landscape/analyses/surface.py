@@ -400,14 +400,25 @@ def surface_analysis(
                          for o in extra_targets]]
     else:
         extra_bases = None
-    loss, top1 = evaluate_grid(closure, [center, *directions], coefficients, extra=extra, extra_bases=extra_bases,
-                               progress=callback, world=world)
-    shape = tuple(len(a) for a in axes)
     if kind in ("interpolate", "plane"):
         steps = [{n: d[n] - center[n] for n in center} for d in directions]
     else:
         steps = list(directions)
     norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in s.values()))) for s in steps]
+    if kind in ("interpolate", "plane"):  # before the grid is paid for: a line of length 0, a plane of one line
+        if 0.0 in norms:
+            raise LandscapeError(f"The {'line' if kind == 'interpolate' else 'plane'}'s target "
+                                 f"{norms.index(0.0) + 1} has the very weights of the checkpoint it starts from, so "
+                                 "the slice would be one point; give another checkpoint or run.")
+        if kind == "plane":
+            cosine = sum(float((steps[0][n].double() * steps[1][n].double()).sum()) for n in center) / (
+                norms[0] * norms[1])
+            if abs(cosine) > 1 - 1e-9:
+                raise LandscapeError(f"The plane's two targets lie on one line through the checkpoint (cosine "
+                                     f"{cosine:.6f}), so they span no plane; give two targets in other directions.")
+    loss, top1 = evaluate_grid(closure, [center, *directions], coefficients, extra=extra, extra_bases=extra_bases,
+                               progress=callback, world=world)
+    shape = tuple(len(a) for a in axes)
     data: dict[str, Any] = {
         "loss": (names, loss.reshape(shape), loss_attrs(getattr(closure, "criterion", None))),
         "top1": (names, top1.reshape(shape), {"long_name": "top-1 accuracy on the evaluation set", "units": "%"}),
