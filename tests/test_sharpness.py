@@ -436,3 +436,12 @@ def test_cli_sharpness_writes_a_resumable_file(tmp_path):
     assert result.exit_code == 1 and "other settings" in result.output
     result = CliRunner().invoke(cli, ["analyze", "sharpness", str(run.root), "--rho", "-0.1"])
     assert result.exit_code == 1 and "--rho must be positive" in result.output
+
+
+def test_eta_without_adaptive_is_refused_since_plain_sharpness_has_no_scale_to_offset():
+    from landscape.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--eta 5 offsets the adaptive scale \|w\| \+ eta, which plain sharpness "
+                                          r"does not use; add --adaptive"):
+        SharpnessSettings(eta=5.0)
+    assert SharpnessSettings(adaptive=True, eta=5.0).eta == 5.0

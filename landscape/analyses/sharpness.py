@@ -74,6 +74,9 @@ class SharpnessSettings(EvaluationSettings):
             raise ConfigError(f"--draws must be 0 or more, not {self.draws}.")
         if self.eta < 0 or not math.isfinite(self.eta):
             raise ConfigError(f"--eta must be a finite non-negative number, not {self.eta}.")
+        if self.eta and not self.adaptive:
+            raise ConfigError(f"--eta {self.eta:g} offsets the adaptive scale |w| + eta, which plain sharpness does not "
+                              "use; add --adaptive, or leave --eta out.")
         self.check_evaluation()
         if self.m is not None and self.m > self.samples:
             raise ConfigError(f"--m {self.m} is larger than the evaluation set (--samples {self.samples}).")
