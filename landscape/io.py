@@ -342,6 +342,7 @@ class RunLock:
                 raise LandscapeError(f"{self.root} exists and is not a directory.")
             make_dirs(self.root)
         what = "analysing" if shared else "training into"
+        self.made_file = not self.path.exists()  # the lock file is new: a caller that wrote nothing may remove it
 
         def busy() -> str:
             return (f"{self.root} is in use by {_holder(self.path)}; wait for it to finish or stop it before "

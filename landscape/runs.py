@@ -87,7 +87,7 @@ class Run:
         if root.exists() and not root.is_dir():
             raise LandscapeError(f"{root} exists and is not a directory.")
         if root.exists():
-            if not _looks_like_run(root):
+            if not looks_like_run(root):
                 raise LandscapeError(
                     f"{root} already holds files that are not a landscape run; choose another --out folder."
                 )
@@ -253,7 +253,7 @@ _RUN_ENTRIES = {"config.yaml", "data.json", "metrics.csv", "checkpoints", "state
                 "report.md", "report.html"}
 
 
-def _looks_like_run(root: Path) -> bool:
+def looks_like_run(root: Path) -> bool:
     """Everything in ``root`` is something a run writes, or a dot-file (its lock, its temporary files, a user's
     own ``.git`` or notes, which are never deleted)."""
     return all(p.name in _RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
@@ -262,7 +262,7 @@ def _looks_like_run(root: Path) -> bool:
 def is_empty_run(root: Path) -> bool:
     """No checkpoint, no training state and no analysis result: nothing a retry could lose (a run that failed
     before its first checkpoint, or was killed while writing its config)."""
-    if not _looks_like_run(root):
+    if not looks_like_run(root):
         return False
     return (not any((root / "checkpoints").glob("*.safetensors")) and not (root / "state" / "last.pt").exists()
             and not any((root / "analysis").glob("*.nc")))

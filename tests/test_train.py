@@ -490,3 +490,18 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(tmp_path):
     for column in ("train_loss", "val_loss", "ema_val_loss"):
         for a, b in zip(ddp[column], (r[column] for r in single.rows)):
             assert math.isclose(a, b, rel_tol=1e-6), (column, a, b)
+
+
+def test_a_folder_of_other_files_is_named_as_such_and_left_as_it_was(tmp_path):
+    # the advice was --resume or --overwrite (both refused), and each refusal left a .lock in the user's folder
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    for args in ([], ["--overwrite"]):
+        result = CliRunner().invoke(cli, ["train", "--out", str(folder), "--no-progress", *args])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == (f"Error: {folder} already holds files that are not a landscape run; choose "
+                                          "another --out folder.")
+    result = CliRunner().invoke(cli, ["train", "--resume", str(folder)])
+    assert result.exit_code == 1 and "is not a run to resume" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

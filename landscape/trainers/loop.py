@@ -53,7 +53,7 @@ from landscape.errors import CheckpointError, ConfigError, LandscapeError
 from landscape.models import MaskedAutoencoder, MixtureOfSwiGLUExperts, create_model, encoder_state_dict, moe_aux_loss
 from landscape.progress import progress_bar
 from landscape.io import RunLock, WriteError, remove_stale_temporaries
-from landscape.runs import Run, is_empty_run
+from landscape.runs import Run, looks_like_run, is_empty_run
 from landscape.trainers import distributed
 from landscape.trainers.batches import TrainBatches, derive_seed, validation_batches
 from landscape.trainers.ema import ModelEma
@@ -757,6 +757,9 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
         raise ConfigError("A new run needs a config.")
     if run.root.exists() and not run.root.is_dir():
         raise LandscapeError(f"{run.root} exists and is not a directory.")
+    if run.root.is_dir() and not looks_like_run(run.root):
+        raise LandscapeError(f"{run.root} already holds files that are not a landscape run; choose another --out "
+                             "folder.")
     if run.root.is_dir() and not overwrite and not is_empty_run(run.root):
         raise LandscapeError(
             f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
@@ -768,6 +771,8 @@ def _remove_if_unused(root: Path, lock: RunLock) -> None:
         if lock.created and [p.name for p in root.iterdir()] == [lock.path.name]:
             lock.path.unlink()
             root.rmdir()
+        elif lock.made_file and not (root / "config.yaml").exists():  # a folder of the user's: leave it as it was
+            lock.path.unlink()
     except OSError:
         pass
     lock.release()
