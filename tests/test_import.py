@@ -871,3 +871,32 @@ def test_imported_1000_class_model_is_analysed_on_synthetic_data_and_says_so(tmp
         assert ds.attrs["data"] == "synthetic" and "not the data the model was trained on" in ds.attrs["data_note"]
         assert json.loads(ds.attrs["data_options"]) == {"in_chans": 3, "num_classes": 1000}
         assert ds.attrs["data_img_size"] == 48
+
+
+def test_a_checkpoint_of_landscape_train_imports_with_its_ema_and_the_facts_its_header_states(tmp_path):
+    # it was refused with a list of 32 unexpected ema/ keys
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", {**TINY_VIT, "num_heads": 4}, 0)
+    checkpoint = run.checkpoints()[-1]
+    result = import_checkpoint(checkpoint.path, tmp_path / "copy")
+    assert result.facts["num_heads"]["how"] == "read" and result.model_kwargs["num_heads"] == 4
+    x = torch.randn(3, 1, 8, 8)
+    for weights in ("raw", "ema"):
+        info, state = load_checkpoint(checkpoint.path, weights=weights)
+        original = build_model(info, state).eval()
+        torch.testing.assert_close(logits(imported(tmp_path / "copy", weights), x), logits(original, x), atol=0,
+                                   rtol=0)
+    raw, ema = (load_checkpoint(checkpoint.path, weights=w)[1] for w in ("raw", "ema"))
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two are told apart
+
+
+def test_the_activation_and_norm_the_weights_cannot_tell_are_said_to_be_assumed_unless_checked(tmp_path, x):
+    source = tiny_timm()
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    plain = import_checkpoint(tmp_path / "w.pth", tmp_path / "plain", model_args={"num_heads": 2})
+    assert any(n.startswith("activation and norm taken to be timm's exact GELU and LayerNorm") for n in plain.notes)
+    torch.save({"input": x, "logits": logits(source, x)}, tmp_path / "check.pt")
+    checked = import_checkpoint(tmp_path / "w.pth", tmp_path / "checked", model_args={"num_heads": 2},
+                                check_logits=tmp_path / "check.pt")
+    assert not any("GELU" in n for n in checked.notes) and any("logits verified" in n for n in checked.notes)

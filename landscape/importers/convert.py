@@ -326,6 +326,9 @@ def import_checkpoint(
                      f"over {check['inputs']} inputs" + ("; but every reference logit is about 0 (a zero-initialised "
                                                          "head?), so the check cannot tell models apart"
                                                          if check["largest"] < TRIVIAL_LOGITS else ""))
+    if not checks and not foreign.hints.get("arch"):  # nothing stated the network and nothing checked it
+        notes.append("activation and norm taken to be timm's exact GELU and LayerNorm (the weights cannot tell "
+                     "them); --check-logits FILE verifies the import")
     ema_state = None
     stage(IMPORT_STAGES[3])
     if foreign.ema_state_dict is not None:

@@ -78,6 +78,8 @@ def read_foreign_checkpoint(path: str | os.PathLike, format: str | None = None) 
     else:
         obj = read_weights_file(weights_file)
     raw, ema, extra, hints = unpack_training_checkpoint(obj, weights_file)
+    if extra.get("ema_key") == "ema/":  # a checkpoint of `landscape train`: its header states the architecture
+        _landscape_header_hints(weights_file, hints)
     raw = strip_prefixes(raw)
     ema = strip_prefixes(ema) if ema is not None else None
     submodule, left_out = model_submodule(raw) if format is None else (None, [])
@@ -166,6 +168,13 @@ def unpack_training_checkpoint(obj: Any, path: Path) -> tuple[StateDict, StateDi
     hints: dict[str, Any] = {"sources": {}}
     raw: Any = obj
     ema: Any = None
+    from landscape.checkpoints import EMA_PREFIX
+
+    if any(isinstance(k, str) and k.startswith(EMA_PREFIX) for k in obj):  # a checkpoint of `landscape train`
+        raw = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith(EMA_PREFIX))}
+        ema = {k[len(EMA_PREFIX):]: v for k, v in obj.items() if isinstance(k, str) and k.startswith(EMA_PREFIX)}
+        extra["ema_key"] = EMA_PREFIX
+        return raw, ema, extra, hints
     for raw_key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj.get(raw_key), dict):
             raw = obj[raw_key]
@@ -237,6 +246,21 @@ def _args_hints(args: dict[str, Any], hints: dict[str, Any]) -> None:
             if args.get(key) is not None:
                 _hint(hints, "img_size", args[key], f"args.{key}")
                 break
+
+
+def _landscape_header_hints(path: Path, hints: dict[str, Any]) -> None:
+    """The facts a landscape checkpoint's header states (its model's name and arguments)."""
+    from landscape.checkpoints import header_kwargs, read_checkpoint_info
+
+    try:
+        info = read_checkpoint_info(path)
+        kwargs = header_kwargs(info)
+    except LandscapeError:  # a damaged header: the tensors alone are read, as for any other file
+        return
+    _hint(hints, "arch", info.model, "the landscape checkpoint's header")
+    for key in ("num_heads", "global_pool", "img_size"):
+        if key in kwargs:
+            _hint(hints, key, kwargs[key], f"the landscape checkpoint's header ({key})")
 
 
 def _tensors_only(state: dict, path: Path) -> StateDict:
