@@ -210,10 +210,15 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, kept: str | None = 
 
 
 def check_writable(folder: str | os.PathLike) -> Path:
-    """Make ``folder`` and write (then remove) a small file in it, so that work whose results go there can be refused
-    before it starts, not after: a read-only or permission-denied folder is one :class:`WriteError` sentence."""
-    folder = make_dirs(folder)
-    name = folder / f"{temporary_name(folder / 'write-check')}{secrets.token_hex(6)}.tmp"
+    """Write (then remove) a small file in ``folder``, or in its nearest existing parent when it is yet to be made
+    (it is made by the first write, so a refusal leaves no empty folder behind), so that work whose results go
+    there can be refused before it starts, not after: a read-only or permission-denied folder is one
+    :class:`WriteError` sentence."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LandscapeError(f"{folder} exists and is not a directory.")
+    probe = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
+    name = probe / f"{temporary_name(probe / 'write-check')}{secrets.token_hex(6)}.tmp"
     try:
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
@@ -373,6 +378,7 @@ def folder_lock(folder: str | os.PathLike, doing: str) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` itself (made if missing; no lock file is left in it) while one process
     writes a set of files there, ``doing`` what the message says (``"drawing figures into"``); a second process is
     refused in one sentence instead of mixing its files with the first one's."""
+    made = not Path(folder).exists()
     folder = make_dirs(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -385,6 +391,9 @@ def folder_lock(folder: str | os.PathLike, doing: str) -> Iterator[Path]:
             pass
         yield folder
     finally:
+        if made:  # made here and left empty (the work was refused): not left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         os.close(fd)
 
 

@@ -293,7 +293,8 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, list[int]]:
     """``(kind, numbers)`` of a checkpoint selection (:data:`CHECKPOINT_SPEC_HELP`): ``("all", [])``,
     ``("last", [])``, ``("every", [N])``, ``("epochs"|"steps", [...])``; a malformed one is a
     :class:`CheckpointError` sentence. Which checkpoints exist is not looked at."""
-    spec = (spec or "all").strip()
+    given = spec
+    spec = "all" if spec is None else str(spec).strip()
     if spec in ("all", "last"):
         return spec, []
     kind, _, arg = spec.partition(":")
@@ -303,7 +304,7 @@ def parse_checkpoint_spec(spec: str) -> tuple[str, list[int]]:
         numbers = []
     if (kind == "every" and len(numbers) == 1 and numbers[0] >= 1) or (kind in ("epochs", "steps") and numbers):
         return kind, numbers
-    raise CheckpointError(f"Unknown checkpoint selection {spec!r}; accepted are {CHECKPOINT_SPEC_HELP}.")
+    raise CheckpointError(f"Unknown checkpoint selection {given!r}; accepted are {CHECKPOINT_SPEC_HELP}.")
 
 
 def select_checkpoints(infos: list[CheckpointInfo], spec: str) -> list[CheckpointInfo]:

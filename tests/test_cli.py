@@ -213,3 +213,17 @@ def test_values_past_what_an_analysis_can_measure_are_one_sentence_and_write_not
                                       "--checkpoints", "last"])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
     assert not list(run.analysis_dir.glob("*.nc"))
+
+
+def test_refused_commands_leave_no_empty_folders_behind(tmp_path):
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    assert not run.analysis_dir.exists()
+    for args in (["analyze", "hessian", run.root, "--top-k", "100000", "--samples", "16"],
+                 ["analyze", "hessian", run.root, "--data", "bogus"],
+                 ["analyze", "hessian", run.root, "--checkpoints", ""],  # it meant all: the costliest choice
+                 ["figures", run.root, "--only", "bogus", "--out", tmp_path / "figs"]):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1 and "Error: " in result.output, result.output
+    assert not run.analysis_dir.exists() and not (tmp_path / "figs").exists()
