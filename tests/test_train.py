@@ -277,11 +277,14 @@ def test_digits_run_is_complete_and_its_checkpoints_reproduce_their_metrics(tmp_
 
 
 def test_existing_run_directory_is_refused_without_resume_or_overwrite(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "notes.txt").write_text("keep me")
-    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(tmp_path / "run")])
-    assert result.exit_code == 1 and "already exists" in result.output
-    assert (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "run", "vit_pico_patch4_32", TINY_VIT, 0)
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file() and p.name != ".lock"}
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(run.root)])
+    assert result.exit_code == 1, result.output
+    assert "already exists; continue it with --resume or replace it with --overwrite" in result.output
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_keep_last_k_and_initial_checkpoint(tmp_path):
