@@ -329,6 +329,24 @@ def test_resume_after_an_interruption_mid_epoch_is_bit_identical(tmp_path, refer
     assert steps == sorted(set(steps)), "resumed history must not repeat rows"
 
 
+def test_a_run_stopped_right_after_saving_its_initial_weights_resumes_without_a_second_row_0(tmp_path):
+    # the resumed run evaluated the initial weights again and metrics.csv held step 0 twice
+    overrides = ["epochs=1", "data.train_size=128", "model.kwargs.depth=1", "checkpoint.initial=true"]
+    whole = train(build_config("digits", overrides=overrides), tmp_path / "whole", progress=False)
+
+    def stop(row):
+        if row["step"] == 0:  # called once the row, the checkpoint and state/last.pt are written
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(build_config("digits", overrides=overrides), tmp_path / "run", progress=False, on_row=stop)
+    assert list(Run(tmp_path / "run").read_metrics()["step"]) == [0]
+    resumed = train(None, tmp_path / "run", resume=True, progress=False)
+    assert list(Run(tmp_path / "run").read_metrics()["step"]) == [r["step"] for r in whole.rows] == [0, 4]
+    assert columns_without_timing(resumed.rows) == columns_without_timing(whole.rows)
+    assert_same_weights(whole.checkpoints[-1], resumed.checkpoints[-1])
+
+
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, reference_run):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress"]

@@ -216,7 +216,8 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     clock = Stopwatch()
     t_resumed = time.perf_counter()
     tally = RowTally(state.step + 1, lr=optimizer.param_groups[0]["lr"], aux=[] if has_moe else None)
-    row_due = config.checkpoint.initial and state.step == 0  # row 0 and a checkpoint of the initial weights
+    # row 0 and a checkpoint of the initial weights, unless a run stopped right after saving them resumes
+    row_due = config.checkpoint.initial and state.step == 0 and not any(r.get("step") == 0 for r in state.rows)
     bar = None
 
     # -- the loop ----------------------------------------------------------------------------------------------
