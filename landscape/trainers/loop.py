@@ -600,8 +600,8 @@ def _check_forward(config: TrainConfig, kwargs: dict[str, Any]) -> None:
                                                                           config.data.options))
     side = config.data.img_size or info.img_size
     try:
-        with torch.device("meta"):
-            model = _create_model(config.model.name, kwargs)
+        with torch.device("meta"):  # the arguments were checked by building the model already
+            model = create_model(config.model.name, **kwargs)
             with torch.no_grad():
                 model.eval()(torch.empty(1, info.in_chans, side, side))
     except LandscapeError:
