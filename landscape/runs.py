@@ -80,7 +80,7 @@ class Run:
         An existing run is refused unless ``overwrite``; a folder holding anything that is not a run is always
         refused. ``overwrite`` removes only what a run writes (config, metrics, checkpoints, state, analyses,
         figures, reports and their temporary files): dot-files and anything else stay. A folder left by a run
-        that failed before its first checkpoint and state holds nothing of value and is reused.
+        that failed before its first training state (at most its first metrics row and checkpoint) is reused.
         The caller holds the run's lock (:class:`landscape.io.RunLock`), so no other process is writing it.
         """
         root = Path(root)
@@ -260,12 +260,29 @@ def looks_like_run(root: Path) -> bool:
 
 
 def is_empty_run(root: Path) -> bool:
-    """No checkpoint, no training state and no analysis result: nothing a retry could lose (a run that failed
-    before its first checkpoint, or was killed while writing its config)."""
+    """No training state and no analysis result, and at most the first checkpoint and row: nothing a retry could
+    lose (a run that failed before its first checkpoint, was killed while writing its config, or was killed before
+    the training state that follows its first checkpoint)."""
     if not looks_like_run(root):
         return False
-    return (not any((root / "checkpoints").glob("*.safetensors")) and not (root / "state" / "last.pt").exists()
-            and not any((root / "analysis").glob("*.nc")))
+    if (root / "state" / "last.pt").exists() or any((root / "analysis").glob("*.nc")):
+        return False
+    checkpoints = list((root / "checkpoints").glob("*.safetensors"))
+    # killed between its first checkpoint and its first training state (written after it, with the row before
+    # both): a retry, which trains from the start with the same settings, writes that row and checkpoint again.
+    # A run made otherwise (imported weights, a hand-made run: no metrics row) holds weights nothing reproduces.
+    return not checkpoints or (len(checkpoints) == 1 and _metrics_rows(root) == 1)
+
+
+def _metrics_rows(root: Path) -> int:
+    """The number of rows in ``root/metrics.csv`` (0 when absent; -1 when unreadable: not known)."""
+    try:
+        with open(root / "metrics.csv", "rb") as f:
+            return max(0, sum(1 for line in f if line.strip()) - 1)
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return -1
 
 
 def _remove_run_files(root: Path) -> None:

@@ -347,6 +347,34 @@ def test_a_run_stopped_right_after_saving_its_initial_weights_resumes_without_a_
     assert_same_weights(whole.checkpoints[-1], resumed.checkpoints[-1])
 
 
+@pytest.mark.parametrize("how", ["resume", "same command"])
+def test_a_run_killed_between_its_first_checkpoint_and_its_first_state_trains_again(tmp_path, monkeypatch, how):
+    # it could be neither resumed (no training state) nor started again (a checkpoint was there)
+    import landscape.trainers.loop as loop
+
+    overrides = ["epochs=2", "data.train_size=128", "model.kwargs.depth=1"]
+    whole = train(build_config("digits", overrides=overrides), tmp_path / "whole", progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_state", killed)
+        with pytest.raises(Killed):
+            train(build_config("digits", overrides=overrides), tmp_path / "run", progress=False)
+    run = Run(tmp_path / "run")
+    assert [i.epoch for i in run.checkpoints()] == [1] and not run.state_path.exists()
+    if how == "resume":
+        again = train(None, run.root, resume=True, progress=False)
+    else:
+        again = train(build_config("digits", overrides=overrides), run.root, progress=False)
+    assert columns_without_timing(again.rows) == columns_without_timing(whole.rows)
+    assert_same_weights(whole.checkpoints[-1], again.checkpoints[-1])
+
+
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, reference_run):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress"]

@@ -743,7 +743,9 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
             raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
         if not run.config_path.exists():
             raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        if not run.state_path.exists():
+        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
+        # training state that follows its first checkpoint: trained again from the start, with its saved config
+        if not run.state_path.exists() and not restart:
             if any(run.checkpoints_dir.glob("*.safetensors")):
                 raise CheckpointError(
                     f"{run.root} cannot be resumed because its training state {run.state_path} is missing; nothing "
