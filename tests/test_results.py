@@ -153,6 +153,24 @@ def test_two_processes_appending_to_one_file_keep_every_checkpoint(tmp_path):
         assert ds["loss"].values.tolist() == pytest.approx([0.1, 0.2, 0.3])
 
 
+def test_two_forced_analyses_with_other_settings_never_overwrite_each_other_without_a_word(tmp_path):
+    # both said "Results in ...", and the file held the last writer's only
+    path = tmp_path / "analysis" / "hessian.nc"
+    old = AnalysisResults(path, "hessian", {**SETTINGS, "top_k": 5}, seed=0)
+    old.append(entry(9.0), name="epoch-0001", epoch=1, step=10)
+    first = AnalysisResults(path, "hessian", SETTINGS, seed=0, force=True)  # both replace the old file
+    second = AnalysisResults(path, "hessian", {**SETTINGS, "top_k": 1}, seed=0, force=True)
+    first.append(entry(1.0), name="epoch-0001", epoch=1, step=10)
+    written = path.read_bytes()
+    with pytest.raises(LandscapeError, match=r"was written with other settings by another process while this "
+                                             r"analysis ran \(.*\); it was left as that process wrote it and this "
+                                             r"analysis's results were not saved: wait for that process to finish"):
+        second.append(entry(2.0), name="epoch-0001", epoch=1, step=10)
+    assert path.read_bytes() == written
+    first.append(entry(3.0), name="epoch-0002", epoch=2, step=20)  # the first goes on adding to its own file
+    assert finished_checkpoints(path) == ["epoch-0001", "epoch-0002"]
+
+
 def test_a_full_disk_is_one_sentence_and_leaves_the_file_and_no_temporary(tmp_path, monkeypatch):
     import errno
 

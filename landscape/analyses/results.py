@@ -345,12 +345,15 @@ class AnalysisResults:
             on_disk = None if unchanged else read_results(self.path)  # as this process left it: nothing to merge
             if on_disk is not None and self._same_settings(on_disk.attrs):
                 base = on_disk if base is None else combine_checkpoints([base, on_disk])
-            elif on_disk is not None and not self.force:
+            elif on_disk is not None:  # --force replaces the file this process found, never one another process
+                # wrote since (two --force analyses with other settings: the last writer won without a word)
+                advice = ("wait for that process to finish, then rerun with --force to replace it with these" if
+                          self.force else "rerun with the file's settings to add to it, or with --force to replace "
+                          "it with these")
                 raise LandscapeError(
                     f"{self.path} was written with other settings by another process while this analysis ran "
                     f"({self._differences(on_disk.attrs)}); it was left as that process wrote it and this analysis's "
-                    "results were not saved: rerun with the file's settings to add to it, or with --force to replace "
-                    "it with these."
+                    f"results were not saved: {advice}."
                 )
             combined = new if base is None else combine_checkpoints([base, new])
             self.attrs["updated"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
