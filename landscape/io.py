@@ -438,8 +438,14 @@ def refuse_special(path: str | os.PathLike, wanted: str, *, error: type[Landscap
         raise error(f"{path} is {what}, not {wanted}{'; ' + advice if advice else ''}.")
 
 
-_RUN_FILES = ("config.yaml", "metrics.csv", "data.json")
-_RUN_FOLDERS = ("checkpoints", "state", "analysis", "preconditioner")
+RUN_FILES = ("config.yaml", "metrics.csv", "data.json")
+"""The files a run keeps that nothing can make again (its settings, its training record, the record of its data)."""
+RUN_FOLDERS = ("checkpoints", "state", "analysis", "preconditioner")
+"""The folders of a run's weights, training state and measurements."""
+RUN_OUTPUTS = ("figures", "report.md", "report.html")
+"""What a run holds that is drawn or written from the rest (``landscape figures`` / ``report`` make it again)."""
+RUN_ENTRIES = frozenset(RUN_FILES + RUN_FOLDERS + RUN_OUTPUTS)
+"""Every name a run writes in its folder."""
 
 
 def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], *,
@@ -455,7 +461,7 @@ def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ..
     for parent in list(resolved.parents)[:3]:
         inside = resolved.relative_to(parent).parts
         if (parent / "config.yaml").is_file() and ((parent / "checkpoints").is_dir() or (parent / "metrics.csv").is_file()) \
-                and (inside[0] in _RUN_FOLDERS or (len(inside) == 1 and inside[0] in _RUN_FILES)):
+                and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
             raise error(f"{path} is a file of the run {parent}, which {what} would replace; give --out another path.")
     if path.suffix.lower() not in suffixes:
         raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give --out a "

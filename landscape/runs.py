@@ -28,7 +28,7 @@ from landscape.checkpoints import CheckpointInfo, read_checkpoint_info
 from landscape.config import load_yaml, save_yaml
 from landscape.io import atomic_write_text
 from landscape.errors import CheckpointError, LandscapeError
-from landscape.io import WriteError, describe_os_error, make_dirs
+from landscape.io import RUN_ENTRIES, WriteError, describe_os_error, make_dirs
 
 CHECKPOINT_SPEC_HELP = "all, last, every:N (every Nth checkpoint and the last), epochs:1,10,50 or steps:100,200"
 
@@ -249,14 +249,10 @@ class Run:
         atomic_write_text(self.metrics_path, buf.getvalue())
 
 
-_RUN_ENTRIES = {"config.yaml", "data.json", "metrics.csv", "checkpoints", "state", "preconditioner", "analysis", "figures",
-                "report.md", "report.html"}
-
-
 def looks_like_run(root: Path) -> bool:
     """Everything in ``root`` is something a run writes, or a dot-file (its lock, its temporary files, a user's
     own ``.git`` or notes, which are never deleted)."""
-    return all(p.name in _RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
+    return all(p.name in RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
 
 
 def is_empty_run(root: Path) -> bool:
@@ -289,7 +285,7 @@ def _remove_run_files(root: Path) -> None:
     """Delete what a run writes in ``root`` (and the temporary files of its writes); nothing else."""
     try:
         for entry in root.iterdir():
-            if entry.name in _RUN_ENTRIES:
+            if entry.name in RUN_ENTRIES:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
                 entry.unlink()

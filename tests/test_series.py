@@ -131,6 +131,23 @@ def test_cli_prints_its_plan_before_the_table_and_cold_turns_warm_starts_off(tmp
         assert list(ds["eigenvalue_warm_start"].values) == [0, 0]
 
 
+def test_more_eigenvalues_than_parameters_are_refused_before_the_plan(tmp_path):
+    from landscape.cli import cli
+
+    run = make_close_run(tmp_path / "run", count=2)
+    selected = "head.bias"  # the model's classes: 10 parameters
+    for top_k, which, message in ((11, "largest", "Cannot find 11 eigenvalues of a 10 x 10 operator"),
+                                  (6, "both", "Cannot find the 6 largest and the 6 smallest eigenvalues of a 10 x 10")):
+        result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k",
+                                          str(top_k), "--which", which, "--params", selected])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "products" not in result.output  # no plan for what is refused
+    assert not list(run.analysis_dir.glob("*.nc"))
+    result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "5",
+                                      "--which", "both", "--params", selected, "--checkpoints", "last"])
+    assert result.exit_code == 0, result.output  # exactly as many as there are
+
+
 def test_plan_counts_the_first_checkpoint_cold_and_the_rest_warm():
     settings = HessianSettings(top_k=5, trace=True, trace_matvecs=9)
     assert describe_plan(settings, 1) == "1 checkpoint x ~49 products (eigenvalues ~40, trace 9)"  # 4k + 12 + 8

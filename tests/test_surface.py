@@ -249,16 +249,25 @@ def test_a_line_to_itself_and_a_plane_of_one_line_are_refused_before_the_grid(ru
     # they were saved as results: a line of length 0 (barrier 0) and a "plane" with axis cosine 1
     from landscape.errors import LandscapeError
 
+    import shutil
+
     a, b = runs["a"], runs["b"]
     last = a.checkpoints()[-1]
     before = sorted(a.analysis_dir.glob("*.nc"))
-    for directions, message in ((f"interpolate:{a.root}", r"The line's target 1 has the very weights of the "
-                                                          r"checkpoint it starts from"),
+    copy = tmp_path / "copy"  # the same weights in another file: only the weights tell
+    shutil.copytree(a.root, copy, ignore=shutil.ignore_patterns("analysis", ".lock"))
+    for directions, message in ((f"interpolate:{copy}", r"The line's target 1 has the very weights of the "
+                                                        r"checkpoint it starts from"),
                                 (f"plane:{b.root}@3,{b.root}@3", r"The plane's two targets lie on one line through "
                                                                  r"the checkpoint \(cosine 1\.000000\)")):
         settings = SurfaceSettings(directions=directions, points=3, samples=SAMPLES)
         with pytest.raises(LandscapeError, match=message):
             run_surface_analysis(a, settings, checkpoints=f"epochs:{last.epoch}")
+    # a target among the checkpoints to measure is refused before the first of them, not after all before it
+    settings = SurfaceSettings(directions=f"interpolate:{a.root}", points=3, samples=SAMPLES)
+    with pytest.raises(LandscapeError, match=rf"The line's target .*{last.path.name} is the checkpoint {last.name} to "
+                                             r"be measured, so its slice there would be one point"):
+        run_surface_analysis(a, settings, checkpoints="all")
     assert sorted(a.analysis_dir.glob("*.nc")) == before
 
 

@@ -171,11 +171,11 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
         if results is not None:
             analysis.finish(run, results)
         return results.dataset if results is not None else None
-    if on_plan is not None and world.is_main:
-        on_plan(len(todo))
     x, y = evaluation_data(run, settings, data_dir, results)
     job = Job(run, settings, x, y, world, shard, torch_device, results)
-    analysis.prepare(job, todo)
+    analysis.prepare(job, todo)  # refuses what cannot be measured (a --top-k past the parameters) before the plan
+    if on_plan is not None and world.is_main:
+        on_plan(len(todo))
 
     def measure(info: Any) -> Any:
         loaded = analysis.load(job, info)

@@ -419,6 +419,16 @@ class HessianAnalysis(Analysis):
 
     def prepare(self, job: Job, todo: Any) -> None:
         self.warm = WarmStart() if self.contiguous else None  # each series starts cold
+        settings = self.settings
+        if settings.top_k and not settings.per_block:  # before the plan is printed, not at the first checkpoint
+            from landscape.checkpoints import build_model
+            from landscape.curvature.lanczos import check_wanted
+            from landscape.curvature.loss import parameters_by_pattern
+
+            with torch.device("meta"):  # sizes only: no memory, no initialisation
+                model = build_model(todo[0])
+            check_wanted(settings.top_k, settings.which,
+                         sum(p.numel() for p in parameters_by_pattern(model, settings.params).values()))
 
     def complete(self, run: Any, info: Any) -> bool:
         return not self.save_eigenvectors or saved_for(eigenvectors_path(run, info.name, self.settings), self.settings)

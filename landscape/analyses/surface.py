@@ -648,7 +648,13 @@ class SurfaceAnalysis(Analysis):
         x, y, data_parallel = distributed.split_evaluation_set(job.x, job.y, job.data_parallel_world)
         self.closure = LossFunction(model, x, y, batch_size=settings.batch_size, skip_unused=False,
                                     data_parallel=data_parallel)
+        files = {info.path.resolve(): info.name for info in todo}
         for target in self.targets():
+            if target.path.resolve() in files:  # before anything is measured: the rest of the series would be lost
+                raise LandscapeError(
+                    f"The {'line' if kind == 'interpolate' else 'plane'}'s target {target.path} is the checkpoint "
+                    f"{files[target.path.resolve()]} to be measured, so its slice there would be one point; leave it "
+                    "out of --checkpoints or give another target.")
             check_same_architecture(model, build_model(target), what=f"{target.path}", reference=f"{todo[0].path}")
         loaded = [self.load_weights(job, t.path) for t in self.targets()]
         self.others = [weights for weights, _ in loaded]

@@ -164,13 +164,7 @@ def top_eigenvalues(
         raise ConfigError(f"Unknown eigenvalue selection {which!r}; accepted are {', '.join(WHICH)}.")
     A = as_torch_operator(op)
     n = A.shape[0]
-    wanted = 2 * k if which == "both" else k
-    if k < 1 or wanted > n:
-        if which == "both":
-            raise ConfigError(f"Cannot find the {k} largest and the {k} smallest eigenvalues of a {n} x {n} operator; "
-                              f"with both ends ask for between 1 and {n // 2} at each end." if n >= 2 else
-                              f"A {n} x {n} operator has one eigenvalue; ask for the largest or the smallest.")
-        raise ConfigError(f"Cannot find {wanted} eigenvalues of a {n} x {n} operator; ask for between 1 and {n}.")
+    check_wanted(k, which, n)
     if check < 0:
         raise ConfigError(f"check must be at least 0 products, got {check}.")
     options = dict(k=k, which=which, tol=tol, block_size=block_size, guard=guard, basis_size=basis_size,
@@ -209,6 +203,17 @@ def top_eigenvalues(
     return result
 
 
+def check_wanted(k: int, which: str, n: int) -> None:
+    """Refuse ``k`` eigenvalues at the ``which`` end(s) of an ``n x n`` operator when it has not that many."""
+    wanted = 2 * k if which == "both" else k
+    if k < 1 or wanted > n:
+        if which == "both":
+            raise ConfigError(f"Cannot find the {k} largest and the {k} smallest eigenvalues of a {n} x {n} operator; "
+                              f"with both ends ask for between 1 and {n // 2} at each end." if n >= 2 else
+                              f"A {n} x {n} operator has one eigenvalue; ask for the largest or the smallest.")
+        raise ConfigError(f"Cannot find {wanted} eigenvalues of a {n} x {n} operator; ask for between 1 and {n}.")
+
+
 def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_size: int, guard: int,
                  max_matvecs: int | None, basis_size: int | None, return_eigenvectors: bool, return_basis: bool,
                  basis_device: Any, basis_dtype: torch.dtype | None, start: Tensor | None
@@ -216,7 +221,6 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
     """One thick-restart Lanczos run of :func:`top_eigenvalues` (without its check); also returns the tracked Ritz
     vectors ``(p, n)`` (the wanted ones and the guards, at each end asked for)."""
     n = A.shape[0]
-    wanted = 2 * k if which == "both" else k
     per_end = min(k + max(0, guard), n // 2 if which == "both" else n)
     tracked = 2 * per_end if which == "both" else per_end  # wanted plus guards: these must converge
     b = max(1, min(int(block_size), n))

@@ -577,9 +577,9 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
     data.check_data_fits(config.data.name, model_in_chans=kwargs.get("in_chans"), model_img_size=side,
                          model_classes=kwargs.get("num_classes"), img_size=config.data.img_size,
                          options=config.data.options, data_dir=data_dir, training=True)
-    _check_forward(config, kwargs)
     info = data.get_dataset_info(config.data.name, **data.dataset_options(config.data.name, config.data.img_size,
                                                                           config.data.options))
+    _check_forward(config, kwargs, info)
     for split, asked, has, option in (("train", config.data.train_size, info.train_size, "count"),
                                       ("val", config.data.val_size, info.val_size, "val_count")):
         if asked is not None and has is not None and asked > has:
@@ -590,14 +590,10 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
                               f"give at most {has}, or leave it out for all of them{more}.")
 
 
-def _check_forward(config: TrainConfig, kwargs: dict[str, Any]) -> None:
+def _check_forward(config: TrainConfig, kwargs: dict[str, Any], info) -> None:
     """One forward pass of the model on the meta device (no memory, no arithmetic) with a batch of the data's
-    shape: what the arguments leave to the model's name (``vit_small_patch16_224``'s patch of 16 on 8x8 digits)
-    fails here in one sentence, not in the first training step."""
-    from landscape import data
-
-    info = data.get_dataset_info(config.data.name, **data.dataset_options(config.data.name, config.data.img_size,
-                                                                          config.data.options))
+    shape (``info``: the data's :class:`~landscape.data.DatasetInfo`): what the arguments leave to the model's name
+    (``vit_small_patch16_224``'s patch of 16 on 8x8 digits) fails here in one sentence, not in the first step."""
     side = config.data.img_size or info.img_size
     try:
         with torch.device("meta"):  # the arguments were checked by building the model already
