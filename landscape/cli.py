@@ -755,15 +755,24 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
     """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF; a
     figure whose results the runs do not have yet is named on stderr with the command that makes them."""
     from landscape.figures import FIGURE_NEEDS, FIGURES, FORMATS
-    from landscape.io import folder_lock
+    from landscape.io import folder_lock, is_run_root
     from landscape.summary import load_results
 
     results = load_results(runs)
     _warn_problems(results)
+    if is_run_root(out):  # a run's own folder holds what the run writes; its figures go where `landscape` puts them
+        click.echo(f"{out} is a run folder: the figures go to {out / 'figures'}.", err=True)
+        out = out / "figures"
     with folder_lock(out, "drawing figures into"):
         written = _write_figures_with_progress(results, out, formats=formats or FORMATS, names=only or None)
+        drawn = {p.resolve() for paths in written.values() for p in paths}
+        earlier = [] if only else sorted(p.name for name in FIGURES for fmt in ("png", "pdf", "svg")
+                                         for p in [out / f"{name}.{fmt}"] if p.is_file() and p.resolve() not in drawn)
     for name, paths in written.items():
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
+    if earlier:  # a gallery folder used before: what is still there is of other runs or of earlier results
+        click.echo(f"Warning: {out} also holds figures drawn earlier, not by this call ({', '.join(earlier)}); they "
+                   "may show other runs or older results.", err=True)
     left = [name for name in dict.fromkeys(only or FIGURES) if name not in written]
     why = "; ".join(f"{name} ({FIGURE_NEEDS[name]})" for name in left)
     if only and not written:

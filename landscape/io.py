@@ -331,6 +331,14 @@ def _write_pid(fd: int) -> None:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
+def check_run_name(root: str | os.PathLike) -> None:
+    """Refuse a new run folder whose path has a control character (a newline, a tab): every table, log and figure
+    that names the run would break on it."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
+        raise LandscapeError(f"The run folder {str(root)!r} has a control character (a newline, a tab) in its name, "
+                             "which would break every table, log and figure that names the run; choose another --out.")
+
+
 class RunLock:
     """The lock of one run directory, held until :meth:`release` (or the end of the process).
 
@@ -345,6 +353,8 @@ class RunLock:
         if create:
             if self.root.exists() and not self.root.is_dir():
                 raise LandscapeError(f"{self.root} exists and is not a directory.")
+            if self.created:
+                check_run_name(self.root)
             make_dirs(self.root)
         what = "analysing" if shared else "training into"
         self.made_file = not self.path.exists()  # the lock file is new: a caller that wrote nothing may remove it
@@ -448,6 +458,13 @@ RUN_ENTRIES = frozenset(RUN_FILES + RUN_FOLDERS + RUN_OUTPUTS)
 """Every name a run writes in its folder."""
 
 
+def is_run_root(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is the root of a run: its config beside its checkpoints or its training record."""
+    folder = Path(folder)
+    return (folder / "config.yaml").is_file() and ((folder / "checkpoints").is_dir()
+                                                   or (folder / "metrics.csv").is_file())
+
+
 def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], *,
                      error: type[LandscapeError] = LandscapeError) -> None:
     """Raise ``error`` when writing ``what`` to ``path`` would replace a file it must not: one of a run's own
@@ -460,8 +477,7 @@ def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ..
     resolved = path.resolve()
     for parent in list(resolved.parents)[:3]:
         inside = resolved.relative_to(parent).parts
-        if (parent / "config.yaml").is_file() and ((parent / "checkpoints").is_dir() or (parent / "metrics.csv").is_file()) \
-                and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
+        if is_run_root(parent) and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
             raise error(f"{path} is a file of the run {parent}, which {what} would replace; give --out another path.")
     if path.suffix.lower() not in suffixes:
         raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give --out a "

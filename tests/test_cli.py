@@ -85,6 +85,7 @@ def test_progress_bars_draw_on_a_terminal_that_reports_no_size():
     """A pseudo-terminal nobody sized (``script``, a test harness) reports 0 x 0; tqdm then drew nothing."""
     import os
     import pty
+    import select
 
     from landscape.progress import progress_bar, terminal_columns
 
@@ -94,7 +95,11 @@ def test_progress_bars_draw_on_a_terminal_that_reports_no_size():
         for _ in progress_bar(range(3), desc="work", file=terminal, mininterval=0):
             pass
         terminal.flush()
-        drawn = os.read(master, 65536).decode()
+        drawn = ""
+        while select.select([master], [], [], 2.0)[0]:  # a busy machine hands the output over in pieces
+            drawn += os.read(master, 65536).decode()
+            if "3/3" in drawn:
+                break
     os.close(master)
     assert "work: 100%" in drawn and "3/3" in drawn, drawn
 
@@ -115,6 +120,27 @@ def test_figures_left_out_for_want_of_results_are_named_with_the_command_that_ma
     assert some.exit_code == 0, some.output
     assert (out / "accuracy_curves.png").is_file() and not (out / "sharpness_vs_rho.png").exists()
     assert "Not drawn, nothing in the runs for them yet: sharpness_vs_rho (landscape analyze sharpness)." in some.output
+
+
+def test_figures_into_a_run_folder_go_to_its_figures_and_earlier_figures_are_named(tmp_path):
+    from conftest import STUDY_VARIANTS, make_tiny_run
+
+    name, model, kwargs = STUDY_VARIANTS[0]
+    run = make_tiny_run(tmp_path, name, model, kwargs, 0).root
+    result = CliRunner().invoke(cli, ["figures", str(run), "--out", str(run), "--format", "png"])
+    assert result.exit_code == 0, result.output
+    assert f"{run} is a run folder: the figures go to {run / 'figures'}." in result.output
+    assert (run / "figures" / "accuracy_curves.png").is_file() and not list(run.glob("*.png"))
+    stale = run / "figures" / "surface_1d.png"  # a gallery folder used before, with results these runs lack
+    stale.write_bytes((run / "figures" / "accuracy_curves.png").read_bytes())
+    again = CliRunner().invoke(cli, ["figures", str(run), "--out", str(run / "figures"), "--format", "png"])
+    assert again.exit_code == 0, again.output
+    assert (f"Warning: {run / 'figures'} also holds figures drawn earlier, not by this call (surface_1d.png); they "
+            "may show other runs or older results.") in again.output
+    assert stale.is_file()  # named, not deleted
+    only = CliRunner().invoke(cli, ["figures", str(run), "--out", str(run / "figures"), "--format", "png",
+                                    "--only", "accuracy_curves"])
+    assert only.exit_code == 0 and "drawn earlier" not in only.output  # one figure asked for: the rest is known
 
 
 @pytest.mark.parametrize("variant", [1, 3])  # GroupedMLP at mlp_ratio 2, ShallowMLP with random initialisation

@@ -737,3 +737,45 @@ def test_a_run_keeps_what_it_was_trained_on_and_its_analyses_refuse_other_data(t
     (out / "data.json").write_text("{")  # damaged: one sentence
     damaged = CliRunner().invoke(cli, [*analyse, "--data-dir", str(tmp_path / "data"), "--force"])
     assert damaged.exit_code == 1 and "data.json is damaged" in damaged.output
+
+
+@pytest.mark.parametrize("device, message", [
+    ("", "Unknown device ''"), (" ", "Unknown device ' '"), ("cuda:x", "Unknown device 'cuda:x'"),
+    ("gpu", "Unknown device 'gpu'")])
+def test_a_device_that_names_none_is_one_sentence_for_training_and_analysis(tmp_path, device, message):
+    # '' was taken for auto, and 'cuda:x' passed to torch (a traceback where a GPU is present)
+    run = make_run(tmp_path / "run", epochs=(1,))
+    assert message in one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN[:-2],
+                                                            "--device", device]))
+    out = tmp_path / "new"
+    assert message in one_sentence(CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out),
+                                                            "--no-progress", "--device", device]))
+    assert not out.exists() and not run.analysis_dir.exists()
+
+
+def test_params_that_select_every_parameter_continue_the_file_of_no_params(tmp_path):
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    first = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN, "--params", "",
+                                     "--checkpoints", "epochs:1"])
+    assert first.exit_code == 0, first.output
+    for params in ([], ["--params", "*"], ["--params", "  "]):
+        result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN, *params])
+        assert result.exit_code == 0, result.output
+    assert [p.name for p in run.analysis_dir.glob("*.nc")] == ["hessian.nc"]
+    with xr.open_dataset(run.analysis_dir / "hessian.nc") as ds:
+        assert ds.sizes["checkpoint"] == 2
+
+
+def test_a_new_run_folder_with_a_control_character_in_its_name_is_refused_before_it_is_made(tmp_path):
+    # a newline in a run's name broke every table, log line and figure legend that names the run
+    for name in ("a\nb", "tab\there"):
+        out = tmp_path / name
+        message = one_sentence(CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out),
+                                                        "--no-progress", "--set", "data.train_size=64"]))
+        assert "has a control character (a newline, a tab) in its name" in message
+        assert not out.exists()
+    source = make_run(tmp_path / "source", epochs=(1,)).checkpoints()[-1].path
+    out = tmp_path / "imported\nrun"
+    message = one_sentence(CliRunner().invoke(cli, ["import", str(source), "--out", str(out)]))
+    assert "has a control character" in message and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]

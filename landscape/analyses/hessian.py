@@ -26,7 +26,7 @@ from landscape.analyses.settings import EvaluationSettings
 from landscape.curvature.density import spectral_density
 from landscape.curvature.lanczos import WHICH, ritz_start, top_eigenvalues
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace
-from landscape.errors import ConfigError, LandscapeError
+from landscape.errors import ConfigError
 
 Tensor = torch.Tensor
 
@@ -94,6 +94,7 @@ class HessianSettings(EvaluationSettings):
         return settings
 
     def validate(self) -> None:
+        self.normalize_params()
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be 0 or more, not {self.top_k}.")
         if self.top_k == 0 and not self.trace and not self.density:
@@ -379,18 +380,6 @@ def per_batch_top_eigenvalues(model: torch.nn.Module, x: Tensor, y: Tensor, sett
     return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    want = str(device or "auto").lower()
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
-    try:
-        return torch.device(want)
-    except RuntimeError:
-        raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda and cuda:K.") from None
-
-
 class HessianAnalysis(Analysis):
     """The Hessian measurements of :class:`HessianSettings` at each checkpoint of a run (:func:`analyze`), results in
     ``RUN/analysis/hessian.nc`` (``hessian-ema.nc``, ``hessian-density.nc``, ... for other weights and kinds:
@@ -425,6 +414,7 @@ class HessianAnalysis(Analysis):
             from landscape.curvature.lanczos import check_wanted
             from landscape.curvature.loss import parameters_by_pattern
 
+            job.run.check_checkpoint_model(todo[0])
             with torch.device("meta"):  # sizes only: no memory, no initialisation
                 model = build_model(todo[0])
             check_wanted(settings.top_k, settings.which,

@@ -60,6 +60,13 @@ class EvaluationSettings:
         if not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"--seed must be between 0 and 4294967295 (2**32 - 1), not {self.seed}.")
 
+    def normalize_params(self) -> None:
+        """``params`` that select every parameter (``""``, ``"*"``, spaces) become ``None``, so that they name, and
+        continue, the same results file as no ``--params`` at all."""
+        params = getattr(self, "params", None)
+        if isinstance(params, str) and params.strip() in ("", "*"):
+            self.params = None
+
     @property
     def torch_dtype(self):
         import torch

@@ -55,6 +55,7 @@ class SharpnessSettings(EvaluationSettings):
     def validate(self) -> None:
         from landscape.errors import ConfigError
 
+        self.normalize_params()
         self.p = parse_norm(self.p)
         self.rhos = tuple(float(r) for r in self.rhos)
         if not self.rhos or any(not math.isfinite(r) or r <= 0 for r in self.rhos):

@@ -20,7 +20,7 @@ from landscape.checkpoints import load_state_dict_strict, save_checkpoint
 from landscape.config import config_hash
 from landscape.data import check_data_fits, dataset_names
 from landscape.errors import CheckpointError, LandscapeError
-from landscape.io import STALE_AFTER_S, pid_alive
+from landscape.io import STALE_AFTER_S, check_run_name, pid_alive
 from landscape.importers.filters import StateDict
 from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
 from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
@@ -282,6 +282,8 @@ def import_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LandscapeError(f"{out} already exists; choose a new --out directory for the imported run.")
+    if not out.exists():
+        check_run_name(out)
     if data is not None:
         _check_dataset(data)
     model_args = check_model_args(model_args)

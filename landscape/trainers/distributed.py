@@ -12,6 +12,7 @@ the same optimizer steps as one process up to floating-point summation order.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +49,18 @@ def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = (device or "auto").lower()
+    want = "auto" if device is None else str(device).strip().lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", want):
+        raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda, cuda:K and mps.")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
-    if want not in ("cpu", "cuda") and not want.startswith("cuda:") and want != "mps":
-        raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda, cuda:K and mps.")
+    if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
+        raise LandscapeError(f"Device {device!r} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                             f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    if want == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LandscapeError(f"Device {device!r} was asked for but no Apple GPU (MPS) is available; use --device cpu.")
     if want == "cuda":
         want = f"cuda:{local_rank if world_size > 1 else torch.cuda.current_device()}"
     torch_device = torch.device(want)
