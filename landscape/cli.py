@@ -390,6 +390,11 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 
     run_dir = Run.open(run)
     check_log(log)
+    from landscape.trainers.distributed import env_int
+
+    if shard is not None and env_int("WORLD_SIZE", 1) <= 1:
+        click.echo(f"Note: --shard {shard} shares the work between the processes torchrun starts; in one process "
+                   f"it has nothing to share (start it with torchrun --nproc-per-node N).", err=True)
     ds = analyze(run_dir, analysis, checkpoints=checkpoints, force=force, data_dir=data_dir, device=device,
                  progress=sys.stderr.isatty(), shard=shard, on_plan=on_plan)
     if ds is None:  # not the first of several processes: it prints

@@ -779,3 +779,21 @@ def test_a_new_run_folder_with_a_control_character_in_its_name_is_refused_before
     message = one_sentence(CliRunner().invoke(cli, ["import", str(source), "--out", str(out)]))
     assert "has a control character" in message and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
+def test_shard_in_one_process_is_named_and_a_job_environment_that_is_none_is_one_sentence(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", epochs=(1, 2))
+    result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN, "--shard", "checkpoints"])
+    assert result.exit_code == 0, result.output
+    assert "Note: --shard checkpoints shares the work between the processes torchrun starts" in result.output
+    for env, words in (({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a whole number"),
+                       ({"WORLD_SIZE": "2", "RANK": "5"}, "The environment describes no process of a job "
+                                                           "(WORLD_SIZE=2, RANK=5, LOCAL_RANK=0)")):
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN,
+                                                            "--force"]))
+        assert words in message, message
+    with xr.open_dataset(run.analysis_dir / "hessian.nc") as ds:  # the forced re-run stopped before any change
+        assert ds.sizes["checkpoint"] == 2

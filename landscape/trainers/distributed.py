@@ -40,15 +40,29 @@ class Distributed:
         return self.world_size > 1
 
 
+def env_int(name: str, default: int) -> int:
+    """The whole number in the environment variable ``name`` (``default`` when unset or empty), as torchrun sets
+    ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``; anything else is one sentence."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise LandscapeError(f"{name}={value!r} in the environment is not a whole number; torchrun sets it to one, "
+                             f"so start the job with torchrun or unset {name}.") from None
+
+
 def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
     """Join the process group described by the environment and choose this process's device.
 
     ``device`` is ``auto`` (or None: CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:K``; under
     torchrun each process takes GPU ``LOCAL_RANK``.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise LandscapeError(f"The environment describes no process of a job (WORLD_SIZE={world_size}, RANK={rank}, "
+                             f"LOCAL_RANK={local_rank}); start the job with torchrun, or unset these variables.")
     want = "auto" if device is None else str(device).strip().lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
