@@ -314,6 +314,10 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             return
         out = out or Path("runs") / f"{config.data.name}-{config.model.name}-seed{config.seed}"
+        if config.schedule.warmup_epochs > config.epochs and main_process:  # allowed: a short look at a recipe
+            click.echo(f"Note: the warm-up ({config.schedule.warmup_epochs} epochs) is longer than the run "
+                       f"({config.epochs}): the learning rate rises throughout and never reaches its peak, nor "
+                       "decays.", err=True)
 
     def print_row(row: dict) -> None:
         shown = ["epoch", "step", "train_loss", "val_loss", "val_top1", "ema_val_top1", "lr", "images_per_s"]

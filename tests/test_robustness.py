@@ -797,3 +797,19 @@ def test_shard_in_one_process_is_named_and_a_job_environment_that_is_none_is_one
         assert words in message, message
     with xr.open_dataset(run.analysis_dir / "hessian.nc") as ds:  # the forced re-run stopped before any change
         assert ds.sizes["checkpoint"] == 2
+
+
+def test_a_warm_up_longer_than_the_run_is_named_and_the_run_trains(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress", "--epochs", "1",
+                                      "--set", "data.train_size=64", "--set", "schedule.warmup_epochs=3"])
+    assert result.exit_code == 0, result.output
+    assert "Note: the warm-up (3 epochs) is longer than the run (1)" in result.output
+    import pandas as pd
+    import yaml
+
+    peak = yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"]
+    assert 0 < pd.read_csv(out / "metrics.csv")["lr"].max() < peak / 2  # a third of the warm-up: a third of the peak
+    plain = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(tmp_path / "plain"), "--no-progress",
+                                     "--epochs", "1", "--set", "data.train_size=64"])
+    assert plain.exit_code == 0 and "warm-up" not in plain.output
