@@ -16,7 +16,7 @@ for their check for a missed eigenvalue, and ``trace_matvecs`` for the trace):
   :math:`w = (I - V^\\top V) z` and their products :math:`H w`, writing :math:`P_g` for the coordinate projection,
 
   .. math::  \\operatorname{tr} H_{gg} = \\operatorname{tr}(V_g^\\top V_g\\, T)
-             + \\mathbb{E}\\big[w_g^\\top (H w)_g + 2\\, (V_g w_g)^\\top (V H w)\\big],
+             + \\mathbb{E}\\big[w_g^\\top (H w)_g + (V_g w_g)^\\top (V H w)\\big],
 
   (:math:`V_g` the columns of :math:`V` on the group) exactly as :func:`~landscape.curvature.trace.deflated_trace`
   splits :math:`\\operatorname{tr} H`; the cross term is the expectation of :math:`z^\\top P_g V^\\top V H R z`

@@ -271,12 +271,12 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
             V[: len(keep)] = Y
             T[range(len(keep)), range(len(keep))] = theta[keep]
             size = applied = len(keep)
-        new = Q.T[: min(b, n - size)].to(bdevice, bdtype)
-        deficient = R.diagonal().abs()[: len(new)] <= 1e-12 * max(anorm, 1e-300)
-        for row in torch.nonzero(deficient).flatten().tolist():  # invariant subspace: continue in a fresh direction
-            fresh = torch.randn(1, n, generator=generator, dtype=torch.float64).to(bdevice, bdtype)
-            _orthogonalize_rows(fresh, torch.cat([V[:size], new[:row]]))
-            new[row] = fresh[0] / fresh.norm()
+        count = min(b, n - size)
+        floor = 1e-12 * max(anorm, 1e-300)
+        if bool((R.diagonal().abs()[:count] > floor).all()):
+            new = Q.T[:count].to(bdevice, bdtype)
+        else:  # the residuals span less than a block (an invariant subspace: a repeated eigenvalue's copies)
+            new = _extend_block(W, V[:size], count, floor, generator)
         V[size:size + len(new)] = new
         size += len(new)
 
@@ -400,6 +400,22 @@ def _error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
     gap = distance.min(dim=1).values
     quadratic = torch.where(gap > 0, residuals ** 2 / gap.clamp(min=1e-300), residuals)
     return torch.minimum(residuals, quadratic)
+
+
+def _extend_block(W: Tensor, basis: Tensor, count: int, floor: float, generator: torch.Generator) -> Tensor:
+    """``count`` orthonormal rows, orthogonal to ``basis``, whose span holds every row of the residual block ``W``
+    (rows orthogonal to ``basis``) that is not below ``floor``, the rest fresh random directions.
+
+    The basis stays orthonormal and keeps the whole residual (so the Krylov relation and the error bounds hold);
+    a Householder QR of a rank-deficient ``W`` gives a column of no residual whose replacement would drop the
+    parts of later residuals along it."""
+    U, singular, _ = torch.linalg.svd(W.T, full_matrices=False)
+    rows = [U[:, singular > floor].T[:count]]
+    while sum(len(r) for r in rows) < count:
+        fresh = torch.randn(1, W.shape[1], generator=generator, dtype=torch.float64).to(W.device, W.dtype)
+        _orthogonalize_rows(fresh, torch.cat([basis, *rows]))
+        rows.append(fresh / fresh.norm())
+    return torch.cat(rows)
 
 
 def _orthogonalize_rows(W: Tensor, basis: Tensor) -> Tensor:

@@ -202,12 +202,16 @@ def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: i
     on block :math:`g`,
 
     .. math::  \\operatorname{tr} A_{gg} = \\operatorname{tr}(V_g^\\top V_g\\, T)
-               + \\mathbb{E}\\big[w_g^\\top (A w)_g + 2\\, (V_g w_g)^\\top (V A w)\\big],
+               + \\mathbb{E}\\big[w_g^\\top (A w)_g + (V_g w_g)^\\top (V A w)\\big],
 
     (:math:`V_g` the columns of :math:`V` on the block) exactly as :func:`deflated_trace` splits
-    :math:`\\operatorname{tr} A`; the cross term is the expectation of :math:`z^\\top P_g V^\\top V A R z`
-    (:math:`R = I - V^\\top V`). Summed over blocks that cover the vector the cross terms vanish sample by sample
-    (:math:`V w = 0`), so the block traces add up to the whole estimate exactly.
+    :math:`\\operatorname{tr} A`. With :math:`\\Pi = V^\\top V` and :math:`R = I - \\Pi`,
+    :math:`\\operatorname{tr} P_g A = \\operatorname{tr} P_g \\Pi A \\Pi + \\operatorname{tr} P_g A R
+    + \\operatorname{tr} P_g R A \\Pi`: the first is the basis term, the second the expectation of
+    :math:`w_g^\\top (A w)_g = z^\\top R P_g A R z`, and the third, equal to
+    :math:`\\operatorname{tr} P_g \\Pi A R`, that of the cross term :math:`z^\\top R P_g \\Pi A R z`, counted once.
+    Summed over blocks that cover the vector the cross terms vanish sample by sample (:math:`V w = 0`), so the
+    block traces add up to the whole estimate exactly.
 
     With ``basis`` ``(m, n)`` (orthonormal rows) and ``basis_matrix`` :math:`T = V A V^\\top` ``(m, m)`` the whole-model
     estimate is that of :func:`deflated_trace` with the same ``seed`` (the same probes and
@@ -246,7 +250,7 @@ def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: i
             sample = (Z[i] * AZ[i]).sum(0).double()
             if VAZ is not None:
                 Vg = V[:, on_basis[g]]
-                sample = sample + 2 * ((Vg @ Z[i].to(V.device, V.dtype)) * VAZ).sum(0).double().to(sample.device)
+                sample = sample + ((Vg @ Z[i].to(V.device, V.dtype)) * VAZ).sum(0).double().to(sample.device)
             parts[j].extend(sample.cpu().tolist())
     values = np.asarray(whole)
     method = "deflated" if len(V) else "hutchinson"
