@@ -258,6 +258,60 @@ def test_a_failing_process_fails_the_job_with_its_message_and_a_rerun_resumes(la
     assert float(resumed["seconds"][0]) == float(written["seconds"][0])  # kept, not recomputed
 
 
+@pytest.mark.slow
+def test_workers_stop_when_torchrun_is_killed_and_leave_the_run_free(tmp_path):
+    # torchrun starts each worker in a session of its own: after a SIGKILL of torchrun they ran on, holding the lock
+    import signal
+    import time
+
+    from landscape.io import RunLock
+
+    run = make_run(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "landscape", "analyze", "hessian", str(run.root),
+               "--device", "cpu", "--samples", "40", "--top-k", "2", "--trace", "--trace-matvecs", "100000"]
+    launcher = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def children() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+        return found
+
+    started = time.monotonic()
+    while len(children()) < 2 and time.monotonic() - started < 120:
+        time.sleep(0.5)
+    workers = children()
+    assert len(workers) == 2, launcher.stderr.read().decode()[-2000:] if launcher.poll() is not None else "no workers"
+    time.sleep(10)  # into their work (a worker killed before it asks to follow torchrun stops itself too)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 120
+
+    def alive(pid: int) -> bool:
+        try:
+            return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+
+    try:
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the workers outlived torchrun"
+            time.sleep(0.5)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    with RunLock(run.root):  # a training could take the run now
+        pass
+
+
 # -- helpers on one process -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n,size", [(13, 2), (5, 4), (8, 8), (1000, 3)])
 def test_contiguous_ranges_cover_every_item_once_in_order(n, size):

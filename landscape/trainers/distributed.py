@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,25 @@ def env_int(name: str, default: int) -> int:
                              f"so start the job with torchrun or unset {name}.") from None
 
 
+def end_with_launcher() -> None:
+    """Ask Linux to send this process SIGTERM when the process that started it ends: torchrun starts each worker
+    in a session of its own, so a SIGKILL of torchrun left them running (holding the run's lock) with nobody to
+    collect them. SIGTERM stops a command as Ctrl-C does: what was saved stays, the lock goes. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher ended before the request: stop as it would have
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
     """Join the process group described by the environment and choose this process's device.
 
@@ -81,6 +101,8 @@ def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     info = Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+    if world_size > 1:
+        end_with_launcher()
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
         info.started_here = True
