@@ -421,6 +421,17 @@ def _refuse_other_run(run_dir: Path, saved: dict[str, Any], wanted: dict[str, An
                              "delete it or give another --out.")
 
 
+def _check_existing_runs(configs: Sequence[tuple[Any, Path]]) -> None:
+    """Refuse at once a study whose folder holds a run trained with other settings (each run would be refused
+    only when its turn came, after the study's record and the runs before it)."""
+    from landscape.config import to_dict
+
+    for config, run_dir in configs:
+        run = Run(run_dir)
+        if run.config_path.is_file():
+            _refuse_other_run(run_dir, run.load_config(), to_dict(config))
+
+
 def ensure_trained(config, run_dir: Path, *, data_dir=None, emit: Emit | None = None) -> str:
     """Train ``config`` into ``run_dir`` unless it is already there: ``"skipped"`` when the run finished,
     ``"resumed"`` when it continued from ``state/last.pt``, ``"trained"`` otherwise.
@@ -507,6 +518,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     runs_dir = out / "runs"
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
     check_study(spec)
+    _check_existing_runs(configs)  # before the folder's record is rewritten: a refused study leaves it as it was
     _write_yaml(out / "study.yaml", resolved_study(spec))
     _write_yaml(out / "environment.yaml", _environment(jobs, threads, command))
     tasks = [(config, run_dir, spec.analysis, data_dir, threads, force) for config, run_dir in configs]

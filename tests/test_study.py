@@ -175,6 +175,8 @@ def test_a_run_trained_with_any_other_training_setting_is_refused_and_named(tmp_
     with pytest.raises(LandscapeError, match=r"trained with other settings than the study asks for \(model.kwargs.depth "
                                              r"3, not 2; schedule.warmup_epochs 1, not 0\); delete it"):
         run_study(spec, tmp_path, jobs=1)
+    # refused before the folder's record was written: it does not describe a study its runs were not trained by
+    assert not (tmp_path / "study.yaml").exists() and not (tmp_path / "environment.yaml").exists()
 
 
 @pytest.mark.slow
