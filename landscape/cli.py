@@ -852,7 +852,8 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
 @DATA_DIR_OPTION
 def demo(data: str, out: Path, seeds: int, epochs: int | None, jobs: int | None, figures_out: Path | None,
          force: bool, smoke: bool, data_dir: Path | None) -> None:
-    """The whole study on a small scale: train, analyse every checkpoint, draw the figures, write the report.
+    """The whole study on a small scale: train; the Hessian at every checkpoint, sharpness, loss surfaces and the
+    spectral density at the final one, the dynamics; draw the figures, write the report.
 
     Baseline ViT, GroupedMLP (pairs), ShallowMLP (half width, sliced and random init) and an mLiT, SEEDS seeds
     each. Re-running it skips everything already done.
