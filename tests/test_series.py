@@ -158,6 +158,24 @@ def test_plan_counts_the_first_checkpoint_cold_and_the_rest_warm():
     assert describe_plan(settings, 10, warm_start=False) == "10 checkpoints x ~49 products (eigenvalues ~40, trace 9)"
 
 
+def test_plan_and_table_count_the_runs_beside_the_main_eigensolve():
+    # per-block, preconditioned and per-batch top eigenvalues were left out: a plan of 163 ran to 298 products
+    import xarray as xr
+
+    from landscape.analyses.hessian import hessian_summary
+
+    settings = HessianSettings(top_k=1, trace=True, trace_matvecs=10, per_block=True, preconditioned=True,
+                               per_batch=8, samples=16)
+    assert describe_plan(settings, 1, groups=9) == ("1 checkpoint x ~322 products (eigenvalues ~24, trace 10, "
+                                                    "per-block 9 x ~24, preconditioned 1 x ~24, per-batch 2 x ~24)")
+    ds = xr.Dataset({"loss": (("checkpoint",), [1.0]), "epoch": (("checkpoint",), [1.0]), "step": (("checkpoint",), [5]),
+                     "seconds": (("checkpoint",), [1.0]), "eigenvalue_matvecs": (("checkpoint",), [20]),
+                     "trace_matvecs": (("checkpoint",), [10]), "per_batch_matvecs": (("checkpoint",), [40]),
+                     "block_eigenvalue_matvecs": (("checkpoint", "group"), [[15, 25, 30]]),
+                     "preconditioned_matvecs": (("checkpoint",), [22])}, coords={"checkpoint": ["epoch-0001"]})
+    assert hessian_summary(ds)[0]["HVPs"] == 20 + 10 + 40 + 70 + 22
+
+
 def test_combined_start_is_a_unit_vector_with_equal_weight_on_each_orthonormal_row():
     rows = torch.linalg.qr(torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).Q.T
     v = combined_start(torch.cat([rows, 2.0 * rows[:1]]), 40)[0]  # a dependent row adds nothing

@@ -405,11 +405,13 @@ class HessianAnalysis(Analysis):
         self.save_eigenvectors = save_eigenvectors
         self.contiguous = bool(warm_start and self.settings.top_k)
         self.warm: WarmStart | None = None
+        self.groups = 0  # the model's parameter groups under per_block, known once prepared
 
     def prepare(self, job: Job, todo: Any) -> None:
         self.warm = WarmStart() if self.contiguous else None  # each series starts cold
         settings = self.settings
-        if settings.top_k and not settings.per_block:  # before the plan is printed, not at the first checkpoint
+        if settings.top_k or settings.per_block:  # before the plan is printed, not at the first checkpoint
+            from landscape.analyses.blocks import parameter_groups
             from landscape.checkpoints import build_model
             from landscape.curvature.lanczos import check_wanted
             from landscape.curvature.loss import parameters_by_pattern
@@ -417,14 +419,17 @@ class HessianAnalysis(Analysis):
             job.run.check_checkpoint_model(todo[0])
             with torch.device("meta"):  # sizes only: no memory, no initialisation
                 model = build_model(todo[0])
-            check_wanted(settings.top_k, settings.which,
-                         sum(p.numel() for p in parameters_by_pattern(model, settings.params).values()))
+            selected = parameters_by_pattern(model, settings.params)
+            if settings.top_k:
+                check_wanted(settings.top_k, settings.which, sum(p.numel() for p in selected.values()))
+            if settings.per_block:
+                self.groups = len(parameter_groups(model, list(selected)))
 
     def complete(self, run: Any, info: Any) -> bool:
         return not self.save_eigenvectors or saved_for(eigenvectors_path(run, info.name, self.settings), self.settings)
 
     def work(self, job: Job) -> int:
-        return expected_products(self.settings)
+        return expected_products(self.settings, groups=self.groups)
 
     def finish(self, run: Any, results: Any) -> None:
         """Overlaps taken before an earlier checkpoint's eigenvectors were saved (another process measured it
@@ -480,17 +485,39 @@ def run_hessian_analysis(run: Any, settings: HessianSettings | None = None, *, s
                                         warm_start=warm_start), **options)
 
 
-def expected_products(settings: HessianSettings) -> int:
+def expected_products(settings: HessianSettings, *, groups: int = 0) -> int:
     """The Hessian-vector products one checkpoint is expected to take: the trace's and the density's are fixed
     budgets; the eigenvalues' depend on the spectrum, and ``4 k + 12`` is what the error-bound stopping rule
     typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64), plus
-    the check for a missed eigenvalue (:data:`~landscape.curvature.lanczos.CHECK_PRODUCTS`, 8)."""
+    the check for a missed eigenvalue (:data:`~landscape.curvature.lanczos.CHECK_PRODUCTS`, 8). Each further top
+    eigenvalue (:func:`extra_top_eigenvalues`: each of ``groups`` parameter groups, the preconditioned matrix, each
+    batch) is one more such run for k = 1."""
     total = eigenvalue_products(settings)
     if settings.trace:
         total += settings.trace_matvecs
     if settings.density:
         total += settings.density_probes * settings.density_steps
+    total += sum(extra_top_eigenvalues(settings, groups).values()) * _top_one_products()
     return max(total, 1)
+
+
+def extra_top_eigenvalues(settings: HessianSettings, groups: int = 0) -> dict[str, int]:
+    """The Lanczos runs for one top eigenvalue each beside the main one: ``{"per-block": groups,
+    "preconditioned": 1, "per-batch": samples // per_batch}``, those asked for."""
+    extra = {}
+    if settings.per_block and groups:
+        extra["per-block"] = groups
+    if settings.preconditioned:
+        extra["preconditioned"] = 1
+    if settings.per_batch:
+        extra["per-batch"] = settings.samples // settings.per_batch
+    return extra
+
+
+def _top_one_products() -> int:
+    from landscape.curvature.lanczos import CHECK_PRODUCTS
+
+    return 4 + 12 + CHECK_PRODUCTS
 
 
 def expected_warm_products(settings: HessianSettings) -> int:
@@ -509,10 +536,11 @@ def eigenvalue_products(settings: HessianSettings) -> int:
     return (4 * settings.top_k + 12 + CHECK_PRODUCTS) * ends if settings.top_k else 0
 
 
-def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False) -> str:
+def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False, groups: int = 0) -> str:
     """One line saying what an analysis of ``checkpoints`` checkpoints will cost, in Hessian-vector products:
-    ``"28 checkpoints x ~21 products (eigenvalues ~12, trace 9)"``."""
-    total = expected_products(settings)
+    ``"28 checkpoints x ~21 products (eigenvalues ~12, trace 9)"``; ``groups``: the parameter groups of
+    ``per_block``."""
+    total = expected_products(settings, groups=groups)
     parts = []
     if settings.top_k:
         eigen = eigenvalue_products(settings)
@@ -527,6 +555,8 @@ def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bo
         parts.append(f"trace {settings.trace_matvecs}")
     if settings.density:
         parts.append(f"density {settings.density_probes} x {settings.density_steps}")
+    for what, runs in extra_top_eigenvalues(settings, groups).items():
+        parts.append(f"{what} {runs} x ~{_top_one_products()}")
     noun = "checkpoint" if checkpoints == 1 else "checkpoints"
     return f"{checkpoints} {noun} x ~{total} products ({', '.join(parts)})"
 
@@ -552,7 +582,9 @@ def hessian_summary(ds) -> list[dict[str, Any]]:
         if "preconditioned_sharpness" in ds:
             row["sharpness_P"] = float(entry["preconditioned_sharpness"])
             row["threshold"] = float(entry["stability_threshold"])
-        matvecs = sum(int(entry[v]) for v in ("eigenvalue_matvecs", "trace_matvecs", "density_matvecs") if v in ds)
+        matvecs = sum(int(entry[v].sum()) for v in ("eigenvalue_matvecs", "trace_matvecs", "density_matvecs",
+                                                    "block_eigenvalue_matvecs", "per_batch_matvecs",
+                                                    "preconditioned_matvecs") if v in ds)
         row["HVPs"] = matvecs
         row["seconds"] = float(entry["seconds"])
         if "eigenvalue_converged" in ds and not int(entry["eigenvalue_converged"]):
