@@ -935,7 +935,16 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
 # == end paper ==
 
 
+def _open_closed_streams() -> None:
+    """A stream the shell closed (``2>&-``) is ``None`` in Python: every message and progress bar would fail on it,
+    so it writes to the null device instead (stdin reads nothing)."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+
+
 def main() -> None:
+    _open_closed_streams()
     taken = _stop_on_signals()
     try:
         cli(prog_name="landscape")

@@ -332,11 +332,16 @@ def _write_pid(fd: int) -> None:
 
 
 def check_run_name(root: str | os.PathLike) -> None:
-    """Refuse a new run folder whose path has a control character (a newline, a tab): every table, log and figure
-    that names the run would break on it."""
+    """Refuse a new run folder whose path has a control character (a newline, a tab), which every table, log and
+    figure that names the run would break on, or bytes that are not UTF-8 text."""
     if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
         raise LandscapeError(f"The run folder {str(root)!r} has a control character (a newline, a tab) in its name, "
                              "which would break every table, log and figure that names the run; choose another --out.")
+    try:
+        str(root).encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding: safetensors and netCDF take UTF-8 paths only
+        raise LandscapeError(f"The run folder {str(root)!r} has bytes in its name that are not UTF-8 text, which the "
+                             "checkpoint and results files cannot be opened under; choose another --out.") from None
 
 
 class RunLock:

@@ -292,7 +292,14 @@ class DirectionSpec:
 
 
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@+=]+", "_", text) or "run"
+    """``text`` with every run of characters outside ``[A-Za-z0-9_.@+=]`` made ``_``; a name with characters
+    beyond ASCII (``é``, ``数据``: all ``_``) also gets 8 hex digits of its SHA-1, so that such names stay apart."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_.@+=]+", "_", text) or "run"
+    if not text.isascii():
+        safe += "_" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return safe
 
 
 def parse_directions(text: str) -> DirectionSpec:

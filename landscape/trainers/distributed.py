@@ -104,7 +104,17 @@ def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
     if world_size > 1:
         end_with_launcher()
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name, "").strip()]
+        if missing:  # a WORLD_SIZE left in the environment, not a job torchrun started
+            raise LandscapeError(f"WORLD_SIZE={world_size} in the environment asks for a job of several processes, but "
+                                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; start the job "
+                                 "with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK for one process.")
+        try:
+            dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+        except (RuntimeError, ValueError) as e:  # torch.distributed's errors derive from RuntimeError
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise LandscapeError(f"The processes of the job could not join ({reason}); start the job with torchrun, "
+                                 "or unset WORLD_SIZE, RANK and LOCAL_RANK for one process.") from None
         info.started_here = True
     return info, torch_device
 
