@@ -85,6 +85,11 @@ class LandscapeGroup(click.Group):
         except LandscapeError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(1)
+        except ImportError as e:  # a library that cannot be loaded here (a memory limit below torch's, a broken install)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            click.echo(f"Error: a library could not be loaded ({reason}); a memory limit (ulimit -v) below what torch "
+                       "maps, or a damaged installation: raise the limit or reinstall.", err=True)
+            ctx.exit(1)
         except MemoryError:  # the machine's memory, not a bug: what was asked does not fit
             click.echo("Error: the machine ran out of memory; ask for less (fewer --samples, a smaller --batch-size "
                        "or --img-size, a smaller model); everything saved before stays as it was.", err=True)
@@ -111,8 +116,11 @@ class LandscapeGroup(click.Group):
             ctx.exit(1)
         except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, a closed terminal: every write is atomic, so what
             # was saved stays whole
-            then = ("continue the run with landscape train --resume RUN" if ctx.invoked_subcommand == "train" else
-                    "running the same command again continues from there")
+            then = "running the same command again continues from there"
+            if ctx.invoked_subcommand == "train":
+                made = _TRAINING_INTO is not None and (_TRAINING_INTO / "config.yaml").is_file()
+                then = ("continue the run with landscape train --resume RUN" if made else
+                        "no run was made yet, so run the same command again")
             signum = getattr(e, "signum", signal.SIGINT)
             what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
             try:
@@ -120,6 +128,10 @@ class LandscapeGroup(click.Group):
             except OSError:  # the terminal that would show it is gone (SIGHUP)
                 pass
             ctx.exit(128 + signum)
+
+
+_TRAINING_INTO: Path | None = None
+"""The run folder `landscape train` is writing, once known: an interrupt's advice depends on whether it holds a run."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -323,6 +335,8 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
         shown = ["epoch", "step", "train_loss", "val_loss", "val_top1", "ema_val_top1", "lr", "images_per_s"]
         click.echo("  ".join(f"{k} {_fmt(row[k])}" for k in shown if row.get(k) is not None), err=True)
 
+    global _TRAINING_INTO
+    _TRAINING_INTO = Path(out)
     result = run_training(config, out, resume=resume is not None, overwrite=overwrite, device=device,
                           data_dir=data_dir, progress=progress, on_row=print_row, extend_to=extend_to, log=log)
     if main_process:

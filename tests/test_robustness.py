@@ -836,3 +836,25 @@ def test_non_ascii_target_runs_name_results_files_apart():
     names = ["é", "数据", "模型", "run-é", "run-è"]
     assert len({_safe(n) for n in names}) == len(names)
     assert _safe("baseline-s0") == "baseline_s0" and _safe("runB@3") == "runB@3"  # ASCII names keep their files
+
+
+def test_an_interrupt_before_the_run_exists_does_not_advise_resuming_it(tmp_path, monkeypatch):
+    import landscape.trainers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(landscape.trainers, "train", interrupted)
+    out = tmp_path / "new"
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 130 and "no run was made yet, so run the same command again" in result.output
+    run = make_run(tmp_path / "run", epochs=(1,))
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run.root), "--no-progress"])
+    assert result.exit_code == 130 and "continue the run with landscape train --resume RUN" in result.output
+
+
+def test_a_library_that_cannot_be_loaded_is_one_sentence(monkeypatch):
+    # under `ulimit -v` below what torch maps, its import failed with a 25-line traceback
+    monkeypatch.setitem(sys.modules, "landscape.trainers", None)  # its import now raises ImportError
+    message = one_sentence(CliRunner().invoke(cli, ["train", "--data", "digits", "--dry-run"]))
+    assert message.startswith("Error: a library could not be loaded (") and "ulimit -v" in message
