@@ -150,7 +150,18 @@ def _umask() -> int:
 
 def temporary_name(path: Path) -> str:
     """The prefix of ``path``'s temporary files: ``.NAME.PID.`` (the pid tells a live writer from a dead one)."""
-    return f".{path.name}.{os.getpid()}."
+    return f".{temporary_stem(path)}.{os.getpid()}."
+
+
+def temporary_stem(path: Path) -> str:
+    """``path``'s name, or for a name so long that the temporary's would pass the file system's 255 bytes, its
+    first 150 characters and 10 hex digits of its SHA-1 (every name the file system takes stays writable)."""
+    name = path.name
+    if len(os.fsencode(name)) <= 200:
+        return name
+    import hashlib
+
+    return f"{name[:150]}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:10]}"
 
 
 def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *, kept: str | None = None) -> None:
@@ -181,7 +192,7 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
             os.fsync(f.fileno())
         os.replace(tmp, path)
         # what a killed writer of this same file left (a figure, a report, outside any run's own sweep)
-        _remove_stale(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+        _remove_stale(path.parent.glob(f".{glob.escape(temporary_stem(path))}.*.tmp"))
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -858,3 +858,18 @@ def test_a_library_that_cannot_be_loaded_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "landscape.trainers", None)  # its import now raises ImportError
     message = one_sentence(CliRunner().invoke(cli, ["train", "--data", "digits", "--dry-run"]))
     assert message.startswith("Error: a library could not be loaded (") and "ulimit -v" in message
+
+
+def test_names_the_file_system_takes_stay_writable_whatever_their_temporaries(tmp_path):
+    # the temporary beside a file adds about 27 characters: a 248-character report name or a 235-character import
+    # folder failed with "File name too long" (naming a hidden folder the user never asked for)
+    from landscape.io import atomic_write_text
+
+    target = tmp_path / ("q" * 245 + ".md")
+    atomic_write_text(target, "kept")
+    assert target.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    source = make_run(tmp_path / "source", epochs=(1,)).checkpoints()[-1].path
+    out = tmp_path / ("m" * 235)
+    result = CliRunner().invoke(cli, ["import", str(source), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "config.yaml").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -20,7 +20,7 @@ from landscape.checkpoints import load_state_dict_strict, save_checkpoint
 from landscape.config import config_hash
 from landscape.data import check_data_fits, dataset_names
 from landscape.errors import CheckpointError, LandscapeError
-from landscape.io import STALE_AFTER_S, check_run_name, pid_alive
+from landscape.io import STALE_AFTER_S, check_run_name, pid_alive, temporary_stem
 from landscape.importers.filters import StateDict
 from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
 from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
@@ -213,9 +213,10 @@ def file_sha256(path: Path) -> str:
 def _remove_interrupted_imports(out: Path) -> list[Path]:
     """Remove the unfinished copies (``.OUT.PID.RANDOM.importing``) that imports into ``out`` killed before their
     rename left next to it; a live process's copy stays unless untouched for :data:`landscape.io.STALE_AFTER_S`."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:(\d+)\.)?[^.]+\.importing$")
+    stem = temporary_stem(out)
+    pattern = re.compile(rf"^\.{re.escape(stem)}\.(?:(\d+)\.)?[^.]+\.importing$")
     removed = []
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*.importing"):
+    for path in out.parent.glob(f".{glob.escape(stem)}.*.importing"):
         match = pattern.match(path.name)
         if not match or not path.is_dir() or path.is_symlink():
             continue
@@ -377,7 +378,7 @@ def import_checkpoint(
     tmp: Path | None = None
     try:
         while True:  # named before it exists, so that a SIGTERM just after the mkdir still finds it below
-            tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(6)}.importing"
+            tmp = out.parent / f".{temporary_stem(out)}.{os.getpid()}.{secrets.token_hex(6)}.importing"
             try:
                 tmp.mkdir()
                 break
