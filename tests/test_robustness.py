@@ -836,6 +836,10 @@ def test_non_ascii_target_runs_name_results_files_apart():
     names = ["é", "数据", "模型", "run-é", "run-è"]
     assert len({_safe(n) for n in names}) == len(names)
     assert _safe("baseline-s0") == "baseline_s0" and _safe("runB@3") == "runB@3"  # ASCII names keep their files
+    from landscape.analyses.surface import parse_directions
+
+    long = [parse_directions(f"plane:{'r' * 119}a,{'r' * 119}{end}").slug() for end in "bc"]
+    assert long[0] != long[1] and all(len(slug) <= 120 for slug in long)  # a file name the file system takes
 
 
 def test_an_interrupt_before_the_run_exists_does_not_advise_resuming_it(tmp_path, monkeypatch):

@@ -288,7 +288,12 @@ class DirectionSpec:
         """A file-name-safe name: ``random``, ``interpolate-runB@10``, ``plane-runB-runC`` ..."""
         parts = [self.kind] + [_safe(t.run.resolve().name) + (f"@{t.epoch}" if t.epoch is not None else "")
                                for t in self.targets]
-        return "-".join(parts)
+        slug = "-".join(parts)
+        if len(slug) > 120:  # long run names: the file name (with its temporary's) must stay under 255 bytes
+            import hashlib
+
+            slug = f"{slug[:100]}_{hashlib.sha1(slug.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
+        return slug
 
 
 def _safe(text: str) -> str:
