@@ -21,7 +21,7 @@ from landscape.analyses.eigenvectors import load_eigenvectors
 from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
 from landscape.curvature.density import broadened_density, spectral_density
 from landscape.curvature.lanczos import CHECK_PRODUCTS, gauss_quadrature, lanczos_tridiagonal, top_eigenvalues
-from landscape.errors import ConfigError
+from landscape.errors import ConfigError, LandscapeError
 from landscape.curvature.trace import deflated_trace, hutch_plus_plus_trace, hutchinson_trace
 from landscape.curvature.products import dense_hessian
 
@@ -538,7 +538,7 @@ def test_rerun_skips_finished_checkpoints_and_force_recomputes(tmp_path, monkeyp
     assert len(calls) == 3 and list(ds["checkpoint"].values) == ["epoch-0001", "epoch-0002", "epoch-0003"]
     run_hessian_analysis(run, settings, checkpoints="last", force=True)
     assert len(calls) == 4
-    with pytest.raises(hessian_module.LandscapeError, match="other settings.*samples 16 there vs 32 now"):
+    with pytest.raises(LandscapeError, match="other settings.*samples 16 there vs 32 now"):
         run_hessian_analysis(run, HessianSettings(top_k=2, samples=32))
     ds = run_hessian_analysis(run, HessianSettings(top_k=2, samples=32), checkpoints="last", force=True)
     assert list(ds["checkpoint"].values) == ["epoch-0003"]  # entries made with other settings are dropped
