@@ -118,9 +118,9 @@ class LandscapeGroup(click.Group):
             # was saved stays whole
             then = "running the same command again continues from there"
             if ctx.invoked_subcommand == "train":
-                made = _TRAINING_INTO is not None and (_TRAINING_INTO / "config.yaml").is_file()
+                made = _TRAINING_INTO is not None and (_TRAINING_INTO / "state" / "last.pt").is_file()
                 then = ("continue the run with landscape train --resume RUN" if made else
-                        "no run was made yet, so run the same command again")
+                        "no training state was saved yet, so run the same command again")
             signum = getattr(e, "signum", signal.SIGINT)
             what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
             try:

@@ -851,8 +851,12 @@ def test_an_interrupt_before_the_run_exists_does_not_advise_resuming_it(tmp_path
     monkeypatch.setattr(landscape.trainers, "train", interrupted)
     out = tmp_path / "new"
     result = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 130 and "no run was made yet, so run the same command again" in result.output
-    run = make_run(tmp_path / "run", epochs=(1,))
+    assert result.exit_code == 130 and "no training state was saved yet, so run the same command again" in result.output
+    run = make_run(tmp_path / "run", epochs=(1,))  # a config and a checkpoint, no state: --resume would refuse
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run.root), "--no-progress"])
+    assert result.exit_code == 130 and "run the same command again" in result.output
+    (run.root / "state").mkdir()
+    (run.root / "state" / "last.pt").write_bytes(b"state")
     result = CliRunner().invoke(cli, ["train", "--resume", str(run.root), "--no-progress"])
     assert result.exit_code == 130 and "continue the run with landscape train --resume RUN" in result.output
 
@@ -877,3 +881,26 @@ def test_names_the_file_system_takes_stay_writable_whatever_their_temporaries(tm
     result = CliRunner().invoke(cli, ["import", str(source), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "config.yaml").is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_follow_their_launcher_and_a_launcher_that_is_process_1_is_alive(monkeypatch):
+    # torchrun as a container's entry point is process 1: its workers took that for a dead launcher and stopped
+    import ctypes
+
+    import landscape.trainers.distributed as distributed
+
+    class FakeLibc:
+        def prctl(self, *args):
+            asked.append(args[:2])
+            return 0
+
+    asked, killed = [], []
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: FakeLibc())
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    for parents, stops in (([1, 1], False), ([4242, 4242], False), ([4242, 1], True)):
+        sequence = iter(parents)
+        monkeypatch.setattr(os, "getppid", lambda: next(sequence))
+        killed.clear()
+        distributed.end_with_launcher()
+        assert asked[-1] == (1, int(signal.SIGTERM)) and bool(killed) == stops

@@ -63,13 +63,14 @@ def end_with_launcher() -> None:
     import ctypes
     import signal
 
+    launcher = os.getppid()  # torchrun may be process 1 itself (a container's entry point)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
             return
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher ended before the request: stop as it would have
+    if os.getppid() != launcher:  # the launcher ended just before the request: stop as it would have
         os.kill(os.getpid(), signal.SIGTERM)
 
 
