@@ -155,13 +155,17 @@ def temporary_name(path: Path) -> str:
 
 def temporary_stem(path: Path) -> str:
     """``path``'s name, or for a name so long that the temporary's would pass the file system's 255 bytes, its
-    first 150 characters and 10 hex digits of its SHA-1 (every name the file system takes stays writable)."""
+    first 150 bytes (whole characters) and 10 hex digits of its SHA-1 (every name the file system takes stays
+    writable)."""
     name = path.name
     if len(os.fsencode(name)) <= 200:
         return name
     import hashlib
 
-    return f"{name[:150]}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:10]}"
+    head = name[:150]
+    while len(os.fsencode(head)) > 150:  # bytes, not characters: 数 takes three
+        head = head[:-1]
+    return f"{head}~{hashlib.sha1(os.fsencode(name)).hexdigest()[:10]}"
 
 
 def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *, kept: str | None = None) -> None:

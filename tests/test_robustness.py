@@ -873,9 +873,11 @@ def test_names_the_file_system_takes_stay_writable_whatever_their_temporaries(tm
     # folder failed with "File name too long" (naming a hidden folder the user never asked for)
     from landscape.io import atomic_write_text
 
-    target = tmp_path / ("q" * 245 + ".md")
-    atomic_write_text(target, "kept")
-    assert target.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    targets = [tmp_path / ("q" * 245 + ".md"), tmp_path / ("数" * 80 + ".md"), tmp_path / ("é" * 120 + ".md")]
+    for target in targets:  # 248 characters; 243 bytes of 83 characters; 243 bytes of 123
+        atomic_write_text(target, "kept")
+        assert target.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(t.name for t in targets)
     source = make_run(tmp_path / "source", epochs=(1,)).checkpoints()[-1].path
     out = tmp_path / ("m" * 235)
     result = CliRunner().invoke(cli, ["import", str(source), "--out", str(out)])
@@ -904,3 +906,14 @@ def test_workers_follow_their_launcher_and_a_launcher_that_is_process_1_is_alive
         killed.clear()
         distributed.end_with_launcher()
         assert asked[-1] == (1, int(signal.SIGTERM)) and bool(killed) == stops
+
+
+def test_a_masked_autoencoder_run_is_refused_by_the_analyses_in_one_sentence(tmp_path):
+    # its model reconstructs patches: the cross-entropy failed deep inside with an IndexError traceback
+    run = make_run(tmp_path / "run", epochs=(1,))
+    config = run.load_config()
+    save_yaml({**config, "task": "mae"}, run.config_path)
+    for analysis in (["hessian", *HESSIAN], ["sharpness", "--samples", "16"]):
+        message = one_sentence(CliRunner().invoke(cli, ["analyze", *analysis[:1], str(run.root), *analysis[1:]]))
+        assert "is a masked-autoencoder pre-training run" in message
+    assert not run.analysis_dir.exists() or not list(run.analysis_dir.glob("*.nc"))

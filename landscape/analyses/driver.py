@@ -163,6 +163,10 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
     from landscape.runs import Run
 
     run = run if isinstance(run, Run) else Run.open(run)
+    if run.load_config().get("task") == "mae":  # its model reconstructs patches: no class logits, no such loss
+        raise LandscapeError(f"{run.root} is a masked-autoencoder pre-training run: the analyses measure a "
+                             "classifier's cross-entropy; fine-tune it (landscape train --init RUN) and analyse that "
+                             "run.")
     settings = analysis.settings
     shard = distributed.check_shard(shard, analysis.shard_modes, analysis.name)
     world, torch_device = distributed.join(device)
