@@ -57,7 +57,8 @@ class EigenResult:
     ``error_bounds`` ``(w,)``; with ``return_basis``, the final Krylov ``basis`` ``(m, n)`` (orthonormal rows)
     and ``basis_trace`` :math:`= \\operatorname{tr}(V^\\top A V)`, for :func:`deflated_trace`; ``size``, the
     number of basis vectors at the end; ``missed``, how many times the check after convergence found an eigenvalue
-    the Krylov space had missed (and Lanczos started again).
+    the Krylov space had missed (and Lanczos started again); ``tracked_values``, the Ritz values of the wanted
+    eigenvalues and the guards.
     For ``which="both"`` the first ``k`` are the largest and the last ``k`` the smallest.
     """
 
@@ -73,6 +74,7 @@ class EigenResult:
     basis_matrix: Tensor | None = None
     size: int = 0
     missed: int = 0
+    tracked_values: np.ndarray | None = None
 
     @property
     def largest(self) -> np.ndarray:
@@ -150,8 +152,10 @@ def top_eigenvalues(
     products (for each end asked for) look for an eigenvalue the Krylov space missed: Lanczos from a fresh seeded
     vector on the operator with the tracked Ritz vectors projected out, whose largest Ritz value (smallest, at that
     end) can only pass the ``k``-th wanted value when an eigenvalue beyond it was missed (:func:`missed_direction`;
-    on that start it passed after 6 products). Then Lanczos starts again from a block: the tracked Ritz vectors
-    combined into one vector, and the new direction beside it, and is checked again; ``matvecs`` counts every
+    on that start it passed after 6 products; it must pass by more than ``tol``, so that the copies of an eigenvalue
+    repeated more often than the values tracked do not count). Then Lanczos starts again from a block: the tracked
+    Ritz vectors combined into one vector, the copies of a repeated value beyond its first, and the new direction
+    beside them, and is checked again; ``matvecs`` counts every
     product. ``check=0`` skips it; ``missed`` in the result counts the restarts, at most :data:`MAX_RESTARTS`, and a
     check that still finds a missed eigenvalue after the last one leaves the result not ``converged``.
 
@@ -177,7 +181,7 @@ def top_eigenvalues(
     while check and result.converged and result.size < n:
         found = []
         for end in ends:
-            direction, products = missed_direction(A, tracked, result, end, k, check,
+            direction, products = missed_direction(A, tracked, result, end, k, check, tol=tol,
                                                    seed=seed + 7919 * (missed + 1) + (end == "smallest"))
             total += products
             if direction is not None:
@@ -188,10 +192,12 @@ def top_eigenvalues(
             result.converged = False  # an eigenvalue is known to be missing from the values returned
             break
         missed += 1
-        # A block start: the tracked vectors combined into one (:func:`combined_start`), and each direction found
-        # beside it. A copy of a repeated eigenvalue found by the check is a second direction in that eigenspace,
-        # which one start vector made of them all would merge with the first.
-        start = torch.cat([combined_start(tracked, n).to(found[0].device, found[0].dtype), *found])
+        # A block start: the tracked vectors combined into one (:func:`combined_start`), each copy of a repeated
+        # value beyond its first, and each direction found beside them. A copy of a repeated eigenvalue found by the
+        # check is one more direction in that eigenspace, which one start vector made of them all would merge with
+        # the others: a block of width w finds at most w copies.
+        copies = tracked[_repeated(result.tracked_values, tol)].to(found[0].device, found[0].dtype)
+        start = torch.cat([combined_start(tracked, n).to(found[0].device, found[0].dtype), copies, *found])
         restart = dict(options, block_size=max(block_size, len(start)))
         if basis_size is not None and basis_size < len(tracked) + len(start) + 2:
             restart["block_size"] = block_size
@@ -272,7 +278,10 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
             T[range(len(keep)), range(len(keep))] = theta[keep]
             size = applied = len(keep)
         count = min(b, n - size)
-        floor = 1e-12 * max(anorm, 1e-300)
+        # below this a residual is rounding, not a direction: orthogonalised twice in the basis's precision, the
+        # residual of an invariant subspace is left at a few units of rounding, which normalised would be a row far
+        # from orthogonal to the basis (in float32, Ritz values above the operator's largest eigenvalue)
+        floor = max(1e-12, 64 * torch.finfo(bdtype).eps) * max(anorm, 1e-300)
         if bool((R.diagonal().abs()[:count] > floor).all()):
             new = Q.T[:count].to(bdevice, bdtype)
         else:  # the residuals span less than a block (an invariant subspace: a repeated eigenvalue's copies)
@@ -297,11 +306,12 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
         basis_matrix=T[:size, :size].clone() if return_basis else None,
     )
     result.size = size
+    result.tracked_values = theta[checked].numpy()
     return result, tracked_vectors
 
 
 def missed_direction(A: Any, tracked: Tensor, result: EigenResult, end: str, k: int, products: int, *,
-                     seed: int) -> tuple[Tensor | None, int]:
+                     seed: int, tol: float = 0.0) -> tuple[Tensor | None, int]:
     """Whether a converged run of :func:`top_eigenvalues` missed an eigenvalue at ``end`` (``"largest"`` or
     ``"smallest"``), by ``products`` steps of Lanczos from a fresh vector (seed ``seed``) on
 
@@ -312,8 +322,11 @@ def missed_direction(A: Any, tracked: Tensor, result: EigenResult, end: str, k: 
     so slow Lanczos down). Every Ritz value of :math:`B` lies within its spectrum, which away from
     :math:`c` is that of :math:`A` on the complement of the tracked vectors (up to their residuals): its extreme
     Ritz value passes :math:`\\theta_k` only if :math:`A` has an eigenvalue beyond :math:`\\theta_k` that the tracked
-    vectors do not hold. Returns ``(direction, products)``: that Ritz vector ``(1, n)`` (unit, orthogonal to
-    :math:`Y`) when it passed, else ``None``."""
+    vectors do not hold. It must pass by more than ``tol`` :math:`\\cdot|\\theta_k|` (and more than the operator's
+    rounding): a copy of :math:`\\theta_k` itself outside the tracked vectors (an eigenvalue repeated more often than
+    ``k`` plus the guards) changes no returned value, and one within ``tol`` of it changes the ``k``-th by less than
+    ``tol``. Returns ``(direction, products)``: that Ritz vector ``(1, n)`` (unit, orthogonal to :math:`Y`) when it
+    passed, else ``None``."""
     Y = torch.linalg.qr(tracked.T).Q  # (n, p)
     values = result.eigenvalues
     both = result.which == "both"
@@ -332,7 +345,9 @@ def missed_direction(A: Any, tracked: Tensor, result: EigenResult, end: str, k: 
                                  max_matvecs=products, basis_size=max(products + 1, 4), return_eigenvectors=False,
                                  return_basis=False, basis_device=Y.device, basis_dtype=Y.dtype, start=None)
     mu = float(check.eigenvalues[0])
-    if not (mu > theta_k if end == "largest" else mu < theta_k):
+    rounding = 64 * torch.finfo(A.dtype).eps if A.dtype.is_floating_point else 0.0
+    passed = max(tol, rounding) * abs(theta_k)
+    if not (mu > theta_k + passed if end == "largest" else mu < theta_k - passed):
         return None, check.matvecs
     vector = vector[:1].to(Y.device, Y.dtype)
     vector = vector - (vector @ Y) @ Y.T
@@ -388,6 +403,16 @@ def ritz_start(result: EigenResult, k: int, guard: int = 2) -> Tensor:
         columns = torch.cat([columns, _wanted(theta, per_end, "smallest")])
     basis = result.basis
     return S[:, columns].T.to(basis.device, basis.dtype) @ basis
+
+
+def _repeated(values: np.ndarray, tol: float) -> Tensor:
+    """Indices of the values that repeat an earlier one (sorted by value, consecutive values within ``tol`` of
+    each other's magnitude form one group): every member of a group but its first."""
+    order = np.argsort(values, kind="stable")
+    ordered = np.asarray(values, dtype=np.float64)[order]
+    scale = max(float(np.abs(ordered).max()) if len(ordered) else 0.0, 1e-300)
+    same = np.abs(np.diff(ordered)) <= np.maximum(tol, 1e-12) * np.maximum(np.abs(ordered[1:]), 1e-12 * scale)
+    return torch.as_tensor(order[1:][same], dtype=torch.long)
 
 
 def _error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
