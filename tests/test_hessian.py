@@ -353,6 +353,25 @@ def test_full_lanczos_quadrature_nodes_are_the_eigenvalues():
     assert np.allclose(np.sort(weights), np.sort((Q.T @ v) ** 2), atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quadrature_weights_are_exact_when_the_krylov_space_is_exhausted(dtype):
+    # kron(I_9, G): 5 distinct eigenvalues, so Lanczos from any vector ends after 5 steps. In float32 the sixth
+    # residual is rounding, which was taken for a direction: 20 nodes, each eigenvalue repeated, weights moved
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((5, 5))
+    G = G @ G.T
+    values, U = np.linalg.eigh(G)
+    A = np.kron(np.eye(9), G)
+    z = rng.standard_normal(45)
+    exact = ((z.reshape(9, 5) @ U) ** 2).sum(axis=0) / (z @ z)  # each eigenvalue's weight in the start vector
+    alpha, beta = lanczos_tridiagonal(torch.from_numpy(A).to(dtype), torch.from_numpy(z).to(dtype), 20)
+    nodes, weights = gauss_quadrature(alpha, beta)
+    assert len(alpha) == 5
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    np.testing.assert_allclose(nodes, values, rtol=rtol)
+    np.testing.assert_allclose(weights, exact, rtol=rtol * 10, atol=rtol)
+
+
 @pytest.mark.parametrize("scale", ["linear", "symlog"])
 @pytest.mark.parametrize("reorthogonalize", [True, False])
 def test_density_integrates_to_one(hessian, scale, reorthogonalize):
