@@ -308,12 +308,37 @@ class RunBusy(LandscapeError):
     """Another landscape process holds the lock of a run directory."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return pid > 0
+
+
+def _lock_pids(text: str) -> list[int]:
+    """The process ids written in a lock file that are still running (one per line; analyses share a lock)."""
+    pids = []
+    for word in text.split():
+        with contextlib.suppress(ValueError):
+            pid = int(word)
+            if _alive(pid) and pid not in pids:
+                pids.append(pid)
+    return pids
+
+
 def _holder(lock_path: Path) -> str:
     try:
-        pid = int(lock_path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        pids = _lock_pids(lock_path.read_text(errors="replace"))
+    except OSError:
+        pids = []
+    if not pids:
         return "another landscape process"
-    return f"another landscape process (pid {pid})"
+    if len(pids) == 1:
+        return f"another landscape process (pid {pids[0]})"
+    return f"other landscape processes (pids {', '.join(map(str, pids))})"
 
 
 def _acquire(lock_path: Path, mode: int, *, wait: bool, busy: typing.Callable[[], str]) -> int:
@@ -340,10 +365,16 @@ def _acquire(lock_path: Path, mode: int, *, wait: bool, busy: typing.Callable[[]
         os.close(fd)
 
 
-def _write_pid(fd: int) -> None:
+def _write_pid(fd: int, *, shared: bool = False) -> None:
+    """Write this process's id into the lock file: alone (an exclusive holder), or beside those of the other
+    holders still running (a shared one), so that a refusal names a process that holds the lock."""
     with contextlib.suppress(OSError):
+        others: list[int] = []
+        if shared:
+            others = [p for p in _lock_pids(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")) if p != os.getpid()]
+        text = "".join(f"{pid}\n" for pid in [*others, os.getpid()])
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, text.encode(), 0)
 
 
 def check_run_name(root: str | os.PathLike) -> None:
@@ -385,7 +416,7 @@ class RunLock:
 
         self._fd = _acquire(self.path, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, wait=False, busy=busy)
         if self._fd >= 0:
-            _write_pid(self._fd)
+            _write_pid(self._fd, shared=shared)
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -255,13 +255,15 @@ def looks_like_run(root: Path) -> bool:
     return all(p.name in RUN_ENTRIES or p.name.startswith(".") for p in root.iterdir())
 
 
-def is_empty_run(root: Path) -> bool:
+def is_empty_run(root: Path, *, analyses: bool = True) -> bool:
     """No training state and no analysis result, and at most the first checkpoint and row: nothing a retry could
     lose (a run that failed before its first checkpoint, was killed while writing its config, or was killed before
-    the training state that follows its first checkpoint)."""
+    the training state that follows its first checkpoint). ``analyses=False`` leaves the analysis results out:
+    a retry that keeps them (``--resume``, which trains again from the start to the same first checkpoint) loses
+    nothing either."""
     if not looks_like_run(root):
         return False
-    if (root / "state" / "last.pt").exists() or any((root / "analysis").glob("*.nc")):
+    if (root / "state" / "last.pt").exists() or (analyses and any((root / "analysis").glob("*.nc"))):
         return False
     checkpoints = list((root / "checkpoints").glob("*.safetensors"))
     # killed between its first checkpoint and its first training state (written after it, with the row before

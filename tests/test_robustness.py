@@ -78,6 +78,30 @@ def test_an_analysis_of_a_run_being_trained_is_refused_and_analyses_may_share_it
         assert result.exit_code == 0, result.output
 
 
+def test_a_refusal_names_the_live_holders_of_a_shared_lock_not_one_that_left(tmp_path):
+    # each analysis overwrote the one pid in .lock: when the later one ended first, a training was told to wait
+    # for a process that no longer existed, and never of the one that held the run
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path / "run", epochs=(1,))
+    hold = ("import sys, time; from landscape.io import RunLock; lock = RunLock(sys.argv[1], shared=True); "
+            "print('held', flush=True); time.sleep(60)")
+    long = subprocess.Popen([sys.executable, "-c", hold, str(run.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert long.stdout.readline().strip() == "held"
+        short = subprocess.run([sys.executable, "-c", hold.replace("time.sleep(60)", "pass"), str(run.root)],
+                               capture_output=True, text=True, timeout=60)
+        assert short.returncode == 0 and short.stdout.strip() == "held"
+        message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run.root)]))
+        assert f"in use by another landscape process (pid {long.pid})" in message, message
+        with RunLock(run.root, shared=True):  # a third, in this process: both live holders are named
+            assert set(map(int, (run.root / ".lock").read_text().split())) == {long.pid, os.getpid()}
+    finally:
+        long.kill()
+        long.wait()
+
+
 # -- folders left by failures -----------------------------------------------------------------------------------------
 def test_resume_without_a_training_state_refuses_and_deletes_nothing(tmp_path):
     run = make_run(tmp_path / "run", epochs=(1, 2))

@@ -231,6 +231,25 @@ def test_interpolation_endpoints_reproduce_each_checkpoints_own_evaluation_exact
     assert (a.analysis_dir / "surface-interpolate-b@3-1d.nc").exists()
 
 
+def test_targets_of_one_name_in_two_folders_get_files_of_their_own_that_survive_a_move(tmp_path):
+    # studyA/b and studyB/b both named the file surface-interpolate-b-1d.nc: the second was refused, and the
+    # --force the refusal advised replaced the first's results
+    from landscape.analyses.surface import parse_directions
+
+    for folder in ("here", "studyA/b", "studyB/b", "here/b"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    run = tmp_path / "here" / "a"
+    names = {where: parse_directions(f"interpolate:{tmp_path / where}@3").slug(run)
+             for where in ("here/b", "studyA/b", "studyB/b")}
+    assert names["here/b"] == "interpolate-b@3"  # a run beside the one analysed keeps its plain name
+    assert len(set(names.values())) == 3 and all(n.startswith("interpolate-b_") for n in list(names.values())[1:])
+    import shutil
+
+    other = tmp_path.parent / (tmp_path.name + "-moved")  # the whole tree copied elsewhere: the same names
+    shutil.copytree(tmp_path, other)
+    assert parse_directions(f"interpolate:{other / 'studyA/b'}@3").slug(other / "here" / "a") == names["studyA/b"]
+
+
 def test_plane_passes_through_the_three_checkpoints_exactly(runs):
     a, b, c = runs["a"], runs["b"], runs["c"]
     settings = SurfaceSettings(directions=f"plane:{b.root},{c.root}", points=3, samples=SAMPLES)

@@ -347,7 +347,7 @@ def test_a_run_stopped_right_after_saving_its_initial_weights_resumes_without_a_
     assert_same_weights(whole.checkpoints[-1], resumed.checkpoints[-1])
 
 
-@pytest.mark.parametrize("how", ["resume", "same command"])
+@pytest.mark.parametrize("how", ["resume", "same command", "analysed, then resume"])
 def test_a_run_killed_between_its_first_checkpoint_and_its_first_state_trains_again(tmp_path, monkeypatch, how):
     # it could be neither resumed (no training state) nor started again (a checkpoint was there)
     import landscape.trainers.loop as loop
@@ -367,10 +367,19 @@ def test_a_run_killed_between_its_first_checkpoint_and_its_first_state_trains_ag
             train(build_config("digits", overrides=overrides), tmp_path / "run", progress=False)
     run = Run(tmp_path / "run")
     assert [i.epoch for i in run.checkpoints()] == [1] and not run.state_path.exists()
-    if how == "resume":
-        again = train(None, run.root, resume=True, progress=False)
-    else:
+    if how == "analysed, then resume":  # an analysis of its one checkpoint made it neither resumable nor new
+        from landscape.analyses.hessian import HessianSettings, run_hessian_analysis
+
+        run_hessian_analysis(run, HessianSettings(top_k=1, samples=16), progress=False)
+        analysed = (run.analysis_dir / "hessian.nc").read_bytes()
+        with pytest.raises(LandscapeError, match="continue it with --resume"):
+            train(build_config("digits", overrides=overrides), run.root, progress=False)
+    if how == "same command":
         again = train(build_config("digits", overrides=overrides), run.root, progress=False)
+    else:
+        again = train(None, run.root, resume=True, progress=False)
+    if how == "analysed, then resume":  # kept: the first checkpoint is trained again to the very same weights
+        assert (run.analysis_dir / "hessian.nc").read_bytes() == analysed
     assert columns_without_timing(again.rows) == columns_without_timing(whole.rows)
     assert_same_weights(whole.checkpoints[-1], again.checkpoints[-1])
 

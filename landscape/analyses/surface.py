@@ -81,6 +81,7 @@ that all analyses share, so a grid point at a checkpoint reproduces that checkpo
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,9 +285,11 @@ class DirectionSpec:
     def dims_allowed(self) -> tuple[int, ...]:
         return {"interpolate": (1,), "plane": (2,)}.get(self.kind, (1, 2))
 
-    def slug(self) -> str:
-        """A file-name-safe name: ``random``, ``interpolate-runB@10``, ``plane-runB-runC`` ..."""
-        parts = [self.kind] + [_safe(t.run.resolve().name) + (f"@{t.epoch}" if t.epoch is not None else "")
+    def slug(self, run: Path | None = None) -> str:
+        """A file-name-safe name: ``random``, ``interpolate-runB@10``, ``plane-runB-runC`` ... A target that is not
+        in the folder of ``run`` (the run analysed) also gets 8 hex digits of the SHA-1 of its path relative to that
+        folder, so that two targets of one name in two studies stay apart (and stay the same when both move)."""
+        parts = [self.kind] + [_target_name(t.run, run) + (f"@{t.epoch}" if t.epoch is not None else "")
                                for t in self.targets]
         slug = "-".join(parts)
         if len(slug) > 120:  # long run names: the file name (with its temporary's) must stay under 255 bytes
@@ -294,6 +297,19 @@ class DirectionSpec:
 
             slug = f"{slug[:100]}_{hashlib.sha1(slug.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
         return slug
+
+
+def _target_name(target: Path, run: Path | None) -> str:
+    """The file-name part for ``target``: its folder's name, with a hash of where it lies beside ``run``'s when
+    it is not in the same folder (see :meth:`DirectionSpec.slug`)."""
+    import hashlib
+
+    target = Path(target).resolve()
+    name = _safe(target.name)
+    if run is None or target.parent == Path(run).resolve().parent:
+        return name
+    where = Path(os.path.relpath(target, Path(run).resolve().parent)).as_posix()
+    return f"{name}_{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 def _safe(text: str) -> str:
@@ -541,7 +557,7 @@ def surface_path(run: Any, spec: DirectionSpec, dims: int, weights: str = "raw")
     EMA weights)."""
     from landscape.analyses.results import results_path
 
-    return results_path(run, f"surface-{spec.slug()}-{dims}d", {"weights": weights})
+    return results_path(run, f"surface-{spec.slug(Path(run.root))}-{dims}d", {"weights": weights})
 
 
 def directions_dir(run: Any) -> Path:

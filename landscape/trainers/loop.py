@@ -739,8 +739,9 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
             raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
         if not run.config_path.exists():
             raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
-        # training state that follows its first checkpoint: trained again from the start, with its saved config
+        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root, analyses=False)
+        # killed before the training state that follows its first checkpoint: trained again from the start, with
+        # its saved config, to that checkpoint's very weights (so an analysis of it made since stays true)
         if not run.state_path.exists() and not restart:
             if any(run.checkpoints_dir.glob("*.safetensors")):
                 raise CheckpointError(
