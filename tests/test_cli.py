@@ -104,6 +104,36 @@ def test_progress_bars_draw_on_a_terminal_that_reports_no_size():
     assert "work: 100%" in drawn and "3/3" in drawn, drawn
 
 
+@pytest.mark.parametrize("columns, lines, shows", [(40, 0, "100% 00:00 left - work"), (10, 0, "100% 00:00"),
+                                                    (100, 24, "work: 100%")])
+def test_progress_bars_show_the_time_left_on_half_sized_and_narrow_terminals(columns, lines, shows):
+    """``stty cols 40`` sets the width alone: with 0 lines tqdm drew nothing; at 10 to 50 columns it cut the line
+    before the time left, which now comes first."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    from landscape.progress import progress_bar
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    with os.fdopen(slave, "w") as terminal:
+        for _ in progress_bar(range(3), desc="work", file=terminal, mininterval=0):
+            pass
+        terminal.flush()
+        drawn = ""
+        while select.select([master], [], [], 2.0)[0]:
+            drawn += os.read(master, 65536).decode()
+            if shows in drawn:
+                break
+    os.close(master)
+    assert shows in drawn, drawn
+    assert all(len(line) <= columns for line in drawn.replace("\r", "\n").split("\n")), drawn
+
+
 def test_figures_left_out_for_want_of_results_are_named_with_the_command_that_makes_them(tmp_path):
     from conftest import STUDY_VARIANTS, make_tiny_run
 
