@@ -47,11 +47,11 @@ MAX_RESTARTS = 4
 still finds one after the last makes the result not converged."""
 
 
-def rounding(dtype: torch.dtype) -> float:
+def rounding(dtype: torch.dtype, units: int = 256) -> float:
     """The relative size below which a product's residual in ``dtype`` is taken for rounding, not a direction
-    (256 units of rounding; a float32 Hessian-vector product of a 2-block ViT is off by about 6 of them from the
-    float64 one, of an MLP by 2)."""
-    return 256 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    (``units`` units of rounding; a float32 Hessian-vector product of a 2-block ViT is off by about 6 of them from
+    the float64 one, of an MLP by 2)."""
+    return units * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
 # -- extreme eigenvalues ------------------------------------------------------------------------------------------
@@ -522,7 +522,8 @@ def lanczos_tridiagonal(
     # below this beta is rounding (of the products and the reorthogonalisation, in the operator's precision), not
     # a new direction: taken for one, a float32 run went on past an exhausted Krylov space with repeated nodes
     # that moved weight between eigenvalues (0.154 on one whose weight was 0.026)
-    floor = max(1e-10 * math.sqrt(n), rounding(A.dtype))
+    floor = max(1e-10 * math.sqrt(n), rounding(A.dtype, 64))  # fewer units than the eigensolver's: a cut here
+    # ends the quadrature, and a bulk of eigenvalues far below the largest one keeps small betas of its own
     for j in range(num_steps):
         if basis is not None:
             basis[j] = v
