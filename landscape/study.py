@@ -82,6 +82,36 @@ class AnalysisSettings:
     preconditioned: bool = False
     subspace: bool = False
 
+    def hessian_settings(self) -> list[Any]:
+        """The :class:`~landscape.analyses.hessian.HessianSettings` of the curvature through training and of the
+        density at the final checkpoint."""
+        from landscape.analyses.hessian import HessianSettings
+
+        common = dict(samples=self.samples, seed=self.seed)
+        curvature = HessianSettings(top_k=self.top_k, tol=self.tol, trace=True, trace_matvecs=self.trace_matvecs,
+                                    per_block=self.per_block, preconditioned=self.preconditioned, **common)
+        density = HessianSettings(top_k=0, density=True, density_probes=self.density_probes,
+                                  density_steps=self.density_steps, density_grid_size=400, density_scale="symlog",
+                                  **common)
+        return [curvature, density]
+
+    def sharpness_settings(self) -> list[Any]:
+        """The :class:`~landscape.analyses.sharpness.SharpnessSettings`, plain and adaptive."""
+        from landscape.analyses.sharpness import SharpnessSettings
+
+        plain = SharpnessSettings(rhos=self.rhos, steps=self.sharpness_steps, draws=self.sharpness_draws,
+                                  samples=self.samples, seed=self.seed)
+        return [plain, dataclasses.replace(plain, rhos=self.adaptive_rhos, adaptive=True)]
+
+    def surface_settings(self) -> list[Any]:
+        """The :class:`~landscape.analyses.surface.SurfaceSettings` of the line and the plane."""
+        from landscape.analyses.surface import SurfaceSettings
+
+        span = (-self.surface_range, self.surface_range)
+        return [SurfaceSettings(directions="random", dims=dims, range=span, points=points, samples=self.samples,
+                                seed=self.seed)
+                for dims, points in ((1, self.surface_points), (2, self.surface_points_2d))]
+
     def at_checkpoints(self, run: Run) -> str:
         """The checkpoint spec of the density, sharpness and surfaces: ``at`` holds ``final`` (the last checkpoint)
         and/or ``peak`` (the checkpoint of the epoch at which the raw validation top-1 peaked, from
@@ -226,8 +256,12 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
         if extra:
             raise ConfigError(f"{source}: variant {v['name']!r} has unknown keys {', '.join(map(str, extra))}; "
                               f"accepted are {', '.join(_VARIANT_KEYS)}.")
+        if isinstance(v["name"], bool) or not isinstance(v["name"], (str, int)):
+            raise ConfigError(f"{source}: variant {i + 1}'s name must be text (it names the run folders), not "
+                              f"{v['name']!r}.")
         name, kwargs = str(v["name"]), v.get("kwargs") or {}
-        if not name or any(c in name for c in "/\\") or name.startswith(".") or name != name.strip():
+        if not name or any(c in name for c in "/\\") or name.startswith(".") or name != name.strip() or \
+                any(ord(c) < 32 or ord(c) == 127 for c in name):
             raise ConfigError(f"{source}: variant name {name!r} cannot name a folder; use letters, digits and -.")
         if not isinstance(kwargs, dict):
             raise ConfigError(f"{source}: the kwargs of variant {name!r} must be a mapping.")
@@ -248,7 +282,8 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
         raise ConfigError(f"{source}: 'seeds' must be distinct non-negative integers, not {seeds!r}.")
     study_name = raw.get("name")
     if study_name is not None and (not isinstance(study_name, (str, int)) or not str(study_name).strip() or any(
-            c in str(study_name) for c in "/\\") or str(study_name).startswith(".")):
+            c in str(study_name) for c in "/\\") or str(study_name).startswith(".") or any(
+            ord(c) < 32 or ord(c) == 127 for c in str(study_name))):
         raise ConfigError(f"{source}: the study name {study_name!r} cannot name a folder under runs/ (it names the "
                           "default output folder); use letters, digits and -.")
     overrides = raw.get("overrides") or {}
@@ -315,6 +350,20 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
         parse_checkpoint_spec(str(settings.checkpoints))
     except LandscapeError as e:
         raise ConfigError(f"{source}: analysis setting 'checkpoints': {e}") from None
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
+        raise ConfigError(f"{source}: analysis setting 'seed' must be an integer, not {settings.seed!r}.")
+    if isinstance(settings.surface_range, bool) or not isinstance(settings.surface_range, (int, float)) or \
+            not 0 < settings.surface_range < math.inf:
+        raise ConfigError(f"{source}: analysis setting 'surface_range' must be a positive number (the surfaces span "
+                          f"-range to range), not {settings.surface_range!r}.")
+    try:  # what each analysis checks itself (radii, seeds, ...), now rather than after every run has trained
+        settings.hessian_settings(), settings.sharpness_settings(), settings.surface_settings()
+        if settings.device is not None:
+            from landscape.trainers.distributed import check_device
+
+            check_device(settings.device)
+    except LandscapeError as e:
+        raise ConfigError(f"{source}: analysis settings: {e}") from None
     return settings
 
 
@@ -879,6 +928,7 @@ def _worker_pool(context, jobs: int):
             pool.shutdown(wait=False, cancel_futures=True)
             for worker in workers:  # every write is atomic: a killed worker loses nothing saved
                 worker.kill()
+            _kill_unlisted_workers(context)
             pool.shutdown(wait=True)
             if manager is not None:
                 manager.join(timeout=30)
@@ -887,6 +937,40 @@ def _worker_pool(context, jobs: int):
         pool.shutdown(wait=True)
     finally:
         events.close()
+
+
+def _kill_unlisted_workers(context) -> None:
+    """Kill every process the fork server started for this study that the pool does not list: one whose start a
+    Ctrl-C interrupted (forked, but its pid never handed back) would otherwise outlive the study, fail to open the
+    event queue this process has removed, and print a traceback below the study's last sentence."""
+    import signal
+
+    from multiprocessing import forkserver
+
+    server = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if context.get_start_method() != "forkserver" or not server:
+        return
+    for attempt in range(2):  # a start still under way forks its process a moment later
+        for pid in _children(server):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if attempt == 0:
+            time.sleep(0.2)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: from ``/proc``; none where it cannot be read)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()  # the name, in parentheses, may hold spaces
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def _run_parallel(pool, events, tasks, emit: Emit) -> None:
@@ -960,19 +1044,13 @@ def analyze_run(run: Run, settings: AnalysisSettings, *, data_dir=None, emit: Em
 
 def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
     from landscape.analyses.driver import analyze
-    from landscape.analyses.hessian import HessianAnalysis, HessianSettings
+    from landscape.analyses.hessian import HessianAnalysis
 
-    common = dict(samples=settings.samples, seed=settings.seed)
     measured: list[int] = []
     options = dict(data_dir=data_dir, force=force, device=settings.device, on_plan=measured.append)
-    curvature = HessianSettings(top_k=settings.top_k, tol=settings.tol, trace=True,
-                                trace_matvecs=settings.trace_matvecs, per_block=settings.per_block,
-                                preconditioned=settings.preconditioned, **common)
+    curvature, density = settings.hessian_settings()
     ds = analyze(run, HessianAnalysis(curvature, save_eigenvectors=settings.subspace and settings.top_k > 0),
                  checkpoints=settings.hessian_checkpoints(run), **options)
-    density = HessianSettings(top_k=0, density=True, density_probes=settings.density_probes,
-                              density_steps=settings.density_steps, density_grid_size=400, density_scale="symlog",
-                              **common)
     analyze(run, HessianAnalysis(density), checkpoints=settings.at_checkpoints(run), **options)
     last = ds.isel(checkpoint=-1)
     return (f"{ds.sizes['checkpoint']} checkpoints; final top eigenvalue {float(last['eigenvalue_largest'][0]):.3g}, "
@@ -981,15 +1059,13 @@ def _hessian(run: Run, settings: AnalysisSettings, data_dir, force: bool = False
 
 def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
     from landscape.analyses.driver import analyze
-    from landscape.analyses.sharpness import SharpnessAnalysis, SharpnessSettings
+    from landscape.analyses.sharpness import SharpnessAnalysis
 
     measured: list[int] = []
     options = dict(checkpoints=settings.at_checkpoints(run), data_dir=data_dir, force=force, device=settings.device,
                    on_plan=measured.append)
-    plain = SharpnessSettings(rhos=settings.rhos, steps=settings.sharpness_steps, draws=settings.sharpness_draws,
-                              samples=settings.samples, seed=settings.seed)
+    plain, adaptive = settings.sharpness_settings()
     ds = analyze(run, SharpnessAnalysis(plain), **options)
-    adaptive = dataclasses.replace(plain, rhos=settings.adaptive_rhos, adaptive=True)
     ads = analyze(run, SharpnessAnalysis(adaptive), **options)
     last, alast = ds.isel(checkpoint=-1), ads.isel(checkpoint=-1)
     return (f"worst case at rho={settings.rhos[-1]:g}: {float(last['worst_case'][-1]):.3g} nats, adaptive at "
@@ -998,13 +1074,10 @@ def _sharpness(run: Run, settings: AnalysisSettings, data_dir, force: bool = Fal
 
 def _surface(run: Run, settings: AnalysisSettings, data_dir, force: bool = False) -> str:
     from landscape.analyses.driver import analyze
-    from landscape.analyses.surface import SurfaceAnalysis, SurfaceSettings
+    from landscape.analyses.surface import SurfaceAnalysis
 
-    span = (-settings.surface_range, settings.surface_range)
     measured: list[int] = []
-    for dims, points in ((1, settings.surface_points), (2, settings.surface_points_2d)):
-        surface = SurfaceSettings(directions="random", dims=dims, range=span, points=points,
-                                  samples=settings.samples, seed=settings.seed)
+    for surface in settings.surface_settings():
         analyze(run, SurfaceAnalysis(surface), checkpoints=settings.at_checkpoints(run), data_dir=data_dir,
                 force=force, device=settings.device, on_plan=measured.append)
     return (f"1D line of {settings.surface_points} points, 2D plane of {settings.surface_points_2d}² points"

@@ -106,6 +106,26 @@ def test_study_workers_see_the_environment_of_the_moment_not_that_of_their_serve
 
 
 @pytest.mark.slow
+def test_an_interrupt_stops_every_process_the_study_started_even_one_the_pool_never_listed():
+    # a Ctrl-C during a worker's start left a process the pool did not know of: it outlived the study and printed
+    # a FileNotFoundError traceback (it could not open the removed event queue) below the study's last sentence
+    import time
+
+    from landscape.io import pid_alive
+    from landscape.study import _process_context, _worker_pool
+
+    context = _process_context()
+    stray = context.Process(target=time.sleep, args=(120,))  # stands for the worker whose start was interrupted
+    stray.start()
+    with pytest.raises(KeyboardInterrupt):
+        with _worker_pool(context, 1) as (pool, _):
+            assert pool.submit(abs, -1).result() == 1
+            raise KeyboardInterrupt
+    stray.join(timeout=10)
+    assert not pid_alive(stray.pid) or stray.exitcode is not None, "the unlisted process outlived the interrupt"
+
+
+@pytest.mark.slow
 def test_a_study_in_worker_processes_equals_the_same_study_in_this_process(tmp_path, monkeypatch):
     """Workers (forked from a server that imported everything once) train, analyse, read the results and draw the
     figures; they work in this process's directory (a relative --out) and see its environment as it is now."""
@@ -279,6 +299,17 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("analysis: {samples: 16,", "analysis: {samples: 16, surface_points: 1,"), "at least 2 points"),
     (("analysis: {samples: 16,", "analysis: {samples: 16, tol: .nan,"), "relative accuracy"),
     (("analysis: {samples: 16,", "analysis: {samples: 16, checkpoints: 'every:0',"), "'checkpoints': Unknown checkpoint selection 'every:0'"),
+    # passed the check, then failed after every run had trained (or, for a NUL, with a traceback)
+    (("analysis: {samples: 16,", "analysis: {samples: 16, surface_range: abc,"), "'surface_range' must be a positive"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, surface_range: .inf,"), "'surface_range' must be a positive"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, surface_range: -1,"), "'surface_range' must be a positive"),
+    (("rhos: [0.05]", "rhos: [.inf]"), "--rho must be positive numbers, not inf"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, seed: -5,"), "--seed must be between 0 and"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, seed: abc,"), "'seed' must be an integer"),
+    (("analysis: {samples: 16,", "analysis: {samples: 16, device: tpu,"), "Unknown device 'tpu'"),
+    (("name: grouped-g2", "name: \"a\\0b\""), "variant name 'a\\\\x00b' cannot name a folder"),
+    (("name: tiny", "name: \"t\\0y\""), "the study name 't\\\\x00y' cannot name a folder"),
+    (("name: grouped-g2", "name: null"), "name must be text"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study

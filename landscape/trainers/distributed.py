@@ -74,16 +74,9 @@ def end_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
-    """Join the process group described by the environment and choose this process's device.
-
-    ``device`` is ``auto`` (or None: CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:K``; under
-    torchrun each process takes GPU ``LOCAL_RANK``.
-    """
-    world_size, rank, local_rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0), env_int("LOCAL_RANK", 0)
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise LandscapeError(f"The environment describes no process of a job (WORLD_SIZE={world_size}, RANK={rank}, "
-                             f"LOCAL_RANK={local_rank}); start the job with torchrun, or unset these variables.")
+def check_device(device: str | None) -> str:
+    """The device ``device`` names (``auto`` or None: ``cuda`` when a GPU is visible, else ``cpu``), refused in one
+    sentence when it is unknown or not on this machine: ``cpu``, ``cuda``, ``cuda:K`` or ``mps``."""
     want = "auto" if device is None else str(device).strip().lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +89,20 @@ def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
                              f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
     if want == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise LandscapeError(f"Device {device!r} was asked for but no Apple GPU (MPS) is available; use --device cpu.")
+    return want
+
+
+def setup(device: str | None = None) -> tuple[Distributed, torch.device]:
+    """Join the process group described by the environment and choose this process's device.
+
+    ``device`` is ``auto`` (or None: CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:K``; under
+    torchrun each process takes GPU ``LOCAL_RANK``.
+    """
+    world_size, rank, local_rank = env_int("WORLD_SIZE", 1), env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise LandscapeError(f"The environment describes no process of a job (WORLD_SIZE={world_size}, RANK={rank}, "
+                             f"LOCAL_RANK={local_rank}); start the job with torchrun, or unset these variables.")
+    want = check_device(device)
     if want == "cuda":
         want = f"cuda:{local_rank if world_size > 1 else torch.cuda.current_device()}"
     torch_device = torch.device(want)
