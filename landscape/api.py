@@ -165,6 +165,7 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict
     measured in eval mode."""
     if not isinstance(model, nn.Module):
         raise LandscapeError(f"model is a {type(model).__name__}, not a torch.nn.Module.")
+    model = _unwrapped(model)
     if torch.is_inference_mode_enabled():
         raise LandscapeError("torch.inference_mode() is on, which turns off the autograd every measure needs; call "
                              "landscape outside the inference_mode block.")
@@ -188,7 +189,9 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict
                 + (", since second derivatives in 8 or 11 mantissa bits are mostly rounding error."
                    if any(d in LOW_PRECISION for d in kinds) else ", so that every product runs in one precision."))
         warnings.warn(note, stacklevel=3)
-        model = copy.deepcopy(model).to(dtype=dtype)
+        # real floating-point tensors only: Module.to(dtype) also casts complex buffers (an FFT filter, a rotary
+        # table) to real, dropping their imaginary parts, and measures another function without a word
+        model = copy.deepcopy(model)._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     if target is not None and target != first.device:
         model = copy.deepcopy(model) if note is None else model
         model = model.to(target)
@@ -199,6 +202,20 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict
         warnings.warn(mode, stacklevel=3)
         notes["mode_note"] = mode
     return model, ("float64" if dtype == torch.float64 else "float32"), notes
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` (``.module``) and ``torch.compile``
+    (``._orig_mod``): the same parameters, without a wrapper that refuses parameters swapped in by
+    ``functional_call`` (data parallel) or double backward (compiled)."""
+    for _ in range(8):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
 
 
 def _device(device: Any) -> torch.device:
@@ -233,9 +250,10 @@ def _check_trainable(model: nn.Module) -> None:
                              "measure; unfreeze those to measure (the measures take the parameters that require grad).")
 
 
-def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None) -> None:
+def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied: str | None = None) -> None:
     """The loss (cross-entropy by default) must take the model's outputs and the targets and be the mean over a
-    batch (results weight batches by their size): checked once, on a few examples."""
+    batch (results weight batches by their size): checked once, on a few examples. ``copied`` names the precision
+    of the copy measured instead of the model given (:func:`_measured_model`), if one was made."""
     from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
 
     _check_finite_inputs(x)
@@ -247,6 +265,10 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None) -> None
         shape = ({k: tuple(v.shape) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape)
                  if isinstance(x, torch.Tensor) else type(x).__name__)
         reason = " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
+        if copied is not None:  # the model as given may run: its copy in one precision did not
+            raise LandscapeError(f"The {copied} copy of the model measured (its parameters mix precisions or are low "
+                                 f"precision) cannot take the inputs ({reason}); convert the model to one precision "
+                                 "first, e.g. model.double() or model.float().") from None
         raise LandscapeError(f"The model cannot take the inputs ({num_inputs(x)} examples, {shape}): {reason}.") from None
 
 
@@ -364,7 +386,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     x, y = evaluation_data(data, samples)
     measured, dtype, notes = _measured_model(model, device)
     _check_trainable(measured)
-    _check_loss(measured, x, y, loss)
+    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
@@ -400,7 +422,7 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     if m is not None and m > len(y):
         raise ConfigError(f"m={m} is larger than the {len(y)} examples given, so m-sharpness has no batch of m; "
                           f"give m at most {len(y)} or more data.")
-    _check_loss(measured, x, y, loss)
+    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "sharpness", config, config.determining(), loss, notes)
@@ -433,7 +455,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
 
     x, y = evaluation_data(data, samples)
     measured, dtype, notes = _measured_model(model, device)
-    _check_loss(measured, x, y, loss)
+    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     kind, given = _direction_kind(directions)
     if dims is None:
         dims = 2 if kind == "random" else len(given)

@@ -543,3 +543,95 @@ def test_block_curvature_leaves_blank_the_shares_of_a_trace_within_its_noise():
     fig = ls.figure("block_curvature", ls.results(noisy))
     shares = fig.axes[1].images[0].get_array()
     assert np.ma.getmaskarray(shares).all() or np.isnan(np.ma.filled(shares, np.nan)).all()
+
+
+def _dense_top(model, x, y, k=2):
+    """The top ``k`` eigenvalues of the dense float64 Hessian of the mean cross-entropy of ``model`` (each
+    parameter in turn made a function of one flat vector)."""
+    from torch.func import functional_call
+
+    model = copy.deepcopy(model)
+    model._apply(lambda t: t.double() if t.is_floating_point() else t.to(torch.complex128) if t.is_complex() else t)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def loss(w):
+        tensors, at = {}, 0
+        for n, shape in zip(names, shapes):
+            tensors[n] = w[at:at + shape.numel()].reshape(shape)
+            at += shape.numel()
+        return nn.functional.cross_entropy(functional_call(model, tensors, (x.double(),)), y)
+
+    H = torch.autograd.functional.hessian(loss, flat)
+    return np.sort(torch.linalg.eigvalsh(H).numpy())[::-1][:k]
+
+
+class _Filtered(nn.Module):
+    """An MLP behind a fixed complex FFT filter (a complex buffer), its head in ``head_dtype``."""
+
+    def __init__(self, head_dtype=torch.float32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("filt", torch.randn(4, generator=g, dtype=torch.complex64))
+        self.body = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3).to(head_dtype)
+
+    def forward(self, x):
+        x = torch.fft.irfft(torch.fft.rfft(x) * self.filt.to(torch.fft.rfft(x).dtype), n=x.shape[-1])
+        return self.head(torch.tanh(self.body(x.to(self.body.weight.dtype))).to(self.head.weight.dtype))
+
+
+def test_a_complex_buffer_keeps_its_imaginary_part_in_the_copy_of_a_mixed_precision_model():
+    # Module.to(float64) cast the complex filter to real: top eigenvalue 0.581 for the true 0.675, without a word
+    torch.manual_seed(0)
+    model = _Filtered(torch.float64)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    with pytest.warns(UserWarning, match="float32 and float64"):
+        ds = ls.hessian(model, (x, y), top_k=2, tol=1e-8)
+    assert model.filt.is_complex()  # the model given is left as it was
+    np.testing.assert_allclose(ds["eigenvalue_largest"].values, _dense_top(model, x, y), rtol=1e-6)
+
+
+def test_wrapped_models_are_measured_as_the_module_inside():
+    # nn.DataParallel refused parameters swapped in (a torch traceback); a compiled model refused double backward
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    plain = ls.hessian(model, (x, y), top_k=2, tol=1e-8)["eigenvalue_largest"].values
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):
+        values = ls.hessian(wrapped, (x, y), top_k=2, tol=1e-8)["eigenvalue_largest"].values
+        np.testing.assert_allclose(values, plain, rtol=1e-10)
+        assert float(ls.sharpness(wrapped, (x, y), rhos=[0.05], steps=2, draws=0)["worst_case"][0]) >= 0
+
+
+def test_a_weight_the_forward_reads_around_its_attribute_is_refused_not_left_out_as_unused():
+    # read through a Python list, functional_call cannot swap it: it was dropped as "not reaching the loss"
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(6, 5)
+            self.head = nn.Linear(5, 3)
+            self._ws = [self.l.weight]
+
+        def forward(self, x):
+            return self.head(torch.tanh(x @ self._ws[0].T + self.l.bias))
+
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    with pytest.raises(LandscapeError, match=r"reads l\.weight other than through its module attribute"):
+        ls.hessian(Aliased(), (x, y), top_k=1)
+
+
+def test_a_mixed_precision_model_whose_copy_cannot_run_says_so_not_that_the_data_is_wrong():
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x.float())).double())
+
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    with pytest.warns(UserWarning), pytest.raises(LandscapeError, match="float64 copy of the model measured .* "
+                                                  "convert the model to one precision first"):
+        ls.hessian(Cast(), (x, y), top_k=1)

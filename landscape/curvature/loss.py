@@ -412,6 +412,7 @@ class LossFunction:
         if skip_unused:
             reached = self._reached_parameters({n: p.detach() for n, p in selected.items()})
             unused = [n for n in selected if n not in reached]
+            self._check_unswapped(selected, unused)
             for n in unused:
                 self._fixed[n] = selected.pop(n).detach()
             if not selected:
@@ -493,6 +494,26 @@ class LossFunction:
         for xb, yb in self.data.batches():
             x, y = self._batch(xb, yb)
             yield len(yb) / n, x, y
+
+    def _check_unswapped(self, selected: dict[str, Tensor], unused: list[str]) -> None:
+        """Refuse parameters that reach the loss in the model's own forward but not when swapped in by
+        ``functional_call`` (the forward reads them through a Python list or a copy kept outside the module's
+        parameters): left out as "not reaching the loss", the Hessian would silently lose their rows."""
+        candidates = [n for n in unused if selected[n].requires_grad]
+        if not candidates:
+            return
+        with evaluation_mode(self.model), torch.enable_grad():
+            for _, x, y in self.weighted_batches():
+                loss = self.criterion(forward(self.model, x), y)
+                grads = torch.autograd.grad(loss, [selected[n] for n in candidates], allow_unused=True)
+                hidden = [n for n, g in zip(candidates, grads) if g is not None and bool(g.ne(0).any())]
+                if hidden:
+                    raise LandscapeError(
+                        f"The model's forward reads {', '.join(hidden[:3])}{' and others' if len(hidden) > 3 else ''} "
+                        "other than through its module attribute (a Python list or a copy of the tensor, say), so "
+                        "torch.func.functional_call cannot replace it and its curvature cannot be measured; let the "
+                        "forward use the parameter attribute itself.")
+                break
 
     def _reached_parameters(self, variables: dict[str, Tensor]) -> set[str]:
         leaves = {n: t.clone().requires_grad_(True) for n, t in variables.items()}
