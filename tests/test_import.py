@@ -164,6 +164,26 @@ def test_pooling_without_a_class_token_is_a_stated_guess_that_check_logits_catch
     assert_same_logits(source, tmp_path / "stated", x)
 
 
+def test_pooling_the_class_token_with_the_patches_is_a_stated_guess_that_check_logits_catches(tmp_path, x):
+    # timm's pool_include_prefix=True has the weights of plain average pooling: imported silently as that
+    source = tiny_timm(global_pool="avg", pool_include_prefix=True)
+    torch.save(source.state_dict(), tmp_path / "prefix.pth")
+    with torch.no_grad():
+        torch.save({"input": x, "logits": source(x)}, tmp_path / "pair.pt")
+    guessed = import_checkpoint(tmp_path / "prefix.pth", tmp_path / "guessed", model_args={"num_heads": 2})
+    assert guessed.facts["pool_include_prefix"]["how"] == "guessed"
+    assert any("pool_include_prefix=False guessed" in n and "--model-arg pool_include_prefix=True" in n
+               for n in guessed.notes)
+    with pytest.raises(CheckpointError, match=r"logits differ .*pool_include_prefix"):
+        import_checkpoint(tmp_path / "prefix.pth", tmp_path / "checked", model_args={"num_heads": 2},
+                          check_logits=tmp_path / "pair.pt")
+    stated = import_checkpoint(tmp_path / "prefix.pth", tmp_path / "stated", check_logits=tmp_path / "pair.pt",
+                               model_args={"num_heads": 2, "pool_include_prefix": True})
+    assert stated.facts["pool_include_prefix"]["how"] == "read"
+    assert not any("pool_include_prefix=False guessed" in n for n in stated.notes)
+    assert_same_logits(source, tmp_path / "stated", x)
+
+
 @pytest.mark.parametrize("options, stated", [
     ({"pos_embed": "none"}, {"img_size": 32}),  # no position embedding: only the image size must be given
     ({"proj_bias": False}, {}),  # no biases on the attention output and the MLP

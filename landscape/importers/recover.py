@@ -131,6 +131,16 @@ def recover_architecture(state: StateDict, hints: dict[str, Any] | None = None) 
                                              "the query norm's length (one head dimension)")
         facts["num_heads"] = _read(num_heads, where)
     global_pool = _global_pool(class_token, fc_norm, hints, sources, facts, notes)
+    if global_pool in ("avg", "max", "avgmax") and prefix_tokens:
+        if hints.get("pool_include_prefix") is not None:
+            facts["pool_include_prefix"] = _read(bool(hints["pool_include_prefix"]),
+                                                 sources.get("pool_include_prefix", "--model-arg"))
+        else:  # timm's option of pooling the class and register tokens with the patches: the same weights
+            rule = (f"{global_pool} pooling over the patch tokens alone is timm's default, but pooling the "
+                    f"{prefix_tokens} class/register token(s) with them has the same weights")
+            notes.append(f"pool_include_prefix=False guessed ({rule}); pass --model-arg pool_include_prefix=True if "
+                         "the source pooled them too, or --check-logits FILE to verify")
+            facts["pool_include_prefix"] = _guessed(False, rule)
     if hints.get("layer_norm_eps") is not None:
         facts["norm_eps"] = _read(float(hints["layer_norm_eps"]), sources.get("layer_norm_eps", "--model-arg"))
     if hints.get("group_size") is not None:  # stated (--model-arg): equal MLPs may be separate copies
@@ -523,7 +533,7 @@ def resolve_model(
     model_args = dict(model_args or {})
     hints = dict(foreign.hints)
     hints["sources"] = dict(hints.get("sources") or {})
-    for key in ("num_heads", "img_size", "global_pool", "group_size", "mlp_ratio"):
+    for key in ("num_heads", "img_size", "global_pool", "pool_include_prefix", "group_size", "mlp_ratio"):
         if key in model_args:
             hints[key] = model_args[key]
             hints["sources"][key] = "--model-arg"
