@@ -640,6 +640,9 @@ def figure(name: str, runs: Any):
                               for res in r.results if "epoch" in res.dataset.coords) for r in loaded)
         why = (" (figures over epochs need a run's checkpoints, ls.load_run(PATH); a measure of a model in memory "
                "is one checkpoint without an epoch)" if undated and "epoch" in name else "")
+        from landscape.figures import FIGURE_NEEDS
+
+        needs = f"; it needs {FIGURE_NEEDS[name]}" if name in FIGURE_NEEDS and not why else ""
         raise LandscapeError(f"Figure {name} has nothing to draw: the results given hold "
-                             f"{', '.join(held) or 'no analysis'}, not the ones it draws{why or ' (see landscape.figures)'}.")
+                             f"{', '.join(held) or 'no analysis'}{needs or ', not the ones it draws'}{why}.")
     return fig

@@ -249,19 +249,43 @@ def compare_figure(table: pd.DataFrame):
     fig = Figure(figsize=(4.2 * ncols, height * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     positions = np.arange(len(labels))
+    from matplotlib.ticker import MaxNLocator
+
     for i, (ax, column) in enumerate(zip(axes.flat, columns)):
         values = table[column].to_numpy(dtype=float)
         present = ~np.isnan(values)
         ax.barh(positions[present], values[present], color="C0")
+        # a value of 0 is a bar of no length: a dot marks it apart from a missing value, which is named
+        zero = present & (values == 0)
+        ax.plot(values[zero], positions[zero], linestyle="none", marker="o", markersize=3, color="C0")
         for y in positions[~present]:
-            ax.text(0, y, " -", va="center", ha="left", color="0.4")
+            ax.text(0.02, y, "not measured", va="center", ha="left", color="0.4", fontsize=7,
+                    transform=ax.get_yaxis_transform())
         ax.set_yticks(positions, labels if i % ncols == 0 else [""] * len(labels))
-        ax.invert_yaxis()
-        ax.set_title(column, fontsize=10)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first run on top, each row whole (a mark on the last one too)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # long tick labels (0.00025) must not run together
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
+        unit = _column_unit(column)
+        ax.set_title(column + (f" ({unit})" if unit else ""), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.set_visible(False)
     return fig
+
+
+def _column_unit(column: str) -> str:
+    """The unit of a compared measure, from its name: top-1 in %, drops in points, losses, gaps and sharpness in
+    nats, curvatures in nats per squared weight; none where the name does not say."""
+    name = column.split("[")[0]
+    if "top1" in name:
+        return "%"
+    if "drop" in name:
+        return "points"
+    if any(word in name for word in ("eigenvalue", "trace", "lambda")):
+        return "nats/weight²"
+    if any(word in name for word in ("loss", "gap", "sharpness", "barrier")):
+        return "nats"
+    return ""
 
 
 def save_compare_figure(table: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -58,10 +59,26 @@ STYLE = {
 # Okabe & Ito's palette, distinguishable under the common colour-vision deficiencies.
 _BLACK, _ORANGE, _SKY, _GREEN, _YELLOW, _BLUE, _VERMILLION, _PURPLE = (
     "#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
-_GROUP_COLORS = ("#E69F00", "#B07800", "#7A5200", "#4D3300")  # GroupedMLP: darker for larger groups
-_GROUP_MARKERS = ("^", "<", ">", "p")
-_GROUP_LINES = ("-", (0, (4, 1.5)), (0, (1.5, 1)), (0, (6, 1.5, 1.5, 1.5)))
+_GROUP_COLORS = ("#E69F00", "#C98A00", "#A87300", "#7A5200", "#5E3F00", "#3D2900")  # GroupedMLP: darker for larger
+_GROUP_MARKERS = ("^", "<", ">", "p", "h", "*")  # groups, each with its own marker and dash
+_GROUP_LINES = ("-", (0, (4, 1.5)), (0, (1.5, 1)), (0, (6, 1.5, 1.5, 1.5)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2)))
+_SHALLOW_MARKERS = ("v", "d", "8", "H", "<", ">")  # ShallowMLP widths: one marker and dash per width ratio
+_SHALLOW_LINES = ((0, (4, 1.5)), (0, (1.5, 1)), (0, (6, 1.5, 1.5, 1.5)), (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2)))
 _OTHER_COLORS = (_GREEN, _VERMILLION, "#8C564B", "#7F7F7F", "#BCBD22", "#17BECF")
+_OTHER_MARKERS = ("X", "o", "s", "d", "*", "h", "P", "v")  # past six other variants: the colours again, with
+_OTHER_LINES = (":", "-.", (0, (3, 1, 1, 1)), "--", (0, (1, 2)), (0, (5, 2, 1, 2)), "-", (0, (2, 1)))  # new marks
+
+
+def _style_cycle(index: int, colors: Sequence[str], markers: Sequence[str], lines: Sequence[Any]):
+    """The ``index``-th of ``len(colors) x len(markers)`` distinct styles: colours first, then the next marker and
+    dash with every colour again."""
+    turn = index // len(colors)
+    return colors[index % len(colors)], markers[turn % len(markers)], lines[turn % len(lines)]
+
+
+def _natural(text: str) -> tuple:
+    """A sort key that orders numbers inside names by value: run 2 before run 10."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text))
 _FAMILY_ORDER = {"baseline": 0, "grouped": 1, "shallow": 2, "mlit": 3, "other": 4}
 
 
@@ -81,30 +98,40 @@ def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
 
     The colour follows the variant's family, so a variant keeps its colour whatever else is in the study: the
     baseline black, GroupedMLP orange (darker, with another marker and dash, for larger groups), ShallowMLP blue
-    (sliced init dark blue and solid, random init sky blue and dashed), mLiT purple, anything else from the
-    remaining colours in name order.
+    (sliced init dark blue and solid, random init sky blue and dashed; each further width its own marker and
+    dash), mLiT purple, anything else from the remaining colours in name order (numbers by value), then those
+    colours again with other markers and dashes: no two variants share colour, marker and dash.
     """
     variants: dict[str, tuple[Variant, str]] = {}
     for r in results:
         variants.setdefault(r.variant.key, (r.variant, r.label or r.variant.label))
     group_sizes = sorted({v.group_size for v, _ in variants.values() if v.family == "grouped"})
+    widths = {init: sorted({v.width_ratio or 0 for v, _ in variants.values() if v.family == "shallow"
+                            and (v.mlp_init == "sliced") == init}) for init in (True, False)}
     ordered = sorted(variants.values(), key=lambda p: (_FAMILY_ORDER[p[0].family], p[0].group_size or 0,
-                                                       p[0].mlp_init != "sliced", p[0].width_ratio or 0, p[0].key))
+                                                       p[0].mlp_init != "sliced", p[0].width_ratio or 0,
+                                                       _natural(p[0].key)))
     styles, others = {}, 0
     for order, (info, label) in enumerate(ordered):
         linestyle, marker = "-", "o"
         if info.family == "baseline":
             color, marker = _BLACK, "s"
         elif info.family == "grouped":
-            index = min(group_sizes.index(info.group_size), len(_GROUP_COLORS) - 1)  # told apart by shade,
-            color, marker, linestyle = _GROUP_COLORS[index], _GROUP_MARKERS[index], _GROUP_LINES[index]  # mark, dash
+            index = group_sizes.index(info.group_size)  # told apart by shade, mark and dash
+            n = len(_GROUP_COLORS)  # past six sizes the dash shifts, so that shade, mark and dash stay unique
+            color, marker = _GROUP_COLORS[index % n], _GROUP_MARKERS[index % n]
+            linestyle = _GROUP_LINES[(index + index // n) % n]
         elif info.family == "shallow":
             sliced = info.mlp_init == "sliced"
             color, marker, linestyle = (_BLUE, "v", "-") if sliced else (_SKY, "D", "--")
+            index = widths[sliced].index(info.width_ratio or 0)
+            if index:  # another width with the same init: another mark and dash
+                marker = _SHALLOW_MARKERS[index % len(_SHALLOW_MARKERS)]
+                linestyle = _SHALLOW_LINES[(index - 1) % len(_SHALLOW_LINES)]
         elif info.family == "mlit":
             color, marker, linestyle = _PURPLE, "P", "-."
         else:
-            color, marker, linestyle = _OTHER_COLORS[others % len(_OTHER_COLORS)], "X", ":"
+            color, marker, linestyle = _style_cycle(others, _OTHER_COLORS, _OTHER_MARKERS, _OTHER_LINES)
             others += 1
         styles[info.key] = VariantStyle(color=color, linestyle=linestyle, marker=marker, label=label, order=order)
     return styles
@@ -138,13 +165,60 @@ def _figure_legend(fig: Figure, styles: Iterable[VariantStyle], *, ncol: int | N
     renderer = FigureCanvasAgg(fig).get_renderer() if not hasattr(fig.canvas, "get_renderer") \
         else fig.canvas.get_renderer()
     ncol = max(1, ncol or min(len(handles), 3))
+    limit = None  # characters of a label, once one column is still too wide
+    originals = [h.get_label() for h in handles]
     while True:
         legend = fig.legend(handles=handles, loc="outside upper center", ncol=ncol, handlelength=2.2,
                             columnspacing=1.0)
-        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+        width = legend.get_window_extent(renderer).width
+        if width <= 0.98 * fig.bbox.width or (ncol == 1 and limit is not None and limit <= 12):
             return
-        legend.remove()  # wider than the figure: its ends would be cut off
-        ncol -= 1
+        legend.remove()  # wider than the figure: its ends, colour keys included, would be cut off
+        if ncol > 1:
+            ncol -= 1
+            continue
+        longest = max(len(h.get_label()) for h in handles)
+        limit = max(12, min(longest - 1, int(longest * 0.95 * fig.bbox.width / width)))
+        # one column and still too wide: what the labels share left out, the part that tells them apart kept
+        for h, label in zip(handles, _shortened(originals, limit)):
+            h.set_label(label)
+
+
+_SEPARATORS = " -_/=,.:;|()[]"
+
+
+def _shortened(labels: Sequence[str], limit: int) -> list[str]:
+    """Each label in at most ``limit`` characters: the part where the labels differ kept (a seed, a setting in
+    the middle of a long run name), what they all share before and after it cut to its ends with an ellipsis."""
+    import os.path
+
+    if len(labels) > 1:
+        prefix = len(os.path.commonprefix(list(labels)))
+        suffix = len(os.path.commonprefix([label[::-1] for label in labels]))
+    else:
+        prefix = suffix = 0
+    out = []
+    for label in labels:
+        if len(label) <= limit:
+            out.append(label)
+            continue
+        p, q = min(prefix, len(label)), min(suffix, len(label) - min(prefix, len(label)))
+        while p and label[p - 1] not in _SEPARATORS:  # whole words: "seed0", not "0"
+            p -= 1
+        while q and label[len(label) - q] not in _SEPARATORS:
+            q -= 1
+        core = label[p:len(label) - q]
+        if len(core) + 2 >= limit or not (p or q):  # nothing shared to cut: the middle goes
+            head = (limit - 1) // 2
+            out.append(label[:head] + "…" + label[len(label) - (limit - 1 - head):])
+            continue
+        room = limit - len(core) - 2  # characters left for the shared start and end, beside two ellipses
+        head = min(p, max(room // 2, room - q))
+        tail = min(q, room - head)
+        start = label[:p] if head >= p else label[:head] + "…"
+        end = label[len(label) - q:] if tail >= q else "…" + label[len(label) - tail:] if tail else "…"
+        out.append(start + core + end)
+    return out
 
 
 def _weights_label(weights: str) -> str:
@@ -169,7 +243,7 @@ def accuracy_curves(results: Sequence[RunResults], styles: dict[str, VariantStyl
                     continue
                 curve = r.dynamics["top1"].sel(weights=w)
                 epochs = r.dynamics["epoch"].values
-                ax.plot(epochs, curve.values, color=style.color, linestyle=style.linestyle, alpha=0.85, lw=0.9)
+                _line(ax, epochs, curve.values, style)
                 peak_epoch = float(r.dynamics["peak_epoch"].sel(weights=w))
                 if math.isfinite(peak_epoch):
                     ax.plot([peak_epoch], [float(r.dynamics["peak_top1"].sel(weights=w))], linestyle="none",
@@ -248,8 +322,7 @@ def generalization_gap(results: Sequence[RunResults], styles: dict[str, VariantS
     ax = fig.subplots()
     for style, group in _by_variant(runs, styles):
         for r in group:
-            ax.plot(r.dynamics["epoch"].values, r.dynamics["generalization_gap"].values, color=style.color,
-                    linestyle=style.linestyle, lw=0.9, alpha=0.85)
+            _line(ax, r.dynamics["epoch"].values, r.dynamics["generalization_gap"].values, style)
     ax.axhline(0, color="0.5", lw=0.5, zorder=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("generalisation gap (nats)\nvalidation − training loss")
@@ -271,8 +344,7 @@ def drop_from_best(results: Sequence[RunResults], styles: dict[str, VariantStyle
         for style, group in _by_variant(runs, styles):
             for r in group:
                 if w in r.dynamics["weights"].values:
-                    ax.plot(r.dynamics["epoch"].values, r.dynamics["drop_from_best"].sel(weights=w).values,
-                            color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+                    _line(ax, r.dynamics["epoch"].values, r.dynamics["drop_from_best"].sel(weights=w).values, style)
         ax.set_ylabel("drop from best\ntop-1 (points)")
         ax.set_title(_weights_label(w), loc="left")
     axes[-1].set_xlabel("epoch")
@@ -565,16 +637,61 @@ def surface_1d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
     ax = fig.subplots()
     groups = _by_variant([r for r, _ in runs], styles)
     entries = {id(r): e for r, e in runs}
+    positions, finite, missing = [], [], []
     for style, group in groups:
         for r in group:
             e = entries[id(r)]
-            ax.plot(e["a"].values, e["loss"].values, color=style.color, linestyle=style.linestyle, lw=0.9, alpha=0.85)
+            a, loss = np.asarray(e["a"].values, dtype=float), np.asarray(e["loss"].values, dtype=float)
+            good = np.isfinite(loss) & (loss > 0)
+            _line(ax, a, np.where(good, loss, np.nan), style)
+            positions.append(a)
+            finite.append(loss[good])
+            missing.append((style, a[~good]))
     ax.set_yscale("log")
-    _readable_log_ticks(ax.yaxis)
+    values = np.concatenate(finite) if finite else np.zeros(0)
+    if values.size and values.max() / values.min() < 30:  # within a decade or so: plain numbers at 1, 2, 5
+        _readable_log_ticks(ax.yaxis)
+    every = np.concatenate(positions)
+    if every.size:  # the whole slice measured, also where the loss was not finite at its ends
+        ax.set_xlim(float(every.min()), float(every.max()))
+    if any(a.size for _, a in missing):  # where the loss was infinite, NaN or zero: marked on the top edge
+        for style, a in missing:
+            ax.plot(a, np.full(a.size, 0.97), transform=ax.get_xaxis_transform(), linestyle="none", marker="x",
+                    markersize=4, color=style.color, clip_on=False)
+        _caption(fig, "x on the top edge: the loss there is infinite, NaN or zero (off the log scale)")
     ax.set_xlabel("position along a filter-normalised random direction\n(direction units; 0 = final weights)")
-    ax.set_ylabel(f"training-subset loss ({_loss_unit([e for _, e in runs])})")
+    ax.set_ylabel(f"{_surface_loss_label([e for _, e in runs])} ({_loss_unit([e for _, e in runs])})")
     _figure_legend(fig, [s for s, _ in groups], markers=False)
     return fig
+
+
+def _surface_loss_label(datasets: Sequence[Any]) -> str:
+    """``training-subset loss`` (or ``validation-subset``) for surfaces of a run's examples (``landscape analyze
+    surface``, which records its data and split), ``loss`` for those of data given through the API, which may be
+    any split."""
+    import json
+
+    splits = set()
+    for ds in datasets:
+        try:
+            splits.add(json.loads(ds.attrs["settings"]).get("split") if "data" in ds.attrs else None)
+        except (KeyError, TypeError, ValueError):
+            splits.add(None)
+    split = splits.pop() if len(splits) == 1 else None
+    return {"train": "training-subset loss", "val": "validation-subset loss"}.get(split, "loss")
+
+
+def _line(ax, x, y, style: VariantStyle, **kwargs) -> None:
+    """A run's curve; with its marker where a point has no finite neighbour to join (a run of one checkpoint),
+    which a line alone would leave invisible."""
+    y = np.asarray(y, dtype=float)
+    good = np.isfinite(y)
+    alone = good & ~np.r_[False, good[:-1]] & ~np.r_[good[1:], False]
+    ax.plot(x, y, color=style.color, linestyle=style.linestyle, lw=kwargs.pop("lw", 0.9),
+            alpha=kwargs.pop("alpha", 0.85), **kwargs)
+    if alone.any():
+        ax.plot(np.asarray(x)[alone], y[alone], linestyle="none", marker=style.marker, markersize=3.5,
+                color=style.color)
 
 
 def _planes(results: Sequence[RunResults], styles) -> list[tuple[VariantStyle, Any]]:
@@ -606,13 +723,15 @@ def _panel_grid(count: int, width: float, *, panel_height: float, projection: st
 
 
 def _log_levels(planes) -> np.ndarray:
-    """Twelve logarithmic levels over the finite losses of the planes (an infinite or NaN point is clipped to the
-    top or left blank, never a level)."""
-    finite = [v[np.isfinite(v)] for v in (np.asarray(e["loss"].values, dtype=float) for _, e in planes)]
+    """Twelve logarithmic levels from the smallest to the largest finite positive loss of the planes (an infinite
+    point is clipped to the top, a NaN or zero one left blank or at the bottom, never a level)."""
+    finite = [v[np.isfinite(v) & (v > 0)] for v in (np.asarray(e["loss"].values, dtype=float) for _, e in planes)]
     finite = [v for v in finite if v.size]
-    low = min(float(v.min()) for v in finite) if finite else 1e-4
-    high = max(float(v.max()) for v in finite) if finite else 1e-3
-    return np.geomspace(max(low, 1e-4), max(high, low * 1.01, 1e-3), 12)
+    if not finite:  # nothing positive and finite to place levels on
+        return np.geomspace(1e-4, 1e-3, 12)
+    low = min(float(v.min()) for v in finite)  # the data's own minimum: a floor would hide a well-fitted basin
+    high = max(float(v.max()) for v in finite)
+    return np.geomspace(low, max(high, low * 1.01), 12)
 
 
 def distinct_labels(values: Sequence[float]) -> list[str]:
@@ -651,7 +770,7 @@ def surface_2d(results: Sequence[RunResults], styles: dict[str, VariantStyle]) -
         bar = fig.colorbar(filled, ax=axes, shrink=0.9, pad=0.02, ticks=levels[::2])
         bar.ax.set_yticklabels(distinct_labels(levels[::2]))
         bar.ax.minorticks_off()
-        bar.set_label(f"training-subset loss ({_loss_unit([e for _, e in planes])}, log scale)")
+        bar.set_label(f"{_surface_loss_label([e for _, e in planes])} ({_loss_unit([e for _, e in planes])}, log scale)")
     return fig
 
 

@@ -124,7 +124,8 @@ def test_figure_has_one_panel_per_measure(tmp_path):
     table = compare_runs([a.root])
     fig = compare_figure(table)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
-    assert titles == ["params", "top1", "ema_top1", "peak_to_final_drop", "ema_peak_to_final_drop"]
+    assert titles == ["params", "top1 (%)", "ema_top1 (%)", "peak_to_final_drop (points)",
+                      "ema_peak_to_final_drop (points)"]
 
 
 def test_unknown_figure_extension_is_refused(tmp_path):

@@ -116,3 +116,4 @@ def test_sharpness_values_at_or_below_zero_stay_visible_and_colour_bar_labels_di
     assert average_row and "some ≤ 0" in average_row[0].get_ylabel()
     drawn = np.concatenate([line.get_ydata() for ax in fig.axes for line in ax.get_lines()])
     assert (np.asarray(drawn, dtype=float) < 0).any()
+
