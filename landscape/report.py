@@ -582,16 +582,22 @@ def _measures_block(measures: Sequence) -> Block:
 
 def _comparison_block(comparisons: list[Comparison], measures: dict, a_label: str, b_label: str) -> Block:
     rows = []
+    counts = {(c.a.n, c.b.n) for c in comparisons}
+    per_row = len(counts) > 1  # some measure is missing for some runs: each cell says how many runs it averages
     for c in comparisons:
         m = measures[c.measure]
         d = c.difference
         interval = f"[{_number(d.low)}, {_number(d.high)}], ν = {d.df:.1f}" if math.isfinite(d.low) else "–"
         g = f"{d.g:+.2f} [{d.g_low:+.2f}, {d.g_high:+.2f}]" if math.isfinite(d.g) else "–"
         outcome = c.outcome if c.votes else f"{c.outcome} (no vote)"
-        rows.append([f"{m.label}{m.flags}", format_estimate(c.a.mean, c.a.se), format_estimate(c.b.mean, c.b.se),
-                     _number(d.difference), interval, g, f"**{outcome}**" if c.invariant and c.votes else outcome])
-    n_a, n_b = (comparisons[0].a.n, comparisons[0].b.n) if comparisons else (0, 0)
-    return table_block(["measure", f"{a_label} (n={n_a})", f"{b_label} (n={n_b})", "difference Δ",
+        a, b = format_estimate(c.a.mean, c.a.se), format_estimate(c.b.mean, c.b.se)
+        if per_row:
+            a, b = f"{a} (n={c.a.n})", f"{b} (n={c.b.n})"
+        rows.append([f"{m.label}{m.flags}", a, b, _number(d.difference), interval, g,
+                     f"**{outcome}**" if c.invariant and c.votes else outcome])
+    n_a, n_b = next(iter(counts)) if len(counts) == 1 else (None, None)
+    heading = (lambda label, n: f"{label} (n={n})" if n is not None else f"{label} (n per row)")
+    return table_block(["measure", heading(a_label, n_a), heading(b_label, n_b), "difference Δ",
                         "95% Welch interval of Δ", "Hedges' g [95%]", "outcome"], rows)
 
 

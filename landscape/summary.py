@@ -508,7 +508,30 @@ def caveats(results: Sequence[RunResults]) -> list[str]:
     """What a reader of a summary of ``results`` must know: each run's :attr:`RunResults.problems`, and the kinds of
     results measured with different settings across runs (:func:`settings_disagreements`)."""
     return ([p for r in results for p in r.problems] + list(settings_disagreements(results).values())
-            + training_disagreements(results))
+            + training_disagreements(results) + coverage_gaps(results))
+
+
+def coverage_gaps(results: Sequence[RunResults]) -> list[str]:
+    """One sentence per kind of flatness result that some runs have and others lack (their rows then average
+    fewer runs than the variant has), and one per run whose final losses are not finite (its generalisation gap
+    is left out)."""
+    out = []
+    kinds = {"hessian": "Hessian", "sharpness": "sharpness", "surface": "surface"}
+    having = {kind: [r for r in results if any(res.kind == kind for res in r.results)] for kind in kinds}
+    for kind, runs in having.items():
+        missing = [r for r in results if r not in runs]
+        if runs and missing and any(r.results for r in missing):  # a run with no results at all is named already
+            names = ", ".join(r.path.name for r in missing[:4]) + (f" and {len(missing) - 4} more"
+                                                                     if len(missing) > 4 else "")
+            out.append(f"{names} {'has' if len(missing) == 1 else 'have'} no {kinds[kind]} results ({len(runs)} of "
+                       f"{len(results)} runs do); the {kinds[kind]} measures average the runs that have them.")
+    for r in results:
+        gap = r.dynamics["generalization_gap"] if r.dynamics is not None and "generalization_gap" in r.dynamics \
+            else None
+        if gap is not None and gap.size and not np.isfinite(np.asarray(gap.values, dtype=float)[-1]):
+            out.append(f"{r.path.name}'s training or validation loss is not finite at its last evaluation; its "
+                       "generalisation gap is left out.")
+    return out
 
 
 def training_disagreements(results: Sequence[RunResults]) -> list[str]:

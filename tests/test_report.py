@@ -280,6 +280,28 @@ def test_report_command_writes_markdown_and_html_with_every_hypothesis(tmp_path)
     assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
+def test_a_partial_study_names_what_each_run_lacks_and_each_row_its_count(tmp_path):
+    # a run without its Hessian, or with NaN losses, was left out of rows without a word, under "(n=3)" headings
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+    from landscape.runs import Run
+
+    runs = [_hand_made_run(tmp_path / "runs", name, model, kwargs, seed, 1.0 + i)
+            for i, (name, model, kwargs) in enumerate(VARIANTS[:2]) for seed in (0, 1, 2)]
+    runs[1].analysis_path("hessian").unlink()
+    rows = Run(runs[2].root).read_metrics().to_dict("records")
+    rows[-1]["val_loss"] = float("nan")
+    Run(runs[2].root).write_metrics(rows)
+    out = tmp_path / "report.md"
+    result = CliRunner().invoke(cli, ["report", *[str(r.root) for r in runs], "--out", str(out), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert f"{runs[1].root.name} has no Hessian results (5 of 6 runs do)" in result.output
+    assert f"{runs[2].root.name}'s training or validation loss is not finite" in result.output
+    text = out.read_text()
+    assert "(n per row)" in text and "(n=2)" in text and "(n=3)" in text
+
+
 def test_drop_floor_columns_read_the_validation_size_and_the_epochs_of_each_run(tmp_path):
     name, model, kwargs = VARIANTS[0]
     results = []
