@@ -42,6 +42,7 @@ from __future__ import annotations
 import builtins
 import copy
 import dataclasses
+import functools
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -395,8 +396,50 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
                     if config.which == "both" else "")
             raise ConfigError(f"top_k={config.top_k}{both} asks for more eigenvalues than the model's {count} "
                               "trainable parameters have.")
+    _check_second_derivatives(measured)
     ds = hessian_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "hessian", config, config.determining(), loss, notes)
+
+
+def _check_second_derivatives(model: nn.Module) -> None:
+    """Refuse a model with torch's weight norm when torch's second derivative through it is wrong (checked once
+    against finite differences: in torch 2.14 a Hessian-vector product through ``torch._weight_norm`` is off by a
+    third of its size, so every Hessian of such a model would be; its forward-mode derivative, which the GGN's
+    products take, is not implemented at all)."""
+    uses = any(type(m).__name__ == "_WeightNorm" for m in model.modules()) or any(
+        type(hook).__name__ == "WeightNorm" for m in model.modules() for hook in m._forward_pre_hooks.values())
+    if uses and not _weight_norm_second_derivative_is_right():
+        raise LandscapeError(
+            f"The model uses torch's weight_norm, whose second derivative is wrong in torch {torch.__version__} (a "
+            "Hessian-vector product through it is off by about a third), so its Hessian cannot be measured; remove "
+            "it (torch.nn.utils.parametrize.remove_parametrizations) or write w = g v / ||v|| in the forward "
+            "(sharpness and surfaces need first derivatives only, and are right).")
+
+
+@functools.lru_cache(maxsize=1)
+def _weight_norm_second_derivative_is_right() -> bool:
+    """Whether torch's double backward through ``torch._weight_norm`` matches central differences of its gradient
+    on a small float64 problem."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    v0, g0 = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 1, generator=g, dtype=torch.float64)
+    dv, dg = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 1, generator=g, dtype=torch.float64)
+
+    def gradient(vv, gg, create_graph=False):
+        with torch.enable_grad():
+            vv, gg = vv.clone().requires_grad_(), gg.clone().requires_grad_()
+            value = torch.tanh(x @ torch._weight_norm(vv, gg, 0).T).pow(2).sum()
+            return torch.autograd.grad(value, (vv, gg), create_graph=create_graph), (vv, gg)
+
+    (gv, gg), (vv, ggv) = gradient(v0, g0, create_graph=True)
+    with torch.enable_grad():
+        hv = torch.autograd.grad((gv * dv).sum() + (gg * dg).sum(), (vv, ggv))
+    e = 1e-6
+    (pv, pg), _ = gradient(v0 + e * dv, g0 + e * dg)
+    (mv, mg), _ = gradient(v0 - e * dv, g0 - e * dg)
+    exact = torch.cat([((pv - mv) / (2 * e)).reshape(-1), ((pg - mg) / (2 * e)).reshape(-1)])
+    products = torch.cat([hv[0].reshape(-1), hv[1].reshape(-1)])
+    return bool((products - exact).norm() <= 1e-5 * exact.norm())
 
 
 def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
