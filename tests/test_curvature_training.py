@@ -50,6 +50,20 @@ def test_parameter_groups_partition_the_parameters_and_count_a_shared_mlp_once()
     assert torch.equal(covered, torch.arange(loss.num_parameters))  # every parameter in exactly one group
 
 
+def test_layer_scale_goes_with_the_branch_it_scales():
+    # timm's ls1.gamma and ls2.gamma fell into an "other" group of their own
+    import timm
+
+    from landscape.analyses.blocks import parameter_groups
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, in_chans=1, num_classes=3,
+                              embed_dim=8, depth=2, num_heads=2, init_values=0.1)
+    groups = parameter_groups(model, [n for n, _ in model.named_parameters()])
+    assert "other" not in groups
+    assert {"blocks.0.ls1.gamma", "blocks.0.attn.qkv.weight"} <= set(groups["blocks.0.attn"])
+    assert {"blocks.1.ls2.gamma", "blocks.1.mlp.fc1.weight"} <= set(groups["blocks.1.mlp"])
+
+
 @pytest.mark.parametrize("make", [tiny_vit, tiny_grouped_vit])
 def test_block_eigenvalues_and_traces_match_the_dense_hessian_blocks(make):
     model = make()

@@ -43,7 +43,7 @@ import torch
 from landscape.errors import ConfigError
 
 Tensor = torch.Tensor
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.([A-Za-z_]+)")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.([A-Za-z_][A-Za-z0-9_]*)")
 _EMBEDDING = ("patch_embed", "pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
 
 
@@ -55,7 +55,8 @@ def _group_of(names: list[str]) -> str:
         if match is None:
             continue
         part = match.group(2)
-        kind = "attn" if part.startswith("attn") else "mlp" if part.startswith("mlp") else \
+        # LayerScale (timm's ls1, ls2) scales the attention's and the MLP's output: part of that branch
+        kind = "attn" if part.startswith(("attn", "ls1")) else "mlp" if part.startswith(("mlp", "ls2")) else \
             "norms" if part.startswith("norm") else None
         if kind == "norms":
             return "norms"
