@@ -192,6 +192,10 @@ def demo_study(data: str = "digits", *, seeds: int = 2, epochs: int | None = Non
 
 
 # == study files =================================================================================================
+MAX_STUDY_BYTES = 1 << 20
+"""The largest study file read (a study of every variant and setting is a few kilobytes; 50 MB took minutes)."""
+
+
 def load_study(path: str | os.PathLike) -> StudySpec:
     """Read a study file (YAML): see :func:`study_from_dict` for its keys. Any problem is one sentence."""
     import yaml
@@ -200,7 +204,13 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     bundled = STUDIES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
     if not path.exists() and path.parent == Path(".") and bundled.is_file():  # a study shipped with landscape
         path = bundled
+    from landscape.io import refuse_special
+
+    refuse_special(path, "a study file", error=ConfigError)  # a FIFO would block, /dev/zero fill the memory
     try:
+        if path.is_file() and path.stat().st_size > MAX_STUDY_BYTES:
+            raise ConfigError(f"Study file {path} is {path.stat().st_size / 2**20:.0f} MB; a study file is a few "
+                              f"kilobytes of YAML (at most {MAX_STUDY_BYTES // 2**20} MB are read).")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         names = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.yaml")))
@@ -481,6 +491,32 @@ def _check_existing_runs(configs: Sequence[tuple[Any, Path]]) -> None:
             _refuse_other_run(run_dir, run.load_config(), to_dict(config))
 
 
+_ANALYSIS_SELECTIONS = ("checkpoints", "at", "device")
+"""Analysis settings that choose where or on what to measure, not what a result means: a study may change them
+over results already measured."""
+
+
+def _check_existing_analysis(out: Path, spec: StudySpec, *, run_dirs: Sequence[Path]) -> None:
+    """Refuse at once a study whose folder holds results measured with other analysis settings than ``spec``'s
+    (each analysis would refuse only after the runs before it, and after the folder's record was rewritten)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "study.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    before = saved.get("analysis") if isinstance(saved, dict) else None
+    if not isinstance(before, dict) or not any(any(Path(d, "analysis").glob("*.nc")) for d in run_dirs):
+        return
+    now = resolved_study(spec)["analysis"]
+    changed = [f"{key} {before[key]!r} there vs {now[key]!r} now" for key in now
+               if key not in _ANALYSIS_SELECTIONS and key in before and before[key] != now[key]]
+    if changed:
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(f"{out} holds results measured with other analysis settings ({shown}); run the study with "
+                          "the settings it was measured with, or add --force to measure every run again with these.")
+
+
 def ensure_trained(config, run_dir: Path, *, data_dir=None, emit: Emit | None = None) -> str:
     """Train ``config`` into ``run_dir`` unless it is already there: ``"skipped"`` when the run finished,
     ``"resumed"`` when it continued from ``state/last.pt``, ``"trained"`` otherwise.
@@ -568,6 +604,8 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
     check_study(spec)
     _check_existing_runs(configs)  # before the folder's record is rewritten: a refused study leaves it as it was
+    if not force:
+        _check_existing_analysis(out, spec, run_dirs=[d for _, d in configs])
     _write_yaml(out / "study.yaml", resolved_study(spec))
     _write_yaml(out / "environment.yaml", _environment(jobs, threads, command))
     tasks = [(config, run_dir, spec.analysis, data_dir, threads, force) for config, run_dir in configs]

@@ -522,3 +522,41 @@ def test_a_study_shipped_with_landscape_is_named_without_its_folder(tmp_path, mo
     assert load_study("demo-digits.yaml").variants
     with pytest.raises(ConfigError, match="named without a folder: demo-digits, demo-fashion-mnist, dynamics-digits"):
         load_study("nosuch")
+
+
+def test_a_study_over_results_of_other_analysis_settings_is_refused_before_its_record_changes(tmp_path):
+    # each analysis refused only when its turn came, after study.yaml had been rewritten to the refused settings
+    import dataclasses
+
+    from landscape.study import _write_yaml, resolved_study
+
+    spec = _tiny_spec()
+    measured = dataclasses.replace(spec, analysis=dataclasses.replace(spec.analysis,
+                                                                     samples=spec.analysis.samples + 8))
+    _write_yaml(tmp_path / "study.yaml", resolved_study(measured))
+    before = (tmp_path / "study.yaml").read_text()
+    _, _, name = next(iter(spec.run_names()))
+    (tmp_path / "runs" / name / "analysis").mkdir(parents=True)
+    (tmp_path / "runs" / name / "analysis" / "hessian.nc").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"other analysis settings \(samples \d+ there vs \d+ now\).*--force"):
+        run_study(spec, tmp_path, jobs=1, formats=("png",))
+    assert (tmp_path / "study.yaml").read_text() == before
+    where = dataclasses.replace(measured, analysis=dataclasses.replace(measured.analysis, at=("peak", "final")))
+    from landscape.study import _check_existing_analysis
+
+    _check_existing_analysis(tmp_path, where, run_dirs=[tmp_path / "runs" / name])  # where to measure: allowed
+
+
+def test_study_files_that_are_pipes_devices_or_huge_are_refused_at_once(tmp_path):
+    import os
+
+    from landscape.study import MAX_STUDY_BYTES, load_study
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # read, it would block with no word
+    with pytest.raises(ConfigError, match="is a named pipe"):
+        load_study(tmp_path / "pipe.yaml")
+    with pytest.raises(ConfigError, match="is a device"):
+        load_study("/dev/zero")  # read, it fills the memory
+    (tmp_path / "big.yaml").write_text("#" * (MAX_STUDY_BYTES + 1))
+    with pytest.raises(ConfigError, match="a study file is a few kilobytes"):
+        load_study(tmp_path / "big.yaml")
