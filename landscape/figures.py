@@ -111,11 +111,15 @@ def variant_styles(results: Iterable[RunResults]) -> dict[str, VariantStyle]:
     ordered = sorted(variants.values(), key=lambda p: (_FAMILY_ORDER[p[0].family], p[0].group_size or 0,
                                                        p[0].mlp_init != "sliced", p[0].width_ratio or 0,
                                                        _natural(p[0].key)))
-    styles, others = {}, 0
+    styles, others, baselines = {}, 0, 0
     for order, (info, label) in enumerate(ordered):
         linestyle, marker = "-", "o"
         if info.family == "baseline":
             color, marker = _BLACK, "s"
+            if baselines:  # another baseline architecture: black too, with its own mark and dash
+                marker = _OTHER_MARKERS[baselines % len(_OTHER_MARKERS)]
+                linestyle = _OTHER_LINES[(baselines - 1) % len(_OTHER_LINES)]
+            baselines += 1
         elif info.family == "grouped":
             index = group_sizes.index(info.group_size)  # told apart by shade, mark and dash
             n = len(_GROUP_COLORS)  # past six sizes the dash shifts, so that shade, mark and dash stay unique
@@ -218,7 +222,7 @@ def _shortened(labels: Sequence[str], limit: int) -> list[str]:
         start = label[:p] if head >= p else label[:head] + "…"
         end = label[len(label) - q:] if tail >= q else "…" + label[len(label) - tail:] if tail else "…"
         out.append(start + core + end)
-    return out
+    return out if len(set(out)) == len(set(labels)) else list(labels)  # never two runs under one label
 
 
 def _weights_label(weights: str) -> str:

@@ -258,9 +258,8 @@ def looks_like_run(root: Path) -> bool:
 def is_empty_run(root: Path, *, analyses: bool = True) -> bool:
     """No training state and no analysis result, and at most the first checkpoint and row: nothing a retry could
     lose (a run that failed before its first checkpoint, was killed while writing its config, or was killed before
-    the training state that follows its first checkpoint). ``analyses=False`` leaves the analysis results out:
-    a retry that keeps them (``--resume``, which trains again from the start to the same first checkpoint) loses
-    nothing either."""
+    the training state that follows its first checkpoint). ``analyses=False`` leaves the analysis results out (a
+    run that would be empty but for them: ``--resume`` refuses it, naming them)."""
     if not looks_like_run(root):
         return False
     if (root / "state" / "last.pt").exists() or (analyses and any((root / "analysis").glob("*.nc"))):

@@ -25,9 +25,10 @@ def test_no_two_variants_share_colour_marker_and_dash():
     shallow = [("vit_pico_patch4_32_shallow_mlp", {"width_ratio": r, "mlp_init": i})
                for r in (0.25, 0.5, 0.75) for i in ("sliced", "random")]
     others = [(f"model_{i}", {}) for i in range(1, 15)]
-    styles = variant_styles(_runs_of(grouped + shallow + others + [("vit_pico_patch4_32", {})]))
+    baselines = [("vit_pico_patch4_32", {}), ("vit_nano_patch4_32", {}), ("vit_micro_patch4_32", {})]
+    styles = variant_styles(_runs_of(grouped + shallow + others + baselines))
     marks = [(s.color, s.marker, str(s.linestyle)) for s in styles.values()]
-    assert len(set(marks)) == len(marks) == 7 + 6 + 14 + 1
+    assert len(set(marks)) == len(marks) == 7 + 6 + 14 + 3
     order = [s.label for s in sorted(styles.values(), key=lambda s: s.order) if s.label.startswith("model_")]
     assert order[:3] == ["model_1", "model_2", "model_3"] and order[-1] == "model_14"  # numbers by value
 
@@ -78,6 +79,8 @@ def test_a_lone_point_gets_its_marker_and_long_legend_labels_keep_what_tells_the
     short = _shortened(labels, 40)
     assert all(len(s) <= 40 for s in short) and [f"seed{i}" in s for i, s in enumerate(short)] == [True] * 3
     assert len(set(short)) == 3
+    alike = ["a" * 30 + str(i) + "b" * 30 for i in range(3)]  # differing only inside one long word: left whole
+    assert _shortened(alike, 20) == alike
 
 
 def test_the_compare_figure_marks_zero_apart_from_missing_and_names_units():

@@ -356,7 +356,7 @@ def test_full_lanczos_quadrature_nodes_are_the_eigenvalues():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_quadrature_weights_are_exact_when_the_krylov_space_is_exhausted(dtype):
     # kron(I_9, G): 5 distinct eigenvalues, so Lanczos from any vector ends after 5 steps. In float32 the sixth
-    # residual is rounding, which was taken for a direction: 20 nodes, each eigenvalue repeated, weights moved
+    # residual is rounding, which normalised was far from orthogonal to the basis: weights moved between nodes
     rng = np.random.default_rng(0)
     G = rng.standard_normal((5, 5))
     G = G @ G.T
@@ -366,10 +366,12 @@ def test_quadrature_weights_are_exact_when_the_krylov_space_is_exhausted(dtype):
     exact = ((z.reshape(9, 5) @ U) ** 2).sum(axis=0) / (z @ z)  # each eigenvalue's weight in the start vector
     alpha, beta = lanczos_tridiagonal(torch.from_numpy(A).to(dtype), torch.from_numpy(z).to(dtype), 20)
     nodes, weights = gauss_quadrature(alpha, beta)
-    assert len(alpha) == 5
     rtol = 1e-4 if dtype == torch.float32 else 1e-9
-    np.testing.assert_allclose(nodes, values, rtol=rtol)
-    np.testing.assert_allclose(weights, exact, rtol=rtol * 10, atol=rtol)
+    if dtype == torch.float64:
+        assert len(alpha) == 5  # float32 goes on from fresh directions, coupled by a beta of rounding size
+    at = np.array([weights[np.abs(nodes - v) <= 1e-3 * abs(v)].sum() for v in values])
+    np.testing.assert_allclose(at, exact, rtol=rtol * 10, atol=rtol)  # each eigenvalue's weight, none elsewhere
+    assert abs(weights.sum() - 1) < 1e-9 and abs(at.sum() - 1) < rtol
 
 
 @pytest.mark.parametrize("scale", ["linear", "symlog"])

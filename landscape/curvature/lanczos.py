@@ -285,14 +285,15 @@ def _lanczos_run(A: Any, *, k: int, which: str, tol: float, seed: int, block_siz
             T[range(len(keep)), range(len(keep))] = theta[keep]
             size = applied = len(keep)
         count = min(b, n - size)
-        # below this a residual is rounding, not a direction: orthogonalised twice in the basis's precision, the
-        # residual of an invariant subspace is left at a few units of rounding, which normalised would be a row far
-        # from orthogonal to the basis (in float32, Ritz values above the operator's largest eigenvalue)
-        floor = max(1e-12, rounding(bdtype)) * max(anorm, 1e-300)
+        floor = 1e-12 * max(anorm, 1e-300)
         if bool((R.diagonal().abs()[:count] > floor).all()):
             new = Q.T[:count].to(bdevice, bdtype)
         else:  # the residuals span less than a block (an invariant subspace: a repeated eigenvalue's copies)
             new = _extend_block(W, V[:size], count, floor, generator)
+        # A residual near rounding (an invariant subspace reached in float32) normalised is a row far from
+        # orthogonal to the basis, which broke it (Ritz values above the largest eigenvalue); orthogonalised again
+        # it is a fresh direction. T holds every product's own projections, so it stays V^T A V either way.
+        new = _orthonormal_against(new, V[:size])
         V[size:size + len(new)] = new
         size += len(new)
 
@@ -449,6 +450,25 @@ def _extend_block(W: Tensor, basis: Tensor, count: int, floor: float, generator:
     return torch.cat(rows)
 
 
+def _orthonormal_against(rows: Tensor, basis: Tensor) -> Tensor:
+    """``rows`` orthogonalised twice against the orthonormal rows of ``basis`` and orthonormalised among
+    themselves (a row left without length replaced by a direction orthogonal to everything)."""
+    rows = rows.clone()
+    for _ in range(2):
+        _orthogonalize_rows(rows, basis)
+    Q, R = torch.linalg.qr(rows.T)
+    weak = (R.diagonal().abs() <= 1e-3 * rows.norm(dim=1).clamp(min=1e-300)).nonzero().flatten().tolist()
+    Q = Q.T.contiguous()
+    for i in weak:
+        fresh = torch.randn(1, rows.shape[1], generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        fresh = fresh.to(rows.device, rows.dtype)
+        others = torch.cat([basis, Q[:i], Q[i + 1:]])
+        for _ in range(2):
+            _orthogonalize_rows(fresh, others)
+        Q[i] = fresh[0] / fresh.norm()
+    return Q
+
+
 def _orthogonalize_rows(W: Tensor, basis: Tensor) -> Tensor:
     """Remove from the rows of ``W`` (in place) their components along the orthonormal rows of ``basis``;
     return the coefficients ``(len(basis), len(W))``."""
@@ -519,11 +539,7 @@ def lanczos_tridiagonal(
     alphas: list[float] = []
     betas: list[float] = []
     previous, beta = None, 0.0
-    # below this beta is rounding (of the products and the reorthogonalisation, in the operator's precision), not
-    # a new direction: taken for one, a float32 run went on past an exhausted Krylov space with repeated nodes
-    # that moved weight between eigenvalues (0.154 on one whose weight was 0.026)
-    floor = max(1e-10 * math.sqrt(n), rounding(A.dtype, 64))  # fewer units than the eigensolver's: a cut here
-    # ends the quadrature, and a bulk of eigenvalues far below the largest one keeps small betas of its own
+    floor = 1e-10 * math.sqrt(n)
     for j in range(num_steps):
         if basis is not None:
             basis[j] = v
@@ -538,6 +554,11 @@ def lanczos_tridiagonal(
             break
         betas.append(beta)
         previous, v = v, w / beta
+        if basis is not None and beta <= rounding(A.dtype) * max(abs(a) for a in alphas):
+            # a residual near rounding (an exhausted Krylov space in float32) normalised is far from orthogonal to
+            # the basis: the run went on with repeated nodes that moved weight between eigenvalues (0.154 on one
+            # of weight 0.026); orthogonalised again it is a fresh direction, coupled by this tiny beta
+            v = _orthonormal_against(v[None, :], basis[: j + 1])[0]
     return np.asarray(alphas), np.asarray(betas[: len(alphas) - 1])
 
 

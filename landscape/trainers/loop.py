@@ -739,9 +739,16 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
             raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
         if not run.config_path.exists():
             raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root, analyses=False)
-        # killed before the training state that follows its first checkpoint: trained again from the start, with
-        # its saved config, to that checkpoint's very weights (so an analysis of it made since stays true)
+        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
+        # training state that follows its first checkpoint: trained again from the start, with its saved config
+        if not run.state_path.exists() and not restart and is_empty_run(run.root, analyses=False):
+            # analysed since: a retraining (from --init weights that have moved on, on a GPU) may not give that
+            # checkpoint's very weights again, and its results would then describe weights that no longer exist
+            raise CheckpointError(
+                f"{run.root} stopped before saving its first training state and was analysed since, so it cannot be "
+                f"resumed: training it again may not reproduce the weights its analyses measured. Move "
+                f"{run.analysis_dir} elsewhere to train it again from the start (the analyses stay there), or "
+                "analyse its checkpoint as it is.")
         if not run.state_path.exists() and not restart:
             if any(run.checkpoints_dir.glob("*.safetensors")):
                 raise CheckpointError(
