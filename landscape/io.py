@@ -201,6 +201,10 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:  # Ctrl-C or SIGTERM/SIGHUP inside the writer, whose clean-up then failed too
+            # (torch.save's zip writer: "unexpected pos"): the interrupt is what happened, and it ends the command
+            raise interrupt from None
         cause = os_error_of(e) if isinstance(e, Exception) and not isinstance(e, LandscapeError) else None
         if cause is not None:
             raise write_error(path, cause, kept=kept) from None
@@ -213,6 +217,18 @@ def atomic_write(path: str | os.PathLike, write: typing.Callable[[Path], Any], *
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl-C, or a SIGTERM/SIGHUP raised as one) that ``error`` was raised while handling, if any."""
+    seen = error.__context__
+    for _ in range(16):
+        if seen is None:
+            return None
+        if isinstance(seen, KeyboardInterrupt):
+            return seen
+        seen = seen.__context__
+    return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, kept: str | None = None) -> None:

@@ -941,3 +941,24 @@ def test_a_masked_autoencoder_run_is_refused_by_the_analyses_in_one_sentence(tmp
         message = one_sentence(CliRunner().invoke(cli, ["analyze", *analysis[:1], str(run.root), *analysis[1:]]))
         assert "is a masked-autoencoder pre-training run" in message
     assert not run.analysis_dir.exists() or not list(run.analysis_dir.glob("*.nc"))
+
+
+def test_an_interrupt_inside_a_writer_whose_clean_up_fails_ends_as_the_interrupt(tmp_path):
+    # SIGHUP inside torch.save: the zip writer's exit raised "unexpected pos" over it, a traceback and exit 1
+    from landscape.io import atomic_write
+
+    class Writer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 400832 vs 400724")
+
+    def write(tmp):
+        with Writer():
+            raise KeyboardInterrupt  # what a SIGTERM or SIGHUP handler raises, mid-write
+
+    (tmp_path / "state.pt").write_bytes(b"previous")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "state.pt", write)
+    assert (tmp_path / "state.pt").read_bytes() == b"previous" and sorted(tmp_path.iterdir()) == [tmp_path / "state.pt"]
