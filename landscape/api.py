@@ -611,7 +611,7 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
     from landscape.analyses.results import checkpoint_entry
     from landscape.models.variants import Variant
     from landscape.runs import Run
-    from landscape.summary import Result, RunResults, classify, read_settings
+    from landscape.summary import Result, RunResults, classify, read_settings, settings_name
 
     import xarray as xr
 
@@ -633,7 +633,11 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
             continue
         if "checkpoint" not in ds.dims:
             ds = checkpoint_entry(ds, name="model", epoch=None, step=0)
-        found.append(Result(path=Path(label) / f"{kind}-{i}.nc", kind=kind, settings=read_settings(ds), dataset=ds))
+        settings = read_settings(ds)
+        name = settings_name(kind, settings)  # a name as the analysis would give its file; kept apart if taken
+        if any(r.name == name for r in found):
+            name += f"-{i + 1}"
+        found.append(Result(path=Path(label) / f"{name}.nc", kind=kind, settings=settings, dataset=ds))
     variant = Variant(key=label, name=label, family="other", base=label, label=label)
     return RunResults(path=Path(label), run=Run(Path(label)), variant=variant, label=label, seed=seed,
                       num_params=None, results=found, dynamics=dynamics, final_step=0)

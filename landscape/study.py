@@ -392,6 +392,10 @@ def check_study(spec: StudySpec) -> None:
         raise ConfigError("The analysis setting preconditioned needs the optimizer state at every checkpoint: add "
                           "save_preconditioner: true to the study's overrides.")
     info = get_dataset_info(configs[0].data.name)
+    if info.name != "synthetic" and info.train_size is not None and spec.analysis.samples > info.train_size:
+        raise ConfigError(f"The analysis setting samples ({spec.analysis.samples}) is more than the {info.train_size} "
+                          f"training examples of {info.name}, from which every analysis takes its examples; give "
+                          f"samples: {info.train_size} or fewer.")
     described = {}
     for variant, config in zip(spec.variants, configs):
         kwargs = resolve_model_kwargs(config, info)

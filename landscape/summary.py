@@ -45,14 +45,10 @@ class Result:
 
     @property
     def name(self) -> str:
-        """A name for the result made from its attributes (:func:`landscape.analyses.results.results_name`)."""
-        from landscape.analyses.results import results_name
-
-        kind = self.kind
-        if kind == "surface":
-            targets = "".join(f"-{Path(str(t)).parent.parent.name}" for t in self.settings.get("targets") or ())
-            kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
-        return results_name(kind, self.settings)
+        """The file's name without ``.nc``: the name the analysis gave it from its settings
+        (:func:`landscape.analyses.results.results_name`; a surface's also names its line's or plane's targets,
+        ``surface-interpolate-runB@10-1d``), which keeps apart results that live side by side."""
+        return self.path.stem
 
     def checkpoints(self) -> int:
         return int(self.dataset.sizes.get("checkpoint", 0))
@@ -75,6 +71,17 @@ class Result:
         if self.params:
             text += f", parameters {self.params}"
         return text
+
+
+def settings_name(kind: str, settings: dict[str, Any]) -> str:
+    """The name the analysis gives a result of ``kind`` with ``settings`` (for a surface, its targets by their
+    runs' folder names only): the :attr:`Result.name` of a Dataset given in memory, which has no file name."""
+    from landscape.analyses.results import results_name
+
+    if kind == "surface":
+        targets = "".join(f"-{Path(str(t)).parent.parent.name}" for t in settings.get("targets") or ())
+        kind = f"surface-{settings.get('directions', 'random')}{targets}-{settings.get('dims')}d"
+    return results_name(kind, settings)
 
 
 def read_settings(ds) -> dict[str, Any]:
@@ -170,10 +177,10 @@ class RunResults:
 
     ``hessian`` the eigenvalues and trace of the whole model, ``hessian_density`` its spectral density (a
     density-only result first), ``sharpness`` plain (c = 1) and ``adaptive_sharpness`` adaptive (c = |w|)
-    sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
-    (``surface-random-1d``, ...), ``dynamics`` the training dynamics. Where several results qualify, the one that
-    holds the final checkpoint and the most checkpoints wins. ``final_step`` is the step of the run's last
-    checkpoint. ``problems`` says, one sentence each, what of the run could not be read or is incomplete.
+    sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`, its file's name
+    (``surface-random-1d``, ``surface-interpolate-runB@10-1d``, ...), ``dynamics`` the training dynamics. Where
+    several results qualify, the one that holds the final checkpoint and the most checkpoints wins.
+    ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one sentence each, what of the run could not be read or is incomplete.
     """
 
     path: Path

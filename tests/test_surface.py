@@ -410,3 +410,18 @@ def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs)
     ):
         result = runner.invoke(cli, ["analyze", "surface", str(a.root), "--samples", "16", *args])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_load_run_keeps_every_line_of_a_run_apart(tmp_path):
+    # Result.name was rebuilt from the settings without the targets' epochs: the lines to runB@2 and runB@3 both
+    # became "surface-interpolate-b-1d", and ls.load_run(RUN).surfaces held one of them
+    from landscape.summary import load_run
+
+    a, b = _make_run(tmp_path / "a", 0, epochs=2), _make_run(tmp_path / "b", 1, epochs=3)
+    for epoch in (2, 3):
+        run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@{epoch}", points=3, samples=8),
+                             checkpoints="last")
+    surfaces = load_run(a.root).surfaces
+    assert sorted(surfaces) == ["surface-interpolate-b@2-1d", "surface-interpolate-b@3-1d"]
+    ends = [float(surfaces[f"surface-interpolate-b@{e}-1d"]["loss"].isel(checkpoint=-1).sel(a=1.0)) for e in (2, 3)]
+    assert ends[0] != ends[1]
