@@ -220,14 +220,19 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def _device(device: Any) -> torch.device:
+    """The device ``device`` names, accepted and refused as ``--device`` is
+    (:func:`landscape.trainers.distributed.check_device`: ``auto``, ``cpu``, ``cuda``, ``cuda:K``, ``mps``)."""
+    from landscape.trainers.distributed import check_device
+
+    name = str(device) if isinstance(device, (str, torch.device)) else None
     try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device={device!r} is not a device torch knows; give e.g. 'cpu', 'cuda' or 'cuda:1'.") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} was asked for, but torch finds no CUDA device here; give device='cpu' "
-                          "or leave device out.")
-    return target
+        if name is None:
+            raise LandscapeError(f"Unknown device {device!r}")
+        return torch.device(check_device(name))
+    except LandscapeError as e:
+        reason = str(e).split(";")[0].rstrip(".")
+        raise ConfigError(f"device={device!r} cannot be used ({reason}); give 'auto', 'cpu', 'cuda', 'cuda:K' or "
+                          "'mps' as this machine has them, or leave device out.") from None
 
 
 def _check_finite_weights(model: nn.Module) -> None:
@@ -566,8 +571,8 @@ def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:
     items = list(directions) if isinstance(directions, (list, tuple)) else [directions]
     if not 1 <= len(items) <= 2:
         raise ConfigError(f"{len(items)} directions were given; a slice takes one or two.")
-    if all(isinstance(d, nn.Module) for d in items):
-        return ("interpolate" if len(items) == 1 else "plane"), [(d, "model") for d in items]
+    if all(isinstance(d, nn.Module) for d in items):  # a wrapped target has its module's tensors under other names
+        return ("interpolate" if len(items) == 1 else "plane"), [(_unwrapped(d), "model") for d in items]
     if all(isinstance(d, Mapping) for d in items):
         if len(items) == 1 and not isinstance(directions, (list, tuple)):
             return "interpolate", [(items[0], "state dict")]

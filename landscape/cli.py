@@ -311,9 +311,6 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             recipe = "digits" if data in (None, "digits", "synthetic") else "small-images"
         elif not recipe.strip():
             raise LandscapeError(f"--recipe is empty; give a recipe name ({', '.join(recipe_names())}) or a YAML file.")
-        recorded = [k for k in _key_values(overrides) if k in ("extended_from", "extended_at")]
-        if recorded:
-            raise LandscapeError(f"{recorded[0]} is a record --resume RUN --extend-to N writes, not a setting.")
         options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "img_size": img_size}
         extra = {"init": str(init)} if init is not None else {}
         config = build_config(recipe, model=model, model_kwargs=_key_values(model_args), data=data,
@@ -617,6 +614,7 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
     """
     from landscape.analyses.dynamics import SCALARS, across_seeds, write_dynamics
     from landscape.runs import Run
+    from landscape.summary import repeated_seeds
 
     named = {}
     for path in runs:  # a run named twice (`RUN RUN`, `runs/x runs/./x`) is one run, not two seeds of it
@@ -631,13 +629,9 @@ def analyze_dynamics(runs: tuple[Path, ...]) -> None:
                          "final gap": float(ds["generalization_gap"][-1])})
         click.echo(f"wrote {written}", err=True)
     print_table(rows)
-    seen: dict[tuple[str, object], str] = {}
-    for ds, path in zip(datasets, named.values()):
-        key = (str(ds.attrs["variant"]), ds.attrs.get("seed"))
-        if key in seen:
-            click.echo(f"Warning: {seen[key]} and {path} are both seed {key[1]} of {key[0]}; the spread below counts "
-                       "them as two seeds.", err=True)
-        seen.setdefault(key, str(path))
+    for sentence in repeated_seeds((str(ds.attrs["variant"]), str(ds.attrs["variant"]), ds.attrs.get("seed"), path)
+                                   for ds, path in zip(datasets, named.values())):
+        click.echo(f"Warning: {sentence}", err=True)
     if len(datasets) > 1:
         summary = across_seeds(datasets).to_dataframe().dropna(subset=["n_seeds"]).reset_index()
         click.echo("\nacross seeds (mean, standard deviation)")
@@ -734,7 +728,7 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
     if out is not None:
         refuse_overwrite(out, "a CSV table", (".csv", ".txt", ".tsv"))
     if figure is not None:
-        refuse_overwrite(figure, "a figure", (".png", ".pdf", ".svg", ".jpg", ".jpeg"))
+        refuse_overwrite(figure, "a figure", (".png", ".pdf", ".svg", ".jpg", ".jpeg"), option="--figure")
     table = compare_runs(runs)
     for caveat in table.attrs.get("caveats", ()):
         click.echo(f"Warning: {caveat}", err=True)
@@ -768,6 +762,15 @@ def _write_figures_with_progress(results, out: Path, *, formats, names=None) -> 
     return written
 
 
+def _figures_folder(folder: Path) -> Path:
+    """:func:`landscape.io.figures_folder`, said on stderr when it is not ``folder``."""
+    from landscape.io import figures_folder
+
+    if figures_folder(folder) != folder:
+        click.echo(f"{folder} is a run folder: the figures go to {figures_folder(folder)}.", err=True)
+    return figures_folder(folder)
+
+
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for the figures.")
@@ -778,14 +781,12 @@ def figures(runs: tuple[Path, ...], out: Path, only: tuple[str, ...], formats: t
     """Draw the figure gallery of RUNS (one colour per variant in every figure) into OUT as PNG and PDF; a
     figure whose results the runs do not have yet is named on stderr with the command that makes them."""
     from landscape.figures import FIGURE_NEEDS, FIGURES, FORMATS
-    from landscape.io import folder_lock, is_run_root
+    from landscape.io import folder_lock
     from landscape.summary import load_results
 
     results = load_results(runs)
     _warn_problems(results)
-    if is_run_root(out):  # a run's own folder holds what the run writes; its figures go where `landscape` puts them
-        click.echo(f"{out} is a run folder: the figures go to {out / 'figures'}.", err=True)
-        out = out / "figures"
+    out = _figures_folder(out)
     with folder_lock(out, "drawing figures into"):
         written = _write_figures_with_progress(results, out, formats=formats or FORMATS, names=only or None)
         drawn = {p.resolve() for paths in written.values() for p in paths}
@@ -837,7 +838,7 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
         from landscape.figures import write_figures
         from landscape.io import folder_lock
 
-        with folder_lock(figures_dir or out.parent / "figures", "drawing figures into") as folder:
+        with folder_lock(_figures_folder(figures_dir or out.parent / "figures"), "drawing figures into") as folder:
             written = write_figures(results, folder)
     paths, hypotheses = write_report(results, out, figures=written, html=with_html)
     for h in hypotheses:

@@ -345,11 +345,32 @@ def _lock_pids(text: str) -> list[int]:
     return pids
 
 
-def _holder(lock_path: Path) -> str:
+def _flock_holders(lock_path: Path) -> list[int]:
+    """The processes Linux says hold a ``flock`` on ``lock_path`` (``/proc/locks``; empty where it cannot say):
+    unlike the pids written in the file, never a process that has released the lock or an unrelated one that
+    took a listed pid over."""
     try:
-        pids = _lock_pids(lock_path.read_text(errors="replace"))
+        st = os.stat(lock_path)
+        table = Path("/proc/locks").read_text()
     except OSError:
-        pids = []
+        return []
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = []
+    for line in table.splitlines():
+        fields = line.split()  # "1: FLOCK  ADVISORY  READ 1234 fe:00:5678 0 EOF"; a waiter's line has "->"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            if int(fields[4]) not in pids:
+                pids.append(int(fields[4]))
+    return pids
+
+
+def _holder(lock_path: Path) -> str:
+    pids = _flock_holders(lock_path)
+    if not pids:  # no /proc/locks (or a file system it does not list): the pids the holders wrote
+        try:
+            pids = _lock_pids(lock_path.read_text(errors="replace"))
+        except OSError:
+            pids = []
     if not pids:
         return "another landscape process"
     if len(pids) == 1:
@@ -393,10 +414,16 @@ def _write_pid(fd: int, *, shared: bool = False) -> None:
         os.pwrite(fd, text.encode(), 0)
 
 
+def has_control_character(text: str) -> bool:
+    """Whether ``text`` holds a control character (a newline, a tab, DEL, ...), which no name printed in a table,
+    a log line or a legend may hold."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def check_run_name(root: str | os.PathLike) -> None:
     """Refuse a new run folder whose path has a control character (a newline, a tab), which every table, log and
     figure that names the run would break on, or bytes that are not UTF-8 text."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
+    if has_control_character(str(root)):
         raise LandscapeError(f"The run folder {str(root)!r} has a control character (a newline, a tab) in its name, "
                              "which would break every table, log and figure that names the run; choose another --out.")
     try:
@@ -420,8 +447,7 @@ class RunLock:
         if create:
             if self.root.exists() and not self.root.is_dir():
                 raise LandscapeError(f"{self.root} exists and is not a directory.")
-            if self.created:
-                check_run_name(self.root)
+            check_run_name(self.root)  # a new run, also in a folder made before (empty, or overwritten)
             make_dirs(self.root)
         what = "analysing" if shared else "training into"
         self.made_file = not self.path.exists()  # the lock file is new: a caller that wrote nothing may remove it
@@ -532,12 +558,19 @@ def is_run_root(folder: str | os.PathLike) -> bool:
                                                    or (folder / "metrics.csv").is_file())
 
 
+def figures_folder(folder: str | os.PathLike) -> Path:
+    """Where figures asked for in ``folder`` go: ``folder/figures`` when ``folder`` is a run's root (which holds
+    only what the run writes: figures among its own files made it look like no run), else ``folder``."""
+    folder = Path(folder)
+    return folder / "figures" if is_run_root(folder) else folder
+
+
 def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], *,
-                     error: type[LandscapeError] = LandscapeError) -> None:
+                     error: type[LandscapeError] = LandscapeError, option: str = "--out") -> None:
     """Raise ``error`` when writing ``what`` to ``path`` would replace a file it must not: one of a run's own
     files (its config, metrics, data record, a checkpoint, its state or an analysis result), or an existing file
     of another kind than ``suffixes`` (``--out ~/.bashrc``). A new path, or an earlier output of the same kind,
-    passes."""
+    passes. ``option`` is the option that gave ``path``, named in the refusal."""
     path = Path(path)
     if not path.is_file():
         return
@@ -545,10 +578,11 @@ def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ..
     for parent in list(resolved.parents)[:3]:
         inside = resolved.relative_to(parent).parts
         if is_run_root(parent) and (inside[0] in RUN_FOLDERS or (len(inside) == 1 and inside[0] in RUN_FILES)):
-            raise error(f"{path} is a file of the run {parent}, which {what} would replace; give --out another path.")
+            raise error(f"{path} is a file of the run {parent}, which {what} would replace; give {option} another "
+                        "path.")
     if path.suffix.lower() not in suffixes:
-        raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give --out a "
-                    f"new path or one ending in {suffixes[0]}.")
+        raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give "
+                    f"{option} a new path or one ending in {suffixes[0]}.")
 
 
 def dangling(path: str | os.PathLike) -> str:

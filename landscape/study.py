@@ -196,6 +196,15 @@ MAX_STUDY_BYTES = 1 << 20
 """The largest study file read (a study of every variant and setting is a few kilobytes; 50 MB took minutes)."""
 
 
+def _names_a_folder(name: str) -> bool:
+    """Whether ``name`` can name one folder of the study: not empty, no slash, no leading dot, no surrounding
+    spaces, no control character."""
+    from landscape.io import has_control_character
+
+    return bool(name) and not any(c in name for c in "/\\") and not name.startswith(".") and name == name.strip() \
+        and not has_control_character(name)
+
+
 def load_study(path: str | os.PathLike) -> StudySpec:
     """Read a study file (YAML): see :func:`study_from_dict` for its keys. Any problem is one sentence."""
     import yaml
@@ -270,8 +279,7 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
             raise ConfigError(f"{source}: variant {i + 1}'s name must be text (it names the run folders), not "
                               f"{v['name']!r}.")
         name, kwargs = str(v["name"]), v.get("kwargs") or {}
-        if not name or any(c in name for c in "/\\") or name.startswith(".") or name != name.strip() or \
-                any(ord(c) < 32 or ord(c) == 127 for c in name):
+        if not _names_a_folder(name):
             raise ConfigError(f"{source}: variant name {name!r} cannot name a folder; use letters, digits and -.")
         if not isinstance(kwargs, dict):
             raise ConfigError(f"{source}: the kwargs of variant {name!r} must be a mapping.")
@@ -291,9 +299,7 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
             len(set(seeds)) < len(seeds):
         raise ConfigError(f"{source}: 'seeds' must be distinct non-negative integers, not {seeds!r}.")
     study_name = raw.get("name")
-    if study_name is not None and (not isinstance(study_name, (str, int)) or not str(study_name).strip() or any(
-            c in str(study_name) for c in "/\\") or str(study_name).startswith(".") or any(
-            ord(c) < 32 or ord(c) == 127 for c in str(study_name))):
+    if study_name is not None and (not isinstance(study_name, (str, int)) or not _names_a_folder(str(study_name))):
         raise ConfigError(f"{source}: the study name {study_name!r} cannot name a folder under runs/ (it names the "
                           "default output folder); use letters, digits and -.")
     overrides = raw.get("overrides") or {}
@@ -388,6 +394,9 @@ def check_study(spec: StudySpec) -> None:
     from landscape.trainers.loop import resolve_model_kwargs
 
     configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
+    if any(c.task == "mae" for c in configs):  # every analysis of the study would refuse the runs after training
+        raise ConfigError("The study pre-trains masked autoencoders (task: mae), whose runs no analysis measures (they "
+                          "have no class logits); study the classifiers fine-tuned from such runs (landscape train --init RUN).")
     if spec.analysis.preconditioned and not configs[0].save_preconditioner:
         raise ConfigError("The analysis setting preconditioned needs the optimizer state at every checkpoint: add "
                           "save_preconditioner: true to the study's overrides.")
@@ -600,10 +609,12 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     start = time.perf_counter()
     context = _process_context() if jobs > 1 else None  # the workers' imports start now, beside this process's
     from landscape.figures import write_figures
+    from landscape.io import check_run_name, figures_folder, make_dirs
     from landscape.report import write_report
     from landscape.summary import load_results
 
     out = Path(out)
+    check_run_name(out)  # each run's folder would be refused, but only after the study's record is written
     runs_dir = out / "runs"
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
     check_study(spec)
@@ -659,11 +670,11 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     if figures_out is not None:  # the gallery a repository shows: the PNGs
         import shutil
 
-        Path(figures_out).mkdir(parents=True, exist_ok=True)
+        gallery = make_dirs(figures_folder(figures_out))
         for paths in figures.values():
             for p in paths:
                 if p.suffix == ".png":
-                    shutil.copyfile(p, Path(figures_out) / p.name)
+                    shutil.copyfile(p, gallery / p.name)
     t0 = time.perf_counter()
     (report_path, *_), hypotheses = write_report(results, out / "report.md", figures=figures, html=True)
     verdicts = ", ".join(f"{h.key} {h.verdict}" for h in hypotheses)

@@ -74,12 +74,14 @@ class Result:
 
 
 def settings_name(kind: str, settings: dict[str, Any]) -> str:
-    """The name the analysis gives a result of ``kind`` with ``settings`` (for a surface, its targets by their
-    runs' folder names only): the :attr:`Result.name` of a Dataset given in memory, which has no file name."""
+    """A name for a result of ``kind`` with ``settings`` like the file name its analysis gives it (a surface's
+    targets by their runs' folder names only, where they have one): the :attr:`Result.name` of a Dataset given in
+    memory, which has no file name."""
     from landscape.analyses.results import results_name
 
     if kind == "surface":
-        targets = "".join(f"-{Path(str(t)).parent.parent.name}" for t in settings.get("targets") or ())
+        targets = "".join(f"-{name}" for t in settings.get("targets") or ()
+                          if (name := Path(str(t)).parent.parent.name))
         kind = f"surface-{settings.get('directions', 'random')}{targets}-{settings.get('dims')}d"
     return results_name(kind, settings)
 
@@ -515,7 +517,23 @@ def caveats(results: Sequence[RunResults]) -> list[str]:
     """What a reader of a summary of ``results`` must know: each run's :attr:`RunResults.problems`, and the kinds of
     results measured with different settings across runs (:func:`settings_disagreements`)."""
     return ([p for r in results for p in r.problems] + list(settings_disagreements(results).values())
-            + training_disagreements(results) + coverage_gaps(results))
+            + training_disagreements(results)
+            + repeated_seeds((r.variant.key, r.label or r.variant.label, r.seed, r.path) for r in results)
+            + coverage_gaps(results))
+
+
+def repeated_seeds(runs: Iterable[tuple[Any, str, Any, Any]]) -> list[str]:
+    """One sentence per run that is the same variant and seed as one before it (a copied run, a run trained
+    twice), from ``(variant key, label, seed, path)`` of each run: a spread over the runs would count it as
+    another seed."""
+    seen: dict[tuple[Any, Any], Any] = {}
+    out = []
+    for key, label, seed, path in runs:
+        if (key, seed) in seen:
+            out.append(f"{seen[key, seed]} and {path} are both seed {seed} of {label}; the spread over seeds counts "
+                       "them as two seeds.")
+        seen.setdefault((key, seed), path)
+    return out
 
 
 def coverage_gaps(results: Sequence[RunResults]) -> list[str]:

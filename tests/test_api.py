@@ -430,7 +430,12 @@ def _bad_api_calls():
         (lambda: ls.surface(m, (x, y), dims=1, points=2.5), "surface(): points must be a whole number, not 2.5"),
         (lambda: ls.surface(m, (x, y), dims=1, range=1.0), "surface(): range must be a sequence of numbers"),
         (lambda: ls.surface(m, (x, y), dims=1, range=(0, 1, 2)), "range must hold 2 values, not 3"),
-        (lambda: ls.hessian(m, (x, y), device="gpu0"), "device='gpu0' is not a device torch knows"),
+        (lambda: ls.hessian(m, (x, y), device="gpu0"), "device='gpu0' cannot be used (Unknown device 'gpu0'"),
+        # the CLI's check: torch's own RuntimeError for mps and meta, and "auto" refused
+        (lambda: ls.hessian(m, (x, y), device="mps"), "device='mps' cannot be used (Device 'mps' was asked for but "
+                                                      "no Apple GPU (MPS) is available)"),
+        (lambda: ls.hessian(m, (x, y), device="meta"), "device='meta' cannot be used (Unknown device 'meta'"),
+        (lambda: ls.hessian(m, (x, y), device=3), "device=3 cannot be used"),
         (lambda: ls.hessian(m, (x, y), top_k=-1), "top_k must be 0 or more"),  # not the option --top-k
         (lambda: ls.hessian(m, (x, y), preconditioned=True), "there is no optimizer state here"),
         (lambda: ls.hessian(m, (x, y), img_size=999), "hessian() has no setting 'img_size'"),
@@ -442,7 +447,7 @@ def _bad_api_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(19))
+@pytest.mark.parametrize("case", range(22))
 def test_notebook_mistakes_are_one_sentence_naming_the_keyword_not_a_traceback(case):
     call, message = _bad_api_calls()[case]
     with pytest.raises(LandscapeError) as error:
@@ -450,6 +455,16 @@ def test_notebook_mistakes_are_one_sentence_naming_the_keyword_not_a_traceback(c
     assert message in str(error.value), str(error.value)
     if "landscape analyze" not in str(error.value):  # a command named as the alternative keeps its options
         assert "--" not in str(error.value), str(error.value)
+
+
+def test_the_devices_the_cli_accepts_are_accepted_by_the_api():
+    # device="auto" (the CLI's default) was refused as "not a device torch knows"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    values = [float(ls.hessian(m, (x, y), top_k=1, trace=False, device=d)["eigenvalue_largest"].values.ravel()[0])
+              for d in (None, "auto", "cpu", torch.device("cpu"))]
+    assert values == [values[0]] * 4
 
 
 def test_numpy_data_zero_dim_numbers_and_mixed_precision_models_are_measured():
@@ -603,6 +618,12 @@ def test_wrapped_models_are_measured_as_the_module_inside():
         values = ls.hessian(wrapped, (x, y), top_k=2, tol=1e-8)["eigenvalue_largest"].values
         np.testing.assert_allclose(values, plain, rtol=1e-10)
         assert float(ls.sharpness(wrapped, (x, y), rhos=[0.05], steps=2, draws=0)["worst_case"][0]) >= 0
+    # a wrapped model as a line's end: its tensors were looked for under the wrapper's names ("has no tensor")
+    other = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    line = ls.surface(model, (x, y), directions=other, points=3)["loss"].values
+    for wrapped in (nn.DataParallel(other), torch.compile(other)):
+        np.testing.assert_allclose(ls.surface(model, (x, y), directions=wrapped, points=3)["loss"].values, line,
+                                   rtol=1e-12)
 
 
 def test_a_weight_the_forward_reads_around_its_attribute_is_refused_not_left_out_as_unused():
@@ -618,8 +639,10 @@ def test_a_weight_the_forward_reads_around_its_attribute_is_refused_not_left_out
             return self.head(torch.tanh(x @ self._ws[0].T + self.l.bias))
 
     x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
-    with pytest.raises(LandscapeError, match=r"reads l\.weight other than through its module attribute"):
-        ls.hessian(Aliased(), (x, y), top_k=1)
+    for measure in (lambda m: ls.hessian(m, (x, y), top_k=1), lambda m: ls.sharpness(m, (x, y), rhos=[0.05]),
+                    lambda m: ls.surface(m, (x, y), dims=1, points=3)):  # a surface moved every weight but that one
+        with pytest.raises(LandscapeError, match=r"reads l\.weight other than through its module attribute"):
+            measure(Aliased())
 
 
 def test_a_mixed_precision_model_whose_copy_cannot_run_says_so_not_that_the_data_is_wrong():

@@ -171,6 +171,11 @@ def test_figures_into_a_run_folder_go_to_its_figures_and_earlier_figures_are_nam
     only = CliRunner().invoke(cli, ["figures", str(run), "--out", str(run / "figures"), "--format", "png",
                                     "--only", "accuracy_curves"])
     assert only.exit_code == 0 and "drawn earlier" not in only.output  # one figure asked for: the rest is known
+    # the report drew into the run's root, after which train --overwrite no longer took the folder for a run
+    report = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "r.md"), "--figures", str(run)])
+    assert report.exit_code == 0, report.output
+    assert f"{run} is a run folder: the figures go to {run / 'figures'}." in report.output
+    assert not list(run.glob("*.png")) and not list(run.glob("*.pdf"))
 
 
 @pytest.mark.parametrize("variant", [1, 3])  # GroupedMLP at mlp_ratio 2, ShallowMLP with random initialisation
@@ -232,7 +237,8 @@ def test_report_and_compare_never_write_over_a_runs_own_files_or_a_file_of_anoth
                  ["compare", run.root, "--figure", run.config_path]):
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 1, (args, result.output)
-        assert result.output.startswith("Error: ") and "--out" in result.output, result.output
+        option = "--figure" if "--figure" in args else "--out"  # the option that gave the path, not always --out
+        assert result.output.startswith("Error: ") and f"give {option} a" in result.output, result.output
     assert {p: p.read_bytes() for p in kept} == kept
     for args in (["report", run.root, "--no-figures", "--html", "--out", run.root / "report.md"],  # beside the run
                  ["compare", run.root, "--out", tmp_path / "table.csv"]):

@@ -143,3 +143,13 @@ def test_a_run_named_twice_is_one_run_and_two_runs_of_one_seed_are_said(tmp_path
     same_seed = CliRunner().invoke(cli, ["analyze", "dynamics", str(run.root), str(copy)])
     assert same_seed.exit_code == 0, same_seed.output
     assert f"Warning: {run.root} and {copy} are both seed 0 of " in same_seed.output
+    # every summary says it too: the report counted the copy as a second seed without a word
+    from landscape.summary import caveats, load_results
+
+    said = [c for c in caveats(load_results([run.root, copy])) if "both seed 0 of" in c]
+    assert said == [f"{run.root} and {copy} are both seed 0 of ViT baseline; the spread over seeds counts them as "
+                    "two seeds."]
+    other_seed = shutil.copytree(run.root, tmp_path / "other")
+    config = other_seed / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 0", "seed: 1"))
+    assert not [c for c in caveats(load_results([run.root, other_seed])) if "both seed" in c]

@@ -76,6 +76,12 @@ def test_an_analysis_of_a_run_being_trained_is_refused_and_analyses_may_share_it
     with RunLock(run.root, shared=True):  # another analysis: both may compute
         result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN])
         assert result.exit_code == 0, result.output
+    # a training with --overwrite has removed the checkpoints: the analysis said the run had none
+    with RunLock(run.root):
+        for path in run.checkpoints_dir.iterdir():
+            path.unlink()
+        message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
+        assert "is in use by another landscape process" in message, message
 
 
 def test_a_refusal_names_the_live_holders_of_a_shared_lock_not_one_that_left(tmp_path):
@@ -97,6 +103,16 @@ def test_a_refusal_names_the_live_holders_of_a_shared_lock_not_one_that_left(tmp
         assert f"in use by another landscape process (pid {long.pid})" in message, message
         with RunLock(run.root, shared=True):  # a third, in this process: both live holders are named
             assert set(map(int, (run.root / ".lock").read_text().split())) == {long.pid, os.getpid()}
+        # a listed pid taken over by an unrelated live process was named as a landscape process
+        other = subprocess.Popen(["sleep", "60"])
+        try:
+            with (run.root / ".lock").open("a") as f:
+                f.write(f"{other.pid}\n")
+            message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run.root)]))
+            assert f"in use by another landscape process (pid {long.pid})" in message, message
+        finally:
+            other.kill()
+            other.wait()
     finally:
         long.kill()
         long.wait()
@@ -804,6 +820,19 @@ def test_a_new_run_folder_with_a_control_character_in_its_name_is_refused_before
     message = one_sentence(CliRunner().invoke(cli, ["import", str(source), "--out", str(out)]))
     assert "has a control character" in message and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+    # a folder made before (empty) passed the check: the run trained into it
+    for command in (["train", "--data", "digits", "--no-progress", "--set", "data.train_size=64"], ["import", str(source)]):
+        out = tmp_path / "made\nbefore"
+        out.mkdir()
+        message = one_sentence(CliRunner().invoke(cli, [*command, "--out", str(out)]))
+        assert "has a control character" in message and not any(out.iterdir())
+        out.rmdir()
+    # a study's folder: refused only after its study.yaml and environment.yaml were written
+    from landscape.study import STUDIES_DIR
+
+    out = tmp_path / "study\nfolder"
+    message = one_sentence(CliRunner().invoke(cli, ["study", str(STUDIES_DIR / "demo-digits.yaml"), "--out", str(out)]))
+    assert "has a control character" in message and not out.exists()
 
 
 def test_shard_in_one_process_is_named_and_a_job_environment_that_is_none_is_one_sentence(tmp_path, monkeypatch):

@@ -310,6 +310,7 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("name: grouped-g2", "name: \"a\\0b\""), "variant name 'a\\\\x00b' cannot name a folder"),
     (("name: tiny", "name: \"t\\0y\""), "the study name 't\\\\x00y' cannot name a folder"),
     (("name: grouped-g2", "name: null"), "name must be text"),
+    (("overrides: {epochs: 2,", "overrides: {task: mae, epochs: 2,"), r"pre-trains masked autoencoders \(task: mae\)"),
     (("analysis: {samples: 16,", "analysis: {samples: 5000,"), r"samples \(5000\) is more than the 1437 training"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):

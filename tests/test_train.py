@@ -207,7 +207,18 @@ def test_a_model_whose_name_sets_a_patch_larger_than_the_images_is_refused_befor
                                         "digits (") and "give --model-arg patch_size=2" in result.output
     assert not out.exists()
     fits = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "mlit_xxs", "--dry-run"])
-    assert fits.exit_code == 0, fits.output  # a mixture's routing the meta device cannot run is left to training
+    assert fits.exit_code == 0, fits.output  # a mixture's routing the meta device cannot run: one image on the CPU
+    # a masked autoencoder's masking cannot run on the meta device either; its patch of 3 did not divide 8 and the
+    # first step failed with a traceback after the run was made
+    mae = ["train", "--data", "digits", "--model", "mae_mlit_xxs", "--recipe", "mae-pretrain", "--img-size", "8",
+           "--model-arg", "embed_dim=12", "--model-arg", "depth=3", "--set", "epochs=1", "--no-progress", "--out",
+           str(out)]
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(cli, mae + dry)
+        assert result.exit_code == 1 and "its patch of 3 does not divide the images; give a --model-arg patch_size " \
+            "that divides 8" in result.output, result.output
+    assert not out.exists()
+    assert CliRunner().invoke(cli, mae[:8] + ["9"] + mae[9:] + ["--dry-run"]).exit_code == 0
 
 
 def test_paper_recipe_is_the_published_one():

@@ -132,8 +132,13 @@ def test_a_total_no_run_can_have_is_refused_before_the_config_is_rewritten(finis
 
 
 def test_the_extension_record_is_not_a_setting_and_an_empty_recipe_is_no_recipe(tmp_path):
+    from landscape.trainers.recipes import RECIPE_DIR
+
+    recipe = tmp_path / "extended.yaml"  # a recipe file (or a study's overrides) recorded it for a new run
+    recipe.write_text((RECIPE_DIR / "digits.yaml").read_text() + "\nextended_at: 2026-01-01\n")
     for args, message in ((["--set", "extended_from=5"], "extended_from is a record --resume RUN --extend-to N "
-                                                         "writes, not a setting."),
+                                                         "writes, not a setting"),
+                          (["--recipe", str(recipe)], "extended_at is a record --resume RUN --extend-to N writes"),
                           (["--recipe", ""], "--recipe is empty; give a recipe name")):
         result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "run"), *args])
         assert result.exit_code == 1 and message in result.output, result.output

@@ -170,7 +170,14 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
     settings = analysis.settings
     shard = distributed.check_shard(shard, analysis.shard_modes, analysis.name)
     world, torch_device = distributed.join(device)
-    results, todo = _plan(run, analysis, run.select_checkpoints(checkpoints), world, shard, force)
+    try:
+        selected = run.select_checkpoints(checkpoints)
+    except LandscapeError:  # a training into the run (--overwrite) may have removed them: say that instead
+        from landscape.io import RunLock
+
+        RunLock(run.root, shared=True).release()  # refused, naming the training, while one holds the run
+        raise
+    results, todo = _plan(run, analysis, selected, world, shard, force)
     if not todo:
         if results is not None:
             analysis.finish(run, results)

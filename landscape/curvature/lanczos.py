@@ -47,11 +47,11 @@ MAX_RESTARTS = 4
 still finds one after the last makes the result not converged."""
 
 
-def rounding(dtype: torch.dtype, units: int = 256) -> float:
+def rounding(dtype: torch.dtype) -> float:
     """The relative size below which a product's residual in ``dtype`` is taken for rounding, not a direction
-    (``units`` units of rounding; a float32 Hessian-vector product of a 2-block ViT is off by about 6 of them from
-    the float64 one, of an MLP by 2)."""
-    return units * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    (256 units of rounding; a float32 Hessian-vector product of a 2-block ViT is off by about 6 of them from the
+    float64 one, of an MLP by 2)."""
+    return 256 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
 # -- extreme eigenvalues ------------------------------------------------------------------------------------------

@@ -420,7 +420,10 @@ class LossFunction:
                     f"None of the parameters matching {self.pattern!r} influences the loss on the evaluation set."
                 )
             self.skipped = unused
-        else:
+        else:  # every parameter moves (a surface): still none may be read around its attribute
+            if data_parallel is None:
+                reached = self._reached_parameters({n: p.detach() for n, p in selected.items()}, batches=1)
+                self._check_unswapped(selected, [n for n in selected if n not in reached])
             self.skipped = []
         self.frozen = [n for n, p in canonical.items() if not p.requires_grad]
         self.left_out = {n: canonical[n].numel() for n in self.frozen + self.skipped}
@@ -515,15 +518,17 @@ class LossFunction:
                         "forward use the parameter attribute itself.")
                 break
 
-    def _reached_parameters(self, variables: dict[str, Tensor]) -> set[str]:
+    def _reached_parameters(self, variables: dict[str, Tensor], batches: int | None = None) -> set[str]:
+        """The names of ``variables`` the loss reaches through ``functional_call`` on the evaluation set (on its
+        first ``batches`` batches only, when given)."""
         leaves = {n: t.clone().requires_grad_(True) for n, t in variables.items()}
         reached: set[str] = set()
         with evaluation_mode(self.model), torch.enable_grad():
-            for _, x, y in self.weighted_batches():
+            for i, (_, x, y) in enumerate(self.weighted_batches()):
                 loss = self.batch_loss(leaves, x, y)
                 grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
                 reached.update(n for n, g in zip(leaves, grads) if g is not None)
-                if len(reached) == len(leaves):
+                if len(reached) == len(leaves) or (batches is not None and i + 1 >= batches):
                     break
         if self.data_parallel is not None:  # reached on any process's slice is reached on the whole set
             mask = self.all_reduce(torch.tensor([float(n in reached) for n in leaves], device=self.device))

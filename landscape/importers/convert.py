@@ -283,8 +283,7 @@ def import_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LandscapeError(f"{out} already exists; choose a new --out directory for the imported run.")
-    if not out.exists():
-        check_run_name(out)
+    check_run_name(out)
     if data is not None:
         _check_dataset(data)
     model_args = check_model_args(model_args)

@@ -162,7 +162,7 @@ def _train(config, out, dist, device, *, resume, overwrite, data_dir, progress, 
     torch.manual_seed(config.seed)  # the initial weights depend on the seed alone
     model = _create_model(config.model.name, config.model.kwargs)
     mae = _check_task(config, model)
-    if not mae and not resume:
+    if not resume:
         check_model_fits_data(config, config.model.kwargs, data_dir)
     # The mixture-of-experts layers of an mLiT leave a load-balancing loss after every forward.
     has_moe = any(isinstance(m, MixtureOfSwiGLUExperts) for m in model.modules())
@@ -560,8 +560,8 @@ def check_config(config: TrainConfig) -> None:
     kwargs = resolve_model_kwargs(config, info)
     with torch.device("meta"):
         model = _create_model(config.model.name, kwargs)
-    if not _check_task(config, model):
-        check_model_fits_data(config, kwargs)
+    _check_task(config, model)
+    check_model_fits_data(config, kwargs)
 
 
 def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=None) -> None:
@@ -591,27 +591,35 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
 
 
 def _check_forward(config: TrainConfig, kwargs: dict[str, Any], info) -> None:
-    """One forward pass of the model on the meta device (no memory, no arithmetic) with a batch of the data's
-    shape (``info``: the data's :class:`~landscape.data.DatasetInfo`): what the arguments leave to the model's name
+    """One forward pass of the model on the meta device (no memory, no arithmetic; on the CPU with one image where
+    the meta device cannot run an operation) with a batch of the data's shape (``info``: the data's :class:`~landscape.data.DatasetInfo`): what the arguments leave to the model's name
     (``vit_small_patch16_224``'s patch of 16 on 8x8 digits) fails here in one sentence, not in the first step."""
     side = config.data.img_size or info.img_size
-    try:
-        with torch.device("meta"):  # the arguments were checked by building the model already
-            model = create_model(config.model.name, **kwargs)
-            with torch.no_grad():
-                model.eval()(torch.empty(1, info.in_chans, side, side))
-    except LandscapeError:
-        raise
-    except Exception as e:  # noqa: BLE001  (timm asserts, convolutions refuse, shapes do not multiply)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if isinstance(e, NotImplementedError) or "meta" in str(e).lower():
-            return  # an operation the meta device cannot run (an mLiT's routing): the first step will tell
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) if "model" in locals() else None
-        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-        hint = (f"its patch of {patch} is larger than the images; give --model-arg patch_size={max(1, side // 4)}"
-                if isinstance(patch, int) and patch > side else "give model arguments that fit them")
-        raise ConfigError(f"{config.model.name} cannot take the {info.in_chans}-channel {side}x{side} images of "
-                          f"{config.data.name} ({reason[:200]}); {hint}, or another --img-size.") from None
+    model = None
+    for device in ("meta", "cpu"):  # on the CPU, one image, only where the meta device cannot run an operation
+        try:
+            with torch.device(device):  # the arguments were checked by building the model already
+                model = create_model(config.model.name, **kwargs)
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, info.in_chans, side, side))
+            return
+        except LandscapeError:
+            raise
+        except Exception as e:  # noqa: BLE001  (timm asserts, convolutions refuse, shapes do not multiply)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if device == "meta" and (isinstance(e, NotImplementedError) or "meta" in str(e).lower()):
+                continue  # an operation the meta device cannot run (an MAE's masking, an mLiT's routing)
+            break
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", getattr(model, "patch_size", None))
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if isinstance(patch, int) and patch > side:
+        hint = f"its patch of {patch} is larger than the images; give --model-arg patch_size={max(1, side // 4)}"
+    elif isinstance(patch, int) and side % patch:  # a masked autoencoder cuts the images into whole patches
+        hint = f"its patch of {patch} does not divide the images; give a --model-arg patch_size that divides {side}"
+    else:
+        hint = "give model arguments that fit them"
+    raise ConfigError(f"{config.model.name} cannot take the {info.in_chans}-channel {side}x{side} images of "
+                      f"{config.data.name} ({reason[:200]}); {hint}, or another --img-size.")
 
 
 def _square_side(size: Any) -> int | None:

@@ -99,6 +99,10 @@ def build_config(
     if not isinstance(overrides, dict):
         overrides = dict(parse_override(text) for text in overrides)
     layers = apply_overrides(layers, {resolve_key(k): v for k, v in overrides.items()})
+    recorded = [k for k in ("extended_from", "extended_at") if layers.get(k) is not None]
+    if recorded:  # a new run's config: one recorded as extended would take --extend-to of its total as a resume
+        raise ConfigError(f"{recorded[0]} is a record --resume RUN --extend-to N writes, not a setting; leave it out "
+                          "of the recipe, --set and the study's overrides.")
     if isinstance(layers.get("amp"), bool):  # YAML reads a bare off/on as a boolean
         layers["amp"] = "auto" if layers["amp"] else "off"
     return validate(coerce_types(from_dict(TrainConfig, layers)))
