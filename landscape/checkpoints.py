@@ -341,8 +341,15 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     )
     if missing or unexpected or mismatched:
         raise CheckpointError(describe_key_mismatch(source, missing, unexpected, mismatched))
-    kinds = [k for k in own if own[k].is_floating_point() and not state_dict[k].is_floating_point()]
-    if kinds:  # integers, booleans or complex numbers, which loading would cast without a word
+    check_real_weights(state_dict, [k for k in own if own[k].is_floating_point()], source=source)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_real_weights(state_dict: dict[str, torch.Tensor], names: list[str], *, source: str) -> None:
+    """Refuse tensors of ``names`` (those the model holds in floating point) that ``state_dict`` holds as
+    integers, booleans or complex numbers, which loading would cast without a word."""
+    kinds = [k for k in names if k in state_dict and not state_dict[k].is_floating_point()]
+    if kinds:
         dtype = state_dict[kinds[0]].dtype
         raise CheckpointError(
             f"The weights in {source} hold {kinds[0]} as {str(dtype).removeprefix('torch.')}"
@@ -350,7 +357,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
             "model takes real floating-point values" + (", so loading would drop the imaginary part" if
                                                          dtype.is_complex else "") +
             "; give a checkpoint of floating-point weights.")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def describe_key_mismatch(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:

@@ -169,10 +169,11 @@ def _count(n: int, noun: str) -> str:
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """Print dicts as an aligned plain-text table."""
+    """Print dicts as an aligned plain-text table: ``columns``, or every key of the rows in the order first seen
+    (a note only some rows carry, such as "worst case still rising", is a column)."""
     if not rows:
         return
-    columns = columns or list(rows[0])
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
     cells = [[str(c) for c in columns]] + [[_fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     for n, row in enumerate(cells):

@@ -331,6 +331,7 @@ def generalization_gap(results: Sequence[RunResults], styles: dict[str, VariantS
     ax.set_xlabel("epoch")
     ax.set_ylabel("generalisation gap (nats)\nvalidation − training loss")
     _figure_legend(fig, [s for s, _ in _by_variant(runs, styles)], markers=False)
+    _caption(fig, "training loss: the mean over each epoch's updates as trained (augmented, label-smoothed)")
     return fig
 
 

@@ -697,7 +697,8 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
         heading("Runs"),
         paragraph("Mean ± standard deviation over seeds. The peak-to-final drop is the best validation top-1 of a run "
                   "minus its final one, in percentage points; the generalisation gap is validation minus training "
-                  "loss at the last epoch."),
+                  "loss at the last epoch, the training loss being the mean over the epoch's updates as trained "
+                  "(augmented, label-smoothed, weights moving), so the gap is a trend, not a clean estimate."),
         _variants_table(data),
     ]
     problems = [c + (" They are left out of the verdicts." if c in unlike.values() else "") for c in caveats(results)]

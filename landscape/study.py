@@ -401,10 +401,12 @@ def check_study(spec: StudySpec) -> None:
         raise ConfigError("The analysis setting preconditioned needs the optimizer state at every checkpoint: add "
                           "save_preconditioner: true to the study's overrides.")
     info = get_dataset_info(configs[0].data.name)
-    if info.name != "synthetic" and info.train_size is not None and spec.analysis.samples > info.train_size:
-        raise ConfigError(f"The analysis setting samples ({spec.analysis.samples}) is more than the {info.train_size} "
-                          f"training examples of {info.name}, from which every analysis takes its examples; give "
-                          f"samples: {info.train_size} or fewer.")
+    trained = min(n for n in (info.train_size, *(c.data.train_size for c in configs)) if n is not None) \
+        if info.train_size is not None else None  # the analyses take their examples among those trained on
+    if info.name != "synthetic" and trained is not None and spec.analysis.samples > trained:
+        raise ConfigError(f"The analysis setting samples ({spec.analysis.samples}) is more than the {trained} "
+                          f"training images of {info.name} the runs train on, among which every analysis takes its "
+                          f"examples; give samples: {trained} or fewer.")
     described = {}
     for variant, config in zip(spec.variants, configs):
         kwargs = resolve_model_kwargs(config, info)

@@ -124,6 +124,16 @@ def gather_results(run: Run) -> list[Result]:
             if odd:
                 raise LandscapeError(f"{path} has {odd[0]!r} over {tuple(ds[odd[0]].dims)}, which no {kind} results "
                                      "file holds; delete it or recompute it with --force.")
+            unreal = [name for name in shapes if name in ds.variables and ds[name].dtype.kind not in "fiub"]
+            if unreal:  # text, complex numbers or objects where the readers take real numbers
+                held = "text" if ds[unreal[0]].dtype.kind in "USO" else str(ds[unreal[0]].dtype)
+                raise LandscapeError(f"{path} holds {unreal[0]!r} as {held}, not as real numbers, which no results "
+                                     "file does; delete it or recompute it with --force.")
+            empty = [d for name in shapes if name in ds.variables for d in ds[name].dims
+                     if d != "checkpoint" and ds.sizes[d] == 0]
+            if empty:  # a grid, a list of radii or of eigenvalues with no entry: nothing any analysis writes
+                raise LandscapeError(f"{path} has no entries along {empty[0]!r}, which no {kind} results file has; "
+                                     "delete it or recompute it with --force.")
             out.append(Result(path=path, kind=kind, settings=read_settings(ds), dataset=ds))
     return out
 
@@ -279,6 +289,10 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
                             f"training); its final top-1 and peak-to-final drop are epoch {final}'s.")
     variant = describe_variant(config, run.name)
     if infos:
+        try:  # its parameters and top-1 are read from the last checkpoint's header
+            run.check_checkpoint_model(infos[-1])
+        except LandscapeError as e:
+            problems.append(str(e))
         num_params, final_step = infos[-1].num_params, infos[-1].step
     else:  # results kept without their checkpoints (a committed study): read both from what was kept
         num_params, final_step = _whole_model_parameters(results), _last_step(run)

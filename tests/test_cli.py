@@ -9,6 +9,17 @@ from landscape.checkpoints import save_checkpoint
 from landscape.cli import cli
 
 
+def test_a_table_shows_a_note_that_only_a_later_row_carries(capsys):
+    # the columns came from the first row: "worst case still rising: raise --steps" on the second never showed
+    from landscape.cli import print_table
+
+    print_table([{"rho": 0.01, "worst_case": 0.0128}, {"rho": 0.05, "worst_case": 0.1436,
+                                                        "note": "worst case still rising: raise --steps"}])
+    header, rule, first, second = capsys.readouterr().out.splitlines()
+    assert header.split() == ["rho", "worst_case", "note"]
+    assert second.endswith("worst case still rising: raise --steps") and first.split() == ["0.01", "0.0128"]
+
+
 def test_help_lists_commands():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0

@@ -642,6 +642,29 @@ def test_analysis_subset_larger_than_the_split_is_the_whole_split():
         D.analysis_subset("digits", 0)
 
 
+def test_the_evaluation_set_of_a_run_trained_on_a_subset_is_drawn_from_that_subset_at_every_seed(tmp_path):
+    # at --seed 1, 252 of 256 "training" images were images the run never trained on
+    from landscape.analyses.evaluation import analysis_data_for_run
+    from landscape.runs import Run
+    from landscape.trainers.batches import fixed_subset
+
+    from landscape.data.transforms import to_eval_tensor
+    from landscape.errors import LandscapeError
+
+    images = D.load_arrays("digits", "train")[0]
+    trained = {row.numpy().tobytes() for row in to_eval_tensor(images[fixed_subset(len(images), 100)], "digits")}
+    run = Run.create(tmp_path / "run")
+    run.save_config({"data": {"name": "digits", "train_size": 100}, "model": {"name": "vit_tiny_patch16_224"}})
+    for seed in (0, 1, 7):
+        x, _ = analysis_data_for_run(run, 64, seed=seed)
+        assert all(row.numpy().tobytes() in trained for row in x), seed  # every one was trained on
+        plain, _ = D.analysis_subset("digits", 64, seed=seed)
+        assert torch.equal(x, plain) == (seed == 0)  # at seed 0 the set it always was
+    with pytest.raises(LandscapeError, match="--samples 101 is more than the 100 training images the run trained "
+                                             r"on \(data.train_size\)"):
+        analysis_data_for_run(run, 101)
+
+
 # -- status ---------------------------------------------------------------------------------------------------
 def test_dataset_status_lists_every_dataset_with_digits_found(monkeypatch, tmp_path):
     monkeypatch.delenv(D.ENV_VAR, raising=False)

@@ -110,6 +110,13 @@ def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_sai
                                check_logits=tmp_path / "check.pt")
     assert any("weights stored in bfloat16: analysed in float32" in n for n in result.notes)
     assert Run.open(tmp_path / "run").load_config()["source"]["weights_dtype"] == "bfloat16"
+    # the logits check takes the source's own inputs: how the analyses normalise the images is said
+    data = Run.open(tmp_path / "run").load_config()["data"]["name"]
+    from landscape.data import get_dataset_info
+
+    mean = get_dataset_info(data).mean[0]
+    assert any(f"the analyses feed {data} images normalised as landscape trains on them (mean {mean:.4g}" in n
+               and "--check-logits takes its own inputs, so it cannot tell" in n for n in result.notes), result.notes
     with pytest.raises(CheckpointError, match=r"allowing for bfloat16 rounding\)"):  # a wrong head count is caught
         import_checkpoint(tmp_path / "bf16.pth", tmp_path / "heads", model_args={"num_heads": 4},
                           check_logits=tmp_path / "check.pt")

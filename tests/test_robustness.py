@@ -127,6 +127,38 @@ def test_resume_without_a_training_state_refuses_and_deletes_nothing(tmp_path):
     assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == before
 
 
+def test_a_training_state_with_damaged_fields_is_refused_before_anything_changes(tmp_path):
+    # a negative step deleted every checkpoint; no rows rewrote metrics.csv without them; others were tracebacks
+    # after config.yaml had been rewritten for the extension; a pipe blocked the resume forever
+    import shutil
+
+    source = tmp_path / "source"
+    trained = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(source), "--no-progress", "--set",
+                                       "data.train_size=64", "--epochs", "1", "--model-arg", "embed_dim=8"])
+    assert trained.exit_code == 0, trained.output
+    state = torch.load(source / "state" / "last.pt", weights_only=True)
+    model = state["model"]
+    for i, (changes, words) in enumerate([({"step": -5}, "its step is -5, not a count"),
+                                          ({"rows": []}, "no metrics rows"),
+                                          ({"config_hash": None}, "no config hash"),
+                                          ({"epoch": "two"}, "its epoch is 'two', not a count"),
+                                          ({"rng": "x"}, "no random-number generator states"),
+                                          ({"model": {k: v.to(torch.complex64) for k, v in model.items()}},
+                                           "model weights that are not real tensors"),
+                                          ({"model": {k: v[..., :1] for k, v in model.items()}},
+                                           "does not fit the run's model and optimizer")]):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(source, run)
+        torch.save({**state, **changes}, run / "state" / "last.pt")
+        kept = {p: p.read_bytes() for p in [run / "config.yaml", run / "metrics.csv", *run.glob("checkpoints/*")]}
+        message = one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run), "--no-progress"]))
+        assert words in message, message
+        assert {p: p.read_bytes() for p in kept} == kept
+    (run / "state" / "last.pt").unlink()
+    os.mkfifo(run / "state" / "last.pt")
+    assert "is a named pipe" in one_sentence(CliRunner().invoke(cli, ["train", "--resume", str(run)]))
+
+
 @pytest.mark.parametrize("args", [["--set", "optim.opt=nosuchopt"], ["--init", "/nonexistent/run"]])
 def test_a_training_refused_by_its_settings_leaves_no_folder(tmp_path, args):
     out = tmp_path / "run"
@@ -656,6 +688,14 @@ def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_no
     odd.to_netcdf(foreign, engine="h5netcdf")
     with pytest.raises(LandscapeError, match=r"has 'worst_case' over \('foo', 'bar'\), which no sharpness"):
         gather_results(run)
+    # no radii, radii as text, complex values: tracebacks in report, figures and compare
+    for rho, worst, message in ((np.zeros(0), np.zeros((1, 0)), "has no entries along 'rho'"),
+                                (np.array(["0.1"]), np.ones((1, 1)), "holds 'rho' as text, not as real numbers"),
+                                (np.array([0.1]), np.ones((1, 1)) + 1j, "holds 'worst_case' as complex128")):
+        xr.Dataset({"worst_case": (("checkpoint", "rho"), worst)}, coords={"rho": rho},
+                   attrs={"analysis": "sharpness", "settings": "{}", "seed": 0}).to_netcdf(foreign, engine="h5netcdf")
+        with pytest.raises(LandscapeError, match=message):
+            gather_results(run)
     foreign.unlink()
 
     info = run.checkpoints()[-1]
@@ -668,6 +708,15 @@ def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_no
                        "--steps", "1", "--draws", "1", "--device", "cpu"])
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "has NaN or infinite raw weights" in done.stderr and "--checkpoints" in done.stderr, done.stderr
+    # the surface skipped both checks: an all-NaN surface with exit 0, a traceback for integer weights
+    surface = ["analyze", "surface", str(run.root), "--checkpoints", "last", "--samples", "8", "--dims", "1",
+               "--points", "3", "--force"]
+    assert "has NaN or infinite raw weights" in one_sentence(CliRunner().invoke(cli, surface))
+    state = {k: v.round().long() if k == next(iter(state)) else v.nan_to_num() for k, v in state.items()}
+    save_checkpoint(info.path, state, model=info.model, model_kwargs=info.model_kwargs, epoch=info.epoch,
+                    step=info.step)
+    message = one_sentence(CliRunner().invoke(cli, surface))
+    assert f"hold {next(iter(state))} as int64, where the model takes real floating-point values" in message, message
 
     (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
     (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
@@ -690,8 +739,8 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
 
     # a layer count or a size the file's tensors cannot hold is refused before timm builds it (depth 10**6 took
     # minutes); the refusal names the setting and what the file holds
-    for changes, words in [({"model_kwargs": {**KWARGS, "depth": 10**6}}, "depth=1000000, more than the"),
-                           ({"model_kwargs": {**KWARGS, "embed_dim": 2**20}}, "embed_dim=1048576, more than the")]:
+    for changes, words in [({"model_kwargs": {**KWARGS, "depth": 10**6}}, "depth=1000000 but"),
+                           ({"model_kwargs": {**KWARGS, "embed_dim": 2**20}}, "embed_dim=1048576 but")]:
         run = make_run(tmp_path / f"sizes{len(words)}", epochs=(1,))
         forge(run, **changes)
         started = time.perf_counter()
@@ -703,6 +752,27 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
     forge(run, model="mlit_xxs")
     message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), *HESSIAN]))
     assert "holds a mlit_xxs but" in message and "trains a vit_tiny_patch16_224" in message, message
+    # another run's checkpoint of the same model name (another depth, or another seed) was measured as this run's
+    import shutil
+
+    from conftest import TINY_VIT, make_tiny_run
+
+    mine = make_tiny_run(tmp_path / "mine", "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    deeper = make_tiny_run(tmp_path / "deeper", "baseline", "vit_pico_patch4_32", {**TINY_VIT, "depth": 1}, 0)
+    last = mine.checkpoints()[-1].path
+    kept = last.read_bytes()
+    shutil.copyfile(deeper.checkpoints()[-1].path, last)
+    message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(mine.root), *HESSIAN]))
+    assert "with depth=1 but" in message and "trains one with depth=2" in message, message
+    last.write_bytes(kept)
+    metrics = mine.metrics_path.read_text().splitlines()  # a same-architecture run's: its losses are not these
+    row = metrics[-1].split(",")
+    column = metrics[0].split(",").index("train_loss")
+    row[column] = repr(float(row[column]) + 0.01)
+    mine.metrics_path.write_text("\n".join(metrics[:-1] + [",".join(row)]) + "\n")
+    message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(mine.root), *HESSIAN]))
+    assert "was saved with train_loss" in message and f"records {float(row[column]):.6g} at its step" in message
+    assert "belongs to another run" in message
 
     # --dry-run checks the names and the model's arguments (built on the meta device), not only the YAML
     for args, words in [(["--model", "nosuch"], "Unknown model 'nosuch'"), (["--data", "nosuch"], "Unknown dataset"),

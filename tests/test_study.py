@@ -312,6 +312,8 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("name: grouped-g2", "name: null"), "name must be text"),
     (("overrides: {epochs: 2,", "overrides: {task: mae, epochs: 2,"), r"pre-trains masked autoencoders \(task: mae\)"),
     (("analysis: {samples: 16,", "analysis: {samples: 5000,"), r"samples \(5000\) is more than the 1437 training"),
+    (("overrides: {epochs: 2,", "overrides: {data.train_size: 10, epochs: 2,"), r"samples \(16\) is more than the 10 "
+                                                                              "training images of digits the runs"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study

@@ -67,13 +67,17 @@ class Job:
 
         self.run.check_checkpoint_model(info)
         _, state = load_checkpoint(info.path, weights=self.settings.weights)
-        broken = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())),
-                      None)
-        if broken is not None:  # a diverged run: no loss, gradient or curvature to measure there
-            raise LandscapeError(f"Checkpoint {info.path} has NaN or infinite {self.settings.weights} weights "
-                                 f"({broken}): the training diverged before it, and nothing can be measured there; "
-                                 "select earlier checkpoints with --checkpoints.")
+        check_finite_weights(info.path, state, self.settings.weights)
         return build_model(info, state).to(device=self.device, dtype=self.dtype)
+
+
+def check_finite_weights(path: Any, state: dict[str, torch.Tensor], weights: str) -> None:
+    """Refuse a checkpoint with NaN or infinite weights: a diverged run has no loss, gradient or curvature there."""
+    broken = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if broken is not None:
+        raise LandscapeError(f"Checkpoint {path} has NaN or infinite {weights} weights ({broken}): the training "
+                             "diverged before it, and nothing can be measured there; select earlier checkpoints with "
+                             "--checkpoints.")
 
 
 class Analysis:

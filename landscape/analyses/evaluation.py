@@ -28,7 +28,8 @@ def analysis_data_for_run(
     img_size: int | None = None,
     classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The fixed evaluation set of a run: ``samples`` examples of its dataset, seeded, in a fixed order.
+    """The fixed evaluation set of a run: ``samples`` examples of its dataset, seeded, in a fixed order; of the
+    training split, only among the images the run trained on when it trained on a subset (``data.train_size``).
 
     The dataset (name, image size, synthetic options) comes from the run's ``config.yaml`` (``data.name``,
     ``data.img_size``, ``data.options``) unless ``dataset`` / ``img_size`` / ``classes`` are given; synthetic data
@@ -48,10 +49,15 @@ def analysis_data_for_run(
     check_data_record(run.load_data_record(), name, split, where=str(run.root), data_dir=data_dir, **options)
     if name == "synthetic":
         options.setdefault("count", max(samples, 1024))
-    x, y = analysis_subset(name, samples, seed=seed, split=split, data_dir=data_dir, img_size=img_size, **options)
+    trained = (run.load_config().get("data") or {})
+    within = trained.get("train_size") if split == "train" and name == trained.get("name") and name != "synthetic" \
+        and isinstance(trained.get("train_size"), int) else None  # the images the run trained on, at any seed
+    x, y = analysis_subset(name, samples, seed=seed, split=split, data_dir=data_dir, img_size=img_size,
+                           within=within, **options)
     if len(y) < samples:  # a smaller set than asked for would be recorded under the larger number
-        raise LandscapeError(f"--samples {samples} is more than the {len(y)} examples of the {split} split of "
-                             f"{name}; give --samples {len(y)} or fewer.")
+        of = (f"the {len(y)} training images the run trained on (data.train_size)" if within is not None
+              and within == len(y) else f"the {len(y)} examples of the {split} split of {name}")
+        raise LandscapeError(f"--samples {samples} is more than {of}; give --samples {len(y)} or fewer.")
     if facts["model_classes"] is not None and len(y) and int(y.max()) >= facts["model_classes"]:
         raise LandscapeError(f"{name} has labels up to {int(y.max())}, but the model predicts "
                              f"{facts['model_classes']} classes; give a dataset of {facts['model_classes']} classes "

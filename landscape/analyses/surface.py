@@ -572,11 +572,14 @@ def _load_weights(path: Path, weights: str, shapes: dict[str, tuple[int, ...]], 
     Fresh copies have their own contiguous storage, so a checkpoint evaluated as a grid point runs through
     exactly the same kernels as the same checkpoint loaded into a model.
     """
-    from landscape.checkpoints import load_checkpoint
+    from landscape.analyses.driver import check_finite_weights
+    from landscape.checkpoints import check_real_weights, load_checkpoint
 
     _, state = load_checkpoint(path, weights=weights)
     check_same_parameters({n: torch.empty(s, device="meta") for n, s in shapes.items()},
                           {n: state[n] for n in shapes if n in state}, what=f"Checkpoint {path}")
+    check_real_weights(state, list(shapes), source=str(path))  # the others check these as they build the model
+    check_finite_weights(path, {n: state[n] for n in [*shapes, *buffers] if n in state}, weights)
 
     def fresh(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)

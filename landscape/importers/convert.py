@@ -128,6 +128,16 @@ def import_data_config(spec: ModelSpec, data: str | None, img_size: int | None, 
     config: dict[str, Any] = {"name": name, "img_size": size}
     if options:
         config["options"] = options
+    if name != "synthetic":  # the source's own statistics are not in the file: a model trained on others is
+        from landscape.data import get_dataset_info  # measured off the inputs it learned
+
+        info = get_dataset_info(name)
+        if info.mean and info.std:
+            stats = lambda values: ", ".join(f"{v:.4g}" for v in values)  # noqa: E731
+            notes.append(f"the analyses feed {name} images normalised as landscape trains on them (mean "
+                         f"{stats(info.mean)}, std {stats(info.std)}); a model trained on other statistics (e.g. mean "
+                         "0.5, std 0.5) is measured on inputs unlike its own (--check-logits takes its own inputs, "
+                         "so it cannot tell)")
     return config, notes
 
 

@@ -68,13 +68,18 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any], *, schedule: bool = True) -> None:
         """Continue from a saved state; ``schedule=False`` keeps the scheduler as built (a schedule recomputed
         for a new total). The random-number generators are restored separately, per process."""
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and schedule:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and schedule:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"The training state does not fit the run's model and optimizer ({reason}); "
+                                  "restore state/last.pt, or start the run again with --overwrite.") from None
         self.step, self.epoch, self.next_update = state["step"], state["epoch"], state["next_update"]
         self.rows, self.elapsed = list(state["rows"]), float(state["elapsed"])
 
@@ -149,13 +154,17 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     """Put the generators back in the states :func:`capture_rng` returned."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"The training state's random-number generator states are damaged ({type(e).__name__}); "
+                              "restore state/last.pt, or start the run again with --overwrite.") from None
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -176,10 +185,44 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     """Read a training state without running code from the file."""
+    from landscape.io import refuse_special
+
+    refuse_special(path, "a training state", error=CheckpointError)  # a pipe blocked the resume forever
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle: one message for all
         raise CheckpointError(f"{path} is not a readable training state ({e.__class__.__name__}).") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a landscape training state (expected format {FORMAT}).")
+    problem = _state_problem(state)
+    if problem:  # a resume from it would fail half-way, or delete the checkpoints past a wrong step
+        raise CheckpointError(f"{path} is damaged ({problem}); restore it, or start the run again with --overwrite.")
     return state
+
+
+def _state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a training state, or ``None``."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(state.get("config_hash"), str):
+        return "no config hash"
+    for key in ("step", "epoch", "next_update"):
+        if not count(state.get(key)):
+            return f"its {key} is {state.get(key)!r}, not a count"
+    rows = state.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return "no metrics rows"
+    steps = [r.get("step") for r in rows]
+    if not all(count(v) for v in steps) or steps != sorted(steps) or steps[-1] > state["step"]:
+        return "its metrics rows do not lead up to its step"
+    if not isinstance(state.get("elapsed"), (int, float)) or isinstance(state.get("elapsed"), bool):
+        return "no elapsed time"
+    for key in ("model", "optimizer", "scaler"):
+        if not isinstance(state.get(key), dict):
+            return f"no {key} state"
+    if not all(isinstance(t, torch.Tensor) and not t.is_complex() for t in state["model"].values()):
+        return "model weights that are not real tensors"
+    if not isinstance(state.get("rng"), list) or not all(isinstance(r, dict) for r in state["rng"]):
+        return "no random-number generator states"
+    return None
