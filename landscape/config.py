@@ -76,6 +76,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     refuse_special(path, "a config file", error=ConfigError)
     try:
         with open(path) as f:
+            if os.fstat(f.fileno()).st_size > YAML_BYTES:  # parsing 100 MB took minutes
+                raise ConfigError(f"Config file {path} holds {os.fstat(f.fileno()).st_size / 2 ** 20:.0f} MB; a config "
+                                  "is a few kilobytes, so this one is not a config (or is damaged).")
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
@@ -93,6 +96,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+YAML_BYTES = 1 << 20
+"""The largest config, recipe or run settings file read (they are a few kilobytes)."""
 YAML_VALUES = 1_000_000
 """The most values a YAML file read by :func:`load_yaml` may expand to, its aliases counted at every use."""
 

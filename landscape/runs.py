@@ -126,6 +126,7 @@ class Run:
     # -- config ----------------------------------------------------------------------------------------------
     def load_config(self) -> dict[str, Any]:
         if not self.config_path.exists():
+            _refuse_dangling(self.config_path)
             return {}
         config = load_yaml(self.config_path)
         if not config:  # an emptied file: read as defaults, it would describe another run than the one trained
@@ -246,6 +247,7 @@ class Run:
         import pandas as pd
 
         if not self.metrics_path.exists():
+            _refuse_dangling(self.metrics_path)
             return pd.DataFrame()
         from landscape.io import refuse_special
 
@@ -274,6 +276,13 @@ class Run:
             values = table[column].to_numpy(dtype=float) if column in table else np.array([])
             if np.any(np.abs(values[np.isfinite(values)]) >= 2.0 ** 63):
                 raise CheckpointError(f"{damaged} (its {column} column holds a count no run reaches); {advice}.")
+        if "step" in table:  # one training writes one row per evaluation: a second one of other values is not its
+            table = table.drop_duplicates()
+            twice = table[table.duplicated(subset=["epoch", "step"], keep=False)].dropna(subset=["epoch", "step"])
+            if len(twice):
+                epoch, step = twice.iloc[0][["epoch", "step"]]
+                raise CheckpointError(f"{damaged} (epoch {epoch:g}, step {step:g} appears in two rows of other "
+                                      f"values); {advice}.")
         return table
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
@@ -429,6 +438,15 @@ def _csv_layout_problem(path: Path) -> str | None:
     return None
 
 
+def _refuse_dangling(path: Path) -> None:
+    """Refuse a run file that is a symbolic link to nowhere (a loop, a missing target): read as absent, the run
+    would be described without it, silently."""
+    from landscape.io import dangling
+
+    if dangling(path):
+        raise CheckpointError(f"{path} is there but cannot be read{dangling(path)}; restore it or remove the link.")
+
+
 def check_run_config(config: dict[str, Any], path: Any) -> None:
     """Refuse a run's config.yaml whose sections or counts have the wrong type: every reader would fail on it later
     in its own way (or, for counts, write what no results file can hold)."""
@@ -436,6 +454,10 @@ def check_run_config(config: dict[str, Any], path: Any) -> None:
         if section in config and config[section] is not None and not isinstance(config[section], dict):
             raise LandscapeError(f"{path} is damaged: its {section} section is {config[section]!r}, not a mapping of "
                                  "settings; restore it from another run's config.yaml or train the run again.")
+    kwargs = (config.get("model") or {}).get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise LandscapeError(f"{path} is damaged: its model.kwargs is {kwargs!r}, not a mapping of arguments; restore "
+                             "it from another run's config.yaml or train the run again.")
     for key in ("seed", "epochs", "batch_size"):
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not

@@ -267,7 +267,7 @@ def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:
     results = gather_results(run)
     dynamics = next((r.dataset for r in results if r.kind == "dynamics"), None)
     problems = []
-    if run.metrics_path.exists():
+    if run.metrics_path.exists() or run.metrics_path.is_symlink():  # a link to nowhere is refused, not skipped
         try:
             current = run_dynamics(run)
         except LandscapeError as e:  # the run's other results still count; the gap is said, not hidden

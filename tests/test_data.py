@@ -253,7 +253,10 @@ def test_idx_header_gives_sizes_without_reading_the_data(tmp_path):
     "damage, message",
     [
         (lambda blob: blob[: len(blob) // 2], "could not be read as an IDX file"),  # truncated gzip stream
-        (lambda blob: gzip.compress(gzip.decompress(blob)[:-5]), "bytes of data where its IDX header announces"),
+        (lambda blob: gzip.compress(gzip.decompress(blob)[:-5]), r"holds \d+ bytes where its IDX header announces"),
+        # a small file expanding to far more than announced (a gzip bomb) is read no further than that
+        (lambda blob: gzip.compress(gzip.decompress(blob) + bytes(50 << 20)), "holds more than that where its IDX "
+                                                                              "header announces"),
         (lambda blob: gzip.compress(b"\x00\x00\x0d\x03" + gzip.decompress(blob)[4:]), "magic number 00000d03"),
         (lambda blob: b"not gzip at all", "could not be read as an IDX file"),
     ],

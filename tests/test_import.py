@@ -580,6 +580,23 @@ def test_non_vit_hf_config_is_refused(tmp_path):
         read_foreign_checkpoint(tmp_path / "hf")
 
 
+def test_a_model_folder_with_a_damaged_index_or_a_pipe_for_a_config_is_one_sentence(tmp_path):
+    # a weight_map that is a list or names no files was a TypeError / AttributeError traceback; a config.json
+    # that is a pipe blocked the import forever
+    for i, weight_map in enumerate((["a"], {"a": 1, "b": "x"})):
+        folder = tmp_path / f"index{i}"
+        folder.mkdir()
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+            read_foreign_checkpoint(folder)
+    source = tiny_hf(layer_norm_eps=1e-6)
+    source.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").unlink()
+    os.mkfifo(tmp_path / "hf" / "config.json")
+    with pytest.raises(CheckpointError, match="config.json is a named pipe"):
+        read_foreign_checkpoint(tmp_path / "hf")
+
+
 # -- architecture recovery rules -------------------------------------------------------------------------------
 @pytest.mark.parametrize("width, heads", [(64, 2), (192, 3), (384, 6), (768, 12), (1024, 16), (320, 5), (160, 5)])
 def test_num_heads_follow_the_stated_rule(width, heads):

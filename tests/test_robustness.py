@@ -661,10 +661,16 @@ def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_no
     for text, sentence in (
             (good.replace("val_loss", "val_top1", 1), "its column 'val_top1' is named twice"),  # pandas renamed it
             ("\n".join([header, *(r + ",1,2,3" for r in rows)]) + "\n", "line 2 has"),  # pandas shifted columns
-            (good.replace(rows[0].split(",")[3], "1\x002", 1), "holds values that are not numbers")):
+            (good.replace(rows[0].split(",")[3], "1\x002", 1), "holds values that are not numbers"),
+            # the last row's epoch and step again with another top-1: the later row in the file won, silently
+            (good + rows[-1].replace(rows[-1].split(",")[4], "12.0") + "\n", r"epoch 3, step 30 appears in two rows")):
         metrics.write_text(text)
         with pytest.raises(LandscapeError, match=sentence):
             run_dynamics(run)
+    metrics.write_text(good + rows[-1] + "\n")  # the same row twice (a copy) is the row once
+    assert len(run.read_metrics()) == len(rows)
+    metrics.write_text("\n".join([header, *rows[::-1]]) + "\n")  # rows out of order: the epoch's last by step
+    assert list(run_dynamics(run)["epoch"].values) == [1, 2, 3]
     metrics.write_text(good)
     config = run.config_path.read_text()
     for change, sentence in (("model: vit_pico_patch4_32", "its model section is"), ("seed: zero", "its seed is"),
@@ -696,7 +702,40 @@ def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_no
                    attrs={"analysis": "sharpness", "settings": "{}", "seed": 0}).to_netcdf(foreign, engine="h5netcdf")
         with pytest.raises(LandscapeError, match=message):
             gather_results(run)
+    # data kept in another file (HDF5 external storage): a pipe there blocked every reader forever
+    import h5py
+
+    (tmp_path / "elsewhere").write_bytes(bytes(80))
+    with h5py.File(foreign, "w") as f:
+        f.attrs["analysis"] = "sharpness"
+        f.create_dataset("rho", shape=(10,), dtype="f8", external=[(str(tmp_path / "elsewhere"), 0, 80)])
+    with pytest.raises(LandscapeError, match=r"keeps its 'rho' in other files \(HDF5 external storage\)"):
+        gather_results(run)
     foreign.unlink()
+    # a link to nowhere where a results file, the metrics or the config should be was read as absent, silently
+    from landscape.summary import load_run
+
+    for path in (foreign, run.metrics_path, run.config_path):
+        kept = path.read_bytes() if path.exists() else None
+        path.unlink(missing_ok=True)
+        path.symlink_to(path.name + ".gone")
+        if path == run.metrics_path:  # the run's other results still count: said among its problems
+            assert any("is there but cannot be read (a symbolic link to nowhere" in p
+                       for p in load_run(run.root).problems)
+        else:
+            with pytest.raises(LandscapeError, match="is there but cannot be read .a symbolic link to nowhere"):
+                load_run(run.root)
+        path.unlink()
+        if kept is not None:
+            path.write_bytes(kept)
+    text = run.config_path.read_text()  # model.kwargs a list: a TypeError traceback in every reader
+    run.config_path.write_text(text.replace("kwargs:", "kwargs: [1, 2]\n  old_kwargs:", 1))
+    with pytest.raises(LandscapeError, match=r"its model.kwargs is \[1, 2\], not a mapping"):
+        load_run(run.root)
+    run.config_path.write_text("x: " + "a" * (2 << 20))  # 100 MB took minutes to parse
+    with pytest.raises(LandscapeError, match="holds 2 MB; a config is a few kilobytes"):
+        run.load_config()
+    run.config_path.write_text(text)
 
     info = run.checkpoints()[-1]
     _, state = load_checkpoint(info.path)

@@ -39,6 +39,8 @@ def epoch_table(metrics: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = metrics.dropna(subset=["epoch"]).copy()
     rows["epoch"] = rows["epoch"].astype(int)
+    if "step" in rows:  # the last by step, not by the file's order
+        rows = rows.sort_values(["epoch", "step"], kind="stable")
     return rows.groupby("epoch", sort=True).tail(1).set_index("epoch").sort_index()
 
 

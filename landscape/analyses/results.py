@@ -163,18 +163,40 @@ def read_results(path: str | os.PathLike) -> xr.Dataset | None:
     """The Dataset stored at ``path``, loaded into memory (the file is closed again), or ``None`` if absent."""
     from landscape.io import refuse_special
 
+    from landscape.io import dangling
+
     path = Path(path)
     if not path.exists():
+        if dangling(path):  # read as absent, its results would be left out without a word
+            raise LandscapeError(f"{path} is there but cannot be read{dangling(path)}; remove the link, or "
+                                 "recompute the results with landscape analyze ... --force.")
         return None
     refuse_special(path, "an analysis file", advice="delete it")
     try:
+        _refuse_external_storage(path)
         with xr.open_dataset(path, engine=ENGINE) as ds:
             return ds.load()
+    except LandscapeError:
+        raise
     except Exception as e:  # h5py/h5netcdf raise several types for a damaged file
         raise LandscapeError(
             f"{path} is not a readable analysis file ({type(e).__name__}); delete it, or recompute it with "
             "landscape analyze ... --force."
         ) from None
+
+
+def _refuse_external_storage(path: Path) -> None:
+    """Refuse an HDF5 file whose variables keep their data in other files (HDF5 external storage): no analysis
+    writes one, and reading it opens whatever they name (a pipe blocked every reader forever)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found: list[str] = []
+        f.visititems(lambda name, item: found.append(name) if isinstance(item, h5py.Dataset) and item.external
+                     else None)
+    if found:
+        raise LandscapeError(f"{path} keeps its {found[0]!r} in other files (HDF5 external storage), which no "
+                             "analysis writes; delete it, or recompute it with landscape analyze ... --force.")
 
 
 def finished_checkpoints(path: str | os.PathLike) -> list[str]:

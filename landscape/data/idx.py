@@ -66,6 +66,10 @@ def _idx_header(data: bytes, path: Path) -> tuple[tuple[int, ...], int]:
     return struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]), 4 + 4 * ndim
 
 
+MAX_IDX_BYTES = 4 << 30
+"""The most data an IDX file may announce (MNIST's training images are 47 MB, EMNIST's largest 550 MB)."""
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (gzip-compressed when its name ends in ``.gz``) as a ``uint8`` array of its declared shape.
 
@@ -74,17 +78,22 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with _open_idx(path) as f:
-            data = f.read()
+        with _open_idx(path) as f:  # no more than the header announces (and one byte to tell an over-long file):
+            data = f.read(4)        # a small gzip file can expand to gigabytes
+            if len(data) == 4 and 1 <= data[3] <= 4:
+                data += f.read(4 * data[3])
+            dims, offset = _idx_header(data, path)
+            expected = int(np.prod(dims, dtype=np.int64))
+            if expected > MAX_IDX_BYTES:
+                raise DataError(f"{path} announces {expected:,} bytes of data (shape {'x'.join(map(str, dims))}), more "
+                                "than any IDX dataset holds; the file is corrupt.")
+            data += f.read(expected + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path} could not be read as an IDX file ({e.__class__.__name__}: {e}).") from None
-    dims, offset = _idx_header(data, path)
-    expected = int(np.prod(dims))
     if len(data) - offset != expected:
-        raise DataError(
-            f"{path} holds {len(data) - offset} bytes of data where its IDX header announces {expected} "
-            f"(shape {'x'.join(map(str, dims))}); the file is truncated or corrupt."
-        )
+        held = "more than that" if len(data) - offset > expected else f"{len(data) - offset} bytes"
+        raise DataError(f"{path} holds {held} where its IDX header announces {expected} bytes of data (shape "
+                        f"{'x'.join(map(str, dims))}); the file is truncated or corrupt.")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 

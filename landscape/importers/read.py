@@ -288,7 +288,10 @@ def _model_dir_files(path: Path) -> tuple[Path | None, Path | None]:
 
 def _read_sharded(index_file: Path) -> StateDict:
     index = _load_json(index_file)
-    shards = sorted(set((index.get("weight_map") or {}).values()))
+    weight_map = index.get("weight_map") or {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index_file}'s weight_map must map tensor names to shard file names.")
+    shards = sorted(set(weight_map.values()))
     if not shards:
         raise CheckpointError(f"{index_file} lists no weight shards.")
     state: StateDict = {}
@@ -301,6 +304,9 @@ def _read_sharded(index_file: Path) -> StateDict:
 
 
 def _load_json(path: Path) -> dict:
+    from landscape.io import refuse_special
+
+    refuse_special(path, "a JSON file", error=CheckpointError)  # a pipe blocked the import forever
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
