@@ -711,6 +711,9 @@ def import_command(source: Path, out: Path, format_: str | None, model: str | No
         click.echo("read: " + ", ".join(read))
     if guessed:
         click.echo("guessed: " + ", ".join(guessed) + " (see the notes)")
+    confirmed = [k for k, f in result.facts.items() if f.get("how") == "confirmed"]
+    if confirmed:
+        click.echo("guessed, then confirmed by the logits: " + ", ".join(confirmed))
     for note in result.notes:
         click.echo(f"note: {note}")
 

@@ -789,6 +789,16 @@ def test_average_pooling_without_fc_norm_is_a_stated_guess_that_check_logits_cat
     assert result.exit_code == 0, result.output
     assert "logits verified" in result.output
     assert_same_logits(source, tmp_path / "run", x)
+    # a guess the logits check passes is recorded as confirmed; the note no longer asks for the check just made
+    token = tiny_timm()
+    torch.save(token.state_dict(), tmp_path / "token.pth")
+    torch.save({"input": x, "logits": logits(token, x)}, tmp_path / "token.pt")
+    confirmed = import_checkpoint(tmp_path / "token.pth", tmp_path / "confirmed", model_args={"num_heads": 2},
+                                  check_logits=tmp_path / "token.pt")
+    assert confirmed.facts["global_pool"]["how"] == "confirmed"
+    assert Run.open(tmp_path / "confirmed").load_config()["source"]["architecture"]["global_pool"]["how"] == "confirmed"
+    assert not any("--check-logits FILE to verify" in n for n in confirmed.notes)
+    assert any("global_pool='token' guessed" in n and "confirmed by the logits check" in n for n in confirmed.notes)
 
 
 def test_reference_logits_stored_in_the_checkpoint_are_verified(tmp_path, x):

@@ -338,6 +338,12 @@ def import_checkpoint(
                      f"over {check['inputs']} inputs" + ("; but every reference logit is about 0 (a zero-initialised "
                                                          "head?), so the check cannot tell models apart"
                                                          if check["largest"] < TRIVIAL_LOGITS else ""))
+    confirmed = [c for c in checks if c["largest"] >= TRIVIAL_LOGITS]
+    if confirmed:  # the logits settle what the weights left open: the guesses stand confirmed, not guessed
+        for fact in spec.facts.values():
+            if fact.get("how") == "guessed":
+                fact.update(how="confirmed", by=confirmed[0]["against"])
+        notes = [n.replace(", or --check-logits FILE to verify", "; confirmed by the logits check") for n in notes]
     if not checks and not foreign.hints.get("arch"):  # nothing stated the network and nothing checked it
         notes.append("activation and norm taken to be timm's exact GELU and LayerNorm (the weights cannot tell "
                      "them); --check-logits FILE verifies the import")
