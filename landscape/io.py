@@ -366,6 +366,9 @@ def _flock_holders(lock_path: Path) -> list[int]:
 
 def _holder(lock_path: Path) -> str:
     pids = _flock_holders(lock_path)
+    if pids and not any(_alive(p) for p in pids):  # its forked workers (a DataLoader's) hold it for a few seconds
+        return (f"the worker processes of a landscape process that has just ended (pid {pids[0]}), which end within "
+                "seconds")
     if not pids:  # no /proc/locks (or a file system it does not list): the pids the holders wrote
         try:
             pids = _lock_pids(lock_path.read_text(errors="replace"))

@@ -605,18 +605,29 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
     The study is checked before anything trains (:func:`check_study`). Beside the runs go ``OUT/study.yaml`` (the
     resolved study, every default filled in), ``OUT/timings.csv`` (each stage's seconds: summed over the runs for
     training and the analyses, wall time for the whole) and ``OUT/environment.yaml`` (the machine, the library
-    versions, ``jobs`` and ``threads``, and ``command`` when given).
+    versions, ``jobs`` and ``threads``, and ``command`` when given). A second study in ``OUT`` at the same time is
+    refused in one sentence before it writes anything (it rewrote ``study.yaml`` under the first one's results).
     """
+    from landscape.io import check_run_name, folder_lock
+
+    check_run_name(out)  # each run's folder would be refused, but only after the study's record is written
+    with folder_lock(out, "running a study in"):
+        return _run_study(spec, Path(out), jobs=jobs, threads=threads, data_dir=data_dir, on_event=on_event,
+                          figures_out=figures_out, force=force, formats=formats, command=command, progress=progress)
+
+
+def _run_study(spec: StudySpec, out: Path, *, jobs: int, threads: int, data_dir, on_event: Emit | None,
+               figures_out: str | os.PathLike | None, force: bool, formats: Sequence[str], command: str | None,
+               progress: bool) -> StudyOutcome:
+    """:func:`run_study` in ``out``, whose lock the caller holds."""
     emit = on_event or (lambda e: None)
     start = time.perf_counter()
     context = _process_context() if jobs > 1 else None  # the workers' imports start now, beside this process's
     from landscape.figures import write_figures
-    from landscape.io import check_run_name, figures_folder, make_dirs
+    from landscape.io import figures_folder, make_dirs
     from landscape.report import write_report
     from landscape.summary import load_results
 
-    out = Path(out)
-    check_run_name(out)  # each run's folder would be refused, but only after the study's record is written
     runs_dir = out / "runs"
     configs = [(train_config(spec, v, s), runs_dir / name) for v, s, name in spec.run_names()]  # fail early
     check_study(spec)

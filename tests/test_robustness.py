@@ -118,6 +118,19 @@ def test_a_refusal_names_the_live_holders_of_a_shared_lock_not_one_that_left(tmp
         long.wait()
 
 
+def test_a_lock_left_to_the_forked_workers_of_an_ended_process_says_so(tmp_path):
+    # a killed training's DataLoader workers hold its lock a few seconds: the refusal named the dead trainer, to
+    # "wait for or stop" a process that no longer existed
+    from landscape.errors import LandscapeError
+
+    code = (f"import os, time; from landscape.io import RunLock; lock = RunLock({str(tmp_path)!r}); "
+            "pid = os.fork(); time.sleep(10) if pid == 0 else None; os._exit(0)")  # the worker ends by itself
+    subprocess.run([sys.executable, "-c", code], timeout=60)
+    with pytest.raises(LandscapeError, match="in use by the worker processes of a landscape process that has just "
+                                             "ended"):
+        RunLock(tmp_path, shared=True)
+
+
 # -- folders left by failures -----------------------------------------------------------------------------------------
 def test_resume_without_a_training_state_refuses_and_deletes_nothing(tmp_path):
     run = make_run(tmp_path / "run", epochs=(1, 2))

@@ -36,6 +36,17 @@ def _tiny_spec() -> StudySpec:
     )
 
 
+def test_a_second_study_in_a_busy_folder_is_refused_before_it_writes_anything(tmp_path):
+    # it rewrote study.yaml with its own settings under the first study's results, then was refused
+    from landscape.io import folder_lock
+
+    with folder_lock(tmp_path / "study", "running a study in"):  # stands for a study in another process
+        with pytest.raises(LandscapeError, match="is in use by another landscape process; wait for it to finish "
+                                                 "before running a study in it"):
+            run_study(_tiny_spec(), tmp_path / "study", jobs=1)
+        assert not any((tmp_path / "study").iterdir())
+
+
 @pytest.mark.slow
 def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path):
     events = []
