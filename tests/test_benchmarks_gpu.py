@@ -40,8 +40,8 @@ def run_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_tiny_run_writes_a_table_with_every_row_for_both_hessian_states(tmp_path):
     md = tmp_path / "table.md"
-    # a budget no part reaches on a loaded CPU, so no row is replaced by a cap; PyHessian's looser tolerance and
-    # two batches of 16 images keep the power iteration short
+    # a budget no part reaches on a loaded CPU; PyHessian's looser tolerance and two batches of 16 images keep the
+    # power iteration short
     result = run_script("--tiny", "--device", "cpu", "--budget", "3000", "--samples", "32", "--pyhessian-tol", "1e-3",
                         "--md", str(md), timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,7 +54,9 @@ def test_tiny_run_writes_a_table_with_every_row_for_both_hessian_states(tmp_path
     for state in ("3. Hessian, initialisation", "3. Hessian, after 5 steps"):
         for name in EVERY_HESSIAN_ROW:
             assert sum(row.startswith(f"| {state} | {name}") for row in rows) == 1, (state, name)
-    assert "stopped at its cap" not in text
+    # PyHessian stops at a multiple of our time (on a loaded CPU it may reach it): such a row is a lower bound
+    capped = [row for row in rows if "stopped at its cap" in row]
+    assert all(row.split(" | ")[3].startswith("> ") for row in capped), capped
     ratios = [row.split(" | ")[3] for row in rows if "top 5 and trace together" in row]
     assert all(r.endswith("x") and float(r.strip("> x")) > 0 for r in ratios), ratios
     assert "Traceback" not in result.stderr
