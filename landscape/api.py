@@ -224,15 +224,13 @@ def _device(device: Any) -> torch.device:
     (:func:`landscape.trainers.distributed.check_device`: ``auto``, ``cpu``, ``cuda``, ``cuda:K``, ``mps``)."""
     from landscape.trainers.distributed import check_device
 
-    name = str(device) if isinstance(device, (str, torch.device)) else None
+    advice = "give 'auto', 'cpu', 'cuda', 'cuda:K' or 'mps' as this machine has them, or leave device out"
+    if not isinstance(device, (str, torch.device)):
+        raise ConfigError(f"device={device!r} cannot be used (not a device name); {advice}.")
     try:
-        if name is None:
-            raise LandscapeError(f"Unknown device {device!r}")
-        return torch.device(check_device(name))
+        return torch.device(check_device(str(device)))
     except LandscapeError as e:
-        reason = str(e).split(";")[0].rstrip(".")
-        raise ConfigError(f"device={device!r} cannot be used ({reason}); give 'auto', 'cpu', 'cuda', 'cuda:K' or "
-                          "'mps' as this machine has them, or leave device out.") from None
+        raise ConfigError(f"device={device!r} cannot be used ({str(e).split(';')[0].rstrip('.')}); {advice}.") from None
 
 
 def _check_finite_weights(model: nn.Module) -> None:
@@ -616,7 +614,7 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
     from landscape.analyses.results import checkpoint_entry
     from landscape.models.variants import Variant
     from landscape.runs import Run
-    from landscape.summary import Result, RunResults, classify, read_settings, settings_name
+    from landscape.summary import Result, RunResults, classify, read_settings
 
     import xarray as xr
 
@@ -638,11 +636,7 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
             continue
         if "checkpoint" not in ds.dims:
             ds = checkpoint_entry(ds, name="model", epoch=None, step=0)
-        settings = read_settings(ds)
-        name = settings_name(kind, settings)  # a name as the analysis would give its file; kept apart if taken
-        if any(r.name == name for r in found):
-            name += f"-{i + 1}"
-        found.append(Result(path=Path(label) / f"{name}.nc", kind=kind, settings=settings, dataset=ds))
+        found.append(Result(path=Path(label) / f"{kind}-{i}.nc", kind=kind, settings=read_settings(ds), dataset=ds))
     variant = Variant(key=label, name=label, family="other", base=label, label=label)
     return RunResults(path=Path(label), run=Run(Path(label)), variant=variant, label=label, seed=seed,
                       num_params=None, results=found, dynamics=dynamics, final_step=0)

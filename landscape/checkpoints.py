@@ -359,6 +359,16 @@ def check_real_weights(state_dict: dict[str, torch.Tensor], names: list[str], *,
             "; give a checkpoint of floating-point weights.")
 
 
+def check_finite_weights(path: Any, state: dict[str, torch.Tensor], weights: str) -> None:
+    """Refuse a checkpoint with NaN or infinite ``weights`` (raw or EMA): a diverged run has no loss, gradient or
+    curvature there."""
+    broken = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if broken is not None:
+        raise CheckpointError(f"Checkpoint {path} has NaN or infinite {weights} weights ({broken}): the training "
+                              "diverged before it, and nothing can be measured there; select earlier checkpoints with "
+                              "--checkpoints.")
+
+
 def describe_key_mismatch(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
     """One readable block listing what does not fit, the first sentence saying what happened."""
 

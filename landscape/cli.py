@@ -770,9 +770,10 @@ def _figures_folder(folder: Path) -> Path:
     """:func:`landscape.io.figures_folder`, said on stderr when it is not ``folder``."""
     from landscape.io import figures_folder
 
-    if figures_folder(folder) != folder:
-        click.echo(f"{folder} is a run folder: the figures go to {figures_folder(folder)}.", err=True)
-    return figures_folder(folder)
+    chosen = figures_folder(folder)
+    if chosen != folder:
+        click.echo(f"{folder} is a run folder: the figures go to {chosen}.", err=True)
+    return chosen
 
 
 @cli.command()

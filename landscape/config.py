@@ -76,9 +76,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     refuse_special(path, "a config file", error=ConfigError)
     try:
         with open(path) as f:
-            if os.fstat(f.fileno()).st_size > YAML_BYTES:  # parsing 100 MB took minutes
-                raise ConfigError(f"Config file {path} holds {os.fstat(f.fileno()).st_size / 2 ** 20:.0f} MB; a config "
-                                  "is a few kilobytes, so this one is not a config (or is damaged).")
+            size = os.fstat(f.fileno()).st_size
+            if size > YAML_BYTES:  # parsing 100 MB took minutes
+                raise ConfigError(f"Config file {path} holds {size / 2 ** 20:.0f} MB; a config is a few kilobytes, "
+                                  "so this one is not a config (or is damaged).")
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None

@@ -182,8 +182,9 @@ class Run:
         return sorted(infos, key=lambda i: (i.step, i.epoch if i.epoch is not None else -1, i.path.name))
 
     def check_checkpoint_model(self, info: CheckpointInfo) -> None:
-        """Refuse a checkpoint whose header names another model than the run's config.yaml (a file copied in from
-        another run, or a damaged header): its weights would be measured as this run's."""
+        """Refuse a checkpoint whose header names another model or other model arguments than the run's
+        config.yaml, or other losses than its row of metrics.csv (a file copied in from another run, of another
+        size or seed, or a damaged header): its weights would be measured as this run's."""
         model = (self.load_config().get("model") or {}) if self.config_path.exists() else {}
         names = {model.get(k) for k in ("name", "builder") if isinstance(model, dict) and model.get(k)}
         another = "the checkpoint belongs to another run or its header is damaged (move it out of checkpoints/)"
@@ -194,45 +195,30 @@ class Run:
         if isinstance(kwargs, dict) and isinstance(info.model_kwargs, dict):
             differ = [k for k in kwargs if k in info.model_kwargs and info.model_kwargs[k] != kwargs[k]]
             if differ:
-                raise CheckpointError(f"{info.path} holds a {info.model} with {differ[0]}={info.model_kwargs[differ[0]]!r}"
-                                      f" but {self.config_path} trains one with {differ[0]}={kwargs[differ[0]]!r}; "
-                                      f"{another}.")
+                k = differ[0]
+                raise CheckpointError(f"{info.path} holds a {info.model} with {k}={info.model_kwargs[k]!r} but "
+                                      f"{self.config_path} trains one with {k}={kwargs[k]!r}; {another}.")
         row = self._metrics_row(info.step, info.epoch)
-        losses = [k for k in ("train_loss", "val_loss") if isinstance((info.metrics or {}).get(k), float)
-                  and row.get(k) is not None]
-        if any(not math.isclose(info.metrics[k], row[k], rel_tol=1e-9, abs_tol=0.0) for k in losses):
-            k = next(k for k in losses if not math.isclose(info.metrics[k], row[k], rel_tol=1e-9, abs_tol=0.0))
-            raise CheckpointError(f"{info.path} was saved with {k} {info.metrics[k]:.6g}, but {self.metrics_path} "
-                                  f"records {row[k]:.6g} at its step {info.step}; {another}.")
+        for k in ("train_loss", "val_loss"):
+            saved, recorded = (info.metrics or {}).get(k), row.get(k)
+            if isinstance(saved, float) and isinstance(recorded, float) and math.isfinite(saved) and \
+                    math.isfinite(recorded) and not math.isclose(saved, recorded, rel_tol=1e-9, abs_tol=0.0):
+                raise CheckpointError(f"{info.path} was saved with {k} {saved:.6g}, but {self.metrics_path} "
+                                      f"records {recorded:.6g} at its step {info.step}; {another}.")
 
-    def _metrics_row(self, step: int, epoch: int | None) -> dict[str, float]:
-        """The losses ``metrics.csv`` records at ``step`` (at the end of ``epoch``), where it has one such row and is
-        readable; else an empty dict."""
-        import csv
-
-        if epoch is None or not self.metrics_path.is_file():  # not a pipe or a device either
+    def _metrics_row(self, step: int, epoch: int | None) -> dict[str, Any]:
+        """The row ``metrics.csv`` records at the end of ``epoch`` at ``step``, or an empty dict (a mid-epoch
+        checkpoint, no such row, no readable table: what cannot be read is said by its own readers)."""
+        if epoch is None:
             return {}
         try:
-            stamp = (os.stat(self.metrics_path).st_mtime_ns, os.stat(self.metrics_path).st_size)
-            cached = getattr(self, "_rows_cache", None)
-            if cached is None or cached[0] != stamp:  # read once for all the checkpoints of an analysis
-                with open(self.metrics_path, newline="", encoding="utf-8") as f:
-                    table: dict[tuple[str, str], list[dict]] = {}
-                    for r in csv.DictReader(f):
-                        table.setdefault((str(r.get("epoch")), str(r.get("step"))), []).append(r)
-                cached = self._rows_cache = (stamp, table)
-        except (OSError, UnicodeDecodeError, csv.Error, ValueError):
+            table = self.read_metrics()
+        except LandscapeError:
             return {}
-        rows = cached[1].get((str(epoch), str(step)), [])
-        out = {}
-        for k in ("train_loss", "val_loss"):
-            values = {r.get(k) for r in rows}
-            if len(rows) == 1 or len(values) == 1:
-                try:
-                    out[k] = float(next(iter(values)))
-                except (TypeError, ValueError):
-                    pass
-        return out if rows else {}
+        if "step" not in table:
+            return {}
+        rows = table[(table["epoch"] == epoch) & (table["step"] == step)]
+        return {k: float(v) for k, v in rows.iloc[-1].items()} if len(rows) else {}
 
     def select_checkpoints(self, spec: str = "all") -> list[CheckpointInfo]:
         """Choose checkpoints by ``spec``: see :data:`CHECKPOINT_SPEC_HELP`."""

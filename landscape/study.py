@@ -396,7 +396,8 @@ def check_study(spec: StudySpec) -> None:
     configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
     if any(c.task == "mae" for c in configs):  # every analysis of the study would refuse the runs after training
         raise ConfigError("The study pre-trains masked autoencoders (task: mae), whose runs no analysis measures (they "
-                          "have no class logits); study the classifiers fine-tuned from such runs (landscape train --init RUN).")
+                          "have no class logits); study the classifiers fine-tuned from such runs (landscape train "
+                          "--init RUN).")
     if spec.analysis.preconditioned and not configs[0].save_preconditioner:
         raise ConfigError("The analysis setting preconditioned needs the optimizer state at every checkpoint: add "
                           "save_preconditioner: true to the study's overrides.")

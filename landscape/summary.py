@@ -45,10 +45,21 @@ class Result:
 
     @property
     def name(self) -> str:
-        """The file's name without ``.nc``: the name the analysis gave it from its settings
-        (:func:`landscape.analyses.results.results_name`; a surface's also names its line's or plane's targets,
-        ``surface-interpolate-runB@10-1d``), which keeps apart results that live side by side."""
-        return self.path.stem
+        """A name for the result made from its attributes, never from its file's name
+        (:func:`landscape.analyses.results.results_name`): a surface's names each target of its line or plane by
+        its run and checkpoint, ``surface-interpolate-runB@epoch-0010-1d`` (a run outside this one's folder with
+        the hash of its relative path, as the file's name has it)."""
+        from landscape.analyses.results import results_name
+
+        kind = self.kind
+        if kind == "surface":
+            from landscape.analyses.surface import target_name
+
+            run = self.path.parent.parent if self.path.parent.name == "analysis" else None
+            targets = "".join(f"-{target_name(Path(str(t)).parent.parent, run)}@{Path(str(t)).stem}"
+                              for t in self.settings.get("targets") or ()) if run is not None else ""
+            kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
+        return results_name(kind, self.settings)
 
     def checkpoints(self) -> int:
         return int(self.dataset.sizes.get("checkpoint", 0))
@@ -71,19 +82,6 @@ class Result:
         if self.params:
             text += f", parameters {self.params}"
         return text
-
-
-def settings_name(kind: str, settings: dict[str, Any]) -> str:
-    """A name for a result of ``kind`` with ``settings`` like the file name its analysis gives it (a surface's
-    targets by their runs' folder names only, where they have one): the :attr:`Result.name` of a Dataset given in
-    memory, which has no file name."""
-    from landscape.analyses.results import results_name
-
-    if kind == "surface":
-        targets = "".join(f"-{name}" for t in settings.get("targets") or ()
-                          if (name := Path(str(t)).parent.parent.name))
-        kind = f"surface-{settings.get('directions', 'random')}{targets}-{settings.get('dims')}d"
-    return results_name(kind, settings)
 
 
 def read_settings(ds) -> dict[str, Any]:
@@ -189,10 +187,11 @@ class RunResults:
 
     ``hessian`` the eigenvalues and trace of the whole model, ``hessian_density`` its spectral density (a
     density-only result first), ``sharpness`` plain (c = 1) and ``adaptive_sharpness`` adaptive (c = |w|)
-    sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`, its file's name
-    (``surface-random-1d``, ``surface-interpolate-runB@10-1d``, ...), ``dynamics`` the training dynamics. Where
-    several results qualify, the one that holds the final checkpoint and the most checkpoints wins.
-    ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one sentence each, what of the run could not be read or is incomplete.
+    sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
+    (``surface-random-1d``, ``surface-interpolate-runB@epoch-0010-1d``, ...; a second of one name gets ``-2``),
+    ``dynamics`` the training dynamics. Where several results qualify, the one that holds the final checkpoint and
+    the most checkpoints wins. ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one
+    sentence each, what of the run could not be read or is incomplete.
     """
 
     path: Path
@@ -250,7 +249,14 @@ class RunResults:
 
     @property
     def surfaces(self) -> dict[str, Any]:
-        return {r.name: r.dataset for r in self.results if r.kind == "surface"}
+        surfaces: dict[str, Any] = {}
+        for r in (r for r in self.results if r.kind == "surface"):
+            key, n = r.name, 1
+            while key in surfaces:  # two of one name (a copied file, Datasets given in memory): both kept
+                n += 1
+                key = f"{r.name}-{n}"
+            surfaces[key] = r.dataset
+        return surfaces
 
 
 def load_run(path: str | os.PathLike, *, weights: str = "raw") -> RunResults:

@@ -943,7 +943,8 @@ def test_a_new_run_folder_with_a_control_character_in_its_name_is_refused_before
     assert "has a control character" in message and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
     # a folder made before (empty) passed the check: the run trained into it
-    for command in (["train", "--data", "digits", "--no-progress", "--set", "data.train_size=64"], ["import", str(source)]):
+    for command in (["train", "--data", "digits", "--no-progress", "--set", "data.train_size=64"],
+                    ["import", str(source)]):
         out = tmp_path / "made\nbefore"
         out.mkdir()
         message = one_sentence(CliRunner().invoke(cli, [*command, "--out", str(out)]))

@@ -413,8 +413,9 @@ def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs)
 
 
 def test_load_run_keeps_every_line_of_a_run_apart(tmp_path):
-    # Result.name was rebuilt from the settings without the targets' epochs: the lines to runB@2 and runB@3 both
-    # became "surface-interpolate-b-1d", and ls.load_run(RUN).surfaces held one of them
+    # Result.name was made from the settings without the targets' checkpoints: the lines to runB@2 and runB@3
+    # both became "surface-interpolate-b-1d", and ls.load_run(RUN).surfaces held one of them (the name is still
+    # made from the settings, never from the file's name)
     from landscape.summary import load_run
 
     a, b = _make_run(tmp_path / "a", 0, epochs=2), _make_run(tmp_path / "b", 1, epochs=3)
@@ -422,6 +423,10 @@ def test_load_run_keeps_every_line_of_a_run_apart(tmp_path):
         run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@{epoch}", points=3, samples=8),
                              checkpoints="last")
     surfaces = load_run(a.root).surfaces
-    assert sorted(surfaces) == ["surface-interpolate-b@2-1d", "surface-interpolate-b@3-1d"]
-    ends = [float(surfaces[f"surface-interpolate-b@{e}-1d"]["loss"].isel(checkpoint=-1).sel(a=1.0)) for e in (2, 3)]
+    assert sorted(surfaces) == ["surface-interpolate-b@epoch-0002-1d", "surface-interpolate-b@epoch-0003-1d"]
+    ends = [float(surfaces[f"surface-interpolate-b@epoch-{e:04d}-1d"]["loss"].isel(checkpoint=-1).sel(a=1.0))
+            for e in (2, 3)]
     assert ends[0] != ends[1]
+    import landscape as ls  # given in memory (no run to name the targets by), the second of a name is kept too
+
+    assert sorted(ls.results(*surfaces.values()).surfaces) == ["surface-interpolate-1d", "surface-interpolate-1d-2"]

@@ -122,7 +122,7 @@ def restricted_top_eigenvalues(loss: Any, groups: Mapping[str, list[str]], setti
     for names in groups.values():
         part = LossFunction(loss.model, loss.data.x, loss.data.y, batch_size=loss.data.batch_size, params=list(names),
                             criterion=loss.criterion, vectors_per_pass=loss.vectors_per_pass, skip_unused=False,
-                            data_parallel=loss.data_parallel)
+                            data_parallel=loss.data_parallel, swap_checked=True)
         op = curvature_operator(part, getattr(settings, "matrix", "hessian"), callback=callback,
                                 product=settings.product, fisher_samples=getattr(settings, "fisher_samples", None),
                                 seed=settings.seed)

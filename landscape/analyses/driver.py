@@ -63,21 +63,12 @@ class Job:
 
     def model(self, info: Any) -> torch.nn.Module:
         """Checkpoint ``info``'s model with the settings' weights (raw or EMA), on the device in the dtype."""
-        from landscape.checkpoints import build_model, load_checkpoint
+        from landscape.checkpoints import build_model, check_finite_weights, load_checkpoint
 
         self.run.check_checkpoint_model(info)
         _, state = load_checkpoint(info.path, weights=self.settings.weights)
         check_finite_weights(info.path, state, self.settings.weights)
         return build_model(info, state).to(device=self.device, dtype=self.dtype)
-
-
-def check_finite_weights(path: Any, state: dict[str, torch.Tensor], weights: str) -> None:
-    """Refuse a checkpoint with NaN or infinite weights: a diverged run has no loss, gradient or curvature there."""
-    broken = next((name for name, t in state.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
-    if broken is not None:
-        raise LandscapeError(f"Checkpoint {path} has NaN or infinite {weights} weights ({broken}): the training "
-                             "diverged before it, and nothing can be measured there; select earlier checkpoints with "
-                             "--checkpoints.")
 
 
 class Analysis:

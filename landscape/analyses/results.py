@@ -161,9 +161,7 @@ def results_path(run: Any, kind: str, settings: Mapping[str, Any]) -> Path:
 # -- reading ------------------------------------------------------------------------------------------------------
 def read_results(path: str | os.PathLike) -> xr.Dataset | None:
     """The Dataset stored at ``path``, loaded into memory (the file is closed again), or ``None`` if absent."""
-    from landscape.io import refuse_special
-
-    from landscape.io import dangling
+    from landscape.io import dangling, refuse_special
 
     path = Path(path)
     if not path.exists():

@@ -150,7 +150,7 @@ def sharpness_analysis(
         for start in range(0, num_inputs(x) - settings.m + 1, settings.m):
             parts.append(LossFunction(model, slice_inputs(x, start, start + settings.m), y[start:start + settings.m],
                                       batch_size=settings.batch_size, params=closure.names, skip_unused=False,
-                                      **loss_kind))
+                                      swap_checked=True, **loss_kind))
 
     values: dict[str, list[float]] = {}
 

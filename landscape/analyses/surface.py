@@ -289,7 +289,7 @@ class DirectionSpec:
         """A file-name-safe name: ``random``, ``interpolate-runB@10``, ``plane-runB-runC`` ... A target that is not
         in the folder of ``run`` (the run analysed) also gets 8 hex digits of the SHA-1 of its path relative to that
         folder, so that two targets of one name in two studies stay apart (and stay the same when both move)."""
-        parts = [self.kind] + [_target_name(t.run, run) + (f"@{t.epoch}" if t.epoch is not None else "")
+        parts = [self.kind] + [target_name(t.run, run) + (f"@{t.epoch}" if t.epoch is not None else "")
                                for t in self.targets]
         slug = "-".join(parts)
         if len(slug) > 120:  # long run names: the file name (with its temporary's) must stay under 255 bytes
@@ -299,7 +299,7 @@ class DirectionSpec:
         return slug
 
 
-def _target_name(target: Path, run: Path | None) -> str:
+def target_name(target: Path, run: Path | None) -> str:
     """The file-name part for ``target``: its folder's name, with a hash of where it lies beside ``run``'s when
     it is not in the same folder (see :meth:`DirectionSpec.slug`)."""
     import hashlib
@@ -572,8 +572,7 @@ def _load_weights(path: Path, weights: str, shapes: dict[str, tuple[int, ...]], 
     Fresh copies have their own contiguous storage, so a checkpoint evaluated as a grid point runs through
     exactly the same kernels as the same checkpoint loaded into a model.
     """
-    from landscape.analyses.driver import check_finite_weights
-    from landscape.checkpoints import check_real_weights, load_checkpoint
+    from landscape.checkpoints import check_finite_weights, check_real_weights, load_checkpoint
 
     _, state = load_checkpoint(path, weights=weights)
     check_same_parameters({n: torch.empty(s, device="meta") for n, s in shapes.items()},

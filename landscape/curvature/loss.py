@@ -365,7 +365,9 @@ class LossFunction:
         vectors_per_pass: how many vectors one batched Hessian-vector product pushes through the model at
             once; memory grows with it (each vector carries its own activation tangents).
         skip_unused: leave out parameters that the loss does not reach on the evaluation set (found with one
-            gradient pass when the closure is made).
+            gradient pass when the closure is made). Either way a parameter the forward reads around its attribute
+            (which ``functional_call`` cannot replace) is refused, checked on one batch unless ``swap_checked``
+            (a closure of a model another closure has checked already).
         data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
             (:class:`landscape.analyses.distributed.DataParallel`): batches are weighted by
             :math:`n_b / N` with the whole set's :math:`N`, and every loss, accuracy count, gradient and
@@ -387,6 +389,7 @@ class LossFunction:
         vectors_per_pass: int = 8,
         skip_unused: bool = True,
         data_parallel: Any = None,
+        swap_checked: bool = False,
     ):
         self.model = model
         self.data = EvaluationSet(x, y, batch_size)
@@ -421,7 +424,7 @@ class LossFunction:
                 )
             self.skipped = unused
         else:  # every parameter moves (a surface): still none may be read around its attribute
-            if data_parallel is None:
+            if data_parallel is None and not swap_checked:
                 reached = self._reached_parameters({n: p.detach() for n, p in selected.items()}, batches=1)
                 self._check_unswapped(selected, [n for n in selected if n not in reached])
             self.skipped = []

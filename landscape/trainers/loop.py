@@ -592,7 +592,8 @@ def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=
 
 def _check_forward(config: TrainConfig, kwargs: dict[str, Any], info) -> None:
     """One forward pass of the model on the meta device (no memory, no arithmetic; on the CPU with one image where
-    the meta device cannot run an operation) with a batch of the data's shape (``info``: the data's :class:`~landscape.data.DatasetInfo`): what the arguments leave to the model's name
+    the meta device cannot run an operation) with a batch of the data's shape (``info``: the data's
+    :class:`~landscape.data.DatasetInfo`): what the arguments leave to the model's name
     (``vit_small_patch16_224``'s patch of 16 on 8x8 digits) fails here in one sentence, not in the first step."""
     side = config.data.img_size or info.img_size
     model = None
