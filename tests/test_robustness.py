@@ -816,6 +816,7 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
     shutil.copyfile(deeper.checkpoints()[-1].path, last)
     message = one_sentence(CliRunner().invoke(cli, ["analyze", "hessian", str(mine.root), *HESSIAN]))
     assert "with depth=1 but" in message and "trains one with depth=2" in message, message
+    assert not (mine.analysis_dir / "hessian.nc").exists()  # refused before its earlier checkpoints were measured
     last.write_bytes(kept)
     metrics = mine.metrics_path.read_text().splitlines()  # a same-architecture run's: its losses are not these
     row = metrics[-1].split(",")

@@ -65,7 +65,6 @@ class Job:
         """Checkpoint ``info``'s model with the settings' weights (raw or EMA), on the device in the dtype."""
         from landscape.checkpoints import build_model, check_finite_weights, load_checkpoint
 
-        self.run.check_checkpoint_model(info)
         _, state = load_checkpoint(info.path, weights=self.settings.weights)
         check_finite_weights(info.path, state, self.settings.weights)
         return build_model(info, state).to(device=self.device, dtype=self.dtype)
@@ -177,6 +176,8 @@ def analyze(run: Any, analysis: Analysis, *, checkpoints: str = "all", force: bo
         if results is not None:
             analysis.finish(run, results)
         return results.dataset if results is not None else None
+    for info in todo:  # a checkpoint of another run is refused before any is measured, not when reached
+        run.check_checkpoint_model(info)
     x, y = evaluation_data(run, settings, data_dir, results)
     job = Job(run, settings, x, y, world, shard, torch_device, results)
     analysis.prepare(job, todo)  # refuses what cannot be measured (a --top-k past the parameters) before the plan

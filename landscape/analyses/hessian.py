@@ -416,7 +416,6 @@ class HessianAnalysis(Analysis):
             from landscape.curvature.lanczos import check_wanted
             from landscape.curvature.loss import parameters_by_pattern
 
-            job.run.check_checkpoint_model(todo[0])
             with torch.device("meta"):  # sizes only: no memory, no initialisation
                 model = build_model(todo[0])
             selected = parameters_by_pattern(model, settings.params)

@@ -671,7 +671,6 @@ class SurfaceAnalysis(Analysis):
         from landscape.checkpoints import build_model
 
         settings, run, kind = self.settings, job.run, self.spec.kind
-        run.check_checkpoint_model(todo[0])
         model = build_model(todo[0]).to(device=job.device, dtype=job.dtype)  # weights come from each checkpoint
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.buffers = [n for n, _ in model.named_buffers()]
