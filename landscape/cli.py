@@ -71,8 +71,36 @@ def EVALUATION_DATA_OPTIONS(f):
                              "model's shape.")(f)
 
 
+_ONE_SET_OPTIONS = {
+    "rhos": "several radii go in one, comma-separated: --rho 0.01,0.05",
+    "checkpoints": "several go in one: epochs:1,10,50 or steps:100,200",
+    "params": "one pattern covers several groups: 're:attn|mlp'",
+}
+"""Options whose value is a set (radii, checkpoints, parameters), with how to ask for several: given twice, the
+second reads as "these too", but click keeps only the last."""
+
+
+class LandscapeCommand(click.Command):
+    """A click command that refuses an option of :data:`_ONE_SET_OPTIONS` given twice (``--rho 0.01 --rho 0.05``
+    would measure 0.05 alone without a word); other options keep click's rule, the last one counts (a script's
+    common options followed by an override)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:
+            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            names = [p.name for p in order if isinstance(p, click.Option) and p.name in _ONE_SET_OPTIONS]
+            for param in order:
+                if isinstance(param, click.Option) and param.name in _ONE_SET_OPTIONS and names.count(param.name) > 1:
+                    raise click.UsageError(f"{max(param.opts, key=len)} was given more than once, and only the last "
+                                           f"would count; {_ONE_SET_OPTIONS[param.name]}.", ctx)
+        return super().parse_args(ctx, args)
+
+
 class LandscapeGroup(click.Group):
     """A click group that turns user errors into one sentence and a non-zero exit, with no traceback."""
+
+    command_class = LandscapeCommand
+    group_class = type  # subgroups are LandscapeGroups too
 
     def invoke(self, ctx: click.Context):
         import warnings

@@ -70,6 +70,28 @@ def test_datasets_lists_digits_as_found():
     assert digits and "yes" in digits[0].lower()
 
 
+@pytest.mark.parametrize("args, named", [
+    (["analyze", "sharpness", "run", "--rho", "0.01", "--rho", "0.05"], "--rho"),
+    (["analyze", "hessian", "run", "--checkpoints", "last", "--checkpoints=all"], "--checkpoints"),
+    (["analyze", "hessian", "run", "--params", "*attn*", "--params", "*mlp*"], "--params"),
+])
+def test_a_set_option_given_twice_is_refused(args, named):
+    # click keeps the last: the first --rho would be dropped without a word
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert f"{named} was given more than once" in result.output and "Traceback" not in result.output
+    if named == "--rho":
+        assert "--rho 0.01,0.05" in result.output
+
+
+def test_other_options_may_repeat_and_the_last_counts():
+    # a script's common options followed by an override; flags and repeatable options too
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--epochs", "1", "--dry-run", "--dry-run",
+                                      "--model-arg", "depth=1", "--model-arg", "embed_dim=16", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "\nepochs: 3\n" in result.output
+
+
 @pytest.mark.parametrize("args", [["datasets", "--data-dir"], ["inspect"]])
 def test_missing_arguments_are_usage_errors(args):
     assert CliRunner().invoke(cli, args).exit_code == 2
