@@ -319,7 +319,7 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
     import yaml
 
     from landscape.config import to_dict
-    from landscape.trainers import build_config, recipe_names
+    from landscape.trainers import build_config, recipe_names, warmup_note
     from landscape.trainers import train as run_training
 
     main_process = os.environ.get("RANK", "0") == "0"
@@ -352,10 +352,8 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             return
         out = out or Path("runs") / f"{config.data.name}-{config.model.name}-seed{config.seed}"
-        if config.schedule.warmup_epochs > config.epochs and main_process:  # allowed: a short look at a recipe
-            click.echo(f"Note: the warm-up ({config.schedule.warmup_epochs} epochs) is longer than the run "
-                       f"({config.epochs}): the learning rate rises throughout and never reaches its peak, nor "
-                       "decays.", err=True)
+        if (note := warmup_note(config)) and main_process:
+            click.echo(f"Note: {note}", err=True)
 
     def print_row(row: dict) -> None:
         shown = ["epoch", "step", "train_loss", "val_loss", "val_top1", "ema_val_top1", "lr", "images_per_s"]
@@ -939,12 +937,22 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
     spec = load_study(study_file)
     if check:
         check_study(spec)
+        _study_notes(spec)
         print_table([{"run": name, "model": v.model, "seed": s} for v, s, name in spec.run_names()])
         size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
         click.echo(f"{study_file}: {size} on {spec.data}: fine.")
         return
     _run_study(spec, out or Path("runs") / spec.name, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what=f"landscape study {study_file}")
+
+
+def _study_notes(spec) -> None:
+    """What `train` would note of each run of the study (the runs share the recipe and overrides)."""
+    from landscape.study import train_config
+    from landscape.trainers import warmup_note
+
+    if note := warmup_note(train_config(spec, spec.variants[0], spec.seeds[0])):
+        click.echo(f"Note: in every run, {note}", err=True)
 
 
 def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, force: bool, data_dir: Path | None,
@@ -972,6 +980,7 @@ def _run_study(spec, out: Path, *, jobs: int | None, figures_out: Path | None, f
 
     size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
     click.echo(f"{what}: {size} on {spec.data} into {out}", err=True)
+    _study_notes(spec)
     command = " ".join(shlex.quote(a) for a in ["landscape", *sys.argv[1:]])
     outcome = run_study(spec, out, jobs=jobs or default_jobs(), data_dir=data_dir, on_event=show,
                         figures_out=figures_out, force=force, command=command, progress=sys.stderr.isatty())

@@ -575,3 +575,16 @@ def test_study_files_that_are_pipes_devices_or_huge_are_refused_at_once(tmp_path
     (tmp_path / "big.yaml").write_text("#" * (MAX_STUDY_BYTES + 1))
     with pytest.raises(ConfigError, match="a study file is a few kilobytes"):
         load_study(tmp_path / "big.yaml")
+
+
+def test_a_warm_up_longer_than_the_study_runs_is_noted_as_train_notes_it(tmp_path):
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    long = _write(tmp_path, _TINY_YAML.replace("{epochs: 2,", "{epochs: 2, schedule.warmup_epochs: 5,"))
+    result = CliRunner().invoke(cli, ["study", str(long), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "Note: in every run, the warm-up (5 epochs) is longer than the run (2)" in result.output
+    plain = CliRunner().invoke(cli, ["study", str(_write(tmp_path, _TINY_YAML, "plain.yaml")), "--check"])
+    assert plain.exit_code == 0 and "warm-up" not in plain.output

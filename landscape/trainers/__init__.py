@@ -5,10 +5,10 @@
 """
 
 from landscape.trainers.loop import TrainResult, check_config, evaluate, load_init_weights, train
-from landscape.trainers.recipes import build_config, load_recipe, recipe_names, resolve_key
+from landscape.trainers.recipes import build_config, load_recipe, recipe_names, resolve_key, warmup_note
 from landscape.trainers.schedule import checkpoint_steps, checkpoints_to_delete, log_spaced_steps
 
 __all__ = [
     "TrainResult", "build_config", "check_config", "checkpoint_steps", "checkpoints_to_delete", "evaluate", "load_init_weights",
-    "load_recipe", "log_spaced_steps", "recipe_names", "resolve_key", "train",
+    "load_recipe", "log_spaced_steps", "recipe_names", "resolve_key", "train", "warmup_note",
 ]

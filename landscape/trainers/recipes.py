@@ -76,6 +76,15 @@ def resolve_key(key: str) -> str:
     return f"{owners[0]}.{key}" if owners else key
 
 
+def warmup_note(config: TrainConfig) -> str | None:
+    """What to tell a user whose warm-up is longer than the run (allowed: a short look at a recipe), or None."""
+    warmup = config.schedule.warmup_epochs
+    if warmup <= config.epochs:
+        return None
+    return (f"the warm-up ({warmup} epochs) is longer than the run ({config.epochs}): the learning rate rises "
+            "throughout and never reaches its peak, nor decays.")
+
+
 def build_config(
     recipe: str | None = None,
     *,
