@@ -198,7 +198,7 @@ class Run:
                 k = differ[0]
                 raise CheckpointError(f"{info.path} holds a {info.model} with {k}={info.model_kwargs[k]!r} but "
                                       f"{self.config_path} trains one with {k}={kwargs[k]!r}; {another}.")
-        row = self._metrics_row(info.step, info.epoch)
+        row = self._metrics_row(info.step, info.epoch if info.epoch is not None else (info.metrics or {}).get("epoch"))
         for k in ("train_loss", "val_loss"):
             saved, recorded = (info.metrics or {}).get(k), row.get(k)
             if isinstance(saved, float) and isinstance(recorded, float) and math.isfinite(saved) and \
@@ -206,16 +206,17 @@ class Run:
                 raise CheckpointError(f"{info.path} was saved with {k} {saved:.6g}, but {self.metrics_path} "
                                       f"records {recorded:.6g} at its step {info.step}; {another}.")
 
-    def _metrics_row(self, step: int, epoch: int | None) -> dict[str, Any]:
-        """The row ``metrics.csv`` records at the end of ``epoch`` at ``step``, or an empty dict (a mid-epoch
-        checkpoint, no such row, no readable table: what cannot be read is said by its own readers)."""
-        if epoch is None:
+    def _metrics_row(self, step: int, epoch: Any) -> dict[str, Any]:
+        """The row ``metrics.csv`` records in ``epoch`` at ``step`` (a mid-epoch checkpoint's too: the trainer logs
+        a row at every checkpoint), or an empty dict (no epoch known, no such row, no readable table: what cannot be
+        read is said by its own readers)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
             return {}
         try:
             table = self.read_metrics()
         except LandscapeError:
             return {}
-        if "step" not in table:
+        if "step" not in table or "epoch" not in table:
             return {}
         rows = table[(table["epoch"] == epoch) & (table["step"] == step)]
         return {k: float(v) for k, v in rows.iloc[-1].items()} if len(rows) else {}

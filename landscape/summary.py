@@ -47,17 +47,14 @@ class Result:
     def name(self) -> str:
         """A name for the result made from its attributes, never from its file's name
         (:func:`landscape.analyses.results.results_name`): a surface's names each target of its line or plane by
-        its run and checkpoint, ``surface-interpolate-runB@epoch-0010-1d`` (a run outside this one's folder with
-        the hash of its relative path, as the file's name has it)."""
+        its run's folder name and checkpoint, ``surface-interpolate-runB@epoch-0010-1d`` (the same wherever the
+        runs have moved since)."""
         from landscape.analyses.results import results_name
 
         kind = self.kind
         if kind == "surface":
-            from landscape.analyses.surface import target_name
-
-            run = self.path.parent.parent if self.path.parent.name == "analysis" else None
-            targets = "".join(f"-{target_name(Path(str(t)).parent.parent, run)}@{Path(str(t)).stem}"
-                              for t in self.settings.get("targets") or ()) if run is not None else ""
+            targets = "".join(f"-{Path(str(t)).parent.parent.name}@{Path(str(t)).stem}"
+                              for t in self.settings.get("targets") or ())
             kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
         return results_name(kind, self.settings)
 
@@ -188,9 +185,10 @@ class RunResults:
     ``hessian`` the eigenvalues and trace of the whole model, ``hessian_density`` its spectral density (a
     density-only result first), ``sharpness`` plain (c = 1) and ``adaptive_sharpness`` adaptive (c = |w|)
     sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
-    (``surface-random-1d``, ``surface-interpolate-runB@epoch-0010-1d``, ...; a second of one name gets ``-2``),
+    (``surface-random-1d``, ``surface-interpolate-runB@epoch-0010-1d``, ...; of two of one name, the one that
+    wins as below keeps it, the other gets ``-2``),
     ``dynamics`` the training dynamics. Where several results qualify, the one that holds the final checkpoint and
-    the most checkpoints wins. ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one
+    the most checkpoints wins, then the one in the file its analysis writes (not a copy kept under another name). ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one
     sentence each, what of the run could not be read or is incomplete.
     """
 
@@ -213,13 +211,14 @@ class RunResults:
                  and test(r.settings)]
         if not found:
             return None
+        return min(found, key=lambda r: (not prefer(r.settings), *self._rank(r)))
 
-        def rank(r: Result) -> tuple:
-            steps = r.dataset["step"].values if "step" in r.dataset.coords else ()
-            return (not prefer(r.settings), self.final_step not in set(int(s) for s in steps), -r.checkpoints(),
-                    r.path.name)
-
-        return min(found, key=rank)
+    def _rank(self, r: Result) -> tuple:
+        """Which of several results qualifying alike wins: the one holding the final checkpoint, then the most
+        checkpoints, then the one whose file is named as its analysis names it (not a copy kept aside)."""
+        steps = r.dataset["step"].values if "step" in r.dataset.coords else ()
+        return (self.final_step not in set(int(s) for s in steps), -r.checkpoints(), r.path.stem != r.name,
+                r.path.name)
 
     def _dataset(self, *args, **kwargs):
         result = self.find(*args, **kwargs)
@@ -250,7 +249,7 @@ class RunResults:
     @property
     def surfaces(self) -> dict[str, Any]:
         surfaces: dict[str, Any] = {}
-        for r in (r for r in self.results if r.kind == "surface"):
+        for r in sorted((r for r in self.results if r.kind == "surface"), key=self._rank):
             key, n = r.name, 1
             while key in surfaces:  # two of one name (a copied file, Datasets given in memory): both kept
                 n += 1

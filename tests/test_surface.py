@@ -427,6 +427,68 @@ def test_load_run_keeps_every_line_of_a_run_apart(tmp_path):
     ends = [float(surfaces[f"surface-interpolate-b@epoch-{e:04d}-1d"]["loss"].isel(checkpoint=-1).sel(a=1.0))
             for e in (2, 3)]
     assert ends[0] != ends[1]
-    import landscape as ls  # given in memory (no run to name the targets by), the second of a name is kept too
+    import landscape as ls  # given in memory, from their attributes alike; a second of one name is kept too
 
-    assert sorted(ls.results(*surfaces.values()).surfaces) == ["surface-interpolate-1d", "surface-interpolate-1d-2"]
+    assert sorted(ls.results(*surfaces.values()).surfaces) == sorted(surfaces)
+    twice = ls.results(surfaces["surface-interpolate-b@epoch-0002-1d"], surfaces["surface-interpolate-b@epoch-0002-1d"])
+    assert sorted(twice.surfaces) == ["surface-interpolate-b@epoch-0002-1d", "surface-interpolate-b@epoch-0002-1d-2"]
+
+
+def test_another_runs_checkpoint_is_refused_as_a_target_in_the_trajectory_and_mid_epoch(tmp_path):
+    # only the checkpoints at the centre were checked: another run's file as a line's target, in the trajectory of
+    # --directions pca, or at a mid-epoch step (no epoch in its header) was measured as the run's own
+    import shutil
+
+    from conftest import TINY_VIT, make_tiny_run
+
+    mine = make_tiny_run(tmp_path, "mine", "vit_pico_patch4_32", TINY_VIT, 0)
+    other = make_tiny_run(tmp_path, "other", "vit_pico_patch4_32", TINY_VIT, 1)  # same arguments, another seed
+    centre = make_tiny_run(tmp_path, "centre", "vit_pico_patch4_32", TINY_VIT, 2)
+    last, metrics = mine.checkpoints()[-1].path, mine.metrics_path.read_text()
+    kept = last.read_bytes()
+    shutil.copyfile(other.checkpoints()[-1].path, last)
+    rows = mine.read_metrics().to_dict("records")
+    mine.write_metrics([*rows[:-1], {**rows[-1], "train_loss": rows[-1]["train_loss"] + 0.01}])  # not other's
+    base = ["analyze", "surface", "--dims", "1", "--points", "3", "--samples", "8", "--device", "cpu"]
+    line = CliRunner().invoke(cli, [*base, str(centre.root), "--directions", f"interpolate:{mine.root}"])
+    assert line.exit_code == 1 and f"In --directions, {mine.root}" in line.output, line.output
+    assert "belongs to another run" in line.output and not (centre.analysis_dir).exists()
+    pca = CliRunner().invoke(cli, [*base, str(mine.root), "--directions", "pca", "--checkpoints", "epochs:1"])
+    assert pca.exit_code == 1 and "epoch-0003.safetensors was saved with train_loss" in pca.output, pca.output
+    last.write_bytes(kept)
+    mine.metrics_path.write_text(metrics)
+    rows = mine.read_metrics().to_dict("records")  # a checkpoint between epochs 1 and 2:
+    row = {**rows[0], "epoch": 2, "step": 15, "train_loss": 0.5, "val_loss": 0.75}
+    mine.write_metrics([rows[0], row, *rows[1:]])
+    model = create_model("vit_pico_patch4_32", **TINY_VIT)
+    path = mine.checkpoint_path(step=15)
+    save_checkpoint(path, model.state_dict(), model="vit_pico_patch4_32", model_kwargs=TINY_VIT, epoch=None, step=15,
+                    metrics={**row, "train_loss": 0.625})  # saved by a run whose loss there was another
+    assert [i.name for i in mine.checkpoints()][1] == "step-00000015"
+    mid = CliRunner().invoke(cli, [*base, str(mine.root), "--checkpoints", "steps:15"])
+    assert mid.exit_code == 1 and "step-00000015.safetensors was saved with train_loss 0.625" in mid.output, mid.output
+    save_checkpoint(path, model.state_dict(), model="vit_pico_patch4_32", model_kwargs=TINY_VIT, epoch=None, step=15,
+                    metrics=row)  # its own: measured
+    own = CliRunner().invoke(cli, [*base, str(mine.root), "--checkpoints", "steps:15"])
+    assert own.exit_code == 0, own.output
+
+
+def test_surface_names_stay_when_runs_move_and_a_copy_kept_aside_does_not_take_the_name(tmp_path):
+    import shutil
+
+    from landscape.summary import load_run
+
+    a, b = _make_run(tmp_path / "n" / "a", 0, epochs=2), _make_run(tmp_path / "n" / "b", 1, epochs=2)
+    run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@1", points=3, samples=8),
+                         checkpoints="last")
+    shutil.copytree(tmp_path / "n", tmp_path / "moved")
+    for where in ("n", "moved"):  # the key named b by a hash of its path once the folder had moved
+        assert sorted(load_run(tmp_path / where / "a").surfaces) == ["surface-interpolate-b@epoch-0001-1d"]
+    # a slice kept aside under another name, then measured again wider: the file analyze wrote keeps the name
+    settings = dict(directions="random", dims=1, points=3, samples=8)
+    run_surface_analysis(a, SurfaceSettings(**settings, range=(-1.0, 1.0)), checkpoints="last")
+    (a.analysis_dir / "surface-random-1d.nc").rename(a.analysis_dir / "surface-random-1d-narrow.nc")
+    run_surface_analysis(a, SurfaceSettings(**settings, range=(-2.0, 2.0)), checkpoints="last")
+    surfaces = load_run(a.root).surfaces
+    assert float(surfaces["surface-random-1d"]["a"].max()) == 2.0
+    assert float(surfaces["surface-random-1d-2"]["a"].max()) == 1.0

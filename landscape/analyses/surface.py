@@ -265,11 +265,15 @@ class CheckpointRef:
         return f"{self.run}" + (f"@{self.epoch}" if self.epoch is not None else "")
 
     def resolve(self) -> Any:
-        """The :class:`~landscape.checkpoints.CheckpointInfo` this reference names."""
+        """The :class:`~landscape.checkpoints.CheckpointInfo` this reference names, refused where its run's
+        config and metrics say it belongs to another run (:meth:`~landscape.runs.Run.check_checkpoint_model`)."""
         from landscape.runs import Run
 
         try:
-            return Run.open(self.run).select_checkpoints("last" if self.epoch is None else f"epochs:{self.epoch}")[-1]
+            run = Run.open(self.run)
+            info = run.select_checkpoints("last" if self.epoch is None else f"epochs:{self.epoch}")[-1]
+            run.check_checkpoint_model(info)
+            return info
         except LandscapeError as e:
             raise type(e)(f"In --directions, {self}: {e}") from None
 
@@ -608,6 +612,8 @@ def saved_trajectory_pca(run: Any, shapes: dict[str, tuple[int, ...]], weights: 
     """The trajectory PCA of ``run`` over all its checkpoints, read from ``directions/pca-<weights>.safetensors``
     when it was made from the same checkpoints, else computed and saved there."""
     infos = run.checkpoints()
+    for info in infos:  # every one, not only those to measure: another run's would bend the plane
+        run.check_checkpoint_model(info)
     names = [i.name for i in infos]
     path = directions_dir(run) / f"pca-{weights}.safetensors"
     if path.exists():
