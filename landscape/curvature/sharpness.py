@@ -106,7 +106,8 @@ def sharpness_scale(w: torch.Tensor, *, adaptive: bool, eta: float = 0.0) -> tor
     """The per-coordinate scale :math:`c`: ``None`` (meaning :math:`c = 1`) for SAM, :math:`|w| + \\eta` if adaptive.
 
     Every coordinate is scaled, biases and normalisation parameters included, as in Andriushchenko et al. (2023);
-    the ASAM code of Kwon et al. (2021) scales only parameters named ``weight`` (its biases keep :math:`c = 1`).
+    the ASAM code of Kwon et al. (2021) scales each parameter whose name contains ``weight`` (norm scales included)
+    by :math:`|w| + 0.01` and leaves the others (biases, class token, position embedding) at :math:`c = 1`.
     """
     if not adaptive:
         return None
