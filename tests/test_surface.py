@@ -492,3 +492,16 @@ def test_surface_names_stay_when_runs_move_and_a_copy_kept_aside_does_not_take_t
     surfaces = load_run(a.root).surfaces
     assert float(surfaces["surface-random-1d"]["a"].max()) == 2.0
     assert float(surfaces["surface-random-1d-2"]["a"].max()) == 1.0
+
+
+def test_one_line_spelled_two_ways_is_one_file(tmp_path):
+    # interpolate:RUN (its last checkpoint) and interpolate:RUN@LAST name one checkpoint: the second was measured
+    # again from scratch into a file of its own
+    a, b = _make_run(tmp_path / "a", 0, epochs=1), _make_run(tmp_path / "b", 1, epochs=2)
+    first = run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}", points=3, samples=8))
+    again = run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@2", points=3, samples=8))
+    assert sorted(p.name for p in a.analysis_dir.glob("*.nc")) == ["surface-interpolate-b-1d.nc"]
+    assert float(again["loss"].sum()) == float(first["loss"].sum())
+    run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@1", points=3, samples=8))
+    assert sorted(p.name for p in a.analysis_dir.glob("*.nc")) == ["surface-interpolate-b-1d.nc",
+                                                                   "surface-interpolate-b@1-1d.nc"]

@@ -663,7 +663,27 @@ class SurfaceAnalysis(Analysis):
         return determining
 
     def results_path(self, run: Any) -> Path:
-        return surface_path(run, self.spec, self.settings.dims, self.settings.weights)
+        """:func:`surface_path`, or the file of the same line or plane spelled the other way (``RUN2`` for its last
+        checkpoint, ``RUN2@EPOCH``) whose recorded targets are these: one slice is measured into one file."""
+        path = surface_path(run, self.spec, self.settings.dims, self.settings.weights)
+        if path.exists() or not self.spec.targets:
+            return path
+        import itertools
+
+        from landscape.analyses.results import read_results
+        from landscape.summary import read_settings
+
+        spellings = [[CheckpointRef(ref.run, None), CheckpointRef(ref.run, info.epoch)] if info.epoch is not None
+                     else [ref] for ref, info in zip(self.spec.targets, self.targets())]
+        wanted = [str(t.path.resolve()) for t in self.targets()]
+        for refs in itertools.product(*spellings):
+            other = surface_path(run, DirectionSpec(self.spec.kind, list(refs)), self.settings.dims,
+                                 self.settings.weights)
+            if other != path and other.is_file():
+                ds = read_results(other)
+                if ds is not None and read_settings(ds).get("targets") == wanted:
+                    return other
+        return path
 
     def attrs(self) -> dict[str, Any]:
         return normalization_policies(self.settings)
