@@ -65,6 +65,26 @@ def test_weights_with_nan_are_refused_in_one_sentence_and_no_run_is_written(tmp_
 
 
 
+def test_a_full_disk_during_an_import_is_said_of_the_folder_asked_for(tmp_path, monkeypatch):
+    # the sentence named the hidden staging folder (runs/.imp.PID.X.importing/...), not the --out given
+    import errno
+
+    import landscape.importers.convert as convert
+    from landscape.io import WriteError, write_error
+
+    def full(path, *args, **kwargs):
+        raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(convert, "save_checkpoint", full)
+    torch.save(tiny_timm().state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(WriteError) as raised:
+        import_checkpoint(tmp_path / "vit.pth", tmp_path / "runs" / "imp", model_args={"num_heads": 2})
+    message = str(raised.value)
+    assert str(tmp_path / "runs" / "imp" / "checkpoints") in message and ".importing" not in message, message
+    assert "No space left on device" in message and "Nothing of the import was kept." in message
+    assert sorted(os.listdir(tmp_path / "runs")) == []
+
+
 @pytest.mark.parametrize("kind", ["complex", "int", "bool"])
 def test_weights_that_are_not_real_floats_are_refused_in_one_sentence(tmp_path, kind):
     state = tiny_timm().state_dict()

@@ -20,7 +20,7 @@ from landscape.checkpoints import load_state_dict_strict, save_checkpoint
 from landscape.config import config_hash
 from landscape.data import check_data_fits, dataset_names
 from landscape.errors import CheckpointError, LandscapeError
-from landscape.io import STALE_AFTER_S, check_run_name, pid_alive, temporary_stem
+from landscape.io import STALE_AFTER_S, WriteError, check_run_name, pid_alive, temporary_stem
 from landscape.importers.filters import StateDict
 from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
 from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
@@ -416,6 +416,12 @@ def import_checkpoint(
                 raise LandscapeError(f"{out} was created by another process while this import ran; it was left "
                                      "as that process wrote it: choose a new --out directory.") from None
             raise e
+    except WriteError as e:  # the machine's failure, said of the folder asked for, not of the hidden staging one
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(f"{str(e).replace(str(tmp), str(out))} Nothing of the import was kept.", path=out) \
+                from None
+        raise
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
