@@ -55,6 +55,17 @@ TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _quiet_jit(measure: Callable) -> Callable:
+    """``measure`` without torch's FutureWarning that ``torch.jit.script`` (used by its own forward-mode rules on
+    first use) is deprecated: nothing a caller can act on, printed many times (the CLI filters it too)."""
+    @functools.wraps(measure)
+    def quiet(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            return measure(*args, **kwargs)
+    return quiet
+
+
 # -- data -----------------------------------------------------------------------------------------------------------
 def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.Tensor]:
     """``(inputs, targets)`` of ``data`` (see the module docstring), the batches concatenated in their order;
@@ -75,6 +86,11 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
         inputs, targets, count = [], [], 0
         for i, batch in enumerate(data):
             xb, yb = _split_batch(batch, i)
+            yb = _tensor(yb, "targets")
+            if yb.dim() == 0:
+                raise LandscapeError(f"Batch {i}'s target is one number, so data looks like a list of single "
+                                     "examples; give a DataLoader (it stacks examples into batches) or one stacked "
+                                     "(inputs, targets) pair.")
             inputs.append(xb)
             targets.append(yb)
             count += len(yb)
@@ -82,10 +98,15 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
                 break
         if not inputs:
             raise LandscapeError("data holds no batches; give at least one example.")
-        x, y = _concatenate(inputs), torch.cat([_tensor(t, "targets").reshape(-1) for t in targets])
+        if len({tuple(t.shape[1:]) for t in targets}) > 1:
+            raise LandscapeError("The batches' targets have different shapes per example; give every batch targets "
+                                 "of one shape.")
+        x, y = _concatenate(inputs), torch.cat(targets)  # along the examples: a regression target keeps its shape
     y = _tensor(y, "targets")
     if y.dim() == 0:
         raise LandscapeError("The targets are one number; give one target per example.")
+    if y.dtype in (torch.int8, torch.int16, torch.int32):  # class labels as numpy and many loaders keep them
+        y = y.long()
     n = num_inputs(x)
     if n == 0:
         raise LandscapeError("data holds no examples; give at least one.")
@@ -101,7 +122,7 @@ def _is_pair(data: Any) -> bool:
 
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[0], (torch.Tensor, Mapping, np.ndarray))
-            and isinstance(data[1], (torch.Tensor, np.ndarray)))
+            and isinstance(data[1], (torch.Tensor, np.ndarray, list, tuple)))  # no batch is a tensor and a list
 
 
 def _tensor(value: Any, what: str) -> Any:
@@ -261,11 +282,15 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
     from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
 
     _check_finite_inputs(x)
+    if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
+        raise LandscapeError("The targets hold NaN or infinite values, so the loss would be NaN; give finite targets.")
     try:
         check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
+        _check_loss_has_graph(model, x, y, cross_entropy if loss is None else loss)
     except LandscapeError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:  # the model's forward
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
+        # the model's forward (timm's patch embedding asserts the image size)
         shape = ({k: tuple(v.shape) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape)
                  if isinstance(x, torch.Tensor) else type(x).__name__)
         reason = " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
@@ -274,6 +299,53 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
                                  f"precision) cannot take the inputs ({reason}); convert the model to one precision "
                                  "first, e.g. model.double() or model.float().") from None
         raise LandscapeError(f"The model cannot take the inputs ({num_inputs(x)} examples, {shape}): {reason}.") from None
+
+
+def _check_loss_has_graph(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable) -> None:
+    """The loss of two examples must depend on the parameters (a detached or constant loss has no gradient)."""
+    from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
+
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    if first is None:
+        return
+    xb = inputs_to(slice_inputs(x, 0, min(2, len(y))), first.device, first.dtype)
+    yb = y[:2].to(first.device)
+    yb = yb.to(first.dtype) if yb.is_floating_point() else yb
+    with evaluation_mode(model), torch.enable_grad():
+        value = loss(forward(model, xb), yb)
+    if isinstance(value, torch.Tensor) and not value.requires_grad:
+        raise LandscapeError("The loss does not depend on the model's parameters (it has no autograd graph to them: "
+                             "detached, or a constant); give a loss computed from the outputs it is passed.")
+
+
+def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int) -> None:
+    """For cross-entropy (the default), class labels must be classes of the model's outputs or -100 (ignored),
+    checked over every example (the loss itself was tried on the first few); no batch may be all ignored (its mean
+    loss is NaN, and it would take the whole result with it)."""
+    from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
+
+    if not (loss is None or isinstance(loss, nn.CrossEntropyLoss)) or y.is_floating_point() or y.dim() != 1 \
+            or y.dtype == torch.bool or not len(y):
+        return
+    first = next(iter(model.parameters()))
+    with evaluation_mode(model), torch.no_grad():
+        outputs = forward(model, inputs_to(slice_inputs(x, 0, 1), first.device, first.dtype))
+    classes = int(outputs.shape[-1]) if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else None
+    wrong = (y < 0) & (y != -100)
+    if classes is not None:
+        wrong |= y >= classes
+    if bool(wrong.any()):
+        i = int(wrong.nonzero()[0])
+        raise LandscapeError(f"Target {int(y[i])} of example {i} is not a class of the model's outputs; give class "
+                             "indices from 0" + (f" to {classes - 1}" if classes is not None else "") +
+                             " (-100 for an example the loss ignores).")
+    ignored = y == -100
+    for start in range(0, len(y), batch_size):
+        if bool(ignored[start:start + batch_size].all()):
+            stop = min(start + batch_size, len(y)) - 1
+            raise LandscapeError(f"Every target of examples {start} to {stop} (a batch of batch_size={batch_size}) is "
+                                 "-100 (ignored), so that batch's mean loss is NaN; give examples with targets, or a "
+                                 "batch_size that mixes them with the others.")
 
 
 _RUN_ONLY = {"samples", "dtype", "split", "dataset", "weights", "img_size", "classes", "preconditioned"}
@@ -375,6 +447,7 @@ def _trainable_count(model: nn.Module) -> int:
 
 
 # -- the measurements ------------------------------------------------------------------------------------------------
+@_quiet_jit
 def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, samples: int | None = None,
             device: Any = None, **settings: Any):
     """Top eigenvalues, trace and spectral density of the loss Hessian of ``model`` on ``data``.
@@ -392,6 +465,7 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     _check_trainable(measured)
     _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
+    _check_targets(measured, x, y, loss, config.batch_size)
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
         if config.top_k * (2 if config.which == "both" else 1) > count:
@@ -445,6 +519,7 @@ def _weight_norm_second_derivative_is_right() -> bool:
     return bool((products - exact).norm() <= 1e-5 * exact.norm())
 
 
+@_quiet_jit
 def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
               samples: int | None = None, device: Any = None, **settings: Any):
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness of ``model`` on ``data``.
@@ -456,6 +531,9 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     """
     from landscape.analyses.sharpness import SharpnessSettings, sharpness_analysis
 
+    p = settings.get("p")
+    if isinstance(p, (int, float)) and not isinstance(p, bool):  # p=2 or p=math.inf, as a norm is usually written
+        settings["p"] = "inf" if p == float("inf") else str(int(p)) if float(p).is_integer() else str(p)
     if rho is not None:
         if "rhos" in settings:
             raise ConfigError("Give the radii once, as rho=, not also as rhos=.")
@@ -470,10 +548,12 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
                           f"give m at most {len(y)} or more data.")
     _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
+    _check_targets(measured, x, y, loss, config.batch_size)
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "sharpness", config, config.determining(), loss, notes)
 
 
+@_quiet_jit
 def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: int | None = None,
             range: tuple[float, float] | None = None, points: int = 51, loss: Callable | None = None,
             samples: int | None = None, device: Any = None, **settings: Any):
@@ -512,6 +592,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     # made as random directions, which checks every other field; the kind is recorded below
     config = _settings(SurfaceSettings, {**settings, "dims": dims, "range": range, "points": points}, samples=len(y),
                        dtype=dtype, what="surface()")
+    _check_targets(measured, x, y, loss, config.batch_size)
     policies = normalization_policies(config)  # as random directions; non-random ones are not normalised
     config.directions = kind
     first = next(iter(measured.parameters()))
@@ -589,7 +670,12 @@ def _parameter_dict(source: Any, center: dict[str, torch.Tensor], like: torch.Te
     if wrong:
         raise LandscapeError(f"The {what} given as a direction has {wrong[0]!r} of shape "
                              f"{tuple(tensors[wrong[0]].shape)}, not {tuple(center[wrong[0]].shape)}.")
-    return {n: tensors[n].detach().to(device=like.device, dtype=like.dtype).clone() for n in center}
+    out = {n: tensors[n].detach().to(device=like.device, dtype=like.dtype).clone() for n in center}
+    unfit = [n for n, t in out.items() if not bool(torch.isfinite(t).all())]
+    if unfit:
+        raise LandscapeError(f"The {what} given as a direction has NaN or infinite values in {unfit[0]!r}; give "
+                             "finite tensors.")
+    return out
 
 
 # -- runs and figures -------------------------------------------------------------------------------------------------
@@ -597,8 +683,14 @@ def load_run(path: Any, *, weights: str = "raw"):
     """A run directory with its results read into memory: a :class:`~landscape.summary.RunResults`
     (``.hessian``, ``.sharpness``, ``.surfaces``, ``.dynamics``, ... as Datasets, ``.results`` every file;
     ``.run`` for checkpoints and metrics)."""
+    import os
+
     from landscape.summary import load_run as load
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise LandscapeError(f"path is a {type(path).__name__}; give a run folder's path (a str or a Path).")
+    if weights not in ("raw", "ema"):
+        raise ConfigError(f"weights must be 'raw' or 'ema', not {weights!r}.")
     return load(path, weights=weights)
 
 
@@ -614,7 +706,7 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
     from landscape.analyses.results import checkpoint_entry
     from landscape.models.variants import Variant
     from landscape.runs import Run
-    from landscape.summary import Result, RunResults, classify, read_settings
+    from landscape.summary import _REQUIRED, Result, RunResults, classify, read_settings
 
     import xarray as xr
 
@@ -628,9 +720,14 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
                     if isinstance(ds, xr.DataArray) else f"a {type(ds).__name__}, not an xarray Dataset")
             raise LandscapeError(f"Argument {i + 1} of results() is {what}.")
         kind = classify(ds)
-        if kind is None:
-            raise LandscapeError(f"Dataset {i + 1} has no 'analysis' attr (hessian, sharpness, surface, dynamics), "
-                                 "so no figure knows what it holds.")
+        if kind not in ("hessian", "sharpness", "surface", "dynamics"):
+            what = "no 'analysis' attr" if kind is None else f"the 'analysis' attr {kind!r}"
+            raise LandscapeError(f"Dataset {i + 1} has {what}, not hessian, sharpness, surface or dynamics, so no "
+                                 "figure knows what it holds.")
+        missing = [name for name in _REQUIRED.get(kind, ()) if name not in ds.variables]
+        if missing:
+            raise LandscapeError(f"Dataset {i + 1} says it holds {kind} results but has no {missing[0]!r}; give the "
+                                 "Dataset the measure returned.")
         if kind == "dynamics":
             dynamics = ds
             continue
@@ -668,7 +765,7 @@ def figure(name: str, runs: Any):
             loaded.append(item)
         elif hasattr(item, "data_vars"):
             loaded.append(results(item, label=f"model {len(loaded) + 1}"))
-        elif isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+        elif isinstance(item, str) or hasattr(item, "__fspath__"):
             loaded.append(load_run(item))
         else:
             raise LandscapeError(f"Cannot draw a {type(item).__name__}; give {FIGURE_HELP}.")

@@ -676,3 +676,100 @@ def test_a_weight_normed_model_is_refused_while_torch_gets_its_second_derivative
     with pytest.raises(LandscapeError, match="weight_norm, whose second derivative is wrong"):
         ls.hessian(model, (x, y), top_k=1)
     assert np.isfinite(ls.sharpness(model, (x, y), rhos=[0.05], steps=2, draws=0)["worst_case"].values).all()
+
+
+def _mlp(outputs=4, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, outputs)).double()
+
+
+def test_regression_targets_from_a_loader_keep_their_shape():
+    # a loader's (B, 1) targets were flattened to (N,), broadcast against (N, 1) outputs: loss 0.189 for 0.112
+    m = _mlp(outputs=1)
+    x = torch.randn(48, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = x.mean(1, keepdim=True)
+    mse = nn.functional.mse_loss
+    pair = ls.hessian(m, (x, t), loss=mse, top_k=2, tol=1e-8)
+    loader = ls.hessian(m, DataLoader(TensorDataset(x, t), batch_size=16), loss=mse, top_k=2, tol=1e-8)
+    assert float(loader["loss"]) == pytest.approx(float(mse(m(x), t)), rel=1e-12)
+    np.testing.assert_allclose(loader["eigenvalue_largest"].values, pair["eigenvalue_largest"].values, rtol=1e-6)
+    three = x[:, :3]
+    m3 = _mlp(outputs=3)
+    wide = ls.hessian(m3, DataLoader(TensorDataset(x, three), batch_size=16), loss=mse, top_k=1)
+    assert float(wide["loss"]) == pytest.approx(float(mse(m3(x), three)), rel=1e-12)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("ignored batch", "Every target of examples 0 to 31 (a batch of batch_size=32) is -100"),
+    ("all ignored", "Every target of examples 0 to 31"),
+    ("label past the first examples", "Target 9 of example 100 is not a class"),
+    ("nan target", "The targets hold NaN or infinite values"),
+    ("detached loss", "The loss does not depend on the model's parameters"),
+    ("single examples", "looks like a list of single examples"),
+    ("nan direction", "has NaN or infinite values in"),
+])
+def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(case, words):
+    m = _mlp()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(120, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (120,), generator=g)
+    call = dict(top_k=1, batch_size=32)
+    if case == "ignored batch":
+        y[:40] = -100
+    elif case == "all ignored":
+        y[:] = -100
+    elif case == "label past the first examples":
+        y[100] = 9
+    elif case == "nan target":
+        m, y = _mlp(outputs=1), x.mean(1, keepdim=True)
+        y[70] = float("nan")
+        call["loss"] = nn.functional.mse_loss
+    elif case == "detached loss":
+        call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t).detach()
+    data = list(TensorDataset(x, y)) if case == "single examples" else (x, y)
+    with pytest.raises(LandscapeError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        if case == "nan direction":
+            ls.surface(m, data, directions=[{n: torch.full_like(p, float("nan")) for n, p in m.named_parameters()}],
+                       points=3)
+        else:
+            ls.hessian(m, data, **call)
+    if case in ("ignored batch", "label past the first examples"):  # the same for the other measures
+        with pytest.raises(LandscapeError, match=words.split(" (")[0]):
+            ls.sharpness(m, data, rho=0.05, steps=2, draws=1, batch_size=32)
+
+
+def test_forms_people_pass_are_taken():
+    m = _mlp()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 4, (40,), generator=g)
+    reference = float(ls.hessian(m, (x, y), top_k=1, tol=1e-8)["eigenvalue_largest"][0])
+    for data in ((x, y.int()), (x, y.tolist()), (x, y.numpy().astype(np.int32))):  # int32 labels, a list of labels
+        value = float(ls.hessian(m, data, top_k=1, tol=1e-8)["eigenvalue_largest"][0])
+        assert value == pytest.approx(reference, rel=1e-6)
+    two = ls.sharpness(m, (x, y), rho=0.05, p=2, steps=2, draws=1)
+    inf = ls.sharpness(m, (x, y), rho=0.05, p=float("inf"), steps=2, draws=1)
+    assert json.loads(two.attrs["settings"])["p"] == "2" and json.loads(inf.attrs["settings"])["p"] == "inf"
+
+
+def test_a_vit_given_images_of_another_size_is_one_sentence():
+    from landscape.models import create_model
+
+    vit = create_model("vit_tiny_patch16_224", **KWARGS)
+    x, y = torch.randn(4, 1, 12, 12), torch.arange(4)
+    with pytest.raises(LandscapeError, match="The model cannot take the inputs"):
+        ls.hessian(vit, (x, y), top_k=1)
+
+
+def test_runs_and_results_refuse_what_they_cannot_read(run):
+    from landscape.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weights must be 'raw' or 'ema', not 'EMA'"):
+        ls.load_run(run.root, weights="EMA")
+    for path in (str(run.root).encode(), 3, None):
+        with pytest.raises(LandscapeError, match="give a run folder's path"):
+            ls.load_run(path)
+    with pytest.raises(LandscapeError, match="the 'analysis' attr 'bogus'"):
+        ls.results(xr.Dataset(attrs={"analysis": "bogus"}))
+    with pytest.raises(LandscapeError, match="says it holds sharpness results but has no 'rho'"):
+        ls.results(xr.Dataset(attrs={"analysis": "sharpness"}))

@@ -177,3 +177,16 @@ def test_split_packages_have_no_module_left_behind(package):
     # A package and a module of the same name cannot both exist; the module would be shadowed silently.
     assert (ROOT / package / "__init__.py").is_file()
     assert not (ROOT / f"{package}.py").exists()
+
+
+def test_every_module_compiles_without_a_warning():
+    # an invalid escape in a docstring ('\m' of a math formula) warned every user on import (an error in time)
+    import warnings
+    from pathlib import Path
+
+    import landscape
+
+    for path in sorted(Path(landscape.__file__).parent.rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

@@ -10,7 +10,7 @@ basis) the Lanczos vectors lose orthogonality and converged outliers reappear as
 the quadrature weights split between the copies, so moments and the broadened density stay usable while the node
 list no longer reads as distinct eigenvalues.
 
-PyHessian's ``density_generate`` broadens the same quadrature with a variance of :math:`10^{-5} \max(1, \text{span})`,
+PyHessian's ``density_generate`` broadens the same quadrature with a variance of ``1e-5 * max(1, span)``,
 far narrower than the default here (a standard deviation of 1% of the span); :func:`broadened_density` redraws a
 stored density (nodes and weights) at any width.
 """
