@@ -281,6 +281,9 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
     of the copy measured instead of the model given (:func:`_measured_model`), if one was made."""
     from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
 
+    if isinstance(loss, type):
+        raise LandscapeError(f"loss is the class {loss.__name__}; give an instance of it (loss={loss.__name__}()) or "
+                             "a function of (outputs, targets).")
     _check_finite_inputs(x)
     if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise LandscapeError("The targets hold NaN or infinite values, so the loss would be NaN; give finite targets.")
@@ -656,7 +659,9 @@ def _direction_kind(directions: Any) -> tuple[str, list[tuple[Any, str]]]:
         if len(items) == 1 and not isinstance(directions, (list, tuple)):
             return "interpolate", [(items[0], "state dict")]
         return "given", [(d, "direction") for d in items]
-    raise ConfigError("directions must be 'random', models, or dicts of parameter tensors, not a mixture.")
+    kinds = {type(d).__name__ for d in items}
+    what = "a mixture" if len(kinds) > 1 else f"{'a ' if len(items) == 1 else ''}{kinds.pop()}"
+    raise ConfigError(f"directions must be 'random', models, or dicts of parameter tensors, not {what}.")
 
 
 def _parameter_dict(source: Any, center: dict[str, torch.Tensor], like: torch.Tensor, what: str

@@ -773,3 +773,12 @@ def test_runs_and_results_refuse_what_they_cannot_read(run):
         ls.results(xr.Dataset(attrs={"analysis": "bogus"}))
     with pytest.raises(LandscapeError, match="says it holds sharpness results but has no 'rho'"):
         ls.results(xr.Dataset(attrs={"analysis": "sharpness"}))
+
+
+def test_a_loss_class_and_directions_of_another_kind_are_named():
+    m = _mlp()
+    x, y = torch.randn(8, 8, dtype=torch.float64), torch.arange(8) % 4
+    with pytest.raises(LandscapeError, match=r"loss is the class CrossEntropyLoss; give an instance of it"):
+        ls.hessian(m, (x, y), loss=nn.CrossEntropyLoss, top_k=1)
+    with pytest.raises(LandscapeError, match="not a NoneType"):
+        ls.surface(m, (x, y), directions=None, points=3)
