@@ -55,15 +55,9 @@ TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _quiet_jit(measure: Callable) -> Callable:
-    """``measure`` without torch's FutureWarning that ``torch.jit.script`` (used by its own forward-mode rules on
-    first use) is deprecated: nothing a caller can act on, printed many times (the CLI filters it too)."""
-    @functools.wraps(measure)
-    def quiet(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-            return measure(*args, **kwargs)
-    return quiet
+# torch's own forward-mode rules use torch.jit.script on first use, which warns that it is deprecated: nothing a
+# caller can act on, printed many times by a GGN or Fisher product (the CLI filters it too)
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -334,20 +328,19 @@ def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | N
     with evaluation_mode(model), torch.no_grad():
         outputs = forward(model, inputs_to(slice_inputs(x, 0, 1), first.device, first.dtype))
     classes = int(outputs.shape[-1]) if isinstance(outputs, torch.Tensor) and outputs.dim() == 2 else None
-    wrong = (y < 0) & (y != -100)
-    if classes is not None:
-        wrong |= y >= classes
+    skip = int(getattr(loss, "ignore_index", -100))
+    wrong = ((y < 0) | (y >= classes if classes is not None else False)) & (y != skip)
     if bool(wrong.any()):
         i = int(wrong.nonzero()[0])
         raise LandscapeError(f"Target {int(y[i])} of example {i} is not a class of the model's outputs; give class "
                              "indices from 0" + (f" to {classes - 1}" if classes is not None else "") +
-                             " (-100 for an example the loss ignores).")
-    ignored = y == -100
+                             f" ({skip} for an example the loss ignores).")
+    ignored = y == skip
     for start in range(0, len(y), batch_size):
         if bool(ignored[start:start + batch_size].all()):
             stop = min(start + batch_size, len(y)) - 1
             raise LandscapeError(f"Every target of examples {start} to {stop} (a batch of batch_size={batch_size}) is "
-                                 "-100 (ignored), so that batch's mean loss is NaN; give examples with targets, or a "
+                                 f"{skip} (ignored), so that batch's mean loss is NaN; give examples with targets, or a "
                                  "batch_size that mixes them with the others.")
 
 
@@ -450,7 +443,6 @@ def _trainable_count(model: nn.Module) -> int:
 
 
 # -- the measurements ------------------------------------------------------------------------------------------------
-@_quiet_jit
 def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, samples: int | None = None,
             device: Any = None, **settings: Any):
     """Top eigenvalues, trace and spectral density of the loss Hessian of ``model`` on ``data``.
@@ -522,7 +514,6 @@ def _weight_norm_second_derivative_is_right() -> bool:
     return bool((products - exact).norm() <= 1e-5 * exact.norm())
 
 
-@_quiet_jit
 def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
               samples: int | None = None, device: Any = None, **settings: Any):
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness of ``model`` on ``data``.
@@ -556,7 +547,6 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     return _finish(ds, "sharpness", config, config.determining(), loss, notes)
 
 
-@_quiet_jit
 def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: int | None = None,
             range: tuple[float, float] | None = None, points: int = 51, loss: Callable | None = None,
             samples: int | None = None, device: Any = None, **settings: Any):

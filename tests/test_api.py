@@ -747,6 +747,11 @@ def test_forms_people_pass_are_taken():
     for data in ((x, y.int()), (x, y.tolist()), (x, y.numpy().astype(np.int32))):  # int32 labels, a list of labels
         value = float(ls.hessian(m, data, top_k=1, tol=1e-8)["eigenvalue_largest"][0])
         assert value == pytest.approx(reference, rel=1e-6)
+    y5 = y.clone()
+    y5[3] = 5  # the loss's own ignore_index, not a class
+    with pytest.warns(UserWarning, match="mean over something other") as caught:
+        ls.hessian(m, (x, y5), loss=nn.CrossEntropyLoss(ignore_index=5), top_k=1)
+    assert caught[0].filename == __file__  # said of the caller's line
     two = ls.sharpness(m, (x, y), rho=0.05, p=2, steps=2, draws=1)
     inf = ls.sharpness(m, (x, y), rho=0.05, p=float("inf"), steps=2, draws=1)
     assert json.loads(two.attrs["settings"])["p"] == "2" and json.loads(inf.attrs["settings"])["p"] == "inf"
