@@ -81,6 +81,10 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
         for i, batch in enumerate(data):
             xb, yb = _split_batch(batch, i)
             yb = _tensor(yb, "targets")
+            if not isinstance(yb, torch.Tensor):
+                raise LandscapeError(f"Batch {i}'s targets are a {type(yb).__name__}; give one tensor of targets (a "
+                                     "model of several tasks is measured on one loss: wrap it to return one output "
+                                     "and give its targets).")
             if yb.dim() == 0:
                 raise LandscapeError(f"Batch {i}'s target is one number, so data looks like a list of single "
                                      "examples; give a DataLoader (it stacks examples into batches) or one stacked "
@@ -97,10 +101,15 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
                                  "of one shape.")
         x, y = _concatenate(inputs), torch.cat(targets)  # along the examples: a regression target keeps its shape
     y = _tensor(y, "targets")
+    if not isinstance(y, torch.Tensor):
+        raise LandscapeError(f"The targets are a {type(y).__name__}; give one tensor of targets (a model of several "
+                             "tasks is measured on one loss: wrap it to return one output and give its targets).")
     if y.dim() == 0:
         raise LandscapeError("The targets are one number; give one target per example.")
     if y.dtype in (torch.int8, torch.int16, torch.int32):  # class labels as numpy and many loaders keep them
         y = y.long()
+    if not y.is_floating_point() and y.dim() == 2 and y.shape[1] == 1:  # class labels of shape (N, 1): one each
+        y = y.reshape(-1)
     n = num_inputs(x)
     if n == 0:
         raise LandscapeError("data holds no examples; give at least one.")
@@ -116,7 +125,8 @@ def _is_pair(data: Any) -> bool:
 
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[0], (torch.Tensor, Mapping, np.ndarray))
-            and isinstance(data[1], (torch.Tensor, np.ndarray, list, tuple)))  # no batch is a tensor and a list
+            and (isinstance(data[1], (torch.Tensor, np.ndarray, list, tuple))  # no batch is a tensor and a list
+                 or isinstance(data[0], (torch.Tensor, np.ndarray)) and isinstance(data[1], Mapping)))
 
 
 def _tensor(value: Any, what: str) -> Any:

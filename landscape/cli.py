@@ -86,7 +86,7 @@ class LandscapeCommand(click.Command):
     common options followed by an override)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not ctx.resilient_parsing:
+        if not ctx.resilient_parsing and not set(args) & set(ctx.help_option_names):  # --help still helps
             _, _, order = self.make_parser(ctx).parse_args(args=list(args))
             names = [p.name for p in order if isinstance(p, click.Option) and p.name in _ONE_SET_OPTIONS]
             for param in order:

@@ -48,15 +48,31 @@ class Result:
         """A name for the result made from its attributes, never from its file's name
         (:func:`landscape.analyses.results.results_name`): a surface's names each target of its line or plane by
         its run's folder name and checkpoint, ``surface-interpolate-runB@epoch-0010-1d`` (the same wherever the
-        runs have moved since)."""
+        runs have moved since; :meth:`named` with more of the targets' folders tells apart runs of one name)."""
+        return self.named()
+
+    def named(self, folders: int = 1) -> str:
+        """:attr:`name`, with each target of a line or plane named by the last ``folders`` folders of its run's
+        path (``studyA/runB@epoch-0010`` for 2)."""
         from landscape.analyses.results import results_name
 
         kind = self.kind
         if kind == "surface":
-            targets = "".join(f"-{Path(str(t)).parent.parent.name}@{Path(str(t)).stem}"
-                              for t in self.settings.get("targets") or ())
+            runs = [Path(str(t)).parent.parent for t in self.settings.get("targets") or ()]
+            targets = "".join(f"-{Path(*r.parts[-folders:]).as_posix()}@{Path(str(t)).stem}"
+                              for r, t in zip(runs, self.settings.get("targets") or ()))
             kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
         return results_name(kind, self.settings)
+
+    @property
+    def updated(self) -> float:
+        """When the result was last written (its ``updated`` attr, seconds since the epoch; 0 when not recorded)."""
+        import datetime
+
+        try:
+            return datetime.datetime.fromisoformat(str(self.dataset.attrs.get("updated"))).timestamp()
+        except (TypeError, ValueError, OverflowError):
+            return 0.0
 
     def checkpoints(self) -> int:
         return int(self.dataset.sizes.get("checkpoint", 0))
@@ -185,11 +201,12 @@ class RunResults:
     ``hessian`` the eigenvalues and trace of the whole model, ``hessian_density`` its spectral density (a
     density-only result first), ``sharpness`` plain (c = 1) and ``adaptive_sharpness`` adaptive (c = |w|)
     sharpness of the whole model, ``surfaces`` every loss surface by :attr:`Result.name`
-    (``surface-random-1d``, ``surface-interpolate-runB@epoch-0010-1d``, ...; of two of one name, the one that
-    wins as below keeps it, the other gets ``-2``),
+    (``surface-random-1d``, ``surface-interpolate-runB@epoch-0010-1d``, ``...-studyA/runB@...`` where two target
+    runs share a folder name; of two of one name, the one that wins as below keeps it, the other gets ``-2``),
     ``dynamics`` the training dynamics. Where several results qualify, the one that holds the final checkpoint and
-    the most checkpoints wins, then the one in the file its analysis writes (not a copy kept under another name). ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one
-    sentence each, what of the run could not be read or is incomplete.
+    the most checkpoints wins, then the one written last (not a copy kept aside under another name).
+    ``final_step`` is the step of the run's last checkpoint. ``problems`` says, one sentence each, what of the run
+    could not be read or is incomplete.
     """
 
     path: Path
@@ -215,9 +232,13 @@ class RunResults:
 
     def _rank(self, r: Result) -> tuple:
         """Which of several results qualifying alike wins: the one holding the final checkpoint, then the most
-        checkpoints, then the one whose file is named as its analysis names it (not a copy kept aside)."""
+        checkpoints, then the one written last (a copy kept aside keeps the time it was written)."""
         steps = r.dataset["step"].values if "step" in r.dataset.coords else ()
-        return (self.final_step not in set(int(s) for s in steps), -r.checkpoints(), r.path.stem != r.name,
+        try:
+            written = r.path.stat().st_mtime_ns  # within the attr's second (a copy made by cp is the same data)
+        except OSError:
+            written = 0
+        return (self.final_step not in set(int(s) for s in steps), -r.checkpoints(), -r.updated, -written,
                 r.path.name)
 
     def _dataset(self, *args, **kwargs):
@@ -248,12 +269,19 @@ class RunResults:
 
     @property
     def surfaces(self) -> dict[str, Any]:
+        found = sorted((r for r in self.results if r.kind == "surface"), key=self._rank)
+        names = {id(r): r.name for r in found}
+        for folders in (2, 3, 4):  # lines to two runs of one folder name (two studies'): more of their paths
+            for name in {n for n in names.values() if list(names.values()).count(n) > 1}:
+                alike = [r for r in found if names[id(r)] == name]
+                if len({tuple(r.settings.get("targets") or ()) for r in alike}) > 1:
+                    names.update({id(r): r.named(folders) for r in alike})
         surfaces: dict[str, Any] = {}
-        for r in sorted((r for r in self.results if r.kind == "surface"), key=self._rank):
-            key, n = r.name, 1
+        for r in found:
+            key, n = names[id(r)], 1
             while key in surfaces:  # two of one name (a copied file, Datasets given in memory): both kept
                 n += 1
-                key = f"{r.name}-{n}"
+                key = f"{names[id(r)]}-{n}"
             surfaces[key] = r.dataset
         return surfaces
 

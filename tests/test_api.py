@@ -707,6 +707,7 @@ def test_regression_targets_from_a_loader_keep_their_shape():
     ("detached loss", "The loss does not depend on the model's parameters"),
     ("single examples", "looks like a list of single examples"),
     ("nan direction", "has NaN or infinite values in"),
+    ("targets of several tasks", "The targets are a dict; give one tensor of targets"),
 ])
 def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(case, words):
     m = _mlp()
@@ -727,6 +728,8 @@ def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(cas
     elif case == "detached loss":
         call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t).detach()
     data = list(TensorDataset(x, y)) if case == "single examples" else (x, y)
+    if case == "targets of several tasks":
+        data = (x, {"digit": y, "parity": y % 2})
     with pytest.raises(LandscapeError, match=words.replace("(", r"\(").replace(")", r"\)")):
         if case == "nan direction":
             ls.surface(m, data, directions=[{n: torch.full_like(p, float("nan")) for n, p in m.named_parameters()}],
@@ -744,7 +747,8 @@ def test_forms_people_pass_are_taken():
     x = torch.randn(40, 8, dtype=torch.float64, generator=g)
     y = torch.randint(0, 4, (40,), generator=g)
     reference = float(ls.hessian(m, (x, y), top_k=1, tol=1e-8)["eigenvalue_largest"][0])
-    for data in ((x, y.int()), (x, y.tolist()), (x, y.numpy().astype(np.int32))):  # int32 labels, a list of labels
+    loader = DataLoader(TensorDataset(x, y[:, None]), batch_size=16)  # labels of shape (B, 1)
+    for data in ((x, y.int()), (x, y.tolist()), (x, y.numpy().astype(np.int32)), loader, (x, y[:, None])):
         value = float(ls.hessian(m, data, top_k=1, tol=1e-8)["eigenvalue_largest"][0])
         assert value == pytest.approx(reference, rel=1e-6)
     y5 = y.clone()

@@ -82,6 +82,7 @@ def test_a_set_option_given_twice_is_refused(args, named):
     assert f"{named} was given more than once" in result.output and "Traceback" not in result.output
     if named == "--rho":
         assert "--rho 0.01,0.05" in result.output
+    assert CliRunner().invoke(cli, [*args, "--help"]).exit_code == 0  # --help still helps
 
 
 def test_other_options_may_repeat_and_the_last_counts():

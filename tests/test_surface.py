@@ -492,6 +492,18 @@ def test_surface_names_stay_when_runs_move_and_a_copy_kept_aside_does_not_take_t
     surfaces = load_run(a.root).surfaces
     assert float(surfaces["surface-random-1d"]["a"].max()) == 2.0
     assert float(surfaces["surface-random-1d-2"]["a"].max()) == 1.0
+    # so does a line's (its file is named by the target as spelled, not as the name has it)
+    line = dict(directions=f"interpolate:{b.root}@1", points=3, samples=8)
+    (a.analysis_dir / "surface-interpolate-b@1-1d.nc").rename(a.analysis_dir / "surface-interpolate-b@1-1d-old.nc")
+    run_surface_analysis(a, SurfaceSettings(**line, range=(0.0, 2.0)), checkpoints="last")
+    surfaces = load_run(a.root).surfaces
+    assert float(surfaces["surface-interpolate-b@epoch-0001-1d"]["a"].max()) == 2.0
+    # lines to two runs of one folder name (two studies' b) are told apart by their study's folder
+    other = _make_run(tmp_path / "other" / "b", 2, epochs=1)
+    run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{other.root}", points=3, samples=8),
+                         checkpoints="last")
+    keys = sorted(load_run(a.root).surfaces)
+    assert "surface-interpolate-other/b@epoch-0001-1d" in keys and "surface-interpolate-n/b@epoch-0001-1d" in keys
 
 
 def test_one_line_spelled_two_ways_is_one_file(tmp_path):
