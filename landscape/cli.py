@@ -74,7 +74,7 @@ def EVALUATION_DATA_OPTIONS(f):
 _ONE_SET_OPTIONS = {
     "rhos": "several radii go in one, comma-separated: --rho 0.01,0.05",
     "checkpoints": "several go in one: epochs:1,10,50 or steps:100,200",
-    "params": "one pattern covers several groups: 're:attn|mlp'",
+    "params": "several patterns go in one, comma-separated: '*attn*,*mlp*'",
 }
 """Options whose value is a set (radii, checkpoints, parameters), with how to ask for several: given twice, the
 second reads as "these too", but click keeps only the last."""
@@ -470,7 +470,8 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
               help="Lanczos steps (products) per density probe: the resolution of the density.")
 @SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
-              help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'.")
+              help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'; "
+                   "several comma-separated.")
 @SEED_OPTION("the probes")
 @FORCE_OPTION("RUN/analysis/hessian*.nc")
 @DTYPE_OPTION
@@ -562,7 +563,8 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @SAMPLES_OPTION
 @WEIGHTS_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
-              help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'.")
+              help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'; several "
+                   "comma-separated.")
 @SEED_OPTION("the draws")
 @FORCE_OPTION("RUN/analysis/sharpness*.nc")
 @DTYPE_OPTION
