@@ -292,6 +292,7 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
     if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise LandscapeError("The targets hold NaN or infinite values, so the loss would be NaN; give finite targets.")
     try:
+        _check_target_shape(model, x, y)
         check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
         _check_loss_has_graph(model, x, y, cross_entropy if loss is None else loss)
     except LandscapeError:
@@ -306,6 +307,28 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
                                  f"precision) cannot take the inputs ({reason}); convert the model to one precision "
                                  "first, e.g. model.double() or model.float().") from None
         raise LandscapeError(f"The model cannot take the inputs ({num_inputs(x)} examples, {shape}): {reason}.") from None
+
+
+def _check_target_shape(model: nn.Module, x: Any, y: torch.Tensor) -> None:
+    """Float targets must not broadcast against the outputs into a larger shape: outputs (N,) and targets (N, 1)
+    make an (N, N) loss, every output compared with every target (torch only warns)."""
+    from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
+
+    if not y.is_floating_point() or len(y) < 2:
+        return
+    first = next(iter(model.parameters()))
+    with evaluation_mode(model), torch.no_grad():
+        outputs = forward(model, inputs_to(slice_inputs(x, 0, 2), first.device, first.dtype))
+    if not isinstance(outputs, torch.Tensor) or outputs.shape == y[:2].shape:
+        return
+    try:
+        both = torch.broadcast_shapes(outputs.shape, y[:2].shape)
+    except RuntimeError:
+        return
+    if both != outputs.shape and both != y[:2].shape:
+        raise LandscapeError(f"The model's outputs {tuple(outputs.shape[1:])} and the targets {tuple(y.shape[1:])} "
+                             "per example would be broadcast against each other (every output compared with every "
+                             "target); give targets of the outputs' shape.")
 
 
 def _check_loss_has_graph(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable) -> None:

@@ -708,6 +708,7 @@ def test_regression_targets_from_a_loader_keep_their_shape():
     ("single examples", "looks like a list of single examples"),
     ("nan direction", "has NaN or infinite values in"),
     ("targets of several tasks", "The targets are a dict; give one tensor of targets"),
+    ("targets broadcast", "would be broadcast against each other"),
 ])
 def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(case, words):
     m = _mlp()
@@ -725,6 +726,9 @@ def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(cas
         m, y = _mlp(outputs=1), x.mean(1, keepdim=True)
         y[70] = float("nan")
         call["loss"] = nn.functional.mse_loss
+    elif case == "targets broadcast":  # outputs (N,) against targets (N, 1): every output against every target
+        m = nn.Sequential(_mlp(outputs=1), nn.Flatten(0))
+        y, call["loss"] = x.mean(1, keepdim=True), nn.functional.mse_loss
     elif case == "detached loss":
         call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t).detach()
     data = list(TensorDataset(x, y)) if case == "single examples" else (x, y)
