@@ -292,9 +292,12 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
     if isinstance(y, torch.Tensor) and y.is_floating_point() and not bool(torch.isfinite(y).all()):
         raise LandscapeError("The targets hold NaN or infinite values, so the loss would be NaN; give finite targets.")
     try:
-        _check_target_shape(model, x, y)
+        value = _check_outputs(model, x, y, cross_entropy if loss is None else loss)
         check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
-        _check_loss_has_graph(model, x, y, cross_entropy if loss is None else loss)
+        if isinstance(value, torch.Tensor) and not value.requires_grad and any(p.requires_grad
+                                                                               for p in model.parameters()):
+            raise LandscapeError("The loss does not depend on the model's parameters (it has no autograd graph to "
+                                 "them: detached, or a constant); give a loss computed from the outputs it is passed.")
     except LandscapeError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
@@ -309,43 +312,32 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
         raise LandscapeError(f"The model cannot take the inputs ({num_inputs(x)} examples, {shape}): {reason}.") from None
 
 
-def _check_target_shape(model: nn.Module, x: Any, y: torch.Tensor) -> None:
-    """Float targets must not broadcast against the outputs into a larger shape: outputs (N,) and targets (N, 1)
-    make an (N, N) loss, every output compared with every target (torch only warns)."""
+def _check_outputs(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable) -> Any:
+    """One forward of two examples, with the graph: float targets must not broadcast against the outputs into a
+    larger shape (outputs (N,) against targets (N, 1) make an (N, N) loss, every output against every target; torch
+    only warns). Returns the loss of those examples, or None where the loss refused them (said by
+    :func:`~landscape.curvature.loss.check_mean_criterion`)."""
     from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
 
-    if not y.is_floating_point() or len(y) < 2:
-        return
     first = next(iter(model.parameters()))
-    with evaluation_mode(model), torch.no_grad():
-        outputs = forward(model, inputs_to(slice_inputs(x, 0, 2), first.device, first.dtype))
-    if not isinstance(outputs, torch.Tensor) or outputs.shape == y[:2].shape:
-        return
-    try:
-        both = torch.broadcast_shapes(outputs.shape, y[:2].shape)
-    except RuntimeError:
-        return
-    if both != outputs.shape and both != y[:2].shape:
-        raise LandscapeError(f"The model's outputs {tuple(outputs.shape[1:])} and the targets {tuple(y.shape[1:])} "
-                             "per example would be broadcast against each other (every output compared with every "
-                             "target); give targets of the outputs' shape.")
-
-
-def _check_loss_has_graph(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable) -> None:
-    """The loss of two examples must depend on the parameters (a detached or constant loss has no gradient)."""
-    from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
-
-    first = next((p for p in model.parameters() if p.requires_grad), None)
-    if first is None:
-        return
     xb = inputs_to(slice_inputs(x, 0, min(2, len(y))), first.device, first.dtype)
     yb = y[:2].to(first.device)
     yb = yb.to(first.dtype) if yb.is_floating_point() else yb
     with evaluation_mode(model), torch.enable_grad():
-        value = loss(forward(model, xb), yb)
-    if isinstance(value, torch.Tensor) and not value.requires_grad:
-        raise LandscapeError("The loss does not depend on the model's parameters (it has no autograd graph to them: "
-                             "detached, or a constant); give a loss computed from the outputs it is passed.")
+        outputs = forward(model, xb)
+        if isinstance(outputs, torch.Tensor) and yb.is_floating_point() and len(yb) > 1 and outputs.shape != yb.shape:
+            try:
+                both = torch.broadcast_shapes(outputs.shape, yb.shape)
+            except RuntimeError:
+                both = None
+            if both is not None and both != outputs.shape and both != yb.shape:
+                raise LandscapeError(f"The model's outputs {tuple(outputs.shape[1:])} and the targets "
+                                     f"{tuple(y.shape[1:])} per example would be broadcast against each other "
+                                     "(every output compared with every target); give targets of the outputs' shape.")
+        try:
+            return loss(outputs, yb)
+        except Exception:
+            return None
 
 
 def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int) -> None:
@@ -734,7 +726,7 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
     from landscape.analyses.results import checkpoint_entry
     from landscape.models.variants import Variant
     from landscape.runs import Run
-    from landscape.summary import _REQUIRED, Result, RunResults, classify, read_settings
+    from landscape.summary import Result, RunResults, classify, missing_variable, read_settings
 
     import xarray as xr
 
@@ -752,9 +744,9 @@ def results(*datasets: Any, label: str = "model", seed: int = 0):
             what = "no 'analysis' attr" if kind is None else f"the 'analysis' attr {kind!r}"
             raise LandscapeError(f"Dataset {i + 1} has {what}, not hessian, sharpness, surface or dynamics, so no "
                                  "figure knows what it holds.")
-        missing = [name for name in _REQUIRED.get(kind, ()) if name not in ds.variables]
+        missing = missing_variable(kind, ds)
         if missing:
-            raise LandscapeError(f"Dataset {i + 1} says it holds {kind} results but has no {missing[0]!r}; give the "
+            raise LandscapeError(f"Dataset {i + 1} says it holds {kind} results but has no {missing!r}; give the "
                                  "Dataset the measure returned.")
         if kind == "dynamics":
             dynamics = ds

@@ -126,9 +126,9 @@ def gather_results(run: Run) -> list[Result]:
         ds = read_results(path)
         kind = classify(ds) if ds is not None else None
         if kind is not None:
-            missing = [name for name in _REQUIRED.get(kind, ()) if name not in ds.variables]
+            missing = missing_variable(kind, ds)
             if missing:
-                raise LandscapeError(f"{path} says it holds {kind} results but has no {missing[0]!r}; delete it or "
+                raise LandscapeError(f"{path} says it holds {kind} results but has no {missing!r}; delete it or "
                                      "recompute it with --force.")
             shapes = {**_DIMS.get(kind, {}), "step": {"checkpoint"}, "epoch": {"checkpoint", "epoch"}}
             odd = [name for name, dims in shapes.items() if name in ds.variables and not set(ds[name].dims) <= dims]
@@ -152,6 +152,11 @@ def gather_results(run: Run) -> list[Result]:
 _REQUIRED = {"sharpness": ("rho",), "surface": ("loss",),
              "dynamics": ("peak_to_final_drop",)}
 """Variables without which a results file of each kind cannot be read (the readers index by them)."""
+
+
+def missing_variable(kind: str, ds) -> str | None:
+    """The first of :data:`_REQUIRED`'s variables of ``kind`` that ``ds`` lacks, or None."""
+    return next((name for name in _REQUIRED.get(kind, ()) if name not in ds.variables), None)
 
 _DIMS = {
     "hessian": {"eigenvalue_largest": {"checkpoint", "k"}, "eigenvalue_smallest": {"checkpoint", "k"},
