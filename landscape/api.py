@@ -55,9 +55,20 @@ TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-# torch's own forward-mode rules use torch.jit.script on first use, which warns that it is deprecated: nothing a
-# caller can act on, printed many times by a GGN or Fisher product (the CLI filters it too)
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+def _without_jit_warning(measure: Callable) -> Callable:
+    """``measure`` with torch's ``torch.jit.script`` deprecation warning off while it runs, and only then.
+
+    torch's own forward-mode rules use torch.jit.script on first use, which warns that it is deprecated: nothing a
+    caller can act on, printed many times by a GGN or Fisher product (the CLI filters it too). The caller's own
+    code keeps the warning outside these calls."""
+
+    @functools.wraps(measure)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            return measure(*args, **kwargs)
+
+    return wrapper
 
 
 # -- data -----------------------------------------------------------------------------------------------------------
@@ -468,6 +479,7 @@ def _trainable_count(model: nn.Module) -> int:
 
 
 # -- the measurements ------------------------------------------------------------------------------------------------
+@_without_jit_warning
 def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, samples: int | None = None,
             device: Any = None, **settings: Any):
     """Top eigenvalues, trace and spectral density of the loss Hessian of ``model`` on ``data``.
@@ -539,6 +551,7 @@ def _weight_norm_second_derivative_is_right() -> bool:
     return bool((products - exact).norm() <= 1e-5 * exact.norm())
 
 
+@_without_jit_warning
 def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | None = None, loss: Callable | None = None,
               samples: int | None = None, device: Any = None, **settings: Any):
     """Worst-case (SAM or adaptive), m-, average-case and first-order sharpness of ``model`` on ``data``.
@@ -572,6 +585,7 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     return _finish(ds, "sharpness", config, config.determining(), loss, notes)
 
 
+@_without_jit_warning
 def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: int | None = None,
             range: tuple[float, float] | None = None, points: int = 51, loss: Callable | None = None,
             samples: int | None = None, device: Any = None, **settings: Any):

@@ -795,3 +795,24 @@ def test_a_loss_class_and_directions_of_another_kind_are_named():
         ls.hessian(m, (x, y), loss=nn.CrossEntropyLoss, top_k=1)
     with pytest.raises(LandscapeError, match="not a NoneType"):
         ls.surface(m, (x, y), directions=None, points=3)
+
+
+def test_the_jit_script_warning_is_off_inside_the_measures_only():
+    # torch's deprecation warning of torch.jit.script (printed by its forward-mode rules) is nothing a caller can act
+    # on inside ls.hessian & co., but importing landscape must not hide the caller's own code's warnings of it
+    def loss(outputs, targets):
+        warnings.warn("torch.jit.script is deprecated", FutureWarning)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        ls.hessian(model, (x, y), top_k=1, loss=loss)
+        assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    outside = subprocess.run(
+        [sys.executable, "-c", "import warnings, torch, landscape as ls\n"
+         "ls.hessian(torch.nn.Linear(3, 2), (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), top_k=1)\n"
+         "warnings.warn('torch.jit.script is deprecated', FutureWarning)"], capture_output=True, text=True, check=True)
+    assert "FutureWarning: torch.jit.script is deprecated" in outside.stderr
