@@ -58,9 +58,10 @@ class Result:
 
         kind = self.kind
         if kind == "surface":
-            runs = [Path(str(t)).parent.parent for t in self.settings.get("targets") or ()]
-            targets = "".join(f"-{Path(*r.parts[-folders:]).as_posix()}@{Path(str(t)).stem}"
-                              for r, t in zip(runs, self.settings.get("targets") or ()))
+            from landscape.analyses.surface import stored_target_path
+
+            files = [stored_target_path(str(t), self.path.parent.parent) for t in self.settings.get("targets") or ()]
+            targets = "".join(f"-{Path(*f.parent.parent.parts[-folders:]).as_posix()}@{f.stem}" for f in files)
             kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
         return results_name(kind, self.settings)
 

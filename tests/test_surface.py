@@ -250,6 +250,29 @@ def test_targets_of_one_name_in_two_folders_get_files_of_their_own_that_survive_
     assert parse_directions(f"interpolate:{other / 'studyA/b'}@3").slug(other / "here" / "a") == names["studyA/b"]
 
 
+def test_a_line_continues_after_both_runs_move_and_is_named_by_its_target(tmp_path):
+    # the settings recorded the target by its absolute path: after the runs folder moved, continuing the line
+    # (one more checkpoint) was refused as "computed with other settings"
+    import shutil
+
+    from landscape.summary import load_run
+
+    a, b = _make_run(tmp_path / "runs" / "a", 0, epochs=2), _make_run(tmp_path / "runs" / "b", 1, epochs=2)
+    settings = SurfaceSettings(directions=f"interpolate:{b.root}@2", points=3, samples=SAMPLES)
+    first = run_surface_analysis(a, settings, checkpoints="epochs:1")
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(str(tmp_path / "runs"), str(moved))
+    a2 = Run(moved / "a")
+    continued = run_surface_analysis(a2, SurfaceSettings(directions=f"interpolate:{moved / 'b'}@2", points=3,
+                                                         samples=SAMPLES), checkpoints="all")
+    assert list(continued["checkpoint"].values) == ["epoch-0001", "epoch-0002"]
+    np.testing.assert_array_equal(continued["loss"].isel(checkpoint=0).values, first["loss"].isel(checkpoint=0).values)
+    (path,) = a2.analysis_dir.glob("surface-interpolate*.nc")
+    with xr.open_dataset(path) as ds:
+        assert str(tmp_path) not in ds.attrs["settings"]
+    assert list(load_run(a2.root).surfaces) == ["surface-interpolate-b@epoch-0002-1d"]
+
+
 def test_plane_passes_through_the_three_checkpoints_exactly(runs):
     a, b, c = runs["a"], runs["b"], runs["c"]
     settings = SurfaceSettings(directions=f"plane:{b.root},{c.root}", points=3, samples=SAMPLES)

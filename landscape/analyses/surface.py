@@ -316,6 +316,16 @@ def target_name(target: Path, run: Path | None) -> str:
     return f"{name}_{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
+def stored_target(target: Path, run: Path) -> str:
+    """``target``'s resolved path relative to ``run``'s resolved folder, with ``/`` separators."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(run).resolve())).as_posix()
+
+
+def stored_target_path(stored: str, run: Path) -> Path:
+    """The file a stored target names, for the run in ``run`` (an absolute stored path as it is)."""
+    return Path(os.path.normpath(Path(run).resolve() / stored))
+
+
 def _safe(text: str) -> str:
     """``text`` with every run of characters outside ``[A-Za-z0-9_.@+=]`` made ``_``; a name with characters
     beyond ASCII (``é``, ``数据``: all ``_``) also gets 8 hex digits of its SHA-1, so that such names stay apart."""
@@ -632,11 +642,12 @@ class SurfaceAnalysis(Analysis):
     """A loss surface of :class:`SurfaceSettings` around each checkpoint of a run (:func:`analyze`), results in
     ``RUN/analysis/surface-<directions>-<dims>d.nc`` (:func:`surface_path`).
 
-    The stored settings name the target checkpoints by their resolved files and, for ``pca``, the trajectory, so a
-    re-run with other targets or a longer trajectory is refused rather than mixed in. The model is built once and
-    each checkpoint's weights are evaluated on the grid through it; random directions and the trajectory PCA are
-    made once per run (by the first process) and saved in ``RUN/analysis/directions/``. Besides the driver's shard
-    modes, ``shard="grid"`` shares out each checkpoint's grid points.
+    The stored settings name the target checkpoints by their resolved files (relative to the run's folder, so runs
+    moved together continue their lines) and, for ``pca``, the trajectory, so a re-run with other targets or a
+    longer trajectory is refused rather than mixed in. The model is built once and each checkpoint's weights are
+    evaluated on the grid through it; random directions and the trajectory PCA are made once per run (by the first
+    process) and saved in ``RUN/analysis/directions/``. Besides the driver's shard modes, ``shard="grid"`` shares
+    out each checkpoint's grid points.
     """
 
     name = "surface"
@@ -654,10 +665,16 @@ class SurfaceAnalysis(Analysis):
             self._targets = [ref.resolve() for ref in self.spec.targets]
         return self._targets
 
+    def stored_targets(self, run: Any) -> list[str]:
+        """The target checkpoints as the settings record them: their resolved files, relative to ``run``'s folder
+        (``../runB/checkpoints/epoch-0010.safetensors``), so that runs moved or copied together continue their
+        lines and planes, while a target moved apart from the run is another setting."""
+        return [stored_target(t.path, run.root) for t in self.targets()]
+
     def determining(self, run: Any) -> dict[str, Any]:
         determining = self.settings.determining()
         determining["directions"] = self.spec.kind  # the targets by their resolved files, however RUN2 was spelled
-        determining["targets"] = [str(t.path.resolve()) for t in self.targets()]
+        determining["targets"] = self.stored_targets(run)
         if self.spec.kind == "pca":
             determining["trajectory"] = [i.name for i in run.checkpoints()]
         return determining
@@ -675,7 +692,7 @@ class SurfaceAnalysis(Analysis):
 
         spellings = [[CheckpointRef(ref.run, None), CheckpointRef(ref.run, info.epoch)] if info.epoch is not None
                      else [ref] for ref, info in zip(self.spec.targets, self.targets())]
-        wanted = [str(t.path.resolve()) for t in self.targets()]
+        wanted = self.stored_targets(run)
         for refs in itertools.product(*spellings):
             other = surface_path(run, DirectionSpec(self.spec.kind, list(refs)), self.settings.dims,
                                  self.settings.weights)
