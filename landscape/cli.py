@@ -350,6 +350,8 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             check_config(config)
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             click.echo(f"# recipes: {', '.join(recipe_names())}")
+            if note := warmup_note(config):
+                click.echo(f"Note: {note}", err=True)
             return
         out = out or Path("runs") / f"{config.data.name}-{config.model.name}-seed{config.seed}"
         if (note := warmup_note(config)) and main_process:

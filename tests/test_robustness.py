@@ -993,6 +993,9 @@ def test_a_warm_up_longer_than_the_run_is_named_and_the_run_trains(tmp_path):
     plain = CliRunner().invoke(cli, ["train", "--data", "digits", "--out", str(tmp_path / "plain"), "--no-progress",
                                      "--epochs", "1", "--set", "data.train_size=64"])
     assert plain.exit_code == 0 and "warm-up" not in plain.output
+    dry = CliRunner().invoke(cli, ["train", "--data", "digits", "--epochs", "1", "--set", "schedule.warmup_epochs=3",
+                                   "--dry-run"])  # what the run would be, its note included
+    assert dry.exit_code == 0 and "Note: the warm-up (3 epochs) is longer than the run (1)" in dry.output
 
 
 def test_a_closed_stderr_does_not_stop_a_training(tmp_path):
