@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from landscape.errors import ConfigError, LandscapeError
+from landscape.errors import ConfigError, LandscapeError, caller_stacklevel
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -225,7 +225,7 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict
         note = (f"The model's parameters are {names}; it was measured in {str(dtype).replace('torch.', '')} (a copy)"
                 + (", since second derivatives in 8 or 11 mantissa bits are mostly rounding error."
                    if any(d in LOW_PRECISION for d in kinds) else ", so that every product runs in one precision."))
-        warnings.warn(note, stacklevel=3)
+        warnings.warn(note, stacklevel=caller_stacklevel())
         # real floating-point tensors only: Module.to(dtype) also casts complex buffers (an FFT filter, a rotary
         # table) to real, dropping their imaginary parts, and measures another function without a word
         model = copy.deepcopy(model)._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
@@ -236,7 +236,7 @@ def _measured_model(model: nn.Module, device: Any) -> tuple[nn.Module, str, dict
     notes = {"precision_note": note} if note is not None else {}
     mode = _mode_note(model)
     if mode is not None:
-        warnings.warn(mode, stacklevel=3)
+        warnings.warn(mode, stacklevel=caller_stacklevel())
         notes["mode_note"] = mode
     return model, ("float64" if dtype == torch.float64 else "float32"), notes
 

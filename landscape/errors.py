@@ -20,3 +20,16 @@ class CheckpointError(LandscapeError):
 
 class ConfigError(LandscapeError):
     """A configuration value or recipe is unknown or invalid."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first frame
+    outside the landscape package: the user's line that called into it, however deep the call went."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -228,7 +228,7 @@ def test_bfloat16_model_is_measured_in_float32_with_a_warning_and_an_attr():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = ls.hessian(low, (x, y), top_k=1)
-    assert any("measured in float32" in str(w.message) for w in caught)
+    assert [w.filename for w in caught if "measured in float32" in str(w.message)] == [__file__]
     assert "bfloat16" in ds.attrs["precision_note"]
     assert next(low.parameters()).dtype == torch.bfloat16  # the caller's model is not changed
     assert float(ds["eigenvalue_largest"][0]) == float(reference["eigenvalue_largest"][0])
@@ -350,7 +350,7 @@ def test_a_model_given_in_train_mode_is_measured_in_eval_mode_and_says_so():
         with pytest.warns(UserWarning, match="measured in eval mode") as caught:
             ds = measure()
         note = ds.attrs["mode_note"]
-        assert note == str(caught[0].message)
+        assert note == str(caught[0].message) and caught[0].filename == __file__  # said of the caller's line
         assert "BatchNorm uses its running statistics" in note and "dropout is off" in note
         assert model.training and all(torch.equal(b, stats[n]) for n, b in model.named_buffers())
         if "eigenvalue" in ds:  # eval mode's Hessian, deterministic

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landscape.errors import ConfigError, LandscapeError
+from landscape.errors import ConfigError, LandscapeError, caller_stacklevel
 
 Tensor = torch.Tensor
 LossCriterion = Callable[[Any, Tensor], Tensor]
@@ -345,7 +345,8 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
             f"The loss is a mean over something other than the batch's examples (ignore_index or class weights?): on "
             f"{n} examples it gives {whole:.6g}, the count-weighted mean of its halves {halves:.6g}. Batches are "
             "weighted by their number of examples, so results depend slightly on batch_size; for exact results give "
-            "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).", stacklevel=4)
+            "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).",
+            stacklevel=caller_stacklevel())
 
 
 # -- the loss closure ---------------------------------------------------------------------------------------------
