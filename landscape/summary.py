@@ -58,9 +58,9 @@ class Result:
 
         kind = self.kind
         if kind == "surface":
-            from landscape.analyses.surface import stored_target_path
+            from landscape.analyses.results import stored_path_file
 
-            files = [stored_target_path(str(t), self.path.parent.parent) for t in self.settings.get("targets") or ()]
+            files = [stored_path_file(str(t), self.path.parent.parent) for t in self.settings.get("targets") or ()]
             targets = "".join(f"-{Path(*f.parent.parent.parts[-folders:]).as_posix()}@{f.stem}" for f in files)
             kind = f"surface-{self.settings.get('directions', 'random')}{targets}-{self.settings.get('dims')}d"
         return results_name(kind, self.settings)

@@ -231,6 +231,17 @@ def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
     return combined.isel({CHECKPOINT_DIM: order})
 
 
+def stored_path(path: Path, run: Path) -> str:
+    """``path`` as a results file's settings record it: resolved, relative to ``run``'s resolved folder, with ``/``
+    separators (``../runB/checkpoints/epoch-0010.safetensors``), so that runs moved together keep their meaning."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(run).resolve())).as_posix()
+
+
+def stored_path_file(stored: str, run: Path) -> Path:
+    """The file a path of :func:`stored_path` names, for the run in ``run`` (an absolute stored path as it is)."""
+    return Path(os.path.normpath(Path(run).resolve() / stored))
+
+
 def netcdf_bytes(ds: xr.Dataset) -> bytes:
     """``ds`` as the bytes of a netCDF4 file (h5netcdf), its attributes made netCDF-safe.
 

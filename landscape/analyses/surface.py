@@ -316,16 +316,6 @@ def target_name(target: Path, run: Path | None) -> str:
     return f"{name}_{hashlib.sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
-def stored_target(target: Path, run: Path) -> str:
-    """``target``'s resolved path relative to ``run``'s resolved folder, with ``/`` separators."""
-    return Path(os.path.relpath(Path(target).resolve(), Path(run).resolve())).as_posix()
-
-
-def stored_target_path(stored: str, run: Path) -> Path:
-    """The file a stored target names, for the run in ``run`` (an absolute stored path as it is)."""
-    return Path(os.path.normpath(Path(run).resolve() / stored))
-
-
 def _safe(text: str) -> str:
     """``text`` with every run of characters outside ``[A-Za-z0-9_.@+=]`` made ``_``; a name with characters
     beyond ASCII (``é``, ``数据``: all ``_``) also gets 8 hex digits of its SHA-1, so that such names stay apart."""
@@ -669,7 +659,9 @@ class SurfaceAnalysis(Analysis):
         """The target checkpoints as the settings record them: their resolved files, relative to ``run``'s folder
         (``../runB/checkpoints/epoch-0010.safetensors``), so that runs moved or copied together continue their
         lines and planes, while a target moved apart from the run is another setting."""
-        return [stored_target(t.path, run.root) for t in self.targets()]
+        from landscape.analyses.results import stored_path
+
+        return [stored_path(t.path, run.root) for t in self.targets()]
 
     def determining(self, run: Any) -> dict[str, Any]:
         determining = self.settings.determining()
