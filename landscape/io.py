@@ -417,6 +417,17 @@ def _write_pid(fd: int, *, shared: bool = False) -> None:
         os.pwrite(fd, text.encode(), 0)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file at ``path``, in hex."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def has_control_character(text: str) -> bool:
     """Whether ``text`` holds a control character (a newline, a tab, DEL, ...), which no name printed in a table,
     a log line or a legend may hold."""

@@ -648,6 +648,7 @@ class SurfaceAnalysis(Analysis):
         super().__init__(settings or SurfaceSettings())
         self.spec = parse_directions(self.settings.directions)
         self._targets: list[Any] | None = None
+        self._digests: list[str] | None = None
 
     def targets(self) -> list[Any]:
         """The checkpoints the directions point to (interpolate, plane), resolved once."""
@@ -663,10 +664,20 @@ class SurfaceAnalysis(Analysis):
 
         return [stored_path(t.path, run.root) for t in self.targets()]
 
+    def target_digests(self) -> list[str]:
+        """The SHA-256 of each target checkpoint's file, read once."""
+        if self._digests is None:
+            from landscape.io import file_sha256
+
+            self._digests = [file_sha256(t.path) for t in self.targets()]
+        return self._digests
+
     def determining(self, run: Any) -> dict[str, Any]:
         determining = self.settings.determining()
         determining["directions"] = self.spec.kind  # the targets by their resolved files, however RUN2 was spelled
         determining["targets"] = self.stored_targets(run)
+        if self.spec.targets:  # what the files held: a run retrained in place, or another run moved to that path,
+            determining["target_sha256"] = self.target_digests()  # is another target, not a continuation
         if self.spec.kind == "pca":
             determining["trajectory"] = [i.name for i in run.checkpoints()]
         return determining
@@ -690,7 +701,7 @@ class SurfaceAnalysis(Analysis):
                                  self.settings.weights)
             if other != path and other.is_file():
                 ds = read_results(other)
-                if ds is not None and read_settings(ds).get("targets") == wanted:
+                if ds is not None and read_settings(ds).get("targets") == wanted:  # its digests are checked on opening
                     return other
         return path
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import os
 import re
 import secrets
@@ -20,7 +19,7 @@ from landscape.checkpoints import load_state_dict_strict, save_checkpoint
 from landscape.config import config_hash
 from landscape.data import check_data_fits, dataset_names
 from landscape.errors import CheckpointError, LandscapeError
-from landscape.io import STALE_AFTER_S, WriteError, check_run_name, pid_alive, temporary_stem
+from landscape.io import STALE_AFTER_S, WriteError, check_run_name, file_sha256, pid_alive, temporary_stem
 from landscape.importers.filters import StateDict
 from landscape.importers.read import read_foreign_checkpoint, read_logits_pair
 from landscape.importers.recover import TIMM_NORM_EPS, ModelSpec, create_model, first_line, resolve_model
@@ -210,14 +209,6 @@ def _check_dataset(name: str) -> None:
     names = dataset_names()
     if name not in names:
         raise LandscapeError(f"Unknown dataset {name!r}; accepted are {', '.join(names)}.")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _remove_interrupted_imports(out: Path) -> list[Path]:
