@@ -395,6 +395,28 @@ def test_a_run_killed_between_its_first_checkpoint_and_its_first_state_trains_ag
     assert_same_weights(whole.checkpoints[-1], again.checkpoints[-1])
 
 
+def test_resuming_a_run_killed_before_its_first_checkpoint_says_to_start_it_again(tmp_path, monkeypatch):
+    # it was refused as "analysed since", naming an analysis folder the run does not have
+    import landscape.trainers.loop as loop
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    config = build_config("digits", overrides=["epochs=1", "data.train_size=64", "model.kwargs.depth=1"])
+    with monkeypatch.context() as m:
+        m.setattr(loop, "save_checkpoint", killed)
+        with pytest.raises(Killed):
+            train(config, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match=r"stopped before saving any state; it holds no checkpoint, so start it "
+                                              r"again with the same train command \(without --resume\)") as refused:
+        train(None, tmp_path / "run", resume=True, progress=False)
+    assert "analys" not in str(refused.value)
+    assert train(config, tmp_path / "run", progress=False).checkpoints  # as the sentence says
+
+
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, reference_run):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress"]
