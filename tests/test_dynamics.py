@@ -27,6 +27,7 @@ def test_peak_to_final_on_a_known_curve():
 def test_run_dynamics_uses_the_last_row_of_each_epoch(tmp_path):
     ds = run_dynamics(_run(tmp_path, "a", [60, 90, 85, 84], [55, 70, 88, 87.5]))
     assert list(ds["weights"].values) == ["raw", "ema"]
+    assert ds.attrs["run"] == "a"  # its folder's name, true after a move (not the path as typed)
     assert ds["peak_to_final_drop"].sel(weights="raw").item() == 6.0
     assert ds["peak_epoch"].sel(weights="ema").item() == 3.0
     assert ds["peak_to_final_drop"].sel(weights="ema").item() == pytest.approx(0.5)

@@ -120,7 +120,7 @@ def run_dynamics(run: Run) -> xr.Dataset:
     config = run.load_config()
     ds = xr.Dataset(data, coords={"weights": weights, "epoch": epochs})
     ds.attrs.update(
-        run=str(run.root), variant=describe_variant(config, run.name).key, seed=int(config.get("seed", -1)),
+        run=run.name, variant=describe_variant(config, run.name).key, seed=int(config.get("seed", -1)),
         definition="peak_to_final_drop = max_e top1_e - top1_E (percentage points); first epoch attaining the max",
     )
     size = validation_size(config, run.load_data_record())
