@@ -955,6 +955,12 @@ def test_a_checkpoint_of_landscape_train_imports_with_its_ema_and_the_facts_its_
     checkpoint = run.checkpoints()[-1]
     result = import_checkpoint(checkpoint.path, tmp_path / "copy")
     assert result.facts["num_heads"]["how"] == "read" and result.model_kwargs["num_heads"] == 4
+    # a plain ViT of MLP ratio 2, as its header states: not a ShallowMLP variant of the weights' shapes
+    assert "shallow" not in result.model and result.model_kwargs["mlp_ratio"] == 2.0
+    shallow = make_tiny_run(tmp_path, "shallow", "vit_pico_patch4_32_shallow_mlp", {**TINY_VIT, "mlp_ratio": 4.0,
+                                                                                    "width_ratio": 0.5}, 0)
+    again = import_checkpoint(shallow.checkpoints()[-1].path, tmp_path / "copy-shallow")
+    assert again.model.endswith("_shallow_mlp") and again.model_kwargs["width_ratio"] == 0.5
     x = torch.randn(3, 1, 8, 8)
     for weights in ("raw", "ema"):
         info, state = load_checkpoint(checkpoint.path, weights=weights)

@@ -228,6 +228,8 @@ def _hint(hints: dict[str, Any], key: str, value: Any, where: str) -> None:
         return
     if key == "arch" and not isinstance(value, str):
         return
+    if key == "mlp_ratio" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+        return
     hints[key] = value
     hints.setdefault("sources", {})[key] = where
 
@@ -261,6 +263,11 @@ def _landscape_header_hints(path: Path, hints: dict[str, Any]) -> None:
     for key in ("num_heads", "global_pool", "img_size"):
         if key in kwargs:
             _hint(hints, key, kwargs[key], f"the landscape checkpoint's header ({key})")
+    from landscape.models.variants import families
+
+    if "mlp_ratio" in kwargs and not families()["shallow"].matches(str(info.model)):  # a plain ViT of a narrow MLP,
+        # not a ShallowMLP (whose header states the MLP as mlp_ratio and width_ratio; the weights say which)
+        _hint(hints, "mlp_ratio", kwargs["mlp_ratio"], "the landscape checkpoint's header (mlp_ratio)")
 
 
 def _tensors_only(state: dict, path: Path) -> StateDict:
