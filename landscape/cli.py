@@ -760,7 +760,7 @@ def compare(runs: tuple[Path, ...], out: Path | None, figure: Path | None) -> No
     from landscape.io import refuse_overwrite
 
     if out is not None:
-        refuse_overwrite(out, "a CSV table", (".csv", ".txt", ".tsv"))
+        refuse_overwrite(out, "a CSV table", (".csv", ".txt", ".tsv"), ours=lambda head: head.startswith("run,"))
     if figure is not None:
         refuse_overwrite(figure, "a figure", (".png", ".pdf", ".svg", ".jpg", ".jpeg"), option="--figure")
     table = compare_runs(runs)
@@ -863,9 +863,13 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
     from landscape.report import write_report
     from landscape.summary import load_results
 
-    refuse_overwrite(out, "a Markdown report", (".md", ".markdown", ".txt"))
+    from landscape.report import REPORT_TITLE
+
+    refuse_overwrite(out, "a Markdown report", (".md", ".markdown", ".txt"),
+                     ours=lambda head: head.startswith(f"# {REPORT_TITLE}\n"))
     if with_html:
-        refuse_overwrite(out.with_suffix(".html"), "an HTML report", (".html", ".htm"))
+        refuse_overwrite(out.with_suffix(".html"), "an HTML report", (".html", ".htm"),
+                         ours=lambda head: f"<title>{REPORT_TITLE}</title>" in head)
     results = load_results(runs)
     _warn_problems(results)
     written = {}

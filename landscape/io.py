@@ -580,12 +580,19 @@ def figures_folder(folder: str | os.PathLike) -> Path:
 
 
 def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ...], *,
-                     error: type[LandscapeError] = LandscapeError, option: str = "--out") -> None:
-    """Raise ``error`` when writing ``what`` to ``path`` would replace a file it must not: one of a run's own
-    files (its config, metrics, data record, a checkpoint, its state or an analysis result), or an existing file
-    of another kind than ``suffixes`` (``--out ~/.bashrc``). A new path, or an earlier output of the same kind,
-    passes. ``option`` is the option that gave ``path``, named in the refusal."""
+                     error: type[LandscapeError] = LandscapeError, option: str = "--out",
+                     ours: typing.Callable[[str], bool] | None = None) -> None:
+    """Raise ``error`` when writing ``what`` to ``path`` would replace a file it must not: a device, pipe or socket
+    (the write renames a new file over the path: ``--out /dev/null`` as root would replace the device), one of a
+    run's own files (its config, metrics, data record, a checkpoint, its state or an analysis result), an existing
+    file of another kind than ``suffixes`` (``--out ~/.bashrc``), or, given ``ours`` (a test of the file's first
+    characters), a non-empty file of that kind that this command did not write (``--out README.md``). A new path,
+    or an earlier output of the same command, passes. ``option`` is the option that gave ``path``, named in the
+    refusal."""
     path = Path(path)
+    special = special_file(path)
+    if special is not None:
+        raise error(f"{path} is {special}, not a file {what} can be written to; give {option} a file path.")
     if not path.is_file():
         return
     resolved = path.resolve()
@@ -597,6 +604,15 @@ def refuse_overwrite(path: str | os.PathLike, what: str, suffixes: tuple[str, ..
     if path.suffix.lower() not in suffixes:
         raise error(f"{path} exists and is not {what} ({' or '.join(suffixes)}), so it is not replaced; give "
                     f"{option} a new path or one ending in {suffixes[0]}.")
+    if ours is not None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+        except OSError:
+            return  # unreadable: the write says what is wrong
+        if head.strip() and not ours(head):
+            raise error(f"{path} exists and is not {what} that landscape wrote, so it is not replaced; give {option} "
+                        "a new path, or move the file away first.")
 
 
 def dangling(path: str | os.PathLike) -> str:

@@ -56,6 +56,7 @@ from landscape.statistics import rank_correlation as rank_test
 from landscape.summary import FLAG_REPARAMETERISATION, FLAG_SIZE
 
 PERMUTATIONS = 10000  # permutations behind the p-value of a rank correlation (exact below this many)
+REPORT_TITLE = "Flat minima and peak-to-final degradation"  # the first line of every report (and the HTML title)
 
 
 # == statistics ==================================================================================================
@@ -686,7 +687,7 @@ def build_report(results, *, figures: dict[str, list[Path]] | None = None, repor
 
     datasets = sorted({str((r.run.load_config().get("data") or {}).get("name", "?")) for r in results})
     blocks = [
-        heading("Flat minima and peak-to-final degradation", 1),
+        heading(REPORT_TITLE, 1),
         paragraph(f"{len(results)} runs of {data['variant'].nunique()} variants on {', '.join(datasets)}; flatness "
                   f"measured on the {weights} weights of each run's final checkpoint. Written by landscape "
                   f"{__version__} from the runs' `analysis/` results; every number below can be recomputed with "
@@ -935,6 +936,6 @@ def write_report(results, out: str | os.PathLike, *, figures: dict[str, list[Pat
     paths = [out]
     if html:
         page = out.with_suffix(".html")
-        atomic_write_text(page, render_html(blocks, title="Flat minima and peak-to-final degradation"))
+        atomic_write_text(page, render_html(blocks, title=REPORT_TITLE))
         paths.append(page)
     return paths, hypotheses

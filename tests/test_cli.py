@@ -1,3 +1,5 @@
+import os
+import stat
 import subprocess
 import sys
 
@@ -263,17 +265,28 @@ def test_report_and_compare_never_write_over_a_runs_own_files_or_a_file_of_anoth
     run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
     checkpoint = sorted(run.checkpoints_dir.glob("*.safetensors"))[-1]
     (tmp_path / "notes.yaml").write_text("mine\n")
-    kept = {p: p.read_bytes() for p in (run.config_path, checkpoint, run.metrics_path, tmp_path / "notes.yaml")}
+    (tmp_path / "README.md").write_text("# My project\nimportant notes\n")  # a kind the report writes, not its own
+    (tmp_path / "data.csv").write_text("x,y\n1,2\n")
+    (tmp_path / "report.html").write_text("<html><title>mine</title></html>\n")
+    os.mkfifo(tmp_path / "pipe")  # a device or pipe: the write renamed a file over it (as root: over /dev/null)
+    mine = [tmp_path / n for n in ("notes.yaml", "README.md", "data.csv", "report.html")]
+    kept = {p: p.read_bytes() for p in (run.config_path, checkpoint, run.metrics_path, *mine)}
     for args in (["report", run.root, "--no-figures", "--out", run.config_path],
                  ["report", run.root, "--no-figures", "--out", run.metrics_path],
                  ["compare", run.root, "--out", checkpoint],
                  ["compare", run.root, "--out", tmp_path / "notes.yaml"],
-                 ["compare", run.root, "--figure", run.config_path]):
+                 ["compare", run.root, "--figure", run.config_path],
+                 ["report", run.root, "--no-figures", "--out", tmp_path / "README.md"],
+                 ["report", run.root, "--no-figures", "--html", "--out", tmp_path / "report.md"],
+                 ["compare", run.root, "--out", tmp_path / "data.csv"],
+                 ["compare", run.root, "--out", tmp_path / "pipe"],
+                 ["report", run.root, "--no-figures", "--out", tmp_path / "pipe"]):
         result = CliRunner().invoke(cli, [str(a) for a in args])
         assert result.exit_code == 1, (args, result.output)
         option = "--figure" if "--figure" in args else "--out"  # the option that gave the path, not always --out
         assert result.output.startswith("Error: ") and f"give {option} a" in result.output, result.output
-    assert {p: p.read_bytes() for p in kept} == kept
+    assert {p: p.read_bytes() for p in kept} == kept and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert not (tmp_path / "report.md").exists()
     for args in (["report", run.root, "--no-figures", "--html", "--out", run.root / "report.md"],  # beside the run
                  ["compare", run.root, "--out", tmp_path / "table.csv"]):
         for _ in range(2):  # and over its own earlier output
