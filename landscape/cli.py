@@ -337,7 +337,9 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
         if extend_to is not None:
             raise LandscapeError("--extend-to raises the epochs of an existing run; give it with --resume RUN.")
         if recipe is None:
-            recipe = "digits" if data in (None, "digits", "synthetic") else "small-images"
+            from landscape.trainers.recipes import default_recipe
+
+            recipe = default_recipe(data)
         elif not recipe.strip():
             raise LandscapeError(f"--recipe is empty; give a recipe name ({', '.join(recipe_names())}) or a YAML file.")
         options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "img_size": img_size}

@@ -248,7 +248,8 @@ def load_study(path: str | os.PathLike) -> StudySpec:
 def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
     """A :class:`StudySpec` from the mapping of a study file.
 
-    Keys: ``name``; ``description``; ``data`` (a dataset name); ``recipe`` (a recipe name or YAML file);
+    Keys: ``name``; ``description``; ``data`` (a dataset name); ``recipe`` (a recipe name or YAML file; left out,
+    the dataset's default, as ``landscape train`` takes);
     ``seeds`` (a list of seeds, or a count ``n`` meaning ``0..n-1``); ``overrides`` (config fields of
     ``landscape train --set``, e.g. ``epochs``, ``optim.lr``, ``data.train_size``); ``variants`` (a list of
     ``{name, model, kwargs}``; ``name`` names the run folders ``<name>-s<seed>``); ``analysis`` (fields of
@@ -305,7 +306,14 @@ def study_from_dict(raw: Any, *, source: str = "the study") -> StudySpec:
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: 'overrides' must be a mapping of config fields to values.")
-    return StudySpec(variants=parsed, seeds=list(seeds), data=str(raw["data"]), recipe=raw.get("recipe"),
+    _refuse_study_owned_overrides(overrides, source)
+    recipe = raw.get("recipe")
+    if recipe is not None and (not isinstance(recipe, str) or not recipe.strip()):
+        from landscape.trainers.recipes import recipe_names
+
+        raise ConfigError(f"{source}: 'recipe' must name a recipe ({', '.join(recipe_names())}) or a YAML file, "
+                          f"not {recipe!r}; leave it out for the dataset's default.")
+    return StudySpec(variants=parsed, seeds=list(seeds), data=str(raw["data"]), recipe=recipe,
                      overrides=dict(overrides), analysis=_analysis_settings(raw.get("analysis") or {}, source),
                      name=str(raw.get("name") or Path(source).stem), description=str(raw.get("description") or ""),
                      stack=_train_settings(raw.get("train") or {}, source))
@@ -381,6 +389,26 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
     except LandscapeError as e:
         raise ConfigError(f"{source}: analysis settings: {e}") from None
     return settings
+
+
+# Config fields a study sets with keys of its own: an override of one would train every run with it, while the
+# study's runs, names and check say otherwise (two "seeds" trained with one seed, the variants' models replaced).
+_STUDY_OWNED = {"seed": "seeds", "data.name": "data", "model.name": "variants (model)", "model": "variants"}
+
+
+def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> None:
+    from landscape.trainers.recipes import resolve_key
+
+    for key, value in overrides.items():
+        try:
+            full = resolve_key(str(key))
+        except ConfigError:
+            continue  # an unknown field: the config check names it
+        nested = {f"{full}.{k}" for k in value} if isinstance(value, dict) else set()
+        for owned in sorted({full} | nested):
+            if owned in _STUDY_OWNED:
+                raise ConfigError(f"{source}: the overrides set {owned}, which the study sets with its own "
+                                  f"'{_STUDY_OWNED[owned]}' key; give it there.")
 
 
 def check_study(spec: StudySpec) -> None:
@@ -481,9 +509,10 @@ Emit = Callable[[StudyEvent], None]
 def train_config(spec: StudySpec, variant: StudyVariant, seed: int):
     """The resolved :class:`~landscape.config.TrainConfig` of one run of the study."""
     from landscape.trainers import build_config
+    from landscape.trainers.recipes import default_recipe
 
-    return build_config(spec.recipe, model=variant.model, model_kwargs=variant.kwargs, data=spec.data,
-                        options={"seed": seed}, overrides=spec.overrides)
+    return build_config(spec.recipe or default_recipe(spec.data), model=variant.model, model_kwargs=variant.kwargs,
+                        data=spec.data, options={"seed": seed}, overrides=spec.overrides)
 
 
 def _refuse_other_run(run_dir: Path, saved: dict[str, Any], wanted: dict[str, Any]) -> None:

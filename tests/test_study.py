@@ -290,6 +290,11 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     assert spec.overrides == {"epochs": 2, "optim.lr": 3e-3}
     assert spec.analysis.at == ("peak", "final") and spec.analysis.rhos == (0.05,) and spec.analysis.samples == 16
     check_study(spec)
+    from landscape.study import train_config
+
+    plain = load_study(_write(tmp_path, _TINY_YAML.replace("recipe: digits\n", ""), "plain.yaml"))
+    assert plain.recipe is None  # left out: the dataset's default recipe, as `landscape train` takes (not none)
+    assert train_config(plain, plain.variants[0], 0) == train_config(spec, spec.variants[0], 0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -325,6 +330,15 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("analysis: {samples: 16,", "analysis: {samples: 5000,"), r"samples \(5000\) is more than the 1437 training"),
     (("overrides: {epochs: 2,", "overrides: {data.train_size: 10, epochs: 2,"), r"samples \(16\) is more than the 10 "
                                                                               "training images of digits the runs"),
+    # the overrides won over the study's own keys: two "seeds" trained with seed 7, the variants' models replaced
+    (("overrides: {epochs: 2,", "overrides: {seed: 7, epochs: 2,"), "the overrides set seed, which the study sets "
+                                                                     "with its own 'seeds' key"),
+    (("overrides: {epochs: 2,", "overrides: {data.name: mnist, epochs: 2,"), "the overrides set data.name"),
+    (("overrides: {epochs: 2,", "overrides: {data: {name: mnist}, epochs: 2,"), "the overrides set data.name"),
+    (("overrides: {epochs: 2,", "overrides: {model.name: vit_base_patch16_224, epochs: 2,"),
+     "the overrides set model.name"),
+    (("recipe: digits", "recipe: 5"), "'recipe' must name a recipe"),  # a traceback
+    (("recipe: digits", "recipe: ''"), "'recipe' must name a recipe"),  # trained without any recipe
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study

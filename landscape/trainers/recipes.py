@@ -39,6 +39,12 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
+def default_recipe(data: str | None) -> str:
+    """The recipe a run without one trains with: ``digits`` on the embedded digits (and synthetic data), else
+    ``small-images``."""
+    return "digits" if data in (None, "digits", "synthetic") else "small-images"
+
+
 def load_recipe(name: str) -> dict[str, Any]:
     """A bundled recipe by name, or a YAML file by path, as a plain mapping."""
     path = RECIPE_DIR / f"{name}.yaml"
