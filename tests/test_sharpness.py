@@ -445,3 +445,26 @@ def test_eta_without_adaptive_is_refused_since_plain_sharpness_has_no_scale_to_o
                                           r"does not use; add --adaptive"):
         SharpnessSettings(eta=5.0)
     assert SharpnessSettings(adaptive=True, eta=5.0).eta == 5.0
+
+
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_a_perturbation_that_overflows_the_model_is_one_sentence_not_a_nan_result(p):
+    # a radius of 1e6 or an adaptive eta of 1e30 overflowed float32 logits: a traceback from scipy's brentq (NaN),
+    # or a NaN average-case sharpness saved as the measure
+    from landscape.errors import LandscapeError
+
+    w = torch.ones(4, dtype=torch.float32)
+
+    def loss(v):
+        return torch.exp(v.sum())  # finite at w, infinite a long way off
+
+    def loss_and_grad(v):
+        value = loss(v)
+        return value, value * torch.ones_like(v)
+
+    assert math.isfinite(float(loss(w)))
+    with pytest.raises(LandscapeError, match="is not finite at a perturbation of norm .* give a smaller radius"):
+        worst_case_sharpness(loss_and_grad, w, 1e6, p=p, steps=4, loss_fn=loss)
+    with pytest.raises(LandscapeError, match=r"not finite at a perturbation of norm .* \(radius 1e\+06\)"):
+        average_case_sharpness(loss, w, 1e6, draws=2)
+    assert math.isfinite(average_case_sharpness(loss, w, 1e-3, draws=2)[0])

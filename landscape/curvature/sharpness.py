@@ -216,6 +216,22 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({max(1, math.ceil(round(q * steps, 9))) for q in p[1:]})
 
 
+def _check_finite_loss(loss: float, delta: torch.Tensor, rho: float | None = None, *, what: str = "the loss") -> None:
+    """Refuse a sharpness whose perturbed loss (or gradient) is not finite: the perturbation ``delta`` overflows the
+    model in its precision (a radius of 1e6, or an adaptive scale |w| + eta with a huge eta), and a NaN or infinite
+    rise would be saved as the measure."""
+    if math.isfinite(loss):
+        return
+    from landscape.errors import LandscapeError
+
+    size = float(torch.linalg.vector_norm(delta.double()))
+    raise LandscapeError(
+        f"{what[0].upper() + what[1:]} is not finite at a perturbation of norm {size:.3g} from the weights"
+        f"{f' (radius {rho:g})' if rho is not None else ''}: the model overflows there in its precision, so "
+        "sharpness cannot be measured at this radius; give a smaller radius (or a smaller eta of the adaptive "
+        "scale).")
+
+
 class _Search:
     """The bookkeeping every phase of the worst-case search shares: the evaluated points and the best one."""
 
@@ -226,6 +242,7 @@ class _Search:
         self.best, self.best_u = 0.0, torch.zeros_like(w)
 
     def _record(self, u: torch.Tensor, loss: float) -> float:
+        _check_finite_loss(loss, _scaled(u, self.scale))
         rise = float(loss) - self.loss0
         self.rises.append(rise)
         if rise > self.best:
@@ -235,7 +252,10 @@ class _Search:
     def gradient(self, u: torch.Tensor) -> tuple[float, torch.Tensor]:
         """(rise, gradient in the scaled coordinates :math:`c \\odot \\nabla L(w + c \\odot u)`) at ``u``."""
         loss, grad = self.loss_and_grad(self.w + _scaled(u, self.scale))
-        return self._record(u, float(loss)), _scaled(grad, self.scale)
+        rise = self._record(u, float(loss))
+        if not bool(torch.isfinite(grad).all()):
+            _check_finite_loss(math.nan, _scaled(u, self.scale), what="the loss's gradient")
+        return rise, _scaled(grad, self.scale)
 
     def rise(self, u: torch.Tensor) -> float:
         return self._record(u, float(self.evaluate(self.w + _scaled(u, self.scale))))
@@ -445,6 +465,7 @@ def average_case_sharpness(
     for _ in range(draws):
         delta = _scaled(rho * _random_direction(w, generator), scale)
         plus, minus = float(loss_fn(w + delta)), float(loss_fn(w - delta))
+        _check_finite_loss(plus + minus, delta, rho)
         pair_means.append(0.5 * (plus + minus) - loss0)
     values = torch.tensor(pair_means, dtype=torch.float64)
     stderr = float(values.std(unbiased=True) / math.sqrt(draws)) if draws > 1 else float("nan")
