@@ -419,7 +419,7 @@ def check_study(spec: StudySpec) -> None:
     from landscape.data import get_dataset_info
     from landscape.models import create_model
     from landscape.models.variants import describe_variant
-    from landscape.trainers.loop import resolve_model_kwargs
+    from landscape.trainers.loop import check_model_fits_data, resolve_model_kwargs
 
     configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
     if any(c.task == "mae" for c in configs):  # every analysis of the study would refuse the runs after training
@@ -447,12 +447,22 @@ def check_study(spec: StudySpec) -> None:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ConfigError(f"Variant {variant.name!r}: model {variant.model} cannot be built with "
                               f"{variant.kwargs} ({reason}).") from None
+        try:  # what `train` checks before it makes the run: patch and image sizes, the data subset's size
+            check_model_fits_data(config, kwargs)
+        except LandscapeError as e:
+            raise ConfigError(f"Variant {variant.name!r}: {_study_words(str(e))}") from None
         described[variant.name] = describe_variant({"model": {"name": variant.model, "kwargs": variant.kwargs}})
     baselines = {d.base for d in described.values() if d.family == "baseline"}
     for name, d in described.items():
         if d.family in ("grouped", "shallow") and d.base not in baselines:
             raise ConfigError(f"Variant {name!r} ({d.label}) has no baseline in the study: add a variant with model "
                               f"{d.base.split('(')[0]} and the same architecture arguments.")
+
+
+def _study_words(sentence: str) -> str:
+    """A sentence of `train`'s checks in a study file's terms: its options are the variants' kwargs and overrides."""
+    return (sentence.replace("--model-arg ", "the variant's kwargs ").replace("a larger --img-size", "a larger "
+            "data.img_size in the overrides").replace("--set data.", "overrides data."))
 
 
 def resolved_study(spec: StudySpec) -> dict[str, Any]:

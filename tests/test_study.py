@@ -339,6 +339,10 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
      "the overrides set model.name"),
     (("recipe: digits", "recipe: 5"), "'recipe' must name a recipe"),  # a traceback
     (("recipe: digits", "recipe: ''"), "'recipe' must name a recipe"),  # trained without any recipe
+    # passed --check, then train refused them, leaving a half-made study folder
+    (("patch_size: 4,", "patch_size: 16,"), "Variant 'baseline': patch_size 16 is larger than the 8x8 images"),
+    (("overrides: {epochs: 2,", "overrides: {data.train_size: 100000, epochs: 2,"),
+     "data.train_size 100000 is more than the 1437 training images of digits"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study
