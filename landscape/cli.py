@@ -465,12 +465,12 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 @click.option("--trace", is_flag=True, help="Estimate the trace, with a standard error (see --trace-method).")
 @click.option("--trace-method", type=click.Choice(["lanczos", "hutch++"]), default="lanczos", show_default=True,
               help="lanczos: Hutchinson deflated by the eigenvalues' Krylov basis (Hutch++ with --top-k 0).")
-@click.option("--trace-matvecs", type=click.IntRange(min=1), default=99, show_default=True,
+@click.option("--trace-matvecs", type=click.IntRange(min=1, max=100_000), default=99, show_default=True,
               help="Products the trace estimate takes (its error shrinks as one over their square root).")
 @click.option("--density", is_flag=True, help="Estimate the spectral density (stochastic Lanczos quadrature).")
-@click.option("--density-probes", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--density-probes", type=click.IntRange(min=1, max=100_000), default=4, show_default=True,
               help="Random start vectors of the density, averaged.")
-@click.option("--density-steps", type=click.IntRange(min=1), default=80, show_default=True,
+@click.option("--density-steps", type=click.IntRange(min=1, max=100_000), default=80, show_default=True,
               help="Lanczos steps (products) per density probe: the resolution of the density.")
 @SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
@@ -488,7 +488,7 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
               show_default=True,
               help="Curvature matrix: Hessian, generalised Gauss-Newton, true Fisher (equal to the GGN for "
                    "cross-entropy) or empirical Fisher.")
-@click.option("--fisher-samples", type=click.IntRange(min=1), default=None,
+@click.option("--fisher-samples", type=click.IntRange(min=1, max=100_000), default=None,
               help="With --matrix fisher: labels drawn per example from the model [default: exact expectation].")
 @click.option("--per-batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Also the largest eigenvalue on each batch of N examples (Park & Kim 2022).")
@@ -601,7 +601,7 @@ def analyze_sharpness(run: Path, rhos: tuple[float, ...], p: str, adaptive: bool
               help="1D or 2D slice [default: 1 for interpolate, else 2].")
 @click.option("--range", "value_range", default=None, metavar="START:STOP",
               help="Grid range in direction units [default: -1:1; 0:1 for interpolate; -0.5:1.5 for plane].")
-@click.option("--points", type=click.IntRange(min=2), default=51, show_default=True, help="Grid points per axis.")
+@click.option("--points", type=click.IntRange(min=2, max=10_001), default=51, show_default=True, help="Grid points per axis.")
 @CHECKPOINTS_OPTION("last", "Centres of the slices")
 @SAMPLES_OPTION
 @WEIGHTS_OPTION
@@ -893,7 +893,7 @@ def report(runs: tuple[Path, ...], out: Path, with_html: bool, figures_dir: Path
               help="digits: embedded 8x8 digits (minutes on a laptop CPU); fashion-mnist: the real 28x28 files.")
 @click.option("--out", default=Path("runs/demo"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Study folder: runs/, figures/ and report.md go here.")
-@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1), help="Seeds per variant.")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1, 10_000), help="Seeds per variant.")
 @click.option("--epochs", default=None, type=click.IntRange(1),
               help="Training epochs (default: 12 digits, 8 fashion-mnist).")
 @click.option("--jobs", default=None, type=click.IntRange(1),

@@ -311,6 +311,12 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
     (["sharpness", "--rho", "0.05,1e-300"], "--rho must be radii between 1e-12 and 1e6"),
     (["surface", "--range", "-1e308:1e308"], "Range '-1e308:1e308' reaches past 1,000,000 times the directions"),
     (["surface", "--range", "1e30:1e31"], "reaches past 1,000,000 times"),
+    # a traceback after saving two grid points on one coordinate; numpy refusing the grid's size
+    (["surface", "--range", "0:5e-324", "--points", "3"], "is too narrow for 3 distinct grid points"),
+    (["surface", "--range", "1:1.0000000000000002", "--points", "3"], "is too narrow for 3 distinct grid points"),
+    (["surface", "--dims", "2", "--points", "5000"], "--points must be from 2 to 1,001 for --dims 2"),
+    (["sharpness", "--adaptive", "--eta", "1e30"], "is not finite at a perturbation of norm"),
+    (["sharpness", "--rho", "1e6"], "is not finite at a perturbation of norm"),
 ])
 def test_values_past_what_an_analysis_can_measure_are_one_sentence_and_write_nothing(tmp_path, args, message):
     # a traceback each (numpy's seed range, a NaN in the trust-region solver, an overflowing grid step), and the

@@ -32,6 +32,9 @@ Tensor = torch.Tensor
 
 
 # == the Hessian analysis of a run ================================================================================
+MAX_COUNT = 100_000  # the most probes, steps, products or label draws one setting may ask for (2**64 was a traceback)
+
+
 @dataclass
 class HessianSettings(EvaluationSettings):
     """What ``landscape analyze hessian`` measures at each checkpoint, and on which data.
@@ -107,8 +110,8 @@ class HessianSettings(EvaluationSettings):
         for name, option in (("trace_matvecs", "--trace-matvecs"), ("density_probes", "--density-probes"),
                              ("density_steps", "--density-steps")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{option} must be a whole number of at least 1, not {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_COUNT:
+                raise ConfigError(f"{option} must be a whole number from 1 to {MAX_COUNT:,}, not {value!r}.")
         from landscape.curvature.operators import PRODUCTS
 
         if self.trace_method not in ("lanczos", "hutch++"):
@@ -127,8 +130,9 @@ class HessianSettings(EvaluationSettings):
                 f"--matrix {self.matrix} is positive semi-definite and singular whenever the examples times the "
                 "classes are fewer than the parameters: its smallest eigenvalues are 0, which Lanczos cannot resolve "
                 "to a relative --tol (it would run to its product cap); use --which largest.")
-        if self.fisher_samples is not None and (self.fisher_samples < 1 or self.matrix != "fisher"):
-            raise ConfigError("--fisher-samples must be a positive integer and goes with --matrix fisher only.")
+        if self.fisher_samples is not None and (not 1 <= self.fisher_samples <= MAX_COUNT or self.matrix != "fisher"):
+            raise ConfigError(f"--fisher-samples must be a whole number from 1 to {MAX_COUNT:,} and goes with "
+                              "--matrix fisher only.")
         if self.per_batch is not None and not 1 <= self.per_batch <= self.samples:
             raise ConfigError(f"--per-batch must be between 1 and --samples {self.samples}, not {self.per_batch}.")
         if self.per_batch is not None and self.top_k == 0:

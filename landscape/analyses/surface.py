@@ -514,8 +514,9 @@ class SurfaceSettings(EvaluationSettings):
             raise ConfigError(
                 f"Directions {spec.kind} are {hint.get(spec.kind, 'for --dims 1 or 2')}, not --dims {self.dims}.")
         self.range = parse_range(self.range if self.range is not None else None, spec.kind)
-        if self.points < 2:
-            raise ConfigError(f"--points must be at least 2, not {self.points}.")
+        most = 10_001 if self.dims == 1 else 1_001  # a 2D grid evaluates points squared
+        if not 2 <= self.points <= most:
+            raise ConfigError(f"--points must be from 2 to {most:,} for --dims {self.dims}, not {self.points}.")
         if self.one_dim not in ONE_DIM_POLICIES:
             raise ConfigError(f"Unknown policy {self.one_dim!r} for 1-D parameters; accepted are zero, filter and "
                               "weight.")
@@ -524,6 +525,10 @@ class SurfaceSettings(EvaluationSettings):
         if self.qkv not in QKV_POLICIES:
             raise ConfigError(f"Unknown qkv normalisation {self.qkv!r}; accepted are head and row.")
         self.check_evaluation()
+        for axis in self.axes():
+            if len(np.unique(axis)) < len(axis):  # a range narrower than floating point can split
+                raise ConfigError(f"--range {self.range[0]:.17g}:{self.range[1]:.17g} is too narrow for {self.points} "
+                                  "distinct grid points; give a wider range.")
         return spec
 
     def axes(self) -> list[np.ndarray]:
