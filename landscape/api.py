@@ -40,9 +40,11 @@ Settings that cannot apply are refused in one sentence (:class:`~landscape.error
 from __future__ import annotations
 
 import builtins
+import contextlib
 import copy
 import dataclasses
 import functools
+import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -64,11 +66,23 @@ def _without_jit_warning(measure: Callable) -> Callable:
 
     @functools.wraps(measure)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        # not warnings.catch_warnings(): on leaving it drops the filters libraries install on their first import
+        # inside the call (scipy's), and resets which warnings were already shown, so they repeat at every call
+        # (an "ignore" filter leaves no record behind, so adding and removing it changes nothing else)
+        added = not warnings.filters or warnings.filters[0] != _JIT_FILTER
+        if added:
+            warnings.filters.insert(0, _JIT_FILTER)
+        try:
             return measure(*args, **kwargs)
+        finally:
+            if added:
+                with contextlib.suppress(ValueError):
+                    warnings.filters.remove(_JIT_FILTER)  # the first one: this call's, unless another came before
 
     return wrapper
+
+
+_JIT_FILTER = ("ignore", re.compile(r".*torch.jit.script.*", re.IGNORECASE), FutureWarning, None, 0)
 
 
 # -- data -----------------------------------------------------------------------------------------------------------

@@ -241,6 +241,20 @@ def load_checkpoint(
     return info, state
 
 
+def weights_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a checkpoint's tensor bytes (a safetensors file after its header): the same for the same
+    weights (raw and EMA) saved twice, which the file's own hash is not (its header records timings)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        f.seek(8 + size)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_raw_metadata(path: str | os.PathLike) -> dict[str, str]:
     meta, _, _ = _open_header(Path(path))
     return meta

@@ -811,6 +811,15 @@ def test_the_jit_script_warning_is_off_inside_the_measures_only():
         warnings.simplefilter("default")
         ls.hessian(model, (x, y), top_k=1, loss=loss)
         assert not [w for w in caught if issubclass(w.category, FutureWarning)]
+    # a filter a library installs on its first import inside the call stays (catch_warnings() had dropped it)
+    def installing(outputs, targets):
+        warnings.filterwarnings("ignore", message="a library's own filter")
+        return nn.functional.cross_entropy(outputs, targets)
+
+    with warnings.catch_warnings():
+        ls.hessian(model, (x, y), top_k=1, loss=installing)
+        assert any(f[1] is not None and f[1].pattern == "a library's own filter" for f in warnings.filters)
+        assert not any(f[1] is not None and "jit" in f[1].pattern for f in warnings.filters[:1])
     outside = subprocess.run(
         [sys.executable, "-c", "import warnings, torch, landscape as ls\n"
          "ls.hessian(torch.nn.Linear(3, 2), (torch.randn(4, 3), torch.tensor([0, 1, 0, 1])), top_k=1)\n"

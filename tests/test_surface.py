@@ -271,10 +271,16 @@ def test_a_line_continues_after_both_runs_move_and_is_named_by_its_target(tmp_pa
     with xr.open_dataset(path) as ds:
         assert str(tmp_path) not in ds.attrs["settings"]
     assert list(load_run(a2.root).surfaces) == ["surface-interpolate-b@epoch-0002-1d"]
+    # the same weights saved again (a resume rewrites the checkpoint it stopped after; its header's timings differ)
+    target = moved / "b" / "checkpoints" / "epoch-0002.safetensors"
+    save_checkpoint(target, load_checkpoint(target)[1], model=MODEL, model_kwargs=KWARGS, epoch=2, step=20,
+                    metrics={"wall_time": 12.5})
+    run_surface_analysis(a2, SurfaceSettings(directions=f"interpolate:{moved / 'b'}@2", points=3, samples=SAMPLES),
+                         checkpoints="all")
     # another run at the target's path (retrained in place, or moved there) is another line, not a continuation
     shutil.rmtree(moved / "b")
     _make_run(moved / "b", 7, epochs=2)
-    with pytest.raises(LandscapeError, match=r"computed with other settings \(target_sha256 "):
+    with pytest.raises(LandscapeError, match=r"computed with other settings \(target_weights_sha256 "):
         run_surface_analysis(a2, SurfaceSettings(directions=f"interpolate:{moved / 'b'}@2", points=3,
                                                  samples=SAMPLES), checkpoints="all", force=False)
 

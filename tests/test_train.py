@@ -414,6 +414,11 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_to_start_it_agai
                                               r"again with the same train command \(without --resume\)") as refused:
         train(None, tmp_path / "run", resume=True, progress=False)
     assert "analys" not in str(refused.value)
+    (tmp_path / "run" / "analysis").mkdir()  # a dynamics result (it reads metrics.csv only): still no checkpoint
+    (tmp_path / "run" / "analysis" / "dynamics.nc").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="it holds no checkpoint, so start it again"):
+        train(None, tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "run" / "analysis" / "dynamics.nc").unlink()
     assert train(config, tmp_path / "run", progress=False).checkpoints  # as the sentence says
 
 

@@ -670,11 +670,13 @@ class SurfaceAnalysis(Analysis):
         return [stored_path(t.path, run.root) for t in self.targets()]
 
     def target_digests(self) -> list[str]:
-        """The SHA-256 of each target checkpoint's file, read once."""
+        """The SHA-256 of each target checkpoint's tensors (:func:`~landscape.checkpoints.weights_sha256`), read
+        once: the same weights saved again (a resume that rewrites its last checkpoint, a retraining with the same
+        seed) are the same target, whatever their header's timings say."""
         if self._digests is None:
-            from landscape.io import file_sha256
+            from landscape.checkpoints import weights_sha256
 
-            self._digests = [file_sha256(t.path) for t in self.targets()]
+            self._digests = [weights_sha256(t.path) for t in self.targets()]
         return self._digests
 
     def determining(self, run: Any) -> dict[str, Any]:
@@ -682,7 +684,7 @@ class SurfaceAnalysis(Analysis):
         determining["directions"] = self.spec.kind  # the targets by their resolved files, however RUN2 was spelled
         determining["targets"] = self.stored_targets(run)
         if self.spec.targets:  # what the files held: a run retrained in place, or another run moved to that path,
-            determining["target_sha256"] = self.target_digests()  # is another target, not a continuation
+            determining["target_weights_sha256"] = self.target_digests()  # is another target, not a continuation
         if self.spec.kind == "pca":
             determining["trajectory"] = [i.name for i in run.checkpoints()]
         return determining

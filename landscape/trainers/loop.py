@@ -751,7 +751,8 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
         restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
         # training state that follows its first checkpoint: trained again from the start, with its saved config
         if not run.state_path.exists() and not restart and is_empty_run(run.root, analyses=False) and \
-                not is_empty_run(run.root):  # empty but for its analysis results
+                not is_empty_run(run.root) and any(run.checkpoints_dir.glob("*.safetensors")):  # empty but for
+            # its analysis results
             # analysed since: a retraining (from --init weights that have moved on, on a GPU) may not give that
             # checkpoint's very weights again, and its results would then describe weights that no longer exist
             raise CheckpointError(
