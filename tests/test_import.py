@@ -961,6 +961,18 @@ def test_a_checkpoint_of_landscape_train_imports_with_its_ema_and_the_facts_its_
                                                                                     "width_ratio": 0.5}, 0)
     again = import_checkpoint(shallow.checkpoints()[-1].path, tmp_path / "copy-shallow")
     assert again.model.endswith("_shallow_mlp") and again.model_kwargs["width_ratio"] == 0.5
+    # its init and ratios as the header states them: a random-init ShallowMLP was imported as a sliced one (and
+    # merged with it as two seeds), one of MLP ratio 2 as width 0.25 of ratio 4
+    narrow = make_tiny_run(tmp_path, "narrow", "vit_pico_patch4_32_shallow_mlp", {**TINY_VIT, "mlp_ratio": 2.0,
+                                                                                  "width_ratio": 0.5,
+                                                                                  "mlp_init": "random"}, 0)
+    third = import_checkpoint(narrow.checkpoints()[-1].path, tmp_path / "copy-narrow")
+    assert {k: third.model_kwargs[k] for k in ("mlp_ratio", "width_ratio", "mlp_init")} == {
+        "mlp_ratio": 2.0, "width_ratio": 0.5, "mlp_init": "random"}
+    x = torch.randn(3, 1, 8, 8)
+    info, state = load_checkpoint(narrow.checkpoints()[-1].path)
+    torch.testing.assert_close(logits(imported(tmp_path / "copy-narrow", "raw"), x),
+                               logits(build_model(info, state).eval(), x), atol=0, rtol=0)
     x = torch.randn(3, 1, 8, 8)
     for weights in ("raw", "ema"):
         info, state = load_checkpoint(checkpoint.path, weights=weights)

@@ -265,9 +265,14 @@ def _landscape_header_hints(path: Path, hints: dict[str, Any]) -> None:
             _hint(hints, key, kwargs[key], f"the landscape checkpoint's header ({key})")
     from landscape.models.variants import families
 
-    if "mlp_ratio" in kwargs and not families()["shallow"].matches(str(info.model)):  # a plain ViT of a narrow MLP,
-        # not a ShallowMLP (whose header states the MLP as mlp_ratio and width_ratio; the weights say which)
-        _hint(hints, "mlp_ratio", kwargs["mlp_ratio"], "the landscape checkpoint's header (mlp_ratio)")
+    if not families()["shallow"].matches(str(info.model)):
+        if "mlp_ratio" in kwargs:  # a plain ViT of a narrow MLP, not a ShallowMLP variant
+            _hint(hints, "mlp_ratio", kwargs["mlp_ratio"], "the landscape checkpoint's header (mlp_ratio)")
+        return
+    stated = {k: kwargs[k] for k in ("mlp_ratio", "width_ratio", "mlp_init") if k in kwargs}
+    if stated:  # a ShallowMLP: its base MLP ratio, its narrowing and its init (the weights cannot tell sliced from
+        hints["shallow"] = stated  # random), used where they give the weights' MLP width
+        hints.setdefault("sources", {})["shallow"] = "the landscape checkpoint's header"
 
 
 def _tensors_only(state: dict, path: Path) -> StateDict:

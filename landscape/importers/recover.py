@@ -482,10 +482,29 @@ def model_spec(arch: Architecture, hints: dict[str, Any] | None = None) -> Model
     if arch.group_size > 1:
         return ModelSpec(variant("grouped"), {**kwargs, "group_size": arch.group_size}, notes)
     if arch.mlp_hidden < TIMM_MLP_RATIO * arch.embed_dim and hints.get("mlp_ratio") is None:  # else a plain ViT
+        stated = _stated_shallow(arch, hints.get("shallow"))
+        if stated is not None:  # a landscape ShallowMLP's header: its own ratios and init
+            return ModelSpec(variant("shallow"), {**kwargs, **stated}, notes)
         notes.append(f"MLP width {arch.mlp_hidden} < 4 x {arch.embed_dim}: built as the ShallowMLP variant")
         return ModelSpec(variant("shallow"), {**kwargs, "mlp_ratio": TIMM_MLP_RATIO, "width_ratio": arch.width_ratio},
                          notes)
     return ModelSpec(base, kwargs, notes)
+
+
+def _stated_shallow(arch: Architecture, stated: Any) -> dict[str, Any] | None:
+    """The ShallowMLP arguments a landscape header states (``mlp_ratio``, ``width_ratio``, ``mlp_init``), when they
+    give the weights' MLP width (as :func:`landscape.models.shallow_mlp.narrow_mlps` narrows it), else ``None``."""
+    if not isinstance(stated, dict):
+        return None
+    ratio, width, init = stated.get("mlp_ratio", TIMM_MLP_RATIO), stated.get("width_ratio", 0.5), stated.get("mlp_init")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (ratio, width)):
+        return None
+    if max(1, int(round(int(arch.embed_dim * ratio) * width))) != arch.mlp_hidden:
+        return None
+    out = {"mlp_ratio": float(ratio), "width_ratio": float(width)}
+    if init in ("sliced", "random"):
+        out["mlp_init"] = init
+    return out
 
 
 _TIMM_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -577,8 +596,7 @@ def model_label(spec: ModelSpec) -> str | None:
     family = family_of(spec.name)
     shown = [f"{k}={kwargs[k]}" for k in _LABEL_ARGS if k in kwargs]
     skip = set(_LABEL_ARGS) | {"num_classes", "in_chans", "group_size", "width_ratio", "mlp_ratio", "init_values"}
-    shallow = family is not None and family.name == "shallow"
-    if not shallow and kwargs.get("mlp_ratio", TIMM_MLP_RATIO) != TIMM_MLP_RATIO:
+    if kwargs.get("mlp_ratio", TIMM_MLP_RATIO) != TIMM_MLP_RATIO:  # a ShallowMLP's too: its base MLP
         shown.append(f"mlp_ratio={kwargs['mlp_ratio']:g}")
     shown += [f"{k}={v}" for k, v in kwargs.items() if k not in skip]
     return f"{stem}({','.join(shown)}){family.suffix if family else ''}"
