@@ -57,7 +57,11 @@ def compare_runs(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run with the measures of its final checkpoint; see the module docstring for the columns."""
     from landscape.summary import caveats, load_run
 
-    loaded = [load_run(p) for p in paths]
+    loaded, seen = [], set()
+    for p in paths:  # each run once, however it was spelled (runs/a, runs/a/, ./runs/a): not two "seeds"
+        if Path(p).resolve() not in seen:
+            seen.add(Path(p).resolve())
+            loaded.append(load_run(p))
     rows = [run_summary(r) for r in loaded]
     keys_by_name: dict[str, set[str]] = {}
     for r in loaded:

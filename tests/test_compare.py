@@ -58,6 +58,8 @@ def test_table_takes_each_measure_at_the_final_checkpoint_and_leaves_missing_one
     # b has no analyses and no history: accuracy from its checkpoint, every other measure missing
     assert rb["top1"] == 22.0 and math.isnan(rb["ema_top1"])
     assert all(math.isnan(rb[c]) for c in ("top_eigenvalue", "trace", "sharpness[rho=0.05]", "peak_to_final_drop"))
+    # one run spelled three ways is one row (it was three, counted as three seeds)
+    assert len(compare_runs([a.root, f"{a.root}/", a.root / ".." / "a"])) == 1
 
 
 def test_accuracy_saved_with_the_final_checkpoint_wins_over_metrics_csv(tmp_path):
