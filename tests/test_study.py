@@ -47,6 +47,18 @@ def test_a_second_study_in_a_busy_folder_is_refused_before_it_writes_anything(tm
         assert not any((tmp_path / "study").iterdir())
 
 
+def test_a_study_into_a_training_run_is_refused_before_it_writes_anything(tmp_path):
+    # it wrote study.yaml, a report, figures and a nested runs/ into the run's folder
+    from conftest import TINY_VIT, make_tiny_run
+
+    run = make_tiny_run(tmp_path, "baseline", "vit_pico_patch4_32", TINY_VIT, 0)
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    for out in (run.root, run.root / "analysis"):
+        with pytest.raises(LandscapeError, match="the training run .*; give the study its own folder"):
+            run_study(_tiny_spec(), out, jobs=1)
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
+
+
 @pytest.mark.slow
 def test_tiny_study_writes_every_result_and_resumes_without_recomputing(tmp_path):
     events = []
