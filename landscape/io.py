@@ -576,6 +576,11 @@ def figures_folder(folder: str | os.PathLike) -> Path:
     """Where figures asked for in ``folder`` go: ``folder/figures`` when ``folder`` is a run's root (which holds
     only what the run writes: figures among its own files made it look like no run), else ``folder``."""
     folder = Path(folder)
+    resolved = folder.resolve()
+    if resolved.name in RUN_FOLDERS and is_run_root(resolved.parent):  # among the run's checkpoints or results
+        raise LandscapeError(f"{folder} is the {resolved.name}/ folder of the run {resolved.parent}, which holds "
+                             "only what the run writes; draw the figures into another folder (the run's own folder "
+                             "takes them in its figures/).")
     return folder / "figures" if is_run_root(folder) else folder
 
 

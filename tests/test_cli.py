@@ -287,6 +287,12 @@ def test_report_and_compare_never_write_over_a_runs_own_files_or_a_file_of_anoth
         assert result.output.startswith("Error: ") and f"give {option} a" in result.output, result.output
     assert {p: p.read_bytes() for p in kept} == kept and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
     assert not (tmp_path / "report.md").exists()
+    inside = sorted(p.name for p in run.checkpoints_dir.iterdir())  # 24 figures went among the checkpoints
+    for args in (["figures", run.root, "--out", run.checkpoints_dir],
+                 ["report", run.root, "--figures", run.checkpoints_dir, "--out", tmp_path / "r.md"]):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 1 and "is the checkpoints/ folder of the run" in result.output, result.output
+    assert sorted(p.name for p in run.checkpoints_dir.iterdir()) == inside and not run.analysis_dir.exists()
     for args in (["report", run.root, "--no-figures", "--html", "--out", run.root / "report.md"],  # beside the run
                  ["compare", run.root, "--out", tmp_path / "table.csv"]):
         for _ in range(2):  # and over its own earlier output
