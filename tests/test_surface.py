@@ -552,3 +552,13 @@ def test_one_line_spelled_two_ways_is_one_file(tmp_path):
     run_surface_analysis(a, SurfaceSettings(directions=f"interpolate:{b.root}@1", points=3, samples=8))
     assert sorted(p.name for p in a.analysis_dir.glob("*.nc")) == ["surface-interpolate-b-1d.nc",
                                                                    "surface-interpolate-b@1-1d.nc"]
+
+
+@pytest.mark.parametrize("epoch", ["0_2", "\u0661", "-1", "", "2.0", "x"])
+def test_a_target_epoch_is_ascii_digits(epoch):
+    # int() read '0_2' as epoch 2 and an Arabic-Indic one as epoch 1
+    from landscape.analyses.surface import parse_directions
+
+    with pytest.raises(LandscapeError, match=r"after '@' is not an epoch number \(digits 0-9\)"):
+        parse_directions(f"interpolate:runs/b@{epoch}")
+    assert parse_directions("interpolate:runs/b@12").targets[0].epoch == 12

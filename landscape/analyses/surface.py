@@ -353,10 +353,9 @@ def _parse_ref(part: str, text: str) -> CheckpointRef:
     path, at, epoch = part.rpartition("@")
     if not at:
         return CheckpointRef(Path(part))
-    try:
-        return CheckpointRef(Path(path), int(epoch))
-    except ValueError:
-        raise LandscapeError(f"In directions {text!r}, {epoch!r} after '@' is not an epoch number.") from None
+    if not epoch.strip().isascii() or not epoch.strip().isdigit():  # int() also reads '0_2' and Arabic-Indic digits
+        raise LandscapeError(f"In directions {text!r}, {epoch!r} after '@' is not an epoch number (digits 0-9).")
+    return CheckpointRef(Path(path), int(epoch))
 
 
 def parse_range(text: str | Sequence[float] | None, kind: str = "random") -> tuple[float, float]:
