@@ -68,6 +68,40 @@ def _dataclass_type(hint: Any) -> type | None:
     return None
 
 
+class DuplicateKey(ValueError):
+    """A YAML mapping that gives one key twice (PyYAML keeps the last one without a word)."""
+
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"the key {key!r} is given twice (the second at line {line})")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping; keys a merge (``<<: *anchor``) brings in
+    may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: PyYAML refuses it itself
+                    continue
+                if duplicate:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(stream: Any) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKey` for a key given twice in one mapping."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a :class:`ConfigError`."""
     from landscape.io import refuse_special
@@ -80,9 +114,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             if size > YAML_BYTES:  # parsing 100 MB took minutes
                 raise ConfigError(f"Config file {path} holds {size / 2 ** 20:.0f} MB; a config is a few kilobytes, "
                                   "so this one is not a config (or is damaged).")
-            data = yaml.safe_load(f)
+            data = safe_load_unique(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
+    except DuplicateKey as e:
+        raise ConfigError(f"Config file {path}: {e}; YAML would keep only the last, so give it once.") from None
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as e:  # nested past the parser's depth
         raise ConfigError(f"Config file {path} is not valid YAML ({e.__class__.__name__}).") from None
     except IsADirectoryError:

@@ -229,8 +229,12 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         raise ConfigError(f"{path} is a folder; give the study's YAML file.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"Study file {path} cannot be read ({e.__class__.__name__}).") from None
+    from landscape.config import DuplicateKey, safe_load_unique
+
     try:
-        raw = yaml.safe_load(text)
+        raw = safe_load_unique(text)
+    except DuplicateKey as e:
+        raise ConfigError(f"Study file {path}: {e}; YAML would keep only the last, so give it once.") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

@@ -44,3 +44,12 @@ def test_malformed_yaml_is_a_config_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_path):
+    # PyYAML keeps the last value of a key given twice: a recipe's typo went unnoticed
+    (tmp_path / "twice.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"the key 'lr' is given twice \(the second at line 3\); YAML would keep"):
+        load_yaml(tmp_path / "twice.yaml")
+    (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.1, wd: 0.05}\noptim: {<<: *b, lr: 0.2}\n")
+    assert load_yaml(tmp_path / "merge.yaml")["optim"] == {"lr": 0.2, "wd": 0.05}

@@ -351,6 +351,8 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
      "the overrides set model.name"),
     (("recipe: digits", "recipe: 5"), "'recipe' must name a recipe"),  # a traceback
     (("recipe: digits", "recipe: ''"), "'recipe' must name a recipe"),  # trained without any recipe
+    (("seeds: 2", "seeds: 2\nseeds: 3"), r"the key 'seeds' is given twice \(the second at line 6\)"),  # kept the last
+    (("{name: baseline, model", "{name: baseline, name: other, model"), "the key 'name' is given twice"),
     # passed --check, then train refused them, leaving a half-made study folder
     (("patch_size: 4,", "patch_size: 16,"), "Variant 'baseline': patch_size 16 is larger than the 8x8 images"),
     (("overrides: {epochs: 2,", "overrides: {data.train_size: 100000, epochs: 2,"),
