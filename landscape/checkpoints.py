@@ -146,6 +146,9 @@ def _open_header(path: Path) -> tuple[dict[str, str], list[str], dict[str, tuple
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file.")
     refuse_special(path, "a checkpoint file", error=CheckpointError)
+    if not os.access(path, os.R_OK):  # safetensors says "No such file or directory" of a file it may not read
+        raise CheckpointError(f"Checkpoint {path} cannot be read (permission denied); give this user read access "
+                              "to it.")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import pytest
@@ -223,3 +224,14 @@ def test_header_with_architecture_settings_only_builds_the_model(tmp_path):
     info, state = load_checkpoint(path)
     rebuilt = build_model(info, state)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_checkpoint_this_user_may_not_read_is_said_so_not_called_corrupt(tmp_path, monkeypatch):
+    # safetensors reports a file it may not open as "No such file or directory", which read as a damaged checkpoint
+    import landscape.checkpoints as checkpoints
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(2)}, model="m", epoch=1, step=1)
+    monkeypatch.setattr(checkpoints.os, "access", lambda p, mode: not (str(p) == str(path) and mode == os.R_OK))
+    with pytest.raises(CheckpointError, match=r"cannot be read \(permission denied\)"):
+        checkpoints.read_checkpoint_info(path)
