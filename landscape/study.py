@@ -397,7 +397,7 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
 
 # Config fields a study sets with keys of its own: an override of one would train every run with it, while the
 # study's runs, names and check say otherwise (two "seeds" trained with one seed, the variants' models replaced).
-_STUDY_OWNED = {"seed": "seeds", "data.name": "data", "model.name": "variants (model)", "model": "variants"}
+_STUDY_OWNED = {"seed": "seeds", "data.name": "data", "model.name": "variants (model)"}
 
 
 def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> None:
@@ -408,6 +408,10 @@ def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> Non
             full = resolve_key(str(key))
         except ConfigError:
             continue  # an unknown field: the config check names it
+        if isinstance(value, dict) and full in ("model", "data"):  # replaces the section, its name included
+            raise ConfigError(f"{source}: the overrides replace the whole {full} section (its name included, which "
+                              f"the study sets); give its fields as dotted keys ({full}.{next(iter(value), 'KEY')}: "
+                              "...).")
         nested = {f"{full}.{k}" for k in value} if isinstance(value, dict) else set()
         for owned in sorted({full} | nested):
             if owned in _STUDY_OWNED:

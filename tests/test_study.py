@@ -346,7 +346,10 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("overrides: {epochs: 2,", "overrides: {seed: 7, epochs: 2,"), "the overrides set seed, which the study sets "
                                                                      "with its own 'seeds' key"),
     (("overrides: {epochs: 2,", "overrides: {data.name: mnist, epochs: 2,"), "the overrides set data.name"),
-    (("overrides: {epochs: 2,", "overrides: {data: {name: mnist}, epochs: 2,"), "the overrides set data.name"),
+    (("overrides: {epochs: 2,", "overrides: {data: {name: mnist}, epochs: 2,"), "the overrides replace the whole data"),
+    (("overrides: {epochs: 2,", "overrides: {data: {train_size: 64}, epochs: 2,"),  # every run's data reset
+     r"the overrides replace the whole data section .* \(data.train_size: ...\)"),
+    (("overrides: {epochs: 2,", "overrides: {model: {drop_path: 0.1}, epochs: 2,"), "replace the whole model section"),
     (("overrides: {epochs: 2,", "overrides: {model.name: vit_base_patch16_224, epochs: 2,"),
      "the overrides set model.name"),
     (("recipe: digits", "recipe: 5"), "'recipe' must name a recipe"),  # a traceback
