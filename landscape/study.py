@@ -663,8 +663,9 @@ def run_study(spec: StudySpec, out: str | os.PathLike, *, jobs: int = 1, threads
 
     for folder in (Path(out), *Path(out).resolve().parents[:2]):  # a run, or its checkpoints/ or analysis/
         if is_run_root(folder):
-            raise ConfigError(f"{out} is {'' if folder == Path(out) else 'inside '}the training run {folder}; give the "
-                              "study its own folder (--out), beside the runs rather than in one.")
+            where = "a training run" if folder == Path(out) else f"inside the training run {folder}"
+            raise ConfigError(f"{out} is {where}; give the study its own folder (--out), beside the runs rather "
+                              "than in one.")
     with folder_lock(out, "running a study in"):
         return _run_study(spec, Path(out), jobs=jobs, threads=threads, data_dir=data_dir, on_event=on_event,
                           figures_out=figures_out, force=force, formats=formats, command=command, progress=progress)

@@ -242,7 +242,8 @@ class _Search:
         self.best, self.best_u = 0.0, torch.zeros_like(w)
 
     def _record(self, u: torch.Tensor, loss: float) -> float:
-        _check_finite_loss(loss, _scaled(u, self.scale))
+        if not math.isfinite(loss):  # the perturbation's norm only for the sentence (not on every evaluation)
+            _check_finite_loss(loss, _scaled(u, self.scale))
         rise = float(loss) - self.loss0
         self.rises.append(rise)
         if rise > self.best:
