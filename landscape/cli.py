@@ -87,12 +87,18 @@ class LandscapeCommand(click.Command):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not ctx.resilient_parsing and not set(args) & set(ctx.help_option_names):  # --help still helps
-            _, _, order = self.make_parser(ctx).parse_args(args=list(args))
+            opts, _, order = self.make_parser(ctx).parse_args(args=list(args))
             names = [p.name for p in order if isinstance(p, click.Option) and p.name in _ONE_SET_OPTIONS]
             for param in order:
                 if isinstance(param, click.Option) and param.name in _ONE_SET_OPTIONS and names.count(param.name) > 1:
                     raise click.UsageError(f"{max(param.opts, key=len)} was given more than once, and only the last "
                                            f"would count; {_ONE_SET_OPTIONS[param.name]}.", ctx)
+            for param in self.params:  # '' is the current folder to pathlib: `--out "$OUT"` with OUT unset wrote there
+                given = opts.get(param.name)
+                values = given if isinstance(given, (list, tuple)) else [given]
+                if isinstance(param.type, click.Path) and any(isinstance(v, str) and not v.strip() for v in values):
+                    what = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+                    raise click.UsageError(f"{what} is empty; give a path ('.' for the current folder).", ctx)
         return super().parse_args(ctx, args)
 
 
@@ -348,8 +354,10 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
                               options=options, overrides={**extra, **_key_values(overrides)})
         if dry_run:
             from landscape.trainers import check_config
+            from landscape.trainers.distributed import check_device
 
             check_config(config)
+            check_device(device)  # the run would refuse it at once: so does its dry run
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             if note := warmup_note(config):
@@ -520,6 +528,9 @@ def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, 
     """
     from landscape.analyses.hessian import HessianAnalysis, HessianSettings, describe_plan, hessian_summary
 
+    _refuse_options_without({"--trace": trace, "--density": density}, {
+        "trace_method": "--trace", "trace_matvecs": "--trace", "density_probes": "--density",
+        "density_steps": "--density"})
     settings = HessianSettings(top_k=top_k, which=which, tol=tol, trace=trace, trace_method=trace_method,
                                trace_matvecs=trace_matvecs, density=density, density_probes=density_probes,
                                density_steps=density_steps, params=params, product=product, matrix=matrix,
@@ -529,6 +540,18 @@ def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, 
     _analyze(run, analysis, hessian_summary, **options,
              on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm, groups=analysis.groups)))
 # -- end analyze hessian --
+
+
+def _refuse_options_without(flags: dict[str, bool], needs: dict[str, str]) -> None:
+    """Refuse an option given on the command line whose flag is off (``needs`` maps a parameter to the flag it
+    shapes; ``flags`` says which flags are on): ``--trace-matvecs 500`` without ``--trace`` measured no trace
+    without a word."""
+    ctx = click.get_current_context()
+    for name, flag in needs.items():
+        if not flags[flag] and ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+            option = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{option} shapes the estimate {flag} asks for, and {flag} was not given: add "
+                                   f"{flag}, or leave {option} out.", ctx)
 
 # -- analyze sharpness / surface --
 def _float_list(ctx, param, value: str) -> tuple[float, ...]:

@@ -797,6 +797,7 @@ def test_a_loss_class_and_directions_of_another_kind_are_named():
         ls.surface(m, (x, y), directions=None, points=3)
 
 
+@pytest.mark.slow
 def test_the_jit_script_warning_is_off_inside_the_measures_only():
     # torch's deprecation warning of torch.jit.script (printed by its forward-mode rules) is nothing a caller can act
     # on inside ls.hessian & co., but importing landscape must not hide the caller's own code's warnings of it

@@ -33,6 +33,27 @@ def test_unknown_command_is_a_usage_error():
     assert result.exit_code == 2 and "No such command" in result.output
 
 
+@pytest.mark.parametrize("args, name", [
+    (["demo", "--out", ""], "--out"), (["demo", "--smoke", "--figures-out", " "], "--figures-out"),
+    (["report", "runs/a", "--figures", "", "--out", "r.md"], "--figures"), (["figures", "runs/a", "--out", ""], "--out"),
+    (["analyze", "hessian", ""], "RUN"), (["import", "", "--out", "runs/x"], "SOURCE"),
+    (["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--out", " "], "--out"),
+    (["datasets", "--data-dir", ""], "--data-dir")])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, args, name):
+    # `--out "$OUT"` with OUT unset: pathlib reads '' as '.', and the demo wrote its runs and figures there
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and f"{name} is empty; give a path ('.' for the current folder)." in result.output, \
+        result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_refuses_the_device_the_run_would_refuse():
+    result = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--device", " ",
+                                      "--dry-run"])
+    assert result.exit_code == 1 and "Unknown device ' '" in result.output, result.output
+
+
 def test_inspect_non_checkpoint_gives_one_sentence_and_nonzero_exit(tmp_path):
     junk = tmp_path / "notes.txt"
     junk.write_text("not a checkpoint")
@@ -188,6 +209,7 @@ def test_figures_left_out_for_want_of_results_are_named_with_the_command_that_ma
     assert "Not drawn, nothing in the runs for them yet: sharpness_vs_rho (landscape analyze sharpness)." in some.output
 
 
+@pytest.mark.slow
 def test_figures_into_a_run_folder_go_to_its_figures_and_earlier_figures_are_named(tmp_path):
     from conftest import STUDY_VARIANTS, make_tiny_run
 

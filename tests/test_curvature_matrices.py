@@ -122,6 +122,7 @@ def test_fisher_of_another_criterion_is_one_sentence():
         curvature_operator(closure, "kfac")
 
 
+@pytest.mark.slow
 def test_hessian_analysis_takes_the_matrix_and_per_batch_top_eigenvalues():
     from landscape.analyses.hessian import HessianSettings, hessian_analysis
 

@@ -191,6 +191,7 @@ def assert_close_file(path: Path, reference: Path, rtol: float = 1e-8) -> None:
 
 
 # -- tests on two processes -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_data_parallel_products_equal_the_single_process_ones_to_1e_10(launched):
     _, out, _ = launched
     model, x, y, vectors = product_problem()
@@ -201,6 +202,7 @@ def test_data_parallel_products_equal_the_single_process_ones_to_1e_10(launched)
         assert error <= 1e-10, f"{name}: relative error {error:.2e}"
 
 
+@pytest.mark.slow
 def test_every_process_gets_bitwise_the_same_sums(launched):
     _, out, _ = launched
     first, second = (torch.load(out / f"products-rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -208,23 +210,27 @@ def test_every_process_gets_bitwise_the_same_sums(launched):
         assert torch.equal(first[name], second[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hessian", "sharpness", SURFACE_FILE])
 def test_checkpoints_sharded_over_processes_give_the_single_process_file_value_for_value(launched, name):
     runs, _, _ = launched
     assert_same_file(runs["sharded"].analysis_path(name), runs["reference"].analysis_path(name))
 
 
+@pytest.mark.slow
 def test_grid_points_sharded_over_processes_give_the_single_process_surface_value_for_value(launched):
     runs, _, _ = launched
     assert_same_file(runs["grid"].analysis_path(SURFACE_FILE), runs["reference"].analysis_path(SURFACE_FILE))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hessian", "sharpness", SURFACE_FILE])
 def test_data_parallel_runs_match_the_single_process_file_to_rounding(launched, name):
     runs, _, _ = launched
     assert_close_file(runs["data-parallel"].analysis_path(name), runs["reference"].analysis_path(name))
 
 
+@pytest.mark.slow
 def test_m_sharpness_batches_dealt_to_processes_are_computed_exactly_as_alone(launched):
     runs, _, _ = launched
     got = read_results(runs["data-parallel"].analysis_path("sharpness"))
@@ -232,6 +238,7 @@ def test_m_sharpness_batches_dealt_to_processes_are_computed_exactly_as_alone(la
     assert np.array_equal(got["m_sharpness"].values, want["m_sharpness"].values)
 
 
+@pytest.mark.slow
 def test_results_record_the_processes_that_computed_them(launched):
     runs, _, _ = launched
     attrs = {name: read_results(runs[name].analysis_path("hessian")).attrs for name in ("reference", "sharded")}
@@ -241,6 +248,7 @@ def test_results_record_the_processes_that_computed_them(launched):
     assert grid["parallelism"] == "sharded grid"
 
 
+@pytest.mark.slow
 def test_a_failing_process_fails_the_job_with_its_message_and_a_rerun_resumes(launched, tmp_path):
     runs, _, job = launched
     run = runs["broken"]

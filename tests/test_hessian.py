@@ -461,6 +461,7 @@ def make_run(root, epochs=(1, 2, 3)):
     return run
 
 
+@pytest.mark.slow
 def test_subspace_overlaps_do_not_depend_on_the_order_the_checkpoints_were_measured_in(tmp_path):
     # Two shards at once: the last checkpoint was measured before the one before it had its eigenvectors saved.
     from landscape.cli import cli
@@ -502,6 +503,13 @@ def test_the_trace_and_density_budgets_are_command_line_options(tmp_path):
         assert int(ds["density_matvecs"][0]) == 14
     bad = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--trace", "--trace-matvecs", "0"])
     assert bad.exit_code == 2 and "--trace-matvecs" in bad.output
+    for option, flag, value in (("--trace-matvecs", "--trace", "500"), ("--trace-method", "--trace", "hutch++"),
+                                ("--density-probes", "--density", "8"), ("--density-steps", "--density", "40")):
+        # given without the estimate it shapes, the option did nothing without a word
+        unused = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "1",
+                                          option, value])
+        assert unused.exit_code == 2 and f"{option} shapes the estimate {flag} asks for, and {flag} was not " \
+            "given" in unused.output, unused.output
     for field in ("trace_matvecs", "density_probes", "density_steps"):  # the API's NaN trace and crashes
         for value in (0, -3, 2.5, True):
             with pytest.raises(ConfigError, match=field.replace("_", "-")):

@@ -561,6 +561,7 @@ def test_non_finite_products_damaged_configs_headers_metrics_and_results_are_one
         gather_results(run)
 
 
+@pytest.mark.slow
 def test_pipes_and_headers_or_configs_nested_past_any_parser_are_one_sentence(tmp_path):
     # a named pipe would block the reader forever (safetensors' native open is beyond Ctrl-C's reach)
     from conftest import TINY_VIT, make_tiny_run
@@ -657,6 +658,7 @@ def test_a_billion_laughs_config_and_tampered_header_values_are_one_sentence(tmp
         create_model("vit_pico_patch4_32", **{**TINY_VIT, "num_heads": 0})
 
 
+@pytest.mark.slow
 def test_damaged_tables_configs_results_and_diverged_weights_are_one_sentence_not_wrong_numbers(tmp_path):
     import xarray as xr
     from conftest import TINY_VIT, make_tiny_run
@@ -998,6 +1000,7 @@ def test_a_warm_up_longer_than_the_run_is_named_and_the_run_trains(tmp_path):
     assert dry.exit_code == 0 and "Note: the warm-up (3 epochs) is longer than the run (1)" in dry.output
 
 
+@pytest.mark.slow
 def test_a_closed_stderr_does_not_stop_a_training(tmp_path):
     # `2>&-` made sys.stderr None: the command exited 1 without a word and left a half-made run
     out = tmp_path / "run"

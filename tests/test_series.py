@@ -4,6 +4,7 @@ float64 answer, in fewer products; starts recorded; sharded chunks; the plan lin
 import copy
 
 import numpy as np
+import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
@@ -36,6 +37,7 @@ def close_series(count: int = 4, step: float = 1e-3):
     return series, x, y
 
 
+@pytest.mark.slow
 def test_warm_and_cold_starts_match_dense_eigh_and_warm_takes_fewer_products():
     series, x, y = close_series()
     settings = HessianSettings(top_k=3, tol=TOL, dtype="float64", batch_size=64, samples=24)

@@ -93,6 +93,7 @@ def test_surface_width_of_a_parabola_is_exact():
     assert surface_width(a, np.where(a > 0, 10 * a, -10 * a), rise=0.1) == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_after_its_analyses_is_read_from_metrics_and_its_older_measures_are_said(tmp_path):
     import shutil
 
@@ -139,6 +140,7 @@ def test_a_run_trained_on_after_its_analyses_is_read_from_metrics_and_its_older_
     assert torch.isfinite(torch.tensor(row["top_eigenvalue"]))
 
 
+@pytest.mark.slow
 def test_runs_measured_with_different_settings_are_said_and_left_out_of_the_verdicts(tmp_path):
     from conftest import TINY_VIT, make_tiny_run
 
@@ -167,6 +169,7 @@ def test_runs_measured_with_different_settings_are_said_and_left_out_of_the_verd
     assert settings_disagreements(load_results([r.root for r in same])) == {}
 
 
+@pytest.mark.slow
 def test_runs_are_compared_on_the_data_they_were_measured_on_not_on_how_it_was_named(tmp_path):
     # --data digits on a digits run is the run's own data; --data synthetic on another is not, though neither run
     # names data in the same way

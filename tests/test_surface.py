@@ -369,6 +369,7 @@ def test_eigen_directions_are_the_saved_unit_hessian_eigenvectors(runs):
     assert float(ds["loss"].sel(a=0.0, b=0.0)) == _checkpoint_evaluation(c, c.checkpoints()[-1], x, y)[0]
 
 
+@pytest.mark.slow
 def test_eigenvectors_of_other_weights_and_matrices_live_apart_and_a_surface_takes_its_own(tmp_path):
     import shutil
 

@@ -192,6 +192,7 @@ def test_model_arguments_that_do_not_fit_the_data_are_refused_before_the_run_is_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_model_whose_name_sets_a_patch_larger_than_the_images_is_refused_before_the_run_is_made(tmp_path):
     # the patch of 16 comes from the name, not from --model-arg: the first step failed with a traceback
     from click.testing import CliRunner
@@ -422,6 +423,7 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_to_start_it_agai
     assert train(config, tmp_path / "run", progress=False).checkpoints  # as the sentence says
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, reference_run):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "landscape", "train", "--data", "digits", "--out", str(out), "--no-progress"]

@@ -1,5 +1,6 @@
 """The trainer's state and its public pieces: position, per-row tallies, metrics rows, checkpoints, optimizer."""
 
+import copy
 import math
 import types
 
@@ -121,6 +122,52 @@ def test_optimizer_rate_scales_with_the_batch_only_when_a_base_batch_is_set():
     plain = build_optimizer(tiny_config("lr=0.01", "batch_size=64"), model)
     scaled = build_optimizer(tiny_config("lr=0.01", "batch_size=64", "optim.lr_base_batch=256"), model)
     assert plain.param_groups[0]["lr"] == 0.01 and scaled.param_groups[0]["lr"] == 0.01 * 64 / 256
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adam", "sgd", "momentum"])
+def test_torch_optimizers_run_their_fused_update_with_the_same_groups_and_arithmetic(opt):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    config = tiny_config(f"optim.opt={opt}", "lr=0.01", "optim.weight_decay=0.05")
+    fused = build_optimizer(config, model)
+    assert all(g["fused"] and not g["foreach"] for g in fused.param_groups)
+    twin = copy.deepcopy(model)
+    multi = build_optimizer(config, twin)
+    for g in multi.param_groups:  # the multi-tensor update the trainer ran before, on the same groups
+        g["fused"], g["foreach"] = None, True
+    assert [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} for g in fused.param_groups] == \
+        [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} for g in multi.param_groups]
+    assert sorted(g["weight_decay"] for g in fused.param_groups) == [0.0, 0.05]  # timm's no-decay group kept
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        for m, o in ((model, fused), (twin, multi)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_saved_by_the_multi_tensor_update_resumes_with_it_and_the_loss_scaler(tmp_path):
+    # runs started before the fused update saved foreach groups; resumed, they keep that update, and torch must
+    # not hand the loss scaler's found-inf flags to it (an assertion inside torch's multi-tensor Adam)
+    config = tiny_config("optim.opt=adamw", "lr=0.01")
+    old = build_optimizer(config, torch.nn.Linear(3, 2))
+    for g in old.param_groups:
+        g["fused"], g["foreach"] = None, True
+    model = torch.nn.Linear(3, 2)
+    state = TrainState(model, build_optimizer(config, model), None, torch.amp.GradScaler("cpu", enabled=True))
+    state.rows.append({"wall_time": 0.0})
+    saved = {**state.state_dict("abc", rng=[]), "optimizer": old.state_dict()}
+    state = TrainState(model, build_optimizer(config, model), None, torch.amp.GradScaler("cpu", enabled=True))
+    state.load_state_dict(saved)
+    assert all(g["foreach"] and not g["fused"] for g in state.optimizer.param_groups)
+    before = model.weight.detach().clone()
+    state.scaler.scale(model(torch.ones(4, 3)).square().sum()).backward()
+    state.scaler.unscale_(state.optimizer)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    assert not torch.equal(model.weight, before)
 
 
 def test_mixing_trains_on_soft_targets_and_needs_an_even_micro_batch():

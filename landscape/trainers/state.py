@@ -73,6 +73,10 @@ class TrainState:
             if self.ema is not None:
                 self.ema.module.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if not any(g.get("fused") for g in self.optimizer.param_groups):
+                # a run started before the fused update keeps its multi-tensor one (the saved groups say so); torch
+                # would still hand it the scaler's found-inf flags, which only the fused update reads
+                self.optimizer.__dict__.pop("_step_supports_amp_scaling", None)
             if self.scheduler is not None and schedule:
                 self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
