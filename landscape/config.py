@@ -191,8 +191,12 @@ def parse_value(value: str) -> Any:
         return value
 
 
-def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``data`` with dotted-key overrides applied."""
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], *, merge: bool = False) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted-key overrides applied.
+
+    With ``merge`` a mapping given for a key that already holds one is merged into it, key by key at every depth
+    (``augment: {mixup: 0}`` changes MixUp alone); without it, it replaces it (the section's other keys then fall
+    back to their defaults, which is what the config's own resets mean: a new model's ``kwargs: {}``)."""
     out = json.loads(json.dumps(data, default=str))
     for key, value in overrides.items():
         node = out
@@ -201,7 +205,18 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {key!r} goes through {part!r}, which is not a section.")
-        node[parts[-1]] = value
+        last = parts[-1]
+        node[last] = _merged(node[last], value) if merge and isinstance(node.get(last), dict) else value
+    return out
+
+
+def _merged(base: dict[str, Any], value: Any) -> Any:
+    """``value`` merged into ``base`` when both are mappings (recursively), else ``value``."""
+    if not isinstance(value, dict):
+        return value
+    out = dict(base)
+    for k, v in value.items():
+        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) else v
     return out
 
 

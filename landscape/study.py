@@ -408,10 +408,6 @@ def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> Non
             full = resolve_key(str(key))
         except ConfigError:
             continue  # an unknown field: the config check names it
-        if isinstance(value, dict) and full in ("model", "data"):  # replaces the section, its name included
-            raise ConfigError(f"{source}: the overrides replace the whole {full} section (its name included, which "
-                              f"the study sets); give its fields as dotted keys ({full}.{next(iter(value), 'KEY')}: "
-                              "...).")
         nested = {f"{full}.{k}" for k in value} if isinstance(value, dict) else set()
         for owned in sorted({full} | nested):
             if owned in _STUDY_OWNED:

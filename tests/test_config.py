@@ -53,3 +53,23 @@ def test_a_key_given_twice_is_refused_but_a_merge_may_be_overridden(tmp_path):
         load_yaml(tmp_path / "twice.yaml")
     (tmp_path / "merge.yaml").write_text("base: &b {lr: 0.1, wd: 0.05}\noptim: {<<: *b, lr: 0.2}\n")
     assert load_yaml(tmp_path / "merge.yaml")["optim"] == {"lr": 0.2, "wd": 0.05}
+
+
+def test_a_section_given_as_a_mapping_changes_only_the_keys_it_names():
+    # --set 'augment={mixup: 0}' dropped the recipe's RandAugment, CutMix, random erasing and label smoothing
+    from landscape.trainers import build_config
+
+    def config(*overrides):
+        return build_config("small-images", model="vit_pico_patch4_32", data="fashion-mnist", overrides=overrides)
+
+    plain = config()
+    assert plain.augment.auto_augment and plain.augment.cutmix > 0 and plain.schedule.warmup_epochs > 0
+    for mapping, dotted in (("augment={mixup: 0.0}", ["augment.mixup=0.0"]),
+                            ("schedule={min_lr: 1.0e-5, warmup_lr: 1.0e-6}",
+                             ["schedule.min_lr=1.0e-5", "schedule.warmup_lr=1.0e-6"]),
+                            ("model={kwargs: {depth: 2}}", ["model.kwargs.depth=2"])):
+        assert config(mapping) == config(*dotted), mapping
+    assert config("augment={mixup: 0.0}").augment.auto_augment == plain.augment.auto_augment
+    assert apply_overrides({"a": {"b": 1, "c": {"d": 2, "e": 3}}}, {"a": {"c": {"d": 4}}}, merge=True) == \
+        {"a": {"b": 1, "c": {"d": 4, "e": 3}}}
+    assert apply_overrides({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"c": 2}}  # the config's own resets replace

@@ -113,7 +113,7 @@ def build_config(
             layers = apply_overrides(layers, {OPTION_FIELDS[option]: value})
     if not isinstance(overrides, dict):
         overrides = dict(parse_override(text) for text in overrides)
-    layers = apply_overrides(layers, {resolve_key(k): v for k, v in overrides.items()})
+    layers = apply_overrides(layers, {resolve_key(k): v for k, v in overrides.items()}, merge=True)
     recorded = [k for k in ("extended_from", "extended_at") if layers.get(k) is not None]
     if recorded:  # a new run's config: one recorded as extended would take --extend-to of its total as a resume
         raise ConfigError(f"{recorded[0]} is a record --resume RUN --extend-to N writes, not a setting; leave it out "
