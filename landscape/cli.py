@@ -96,9 +96,17 @@ class LandscapeCommand(click.Command):
             for param in self.params:  # '' is the current folder to pathlib: `--out "$OUT"` with OUT unset wrote there
                 given = opts.get(param.name)
                 values = given if isinstance(given, (list, tuple)) else [given]
-                if isinstance(param.type, click.Path) and any(isinstance(v, str) and not v.strip() for v in values):
-                    what = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+                if not isinstance(param.type, click.Path):
+                    continue
+                what = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+                if any(isinstance(v, str) and not v.strip() for v in values):
                     raise click.UsageError(f"{what} is empty; give a path ('.' for the current folder).", ctx)
+                folder = next((v for v in values if isinstance(v, str) and v.endswith(("/", os.sep))), None)
+                if folder is not None and not param.type.dir_okay:  # `--out results/` wrote a file named results
+                    default = param.default if isinstance(param.default, (str, os.PathLike)) else None
+                    example = f", e.g. {folder}{Path(default).name}" if default else ""
+                    raise click.UsageError(f"{what} {folder} names a folder (it ends with '/'), and {what} is a file; "
+                                           f"give a file name{example}.", ctx)
         return super().parse_args(ctx, args)
 
 

@@ -48,6 +48,20 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (["report", "runs/a", "--out", "results/"], "--out results/ names a folder (it ends with '/'), and --out is a "
+                                                "file; give a file name, e.g. results/report.md."),
+    (["compare", "runs/a", "--out", "tables/"], "--out tables/ names a folder"),
+    (["compare", "runs/a", "--figure", "figs/"], "--figure figs/ names a folder"),
+    (["study", "studies/"], "STUDY.yaml studies/ names a folder")])
+def test_a_file_option_given_a_folder_path_is_refused_not_written_as_a_file_of_that_name(tmp_path, monkeypatch,
+                                                                                         args, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_dry_run_refuses_the_device_the_run_would_refuse():
     result = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--device", " ",
                                       "--dry-run"])
