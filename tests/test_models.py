@@ -571,3 +571,14 @@ def test_mlit_trains_under_bf16_autocast():
         out = model(torch.randn(4, 1, 28, 28))
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("name, key, value", [("vit_pico_patch4_32", "class_token", "maybe"),
+                                              ("vit_pico_patch4_32_grouped_mlp", "qkv_bias", 2),
+                                              ("vit_pico_patch4_32", "final_norm", "off ")])
+def test_a_flag_argument_takes_true_or_false_only(name, key, value):
+    # class_token=maybe built a class token (non-empty text is true) and the run recorded 'maybe'
+    with pytest.raises(ConfigError, match=f"argument {key} is true or false, not {value!r}"):
+        create_model(name, img_size=8, in_chans=1, patch_size=2, num_classes=10, **{key: value})
+    built = create_model(name, img_size=8, in_chans=1, patch_size=2, num_classes=10, **{key: True})
+    assert isinstance(built, torch.nn.Module)

@@ -105,7 +105,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             "and any timm model name (timm.list_models()) works too."
         )
     try:
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise _build_error(name, given, e) from e
@@ -117,6 +117,28 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise _build_error(name, given, e) from e
     except (RuntimeError, MemoryError, OverflowError, ZeroDivisionError) as e:  # a zero, negative or enormous size
         raise _build_error(name, given, e) from None
+    _check_flags(name, model, given)
+    return model
+
+
+def _check_flags(name: str, model: nn.Module, given: dict[str, Any]) -> None:
+    """Refuse a value other than true or false for an argument the model's class declares as a flag (a ``bool``
+    default or annotation): ``class_token=maybe`` built a class token (any non-empty text is true) and was recorded
+    as ``maybe``."""
+    import inspect
+
+    for cls in type(model).__mro__:
+        try:
+            parameters = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        for key, value in given.items():
+            p = parameters.get(key)
+            if p is None or isinstance(value, bool):
+                continue
+            flag = isinstance(p.default, bool) or p.annotation in (bool, "bool")
+            if flag:
+                raise ConfigError(f"Model {name}'s argument {key} is true or false, not {value!r}.")
 
 
 WEIGHT_LOADING_ARGUMENTS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
