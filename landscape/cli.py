@@ -491,7 +491,7 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 @SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'; "
-                   "several comma-separated.")
+                   "several comma-separated (a re: pattern takes the rest, commas included).")
 @SEED_OPTION("the probes")
 @FORCE_OPTION("RUN/analysis/hessian*.nc")
 @DTYPE_OPTION
@@ -599,7 +599,7 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @WEIGHTS_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'; several "
-                   "comma-separated.")
+                   "comma-separated (a re: pattern takes the rest, commas included).")
 @SEED_OPTION("the draws")
 @FORCE_OPTION("RUN/analysis/sharpness*.nc")
 @DTYPE_OPTION

@@ -57,7 +57,8 @@ def parameters_by_pattern(model: nn.Module, pattern: str | None = None) -> dict[
 
     - a glob over the dotted parameter names: ``"*attn*"``, ``"blocks.3.*"``, ``"*mlp.fc?.weight"``;
     - a module prefix without wildcards: ``"blocks.3"`` selects every parameter under ``blocks.3.``;
-    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``.
+    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``; it takes the
+      rest of the pattern, commas included (``"head,re:blocks\\.[0-9]{1,2}\\.mlp"``), so it comes last.
 
     ``None``, ``""`` and ``"*"`` select every parameter. A parameter shared by several modules is selected when
     any of its names matches and is returned once, under its first name (the one ``state_dict`` loading and
@@ -86,7 +87,12 @@ def _name_matchers(pattern: str | None) -> list[Callable[[str], bool]]:
     if pattern is None or pattern.strip() in ("", "*"):
         return [lambda name: True]
     matchers: list[Callable[[str], bool]] = []
-    for part in (p.strip() for p in pattern.split(",")):
+    pieces = pattern.split(",")
+    for i, piece in enumerate(pieces):  # a regular expression takes the rest, its commas included (x{1,2})
+        if piece.strip().startswith("re:"):
+            pieces = pieces[:i] + [",".join(pieces[i:])]
+            break
+    for part in (p.strip() for p in pieces):
         if not part:
             continue
         if part.startswith("re:"):
