@@ -977,14 +977,27 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
 
     spec = load_study(study_file)
     if check:
-        check_study(spec)
+        check_study(spec, here=False)
         _study_notes(spec)
+        _device_note(spec.analysis.device)
         print_table([{"run": name, "model": v.model, "seed": s} for v, s, name in spec.run_names()])
         size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
         click.echo(f"{study_file}: {size} on {spec.data}: fine.")
         return
     _run_study(spec, out or Path("runs") / spec.name, jobs=jobs, figures_out=figures_out, force=force,
                data_dir=data_dir, what=f"landscape study {study_file}")
+
+
+def _device_note(device: str | None) -> None:
+    """A note when the study's analysis device is not on this machine (its run refuses it; its check does not)."""
+    from landscape.trainers.distributed import check_device
+
+    try:
+        check_device(device)
+    except LandscapeError as e:
+        reason = str(e).split("; use --device")[0].rstrip(".")
+        click.echo(f"Note: the analyses run on device {device!r}, which this machine cannot ({reason}): the study "
+                   "runs where it can.", err=True)
 
 
 def _study_notes(spec) -> None:

@@ -389,7 +389,7 @@ def _analysis_settings(raw: Any, source: str) -> AnalysisSettings:
         if settings.device is not None:
             from landscape.trainers.distributed import check_device
 
-            check_device(settings.device)
+            check_device(settings.device, here=False)  # a study for a GPU machine is checked on a laptop too
     except LandscapeError as e:
         raise ConfigError(f"{source}: analysis settings: {e}") from None
     return settings
@@ -415,11 +415,22 @@ def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> Non
                                   f"'{_STUDY_OWNED[owned]}' key; give it there.")
 
 
-def check_study(spec: StudySpec) -> None:
+def check_study(spec: StudySpec, *, here: bool = True) -> None:
     """Refuse a study that would fail or mean nothing, before anything trains: every run's config must resolve
     (recipe, dataset, overrides), every variant's model must build with its kwargs on the dataset's image shape
-    (an unknown model, a group size that does not divide the depth), and every GroupedMLP or ShallowMLP variant
-    needs the baseline it is compared with (same base architecture) in the study."""
+    (an unknown model, a group size that does not divide the depth), every GroupedMLP or ShallowMLP variant
+    needs the baseline it is compared with (same base architecture) in the study, and (``here``) the analyses'
+    device must be on this machine."""
+    if here and spec.analysis.device is not None:
+        from landscape.trainers.distributed import check_device
+
+        try:
+            check_device(spec.analysis.device)
+        except LandscapeError as e:
+            reason = str(e).split("; use --device")[0].rstrip(".")
+            raise ConfigError(f"The study's analyses run on device {spec.analysis.device!r} (its analysis setting "
+                              f"device), and this machine cannot: {reason}; set device: cpu, or run the study where "
+                              "there is one.") from None
     from landscape.data import get_dataset_info
     from landscape.models import create_model
     from landscape.models.variants import describe_variant

@@ -641,3 +641,26 @@ def test_a_warm_up_longer_than_the_study_runs_is_noted_as_train_notes_it(tmp_pat
     assert "Note: in every run, the warm-up (5 epochs) is longer than the run (2)" in result.output
     plain = CliRunner().invoke(cli, ["study", str(_write(tmp_path, _TINY_YAML, "plain.yaml")), "--check"])
     assert plain.exit_code == 0 and "warm-up" not in plain.output
+
+
+def test_a_study_for_a_gpu_checks_on_a_machine_without_one_and_its_run_is_refused_before_anything_is_written(
+        tmp_path):
+    import torch
+    from click.testing import CliRunner
+
+    from landscape.cli import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path = _write(tmp_path, _TINY_YAML.replace("analysis: {samples: 16,", "analysis: {samples: 16, device: cuda,"))
+    checked = CliRunner().invoke(cli, ["study", str(path), "--check"])  # it refused: a file checked on a laptop
+    assert checked.exit_code == 0 and "fine." in checked.output, checked.output
+    assert "Note: the analyses run on device 'cuda', which this machine cannot" in checked.output
+    out = tmp_path / "out"
+    run = CliRunner().invoke(cli, ["study", str(path), "--out", str(out)])
+    assert run.exit_code == 1 and "The study's analyses run on device 'cuda' (its analysis setting device), and " \
+        "this machine cannot" in run.output, run.output
+    assert not out.exists()
+    typo = _write(tmp_path, _TINY_YAML.replace("analysis: {samples: 16,", "analysis: {samples: 16, device: cdua,"))
+    refused = CliRunner().invoke(cli, ["study", str(typo), "--check"])  # a name no machine has is still refused
+    assert refused.exit_code == 1 and "Unknown device 'cdua'" in refused.output

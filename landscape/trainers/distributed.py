@@ -74,14 +74,16 @@ def end_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def check_device(device: str | None) -> str:
+def check_device(device: str | None, *, here: bool = True) -> str:
     """The device ``device`` names (``auto`` or None: ``cuda`` when a GPU is visible, else ``cpu``), refused in one
-    sentence when it is unknown or not on this machine: ``cpu``, ``cuda``, ``cuda:K`` or ``mps``."""
+    sentence when it is unknown or (``here``) not on this machine: ``cpu``, ``cuda``, ``cuda:K`` or ``mps``."""
     want = "auto" if device is None else str(device).strip().lower()
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", want):
         raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda, cuda:K and mps.")
+    if not here:
+        return want
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
     if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
