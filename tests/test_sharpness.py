@@ -468,3 +468,24 @@ def test_a_perturbation_that_overflows_the_model_is_one_sentence_not_a_nan_resul
     with pytest.raises(LandscapeError, match=r"not finite at a perturbation of norm .* \(radius 1e\+06\)"):
         average_case_sharpness(loss, w, 1e6, draws=2)
     assert math.isfinite(average_case_sharpness(loss, w, 1e-3, draws=2)[0])
+
+
+def test_the_table_says_when_a_sharpness_is_below_the_losss_rounding():
+    # at --rho 1e-12 the float32 worst case came out 0 and the average case negative, with nothing said
+    import landscape as ls
+    from landscape.analyses.sharpness import sharpness_summary
+    from tiny_models import data, tiny_mlp
+
+    def table(rho, dtype=torch.float32):
+        ds = ls.sharpness(model.to(dtype), (x.to(dtype), y), rho=rho, steps=3, draws=2)
+        ds = ds.expand_dims(checkpoint=["epoch-0001"]).assign(epoch=("checkpoint", [1]))  # as a run's file holds it
+        return {row["rho"]: row for row in sharpness_summary(ds)}
+
+    x, y = data(16)
+    model = tiny_mlp()
+    rows = table(rho=[1e-12, 0.05])
+    assert "below the loss's float32 rounding" in rows[1e-12]["note"] and "--dtype float64" in rows[1e-12]["note"]
+    assert "rounding" not in rows[0.05].get("note", "")
+    exact = table(rho=[1e-12], dtype=torch.float64)
+    assert "rounding" not in exact[1e-12].get("note", "")  # float64 resolves it: the first-order rise is 1e-12 |g|
+    assert exact[1e-12]["worst_case"] == pytest.approx(exact[1e-12]["first_order"], rel=1e-2)

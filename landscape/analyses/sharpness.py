@@ -249,8 +249,23 @@ def run_sharpness_analysis(run, settings: SharpnessSettings | None = None, **opt
     return analyze(run, SharpnessAnalysis(settings), **options)
 
 
+RESOLUTION_ULPS = 16
+"""A rise in loss within this many units of rounding of the loss (its dtype's epsilon times the loss) is below
+what the loss resolves: at ``--rho 1e-12`` the float32 worst case came out 0 and the average case negative."""
+
+
 def sharpness_summary(ds) -> list[dict[str, object]]:
-    """One row per checkpoint and radius of a sharpness Dataset, for a table."""
+    """One row per checkpoint and radius of a sharpness Dataset, for a table; a note where the sharpness is below
+    the loss's rounding (:data:`RESOLUTION_ULPS`) or the worst case was still rising."""
+    import json
+
+    import numpy as np
+
+    try:
+        dtype = json.loads(ds.attrs.get("settings", "{}")).get("dtype", "float32")
+        eps = float(np.finfo(np.dtype(dtype)).eps)
+    except (ValueError, TypeError, AttributeError):
+        dtype, eps = "float32", float(np.finfo(np.float32).eps)
     rows = []
     for i, name in enumerate(ds["checkpoint"].values):
         entry = ds.isel(checkpoint=i)
@@ -262,7 +277,15 @@ def sharpness_summary(ds) -> list[dict[str, object]]:
             for var in ("worst_case", "sam", "first_order", "average_case", "m_sharpness"):
                 if var in at:
                     row[var] = float(at[var])
+            notes = []
+            resolution = RESOLUTION_ULPS * eps * abs(float(at["loss"]))
+            rises = [abs(float(at[v])) for v in ("worst_case", "first_order") if v in at]
+            if rises and max(rises) < resolution:
+                more = ": --dtype float64" if dtype == "float32" else ""
+                notes.append(f"below the loss's {dtype} rounding ({resolution:.1e}){more}")
             if "worst_case_still_rising" in at and int(at["worst_case_still_rising"]):
-                row["note"] = "worst case still rising: raise --steps"
+                notes.append("worst case still rising: raise --steps")
+            if notes:
+                row["note"] = "; ".join(notes)
             rows.append(row)
     return rows
