@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -563,3 +565,21 @@ def test_a_target_epoch_is_ascii_digits(epoch):
     with pytest.raises(LandscapeError, match=r"after '@' is not an epoch number \(digits 0-9\)"):
         parse_directions(f"interpolate:runs/b@{epoch}")
     assert parse_directions("interpolate:runs/b@12").targets[0].epoch == 12
+
+
+def test_runs_whose_folder_names_hold_an_at_sign_or_a_comma_can_be_targets(tmp_path, monkeypatch):
+    # 'runs/lr@0.1' was read as run 'runs/lr' at epoch '0.1' (refused), and 'plane:a,b,c' could not name 'b,c'
+    from landscape.analyses.surface import CheckpointRef, parse_directions
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("lr@0.1", "wd,0.05", "base"):
+        (tmp_path / name).mkdir()
+    assert parse_directions("interpolate:lr@0.1").targets == [CheckpointRef(Path("lr@0.1"))]
+    assert parse_directions("interpolate:lr@0.1@7").targets == [CheckpointRef(Path("lr@0.1"), 7)]
+    assert parse_directions("interpolate:wd,0.05").targets == [CheckpointRef(Path("wd,0.05"))]
+    assert parse_directions("plane:base@2,wd,0.05@3").targets == [CheckpointRef(Path("base"), 2),
+                                                                 CheckpointRef(Path("wd,0.05"), 3)]
+    assert parse_directions("plane:wd,0.05,lr@0.1").targets == [CheckpointRef(Path("wd,0.05")),
+                                                               CheckpointRef(Path("lr@0.1"))]
+    with pytest.raises(LandscapeError, match="is not an epoch number"):  # no such folder: '@' still names an epoch
+        parse_directions("interpolate:other@0.1")

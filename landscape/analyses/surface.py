@@ -339,8 +339,8 @@ def parse_directions(text: str) -> DirectionSpec:
             raise LandscapeError(
                 f"Directions {kind!r} take no argument (got {text!r}); accepted are {DIRECTIONS_HELP}.")
         return DirectionSpec(kind)
-    refs = [_parse_ref(part, text) for part in arg.split(",") if part.strip()]
     wanted = 1 if kind == "interpolate" else 2
+    refs = [_parse_ref(part, text) for part in _split_refs(arg, wanted) if part.strip()]
     if len(refs) != wanted:
         raise LandscapeError(
             f"Directions {kind} need {wanted} run director{'y' if wanted == 1 else 'ies'} after the colon "
@@ -348,10 +348,31 @@ def parse_directions(text: str) -> DirectionSpec:
     return DirectionSpec(kind, refs)
 
 
+def _split_refs(arg: str, wanted: int) -> list[str]:
+    """``arg`` cut at its commas into run references, except where a run's own folder name holds a comma: the
+    cut whose ``wanted`` pieces all name existing folders (an ``@EPOCH`` aside) wins over the plain one."""
+    pieces = arg.split(",")
+    if len(pieces) > wanted:
+        import itertools
+
+        for cuts in itertools.combinations(range(1, len(pieces)), wanted - 1):
+            bounds = (0, *cuts, len(pieces))
+            parts = [",".join(pieces[a:b]) for a, b in zip(bounds, bounds[1:])]
+            if all(_names_a_folder(p) for p in parts):
+                return parts
+    return pieces
+
+
+def _names_a_folder(part: str) -> bool:
+    part = part.strip()
+    path, at, epoch = part.rpartition("@")
+    return bool(part) and (Path(part).is_dir() or (bool(at) and epoch.strip().isdigit() and Path(path).is_dir()))
+
+
 def _parse_ref(part: str, text: str) -> CheckpointRef:
     part = part.strip()
     path, at, epoch = part.rpartition("@")
-    if not at:
+    if not at or Path(part).is_dir():  # a run whose folder name holds an '@' (runs/lr@0.1)
         return CheckpointRef(Path(part))
     if not epoch.strip().isascii() or not epoch.strip().isdigit():  # int() also reads '0_2' and Arabic-Indic digits
         raise LandscapeError(f"In directions {text!r}, {epoch!r} after '@' is not an epoch number (digits 0-9).")
