@@ -138,6 +138,8 @@ def test_torch_optimizers_run_their_fused_update_with_the_same_groups_and_arithm
     assert [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} for g in fused.param_groups] == \
         [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")} for g in multi.param_groups]
     assert sorted(g["weight_decay"] for g in fused.param_groups) == [0.0, 0.05]  # timm's no-decay group kept
+    assert {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach")} == \
+        {k: v for k, v in multi.defaults.items() if k not in ("fused", "foreach")}  # a group added later gets them
     x = torch.randn(16, 6)
     for _ in range(5):
         for m, o in ((model, fused), (twin, multi)):

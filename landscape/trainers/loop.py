@@ -342,7 +342,11 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
                            momentum=o.momentum, **extra)
     if type(optimizer) in _FUSABLE and _fused_supported(optimizer):
         groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
-        return type(optimizer)(groups, lr=lr, fused=True)
+        import inspect
+
+        accepted = inspect.signature(type(optimizer)).parameters  # AdamW sets decoupled_weight_decay itself
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("foreach", "fused")}
+        return type(optimizer)(groups, **defaults, fused=True)
     for group in optimizer.param_groups:  # torch picks the one-tensor-at-a-time loop on a CPU: half a small model's step
         if group.get("foreach", False) is None and not group.get("fused"):
             group["foreach"] = True
