@@ -983,6 +983,30 @@ def test_a_checkpoint_of_landscape_train_imports_with_its_ema_and_the_facts_its_
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two are told apart
 
 
+def test_a_landscape_checkpoint_of_a_model_the_weights_do_not_describe_imports_as_its_header_states(tmp_path):
+    # an mLiT was refused ("Block 0 has no MLP weights") unless its 12 arguments were restated with --model-arg
+    from conftest import make_tiny_run
+
+    kwargs = {"embed_dim": 16, "depth": 3, "num_heads": 2, "num_kv_heads": 1, "hidden_first": 32, "hidden_last": 16,
+              "patch_size": 2, "class_token": False, "global_pool": "avg", "img_size": 8, "in_chans": 1,
+              "num_classes": 10}
+    run = make_tiny_run(tmp_path, "mlit", "mlit_xxs", kwargs, 0)
+    checkpoint = run.checkpoints()[-1].path
+    result = import_checkpoint(checkpoint, tmp_path / "copy")
+    assert result.model == "mlit_xxs" and {k: result.model_kwargs[k] for k in kwargs} == kwargs
+    assert result.facts["hidden_first"] == {"value": 32, "how": "read", "from": "the landscape checkpoint's header"}
+    x = torch.randn(3, 1, 8, 8)
+    for weights in ("raw", "ema"):
+        info, state = load_checkpoint(checkpoint, weights=weights)
+        torch.testing.assert_close(logits(imported(tmp_path / "copy", weights), x),
+                                   logits(build_model(info, state).eval(), x), atol=0, rtol=0)
+    named = import_checkpoint(checkpoint, tmp_path / "named", model="mlit_xxs")  # the name alone is enough too
+    assert named.model_kwargs["hidden_last"] == 16
+    with pytest.raises(LandscapeError):  # an argument the weights contradict is still refused by the strict load
+        import_checkpoint(checkpoint, tmp_path / "wrong", model_args={"hidden_first": 48})
+    assert not (tmp_path / "wrong").exists()
+
+
 def test_the_activation_and_norm_the_weights_cannot_tell_are_said_to_be_assumed_unless_checked(tmp_path, x):
     source = tiny_timm()
     torch.save(source.state_dict(), tmp_path / "w.pth")

@@ -260,6 +260,7 @@ def _landscape_header_hints(path: Path, hints: dict[str, Any]) -> None:
     except LandscapeError:  # a damaged header: the tensors alone are read, as for any other file
         return
     _hint(hints, "arch", info.model, "the landscape checkpoint's header")
+    hints["header"] = {"model": str(info.model), "kwargs": dict(kwargs)}  # the whole model, for what recovery cannot
     for key in ("num_heads", "global_pool", "img_size"):
         if key in kwargs:
             _hint(hints, key, kwargs[key], f"the landscape checkpoint's header ({key})")

@@ -556,8 +556,14 @@ def resolve_model(
         if key in model_args:
             hints[key] = model_args[key]
             hints["sources"][key] = "--model-arg"
+    stated = hints.get("header") if isinstance(hints.get("header"), dict) else None
     if model is None:
-        arch = recover_architecture(foreign.state_dict, hints)
+        try:
+            arch = recover_architecture(foreign.state_dict, hints)
+        except CheckpointError:
+            if stated is None or not _is_model(stated["model"]):
+                raise
+            return _header_spec(stated, model_args)  # an mLiT: built as its header states, loaded strictly
         check_stated_sizes(arch, hints)
         spec = model_spec(arch, hints)
         spec.kwargs.update({k: v for k, v in model_args.items() if k != "group_size"})  # the variant says it
@@ -569,11 +575,23 @@ def resolve_model(
     try:
         arch = recover_architecture(foreign.state_dict, hints)
     except CheckpointError:
+        if stated is not None and stated["model"] == model:  # its header states the arguments --model-arg may change
+            return _header_spec(stated, model_args)
         return ModelSpec(model, model_args, facts={k: _read(v, "--model-arg") for k, v in model_args.items()})
     kwargs = {"img_size": arch.img_size, "in_chans": arch.in_chans, "num_classes": arch.num_classes, **model_args}
     facts = {"img_size": arch.facts["img_size"], **{k: _read(v, "--model-arg") for k, v in model_args.items()}}
     return ModelSpec(model, kwargs, [n for n in arch.notes if n.startswith("the source states image size")],
                      facts=facts)
+
+
+def _header_spec(stated: dict[str, Any], model_args: dict[str, Any]) -> ModelSpec:
+    """The model a landscape checkpoint's header states (name and arguments), with ``model_args`` over them: for
+    a model the weights alone do not describe (an mLiT's stages), checked by loading every tensor strictly."""
+    where = "the landscape checkpoint's header"
+    facts = {k: _read(v, where) for k, v in stated["kwargs"].items()}
+    facts.update({k: _read(v, "--model-arg") for k, v in model_args.items()})
+    return ModelSpec(stated["model"], {**stated["kwargs"], **model_args},
+                     [f"the model and its arguments are those {where} states"], facts=facts)
 
 
 # Arguments that say which architecture a ViT is (the data-facing ones, classes and input, are not its identity).
