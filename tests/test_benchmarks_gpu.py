@@ -62,6 +62,7 @@ def test_tiny_run_writes_a_table_with_every_row_for_both_hessian_states(tmp_path
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_budget_is_one_sentence_and_a_nonzero_exit():
     result = run_script("--tiny", "--budget", "-5")
     assert result.returncode == 2
@@ -69,6 +70,7 @@ def test_bad_budget_is_one_sentence_and_a_nonzero_exit():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cuda_asked_for_without_a_gpu_is_one_sentence(tmp_path):
     import torch
 

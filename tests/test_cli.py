@@ -336,6 +336,7 @@ def test_report_and_compare_never_write_over_a_runs_own_files_or_a_file_of_anoth
             assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path):
     from conftest import TINY_VIT, make_tiny_run
 
