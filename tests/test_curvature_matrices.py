@@ -113,10 +113,62 @@ def test_every_estimator_takes_the_ggn_top_eigenvalue_below_dense_eigh():
     assert exact[-1] >= -1e-12  # positive semi-definite, unlike the Hessian
 
 
+def test_the_fisher_takes_cross_entropy_in_torchs_spellings_too():
+    # F.cross_entropy and nn.CrossEntropyLoss() were refused as "another criterion"
+    model, (x, y) = tiny_mlp(), data(10)
+    exact = FisherOperator(LossFunction(model, x, y)).dense()
+    for criterion in (torch.nn.functional.cross_entropy, torch.nn.CrossEntropyLoss()):
+        torch.testing.assert_close(FisherOperator(LossFunction(model, x, y, criterion=criterion)).dense(), exact,
+                                   rtol=0, atol=0)
+
+
+def test_empirical_fisher_of_a_mean_over_the_counted_examples_is_their_mean_outer_product():
+    # with ignore_index the loss is a mean over the V counted examples; the matrix came out N / V times too large
+    import warnings
+
+    model, (x, y) = tiny_mlp(), data(12)
+    y = y.clone()
+    y[::3] = -100  # 4 of 12 ignored, 2 in each batch of 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the mean over a varying count is warned about
+        closure = LossFunction(model, x, y, batch_size=6, criterion=torch.nn.CrossEntropyLoss(ignore_index=-100))
+    kept = y != -100
+    g = _per_example_gradients(model, x[kept], y[kept], closure)
+    torch.testing.assert_close(EmpiricalFisherOperator(closure).dense(), g.T @ g / int(kept.sum()), rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_every_matrix_of_a_model_with_multihead_attention_is_its_dense_one():
+    # nn.MultiheadAttention takes torch's fused fast path in eval mode, which has no forward-mode derivative: the
+    # GGN's, Fisher's and empirical Fisher's products ended in torch's NotImplementedError
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.inp = torch.nn.Linear(3, 4)
+            self.att = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.fc((h + self.att(h, h, h)[0]).mean(1))
+
+    model = Net().double().eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    closure = LossFunction(model, x, y)
+    jac, z = _jacobian_and_outputs(model, x, closure)
+    p = torch.softmax(z, dim=-1)
+    dense = torch.einsum("icp,icd,idq->pq", jac, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], jac) / len(x)
+    for matrix in ("ggn", "fisher"):
+        torch.testing.assert_close(curvature_operator(closure, matrix).dense(), dense, rtol=1e-9, atol=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after
+
+
 def test_fisher_of_another_criterion_is_one_sentence():
     model, (x, y) = tiny_mlp(), data(10)
     closure = LossFunction(model, x, y, criterion=lambda z, t: torch.nn.functional.cross_entropy(z, t) * 2)
-    with pytest.raises(ConfigError, match="softmax cross-entropy only"):
+    with pytest.raises(ConfigError, match="for softmax classifiers, whose loss is a cross-entropy"):
         curvature_operator(closure, "fisher")
     with pytest.raises(ConfigError, match="accepted are hessian, ggn"):
         curvature_operator(closure, "kfac")

@@ -235,17 +235,25 @@ class EvaluationSet:
 def evaluation_mode(model: nn.Module, *, math_attention: bool = True) -> Iterator[nn.Module]:
     """Eval mode (and the math attention kernel) for the duration; every module's train flag is restored after.
 
-    Derivatives of any order need the math kernel; plain loss evaluation (``math_attention=False``) keeps the
+    Derivatives of any order need the math kernel, and ``nn.MultiheadAttention`` in eval mode takes torch's fused
+    fast path, which has no forward-mode derivative (the GGN's and Fisher's products ended in torch's
+    NotImplementedError): both are off for the duration. Plain loss evaluation (``math_attention=False``) keeps the
     fused kernels, which are faster and give the same values up to rounding.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     flags = [(m, m.training) for m in model.modules()]
+    mha = getattr(torch.backends, "mha", None)
+    fast_path = mha.get_fastpath_enabled() if mha is not None and math_attention else None
     model.eval()
     try:
+        if fast_path:
+            mha.set_fastpath_enabled(False)
         with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
             yield model
     finally:
+        if fast_path:
+            mha.set_fastpath_enabled(True)
         for m, training in flags:
             m.training = training
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
-from landscape.curvature.loss import LossFunction, cross_entropy, evaluation_mode
+from landscape.curvature.loss import LossFunction, _is_cross_entropy, evaluation_mode
 from landscape.curvature.products import DoubleBackward, ForwardOverReverse, KeptGraphProducts
 from landscape.errors import ConfigError, LandscapeError
 
@@ -268,8 +268,8 @@ class OutputCurvatureOperator(CurvatureOperator):
         """:math:`M_b u` for batch number ``batch`` with outputs ``(n_b, C)`` and a tangent ``u`` ``(n_b, C)``."""
         raise NotImplementedError
 
-    def prepare_batch(self, batch: int, outputs: Tensor) -> None:
-        """Called with each batch's outputs before its products (outside :func:`torch.func.vmap`)."""
+    def prepare_batch(self, batch: int, outputs: Tensor, targets: Tensor) -> None:
+        """Called with each batch's outputs and targets before its products (outside :func:`torch.func.vmap`)."""
 
     def product(self, vectors: Tensor) -> Tensor:
         """:math:`\\sum_b \\frac{n_b}{N} J_b^\\top M_b J_b V`, :attr:`vectors_per_pass` columns through
@@ -285,7 +285,7 @@ class OutputCurvatureOperator(CurvatureOperator):
 
                 z, pullback = torch.func.vjp(outputs, primals)
                 z = z.detach()
-                self.prepare_batch(b, z)
+                self.prepare_batch(b, z, y)
 
                 def column(tangent: dict[str, Tensor], b=b, z=z, y=y, pullback=pullback) -> dict[str, Tensor]:
                     u = torch.func.jvp(outputs, (primals,), (tangent,))[1]
@@ -318,9 +318,13 @@ class GGNOperator(OutputCurvatureOperator):
 
 
 def _check_softmax_classifier(loss: LossFunction, what: str) -> None:
-    if loss.criterion is not cross_entropy:
-        raise ConfigError(f"The {what} is defined here for softmax cross-entropy only; this loss has another "
-                          "criterion (use --matrix ggn or hessian).")
+    """A softmax classifier's loss: cross-entropy in any of its spellings (landscape's, ``F.cross_entropy``,
+    ``nn.CrossEntropyLoss``, with label smoothing or class weights): the Fisher is the model's, whatever the
+    criterion does with the labels."""
+    if not _is_cross_entropy(loss.criterion):
+        raise ConfigError(f"The {what} is defined here for softmax classifiers, whose loss is a cross-entropy; this "
+                          "loss has another criterion (use the matrix ggn or hessian: --matrix, or matrix= in "
+                          "the notebook API).")
 
 
 class FisherOperator(OutputCurvatureOperator):
@@ -357,7 +361,7 @@ class FisherOperator(OutputCurvatureOperator):
             self.sampled_labels[batch] = draws.T.contiguous()
         return self.sampled_labels[batch].to(probabilities.device)
 
-    def prepare_batch(self, batch: int, outputs: Tensor) -> None:
+    def prepare_batch(self, batch: int, outputs: Tensor, targets: Tensor) -> None:
         if self.samples is not None:  # random draws are not allowed under vmap: the labels are drawn here
             self.labels(batch, torch.softmax(outputs, dim=-1))
 
@@ -384,10 +388,36 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
 
     matrix = "empirical-fisher"
 
+    def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None):
+        super().__init__(loss, callback=callback)
+        self.counted: dict[int, int] = {}
+
+    def prepare_batch(self, batch: int, outputs: Tensor, targets: Tensor) -> None:
+        if batch not in self.counted:
+            self.counted[batch] = counted_examples(self.loss.criterion, outputs, targets)
+
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
-        n = outputs.shape[0]
+        # n_b times the gradient of the batch mean is r_i when the mean is over the batch's n_b examples; a mean
+        # over the V_b examples the criterion counts (ignore_index) needs V_b: with n_b the matrix came out n_b / V_b
+        # times too large
+        n = self.counted.get(batch) or outputs.shape[0]
         residual = n * torch.func.grad(lambda z: self.loss.criterion(z, targets))(outputs)
         return residual * (residual * u).sum(-1, keepdim=True) / n
+
+
+def counted_examples(criterion: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> int:
+    """How many of the batch's examples the criterion's mean is over: those whose loss alone is a number (an
+    example whose every target is ``ignore_index`` gives 0/0); every example when one cannot be taken alone."""
+    n = outputs.shape[0]
+    counted = 0
+    with torch.no_grad():
+        for i in range(n):
+            try:
+                value = criterion(outputs[i:i + 1], targets[i:i + 1])
+            except Exception:  # noqa: BLE001  (a criterion that needs more than one example)
+                return n
+            counted += bool(torch.isfinite(value).all())
+    return counted or n
 
 
 def curvature_operator(loss: LossFunction, matrix: str = "hessian", *, callback: Callable[[int], Any] | None = None,
