@@ -365,11 +365,15 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             from landscape.trainers.distributed import check_device
 
             check_config(config)
-            check_device(device)  # the run would refuse it at once: so does its dry run
+            check_device(device, here=False)  # a name no machine has; one this machine lacks is a note below
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             if note := warmup_note(config):
                 click.echo(f"Note: {note}", err=True)
+            try:
+                check_device(device)
+            except LandscapeError as e:  # a dry run for another machine: the run itself refuses it here
+                click.echo(f"Note: {e}", err=True)
             return
         out = out or Path("runs") / f"{config.data.name}-{config.model.name}-seed{config.seed}"
         if (note := warmup_note(config)) and main_process:
@@ -491,7 +495,7 @@ def _analyze(run: Path, analysis, summary, *, checkpoints: str, force: bool, dat
 @SAMPLES_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only these parameters: glob ('*attn*', 'blocks.3.*'), module prefix ('blocks.3') or 're:REGEX'; "
-                   "several comma-separated (a re: pattern takes the rest, commas included).")
+                   "several comma-separated (a comma inside a regex's {} or [] does not cut it).")
 @SEED_OPTION("the probes")
 @FORCE_OPTION("RUN/analysis/hessian*.nc")
 @DTYPE_OPTION
@@ -599,7 +603,7 @@ def _float_list(ctx, param, value: str) -> tuple[float, ...]:
 @WEIGHTS_OPTION
 @click.option("--params", "params", default=None, metavar="PATTERN",
               help="Only perturb these parameters: glob ('*attn*'), module prefix ('blocks.3') or 're:REGEX'; several "
-                   "comma-separated (a re: pattern takes the rest, commas included).")
+                   "comma-separated (a comma inside a regex's {} or [] does not cut it).")
 @SEED_OPTION("the draws")
 @FORCE_OPTION("RUN/analysis/sharpness*.nc")
 @DTYPE_OPTION

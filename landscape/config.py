@@ -194,9 +194,10 @@ def parse_value(value: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], *, merge: bool = False) -> dict[str, Any]:
     """Return a copy of ``data`` with dotted-key overrides applied.
 
-    With ``merge`` a mapping given for a key that already holds one is merged into it, key by key at every depth
-    (``augment: {mixup: 0}`` changes MixUp alone); without it, it replaces it (the section's other keys then fall
-    back to their defaults, which is what the config's own resets mean: a new model's ``kwargs: {}``)."""
+    With ``merge`` a non-empty mapping given for a key that already holds one is merged into it, key by key at
+    every depth (``augment: {mixup: 0}`` changes MixUp alone), and an empty one empties it (``model.kwargs={}``);
+    without ``merge`` a mapping replaces (the section's other keys then fall back to their defaults, which is what
+    the config's own resets mean: a new model's ``kwargs: {}``)."""
     out = json.loads(json.dumps(data, default=str))
     for key, value in overrides.items():
         node = out
@@ -206,7 +207,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any], *, merge: b
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {key!r} goes through {part!r}, which is not a section.")
         last = parts[-1]
-        node[last] = _merged(node[last], value) if merge and isinstance(node.get(last), dict) else value
+        node[last] = _merged(node[last], value) if merge and value and isinstance(node.get(last), dict) else value
     return out
 
 
@@ -216,7 +217,7 @@ def _merged(base: dict[str, Any], value: Any) -> Any:
         return value
     out = dict(base)
     for k, v in value.items():
-        out[k] = _merged(out[k], v) if isinstance(out.get(k), dict) else v
+        out[k] = _merged(out[k], v) if v and isinstance(out.get(k), dict) else v
     return out
 
 

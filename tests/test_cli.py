@@ -62,10 +62,15 @@ def test_a_file_option_given_a_folder_path_is_refused_not_written_as_a_file_of_t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_dry_run_refuses_the_device_the_run_would_refuse():
+def test_a_dry_run_refuses_a_device_name_no_machine_has_and_notes_one_this_machine_lacks():
     result = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--device", " ",
                                       "--dry-run"])
     assert result.exit_code == 1 and "Unknown device ' '" in result.output, result.output
+    if not torch.cuda.is_available():  # a dry run on a laptop of a run for a GPU machine
+        lacking = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--device",
+                                           "cuda", "--dry-run"])
+        assert lacking.exit_code == 0 and "Note: Device 'cuda' was asked for but no CUDA GPU is visible" in \
+            lacking.output, lacking.output
 
 
 def test_inspect_non_checkpoint_gives_one_sentence_and_nonzero_exit(tmp_path):

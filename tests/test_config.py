@@ -73,3 +73,20 @@ def test_a_section_given_as_a_mapping_changes_only_the_keys_it_names():
     assert apply_overrides({"a": {"b": 1, "c": {"d": 2, "e": 3}}}, {"a": {"c": {"d": 4}}}, merge=True) == \
         {"a": {"b": 1, "c": {"d": 4, "e": 3}}}
     assert apply_overrides({"a": {"b": 1}}, {"a": {"c": 2}}) == {"a": {"c": 2}}  # the config's own resets replace
+
+
+def test_an_empty_mapping_empties_a_section_and_a_model_named_anyhow_drops_the_recipes_model_arguments():
+    from landscape.trainers import build_config
+
+    def model(*overrides, **options):
+        config = build_config("digits", data="mnist", overrides=overrides, **options)
+        return config.model.name, config.model.kwargs
+
+    recipe_name, recipe_kwargs = model()
+    assert recipe_kwargs  # the digits recipe's small ViT
+    assert model("model.kwargs={}") == (recipe_name, {})  # it was merged as nothing: the recipe's stayed
+    for named in (["model.name=vit_small_patch16_224"], ["model={name: vit_small_patch16_224}"]):
+        # as --model does: the recipe's arguments were those of its own model (vit_small came out 32 wide)
+        assert model(*named) == ("vit_small_patch16_224", {}) == model(model="vit_small_patch16_224")
+    assert model("model={name: vit_small_patch16_224, kwargs: {depth: 2}}") == ("vit_small_patch16_224", {"depth": 2})
+    assert model("model={drop_path: 0.1}") == (recipe_name, recipe_kwargs)

@@ -202,10 +202,12 @@ def test_parameters_by_pattern_accepts_globs_prefixes_and_regexes():
         parameters_by_pattern(model, "blocks.7.*")
     with pytest.raises(ConfigError, match="regular expression"):
         parameters_by_pattern(model, "re:(")
-    # a regular expression takes the rest of the pattern: its {1,2} was cut at the comma, into a regex matching a
-    # literal '{1' and a prefix '2}', and the selection was the head alone
-    assert set(parameters_by_pattern(model, r"head.weight, re:^(blocks\.0\.norm){1,2}1\.")) == {
+    # a regular expression's {1,2} was cut at the comma, into a regex matching a literal '{1' and a prefix '2}',
+    # and the selection was the head alone; a comma outside braces and brackets still separates alternatives
+    assert set(parameters_by_pattern(model, r"re:^(blocks\.0\.norm){1,2}1\.[wb],head.weight")) == {
         "head.weight", "blocks.0.norm1.weight", "blocks.0.norm1.bias"}
+    assert set(parameters_by_pattern(model, r"re:^head\.[w,]eight|cls_token, pos_embed")) == {
+        "head.weight", "cls_token", "pos_embed"}
 
 
 class SharedMLP(nn.Module):

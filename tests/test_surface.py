@@ -583,3 +583,11 @@ def test_runs_whose_folder_names_hold_an_at_sign_or_a_comma_can_be_targets(tmp_p
                                                                CheckpointRef(Path("lr@0.1"))]
     with pytest.raises(LandscapeError, match="is not an epoch number"):  # no such folder: '@' still names an epoch
         parse_directions("interpolate:other@0.1")
+    # the folder 'lr@2' and epoch 2 of the run 'lr' named one results file: the second line replaced the first
+    (tmp_path / "lr").mkdir()
+    (tmp_path / "lr@2").mkdir()
+    run = tmp_path / "base"
+    slugs = {text: parse_directions(text).slug(run) for text in ("interpolate:lr@2", "interpolate:lr/@2",
+                                                                 "interpolate:lr_2")}
+    assert len(set(slugs.values())) == 3, slugs
+    assert slugs["interpolate:lr/@2"] == "interpolate-lr@2"  # names of runs without '@' are as they were

@@ -281,7 +281,7 @@ def sharpness_summary(ds) -> list[dict[str, object]]:
             resolution = RESOLUTION_ULPS * eps * abs(float(at["loss"]))
             rises = [abs(float(at[v])) for v in ("worst_case", "first_order") if v in at]
             if rises and max(rises) < resolution:
-                more = ": --dtype float64" if dtype == "float32" else ""
+                more = ": --dtype float64 (--force replaces these)" if dtype == "float32" else ""
                 notes.append(f"below the loss's {dtype} rounding ({resolution:.1e}){more}")
             if "worst_case_still_rising" in at and int(at["worst_case_still_rising"]):
                 notes.append("worst case still rising: raise --steps")

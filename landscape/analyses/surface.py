@@ -317,12 +317,14 @@ def target_name(target: Path, run: Path | None) -> str:
 
 
 def _safe(text: str) -> str:
-    """``text`` with every run of characters outside ``[A-Za-z0-9_.@+=]`` made ``_``; a name with characters
-    beyond ASCII (``é``, ``数据``: all ``_``) also gets 8 hex digits of its SHA-1, so that such names stay apart."""
+    """``text`` with every run of characters outside ``[A-Za-z0-9_.+=]`` made ``_``; a name with characters
+    beyond ASCII (``é``, ``数据``: all ``_``) or an ``@`` (which marks the epoch in a file name: the folder
+    ``lr@2`` and epoch 2 of ``lr`` wrote one file) also gets 8 hex digits of its SHA-1, so that such names stay
+    apart."""
     import hashlib
 
-    safe = re.sub(r"[^A-Za-z0-9_.@+=]+", "_", text) or "run"
-    if not text.isascii():
+    safe = re.sub(r"[^A-Za-z0-9_.+=]+", "_", text) or "run"
+    if not text.isascii() or "@" in text:
         safe += "_" + hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return safe
 

@@ -57,8 +57,8 @@ def parameters_by_pattern(model: nn.Module, pattern: str | None = None) -> dict[
 
     - a glob over the dotted parameter names: ``"*attn*"``, ``"blocks.3.*"``, ``"*mlp.fc?.weight"``;
     - a module prefix without wildcards: ``"blocks.3"`` selects every parameter under ``blocks.3.``;
-    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``; it takes the
-      rest of the pattern, commas included (``"head,re:blocks\\.[0-9]{1,2}\\.mlp"``), so it comes last.
+    - a regular expression after ``re:``, searched in the name: ``"re:blocks\\.(0|1)\\..*qkv"``; commas inside
+      its ``{...}`` or ``[...]`` (``"re:blocks\\.[0-9]{1,2}\\.mlp"``) or escaped (``\\,``) do not cut it.
 
     ``None``, ``""`` and ``"*"`` select every parameter. A parameter shared by several modules is selected when
     any of its names matches and is returned once, under its first name (the one ``state_dict`` loading and
@@ -87,12 +87,7 @@ def _name_matchers(pattern: str | None) -> list[Callable[[str], bool]]:
     if pattern is None or pattern.strip() in ("", "*"):
         return [lambda name: True]
     matchers: list[Callable[[str], bool]] = []
-    pieces = pattern.split(",")
-    for i, piece in enumerate(pieces):  # a regular expression takes the rest, its commas included (x{1,2})
-        if piece.strip().startswith("re:"):
-            pieces = pieces[:i] + [",".join(pieces[i:])]
-            break
-    for part in (p.strip() for p in pieces):
+    for part in (p.strip() for p in _split_alternatives(pattern)):
         if not part:
             continue
         if part.startswith("re:"):
@@ -106,6 +101,27 @@ def _name_matchers(pattern: str | None) -> list[Callable[[str], bool]]:
         else:
             matchers.append(lambda name, prefix=part: name == prefix or name.startswith(prefix + "."))
     return matchers
+
+
+def _split_alternatives(pattern: str) -> list[str]:
+    """``pattern`` cut at its commas, except those inside ``{...}`` or ``[...]`` or after a backslash: a regular
+    expression's ``{1,2}`` and ``[,;]`` stay whole (they were cut into a literal ``{1`` and a prefix ``2}``)."""
+    parts, current, depth, escaped = [], [], 0, False
+    for c in pattern:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]" and depth:
+            depth -= 1
+        elif c == "," and not depth:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(c)
+    return parts + ["".join(current)]
 
 
 def unflatten_vector(vector: Tensor, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> dict[str, Tensor]:

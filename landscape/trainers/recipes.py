@@ -102,7 +102,14 @@ def build_config(
 ) -> TrainConfig:
     """Resolve a run's config from a recipe, the first-class options and ``key=value`` overrides."""
     layers: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    if not isinstance(overrides, dict):
+        overrides = dict(parse_override(text) for text in overrides)
+    overrides = {resolve_key(k): v for k, v in overrides.items()}
+    named = overrides.get("model.name", (overrides.get("model") or {}).get("name")
+                          if isinstance(overrides.get("model"), dict) else None)
+    model = model if model is not None else named if isinstance(named, str) else None
     if model is not None and model != (layers.get("model") or {}).get("name"):
+        # another model than the recipe's: its arguments were the recipe model's (--model, or the name in --set)
         layers = apply_overrides(layers, {"model.name": model, "model.kwargs": {}})
     if model_kwargs:
         layers = apply_overrides(layers, {f"model.kwargs.{k}": v for k, v in model_kwargs.items()})
@@ -111,9 +118,7 @@ def build_config(
     for option, value in (options or {}).items():
         if value is not None:
             layers = apply_overrides(layers, {OPTION_FIELDS[option]: value})
-    if not isinstance(overrides, dict):
-        overrides = dict(parse_override(text) for text in overrides)
-    layers = apply_overrides(layers, {resolve_key(k): v for k, v in overrides.items()}, merge=True)
+    layers = apply_overrides(layers, overrides, merge=True)
     recorded = [k for k in ("extended_from", "extended_at") if layers.get(k) is not None]
     if recorded:  # a new run's config: one recorded as extended would take --extend-to of its total as a resume
         raise ConfigError(f"{recorded[0]} is a record --resume RUN --extend-to N writes, not a setting; leave it out "
