@@ -1018,7 +1018,9 @@ def test_non_ascii_target_runs_name_results_files_apart():
 
     names = ["é", "数据", "模型", "run-é", "run-è"]
     assert len({_safe(n) for n in names}) == len(names)
-    assert _safe("baseline-s0") == "baseline_s0" and _safe("runB@3") == "runB@3"  # ASCII names keep their files
+    assert _safe("baseline-s0") == "baseline_s0" and _safe("runB_3") == "runB_3"  # ASCII names keep their files
+    # but for an '@', which marks the epoch in a file name (the folder runB@3 and epoch 3 of runB shared one file)
+    assert _safe("runB@3").startswith("runB_3_") and _safe("runB@3") != _safe("runB_3")
     from landscape.analyses.surface import parse_directions
 
     long = [parse_directions(f"plane:{'r' * 119}a,{'r' * 119}{end}").slug() for end in "bc"]
