@@ -365,15 +365,12 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             from landscape.trainers.distributed import check_device
 
             check_config(config)
-            check_device(device, here=False)  # a name no machine has; one this machine lacks is a note below
+            check_device(device, here=False)  # a name no machine has is refused; one this machine lacks noted
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             click.echo(f"# recipes: {', '.join(recipe_names())}")
             if note := warmup_note(config):
                 click.echo(f"Note: {note}", err=True)
-            try:
-                check_device(device)
-            except LandscapeError as e:  # a dry run for another machine: the run itself refuses it here
-                click.echo(f"Note: {e}", err=True)
+            _device_note(device, "the run trains")  # a dry run for another machine: the run itself refuses it here
             return
         out = out or Path("runs") / f"{config.data.name}-{config.model.name}-seed{config.seed}"
         if (note := warmup_note(config)) and main_process:
@@ -983,7 +980,7 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
     if check:
         check_study(spec, here=False)
         _study_notes(spec)
-        _device_note(spec.analysis.device)
+        _device_note(spec.analysis.device, "the study's analyses run")
         print_table([{"run": name, "model": v.model, "seed": s} for v, s, name in spec.run_names()])
         size = f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.seeds), 'seed')}"
         click.echo(f"{study_file}: {size} on {spec.data}: fine.")
@@ -992,16 +989,13 @@ def study(study_file: Path, out: Path | None, jobs: int | None, figures_out: Pat
                data_dir=data_dir, what=f"landscape study {study_file}")
 
 
-def _device_note(device: str | None) -> None:
-    """A note when the study's analysis device is not on this machine (its run refuses it; its check does not)."""
-    from landscape.trainers.distributed import check_device
+def _device_note(device: str | None, what: str) -> None:
+    """A note when ``device`` is not on this machine: a check or dry run for another machine (the run refuses it)."""
+    from landscape.trainers.distributed import check_device, device_missing
 
-    try:
-        check_device(device)
-    except LandscapeError as e:
-        reason = str(e).split("; use --device")[0].rstrip(".")
-        click.echo(f"Note: the analyses run on device {device!r}, which this machine cannot ({reason}): the study "
-                   "runs where it can.", err=True)
+    if missing := device_missing(check_device(device, here=False)):
+        click.echo(f"Note: {what} on device {device!r}, which this machine cannot ({missing}); it runs where it "
+                   "can.", err=True)
 
 
 def _study_notes(spec) -> None:

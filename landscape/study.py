@@ -422,15 +422,13 @@ def check_study(spec: StudySpec, *, here: bool = True) -> None:
     needs the baseline it is compared with (same base architecture) in the study, and (``here``) the analyses'
     device must be on this machine."""
     if here and spec.analysis.device is not None:
-        from landscape.trainers.distributed import check_device
+        from landscape.trainers.distributed import check_device, device_missing
 
-        try:
-            check_device(spec.analysis.device)
-        except LandscapeError as e:
-            reason = str(e).split("; use --device")[0].rstrip(".")
+        missing = device_missing(check_device(spec.analysis.device, here=False))
+        if missing:
             raise ConfigError(f"The study's analyses run on device {spec.analysis.device!r} (its analysis setting "
-                              f"device), and this machine cannot: {reason}; set device: cpu, or run the study where "
-                              "there is one.") from None
+                              f"device), and this machine cannot: {missing}; set device: cpu, or run the study where "
+                              "there is one.")
     from landscape.data import get_dataset_info
     from landscape.models import create_model
     from landscape.models.variants import describe_variant

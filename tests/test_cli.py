@@ -69,7 +69,7 @@ def test_a_dry_run_refuses_a_device_name_no_machine_has_and_notes_one_this_machi
     if not torch.cuda.is_available():  # a dry run on a laptop of a run for a GPU machine
         lacking = CliRunner().invoke(cli, ["train", "--data", "digits", "--model", "vit_pico_patch4_32", "--device",
                                            "cuda", "--dry-run"])
-        assert lacking.exit_code == 0 and "Note: Device 'cuda' was asked for but no CUDA GPU is visible" in \
+        assert lacking.exit_code == 0 and "Note: the run trains on device 'cuda', which this machine cannot (no CUDA GPU is visible)" in \
             lacking.output, lacking.output
 
 

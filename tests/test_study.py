@@ -655,7 +655,8 @@ def test_a_study_for_a_gpu_checks_on_a_machine_without_one_and_its_run_is_refuse
     path = _write(tmp_path, _TINY_YAML.replace("analysis: {samples: 16,", "analysis: {samples: 16, device: cuda,"))
     checked = CliRunner().invoke(cli, ["study", str(path), "--check"])  # it refused: a file checked on a laptop
     assert checked.exit_code == 0 and "fine." in checked.output, checked.output
-    assert "Note: the analyses run on device 'cuda', which this machine cannot" in checked.output
+    assert "Note: the study's analyses run on device 'cuda', which this machine cannot (no CUDA GPU is visible)" \
+        in checked.output
     out = tmp_path / "out"
     run = CliRunner().invoke(cli, ["study", str(path), "--out", str(out)])
     assert run.exit_code == 1 and "The study's analyses run on device 'cuda' (its analysis setting device), and " \

@@ -82,16 +82,25 @@ def check_device(device: str | None, *, here: bool = True) -> str:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want not in ("cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", want):
         raise LandscapeError(f"Unknown device {device!r}; accepted are auto, cpu, cuda, cuda:K and mps.")
-    if not here:
-        return want
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise LandscapeError(f"Device {device!r} was asked for but no CUDA GPU is visible; use --device cpu.")
-    if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
-        raise LandscapeError(f"Device {device!r} was asked for but only {torch.cuda.device_count()} CUDA GPU(s) are "
-                             f"visible (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
-    if want == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LandscapeError(f"Device {device!r} was asked for but no Apple GPU (MPS) is available; use --device cpu.")
+    missing = device_missing(want) if here else None
+    if missing:
+        raise LandscapeError(f"Device {device!r} was asked for but {missing}"
+                             f"{'; use --device cpu' if not want.startswith('cuda:') else ''}.")
     return want
+
+
+def device_missing(device: str) -> str | None:
+    """Why this machine cannot run on ``device`` (a name :func:`check_device` accepts), or None when it can:
+    the reason alone, so that a study's check and a dry run can say it as a note."""
+    want = str(device).strip().lower()
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if want.startswith("cuda:") and int(want[5:]) >= torch.cuda.device_count():
+        return (f"only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1})")
+    if want == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "no Apple GPU (MPS) is available"
+    return None
 
 
 def setup(device: str | None = None) -> tuple[Distributed, torch.device]:

@@ -359,9 +359,12 @@ _FUSABLE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 def _fused_supported(optimizer: torch.optim.Optimizer) -> bool:
     """Whether torch has a fused update for every parameter of ``optimizer`` (device type and floating dtype)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    try:  # torch's own list (private: a torch without it keeps the multi-tensor update)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    devices = set(_get_fused_kernels_supported_devices())
+        devices = set(_get_fused_kernels_supported_devices())
+    except (ImportError, AttributeError, TypeError):
+        return False
     params = [p for g in optimizer.param_groups for p in g["params"]]
     return bool(params) and all(p.device.type in devices and p.dtype in _FUSED_DTYPES and not p.is_sparse
                                 and not g.get("differentiable") for g in optimizer.param_groups for p in g["params"])
