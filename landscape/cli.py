@@ -346,6 +346,15 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             more = " (for more epochs give --extend-to N)" if epochs or any(
                 o.split("=")[0].strip() == "epochs" for o in overrides) else ""
             raise LandscapeError(f"--resume continues a run with the config saved in it; drop {', '.join(given)}{more}.")
+        if dry_run:  # the config the resume would train with; the run is not touched
+            from landscape.trainers.loop import resumed_config
+            from landscape.trainers.distributed import check_device
+
+            config = resumed_config(resume, extend_to)
+            check_device(device, here=False)
+            click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
+            _device_note(device, "the run trains")
+            return
         config, out = None, resume
     else:
         if extend_to is not None:

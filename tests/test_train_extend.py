@@ -119,6 +119,21 @@ def test_extend_refusals_are_one_sentence_and_change_nothing(finished_run, tmp_p
     assert (run_dir / "config.yaml").read_text() == before
 
 
+def test_a_dry_run_of_a_resume_prints_the_config_it_would_train_with_and_writes_nothing(finished_run, tmp_path):
+    run_dir = copy_of(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    extended = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "--extend-to", "4", "--dry-run"])
+    assert extended.exit_code == 0, extended.output
+    shown = yaml.safe_load(extended.stdout)
+    assert (shown["epochs"], shown["extended_from"]) == (4, 2) and shown["extended_at"]
+    plain = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "--dry-run"])
+    assert plain.exit_code == 0, plain.output
+    assert yaml.safe_load(plain.stdout) == yaml.safe_load((run_dir / "config.yaml").read_text())
+    too_few = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "--extend-to", "2", "--dry-run"])
+    assert too_few.exit_code == 1 and "--extend-to 2 must be more than the 2 epochs" in too_few.output
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before  # nothing trained
+
+
 @pytest.mark.parametrize("total", ["1000001", str(2 ** 64)])
 def test_a_total_no_run_can_have_is_refused_before_the_config_is_rewritten(finished_run, tmp_path, total):
     run_dir = copy_of(finished_run, tmp_path)

@@ -838,8 +838,45 @@ def run_hash(config: TrainConfig) -> str:
     return config_hash(settings)
 
 
+def resumed_config(out: str | Path, extend_to: int | None = None) -> TrainConfig:
+    """The config ``landscape train --resume OUT [--extend-to N]`` would train with, read without taking the run's
+    lock or writing anything (``--dry-run``): the saved one, with the extension the resume would record."""
+    run = Run(out)
+    if not run.root.is_dir():
+        raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
+    if not run.config_path.exists():
+        raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
+    config = validate(coerce_types(from_dict(TrainConfig, run.load_config())))
+    if extend_to is None:
+        return config
+    from landscape import data
+
+    config.model.kwargs = resolve_model_kwargs(config, data.get_dataset_info(config.data.name, **config.data.options))
+    saved = load_state(run.state_path) if run.state_path.exists() else None
+    return _extended_config(run, config, extend_to, saved)
+
+
 def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist) -> TrainConfig:
-    """``config`` with its total raised to ``epochs`` and the extension recorded, saved as the run's config.
+    """``config`` with its total raised to ``epochs`` and the extension recorded (:func:`_extended_config`), saved
+    as the run's config."""
+    extended = _extended_config(run, config, epochs, state)
+    if extended is config:
+        return config
+    error = None
+    if dist.is_main:
+        try:
+            run.save_config(extended)
+        except LandscapeError as e:
+            error = e
+        except OSError as e:
+            error = CheckpointError(f"Writing {run.config_path} failed ({e.strerror or e}); the run is unchanged.")
+    distributed.broadcast_error(error, dist)
+    return extended
+
+
+def _extended_config(run: Run, config: TrainConfig, epochs: int, state: dict | None) -> TrainConfig:
+    """``config`` with its total raised to ``epochs`` and the extension recorded (``config`` itself when this
+    extension is already recorded).
 
     The saved state must belong to ``config`` or, when an earlier extension stopped before its first save, to the
     config before that extension (whose total then stays the one recorded in ``extended_from``)."""
@@ -861,15 +898,6 @@ def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist
         validate(extended)
     except ConfigError as e:
         raise ConfigError(f"--extend-to {epochs}: {str(e).removeprefix('The config is invalid: ')}") from None
-    error = None
-    if dist.is_main:
-        try:
-            run.save_config(extended)
-        except LandscapeError as e:
-            error = e
-        except OSError as e:
-            error = CheckpointError(f"Writing {run.config_path} failed ({e.strerror or e}); the run is unchanged.")
-    distributed.broadcast_error(error, dist)
     return extended
 
 
