@@ -90,3 +90,16 @@ def test_an_empty_mapping_empties_a_section_and_a_model_named_anyhow_drops_the_r
         assert model(*named) == ("vit_small_patch16_224", {}) == model(model="vit_small_patch16_224")
     assert model("model={name: vit_small_patch16_224, kwargs: {depth: 2}}") == ("vit_small_patch16_224", {"depth": 2})
     assert model("model={drop_path: 0.1}") == (recipe_name, recipe_kwargs)
+
+
+def test_an_empty_section_empties_the_recipes_values_not_the_options_given_beside_it():
+    from landscape.trainers import build_config
+
+    def config(*overrides, **given):
+        return build_config("digits", overrides=overrides, **given)
+
+    for lr in (config("optim={}", options={"lr": 0.01}), config("lr=0.01", "optim={}"), config("optim={}", "lr=0.01")):
+        assert lr.optim.lr == 0.01
+    assert config("optim={}").optim.lr != 0.01  # emptied: the default, not the recipe's
+    assert config("model.kwargs={}", model_kwargs={"depth": 1}).model.kwargs == {"depth": 1}
+    assert config("data={}", data="synthetic").data.name == "synthetic"

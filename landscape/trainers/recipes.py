@@ -105,6 +105,10 @@ def build_config(
     if not isinstance(overrides, dict):
         overrides = dict(parse_override(text) for text in overrides)
     overrides = {resolve_key(k): v for k, v in overrides.items()}
+    emptied = {k: v for k, v in overrides.items() if isinstance(v, dict) and not v}
+    if emptied:  # an empty section empties the recipe's values, not those the options and --set beside it give
+        layers = apply_overrides(layers, emptied, merge=True)
+        overrides = {k: v for k, v in overrides.items() if k not in emptied}
     named = overrides.get("model.name", (overrides.get("model") or {}).get("name")
                           if isinstance(overrides.get("model"), dict) else None)
     model = model if model is not None else named if isinstance(named, str) else None
