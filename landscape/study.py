@@ -418,9 +418,9 @@ def _refuse_study_owned_overrides(overrides: dict[str, Any], source: str) -> Non
 def check_study(spec: StudySpec, *, here: bool = True) -> None:
     """Refuse a study that would fail or mean nothing, before anything trains: every run's config must resolve
     (recipe, dataset, overrides), every variant's model must build with its kwargs on the dataset's image shape
-    (an unknown model, a group size that does not divide the depth), every GroupedMLP or ShallowMLP variant
-    needs the baseline it is compared with (same base architecture) in the study, and (``here``) the analyses'
-    device must be on this machine."""
+    (an unknown model, a group size that does not divide the depth), the optimizer and schedule must be timm's,
+    every GroupedMLP or ShallowMLP variant needs the baseline it is compared with (same base architecture) in the
+    study, and (``here``) the analyses' device must be on this machine."""
     if here and spec.analysis.device is not None:
         from landscape.trainers.distributed import check_device, device_missing
 
@@ -432,9 +432,10 @@ def check_study(spec: StudySpec, *, here: bool = True) -> None:
     from landscape.data import get_dataset_info
     from landscape.models import create_model
     from landscape.models.variants import describe_variant
-    from landscape.trainers.loop import check_model_fits_data, resolve_model_kwargs
+    from landscape.trainers.loop import check_model_fits_data, check_optimization, resolve_model_kwargs
 
     configs = [train_config(spec, v, spec.seeds[0]) for v in spec.variants]
+    check_optimization(configs[0])  # the overrides' optimizer and schedule, the same for every variant
     if any(c.task == "mae" for c in configs):  # every analysis of the study would refuse the runs after training
         raise ConfigError("The study pre-trains masked autoencoders (task: mae), whose runs no analysis measures (they "
                           "have no class logits); study the classifiers fine-tuned from such runs (landscape train "

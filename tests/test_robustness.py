@@ -831,7 +831,9 @@ def test_forged_header_sizes_another_model_a_dry_run_and_a_damaged_metrics_file_
 
     # --dry-run checks the names and the model's arguments (built on the meta device), not only the YAML
     for args, words in [(["--model", "nosuch"], "Unknown model 'nosuch'"), (["--data", "nosuch"], "Unknown dataset"),
-                        (["--model-arg", "num_heads=7"], "divisible by num_heads")]:
+                        (["--model-arg", "num_heads=7"], "divisible by num_heads"),
+                        (["--set", "schedule.sched=nope"], "Unknown scheduler 'nope'"),
+                        (["--set", "optim.opt=nope"], "Optimizer nope not found")]:
         message = one_sentence(CliRunner().invoke(cli, ["train", *args, "--dry-run"]))
         assert words in message, message
     result = CliRunner().invoke(cli, ["train", "--dry-run"])

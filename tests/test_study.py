@@ -359,6 +359,8 @@ def test_a_study_file_gives_the_variants_seeds_overrides_and_analysis_it_declare
     (("patch_size: 4,", "patch_size: 16,"), "Variant 'baseline': patch_size 16 is larger than the 8x8 images"),
     (("overrides: {epochs: 2,", "overrides: {data.train_size: 100000, epochs: 2,"),
      "data.train_size 100000 is more than the 1437 training images of digits"),
+    (("overrides: {epochs: 2,", "overrides: {schedule: {sched: nope}, epochs: 2,"), "Unknown scheduler 'nope'"),
+    (("overrides: {epochs: 2,", "overrides: {optim.opt: nope, epochs: 2,"), "Optimizer nope not found"),
 ])
 def test_bad_studies_are_refused_in_one_sentence_before_anything_trains(tmp_path, change, message):
     from landscape.study import check_study, load_study

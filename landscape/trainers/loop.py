@@ -579,7 +579,8 @@ def resolve_model_kwargs(config: TrainConfig, info) -> dict[str, Any]:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse a config whose dataset, model or model arguments cannot be used, without loading data or weights.
+    """Refuse a config whose dataset, model, model arguments, optimizer or schedule cannot be used, without
+    loading data or weights.
 
     The model is built on the meta device (no memory, no initialisation), so ``--dry-run`` catches an unknown
     name or a bad keyword argument at once. An image folder's classes are only known from its files: its model is
@@ -593,6 +594,13 @@ def check_config(config: TrainConfig) -> None:
         model = _create_model(config.model.name, kwargs)
     _check_task(config, model)
     check_model_fits_data(config, kwargs)
+    check_optimization(config)
+
+
+def check_optimization(config: TrainConfig) -> None:
+    """Refuse an optimizer or schedule timm does not know or cannot build with the config's settings (built over
+    a one-weight stand-in: the names and settings are what timm reads)."""
+    build_schedule(config, build_optimizer(config, torch.nn.Linear(1, 1)), updates_per_epoch=1)
 
 
 def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=None) -> None:
