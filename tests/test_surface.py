@@ -445,6 +445,10 @@ def test_cli_surface_writes_the_file_and_refuses_bad_input_in_one_sentence(runs)
         (["--range", "1:-1"], "START < STOP"),
         (["--directions", "eigen"], "No Hessian eigenvectors"),
         (["--directions", f"interpolate:{b.root}@99"], "No checkpoint at epoch 99"),
+        # taken, recorded, then the plain rerun was refused as "computed with other settings"
+        (["--directions", f"interpolate:{b.root}", "--one-dim", "weight", "--qkv", "row"],
+         "--one-dim and --qkv choose how random directions are normalised"),
+        (["--directions", "pca", "--tokens", "tensor"], "--tokens chooses how random directions are normalised"),
     ):
         result = runner.invoke(cli, ["analyze", "surface", str(a.root), "--samples", "16", *args])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

@@ -83,7 +83,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -546,6 +546,13 @@ class SurfaceSettings(EvaluationSettings):
             raise ConfigError(f"Unknown token-table normalisation {self.tokens!r}; accepted are token and tensor.")
         if self.qkv not in QKV_POLICIES:
             raise ConfigError(f"Unknown qkv normalisation {self.qkv!r}; accepted are head and row.")
+        changed = [f.name for f in fields(self)
+                   if f.name in ("one_dim", "qkv", "tokens") and getattr(self, f.name) != f.default]
+        if spec.kind != "random" and changed:  # recorded, they kept the plain rerun from its own results
+            one = len(changed) == 1
+            raise ConfigError(f"{' and '.join('--' + n.replace('_', '-') for n in changed)} "
+                              f"{'chooses' if one else 'choose'} how random directions are normalised, and "
+                              f"{spec.kind} directions are used as they are: leave {'it' if one else 'them'} out.")
         self.check_evaluation()
         for axis in self.axes():
             if len(np.unique(axis)) < len(axis):  # a range narrower than floating point can split
