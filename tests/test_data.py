@@ -578,7 +578,12 @@ def test_a_mirror_the_network_cannot_reach_is_passed_over_for_the_next(tmp_path)
         assert sorted(p.name for p in (tmp_path / "root" / "mnist").iterdir()) == sorted(md5)
         patch.setitem(registry.DOWNLOADS, "mnist", (("http://unreachable.invalid/",), md5))
         with pytest.raises(DataError, match=r"Could not download .*unreachable.invalid.*Name or service not known"):
-            D.download_dataset("mnist", tmp_path / "none")
+            D.download_dataset("mnist", tmp_path / "none" / "deeper")
+        assert not (tmp_path / "none").exists()  # the folders it made for nothing are gone (they were left empty)
+        (tmp_path / "root" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()  # one file to fetch beside the others
+        with pytest.raises(DataError, match="Could not download t10k-labels"):
+            D.download_dataset("mnist", tmp_path / "root")
+        assert len(list((tmp_path / "root" / "mnist").iterdir())) == len(md5) - 1  # the others stay
 
 
 # -- transforms -----------------------------------------------------------------------------------------------

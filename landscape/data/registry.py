@@ -289,10 +289,19 @@ def download_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Pa
     if root is None:
         raise DataError(f"Downloading {name!r} needs a data folder: pass --data-dir or set {ENV_VAR}.")
     folder = root / info.folders[0]
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first: removed again if left empty
     mirrors, files = DOWNLOADS[name]
-    for file_name, md5 in files.items():
-        if not (folder / file_name).is_file():
-            _fetch([m + file_name for m in mirrors], folder / file_name, md5)
+    try:
+        for file_name, md5 in files.items():
+            if not (folder / file_name).is_file():
+                _fetch([m + file_name for m in mirrors], folder / file_name, md5)
+    except BaseException:
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # files of an earlier success there, or another process's
+                break
+        raise
     return folder
 
 
