@@ -569,6 +569,8 @@ def test_a_target_epoch_is_ascii_digits(epoch):
     with pytest.raises(LandscapeError, match=r"after '@' is not an epoch number \(digits 0-9\)"):
         parse_directions(f"interpolate:runs/b@{epoch}")
     assert parse_directions("interpolate:runs/b@12").targets[0].epoch == 12
+    # the space before '@' stayed in the run's name: "Run directory runs/b  does not exist"
+    assert parse_directions("interpolate: runs/b @ 12").targets == parse_directions("interpolate:runs/b@12").targets
 
 
 def test_runs_whose_folder_names_hold_an_at_sign_or_a_comma_can_be_targets(tmp_path, monkeypatch):

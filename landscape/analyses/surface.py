@@ -368,7 +368,7 @@ def _split_refs(arg: str, wanted: int) -> list[str]:
 def _names_a_folder(part: str) -> bool:
     part = part.strip()
     path, at, epoch = part.rpartition("@")
-    return bool(part) and (Path(part).is_dir() or (bool(at) and epoch.strip().isdigit() and Path(path).is_dir()))
+    return bool(part) and (Path(part).is_dir() or (bool(at) and epoch.strip().isdigit() and Path(path.strip()).is_dir()))
 
 
 def _parse_ref(part: str, text: str) -> CheckpointRef:
@@ -378,7 +378,7 @@ def _parse_ref(part: str, text: str) -> CheckpointRef:
         return CheckpointRef(Path(part))
     if not epoch.strip().isascii() or not epoch.strip().isdigit():  # int() also reads '0_2' and Arabic-Indic digits
         raise LandscapeError(f"In directions {text!r}, {epoch!r} after '@' is not an epoch number (digits 0-9).")
-    return CheckpointRef(Path(path), int(epoch))
+    return CheckpointRef(Path(path.strip()), int(epoch))  # 'RUN @ 5' as 'RUN@5', as spaces around commas
 
 
 def parse_range(text: str | Sequence[float] | None, kind: str = "random") -> tuple[float, float]:
