@@ -381,7 +381,9 @@ def _caption(fig: Figure, text: str) -> None:
     is)."""
     import textwrap
 
-    fig.supxlabel(textwrap.fill(text, width=int(fig.get_figwidth() * 14)), fontsize=7, color="0.35")
+    width = int(fig.get_figwidth() * 14)
+    fig.supxlabel("\n".join(textwrap.fill(line, width=width) for line in text.split("\n")), fontsize=7,
+                  color="0.35")
 
 
 def _readable_log_ticks(axis) -> None:
@@ -570,7 +572,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                 ("average_case", f"average rise ({unit})\nδ ~ Gaussian of scale ρ")]
     fig = _figure(COLUMN_WIDTH, 1.45 * len(measures) + 0.9)
     axes = fig.subplots(len(measures), len(kinds), squeeze=False, sharex="col", sharey="row")
-    used, plotted = [], [[] for _ in measures]
+    used, plotted, unsettled = [], [[] for _ in measures], False
     for j, (attr, title) in enumerate(kinds):
         runs = [r for r in results if getattr(r, attr) is not None and getattr(r, attr).sizes.get("checkpoint", 0)]
         for style, group in _by_variant(runs, styles):
@@ -594,6 +596,17 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                 axes[i, j].errorbar(rho, mean, yerr=sd, color=style.color, linestyle=style.linestyle,
                                     marker=style.marker, markersize=2.8, capsize=1.5, elinewidth=0.6)
                 plotted[i].append(mean)
+                if variable == "worst_case" and any("worst_case_still_rising" in e for e in entries):
+                    rising = np.zeros(len(rho), dtype=bool)  # any seed's search still rising at that radius
+                    for e in entries:
+                        if "worst_case_still_rising" in e:
+                            at = np.searchsorted(rho, e["rho"].values.astype(float))
+                            rising[at] |= e["worst_case_still_rising"].values.astype(float) > 0
+                    if rising.any():
+                        axes[i, j].plot(rho[rising], mean[rising], linestyle="none", marker=style.marker,
+                                        markersize=4.2, markerfacecolor="white", markeredgecolor=style.color,
+                                        markeredgewidth=0.9, zorder=3)
+                        unsettled = True
         axes[0, j].set_title(title)
         axes[-1, j].set_xlabel("radius ρ" + (" (units of |w|)" if attr == "adaptive_sharpness" else " (weight units)"))
         rhos = sorted({float(v) for r in runs for v in getattr(r, attr)["rho"].values})
@@ -618,7 +631,11 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
         axes[i, 0].set_ylabel(label)
     unique = {s.label: s for s in used}
     _figure_legend(fig, unique.values(), ncol=3)
-    _caption(fig, "markers: mean over the seeds measured at that ρ; bars: ± 1 standard deviation")
+    _caption(fig, "markers: mean over the seeds measured at that ρ; bars: ± 1 standard deviation" + (
+        "\nhollow: a worst-case search still rising at its last step (a lower bound; raise --steps)"
+        if unsettled else ""))
+    if unsettled:  # the caption's lines come out of the panels' height otherwise
+        fig.set_figheight(fig.get_figheight() + 0.35)
     return fig
 
 

@@ -572,7 +572,31 @@ def caveats(results: Sequence[RunResults]) -> list[str]:
     return ([p for r in results for p in r.problems] + list(settings_disagreements(results).values())
             + training_disagreements(results)
             + repeated_seeds((r.variant.key, r.label or r.variant.label, r.seed, r.path) for r in results)
-            + coverage_gaps(results))
+            + coverage_gaps(results) + unsettled_searches(results))
+
+
+def unsettled_searches(results: Sequence[RunResults]) -> list[str]:
+    """One sentence per kind of sharpness whose worst-case search was still rising at a run's final checkpoint
+    when its steps ran out (``worst_case_still_rising``), naming the runs and radii: those values are lower bounds,
+    and a comparison may follow the number of steps rather than the landscape."""
+    out = []
+    for attr, kind, flag in (("sharpness", "worst-case sharpness", ""),
+                             ("adaptive_sharpness", "adaptive worst-case sharpness", " --adaptive")):
+        where, steps = [], set()
+        for r in results:
+            ds = getattr(r, attr)
+            if ds is None or not ds.sizes.get("checkpoint", 0) or "worst_case_still_rising" not in ds:
+                continue
+            entry, _ = final_entry(ds, r.final_step if r.final_step is not None else -1)
+            rising = entry["worst_case_still_rising"].values.astype(float) > 0
+            if rising.any():
+                where.append(f"{r.path.name} at ρ = {', '.join(f'{float(v):g}' for v in entry['rho'].values[rising])}")
+                steps.add(str(read_settings(ds).get("steps", "?")))
+        if where:
+            out.append(f"The {kind} was still rising when its search stopped, so it is a lower bound, in "
+                       f"{'; '.join(where)}: rerun `landscape analyze sharpness{flag}` on those runs with more "
+                       f"--steps than their {' or '.join(sorted(steps))} (and --force).")
+    return out
 
 
 def repeated_seeds(runs: Iterable[tuple[Any, str, Any, Any]]) -> list[str]:

@@ -117,3 +117,28 @@ def test_sharpness_values_at_or_below_zero_stay_visible_and_colour_bar_labels_di
     drawn = np.concatenate([line.get_ydata() for ax in fig.axes for line in ax.get_lines()])
     assert (np.asarray(drawn, dtype=float) < 0).any()
 
+
+
+def test_a_worst_case_search_still_rising_is_drawn_hollow_and_said_in_the_caveats(study):
+    # compare, report and the figure showed such values as final: a 30% gap that shrank to 8% with more steps
+    import copy
+
+    from landscape.figures import sharpness_vs_rho
+    from landscape.summary import caveats, unsettled_searches
+
+    runs = copy.deepcopy([r for r in study if r.sharpness is not None])
+    for r in runs:
+        flags = r.sharpness["worst_case_still_rising"]
+        r.sharpness["worst_case_still_rising"] = flags * 0
+    assert unsettled_searches(runs) == []
+    first = runs[0].sharpness["worst_case_still_rising"]
+    first[..., -1] = 1  # the largest radius, at every checkpoint
+    largest = float(runs[0].sharpness["rho"][-1])
+    sentences = unsettled_searches(runs)
+    assert len(sentences) == 1 and f"{runs[0].path.name} at ρ = {largest:g}" in sentences[0]
+    assert "still rising" in sentences[0] and "--steps" in sentences[0] and sentences[0] in caveats(runs)
+    with matplotlib.rc_context(STYLE):
+        fig = sharpness_vs_rho(runs, variant_styles(runs))
+    hollow = [line for ax in fig.axes for line in ax.get_lines() if line.get_markerfacecolor() == "white"]
+    assert [list(line.get_xdata()) for line in hollow] == [[largest]]
+    assert "hollow" in fig._supxlabel.get_text()
