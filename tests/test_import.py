@@ -137,6 +137,9 @@ def test_a_bfloat16_source_is_checked_at_its_own_precision_and_its_upcast_is_sai
     mean = get_dataset_info(data).mean[0]
     assert any(f"the analyses feed {data} images normalised as landscape trains on them (mean {mean:.4g}" in n
                and "--check-logits takes its own inputs, so it cannot tell" in n for n in result.notes), result.notes
+    size = get_dataset_info(data).train_size  # a model trained on a subset was measured on unseen images, unsaid
+    assert any(f"from all {size:,} training images of {data}, not knowing which of them the source trained on" in n
+               for n in result.notes), result.notes
     with pytest.raises(CheckpointError, match=r"allowing for bfloat16 rounding\)"):  # a wrong head count is caught
         import_checkpoint(tmp_path / "bf16.pth", tmp_path / "heads", model_args={"num_heads": 4},
                           check_logits=tmp_path / "check.pt")

@@ -137,6 +137,10 @@ def import_data_config(spec: ModelSpec, data: str | None, img_size: int | None, 
                          f"{stats(info.mean)}, std {stats(info.std)}); a model trained on other statistics (e.g. mean "
                          "0.5, std 0.5) is measured on inputs unlike its own (--check-logits takes its own inputs, "
                          "so it cannot tell)")
+        if info.train_size:  # a landscape run's examples come from the subset it trained on; the source's is unknown
+            notes.append(f"the analyses take their examples from all {info.train_size:,} training images of {name}, "
+                         "not knowing which of them the source trained on: a model trained on a subset is measured "
+                         "mostly on images it never saw (its loss there is higher)")
     return config, notes
 
 
