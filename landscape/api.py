@@ -629,6 +629,12 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     measured, dtype, notes = _measured_model(model, device)
     _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     kind, given = _direction_kind(directions)
+    policies = [name for name in ("one_dim", "qkv", "tokens") if name in settings]
+    if kind != "random" and policies:  # as the command line: recorded, they would describe nothing measured
+        one = len(policies) == 1
+        raise ConfigError(f"{' and '.join(policies)} {'chooses' if one else 'choose'} how random directions are "
+                          f"normalised, and {kind} directions are used as "
+                          f"they are: leave {'it' if one else 'them'} out.")
     if dims is None:
         dims = 2 if kind == "random" else len(given)
     if kind != "random" and dims != len(given):

@@ -350,7 +350,7 @@ def train(recipe, model, model_args, data, img_size, out, epochs, batch_size, lr
             from landscape.trainers.loop import resumed_config
             from landscape.trainers.distributed import check_device
 
-            config = resumed_config(resume, extend_to)
+            config = resumed_config(resume, extend_to, data_dir=data_dir)
             check_device(device, here=False)
             click.echo(yaml.safe_dump(to_dict(config), sort_keys=False).rstrip())
             _device_note(device, "the run trains")

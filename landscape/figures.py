@@ -601,7 +601,8 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                     for e in entries:
                         if "worst_case_still_rising" in e:
                             at = np.searchsorted(rho, e["rho"].values.astype(float))
-                            rising[at] |= e["worst_case_still_rising"].values.astype(float) > 0
+                            rising[at] |= (e["worst_case_still_rising"].values.astype(float) > 0) & np.isfinite(
+                                e["worst_case"].values.astype(float))
                     if rising.any():
                         axes[i, j].plot(rho[rising], mean[rising], linestyle="none", marker=style.marker,
                                         markersize=4.2, markerfacecolor="white", markeredgecolor=style.color,

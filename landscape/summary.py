@@ -588,14 +588,16 @@ def unsettled_searches(results: Sequence[RunResults]) -> list[str]:
             if ds is None or not ds.sizes.get("checkpoint", 0) or "worst_case_still_rising" not in ds:
                 continue
             entry, _ = final_entry(ds, r.final_step if r.final_step is not None else -1)
-            rising = entry["worst_case_still_rising"].values.astype(float) > 0
+            rising = (entry["worst_case_still_rising"].values.astype(float) > 0) & np.isfinite(
+                entry["worst_case"].values.astype(float))  # a NaN value is no bound of anything
             if rising.any():
                 where.append(f"{r.path.name} at ρ = {', '.join(f'{float(v):g}' for v in entry['rho'].values[rising])}")
-                steps.add(str(read_settings(ds).get("steps", "?")))
+                steps.add(read_settings(ds).get("steps"))
         if where:
+            counts = " or ".join(str(n) for n in sorted(n for n in steps if isinstance(n, int)))
             out.append(f"The {kind} was still rising when its search stopped, so it is a lower bound, in "
                        f"{'; '.join(where)}: rerun `landscape analyze sharpness{flag}` on those runs with more "
-                       f"--steps than their {' or '.join(sorted(steps))} (and --force).")
+                       f"--steps{' than their ' + counts if counts else ''} (and --force).")
     return out
 
 

@@ -320,6 +320,8 @@ def test_a_line_between_models_with_batchnorm_ends_at_the_other_model_running_st
     plane = ls.surface(m0, (x, y), directions=[m1, m2], points=3, range=(0, 1))
     np.testing.assert_allclose([plane["loss"].sel(a=0, b=0), plane["loss"].sel(a=1, b=0), plane["loss"].sel(a=0, b=1)],
                                [loss(m0), loss(m1), loss(m2)], rtol=1e-12)
+    with pytest.raises(LandscapeError, match="one_dim chooses how random directions are normalised, and plane"):
+        ls.surface(m0, (x, y), directions=[m1, m2], points=3, one_dim="filter")  # recorded, it described nothing
     random = ls.surface(m0, (x, y), dims=1, points=3)  # a random slice holds the statistics
     assert random.attrs["buffers"].startswith("held at the centre's values")
     assert m0.training is False and loss(m0) == float(ds["loss"][0])

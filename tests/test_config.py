@@ -102,4 +102,6 @@ def test_an_empty_section_empties_the_recipes_values_not_the_options_given_besid
         assert lr.optim.lr == 0.01
     assert config("optim={}").optim.lr != 0.01  # emptied: the default, not the recipe's
     assert config("model.kwargs={}", model_kwargs={"depth": 1}).model.kwargs == {"depth": 1}
+    nested = config("model={kwargs: {}, drop_path: 0.1}", model_kwargs={"depth": 1})  # an empty one inside a mapping
+    assert (nested.model.kwargs, nested.model.drop_path) == ({"depth": 1}, 0.1)
     assert config("data={}", data="synthetic").data.name == "synthetic"

@@ -137,6 +137,10 @@ def test_a_worst_case_search_still_rising_is_drawn_hollow_and_said_in_the_caveat
     sentences = unsettled_searches(runs)
     assert len(sentences) == 1 and f"{runs[0].path.name} at ρ = {largest:g}" in sentences[0]
     assert "still rising" in sentences[0] and "--steps" in sentences[0] and sentences[0] in caveats(runs)
+    other = runs[1].sharpness
+    other["worst_case_still_rising"][..., 0] = 1
+    other["worst_case"][..., 0] = float("nan")  # no value, so no lower bound to speak of
+    assert unsettled_searches(runs) == sentences
     with matplotlib.rc_context(STYLE):
         fig = sharpness_vs_rho(runs, variant_styles(runs))
     hollow = [line for ax in fig.axes for line in ax.get_lines() if line.get_markerfacecolor() == "white"]

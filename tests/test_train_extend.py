@@ -132,6 +132,15 @@ def test_a_dry_run_of_a_resume_prints_the_config_it_would_train_with_and_writes_
     too_few = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "--extend-to", "2", "--dry-run"])
     assert too_few.exit_code == 1 and "--extend-to 2 must be more than the 2 epochs" in too_few.output
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before  # nothing trained
+    # what the resume refuses, the dry run refuses alike (it printed a config for them)
+    edited = copy_of(finished_run, tmp_path, "edited")
+    (edited / "config.yaml").write_text((edited / "config.yaml").read_text().replace("seed: 0", "seed: 5"))
+    stateless = copy_of(finished_run, tmp_path, "stateless")
+    (stateless / "state" / "last.pt").unlink()
+    for run, words in ((edited, "was changed after"), (stateless, "its training state")):
+        for extend in ([], ["--extend-to", "4"]):
+            refused = CliRunner().invoke(cli, ["train", "--resume", str(run), *extend, "--dry-run"])
+            assert refused.exit_code == 1 and words in refused.output, refused.output
 
 
 @pytest.mark.parametrize("total", ["1000001", str(2 ** 64)])

@@ -599,8 +599,18 @@ def check_config(config: TrainConfig) -> None:
 
 def check_optimization(config: TrainConfig) -> None:
     """Refuse an optimizer or schedule timm does not know or cannot build with the config's settings (built over
-    a one-weight stand-in: the names and settings are what timm reads)."""
-    build_schedule(config, build_optimizer(config, torch.nn.Linear(1, 1)), updates_per_epoch=1)
+    a one-weight stand-in: the names and settings are what timm reads), with as many updates per epoch as the
+    run will make where the dataset's size is known (a schedule's phases are counted in updates)."""
+    from landscape import data
+
+    try:
+        size = data.get_dataset_info(config.data.name, **config.data.options).train_size
+    except LandscapeError:
+        size = None  # refused where the data is checked
+    if size is not None and config.data.train_size is not None:
+        size = min(size, config.data.train_size)
+    updates = max(1, size // config.batch_size) if size is not None else 1000  # an image folder: many
+    build_schedule(config, build_optimizer(config, torch.nn.Linear(1, 1)), updates_per_epoch=updates)
 
 
 def check_model_fits_data(config: TrainConfig, kwargs: dict[str, Any], data_dir=None) -> None:
@@ -724,9 +734,14 @@ def _timm_call(fn, *args, **kwargs):
     """A timm factory call whose refusal of a name becomes a one-sentence config error."""
     try:
         return fn(*args, **kwargs)
-    except (AssertionError, ValueError, KeyError) as e:
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError, ImportError) as e:
+        # IndexError: Adan's three betas given two; ImportError: an optimizer of a package not installed
         what = "optimizer" if "optim" in fn.__name__ else "schedule"
-        raise ConfigError(f"timm refused the {what} settings {kwargs.get('opt') or kwargs.get('sched')!r} ({e}).") from None
+        reason = str(e).strip() or e.__class__.__name__
+        if isinstance(e, IndexError) and kwargs.get("betas") is not None:
+            reason = "it takes another number of betas than the two of optim.betas; leave optim.betas out"
+        raise ConfigError(f"timm refused the {what} settings {kwargs.get('opt') or kwargs.get('sched')!r} "
+                          f"({reason}).") from None
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -783,30 +798,7 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
     if resume:
         if config is not None:
             raise ConfigError("A resumed run uses the config saved in its directory; give no other config.")
-        if not run.root.exists():
-            raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
-        if not run.config_path.exists():
-            raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-        restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
-        # training state that follows its first checkpoint: trained again from the start, with its saved config
-        if not run.state_path.exists() and not restart and is_empty_run(run.root, analyses=False) and \
-                not is_empty_run(run.root) and any(run.checkpoints_dir.glob("*.safetensors")):  # empty but for
-            # its analysis results
-            # analysed since: a retraining (from --init weights that have moved on, on a GPU) may not give that
-            # checkpoint's very weights again, and its results would then describe weights that no longer exist
-            raise CheckpointError(
-                f"{run.root} stopped before saving its first training state and was analysed since, so it cannot be "
-                f"resumed: training it again may not reproduce the weights its analyses measured. Move "
-                f"{run.analysis_dir} elsewhere to train it again from the start (the analyses stay there), or "
-                "analyse its checkpoint as it is.")
-        if not run.state_path.exists() and not restart:
-            if any(run.checkpoints_dir.glob("*.safetensors")):
-                raise CheckpointError(
-                    f"{run.root} cannot be resumed because its training state {run.state_path} is missing; nothing "
-                    "was changed, and its checkpoints can still be analysed or used with --init in a new run.")
-            raise CheckpointError(
-                f"{run.root} cannot be resumed because it stopped before saving any state; it holds no checkpoint, "
-                "so start it again with the same train command (without --resume).")
+        check_resumable_dir(run)
         for folder in (run.root, run.checkpoints_dir, run.state_dir, run.analysis_dir):
             remove_stale_temporaries(folder, recursive=folder == run.analysis_dir)  # interrupted writes
         return
@@ -820,6 +812,35 @@ def _prepare_run_dir(run: Run, config: TrainConfig | None, *, resume: bool, over
     if run.root.is_dir() and not overwrite and not is_empty_run(run.root):
         raise LandscapeError(
             f"Run directory {run.root} already exists; continue it with --resume or replace it with --overwrite.")
+
+
+def check_resumable_dir(run: Run) -> None:
+    """Refuse a run directory that ``--resume`` cannot continue (no run, no config, no saved state where one is
+    needed), without writing anything."""
+    if not run.root.exists():
+        raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
+    if not run.config_path.exists():
+        raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
+    restart = any(run.checkpoints_dir.glob("*.safetensors")) and is_empty_run(run.root)  # killed before the
+    # training state that follows its first checkpoint: trained again from the start, with its saved config
+    if not run.state_path.exists() and not restart and is_empty_run(run.root, analyses=False) and \
+            not is_empty_run(run.root) and any(run.checkpoints_dir.glob("*.safetensors")):  # empty but for
+        # its analysis results
+        # analysed since: a retraining (from --init weights that have moved on, on a GPU) may not give that
+        # checkpoint's very weights again, and its results would then describe weights that no longer exist
+        raise CheckpointError(
+            f"{run.root} stopped before saving its first training state and was analysed since, so it cannot be "
+            f"resumed: training it again may not reproduce the weights its analyses measured. Move "
+            f"{run.analysis_dir} elsewhere to train it again from the start (the analyses stay there), or "
+            "analyse its checkpoint as it is.")
+    if not run.state_path.exists() and not restart:
+        if any(run.checkpoints_dir.glob("*.safetensors")):
+            raise CheckpointError(
+                f"{run.root} cannot be resumed because its training state {run.state_path} is missing; nothing "
+                "was changed, and its checkpoints can still be analysed or used with --init in a new run.")
+        raise CheckpointError(
+            f"{run.root} cannot be resumed because it stopped before saving any state; it holds no checkpoint, "
+            "so start it again with the same train command (without --resume).")
 
 
 def _remove_if_unused(root: Path, lock: RunLock) -> None:
@@ -846,22 +867,27 @@ def run_hash(config: TrainConfig) -> str:
     return config_hash(settings)
 
 
-def resumed_config(out: str | Path, extend_to: int | None = None) -> TrainConfig:
-    """The config ``landscape train --resume OUT [--extend-to N]`` would train with, read without taking the run's
-    lock or writing anything (``--dry-run``): the saved one, with the extension the resume would record."""
-    run = Run(out)
-    if not run.root.is_dir():
-        raise CheckpointError(f"Run directory {run.root} does not exist; there is nothing to resume.")
-    if not run.config_path.exists():
-        raise CheckpointError(f"{run.root} is not a run to resume (it has no config.yaml).")
-    config = validate(coerce_types(from_dict(TrainConfig, run.load_config())))
-    if extend_to is None:
-        return config
+def resumed_config(out: str | Path, extend_to: int | None = None, data_dir=None) -> TrainConfig:
+    """The config ``landscape train --resume OUT [--extend-to N]`` would train with, after the checks the resume
+    makes (the run, its saved state, the data it started on), read without taking the run's lock or writing
+    anything (``--dry-run``): the saved config, or with ``extend_to`` the one the extension would record."""
     from landscape import data
+    from landscape.data import check_data_record
 
-    config.model.kwargs = resolve_model_kwargs(config, data.get_dataset_info(config.data.name, **config.data.options))
+    run = Run(out)
+    check_resumable_dir(run)
+    saved_config = validate(coerce_types(from_dict(TrainConfig, run.load_config())))
     saved = load_state(run.state_path) if run.state_path.exists() else None
-    return _extended_config(run, config, extend_to, saved)
+    for split in ("train", "val"):
+        check_data_record(run.load_data_record(), saved_config.data.name, split, where=str(run.root),
+                          data_dir=data_dir, **saved_config.data.options)
+    config = copy.deepcopy(saved_config)
+    config.model.kwargs = resolve_model_kwargs(config, data.get_dataset_info(config.data.name, **config.data.options))
+    if extend_to is not None:
+        config = _extended_config(run, config, extend_to, saved)
+    if saved is not None:
+        _check_resumable(run, config, saved)
+    return config if extend_to is not None else saved_config
 
 
 def _extend(run: Run, config: TrainConfig, epochs: int, state: dict | None, dist) -> TrainConfig:

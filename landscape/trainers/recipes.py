@@ -105,10 +105,9 @@ def build_config(
     if not isinstance(overrides, dict):
         overrides = dict(parse_override(text) for text in overrides)
     overrides = {resolve_key(k): v for k, v in overrides.items()}
-    emptied = {k: v for k, v in overrides.items() if isinstance(v, dict) and not v}
+    emptied, overrides = _split_empty_sections(overrides)
     if emptied:  # an empty section empties the recipe's values, not those the options and --set beside it give
         layers = apply_overrides(layers, emptied, merge=True)
-        overrides = {k: v for k, v in overrides.items() if k not in emptied}
     named = overrides.get("model.name", (overrides.get("model") or {}).get("name")
                           if isinstance(overrides.get("model"), dict) else None)
     model = model if model is not None else named if isinstance(named, str) else None
@@ -130,6 +129,23 @@ def build_config(
     if isinstance(layers.get("amp"), bool):  # YAML reads a bare off/on as a boolean
         layers["amp"] = "auto" if layers["amp"] else "off"
     return validate(coerce_types(from_dict(TrainConfig, layers)))
+
+
+def _split_empty_sections(overrides: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``overrides`` as ``(empty sections by dotted key, the rest)``: ``{"model": {"kwargs": {}}, "lr": 1}`` gives
+    ``({"model.kwargs": {}}, {"lr": 1})``, at any depth."""
+    emptied, rest = {}, {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and not value:
+            emptied[prefix + key] = {}
+        elif isinstance(value, dict):
+            inner, kept = _split_empty_sections(value, f"{prefix}{key}.")
+            emptied.update(inner)
+            if kept:
+                rest[key] = kept
+        else:
+            rest[key] = value
+    return emptied, rest
 
 
 def _check_augment_names(augment) -> None:
