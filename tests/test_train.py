@@ -603,3 +603,15 @@ def test_a_folder_of_other_files_is_named_as_such_and_left_as_it_was(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--resume", str(folder)])
     assert result.exit_code == 1 and "is not a run to resume" in result.output
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_the_dry_run_builds_the_optimizer_and_schedule_as_the_run_will():
+    # an unknown name passed the dry run; then wsd on a short run was refused for the stand-in's single update
+    # per epoch; and Adan given two betas ended in timm's IndexError
+    wsd = CliRunner().invoke(cli, ["train", "--data", "digits", "--epochs", "3", "--set", "schedule.sched=wsd",
+                                   "--dry-run"])
+    assert wsd.exit_code == 0, wsd.output
+    adan = CliRunner().invoke(cli, ["train", "--data", "digits", "--set", "optim.opt=adan", "--set",
+                                    "optim.betas=[0.9, 0.99]", "--dry-run"])
+    assert adan.exit_code == 1 and adan.output.startswith("Error: timm refused the optimizer settings 'adan'")
+    assert "leave optim.betas out" in adan.output and len(adan.output.strip().splitlines()) == 1
