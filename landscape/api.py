@@ -622,19 +622,15 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     the Dataset of :func:`~landscape.analyses.surface.surface_analysis`.
     """
     from landscape.curvature.loss import LossFunction
-    from landscape.analyses.surface import DEFAULT_RANGES, SurfaceSettings, normalization_policies, surface_analysis
+    from landscape.analyses.surface import (DEFAULT_RANGES, SurfaceSettings, normalization_policies,
+                                            refuse_normalization_policies, surface_analysis)
     from landscape.curvature.directions import filter_normalize, grid_axes, qkv_head_counts, random_directions
 
     x, y = evaluation_data(data, samples)
     measured, dtype, notes = _measured_model(model, device)
     _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     kind, given = _direction_kind(directions)
-    policies = [name for name in ("one_dim", "qkv", "tokens") if name in settings]
-    if kind != "random" and policies:  # as the command line: recorded, they would describe nothing measured
-        one = len(policies) == 1
-        raise ConfigError(f"{' and '.join(policies)} {'chooses' if one else 'choose'} how random directions are "
-                          f"normalised, and {kind} directions are used as "
-                          f"they are: leave {'it' if one else 'them'} out.")
+    refuse_normalization_policies(kind, [name for name in ("one_dim", "qkv", "tokens") if name in settings])
     if dims is None:
         dims = 2 if kind == "random" else len(given)
     if kind != "random" and dims != len(given):

@@ -560,7 +560,7 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
     Worst case: the largest rise of the loss over the ball ‖δ‖₂ ≤ ρ (plain) or ‖δ/|w|‖₂ ≤ ρ (adaptive). Average:
     the mean rise for δ ~ N(0, ρ²I) (plain) or N(0, ρ² diag(w²)) (adaptive), whose norm is about ρ√P, so it is
     not smaller than the worst case at the same ρ."""
-    from landscape.summary import final_entry
+    from landscape.summary import final_entry, still_rising
 
     kinds = [(attr, title) for attr, title in (("sharpness", "plain: ‖δ‖₂ ≤ ρ"),
                                                ("adaptive_sharpness", "adaptive: ‖δ/|w|‖₂ ≤ ρ"))
@@ -596,13 +596,10 @@ def sharpness_vs_rho(results: Sequence[RunResults], styles: dict[str, VariantSty
                 axes[i, j].errorbar(rho, mean, yerr=sd, color=style.color, linestyle=style.linestyle,
                                     marker=style.marker, markersize=2.8, capsize=1.5, elinewidth=0.6)
                 plotted[i].append(mean)
-                if variable == "worst_case" and any("worst_case_still_rising" in e for e in entries):
+                if variable == "worst_case":
                     rising = np.zeros(len(rho), dtype=bool)  # any seed's search still rising at that radius
                     for e in entries:
-                        if "worst_case_still_rising" in e:
-                            at = np.searchsorted(rho, e["rho"].values.astype(float))
-                            rising[at] |= (e["worst_case_still_rising"].values.astype(float) > 0) & np.isfinite(
-                                e["worst_case"].values.astype(float))
+                        rising[np.searchsorted(rho, e["rho"].values.astype(float))] |= still_rising(e)
                     if rising.any():
                         axes[i, j].plot(rho[rising], mean[rising], linestyle="none", marker=style.marker,
                                         markersize=4.2, markerfacecolor="white", markeredgecolor=style.color,

@@ -575,6 +575,15 @@ def caveats(results: Sequence[RunResults]) -> list[str]:
             + coverage_gaps(results) + unsettled_searches(results))
 
 
+def still_rising(entry) -> np.ndarray:
+    """Per radius of one sharpness entry, whether its worst-case search was still rising when its steps ran out
+    (a finite value only: a NaN is no bound of anything); all False for files without the flag."""
+    if "worst_case_still_rising" not in entry:
+        return np.zeros(entry.sizes.get("rho", 1), dtype=bool)
+    return (entry["worst_case_still_rising"].values.astype(float) > 0) & np.isfinite(
+        entry["worst_case"].values.astype(float))
+
+
 def unsettled_searches(results: Sequence[RunResults]) -> list[str]:
     """One sentence per kind of sharpness whose worst-case search was still rising at a run's final checkpoint
     when its steps ran out (``worst_case_still_rising``), naming the runs and radii: those values are lower bounds,
@@ -588,8 +597,7 @@ def unsettled_searches(results: Sequence[RunResults]) -> list[str]:
             if ds is None or not ds.sizes.get("checkpoint", 0) or "worst_case_still_rising" not in ds:
                 continue
             entry, _ = final_entry(ds, r.final_step if r.final_step is not None else -1)
-            rising = (entry["worst_case_still_rising"].values.astype(float) > 0) & np.isfinite(
-                entry["worst_case"].values.astype(float))  # a NaN value is no bound of anything
+            rising = still_rising(entry)
             if rising.any():
                 where.append(f"{r.path.name} at ρ = {', '.join(f'{float(v):g}' for v in entry['rho'].values[rising])}")
                 steps.add(read_settings(ds).get("steps"))

@@ -548,11 +548,7 @@ class SurfaceSettings(EvaluationSettings):
             raise ConfigError(f"Unknown qkv normalisation {self.qkv!r}; accepted are head and row.")
         changed = [f.name for f in fields(self)
                    if f.name in ("one_dim", "qkv", "tokens") and getattr(self, f.name) != f.default]
-        if spec.kind != "random" and changed:  # recorded, they kept the plain rerun from its own results
-            one = len(changed) == 1
-            raise ConfigError(f"{' and '.join('--' + n.replace('_', '-') for n in changed)} "
-                              f"{'chooses' if one else 'choose'} how random directions are normalised, and "
-                              f"{spec.kind} directions are used as they are: leave {'it' if one else 'them'} out.")
+        refuse_normalization_policies(spec.kind, ["--" + n.replace("_", "-") for n in changed])
         self.check_evaluation()
         for axis in self.axes():
             if len(np.unique(axis)) < len(axis):  # a range narrower than floating point can split
@@ -564,6 +560,19 @@ class SurfaceSettings(EvaluationSettings):
         """The grid coordinates of each dimension (checkpoint coordinates included, see :func:`grid_axes`)."""
         anchors = (0.0, 1.0) if parse_directions(self.directions).kind in ("interpolate", "plane") else (0.0,)
         return [grid_axes(self.range, self.points, anchors) for _ in range(self.dims)]
+
+
+def refuse_normalization_policies(kind: str, given: list[str]) -> None:
+    """Refuse filter-normalisation policies (``given``, named as the caller spells them) with directions of
+    ``kind`` other than random ones, which are used as they are: recorded, the policies would describe nothing
+    measured, and would keep the plain rerun from its own results."""
+    from landscape.errors import ConfigError
+
+    if kind != "random" and given:
+        one = len(given) == 1
+        raise ConfigError(f"{' and '.join(given)} {'chooses' if one else 'choose'} how random directions are "
+                          f"normalised, and {kind} directions are used as they are: leave {'it' if one else 'them'} "
+                          "out.")
 
 
 def normalization_policies(settings: "SurfaceSettings") -> dict[str, str]:
