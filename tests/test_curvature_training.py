@@ -110,12 +110,13 @@ def test_group_traces_are_exact_when_the_basis_spans_the_space():
 
 
 def test_group_traces_share_the_whole_trace_probes_and_are_unbiased():
-    A, indices = _dense_problem()
+    A, indices = _dense_problem(600)  # a budget under the dimension: random probes (at or over it, unit vectors)
     result = top_eigenvalues(A, 2, tol=1e-3, return_basis=True, seed=1)
     assert len(result.basis) < len(A)
-    whole, estimates, errors = deflated_group_traces(A, indices, 3000, basis=result.basis,
+    whole, estimates, errors = deflated_group_traces(A, indices, 500, basis=result.basis,
                                                      basis_matrix=result.basis_matrix, seed=7, block_size=16)
-    reference = deflated_trace(A, result.basis, 3000, basis_trace=result.basis_trace, seed=7, block_size=16)
+    reference = deflated_trace(A, result.basis, 500, basis_trace=result.basis_trace, seed=7, block_size=16)
+    assert whole.method == reference.method == "deflated" and errors.min() > 0
     assert whole.estimate == pytest.approx(reference.estimate, rel=1e-12)  # the same products, number for number
     assert whole.matvecs == reference.matvecs
     for j, i in enumerate(indices.values()):
@@ -148,10 +149,28 @@ def test_group_traces_have_the_exact_expectation(monkeypatch):
 
 
 def test_plain_hutchinson_group_traces_without_a_basis():
-    A, indices = _dense_problem(seed=2)
-    whole, estimates, errors = deflated_group_traces(A, indices, 4000, seed=3)
+    A, indices = _dense_problem(600, seed=2)
+    whole, estimates, errors = deflated_group_traces(A, indices, 500, seed=3)
+    assert whole.method == "hutchinson" and errors.min() > 0
     for j, i in enumerate(indices.values()):
         assert abs(estimates[j] - float(A[i][:, i].trace())) <= 4.5 * errors[j]
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_group_traces_are_exact_when_the_budget_covers_every_parameter(deflate):
+    # unit vectors instead of random probes: n products give every group's trace exactly, standard errors 0
+    A, indices = _dense_problem(seed=4)
+    n = len(A)
+    basis = top_eigenvalues(A, 2, tol=1e-3, return_basis=True, seed=1) if deflate else None
+    options = dict(basis=basis.basis, basis_matrix=basis.basis_matrix) if deflate else {}
+    whole, estimates, errors = deflated_group_traces(A, indices, n + 5, block_size=7, **options)
+    assert whole.method == "exact" and whole.matvecs == n and whole.standard_error == 0.0
+    assert whole.estimate == pytest.approx(float(A.trace()), rel=1e-10)
+    for j, i in enumerate(indices.values()):
+        assert estimates[j] == pytest.approx(float(A[i][:, i].trace()), rel=1e-10, abs=1e-10)
+    assert not errors.any()
+    below, _, below_errors = deflated_group_traces(A, indices, n - 1, seed=3, **options)
+    assert below.method != "exact" and below.matvecs == n - 1 and below_errors.min() > 0
 
 
 # -- the edge of stability -----------------------------------------------------------------------------------------

@@ -318,15 +318,49 @@ def test_trace_estimates_do_not_depend_on_the_block_size(distribution):
 
 
 def test_target_standard_error_stops_the_trace_early():
-    A, _ = known_spectrum()
+    A, _ = known_spectrum(n=500)  # more than the budget: a budget of len(A) or more buys the exact trace
     full = hutchinson_trace(A, 400, seed=0)
     target = 2 * full.standard_error
     early = hutchinson_trace(A, 400, seed=0, target_standard_error=target, block_size=8)
     assert early.matvecs < 400 and early.standard_error <= target
     plus = hutch_plus_plus_trace(A, 400, seed=0, target_standard_error=target, block_size=8, sketch_size=8)
     assert plus.matvecs < early.matvecs  # deflating the outliers reaches the same error with fewer products
-    exact = hutch_plus_plus_trace(A, 400, seed=0)  # a sketch as large as the matrix
+    exact = hutch_plus_plus_trace(A, len(A), seed=0)  # a product per dimension: the exact trace
     assert exact.estimate == pytest.approx(np.trace(A), rel=1e-12) and exact.standard_error == 0.0
+
+
+def test_a_trace_budget_of_the_dimension_or_more_buys_the_exact_trace():
+    A, values = known_spectrum(n=50)
+    A = torch.from_numpy(A)
+    exact = float(values.sum())
+    basis = top_eigenvalues(A, 3, tol=1e-3, seed=0, return_basis=True)
+    estimators = {"hutchinson": lambda m: hutchinson_trace(A, m, seed=1, block_size=8),
+                  "hutch++": lambda m: hutch_plus_plus_trace(A, m, seed=1, block_size=8),
+                  "deflated": lambda m: deflated_trace(A, basis.basis, m, basis_trace=basis.basis_trace, seed=1,
+                                                       block_size=8)}
+    for name, estimator in estimators.items():
+        est = estimator(60)
+        assert est.method == "exact" and est.matvecs == 50 and est.standard_error == 0.0, name
+        assert est.estimate == pytest.approx(exact, rel=1e-12), name
+        assert est.samples.sum() + est.low_rank_part == pytest.approx(exact, rel=1e-12), name
+        below = estimator(49)  # one product short: random probes, a standard error
+        assert below.method != "exact" and below.matvecs == 49 and below.standard_error > 0, name
+    # a target standard error asks to stop early: the probes are kept even with the budget for the exact trace
+    assert hutchinson_trace(A, 60, seed=1, target_standard_error=1.0).method == "hutchinson"
+
+
+def test_the_analysis_reports_the_exact_trace_of_a_model_with_fewer_parameters_than_the_budget():
+    from landscape.analyses.hessian import hessian_analysis
+
+    model, (x, y) = tiny_mlp(), data()
+    loss = LossFunction(model, x, y, batch_size=None)
+    assert loss.num_parameters < 500
+    exact = float(torch.trace(dense_hessian(loss)))
+    for top_k in (0, 3):
+        ds = hessian_analysis(model, x, y, HessianSettings(top_k=top_k, trace=True, trace_matvecs=500, tol=1e-6))
+        assert ds["trace"].attrs["method"] == "exact" and "exact" in ds["trace"].attrs["long_name"]
+        assert float(ds["trace"]) == pytest.approx(exact, rel=1e-4, abs=1e-5)
+        assert float(ds["trace_standard_error"]) == 0.0 and int(ds["trace_matvecs"]) == loss.num_parameters
 
 
 # -- density -------------------------------------------------------------------------------------------------------

@@ -296,6 +296,8 @@ def hessian_analysis(
             trace = hutch_plus_plus_trace(op, settings.trace_matvecs, seed=settings.seed,
                                           block_size=settings.vectors_per_pass)
             method = "Hutch++"
+        if trace.method == "exact":  # the budget covered every parameter: one product per unit vector
+            method = "exact: one product per parameter, the budget being at least their number"
         data["trace"] = ((), trace.estimate, {"long_name": f"{matrix} trace ({method})", "method": trace.method})
         data["trace_standard_error"] = ((), trace.standard_error, {"long_name": "standard error of the trace"})
         data["trace_matvecs"] = ((), trace.matvecs, {"long_name": "Hessian-vector products for the trace"})

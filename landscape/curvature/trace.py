@@ -62,9 +62,13 @@ def hutchinson_trace(
     With Rademacher probes the variance of one term is :math:`2 (\\|A\\|_F^2 - \\sum_i A_{ii}^2)`. The standard
     error is the sample standard deviation of the terms over :math:`\\sqrt m`. Probes are multiplied
     ``block_size`` at a time; with ``target_standard_error`` the estimator stops after the first block at which
-    the standard error is below it (at least 10 samples), else after ``num_matvecs`` products.
+    the standard error is below it (at least 10 samples), else after ``num_matvecs`` products. A budget of at least
+    the dimension ``n`` (and no target) buys the exact trace instead: :math:`\\sum_i e_i^\\top A e_i` from ``n``
+    products, standard error 0 (``method="exact"``).
     """
     A = as_torch_operator(op)
+    if _affords_exact(A, num_matvecs, target_standard_error):
+        return _exact_trace(A, block_size)
     generator = torch.Generator().manual_seed(int(seed))
     samples = _quadratic_samples(A, num_matvecs, generator, distribution, block_size, target_standard_error)
     values = np.asarray(samples)
@@ -90,7 +94,9 @@ def deflated_trace(
     (``basis_trace``; computed with :math:`s` products when not given): a trace measured after the eigenvalues
     then spends every product on the deflated rest, whose variance lacks the top eigenvalues' share of
     :math:`\\|A\\|_F^2`. The estimate is unbiased given the basis (its probes are drawn independently), with the
-    standard error of the second term. ``matvecs`` counts the products made here.
+    standard error of the second term. ``matvecs`` counts the products made here. A budget of at least the
+    dimension (and no target) gives the second term exactly, from the projected unit vectors
+    :math:`(I - QQ^\\top) e_i` (``method="exact"``, standard error 0).
     """
     A = as_torch_operator(op)
     n = A.shape[0]
@@ -103,6 +109,8 @@ def deflated_trace(
             made += len(rows)
     if len(basis) >= n:
         return TraceEstimate(basis_trace, 0.0, made, np.zeros(0), basis_trace, "deflated")
+    if _affords_exact(A, num_matvecs, target_standard_error):
+        return _exact_trace(A, block_size, deflate=basis, basis_trace=basis_trace, made=made)
     generator = torch.Generator().manual_seed(int(seed))
     samples = _quadratic_samples(A, num_matvecs, generator, distribution, block_size, target_standard_error,
                                  deflate=basis)
@@ -134,10 +142,13 @@ def hutch_plus_plus_trace(
     than Hutchinson's; for a flat spectrum Hutchinson's three times as many samples win. The standard error
     is that of the second term given :math:`Q` (0 when the sketch spans the whole space and the trace is
     exact). ``target_standard_error`` stops the second phase early as in :func:`hutchinson_trace`; give
-    ``sketch_size`` with it, since the default sketch is a third of the whole budget.
+    ``sketch_size`` with it, since the default sketch is a third of the whole budget. A budget of at least the
+    dimension ``n`` (and no target) buys the exact trace from ``n`` unit vectors instead (``method="exact"``).
     """
     A = as_torch_operator(op)
     n = A.shape[0]
+    if _affords_exact(A, num_matvecs, target_standard_error):
+        return _exact_trace(A, block_size)
     s = sketch_size if sketch_size is not None else num_matvecs // 3
     s = max(1, min(s, n, (num_matvecs - 2) // 2))
     if num_matvecs < 2 * s + 2:
@@ -180,6 +191,38 @@ def _quadratic_samples(A: TorchOperator, budget: int, generator: torch.Generator
     return samples
 
 
+def _affords_exact(A: TorchOperator, budget: int, target_standard_error: float | None) -> bool:
+    """Whether a trace budget pays for one product per dimension: then the trace is computed exactly, with fewer
+    or as many products as the random probes would have taken (a target standard error asks to stop early:
+    the probes are kept then)."""
+    return target_standard_error is None and budget >= A.shape[0]
+
+
+def _unit_blocks(n: int, block_size: int, dtype: torch.dtype):
+    """The unit vectors :math:`e_1, \\dots, e_n` as ``(n, b)`` blocks of columns."""
+    for start in range(0, n, block_size):
+        b = min(block_size, n - start)
+        E = torch.zeros(n, b, dtype=dtype)
+        E[torch.arange(start, start + b), torch.arange(b)] = 1
+        yield E
+
+
+def _exact_trace(A: TorchOperator, block_size: int, *, deflate: Tensor | None = None, basis_trace: float = 0.0,
+                 made: int = 0) -> TraceEstimate:
+    """:math:`\\operatorname{tr}(Q^\\top A Q)` (``basis_trace``) plus :math:`\\sum_i w_i^\\top A w_i` over
+    :math:`w_i = (I - QQ^\\top) e_i`, which is :math:`\\operatorname{tr}((I - QQ^\\top) A (I - QQ^\\top))`
+    exactly: ``n`` products, standard error 0 (without ``deflate``, the plain :math:`\\sum_i A_{ii}`)."""
+    samples: list[float] = []
+    for Z in _unit_blocks(A.shape[0], block_size, torch.float64 if deflate is None else deflate.dtype):
+        if deflate is not None:
+            Z = Z.to(deflate.device)
+            Z = Z - deflate.T @ (deflate @ Z)
+        Z = Z.to(A.device, A.dtype)
+        samples.extend((Z * A.matmat(Z)).sum(0).double().cpu().tolist())
+    values = np.asarray(samples)
+    return TraceEstimate(basis_trace + float(values.sum()), 0.0, made + len(samples), values, basis_trace, "exact")
+
+
 def _blocks(A: TorchOperator, X: Tensor, block_size: int) -> Tensor:
     return torch.cat([A.matmat(X[:, i:i + block_size]) for i in range(0, X.shape[1], block_size)], dim=1)
 
@@ -215,7 +258,8 @@ def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: i
 
     With ``basis`` ``(m, n)`` (orthonormal rows) and ``basis_matrix`` :math:`T = V A V^\\top` ``(m, m)`` the whole-model
     estimate is that of :func:`deflated_trace` with the same ``seed`` (the same probes and
-    products, number for number); without, Hutchinson's. Returns ``(TraceEstimate, estimates (G,),
+    products, number for number); without, Hutchinson's. A budget of at least ``n`` takes the unit vectors as
+    probes instead and sums their terms: every trace exact, standard errors 0. Returns ``(TraceEstimate, estimates (G,),
     standard errors (G,))`` in the order of ``indices``.
     """
     A = as_torch_operator(op)
@@ -232,12 +276,14 @@ def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: i
         return (TraceEstimate(basis_trace, 0.0, 0, np.zeros(0), basis_trace, "deflated"), low_rank,
                 np.zeros(len(groups)))
     on_op = {g: indices[g].to(A.device) for g in groups}
+    exact = _affords_exact(A, num_matvecs, None)  # the unit vectors: every sum below is then the exact trace
+    units = _unit_blocks(n, block_size, A.dtype) if exact else None
     generator = torch.Generator().manual_seed(int(seed))
     whole: list[float] = []
     parts: list[list[float]] = [[] for _ in groups]
-    while len(whole) < num_matvecs:
+    while len(whole) < (n if exact else num_matvecs):
         b = min(block_size, num_matvecs - len(whole))
-        Z = random_probes(n, b, generator, distribution=distribution, dtype=A.dtype)
+        Z = next(units) if exact else random_probes(n, b, generator, distribution=distribution, dtype=A.dtype)
         if len(V):  # as deflated_trace: the probes projected off the basis, in the basis's dtype and device
             Z = Z.to(V.device, V.dtype)
             Z = Z - V.T @ (V @ Z)
@@ -253,6 +299,9 @@ def deflated_group_traces(op: Any, indices: Mapping[str, Tensor], num_matvecs: i
                 sample = sample + ((Vg @ Z[i].to(V.device, V.dtype)) * VAZ).sum(0).double().to(sample.device)
             parts[j].extend(sample.cpu().tolist())
     values = np.asarray(whole)
+    if exact:
+        estimate = TraceEstimate(basis_trace + float(values.sum()), 0.0, len(whole), values, basis_trace, "exact")
+        return estimate, low_rank + np.array([np.sum(p) for p in parts]), np.zeros(len(groups))
     method = "deflated" if len(V) else "hutchinson"
     estimate = TraceEstimate(basis_trace + float(values.mean()), standard_error(whole), len(whole), values,
                              basis_trace, method)
