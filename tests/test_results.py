@@ -112,6 +112,24 @@ def test_entries_of_different_lengths_are_padded_with_nan():
     assert combined.sizes["k"] == 3 and np.isnan(combined["eigenvalue_largest"].sel(checkpoint="a", k=3))
 
 
+def test_combining_keeps_the_last_entry_of_each_checkpoint_in_step_order():
+    def entries(names_steps, value):
+        return combine_checkpoints([results_module.checkpoint_entry(entry(value), name=n, epoch=None, step=s)
+                                    for n, s in names_steps])
+
+    first = entries([("a", 10), ("b", 20), ("c", 30)], 1.0)
+    second = entries([("b", 20), ("d", 5)], 2.0)  # b measured again, and an earlier step
+    third = entries([("c", 30)], 3.0)
+    combined = combine_checkpoints([first, second, third])
+    assert list(combined["checkpoint"].values) == ["d", "a", "b", "c"]
+    assert list(combined["step"].values) == [5, 10, 20, 30]
+    np.testing.assert_array_equal(combined["eigenvalue_largest"].isel(k=1).values, [2.0, 1.0, 2.0, 3.0])
+    # entries of one step keep the order in which their names first appeared, whichever entry is kept
+    tied = combine_checkpoints([entries([("x", 0), ("y", 0)], 1.0), entries([("x", 0)], 2.0)])
+    assert list(tied["checkpoint"].values) == ["x", "y"]
+    np.testing.assert_array_equal(tied["eigenvalue_largest"].isel(k=1).values, [2.0, 1.0])
+
+
 def test_attrs_are_netcdf_safe():
     attrs = netcdf_attrs({"flag": True, "none": None, "nested": {"b": [1, 2]}, "n": np.int64(4), "x": 0.5, "s": "t"})
     assert attrs == {"flag": 1, "none": "", "nested": '{"b": [1, 2]}', "n": 4, "x": 0.5, "s": "t"}

@@ -219,14 +219,26 @@ def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
     name), sorted by step; dimensions of different lengths are padded with NaN."""
     if not datasets:
         raise ValueError("nothing to combine")
-    seen: dict[str, xr.Dataset] = {}
-    for ds in datasets:
-        # Names as Python strings: a coordinate read from a file is fixed-width ('<U10') and would cut longer ones.
-        ds = ds.assign_coords({CHECKPOINT_DIM: np.array([str(n) for n in ds[CHECKPOINT_DIM].values], dtype=object)})
-        for name in ds[CHECKPOINT_DIM].values:
-            seen[str(name)] = ds.sel({CHECKPOINT_DIM: [name]})
-    combined = xr.concat(list(seen.values()), dim=CHECKPOINT_DIM, join="outer", data_vars="all",
-                         coords="different", compat="equals", combine_attrs="override")
+    # Names as Python strings: a coordinate read from a file is fixed-width ('<U10') and would cut longer ones.
+    datasets = [ds.assign_coords({CHECKPOINT_DIM: np.array([str(n) for n in ds[CHECKPOINT_DIM].values], dtype=object)})
+                for ds in datasets]
+    first_seen = list(dict.fromkeys(str(n) for ds in datasets for n in ds[CHECKPOINT_DIM].values))
+    # each dataset contributes the checkpoints no later entry replaces, as one piece (not one piece per checkpoint:
+    # appending to a long series then costs one concatenation of two pieces, not one per checkpoint)
+    pieces, taken = [], set()
+    for ds in reversed(datasets):
+        names = [str(n) for n in ds[CHECKPOINT_DIM].values]
+        keep = []
+        for i in reversed(range(len(names))):
+            if names[i] not in taken:
+                keep.append(i)
+                taken.add(names[i])
+        if keep:
+            pieces.append(ds.isel({CHECKPOINT_DIM: keep[::-1]}))
+    combined = xr.concat(pieces[::-1], dim=CHECKPOINT_DIM, join="outer", data_vars="all", coords="different",
+                         compat="equals", combine_attrs="override")
+    position = {str(n): i for i, n in enumerate(combined[CHECKPOINT_DIM].values)}
+    combined = combined.isel({CHECKPOINT_DIM: [position[n] for n in first_seen]})  # in order of first appearance
     order = np.argsort(combined["step"].values, kind="stable")
     return combined.isel({CHECKPOINT_DIM: order})
 
