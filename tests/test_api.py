@@ -196,11 +196,26 @@ def test_a_loss_that_is_not_a_batch_mean_is_refused_and_label_smoothing_is_exact
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     xs, ys = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
-    # a mean over the targets kept (ignore_index: padding, void pixels) is measured, with a warning that batches
-    # are weighted by their examples, not their kept targets
+    # a mean over the targets kept (ignore_index: padding, void pixels) or weighted by class: each batch weighs its
+    # share of the counted targets, so every batch_size gives the whole set's Hessian (batches of 6 took it 21% off)
     ignored = torch.where(torch.arange(20) % 3 == 0, -100, ys)
+    ignored[:5] = -100  # a first batch of one kept target in six
+    for loss, targets in ((None, ignored), (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]).double()), ys),
+                          (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]).double(), ignore_index=1), ys),
+                          (nn.NLLLoss(ignore_index=0), ys)):
+        criterion = loss if loss is not None else nn.CrossEntropyLoss()
+        measured = net if not isinstance(loss, nn.NLLLoss) else nn.Sequential(net, nn.LogSoftmax(-1))
+        exact = dense_eigenvalues(measured, xs, targets, criterion)
+        for batch_size in (6, 20):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing to warn about: the weighting is exact
+                ds = ls.hessian(measured, (xs, targets), loss=loss, top_k=2, tol=1e-10, batch_size=batch_size)
+            np.testing.assert_allclose(ds["eigenvalue_largest"].values, exact[::-1][:2], rtol=1e-8)
+            assert float(ds["loss"]) == pytest.approx(float(criterion(measured(xs), targets).detach()), rel=1e-10)
+    # a loss that hides how it counts (a function with ignore_index) is measured with a warning
     with pytest.warns(UserWarning, match="mean over something other than the batch's examples"):
-        ls.hessian(net, (xs, ignored), top_k=1, batch_size=6)
+        ls.hessian(net, (xs, ignored), loss=lambda o, t: nn.functional.cross_entropy(o, t, ignore_index=-100),
+                   top_k=1, batch_size=6)
     smoothed = nn.CrossEntropyLoss(label_smoothing=0.1)
     exact = dense_eigenvalues(net, xs, ys, smoothed)
     ds = ls.hessian(net, (xs, ys), loss=smoothed, top_k=2, tol=1e-10, batch_size=6)
@@ -759,8 +774,9 @@ def test_forms_people_pass_are_taken():
         assert value == pytest.approx(reference, rel=1e-6)
     y5 = y.clone()
     y5[3] = 5  # the loss's own ignore_index, not a class
+    ls.hessian(m, (x, y5), loss=nn.CrossEntropyLoss(ignore_index=5), top_k=1)  # exact: no warning
     with pytest.warns(UserWarning, match="mean over something other") as caught:
-        ls.hessian(m, (x, y5), loss=nn.CrossEntropyLoss(ignore_index=5), top_k=1)
+        ls.hessian(m, (x, y5), loss=lambda o, t: nn.functional.cross_entropy(o, t, ignore_index=5), top_k=1)
     assert caught[0].filename == __file__  # said of the caller's line
     two = ls.sharpness(m, (x, y), rho=0.05, p=2, steps=2, draws=1)
     inf = ls.sharpness(m, (x, y), rho=0.05, p=float("inf"), steps=2, draws=1)

@@ -86,6 +86,16 @@ def product_problem():
     return model, x, y, vectors
 
 
+IGNORING = torch.nn.CrossEntropyLoss(ignore_index=-100)
+
+
+def ignored_targets(y: torch.Tensor) -> torch.Tensor:
+    """``y`` with five of its 13 targets ignored (-100), unevenly over the batches of either process."""
+    y = y.clone()
+    y[[0, 1, 2, 7, 12]] = -100
+    return y
+
+
 def products(loss: LossFunction, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
     value, gradient = loss.loss_and_gradient()
     evaluation = loss.evaluate()
@@ -147,6 +157,9 @@ def _worker(root: Path) -> None:
         x_slice, y_slice, data_parallel = split_evaluation_set(x, y, world)
         loss = LossFunction(model, x_slice, y_slice, batch_size=4, data_parallel=data_parallel)
         torch.save(products(loss, vectors), root / "out" / f"products-rank{world.rank}.pt")
+        x_slice, y_slice, data_parallel = split_evaluation_set(x, ignored_targets(y), world)
+        loss = LossFunction(model, x_slice, y_slice, batch_size=4, data_parallel=data_parallel, criterion=IGNORING)
+        torch.save(products(loss, vectors), root / "out" / f"ignored-rank{world.rank}.pt")
 
         parallel, sharded, grid = (root / name for name in ("data-parallel", "sharded", "grid"))
         run_hessian_analysis(parallel, HESSIAN, device="cpu")
@@ -198,6 +211,20 @@ def test_data_parallel_products_equal_the_single_process_ones_to_1e_10(launched)
     single = products(LossFunction(model, x, y, batch_size=4), vectors)
     parallel = torch.load(out / "products-rank0.pt", weights_only=True)
     for name, want in single.items():
+        error = float((parallel[name] - want).norm() / want.norm())
+        assert error <= 1e-10, f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.slow
+def test_a_mean_over_the_counted_targets_is_split_over_processes_exactly(launched):
+    # with ignore_index each batch weighs its share of the whole set's kept targets, on every process alike
+    _, out, _ = launched
+    model, x, y, vectors = product_problem()
+    y = ignored_targets(y)
+    whole = products(LossFunction(model, x, y, batch_size=None, criterion=IGNORING), vectors)
+    parallel = torch.load(out / "ignored-rank0.pt", weights_only=True)
+    assert float(whole["loss"]) == pytest.approx(float(IGNORING(model.eval()(x), y).detach()), rel=1e-12)
+    for name, want in whole.items():
         error = float((parallel[name] - want).norm() / want.norm())
         assert error <= 1e-10, f"{name}: relative error {error:.2e}"
 

@@ -120,6 +120,9 @@ class DataParallel:
 
     num_examples: int
     world: Distributed
+    targets: Tensor | None = None
+    """The whole set's targets (every process holds them): a criterion whose mean counts targets otherwise than by
+    example (``ignore_index``) weights each batch by its share of the whole set's count."""
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over the processes, in place; every process gets bitwise the same sum."""
@@ -136,7 +139,7 @@ def split_evaluation_set(x: Tensor, y: Tensor, world: Distributed | None) -> tup
         raise LandscapeError(f"The evaluation set has {len(x)} examples, fewer than the {world.world_size} processes "
                              "it is split over; give --samples at least the number of processes.")
     part = contiguous_range(len(x), world.rank, world.world_size)
-    return x[part.start:part.stop], y[part.start:part.stop], DataParallel(len(x), world)
+    return x[part.start:part.stop], y[part.start:part.stop], DataParallel(len(x), world, y)
 
 
 # -- failures -------------------------------------------------------------------------------------------------------

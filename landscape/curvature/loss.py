@@ -329,6 +329,32 @@ NEARLY_A_MEAN = 1e-4
 warned about."""
 
 
+def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
+    """What each example counts for in the criterion's mean, when the criterion says so: ``(N,)`` float64 weights
+    for cross-entropy (the default, :class:`torch.nn.CrossEntropyLoss`, :class:`torch.nn.NLLLoss`; mean reduction)
+    on class-index targets, each example counting the class weights of its targets (1 each without ``weight``) and
+    0 for a target equal to ``ignore_index``; ``None`` for any other criterion or targets.
+
+    Such a criterion's batch value is :math:`\sum_{i \in b} c_i \ell_i / C_b` with :math:`C_b = \sum_{i \in b} c_i`,
+    so the whole set's mean loss is :math:`\sum_b (C_b / C)\, \bar\ell_b`: batches weighted by their counted
+    weight, not their number of examples, give every result independent of ``batch_size``."""
+    if criterion is cross_entropy or criterion is torch.nn.functional.cross_entropy:
+        weight, ignore = None, -100
+    elif isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) and criterion.reduction == "mean":
+        weight, ignore = criterion.weight, int(criterion.ignore_index)
+    else:
+        return None
+    if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() == 0:
+        return None
+    targets = y.detach().reshape(len(y), -1).cpu().long()
+    kept = targets != ignore
+    if weight is None:
+        return kept.sum(1).double()
+    weight = weight.detach().cpu().double()
+    classes = targets.clamp(0, len(weight) - 1)  # a target outside the classes is refused where it is read
+    return (weight[classes] * kept).sum(1)
+
+
 def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> None:
     """Refuse a criterion that cannot take the model's outputs and the targets, or is not one number, the mean over
     the batch's examples.
@@ -358,7 +384,11 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
         if n < 2 or len(outputs) != n:
             return
         k = n // 2
-        halves = (k * criterion(outputs[:k], yb[:k]) + (n - k) * criterion(outputs[k:], yb[k:])) / n
+        counted = example_weights(criterion, yb)  # what the batches will be weighted by
+        first, second = (k, n - k) if counted is None else (float(counted[:k].sum()), float(counted[k:].sum()))
+        if first <= 0 or second <= 0:  # a half of ignored targets only: nothing to compare
+            return
+        halves = (first * criterion(outputs[:k], yb[:k]) + second * criterion(outputs[k:], yb[k:])) / (first + second)
     whole, halves = float(whole), float(halves)
     if not (math.isfinite(whole) and math.isfinite(halves)):
         return
@@ -368,11 +398,12 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
             f"The loss is not a mean over the batch's examples: on {n} examples it gives {whole:.6g}, while the mean "
             f"of its values on their two halves is {halves:.6g}. A sum would make every result scale with the batch "
             "size; give a loss with reduction='mean'.")
-    if gap > NEARLY_A_MEAN:  # a mean over a varying count (ignore_index, class weights): batch_size matters a little
+    if gap > NEARLY_A_MEAN:  # a mean over a count it does not say (a custom loss): batch_size matters a little
         import warnings
 
         warnings.warn(
-            f"The loss is a mean over something other than the batch's examples (ignore_index or class weights?): on "
+            f"The loss is a mean over something other than the batch's examples (ignore_index or class weights in a "
+            f"loss other than a CrossEntropyLoss or NLLLoss module?): on "
             f"{n} examples it gives {whole:.6g}, the count-weighted mean of its halves {halves:.6g}. Batches are "
             "weighted by their number of examples, so results depend slightly on batch_size; for exact results give "
             "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).",
@@ -401,7 +432,7 @@ class LossFunction:
             (a closure of a model another closure has checked already).
         data_parallel: ``x, y`` are this process's slice of a larger evaluation set split over several processes
             (:class:`landscape.analyses.distributed.DataParallel`): batches are weighted by
-            :math:`n_b / N` with the whole set's :math:`N`, and every loss, accuracy count, gradient and
+            :math:`n_b / N` with the whole set's :math:`N` (:meth:`batch_weights`), and every loss, accuracy count, gradient and
             Hessian-vector product is summed over the processes, so each process sees the whole set's operator.
 
     Attributes:
@@ -427,6 +458,7 @@ class LossFunction:
         self.data_parallel = data_parallel
         self.num_examples = data_parallel.num_examples if data_parallel is not None else len(self.data)
         self.criterion = criterion
+        self._batch_weights = self._counted_batch_weights()
         self.vectors_per_pass = max(1, int(vectors_per_pass))
         first = next(iter(model.parameters()), None)
         if first is None:
@@ -526,11 +558,41 @@ class LossFunction:
         return forward(self.model, x, {**self._fixed, **variables})
 
     def weighted_batches(self) -> Iterator[tuple[float, Tensor, Tensor]]:
-        """``(n_b / N, x_b, y_b)`` for each batch, on the model's device (floating-point tensors in its dtype)."""
-        n = self.num_examples
-        for xb, yb in self.data.batches():
+        """``(w_b, x_b, y_b)`` for each batch, on the model's device (floating-point tensors in its dtype), with
+        :math:`\sum_b w_b \bar\ell_b` the whole set's mean loss (:meth:`batch_weights`)."""
+        for w, (xb, yb) in zip(self.batch_weights(), self.data.batches()):
             x, y = self._batch(xb, yb)
-            yield len(yb) / n, x, y
+            yield w, x, y
+
+    def batch_weights(self) -> list[float]:
+        """Each batch's weight: :math:`n_b / N`, or for a criterion whose mean counts targets otherwise
+        (``ignore_index``, class weights: :func:`example_weights`) :math:`C_b / C`, its share of the counted weight.
+        """
+        if self._batch_weights is not None:
+            return self._batch_weights
+        n = self.num_examples
+        return [len(yb) / n for _, yb in self.data.batches()]
+
+    def _counted_batch_weights(self) -> list[float] | None:
+        """:math:`C_b / C` per batch when :func:`example_weights` applies and the examples do not all count the
+        same (then :math:`n_b / N` is the same weighting); ``C`` over the whole set, every process's slice of it
+        with ``data_parallel`` (whose ``targets`` are the whole set's)."""
+        counted = example_weights(self.criterion, self.data.y)
+        if counted is None:
+            return None
+        whole = counted
+        if self.data_parallel is not None:
+            targets = getattr(self.data_parallel, "targets", None)
+            whole = example_weights(self.criterion, targets) if targets is not None else None
+            if whole is None:
+                return None
+        if not len(whole) or bool((whole == whole[0]).all()):
+            return None
+        total = float(whole.sum())
+        if not total > 0:
+            return None
+        size = self.data.batch_size
+        return [float(counted[start:start + size].sum()) / total for start in range(0, len(counted), size)]
 
     def _check_unswapped(self, selected: dict[str, Tensor], unused: list[str]) -> None:
         """Refuse parameters that reach the loss in the model's own forward but not when swapped in by
@@ -591,7 +653,7 @@ class LossFunction:
         architecture evaluated with its own weights.
         """
         if isinstance(params, nn.Module):
-            total, correct = _evaluate_module(params, self.data, self.criterion, self.num_examples)
+            total, correct = _evaluate_module(params, self.data, self.criterion, self.batch_weights())
             total, correct = self.all_reduce_scalars(total, correct)
             return total, 100.0 * correct / self.num_examples
         variables, fixed = self._split_params(params)
@@ -669,17 +731,17 @@ def _num_correct(outputs: Tensor, targets: Tensor) -> float:
     return float((outputs.argmax(dim=1) == targets).sum())
 
 
-def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCriterion, num_examples: int
+def _evaluate_module(model: nn.Module, data: EvaluationSet, criterion: LossCriterion, weights: list[float]
                      ) -> tuple[float, float]:
-    """``(sum over batches of n_b / num_examples * mean loss, number correct)`` of ``model`` on ``data``."""
+    """``(sum over batches of weight * mean loss, number correct)`` of ``model`` on ``data``."""
     first = next(iter(model.parameters()))
     total, correct = 0.0, 0.0
     with evaluation_mode(model, math_attention=False), torch.no_grad():
-        for xb, yb in data.batches():
+        for w, (xb, yb) in zip(weights, data.batches()):
             x = inputs_to(xb, first.device, first.dtype)
             y = yb.to(first.device)
             y = y.to(first.dtype) if y.is_floating_point() else y
             outputs = forward(model, x)
-            total += len(yb) / num_examples * float(criterion(outputs, y))
+            total += w * float(criterion(outputs, y))
             correct += _num_correct(outputs, y)
     return total, correct
