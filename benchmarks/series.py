@@ -16,7 +16,7 @@ batch (products through the kept graph, as ``landscape analyze hessian`` makes t
 Printed (and written with ``--md``): products and seconds per checkpoint, mean and median, for the whole series and
 for its thirds (warm-up and peak rate, the middle, the decayed end); the ratio warm / cold; the largest relative
 error against the reference; and how far consecutive Hessians are apart (the relative change of the top eigenvalue,
-and the overlap of consecutive top-5 eigenvector spaces, :math:`\|Y_t^\top Y_{t-1}\|_F^2 / 5`, 1 when they are the
+and the overlap of consecutive top-5 eigenvector spaces, :math:`\\|Y_t^\\top Y_{t-1}\\|_F^2 / 5`, 1 when they are the
 same space). Everything runs in one process, interleaved per checkpoint (cold, then warm), so ratios hold on a
 loaded machine.
 """
@@ -61,7 +61,7 @@ def demo_series(every: int, count: int, root: Path) -> list[torch.nn.Module]:
 
 
 def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """:math:`\|A B^\top\|_F^2 / k` for two ``(k, P)`` orthonormal row blocks: 1 for the same space, about k/P for
+    """:math:`\\|A B^\\top\\|_F^2 / k` for two ``(k, P)`` orthonormal row blocks: 1 for the same space, about k/P for
     unrelated ones."""
     return float((a.double() @ b.double().T).pow(2).sum() / len(a))
 

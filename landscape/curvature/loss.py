@@ -335,8 +335,8 @@ def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
     on class-index targets, each example counting the class weights of its targets (1 each without ``weight``) and
     0 for a target equal to ``ignore_index``; ``None`` for any other criterion or targets.
 
-    Such a criterion's batch value is :math:`\sum_{i \in b} c_i \ell_i / C_b` with :math:`C_b = \sum_{i \in b} c_i`,
-    so the whole set's mean loss is :math:`\sum_b (C_b / C)\, \bar\ell_b`: batches weighted by their counted
+    Such a criterion's batch value is :math:`\\sum_{i \\in b} c_i \\ell_i / C_b` with :math:`C_b = \\sum_{i \\in b} c_i`,
+    so the whole set's mean loss is :math:`\\sum_b (C_b / C)\\, \\bar\\ell_b`: batches weighted by their counted
     weight, not their number of examples, give every result independent of ``batch_size``."""
     if criterion is cross_entropy or criterion is torch.nn.functional.cross_entropy:
         weight, ignore = None, -100
@@ -559,7 +559,7 @@ class LossFunction:
 
     def weighted_batches(self) -> Iterator[tuple[float, Tensor, Tensor]]:
         """``(w_b, x_b, y_b)`` for each batch, on the model's device (floating-point tensors in its dtype), with
-        :math:`\sum_b w_b \bar\ell_b` the whole set's mean loss (:meth:`batch_weights`)."""
+        :math:`\\sum_b w_b \\bar\\ell_b` the whole set's mean loss (:meth:`batch_weights`)."""
         for w, (xb, yb) in zip(self.batch_weights(), self.data.batches()):
             x, y = self._batch(xb, yb)
             yield w, x, y
