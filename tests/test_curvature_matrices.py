@@ -138,6 +138,32 @@ def test_empirical_fisher_of_a_mean_over_the_counted_examples_is_their_mean_oute
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("criterion", [torch.nn.CrossEntropyLoss(ignore_index=-100),
+                                       torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0]).double()),
+                                       torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0]).double(),
+                                                                 ignore_index=1)])
+def test_every_matrix_of_a_loss_counting_its_targets_unequally_is_the_whole_sets(criterion):
+    # batches weigh their share of the counted targets: the GGN is the dense sandwich of the loss over every example
+    # (ignored ones count 0, weighted ones c_i), and the exact Fisher, over the same examples, stays equal to it
+    model, (x, y) = tiny_mlp(), data(12)
+    y = y.clone()
+    y[[0, 1, 2, 7]] = criterion.ignore_index  # batches of 4: at most one kept target in the first, three, four
+    jac, z = _jacobian_and_outputs(model, x, LossFunction(model, x, y, batch_size=4, criterion=criterion))
+    p = torch.softmax(z, dim=-1)
+    kept = (y != criterion.ignore_index).double()
+    c = kept * (criterion.weight[y.clamp(min=0)] if criterion.weight is not None else 1.0)
+    out_hessian = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) * c[:, None, None]
+    dense = torch.einsum("icp,icd,idq->pq", jac, out_hessian, jac) / c.sum()
+    loss = LossFunction(model, x, y, batch_size=12, criterion=criterion)
+    hessian = dense_hessian(loss)
+    for batch_size in (4, 5, 12):
+        closure = LossFunction(model, x, y, batch_size=batch_size, criterion=criterion)
+        torch.testing.assert_close(GGNOperator(closure).dense(), dense, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(FisherOperator(closure).dense(), dense, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(dense_hessian(closure), hessian, rtol=1e-9, atol=1e-12)
+        assert closure.loss() == pytest.approx(float(criterion(model(x), y)), rel=1e-12)
+
+
 def test_every_matrix_of_a_model_with_multihead_attention_is_its_dense_one():
     # nn.MultiheadAttention takes torch's fused fast path in eval mode, which has no forward-mode derivative: the
     # GGN's, Fisher's and empirical Fisher's products ended in torch's NotImplementedError

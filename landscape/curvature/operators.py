@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
-from landscape.curvature.loss import LossFunction, _is_cross_entropy, evaluation_mode
+from landscape.curvature.loss import LossFunction, _is_cross_entropy, evaluation_mode, example_weights
 from landscape.curvature.products import DoubleBackward, ForwardOverReverse, KeptGraphProducts
 from landscape.errors import ConfigError, LandscapeError
 
@@ -338,6 +338,10 @@ class FisherOperator(OutputCurvatureOperator):
     - ``samples=S``: a Monte Carlo estimate with ``S`` labels per example drawn (seeded with ``seed``, once per
       batch, fixed for the operator's lifetime so that it is one symmetric matrix):
       :math:`\\frac{1}{N S} \\sum_{i, s} g_{is} g_{is}^\\top`, :math:`g_{is} = J_i^\\top (e_{\\hat y_{is}} - p_i)`.
+
+    With a cross-entropy that counts its targets otherwise (``ignore_index``, class weights:
+    :func:`~landscape.curvature.loss.example_weights` :math:`c_i`) the mean is the loss's, :math:`\\sum_i c_i F_i /
+    \\sum_i c_i`: an ignored example (padding) is not in it, and the exact Fisher stays the GGN of that loss.
     """
 
     matrix = "fisher"
@@ -351,6 +355,7 @@ class FisherOperator(OutputCurvatureOperator):
         self.samples = samples
         self.seed = int(seed)
         self.sampled_labels: dict[int, Tensor] = {}
+        self.shares: dict[int, Tensor | None] = {}
 
     def labels(self, batch: int, probabilities: Tensor) -> Tensor:
         """The ``(S, n_b)`` labels drawn for batch ``batch`` (drawn on first use, on the CPU, then kept)."""
@@ -364,16 +369,31 @@ class FisherOperator(OutputCurvatureOperator):
     def prepare_batch(self, batch: int, outputs: Tensor, targets: Tensor) -> None:
         if self.samples is not None:  # random draws are not allowed under vmap: the labels are drawn here
             self.labels(batch, torch.softmax(outputs, dim=-1))
+        if batch not in self.shares:
+            self.shares[batch] = self._shares(outputs, targets)
+
+    def _shares(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
+        """Each example's share :math:`c_i / C_b` of the batch's mean, ``(n, 1)``, when the loss counts its examples
+        unequally (``None``: :math:`1 / n_b` each); the batch's own weight :math:`C_b / C` is applied outside."""
+        if outputs.dim() != 2 or targets.dim() != 1:  # the softmax is over the last dimension of (n, C) logits
+            return None
+        counted = example_weights(self.loss.criterion, targets)
+        if counted is None or len(counted) != outputs.shape[0] or not float(counted.sum()) > 0:
+            return None
+        return (counted / counted.sum()).to(outputs.device, outputs.dtype)[:, None]
 
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         n = outputs.shape[0]
+        share = self.shares.get(batch)
         p = torch.softmax(outputs, dim=-1)
         if self.samples is None:
             pu = p * u
-            return (pu - p * pu.sum(-1, keepdim=True)) / n
+            curvature = pu - p * pu.sum(-1, keepdim=True)
+            return curvature / n if share is None else curvature * share
         labels = self.labels(batch, p)  # (S, n)
         residual = torch.nn.functional.one_hot(labels, p.shape[-1]).to(p) - p  # (S, n, C)
-        return (residual * (residual * u).sum(-1, keepdim=True)).sum(0) / (n * self.samples)
+        summed = (residual * (residual * u).sum(-1, keepdim=True)).sum(0) / self.samples
+        return summed / n if share is None else summed * share
 
 
 class EmpiricalFisherOperator(OutputCurvatureOperator):
