@@ -7,7 +7,7 @@ import torch
 from landscape.curvature.loss import LossFunction
 from landscape.curvature.operators import EmpiricalFisherOperator, FisherOperator, GGNOperator, curvature_operator
 from landscape.curvature.lanczos import top_eigenvalues
-from landscape.errors import ConfigError
+from landscape.errors import ConfigError, LandscapeError
 from landscape.curvature.products import dense_hessian
 from tests.tiny_models import data, tiny_mlp, tiny_vit
 
@@ -156,12 +156,81 @@ def test_every_matrix_of_a_loss_counting_its_targets_unequally_is_the_whole_sets
     dense = torch.einsum("icp,icd,idq->pq", jac, out_hessian, jac) / c.sum()
     loss = LossFunction(model, x, y, batch_size=12, criterion=criterion)
     hessian = dense_hessian(loss)
+    # the empirical Fisher: each example's own (unweighted) gradient, weighted as the loss weighs the example
+    counted = c > 0
+    g = _per_example_gradients(model, x[counted], y[counted], loss)
+    empirical = g.T @ (g * c[counted, None]) / c.sum()
     for batch_size in (4, 5, 12):
         closure = LossFunction(model, x, y, batch_size=batch_size, criterion=criterion)
         torch.testing.assert_close(GGNOperator(closure).dense(), dense, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(FisherOperator(closure).dense(), dense, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(EmpiricalFisherOperator(closure).dense(), empirical, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(dense_hessian(closure), hessian, rtol=1e-9, atol=1e-12)
         assert closure.loss() == pytest.approx(float(criterion(model(x), y)), rel=1e-12)
+
+
+def test_a_sequence_loss_counting_its_tokens_is_the_whole_sets_and_the_fisher_refuses_its_logits():
+    # outputs (N, C, T) against targets (N, T), padding ignored: batches weigh their share of the kept tokens, and
+    # the empirical Fisher's example is all of its tokens (its r_i r_i^T over every output, not per class row)
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+        def forward(self, x):  # (N, T, 3) -> (N, C=3, T)
+            return self.net(x).transpose(1, 2)
+
+    model = Tokens().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8, 4), generator=g)
+    y[0, 1:] = -100
+    y[3, :3] = -100
+    y[5, 2:] = -100  # examples of 1 to 4 kept tokens
+    criterion = torch.nn.CrossEntropyLoss()
+    whole = LossFunction(model, x, y, batch_size=8, criterion=criterion)
+    params = whole.parameters()
+
+    def example_loss(flat, xi, yi):  # the mean over one example's kept tokens
+        return criterion(torch.func.functional_call(model, whole.unflatten(flat), (xi[None],)), yi[None])
+
+    gradients = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(whole.parameter_vector(), x, y)
+    tokens = (y != -100).sum(1).double()
+    empirical = gradients.T @ (gradients * tokens[:, None]) / tokens.sum()
+    hessian, ggn = dense_hessian(whole), GGNOperator(whole).dense()
+    assert set(params) == set(dict(model.named_parameters()))
+    for batch_size in (3, 8):
+        closure = LossFunction(model, x, y, batch_size=batch_size, criterion=criterion)
+        assert closure.loss() == pytest.approx(float(criterion(model(x), y)), rel=1e-12)
+        torch.testing.assert_close(dense_hessian(closure), hessian, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(GGNOperator(closure).dense(), ggn, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(EmpiricalFisherOperator(closure).dense(), empirical, rtol=1e-9, atol=1e-12)
+        with pytest.raises(LandscapeError, match=r"logits of shape \(examples, classes\).*\(3, 3, 4\)|"
+                                                 r"logits of shape \(examples, classes\).*\(8, 3, 4\)"):
+            FisherOperator(closure).dense()
+
+
+def test_counted_targets_apply_to_torchs_own_losses_only_and_a_batch_counting_nothing_is_refused():
+    model, (x, y) = tiny_mlp(), data(12)
+
+    class Focal(torch.nn.CrossEntropyLoss):  # a subclass with its own forward: a plain mean over examples
+        def forward(self, z, t):
+            return ((1 - torch.softmax(z, -1).gather(1, t[:, None])[:, 0]) ** 2
+                    * torch.nn.functional.cross_entropy(z, t, reduction="none")).mean()
+
+    focal = Focal(weight=torch.tensor([0.5, 2.0, 1.0]).double())
+    values = [LossFunction(model, x, y, batch_size=b, criterion=focal).loss() for b in (3, 5, 12)]
+    assert values == pytest.approx([float(focal(model(x), y))] * 3, rel=1e-12)
+    nll = torch.nn.NLLLoss(ignore_index=0)
+    logs = torch.nn.Sequential(model, torch.nn.LogSoftmax(-1))
+    y = torch.tensor([0, 0, 0, 1, 2, 0, 1, 1, 2, 0, 2, 1])
+    assert LossFunction(logs, x, y, batch_size=4, criterion=nll).loss() == pytest.approx(float(nll(logs(x), y)),
+                                                                                        rel=1e-12)
+    with pytest.raises(LandscapeError, match=r"Every target of examples 0 to 2 \(a batch of batch_size=3\) is ignored"):
+        LossFunction(logs, x, y, batch_size=3, criterion=nll)
+    with pytest.raises(LandscapeError, match="Every target of the evaluation set is ignored"):
+        LossFunction(logs, x, torch.zeros(12, dtype=torch.long), criterion=nll)
 
 
 def test_every_matrix_of_a_model_with_multihead_attention_is_its_dense_one():

@@ -128,6 +128,12 @@ def test_combining_keeps_the_last_entry_of_each_checkpoint_in_step_order():
     tied = combine_checkpoints([entries([("x", 0), ("y", 0)], 1.0), entries([("x", 0)], 2.0)])
     assert list(tied["checkpoint"].values) == ["x", "y"]
     np.testing.assert_array_equal(tied["eigenvalue_largest"].isel(k=1).values, [2.0, 1.0])
+    # a variable's attributes are those of the entry kept for the first checkpoint that has it: the first
+    # checkpoint measured again with a new description keeps the new one
+    old, again = entries([("a", 10), ("b", 20)], 1.0), entries([("a", 10)], 2.0)
+    old["eigenvalue_largest"].attrs["long_name"] = "as first measured"
+    again["eigenvalue_largest"].attrs["long_name"] = "as measured again"
+    assert combine_checkpoints([old, again])["eigenvalue_largest"].attrs["long_name"] == "as measured again"
 
 
 def test_attrs_are_netcdf_safe():

@@ -423,16 +423,19 @@ def test_two_analyses_of_one_run_at_once_keep_every_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_an_analysis_killed_at_random_moments_resumes_to_the_uninterrupted_results(tmp_path):
-    reference = make_run(tmp_path / "reference")
+    epochs = range(1, 7)
+    reference = make_run(tmp_path / "reference", epochs=epochs)
+    start = time.monotonic()
     done = _landscape(["analyze", "hessian", str(reference.root), *HESSIAN, "--trace"])
+    took = time.monotonic() - start  # the kills fall inside a whole analysis's time on this machine, however fast
     assert done.returncode == 0, done.stderr
-    run = make_run(tmp_path / "killed")
+    run = make_run(tmp_path / "killed", epochs=epochs)
     command = [sys.executable, "-m", "landscape", "analyze", "hessian", str(run.root), *HESSIAN, "--trace"]
     rng = random.Random(0)
     kills = 0
     for _ in range(3):
         proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 12.0))
+        time.sleep(rng.uniform(0.4, 0.9) * took)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1

@@ -235,7 +235,11 @@ def combine_checkpoints(datasets: list[xr.Dataset]) -> xr.Dataset:
                 taken.add(names[i])
         if keep:
             pieces.append(ds.isel({CHECKPOINT_DIM: keep[::-1]}))
-    combined = xr.concat(pieces[::-1], dim=CHECKPOINT_DIM, join="outer", data_vars="all", coords="different",
+    # in the order of their first-seen checkpoints: attributes come from the first piece that has them, which is then
+    # the entry of the first-seen checkpoint that has them, as when every checkpoint was a piece of its own
+    first = {name: i for i, name in enumerate(first_seen)}
+    pieces.sort(key=lambda piece: min(first[str(n)] for n in piece[CHECKPOINT_DIM].values))
+    combined = xr.concat(pieces, dim=CHECKPOINT_DIM, join="outer", data_vars="all", coords="different",
                          compat="equals", combine_attrs="override")
     position = {str(n): i for i, n in enumerate(combined[CHECKPOINT_DIM].values)}
     combined = combined.isel({CHECKPOINT_DIM: [position[n] for n in first_seen]})  # in order of first appearance

@@ -340,7 +340,8 @@ def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
     weight, not their number of examples, give every result independent of ``batch_size``."""
     if criterion is cross_entropy or criterion is torch.nn.functional.cross_entropy:
         weight, ignore = None, -100
-    elif isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) and criterion.reduction == "mean":
+    elif (isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) and criterion.reduction == "mean"
+          and type(criterion).forward in (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward)):  # not a subclass's own
         weight, ignore = criterion.weight, int(criterion.ignore_index)
     else:
         return None
@@ -576,7 +577,8 @@ class LossFunction:
     def _counted_batch_weights(self) -> list[float] | None:
         """:math:`C_b / C` per batch when :func:`example_weights` applies and the examples do not all count the
         same (then :math:`n_b / N` is the same weighting); ``C`` over the whole set, every process's slice of it
-        with ``data_parallel`` (whose ``targets`` are the whole set's)."""
+        with ``data_parallel`` (whose ``targets`` are the whole set's). A batch that counts nothing has a NaN mean
+        (0/0) and is refused, as is a set that counts nothing."""
         counted = example_weights(self.criterion, self.data.y)
         if counted is None:
             return None
@@ -586,13 +588,23 @@ class LossFunction:
             whole = example_weights(self.criterion, targets) if targets is not None else None
             if whole is None:
                 return None
-        if not len(whole) or bool((whole == whole[0]).all()):
-            return None
         total = float(whole.sum())
         if not total > 0:
-            return None
+            raise LandscapeError("Every target of the evaluation set is ignored (ignore_index) or of a class weighted 0, "
+                                 "so its mean loss is NaN; give examples with targets the loss counts.")
         size = self.data.batch_size
-        return [float(counted[start:start + size].sum()) / total for start in range(0, len(counted), size)]
+        shares = [float(counted[start:start + size].sum()) for start in range(0, len(counted), size)]
+        for b, share in enumerate(shares):
+            if not share > 0:
+                start = b * size
+                stop = min(start + size, len(counted)) - 1
+                raise LandscapeError(
+                    f"Every target of examples {start} to {stop} (a batch of batch_size={size}) is ignored "
+                    "(ignore_index) or of a class weighted 0, so that batch's mean loss is NaN; give examples with "
+                    "targets the loss counts, or a batch_size that mixes them with the others.")
+        if bool((whole == whole[0]).all()):
+            return None
+        return [share / total for share in shares]
 
     def _check_unswapped(self, selected: dict[str, Tensor], unused: list[str]) -> None:
         """Refuse parameters that reach the loss in the model's own forward but not when swapped in by

@@ -341,7 +341,8 @@ class FisherOperator(OutputCurvatureOperator):
 
     With a cross-entropy that counts its targets otherwise (``ignore_index``, class weights:
     :func:`~landscape.curvature.loss.example_weights` :math:`c_i`) the mean is the loss's, :math:`\\sum_i c_i F_i /
-    \\sum_i c_i`: an ignored example (padding) is not in it, and the exact Fisher stays the GGN of that loss.
+    \\sum_i c_i`: an ignored example (padding) is not in it, and the exact Fisher stays the GGN of that loss
+    (but for class weights with label smoothing, whose smoothing term weighs every class's log-probability).
     """
 
     matrix = "fisher"
@@ -373,14 +374,15 @@ class FisherOperator(OutputCurvatureOperator):
             self.shares[batch] = self._shares(outputs, targets)
 
     def _shares(self, outputs: Tensor, targets: Tensor) -> Tensor | None:
-        """Each example's share :math:`c_i / C_b` of the batch's mean, ``(n, 1)``, when the loss counts its examples
-        unequally (``None``: :math:`1 / n_b` each); the batch's own weight :math:`C_b / C` is applied outside."""
-        if outputs.dim() != 2 or targets.dim() != 1:  # the softmax is over the last dimension of (n, C) logits
-            return None
-        counted = example_weights(self.loss.criterion, targets)
-        if counted is None or len(counted) != outputs.shape[0] or not float(counted.sum()) > 0:
-            return None
-        return (counted / counted.sum()).to(outputs.device, outputs.dtype)[:, None]
+        """Each example's share :math:`c_i / C_b` of the batch's mean, ``(n, 1)``, when the loss counts the batch's
+        examples unequally (``None``: :math:`1 / n_b` each); the batch's own weight :math:`C_b / C` is applied
+        outside. Logits of another shape than ``(n, C)`` are refused: the softmax here is over their last axis."""
+        if outputs.dim() != 2:
+            raise LandscapeError(
+                f"The true Fisher is defined here for logits of shape (examples, classes); the model's outputs have "
+                f"shape {tuple(outputs.shape)} (a class axis beside others, as for sequences or pixels). For "
+                "cross-entropy the exact Fisher equals the GGN: measure the matrix ggn.")
+        return example_shares(self.loss.criterion, outputs, targets)
 
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         n = outputs.shape[0]
@@ -402,7 +404,9 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
 
     Computed as :math:`J^\\top M J` with :math:`M_i = r_i r_i^\\top / n_b`, :math:`r_i = \\nabla_{z_i} \\ell(z_i,
     y_i)` (:math:`n_b` times the gradient of the batch mean with respect to :math:`z_i`), which is the same matrix
-    since :math:`g_i = J_i^\\top r_i`. Unlike the Fisher it is not a curvature of the model's likelihood, and it
+    since :math:`g_i = J_i^\\top r_i`. For a cross-entropy that counts its examples unequally (``ignore_index``,
+    class weights :math:`c_i`: :func:`~landscape.curvature.loss.example_weights`) the mean is the loss's,
+    :math:`\\sum_i c_i g_i g_i^\\top / \\sum_i c_i`, each :math:`g_i` its own example's unweighted gradient. Unlike the Fisher it is not a curvature of the model's likelihood, and it
     vanishes where every example is fitted (Kunstner, Hennig & Balles 2019).
     """
 
@@ -411,18 +415,39 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     def __init__(self, loss: LossFunction, *, callback: Callable[[int], Any] | None = None):
         super().__init__(loss, callback=callback)
         self.counted: dict[int, int] = {}
+        self.shares: dict[int, Tensor | None] = {}
 
     def prepare_batch(self, batch: int, outputs: Tensor, targets: Tensor) -> None:
         if batch not in self.counted:
             self.counted[batch] = counted_examples(self.loss.criterion, outputs, targets)
+            self.shares[batch] = example_shares(self.loss.criterion, outputs, targets)
 
     def output_product(self, batch: int, outputs: Tensor, targets: Tensor, u: Tensor) -> Tensor:
         # n_b times the gradient of the batch mean is r_i when the mean is over the batch's n_b examples; a mean
         # over the V_b examples the criterion counts (ignore_index) needs V_b: with n_b the matrix came out n_b / V_b
-        # times too large
+        # times too large. Each example's r_i is a vector over all its outputs (a sequence's tokens, say).
+        gradient = torch.func.grad(lambda z: self.loss.criterion(z, targets))(outputs)
+        dims = tuple(range(1, outputs.dim()))
+        share = self.shares.get(batch)
+        if share is not None:  # examples counted unequally (class weights): the batch mean's gradient is s_i r_i
+            # s_i r_i (r_i . u) with r_i = gradient_i / s_i: each example by its share, at its own loss's gradient
+            scale = torch.where(share > 0, 1 / share.clamp_min(torch.finfo(share.dtype).tiny), 0)
+            return gradient * (gradient * u).sum(dims, keepdim=True) * scale.reshape(-1, *[1] * len(dims))
         n = self.counted.get(batch) or outputs.shape[0]
-        residual = n * torch.func.grad(lambda z: self.loss.criterion(z, targets))(outputs)
-        return residual * (residual * u).sum(-1, keepdim=True) / n
+        residual = n * gradient
+        return residual * (residual * u).sum(dims, keepdim=True) / n
+
+
+def example_shares(criterion: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor | None:
+    """Each example's share :math:`c_i / C_b` of a batch mean that counts its examples unequally
+    (:func:`~landscape.curvature.loss.example_weights`: class weights, ignored targets), ``(n_b, 1)`` in the outputs'
+    dtype and device; ``None`` when every example of the batch counts the same (a plain mean: :math:`1 / n_b`)."""
+    counted = example_weights(criterion, targets)
+    if counted is None or len(counted) != outputs.shape[0] or not float(counted.sum()) > 0:
+        return None
+    if bool((counted == counted[0]).all()):
+        return None
+    return (counted / counted.sum()).to(outputs.device, outputs.dtype)[:, None]
 
 
 def counted_examples(criterion: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> int:

@@ -36,7 +36,8 @@ class TraceEstimate:
     """An unbiased trace estimate with its standard error (the standard deviation of the sample mean).
 
     ``samples`` are the terms :math:`z^\\top A z` averaged by the estimator (for Hutch++: of the deflated
-    operator :math:`(I - QQ^\\top) A (I - QQ^\\top)`); ``low_rank_part`` is :math:`\\operatorname{tr}(Q^\\top A Q)`
+    operator :math:`(I - QQ^\\top) A (I - QQ^\\top)`; for ``method="exact"`` the unit vectors' terms, summed);
+    ``low_rank_part`` is :math:`\\operatorname{tr}(Q^\\top A Q)`
     for Hutch++ and 0 for Hutchinson.
     """
 
