@@ -1,6 +1,7 @@
 """The notebook API (``import landscape as ls``): same numbers as the command line, any data form, any loss."""
 
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -202,7 +203,9 @@ def test_a_loss_that_is_not_a_batch_mean_is_refused_and_label_smoothing_is_exact
     ignored[:5] = -100  # a first batch of one kept target in six
     for loss, targets in ((None, ignored), (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]).double()), ys),
                           (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5]).double(), ignore_index=1), ys),
-                          (nn.NLLLoss(ignore_index=0), ys)):
+                          (nn.NLLLoss(ignore_index=0), ys),
+                          (functools.partial(nn.functional.cross_entropy, weight=torch.tensor([2.0, 1.0, 0.5]).double(),
+                                             ignore_index=-100), ignored)):
         criterion = loss if loss is not None else nn.CrossEntropyLoss()
         measured = net if not isinstance(loss, nn.NLLLoss) else nn.Sequential(net, nn.LogSoftmax(-1))
         exact = dense_eigenvalues(measured, xs, targets, criterion)

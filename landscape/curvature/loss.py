@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -331,15 +332,20 @@ warned about."""
 
 def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
     """What each example counts for in the criterion's mean, when the criterion says so: ``(N,)`` float64 weights
-    for cross-entropy (the default, :class:`torch.nn.CrossEntropyLoss`, :class:`torch.nn.NLLLoss`; mean reduction)
+    for cross-entropy (the default, :class:`torch.nn.CrossEntropyLoss`, :class:`torch.nn.NLLLoss`, their functions
+    and ``functools.partial`` of them with keywords; mean reduction)
     on class-index targets, each example counting the class weights of its targets (1 each without ``weight``) and
     0 for a target equal to ``ignore_index``; ``None`` for any other criterion or targets.
 
     Such a criterion's batch value is :math:`\\sum_{i \\in b} c_i \\ell_i / C_b` with :math:`C_b = \\sum_{i \\in b} c_i`,
     so the whole set's mean loss is :math:`\\sum_b (C_b / C)\\, \\bar\\ell_b`: batches weighted by their counted
     weight, not their number of examples, give every result independent of ``batch_size``."""
-    if criterion is cross_entropy or criterion is torch.nn.functional.cross_entropy:
+    functional = (torch.nn.functional.cross_entropy, torch.nn.functional.nll_loss)
+    if criterion is cross_entropy or criterion in functional:
         weight, ignore = None, -100
+    elif (isinstance(criterion, functools.partial) and criterion.func in functional and not criterion.args
+          and criterion.keywords.get("reduction", "mean") == "mean"):  # partial(F.cross_entropy, ignore_index=0)
+        weight, ignore = criterion.keywords.get("weight"), int(criterion.keywords.get("ignore_index", -100))
     elif (isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) and criterion.reduction == "mean"
           and type(criterion).forward in (nn.CrossEntropyLoss.forward, nn.NLLLoss.forward)):  # not a subclass's own
         weight, ignore = criterion.weight, int(criterion.ignore_index)
