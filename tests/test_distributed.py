@@ -306,7 +306,8 @@ def test_workers_stop_when_torchrun_is_killed_and_leave_the_run_free(tmp_path):
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), "-m", "landscape", "analyze", "hessian", str(run.root),
-               "--device", "cpu", "--samples", "40", "--top-k", "2", "--trace", "--trace-matvecs", "100000"]
+               "--device", "cpu", "--samples", "40", "--top-k", "2", "--density", "--density-probes", "100000",
+               "--density-steps", "4"]  # work for hours (a trace budget past the parameters is their number)
     launcher = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def children() -> list[int]:
