@@ -131,8 +131,8 @@ def evaluation_data(data: Any, samples: int | None = None) -> tuple[Any, torch.T
                              "tasks is measured on one loss: wrap it to return one output and give its targets).")
     if y.dim() == 0:
         raise LandscapeError("The targets are one number; give one target per example.")
-    if y.dtype in (torch.int8, torch.int16, torch.int32):  # class labels as numpy and many loaders keep them
-        y = y.long()
+    if y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64):
+        y = y.long()  # class labels as numpy and many loaders keep them (torch's losses take int64 and uint8 only)
     if not y.is_floating_point() and y.dim() == 2 and y.shape[1] == 1:  # class labels of shape (N, 1): one each
         y = y.reshape(-1)
     n = num_inputs(x)
@@ -304,10 +304,52 @@ def _check_trainable(model: nn.Module) -> None:
                              "measure; unfreeze those to measure (the measures take the parameters that require grad).")
 
 
-def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied: str | None = None) -> None:
+def _measured_loss(loss: Callable | None, model: nn.Module) -> Callable | None:
+    """The loss as measured: a loss module's tensors (class weights) and a ``functools.partial``'s tensor keywords
+    detached and in the measured model's dtype and device (a bfloat16 model is measured as a float32 copy; a weight
+    that requires grad has no second derivative in torch's losses); a class weight must be finite and non-negative."""
+    first = next(iter(model.parameters()), None)
+    if loss is None or first is None:
+        return loss
+
+    def measured(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.to(first.device, first.dtype) if t.is_floating_point() else t.to(first.device)
+
+    if isinstance(loss, nn.Module):
+        tensors = [t for t in [*loss.parameters(), *loss.buffers()] if t is not None]
+        weight = getattr(loss, "weight", None)
+    elif isinstance(loss, functools.partial):
+        tensors = [t for t in loss.keywords.values() if isinstance(t, torch.Tensor)]
+        weight = loss.keywords.get("weight")
+    else:
+        return loss
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        values = weight.detach()
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ConfigError("The loss's class weight holds " + ("NaN or infinite" if not bool(torch.isfinite(values)
+                              .all()) else "negative") + " values; class weights must be finite and non-negative.")
+    if not any(t.requires_grad or t.device != first.device or (t.is_floating_point() and t.dtype != first.dtype)
+               for t in tensors):
+        return loss
+    if isinstance(loss, functools.partial):
+        keywords = {k: measured(v) if isinstance(v, torch.Tensor) else v for k, v in loss.keywords.items()}
+        return functools.partial(loss.func, *loss.args, **keywords)
+    copied = copy.deepcopy(loss)
+    for module in copied.modules():
+        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+            if t is not None:
+                target = module._parameters if name in module._parameters else module._buffers
+                target[name] = measured(t) if name in module._buffers else nn.Parameter(measured(t),
+                                                                                       requires_grad=False)
+    return copied
+
+
+def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied: str | None = None) -> bool:
     """The loss (cross-entropy by default) must take the model's outputs and the targets and be the mean over a
     batch (results weight batches by their size): checked once, on a few examples. ``copied`` names the precision
-    of the copy measured instead of the model given (:func:`_measured_model`), if one was made."""
+    of the copy measured instead of the model given (:func:`_measured_model`), if one was made. Returns whether the
+    loss was warned of as a mean over a count it does not say."""
     from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
 
     if isinstance(loss, type):
@@ -318,11 +360,12 @@ def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied:
         raise LandscapeError("The targets hold NaN or infinite values, so the loss would be NaN; give finite targets.")
     try:
         value = _check_outputs(model, x, y, cross_entropy if loss is None else loss)
-        check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
+        warned = check_mean_criterion(model, x, y, cross_entropy if loss is None else loss)
         if isinstance(value, torch.Tensor) and not value.requires_grad and any(p.requires_grad
                                                                                for p in model.parameters()):
             raise LandscapeError("The loss does not depend on the model's parameters (it has no autograd graph to "
                                  "them: detached, or a constant); give a loss computed from the outputs it is passed.")
+        return warned
     except LandscapeError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError, AssertionError) as e:
@@ -365,10 +408,64 @@ def _check_outputs(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable) ->
             return None
 
 
-def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int) -> None:
+def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int,
+                   warned: bool = False) -> None:
     """For cross-entropy (the default), class labels must be classes of the model's outputs or -100 (ignored),
     checked over every example (the loss itself was tried on the first few); no batch may be all ignored (its mean
-    loss is NaN, and it would take the whole result with it)."""
+    loss is NaN, and it would take the whole result with it). Then, for every loss, :func:`_check_every_batch`."""
+    _check_class_targets(model, x, y, loss, batch_size)
+    _check_every_batch(model, x, y, loss, batch_size, warned)
+
+
+def _check_every_batch(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int,
+                       warned: bool) -> None:
+    """One pass over the whole set at the model's weights, in the batches the measures take: the loss must take
+    every batch (targets past the first examples too) and be finite on it, and a loss that averages over a count
+    it does not say is warned about here if the first examples did not show it (``warned``)."""
+    import math
+
+    from landscape.curvature.loss import (NEARLY_A_MEAN, cross_entropy, evaluation_mode, example_weights, forward,
+                                          inputs_to, mean_gap, slice_inputs, warn_uneven_mean)
+
+    criterion = cross_entropy if loss is None else loss
+    first = next(iter(model.parameters()))
+    n = len(y)
+    counted = example_weights(criterion, y)
+    if counted is not None and not float(counted.sum()) > 0:
+        raise LandscapeError("Every target of the evaluation set is ignored (ignore_index) or of a class weighted 0, "
+                             "so its mean loss is NaN; give examples with targets the loss counts.")
+    with evaluation_mode(model), torch.no_grad():
+        for start in builtins.range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yb = y[start:stop].to(first.device)
+            yb = yb.to(first.dtype) if yb.is_floating_point() else yb
+            counted = example_weights(criterion, yb)
+            if counted is not None and not float(counted.sum()) > 0:
+                raise LandscapeError(
+                    f"Every target of examples {start} to {stop - 1} (a batch of batch_size={batch_size}) is ignored "
+                    "(ignore_index) or of a class weighted 0, so that batch's mean loss is NaN; give examples with "
+                    "targets the loss counts, or a batch_size that mixes them with the others.")
+            try:
+                outputs = forward(model, inputs_to(slice_inputs(x, start, stop), first.device, first.dtype))
+                value = float(criterion(outputs, yb))
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                reason = " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
+                raise LandscapeError(f"The loss cannot be computed on examples {start} to {stop - 1}: {reason}.") \
+                    from None
+            if not math.isfinite(value):
+                raise LandscapeError(
+                    f"The loss is {value} on examples {start} to {stop - 1} at the model's weights, so every measure "
+                    "would be NaN; check those examples' inputs and targets, and the loss.")
+            if not warned:
+                gap = mean_gap(criterion, outputs, yb)
+                if gap is not None and gap[0] > NEARLY_A_MEAN:
+                    warn_uneven_mean(stop - start, gap[1], gap[2])
+                    warned = True
+
+
+def _check_class_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int) -> None:
+    """Class labels of cross-entropy (the default, ``nn.CrossEntropyLoss``) against the model's classes, in one
+    sentence naming the example (torch would name none)."""
     from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
 
     if not (loss is None or isinstance(loss, nn.CrossEntropyLoss)) or y.is_floating_point() or y.dim() != 1 \
@@ -509,9 +606,10 @@ def hessian(model: nn.Module, data: Any, *, loss: Callable | None = None, sample
     x, y = evaluation_data(data, samples)
     measured, dtype, notes = _measured_model(model, device)
     _check_trainable(measured)
-    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
+    loss = _measured_loss(loss, measured)
+    warned = _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(HessianSettings, settings, samples=len(y), dtype=dtype, what="hessian()")
-    _check_targets(measured, x, y, loss, config.batch_size)
+    _check_targets(measured, x, y, loss, config.batch_size, warned)
     if config.top_k and config.params is None:
         count = _trainable_count(measured)
         if config.top_k * (2 if config.which == "both" else 1) > count:
@@ -592,9 +690,10 @@ def sharpness(model: nn.Module, data: Any, *, rho: float | Sequence[float] | Non
     if m is not None and m > len(y):
         raise ConfigError(f"m={m} is larger than the {len(y)} examples given, so m-sharpness has no batch of m; "
                           f"give m at most {len(y)} or more data.")
-    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
+    loss = _measured_loss(loss, measured)
+    warned = _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     config = _settings(SharpnessSettings, settings, samples=len(y), dtype=dtype, what="sharpness()")
-    _check_targets(measured, x, y, loss, config.batch_size)
+    _check_targets(measured, x, y, loss, config.batch_size, warned)
     ds = sharpness_analysis(measured, x, y, config, criterion=loss)
     return _finish(ds, "sharpness", config, config.determining(), loss, notes)
 
@@ -628,7 +727,8 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
 
     x, y = evaluation_data(data, samples)
     measured, dtype, notes = _measured_model(model, device)
-    _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
+    loss = _measured_loss(loss, measured)
+    warned = _check_loss(measured, x, y, loss, dtype if "precision_note" in notes else None)
     kind, given = _direction_kind(directions)
     refuse_normalization_policies(kind, [name for name in ("one_dim", "qkv", "tokens") if name in settings])
     if dims is None:
@@ -640,7 +740,7 @@ def surface(model: nn.Module, data: Any, *, directions: Any = "random", dims: in
     # made as random directions, which checks every other field; the kind is recorded below
     config = _settings(SurfaceSettings, {**settings, "dims": dims, "range": range, "points": points}, samples=len(y),
                        dtype=dtype, what="surface()")
-    _check_targets(measured, x, y, loss, config.batch_size)
+    _check_targets(measured, x, y, loss, config.batch_size, warned)
     policies = normalization_policies(config)  # as random directions; non-random ones are not normalised
     config.directions = kind
     first = next(iter(measured.parameters()))

@@ -729,6 +729,14 @@ def test_regression_targets_from_a_loader_keep_their_shape():
     ("nan direction", "has NaN or infinite values in"),
     ("targets of several tasks", "The targets are a dict; give one tensor of targets"),
     ("targets broadcast", "would be broadcast against each other"),
+    ("another loss's bad label past the first examples", "The loss cannot be computed on examples 96 to 119"),
+    ("ignored batch of another loss", "Every target of examples 32 to 63 (a batch of batch_size=32) is ignored"),
+    ("loss nan on one batch", "The loss is nan on examples 64 to 95 at the model's weights"),
+    ("loss of shape (1,)", "The loss returned a tensor of shape (1,), not a 0-d tensor"),
+    ("complex loss", "The loss returned a torch.complex128 tensor; give a real floating-point loss"),
+    ("loss as a float", "The loss returned a float, not a torch tensor"),
+    ("nan class weight", "The loss's class weight holds NaN or infinite values"),
+    ("negative class weight", "The loss's class weight holds negative values"),
 ])
 def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(case, words):
     m = _mlp()
@@ -751,6 +759,24 @@ def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(cas
         y, call["loss"] = x.mean(1, keepdim=True), nn.functional.mse_loss
     elif case == "detached loss":
         call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t).detach()
+    elif case == "another loss's bad label past the first examples":  # only the first examples were tried before
+        y[100], call["loss"] = 9, nn.functional.cross_entropy
+    elif case == "ignored batch of another loss":
+        y[32:64], call["loss"] = 0, nn.NLLLoss(ignore_index=0)
+        m = nn.Sequential(m, nn.LogSoftmax(-1))
+    elif case == "loss nan on one batch":
+        y[64:96] = 3  # the loss is NaN on a batch of class 3 only (a loss of a vanishing count, say)
+        call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t) * (float("nan") if bool((t == 3).all()) else 1)
+    elif case == "loss of shape (1,)":
+        call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t).reshape(1)
+    elif case == "complex loss":
+        call["loss"] = lambda out, t: nn.functional.cross_entropy(out, t) * (1 + 0j)
+    elif case == "loss as a float":
+        call["loss"] = lambda out, t: float(nn.functional.cross_entropy(out, t))
+    elif case == "nan class weight":
+        call["loss"] = nn.CrossEntropyLoss(weight=torch.tensor([1.0, float("nan"), 1.0, 1.0]).double())
+    elif case == "negative class weight":
+        call["loss"] = nn.CrossEntropyLoss(weight=torch.tensor([1.0, -1.0, 1.0, 1.0]).double())
     data = list(TensorDataset(x, y)) if case == "single examples" else (x, y)
     if case == "targets of several tasks":
         data = (x, {"digit": y, "parity": y % 2})
@@ -760,9 +786,37 @@ def test_bad_targets_losses_and_directions_are_one_sentence_not_a_nan_result(cas
                        points=3)
         else:
             ls.hessian(m, data, **call)
-    if case in ("ignored batch", "label past the first examples"):  # the same for the other measures
+    if case in ("ignored batch", "label past the first examples", "another loss's bad label past the first examples",
+                "loss nan on one batch", "nan class weight"):  # the same for the other measures
+        loss = call.get("loss")
         with pytest.raises(LandscapeError, match=words.split(" (")[0]):
-            ls.sharpness(m, data, rho=0.05, steps=2, draws=1, batch_size=32)
+            ls.sharpness(m, data, rho=0.05, steps=2, draws=1, batch_size=32, loss=loss)
+        with pytest.raises(LandscapeError, match=words.split(" (")[0]):
+            ls.surface(m, data, dims=1, points=3, batch_size=32, loss=loss)
+
+
+def test_losses_with_tensors_are_measured_in_the_models_precision_and_without_their_graph():
+    # a class weight that requires grad (torch's losses have no derivative in it) or of another precision than the
+    # model measured (a float32 weight, a bfloat16 model measured as a float32 copy) is taken as a detached copy
+    m = _mlp()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(30, 8, dtype=torch.float64, generator=g), torch.randint(0, 4, (30,), generator=g)
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+    reference = ls.hessian(m, (x, y), loss=nn.CrossEntropyLoss(weight=weight), top_k=2, tol=1e-10, batch_size=7)
+    given = [nn.CrossEntropyLoss(weight=weight.clone().requires_grad_()), nn.CrossEntropyLoss(weight=weight.float()),
+             functools.partial(nn.functional.cross_entropy, weight=weight.clone().requires_grad_())]
+    for loss in given:
+        ds = ls.hessian(m, (x, y), loss=loss, top_k=2, tol=1e-10, batch_size=7)
+        np.testing.assert_allclose(ds["eigenvalue_largest"].values, reference["eigenvalue_largest"].values, rtol=1e-6)
+        assert ls.sharpness(m, (x, y), loss=loss, rho=0.05, steps=2, draws=1)["loss"].notnull().all()
+    assert given[0].weight.requires_grad and given[1].weight.dtype == torch.float32  # the losses given are left alone
+    # unsigned class labels are labels too; probability targets get a top-1 (their most likely class)
+    unsigned = ls.hessian(m, (x, y.to(torch.uint16)), top_k=1, tol=1e-10)
+    assert float(unsigned["eigenvalue_largest"][0]) == pytest.approx(float(ls.hessian(m, (x, y), top_k=1, tol=1e-10)
+                                                                           ["eigenvalue_largest"][0]), rel=1e-8)
+    soft = torch.softmax(torch.randn(30, 4, generator=g, dtype=torch.float64) * 3, 1)
+    top1 = float(ls.hessian(m, (x, soft), top_k=1)["top1"])
+    assert top1 == pytest.approx(100 * float((m(x).argmax(1) == soft.argmax(1)).double().mean()))
 
 
 def test_forms_people_pass_are_taken():

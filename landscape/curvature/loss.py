@@ -362,14 +362,15 @@ def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
     return (weight[classes] * kept).sum(1)
 
 
-def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> None:
+def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> bool:
     """Refuse a criterion that cannot take the model's outputs and the targets, or is not one number, the mean over
     the batch's examples.
 
     Every measurement weights batch ``b``'s criterion value by :math:`n_b / N`, which is the mean loss of the whole
     set only if the criterion is a per-batch mean. A sum (``reduction="sum"``) or a weighted mean (class weights)
     would make the eigenvalues, trace and loss depend on ``batch_size``, silently. Checked on the first ``examples``
-    examples: the criterion on them must equal the count-weighted mean of its values on their two halves.
+    examples: the criterion on them must equal the count-weighted mean of its values on their two halves. Returns
+    whether it warned of a mean over a count the loss does not say.
     """
     n = min(num_inputs(x), len(y), examples)
     first = next(iter(model.parameters()))
@@ -384,37 +385,68 @@ def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: Loss
             raise LandscapeError(
                 f"The loss cannot take the model's outputs {tuple(outputs.shape)} and targets {tuple(yb.shape)} "
                 f"({yb.dtype}): {reason}. (A model returning a tuple is measured on its first element.)") from None
-        if not isinstance(whole, Tensor) or whole.numel() != 1:
-            shape = f"a tensor of shape {tuple(whole.shape)}" if isinstance(whole, Tensor) else f"a {type(whole).__name__}"
-            raise LandscapeError(f"The loss returned {shape}, not one number; give a loss that returns the mean over "
-                                 "the batch (reduction='mean').")
-        if n < 2 or len(outputs) != n:
-            return
-        k = n // 2
-        counted = example_weights(criterion, yb)  # what the batches will be weighted by
-        first, second = (k, n - k) if counted is None else (float(counted[:k].sum()), float(counted[k:].sum()))
-        if first <= 0 or second <= 0:  # a half of ignored targets only: nothing to compare
-            return
-        halves = (first * criterion(outputs[:k], yb[:k]) + second * criterion(outputs[k:], yb[k:])) / (first + second)
-    whole, halves = float(whole), float(halves)
-    if not (math.isfinite(whole) and math.isfinite(halves)):
-        return
-    gap = abs(whole - halves) / max(abs(whole), abs(halves), 1e-6)
+        if not isinstance(whole, Tensor):
+            raise LandscapeError(f"The loss returned a {type(whole).__name__}, not a torch tensor: it must be computed "
+                                 "from the outputs with torch (its gradient is taken), returning the batch mean as a "
+                                 "0-d tensor.")
+        if whole.numel() != 1:
+            raise LandscapeError(f"The loss returned a tensor of shape {tuple(whole.shape)}, not one number; give a "
+                                 "loss that returns the mean over the batch (reduction='mean').")
+        if whole.dim() != 0:
+            raise LandscapeError(f"The loss returned a tensor of shape {tuple(whole.shape)}, not a 0-d tensor (its "
+                                 "gradient needs a scalar); return its one element, e.g. with .reshape(()).")
+        if not whole.is_floating_point():
+            raise LandscapeError(f"The loss returned a {whole.dtype} tensor; give a real floating-point loss.")
+        gap = mean_gap(criterion, outputs, yb)
+    if gap is None:
+        return False
+    gap, whole, halves = gap
     if gap > NOT_A_MEAN:  # a sum doubles it
         raise LandscapeError(
             f"The loss is not a mean over the batch's examples: on {n} examples it gives {whole:.6g}, while the mean "
             f"of its values on their two halves is {halves:.6g}. A sum would make every result scale with the batch "
             "size; give a loss with reduction='mean'.")
     if gap > NEARLY_A_MEAN:  # a mean over a count it does not say (a custom loss): batch_size matters a little
-        import warnings
+        warn_uneven_mean(n, whole, halves)
+        return True
+    return False
 
-        warnings.warn(
-            f"The loss is a mean over something other than the batch's examples (ignore_index or class weights in a "
-            f"loss other than a CrossEntropyLoss or NLLLoss module?): on "
-            f"{n} examples it gives {whole:.6g}, the count-weighted mean of its halves {halves:.6g}. Batches are "
-            "weighted by their number of examples, so results depend slightly on batch_size; for exact results give "
-            "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).",
-            stacklevel=caller_stacklevel())
+
+def mean_gap(criterion: LossCriterion, outputs: Tensor, yb: Tensor) -> tuple[float, float, float] | None:
+    """``(relative gap, value, halves)``: the criterion on a batch's ``outputs`` against the mean of its values on
+    the batch's two halves, weighted as the batches will be (:func:`example_weights`, else by examples); ``None``
+    when there is nothing to compare (one example, a half counting nothing, a value not finite)."""
+    n = len(yb)
+    if n < 2 or len(outputs) != n:
+        return None
+    with torch.no_grad():
+        whole = criterion(outputs, yb)
+        k = n // 2
+        counted = example_weights(criterion, yb)  # what the batches will be weighted by
+        first, second = (k, n - k) if counted is None else (float(counted[:k].sum()), float(counted[k:].sum()))
+        if first <= 0 or second <= 0:  # a half of ignored targets only: nothing to compare
+            return None
+        try:
+            halves = (first * criterion(outputs[:k], yb[:k]) + second * criterion(outputs[k:], yb[k:])) / (first + second)
+            whole, halves = float(whole), float(halves)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # a loss that needs more examples than a half
+            return None
+    if not (math.isfinite(whole) and math.isfinite(halves)):
+        return None
+    return abs(whole - halves) / max(abs(whole), abs(halves), 1e-6), whole, halves
+
+
+def warn_uneven_mean(n: int, whole: float, halves: float) -> None:
+    """The warning for a loss whose batch mean is over a count it does not say (see :func:`check_mean_criterion`)."""
+    import warnings
+
+    warnings.warn(
+        f"The loss is a mean over something other than the batch's examples (ignore_index or class weights in a "
+        f"loss other than a CrossEntropyLoss or NLLLoss module?): on "
+        f"{n} examples it gives {whole:.6g}, the count-weighted mean of its halves {halves:.6g}. Batches are "
+        "weighted by their number of examples, so results depend slightly on batch_size; for exact results give "
+        "a loss that is a plain mean over examples, or one batch (batch_size >= the examples).",
+        stacklevel=caller_stacklevel())
 
 
 # -- the loss closure ---------------------------------------------------------------------------------------------
@@ -744,7 +776,13 @@ def add_scaled(total: dict[str, Tensor] | None, value: dict[str, Tensor], weight
 
 
 def _num_correct(outputs: Tensor, targets: Tensor) -> float:
-    if outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point():
+    """Examples whose top class is the target's (class indices, or the most likely class of probability targets of
+    the outputs' shape); NaN where there are no classes to compare."""
+    if outputs.dim() != 2:
+        return float("nan")
+    if targets.dim() == 2 and targets.is_floating_point() and targets.shape == outputs.shape:
+        return float((outputs.argmax(dim=1) == targets.argmax(dim=1)).sum())
+    if targets.dim() != 1 or targets.is_floating_point():
         return float("nan")
     return float((outputs.argmax(dim=1) == targets).sum())
 
