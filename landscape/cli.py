@@ -556,7 +556,8 @@ def analyze_hessian(run: Path, top_k: int, which: str, tol: float, trace: bool, 
                                preconditioned=preconditioned, **_evaluation(options))
     analysis = HessianAnalysis(settings, save_eigenvectors=save_eigenvectors, warm_start=warm)
     _analyze(run, analysis, hessian_summary, **options,
-             on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm, groups=analysis.groups)))
+             on_plan=lambda n: click.echo(describe_plan(settings, n, warm_start=warm, groups=analysis.groups,
+                                                             parameters=analysis.parameters)))
 # -- end analyze hessian --
 
 

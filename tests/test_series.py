@@ -133,6 +133,25 @@ def test_cli_prints_its_plan_before_the_table_and_cold_turns_warm_starts_off(tmp
         assert list(ds["eigenvalue_warm_start"].values) == [0, 0]
 
 
+def test_the_plan_counts_one_trace_product_per_parameter_when_the_budget_passes_them(tmp_path):
+    from landscape.cli import cli
+
+    settings = HessianSettings(top_k=1, trace=True, trace_matvecs=500)
+    assert describe_plan(settings, 1, parameters=10) == ("1 checkpoint x ~34 products (eigenvalues ~24, trace 10 "
+                                                         "(exact: one per parameter))")
+    assert describe_plan(settings, 1, parameters=5000) == "1 checkpoint x ~524 products (eigenvalues ~24, trace 500)"
+    run = make_close_run(tmp_path / "run", count=1)
+    result = CliRunner().invoke(cli, ["analyze", "hessian", str(run.root), "--samples", "16", "--top-k", "1",
+                                      "--trace", "--trace-matvecs", "500", "--params", "head.bias"])
+    assert result.exit_code == 0, result.output
+    assert "trace 10 (exact: one per parameter)" in result.output
+    written = list(run.analysis_dir.glob("hessian*.nc"))  # named for the parameters measured
+    assert len(written) == 1
+    with xr.open_dataset(written[0]) as ds:
+        assert int(ds["trace_matvecs"][0]) == 10 and float(ds["trace_standard_error"][0]) == 0.0
+        assert ds["trace"].attrs["method"] == "exact"
+
+
 def test_more_eigenvalues_than_parameters_are_refused_before_the_plan(tmp_path):
     from landscape.cli import cli
 

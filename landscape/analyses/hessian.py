@@ -412,11 +412,13 @@ class HessianAnalysis(Analysis):
         self.contiguous = bool(warm_start and self.settings.top_k)
         self.warm: WarmStart | None = None
         self.groups = 0  # the model's parameter groups under per_block, known once prepared
+        self.parameters: int | None = None  # the parameters measured, known once prepared (a trace budget past them
+        # buys the exact trace: one product per parameter)
 
     def prepare(self, job: Job, todo: Any) -> None:
         self.warm = WarmStart() if self.contiguous else None  # each series starts cold
         settings = self.settings
-        if settings.top_k or settings.per_block:  # before the plan is printed, not at the first checkpoint
+        if settings.top_k or settings.per_block or settings.trace:  # before the plan is printed, not at the first checkpoint
             from landscape.analyses.blocks import parameter_groups
             from landscape.checkpoints import build_model
             from landscape.curvature.lanczos import check_wanted
@@ -425,6 +427,7 @@ class HessianAnalysis(Analysis):
             with torch.device("meta"):  # sizes only: no memory, no initialisation
                 model = build_model(todo[0])
             selected = parameters_by_pattern(model, settings.params)
+            self.parameters = sum(p.numel() for p in selected.values())
             if settings.top_k:
                 check_wanted(settings.top_k, settings.which, sum(p.numel() for p in selected.values()))
             if settings.per_block:
@@ -434,7 +437,7 @@ class HessianAnalysis(Analysis):
         return not self.save_eigenvectors or saved_for(eigenvectors_path(run, info.name, self.settings), self.settings)
 
     def work(self, job: Job) -> int:
-        return expected_products(self.settings, groups=self.groups)
+        return expected_products(self.settings, groups=self.groups, parameters=self.parameters)
 
     def finish(self, run: Any, results: Any) -> None:
         """Overlaps taken before an earlier checkpoint's eigenvectors were saved (another process measured it
@@ -490,7 +493,15 @@ def run_hessian_analysis(run: Any, settings: HessianSettings | None = None, *, s
                                         warm_start=warm_start), **options)
 
 
-def expected_products(settings: HessianSettings, *, groups: int = 0) -> int:
+def trace_products(settings: HessianSettings, parameters: int | None = None) -> int:
+    """The trace's products: its budget, or one per parameter when the budget is at least their number (the exact
+    trace, :func:`~landscape.curvature.trace.deflated_trace`)."""
+    if parameters is not None and settings.trace_matvecs >= parameters:
+        return parameters
+    return settings.trace_matvecs
+
+
+def expected_products(settings: HessianSettings, *, groups: int = 0, parameters: int | None = None) -> int:
     """The Hessian-vector products one checkpoint is expected to take: the trace's and the density's are fixed
     budgets; the eigenvalues' depend on the spectrum, and ``4 k + 12`` is what the error-bound stopping rule
     typically needs at ``tol=1e-3`` (``benchmarks/hessian.md``: 20 for k = 5 at width 192, 31-41 at width 64), plus
@@ -499,7 +510,7 @@ def expected_products(settings: HessianSettings, *, groups: int = 0) -> int:
     batch) is one more such run for k = 1."""
     total = eigenvalue_products(settings)
     if settings.trace:
-        total += settings.trace_matvecs
+        total += trace_products(settings, parameters)
     if settings.density:
         total += settings.density_probes * settings.density_steps
     total += sum(extra_top_eigenvalues(settings, groups).values()) * _top_one_products()
@@ -540,11 +551,12 @@ def eigenvalue_products(settings: HessianSettings) -> int:
     return (4 * settings.top_k + 12 + CHECK_PRODUCTS) * ends if settings.top_k else 0
 
 
-def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False, groups: int = 0) -> str:
+def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bool = False, groups: int = 0,
+                  parameters: int | None = None) -> str:
     """One line saying what an analysis of ``checkpoints`` checkpoints will cost, in Hessian-vector products:
     ``"28 checkpoints x ~42 products (eigenvalues ~32, trace 10)"`` (top 3 and a trace of 10); ``groups``: the
     parameter groups of ``per_block``."""
-    total = expected_products(settings, groups=groups)
+    total = expected_products(settings, groups=groups, parameters=parameters)
     parts = []
     if settings.top_k:
         eigen = eigenvalue_products(settings)
@@ -556,7 +568,9 @@ def describe_plan(settings: HessianSettings, checkpoints: int, *, warm_start: bo
             eigen = f"~{eigen}"
         parts.append(f"eigenvalues {eigen}")
     if settings.trace:
-        parts.append(f"trace {settings.trace_matvecs}")
+        trace = trace_products(settings, parameters)
+        parts.append(f"trace {trace}" + (" (exact: one per parameter)" if trace < settings.trace_matvecs
+                                          or parameters == settings.trace_matvecs else ""))
     if settings.density:
         parts.append(f"density {settings.density_probes} x {settings.density_steps}")
     for what, runs in extra_top_eigenvalues(settings, groups).items():
