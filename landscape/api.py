@@ -305,9 +305,11 @@ def _check_trainable(model: nn.Module) -> None:
 
 
 def _measured_loss(loss: Callable | None, model: nn.Module) -> Callable | None:
-    """The loss as measured: a loss module's tensors (class weights) and a ``functools.partial``'s tensor keywords
-    detached and in the measured model's dtype and device (a bfloat16 model is measured as a float32 copy; a weight
-    that requires grad has no second derivative in torch's losses); a class weight must be finite and non-negative."""
+    """The loss as measured: the tensors of one of torch's weighted losses (``nn.CrossEntropyLoss``'s class
+    weights, ``BCEWithLogitsLoss``'s ``pos_weight``...) and a ``functools.partial``'s tensor keywords detached and in
+    the measured model's dtype and device (a bfloat16 model is measured as a float32 copy; a weight that requires
+    grad has no second derivative in torch's losses). Cross-entropy's class weights must be finite and
+    non-negative. Any other loss is used as given (it may hold a model of its own, in its own precision)."""
     first = next(iter(model.parameters()), None)
     if loss is None or first is None:
         return loss
@@ -316,12 +318,14 @@ def _measured_loss(loss: Callable | None, model: nn.Module) -> Callable | None:
         t = t.detach()
         return t.to(first.device, first.dtype) if t.is_floating_point() else t.to(first.device)
 
-    if isinstance(loss, nn.Module):
-        tensors = [t for t in [*loss.parameters(), *loss.buffers()] if t is not None]
-        weight = getattr(loss, "weight", None)
+    torch_own = (isinstance(loss, nn.modules.loss._Loss) and type(loss).__module__.startswith("torch.")
+                 and not loss._parameters and not loss._modules)
+    if torch_own:
+        tensors = {k: t for k, t in loss._buffers.items() if t is not None}
+        weight = loss._buffers.get("weight") if isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)) else None
     elif isinstance(loss, functools.partial):
-        tensors = [t for t in loss.keywords.values() if isinstance(t, torch.Tensor)]
-        weight = loss.keywords.get("weight")
+        tensors = {k: t for k, t in loss.keywords.items() if isinstance(t, torch.Tensor)}
+        weight = tensors.get("weight")
     else:
         return loss
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
@@ -330,18 +334,13 @@ def _measured_loss(loss: Callable | None, model: nn.Module) -> Callable | None:
             raise ConfigError("The loss's class weight holds " + ("NaN or infinite" if not bool(torch.isfinite(values)
                               .all()) else "negative") + " values; class weights must be finite and non-negative.")
     if not any(t.requires_grad or t.device != first.device or (t.is_floating_point() and t.dtype != first.dtype)
-               for t in tensors):
+               for t in tensors.values()):
         return loss
     if isinstance(loss, functools.partial):
         keywords = {k: measured(v) if isinstance(v, torch.Tensor) else v for k, v in loss.keywords.items()}
         return functools.partial(loss.func, *loss.args, **keywords)
-    copied = copy.deepcopy(loss)
-    for module in copied.modules():
-        for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-            if t is not None:
-                target = module._parameters if name in module._parameters else module._buffers
-                target[name] = measured(t) if name in module._buffers else nn.Parameter(measured(t),
-                                                                                       requires_grad=False)
+    copied = copy.copy(loss)  # torch's loss modules hold their tensors as buffers: the copy gets its own
+    copied._buffers = {k: measured(t) if t is not None else None for k, t in loss._buffers.items()}
     return copied
 
 

@@ -817,6 +817,34 @@ def test_losses_with_tensors_are_measured_in_the_models_precision_and_without_th
     soft = torch.softmax(torch.randn(30, 4, generator=g, dtype=torch.float64) * 3, 1)
     top1 = float(ls.hessian(m, (x, soft), top_k=1)["top1"])
     assert top1 == pytest.approx(100 * float((m(x).argmax(1) == soft.argmax(1)).double().mean()))
+    regression = torch.randn(30, 4, generator=g, dtype=torch.float64)  # no classes: no top-1
+    assert np.isnan(float(ls.hessian(m, (x, regression), loss=nn.functional.mse_loss, top_k=1)["top1"]))
+
+    # any other loss module is used as given: one holding a float32 teacher of its own, or a `weight` that is not a
+    # class weight (a margin loss's class centres, negative entries and all)
+    class Distilled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.teacher = nn.Linear(4, 4)  # float32, beside a float64 student
+
+        def forward(self, out, t):
+            soft = torch.softmax(self.teacher(out.detach().float()), -1).to(out.dtype)
+            return nn.functional.cross_entropy(out, t) + nn.functional.cross_entropy(out, soft)
+
+    class Centres(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(-torch.rand(4, 4, dtype=torch.float64, generator=g))
+
+        def forward(self, out, t):
+            return nn.functional.cross_entropy(out @ self.weight.detach().T, t)
+
+    distilled = Distilled()
+    for loss in (distilled, Centres()):
+        ds = ls.hessian(m, (x, y), loss=loss, top_k=1)
+        assert np.isfinite(float(ds["eigenvalue_largest"][0]))
+    assert distilled.teacher.weight.dtype == torch.float32
 
 
 def test_forms_people_pass_are_taken():

@@ -781,7 +781,10 @@ def _num_correct(outputs: Tensor, targets: Tensor) -> float:
     if outputs.dim() != 2:
         return float("nan")
     if targets.dim() == 2 and targets.is_floating_point() and targets.shape == outputs.shape:
-        return float((outputs.argmax(dim=1) == targets.argmax(dim=1)).sum())
+        rows = targets.sum(1)
+        if bool((targets >= 0).all()) and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-4)):
+            return float((outputs.argmax(dim=1) == targets.argmax(dim=1)).sum())  # class probabilities
+        return float("nan")  # regression targets: no classes
     if targets.dim() != 1 or targets.is_floating_point():
         return float("nan")
     return float((outputs.argmax(dim=1) == targets).sum())
