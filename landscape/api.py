@@ -346,7 +346,7 @@ def _measured_loss(loss: Callable | None, model: nn.Module) -> Callable | None:
 
 def _check_loss(model: nn.Module, x: Any, y: Any, loss: Callable | None, copied: str | None = None) -> bool:
     """The loss (cross-entropy by default) must take the model's outputs and the targets and be the mean over a
-    batch (results weight batches by their size): checked once, on a few examples. ``copied`` names the precision
+    batch (results weight batches by their size, or by their counted targets): checked once, on a few examples. ``copied`` names the precision
     of the copy measured instead of the model given (:func:`_measured_model`), if one was made. Returns whether the
     loss was warned of as a mean over a count it does not say."""
     from landscape.curvature.loss import check_mean_criterion, cross_entropy, num_inputs
@@ -412,7 +412,7 @@ def _check_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | N
     """For cross-entropy (the default), class labels must be classes of the model's outputs or -100 (ignored),
     checked over every example (the loss itself was tried on the first few); no batch may be all ignored (its mean
     loss is NaN, and it would take the whole result with it). Then, for every loss, :func:`_check_every_batch`."""
-    _check_class_targets(model, x, y, loss, batch_size)
+    _check_class_targets(model, x, y, loss)
     _check_every_batch(model, x, y, loss, batch_size, warned)
 
 
@@ -423,27 +423,20 @@ def _check_every_batch(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable
     it does not say is warned about here if the first examples did not show it (``warned``)."""
     import math
 
-    from landscape.curvature.loss import (NEARLY_A_MEAN, cross_entropy, evaluation_mode, example_weights, forward,
-                                          inputs_to, mean_gap, slice_inputs, warn_uneven_mean)
+    from landscape.curvature.loss import (NEARLY_A_MEAN, counted_batches, cross_entropy, evaluation_mode,
+                                          example_weights, forward, inputs_to, mean_gap, slice_inputs, warn_uneven_mean)
 
     criterion = cross_entropy if loss is None else loss
     first = next(iter(model.parameters()))
     n = len(y)
     counted = example_weights(criterion, y)
-    if counted is not None and not float(counted.sum()) > 0:
-        raise LandscapeError("Every target of the evaluation set is ignored (ignore_index) or of a class weighted 0, "
-                             "so its mean loss is NaN; give examples with targets the loss counts.")
+    if counted is not None:  # a batch counting no target (all ignored) is refused before its loss is tried
+        counted_batches(counted, counted, batch_size)
     with evaluation_mode(model), torch.no_grad():
         for start in builtins.range(0, n, batch_size):
             stop = min(start + batch_size, n)
             yb = y[start:stop].to(first.device)
             yb = yb.to(first.dtype) if yb.is_floating_point() else yb
-            counted = example_weights(criterion, yb)
-            if counted is not None and not float(counted.sum()) > 0:
-                raise LandscapeError(
-                    f"Every target of examples {start} to {stop - 1} (a batch of batch_size={batch_size}) is ignored "
-                    "(ignore_index) or of a class weighted 0, so that batch's mean loss is NaN; give examples with "
-                    "targets the loss counts, or a batch_size that mixes them with the others.")
             try:
                 outputs = forward(model, inputs_to(slice_inputs(x, start, stop), first.device, first.dtype))
                 value = float(criterion(outputs, yb))
@@ -462,7 +455,7 @@ def _check_every_batch(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable
                     warned = True
 
 
-def _check_class_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None, batch_size: int) -> None:
+def _check_class_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callable | None) -> None:
     """Class labels of cross-entropy (the default, ``nn.CrossEntropyLoss``) against the model's classes, in one
     sentence naming the example (torch would name none)."""
     from landscape.curvature.loss import evaluation_mode, forward, inputs_to, slice_inputs
@@ -481,13 +474,6 @@ def _check_class_targets(model: nn.Module, x: Any, y: torch.Tensor, loss: Callab
         raise LandscapeError(f"Target {int(y[i])} of example {i} is not a class of the model's outputs; give class "
                              "indices from 0" + (f" to {classes - 1}" if classes is not None else "") +
                              f" ({skip} for an example the loss ignores).")
-    ignored = y == skip
-    for start in range(0, len(y), batch_size):
-        if bool(ignored[start:start + batch_size].all()):
-            stop = min(start + batch_size, len(y)) - 1
-            raise LandscapeError(f"Every target of examples {start} to {stop} (a batch of batch_size={batch_size}) is "
-                                 f"{skip} (ignored), so that batch's mean loss is NaN; give examples with targets, or a "
-                                 "batch_size that mixes them with the others.")
 
 
 _RUN_ONLY = {"samples", "dtype", "split", "dataset", "weights", "img_size", "classes", "preconditioned"}

@@ -720,8 +720,8 @@ def test_regression_targets_from_a_loader_keep_their_shape():
 
 
 @pytest.mark.parametrize("case, words", [
-    ("ignored batch", "Every target of examples 0 to 31 (a batch of batch_size=32) is -100"),
-    ("all ignored", "Every target of examples 0 to 31"),
+    ("ignored batch", "Every target of examples 0 to 31 (a batch of batch_size=32) is ignored (ignore_index)"),
+    ("all ignored", "Every target of the evaluation set is ignored"),
     ("label past the first examples", "Target 9 of example 100 is not a class"),
     ("nan target", "The targets hold NaN or infinite values"),
     ("detached loss", "The loss does not depend on the model's parameters"),

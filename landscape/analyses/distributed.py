@@ -8,7 +8,8 @@ analysis driver joins them into one process group (:func:`join`: NCCL on GPUs, g
 data-parallel (no ``--shard``)
     One checkpoint at a time. The evaluation set of :math:`N` examples is cut into contiguous slices, one per
     process (:func:`split_evaluation_set`); each process weights its batches by :math:`n_b / N` with the *whole*
-    set's :math:`N`, and every loss, accuracy count, gradient and Hessian-vector product is summed over the
+    set's :math:`N` (or by their share of the whole set's counted targets,
+    :meth:`~landscape.curvature.loss.LossFunction.batch_weights`), and every loss, accuracy count, gradient and Hessian-vector product is summed over the
     processes (:meth:`DataParallel.all_reduce`), so
 
     .. math:: L(\\theta) = \\sum_{r} \\sum_{b \\in \\text{slice}_r} \\frac{n_b}{N}\\, \\bar\\ell_b(\\theta)

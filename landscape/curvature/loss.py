@@ -18,7 +18,8 @@ the number of selected parameters (computed by the strategies of :mod:`landscape
   skipped. A parameter shared by several modules (the same tensor under several names) is one parameter,
   named by its first name in ``model.named_parameters()``.
 - On several processes (``data_parallel``, see :mod:`landscape.analyses.distributed`) each holds a contiguous slice
-  of the evaluation set, weights its batches by :math:`n_b / N` with the whole set's :math:`N`, and sums every
+  of the evaluation set, weights its batches by :math:`n_b / N` with the whole set's :math:`N` (by their share of
+  the counted targets for a cross-entropy with ``ignore_index`` or class weights, :func:`example_weights`), and sums every
   loss, count, gradient and product over the processes: each sees the whole set's :math:`L`, :math:`\\nabla L`
   and :math:`H v`, up to the order of summation.
 
@@ -362,13 +363,33 @@ def example_weights(criterion: Any, y: Tensor) -> Tensor | None:
     return (weight[classes] * kept).sum(1)
 
 
+def counted_batches(whole: Tensor, counted: Tensor, batch_size: int) -> tuple[float, list[float]]:
+    """``(C, [C_b])``: the whole set's counted weight and each batch's (:func:`example_weights` of the whole set and
+    of the examples batched here), refusing a set or a batch that counts nothing: its mean loss is 0/0."""
+    total = float(whole.sum())
+    if not total > 0:
+        raise LandscapeError("Every target of the evaluation set is ignored (ignore_index) or of a class weighted 0, "
+                             "so its mean loss is NaN; give examples with targets the loss counts.")
+    shares = [float(counted[start:start + batch_size].sum()) for start in range(0, len(counted), batch_size)]
+    for b, share in enumerate(shares):
+        if not share > 0:
+            start = b * batch_size
+            raise LandscapeError(
+                f"Every target of examples {start} to {min(start + batch_size, len(counted)) - 1} (a batch of "
+                f"batch_size={batch_size}) is ignored (ignore_index) or of a class weighted 0, so that batch's mean "
+                "loss is NaN; give examples with targets the loss counts, or a batch_size that mixes them with the "
+                "others.")
+    return total, shares
+
+
 def check_mean_criterion(model: nn.Module, x: Inputs, y: Tensor, criterion: LossCriterion, *, examples: int = 64) -> bool:
     """Refuse a criterion that cannot take the model's outputs and the targets, or is not one number, the mean over
     the batch's examples.
 
-    Every measurement weights batch ``b``'s criterion value by :math:`n_b / N`, which is the mean loss of the whole
-    set only if the criterion is a per-batch mean. A sum (``reduction="sum"``) or a weighted mean (class weights)
-    would make the eigenvalues, trace and loss depend on ``batch_size``, silently. Checked on the first ``examples``
+    Every measurement weights batch ``b``'s criterion value by :math:`n_b / N` (by its counted targets for the
+    cross-entropies :func:`example_weights` knows), which is the mean loss of the whole set only if the criterion
+    is such a per-batch mean. A sum (``reduction="sum"``) or a mean over a count the loss hides would make the
+    eigenvalues, trace and loss depend on ``batch_size``, silently. Checked on the first ``examples``
     examples: the criterion on them must equal the count-weighted mean of its values on their two halves. Returns
     whether it warned of a mean over a count the loss does not say.
     """
@@ -626,20 +647,7 @@ class LossFunction:
             whole = example_weights(self.criterion, targets) if targets is not None else None
             if whole is None:
                 return None
-        total = float(whole.sum())
-        if not total > 0:
-            raise LandscapeError("Every target of the evaluation set is ignored (ignore_index) or of a class weighted 0, "
-                                 "so its mean loss is NaN; give examples with targets the loss counts.")
-        size = self.data.batch_size
-        shares = [float(counted[start:start + size].sum()) for start in range(0, len(counted), size)]
-        for b, share in enumerate(shares):
-            if not share > 0:
-                start = b * size
-                stop = min(start + size, len(counted)) - 1
-                raise LandscapeError(
-                    f"Every target of examples {start} to {stop} (a batch of batch_size={size}) is ignored "
-                    "(ignore_index) or of a class weighted 0, so that batch's mean loss is NaN; give examples with "
-                    "targets the loss counts, or a batch_size that mixes them with the others.")
+        total, shares = counted_batches(whole, counted, self.data.batch_size)
         if bool((whole == whole[0]).all()):
             return None
         return [share / total for share in shares]

@@ -254,7 +254,8 @@ class HessianOperator(CurvatureOperator):
 
 # -- Gauss-Newton and Fisher matrices -----------------------------------------------------------------------------
 class OutputCurvatureOperator(CurvatureOperator):
-    """A curvature matrix of the form :math:`\\sum_b \\frac{n_b}{N} J_b^\\top M_b J_b`.
+    """A curvature matrix of the form :math:`\\sum_b w_b J_b^\\top M_b J_b`, :math:`w_b` the loss's batch weights
+    (:math:`n_b / N`, :meth:`~landscape.curvature.loss.LossFunction.batch_weights`).
 
     :math:`J_b = \\partial z_b / \\partial \\theta` is the Jacobian of batch :math:`b`'s network outputs
     :math:`z_b \\in \\mathbb{R}^{n_b \\times C}` and :math:`M_b` a positive semi-definite matrix on the outputs that

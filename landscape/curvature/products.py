@@ -1,7 +1,7 @@
 """Hessian-vector products :math:`H V` of a :class:`~landscape.curvature.loss.LossFunction`, three ways.
 
 Each strategy has one method, ``matmat(V)``: ``(P, k)`` columns in, :math:`H V` ``(P, k)`` out, on the model's
-device and in its dtype, summed over the batches of the evaluation set with weights :math:`n_b / N` (and over the
+device and in its dtype, summed over the batches of the evaluation set with the loss's batch weights, :math:`n_b / N` (and over the
 processes of a data-parallel set). All three are exact; they differ by floating-point rounding, by memory and by
 what they recompute:
 
